@@ -1,0 +1,72 @@
+"""Exceptions of the agent SDK."""
+
+from __future__ import annotations
+
+import re
+
+_CODE_RE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
+
+
+class NonRetryableError(Exception):
+    """Raise from a handler to fail the intent at once, without further attempts.
+
+    ``code`` is machine-readable (1-100 characters of ``[A-Za-z0-9_.]``, e.g.
+    ``INVALID_INPUT``); ``message`` is for people. Any other exception a
+    handler raises fails the attempt *retryably* (code ``AGENT_ERROR``).
+    """
+
+    def __init__(self, code: str, message: str = "") -> None:
+        if not _CODE_RE.match(code):
+            raise ValueError(f"error code {code!r} must be 1-100 characters of [A-Za-z0-9_.]")
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class StepDivergence(NonRetryableError):
+    """The handler called a step under another name than an earlier attempt
+    recorded at the same position: it is not deterministic in its steps.
+
+    Handing it the recorded result would give a step someone else's result, so
+    the intent is failed non-retryably with code ``STEP_DIVERGENCE`` -- even if
+    the handler catches this exception.
+    """
+
+    def __init__(self, index: int, recorded_name: str, name: str) -> None:
+        super().__init__(
+            "STEP_DIVERGENCE",
+            f"step {index} was recorded as {recorded_name!r} by an earlier attempt, "
+            f"but this attempt called it {name!r}; steps must be deterministic in name and order",
+        )
+        self.index = index
+        self.recorded_name = recorded_name
+        self.name = name
+
+
+class LeaseLost(BaseException):
+    """The attempt may not write any more: the sidecar revoked it (canceled,
+    timed out, lease lost), the control plane refused a write as stale
+    (``FAILED_PRECONDITION``), the sidecar stream dropped, or the agent is
+    stopping.
+
+    Raised by ``ctx`` calls of such an attempt. It derives from
+    ``BaseException`` so that ``except Exception`` in a handler does not swallow
+    it; even if it is swallowed, nothing more is reported for the attempt.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.message = message
+
+
+class WriteError(Exception):
+    """The sidecar refused a write for another reason than a stale lease or a
+    passing outage (for example ``INVALID_ARGUMENT``: a result over the size
+    limit). Raised into the handler from the ``ctx`` call that made the write."""
+
+    def __init__(self, method: str, code: str, details: str) -> None:
+        super().__init__(f"{method} refused: {code}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details

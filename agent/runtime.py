@@ -1,0 +1,565 @@
+"""``Agent``: attaches to the sidecar, takes assignments and runs handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from intentd.agent.context import (
+    LEASE_LOST,
+    SHUTDOWN,
+    Backoff,
+    Context,
+    SyncContext,
+    _BaseContext,
+    decode_json,
+    encode_json,
+)
+from intentd.agent.errors import LeaseLost, NonRetryableError
+from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.validation import ValidationError, check_agent_address, check_intent_type
+
+log = logging.getLogger("intentd.agent")
+
+ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
+MAX_FAIL_MESSAGE = 2000
+# How long closing a session waits for cancelled handlers to unwind.
+_UNWIND_SECONDS = 5.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Handler:
+    intent_type: str
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What to report for a finished handler: a result or a failure."""
+
+    result: bytes | None = None
+    code: str = ""
+    message: str = ""
+    retryable: bool = True
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 -- objects with an async __call__
+    )
+
+
+def _target(address: str) -> str:
+    """gRPC target for ``unix:///path.sock``, a bare ``/path.sock`` or ``host:port``."""
+    return f"unix://{address}" if address.startswith("/") else address
+
+
+class _Session:
+    """One Attach stream and the attempts started on it."""
+
+    def __init__(self, agent: Agent, channel: grpc.aio.Channel) -> None:
+        self.stub: runtime_pb2_grpc.AgentRuntimeServiceAsyncStub = (
+            runtime_pb2_grpc.AgentRuntimeServiceStub(channel)  # type: ignore[assignment]
+        )
+        self.call: Any = self.stub.Attach()
+        self.slots = asyncio.Semaphore(agent.capacity)
+        self.running: dict[str, _BaseContext] = {}  # by lease token
+        self.heard = False
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, request: runtime_pb2.AttachRequest) -> None:
+        async with self._send_lock:
+            await self.call.write(request)
+
+    def find(self, lease: delivery_pb2.Lease) -> _BaseContext | None:
+        if lease.token:
+            return self.running.get(lease.token)
+        for ctx in self.running.values():
+            if ctx.intent_id == lease.intent_id:
+                return ctx
+        return None
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [ctx._task for ctx in self.running.values() if ctx._task is not None]
+
+    async def close(self, reason: str) -> None:
+        """Stops every attempt of the session: their leases go with the stream."""
+        for ctx in list(self.running.values()):
+            if ctx._stop(reason, "the sidecar stream closed") and ctx._task is not None:
+                ctx._task.cancel()
+        tasks = self.tasks()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=_UNWIND_SECONDS)
+            for task in stuck:
+                log.warning("handler task %s ignores cancellation; abandoning it", task.get_name())
+        self.call.cancel()
+
+
+class Agent:
+    """An agent process: handlers by intent type, run under the sidecar.
+
+    ``name`` is the agent's address (``agent://<org>/<env>/<name>``).
+    ``sidecar`` is the sidecar's address, ``unix:///path.sock`` or
+    ``127.0.0.1:PORT``; by default the ``INTENTD_SIDECAR_ADDRESS`` environment
+    variable the sidecar sets for the agents it supervises. ``capacity`` is how
+    many handlers run at once.
+
+    Handler exceptions: ``NonRetryableError(code, message)`` fails the intent at
+    once; any other exception fails the attempt retryably (``AGENT_ERROR``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        sidecar: str | None = None,
+        capacity: int = 4,
+        *,
+        reconnect_backoff: Backoff = Backoff(0.1, 5.0),
+        write_backoff: Backoff = Backoff(0.05, 2.0),
+        write_timeout: float | None = 60.0,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        try:
+            check_agent_address(name, "name")
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self.name = name
+        self.capacity = capacity
+        self._address = sidecar
+        self._reconnect_backoff = reconnect_backoff
+        self._write_backoff = write_backoff
+        self._write_timeout = write_timeout
+        self._shutdown_grace = shutdown_grace
+        self._handlers: dict[str, _Handler] = {}
+        self._running = False
+        self._stopping = False
+        self._grace = shutdown_grace
+        self._wakeup: asyncio.Event | None = None
+        self._cut_grace: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
+        self._session: _Session | None = None
+
+    # -- registration ----------------------------------------------------------
+
+    def handler(self, intent_type: str) -> Callable[[F], F]:
+        """Registers the decorated function as the handler of ``intent_type``.
+
+        ``async def h(ctx: Context, payload)`` runs on the event loop;
+        ``def h(ctx: SyncContext, payload)`` runs in a thread of its own.
+        The return value (JSON-serialisable) is the intent's result.
+        """
+
+        def register(fn: F) -> F:
+            self.add_handler(intent_type, fn)
+            return fn
+
+        return register
+
+    def add_handler(self, intent_type: str, fn: Callable[..., Any]) -> None:
+        try:
+            check_intent_type(intent_type)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        if intent_type in self._handlers:
+            raise ValueError(f"a handler for {intent_type} is already registered")
+        if not callable(fn):
+            raise TypeError(f"handler for {intent_type} is not callable: {fn!r}")
+        self._handlers[intent_type] = _Handler(intent_type, fn, _is_async(fn))
+
+    @property
+    def intent_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    @property
+    def running_intents(self) -> list[str]:
+        """Intent ids of the attempts currently held (started or waiting for a slot)."""
+        session = self._session
+        return [ctx.intent_id for ctx in session.running.values()] if session else []
+
+    # -- running ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Runs until SIGINT/SIGTERM (a second signal skips the shutdown grace)."""
+        asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread, Windows
+                pass
+        try:
+            await self.run_async()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            log.warning("%s again: stopping now", sig.name)
+            if self._cut_grace is not None:
+                self._cut_grace.set()
+            return
+        log.info("%s: stopping (up to %.1fs for running handlers)", sig.name, self._shutdown_grace)
+        self._request_stop(self._shutdown_grace)
+
+    def _request_stop(self, grace: float) -> None:
+        self._stopping = True
+        self._grace = grace
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stops ``run_async``: takes no new work, gives running handlers up to
+        ``grace`` seconds to finish, cancels the rest (the sidecar then
+        releases their intents for immediate redelivery; their recorded steps
+        are kept) and closes the stream. Returns once ``run_async`` returned."""
+        self._request_stop(grace)
+        if self._running and self._done is not None:
+            await self._done.wait()
+
+    async def run_async(self) -> None:
+        """Attaches to the sidecar and runs handlers until ``stop()``;
+        reconnects with backoff when the stream drops."""
+        if self._running:
+            raise RuntimeError("this agent is already running")
+        if not self._handlers:
+            raise RuntimeError("register at least one handler before running the agent")
+        address = self._address or os.environ.get(ADDRESS_ENV, "")
+        if not address:
+            raise RuntimeError(
+                f"no sidecar address: pass Agent(..., sidecar=...) or set {ADDRESS_ENV}"
+            )
+        target = _target(address)
+        loop = asyncio.get_running_loop()
+        self._running = True
+        self._wakeup = asyncio.Event()
+        self._cut_grace = asyncio.Event()
+        self._done = asyncio.Event()
+        if self._stopping:
+            self._wakeup.set()
+        retry = 0
+        try:
+            while not self._stopping:
+                started = loop.time()
+                heard = False
+                try:
+                    heard = await self._attach(target)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning(
+                        "sidecar %s: Attach failed: %s: %s", address, exc.code().name, exc.details()
+                    )
+                if self._stopping:
+                    break
+                if heard or loop.time() - started > 10.0:
+                    retry = 0
+                delay = self._reconnect_backoff.delay(retry)
+                retry += 1
+                log.info("reconnecting to the sidecar at %s in %.2fs", address, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+        finally:
+            self._running = False
+            self._stopping = False
+            self._done.set()
+            log.info("agent %s stopped", self.name)
+
+    async def _attach(self, target: str) -> bool:
+        """One session; returns whether the sidecar sent anything (to reset the
+        reconnect backoff). Raises the stream's error."""
+        assert self._wakeup is not None and self._cut_grace is not None
+        async with grpc.aio.insecure_channel(target) as channel:
+            session = _Session(self, channel)
+            self._session = session
+            reader: asyncio.Task[None] | None = None
+            stopper: asyncio.Task[bool] | None = None
+            try:
+                await session.send(
+                    runtime_pb2.AttachRequest(
+                        hello=runtime_pb2.AgentHello(
+                            intent_types=self.intent_types,
+                            capacity=self.capacity,
+                            language="python",
+                        )
+                    )
+                )
+                log.info(
+                    "agent %s attached to the sidecar (%s; capacity %d; types %s)",
+                    self.name, target, self.capacity, ", ".join(self.intent_types),
+                )
+                reader = asyncio.create_task(self._read(session), name="intentd-agent-reader")
+                stopper = asyncio.create_task(self._wakeup.wait())
+                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises the stream's error
+                    log.warning("the sidecar ended the Attach stream")
+                else:
+                    await self._drain(session, reader)
+            finally:
+                for task in (reader, stopper):
+                    if task is not None and not task.done():
+                        task.cancel()
+                self._session = None
+                await session.close(SHUTDOWN if self._stopping else LEASE_LOST)
+            return session.heard
+
+    async def _drain(self, session: _Session, reader: asyncio.Task[None]) -> None:
+        """Graceful stop: running handlers get up to the grace period."""
+        assert self._cut_grace is not None
+        tasks = session.tasks()
+        if not tasks or self._grace <= 0:
+            return
+        log.info("waiting up to %.1fs for %d running handler(s)", self._grace, len(tasks))
+        cut = asyncio.create_task(self._cut_grace.wait())
+        try:
+            await asyncio.wait([*tasks, cut, reader], timeout=self._grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+            # Keep waiting for the handlers (not for the first of them) until the
+            # grace runs out, the stream drops or a second signal arrives.
+            deadline = asyncio.get_running_loop().time() + self._grace
+            while session.tasks() and not cut.done() and not reader.done():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait([*session.tasks(), cut, reader], timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+
+    async def _read(self, session: _Session) -> None:
+        while True:
+            response = await session.call.read()
+            if response is grpc.aio.EOF:
+                return
+            session.heard = True
+            kind = response.WhichOneof("msg")
+            if kind == "assignment":
+                self._on_assignment(session, response.assignment)
+            elif kind == "revocation":
+                self._on_revocation(session, response.revocation)
+            else:
+                log.debug("ignoring an unknown message from the sidecar: %s", kind)
+
+    # -- assignments -----------------------------------------------------------
+
+    def _on_assignment(self, session: _Session, assignment: delivery_pb2.Assignment) -> None:
+        lease = assignment.lease
+        if not lease.token or not lease.intent_id:
+            log.error("ignoring an assignment without a lease (intent %s)", assignment.intent.id)
+            return
+        prefix = f"intent {lease.intent_id} attempt {lease.attempt}"
+        if self._stopping:
+            log.info("%s: not started, the agent is stopping", prefix)
+            return
+        if lease.token in session.running:
+            log.warning("%s: assigned again with the same lease; ignored", prefix)
+            return
+        for other in list(session.running.values()):
+            if other.intent_id == lease.intent_id:
+                # The newer delivery fences the older one: stop it quietly.
+                log.warning("%s: supersedes attempt %d still running here", prefix, other.attempt)
+                if other._stop(LEASE_LOST, f"superseded by attempt {lease.attempt}"):
+                    if other._task is not None:
+                        other._task.cancel()
+        if assignment.intent.to_agent and assignment.intent.to_agent != self.name:
+            log.warning(
+                "%s: addressed to %s, not to this agent (%s)",
+                prefix, assignment.intent.to_agent, self.name,
+            )
+        handler = self._handlers.get(assignment.intent.intent_type)
+        kind = SyncContext if handler is not None and not handler.is_async else Context
+        ctx = kind(
+            assignment,
+            session.stub,
+            loop=asyncio.get_running_loop(),
+            write_backoff=self._write_backoff,
+            write_timeout=self._write_timeout,
+        )
+        if len(session.running) >= self.capacity:
+            log.warning(
+                "%s: the sidecar assigned more than the agent's capacity (%d); it waits for a slot",
+                prefix, self.capacity,
+            )
+        session.running[lease.token] = ctx
+        ctx._task = asyncio.create_task(
+            self._run_attempt(session, ctx, handler), name=f"intentd-agent {prefix}"
+        )
+
+    def _on_revocation(self, session: _Session, revocation: delivery_pb2.Revocation) -> None:
+        ctx = session.find(revocation.lease)
+        if ctx is None:
+            log.debug("revocation for a lease not held here: %s", revocation.lease.intent_id)
+            return
+        reason = revocation.reason or LEASE_LOST
+        if ctx._stop(reason, revocation.message):
+            log.info(
+                "%s: revoked (%s%s); cancelling the handler",
+                ctx._log_prefix, reason, f": {revocation.message}" if revocation.message else "",
+            )
+            if ctx._task is not None:
+                ctx._task.cancel()
+
+    async def _run_attempt(
+        self, session: _Session, ctx: _BaseContext, handler: _Handler | None
+    ) -> None:
+        token = ctx.lease.token
+        try:
+            async with session.slots:
+                if ctx.cancelled or self._stopping:
+                    return
+                try:
+                    await session.send(runtime_pb2.AttachRequest(
+                        ack=delivery_pb2.AckAssignment(lease=ctx.lease)
+                    ))
+                except Exception as exc:  # the stream is gone; so is the lease
+                    log.warning("%s: could not acknowledge (%s)", ctx._log_prefix, exc)
+                    ctx._stop(LEASE_LOST, "the sidecar stream closed")
+                    return
+                log.info(
+                    "%s: started (%d step(s) recorded by earlier attempts)",
+                    ctx._log_prefix, ctx.recorded_steps,
+                )
+                outcome = await self._invoke(ctx, handler)
+                if ctx.cancelled:
+                    log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
+                    return
+                await self._report(ctx, outcome)
+        except LeaseLost as exc:
+            log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, exc.reason)
+        except asyncio.CancelledError:
+            if not ctx.cancelled:
+                raise
+            log.info("%s: cancelled (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
+        except Exception:
+            log.exception("%s: could not report the outcome", ctx._log_prefix)
+        finally:
+            if session.running.get(token) is ctx:
+                del session.running[token]
+
+    async def _invoke(self, ctx: _BaseContext, handler: _Handler | None) -> _Outcome:
+        """Runs the handler; turns what it returned or raised into an outcome.
+        LeaseLost and our own cancellation propagate."""
+        try:
+            try:
+                ctx.payload = decode_json(ctx.intent.payload)
+            except ValueError as exc:
+                raise NonRetryableError("INVALID_PAYLOAD", f"payload is not JSON: {exc}") from exc
+            if handler is None:
+                return _Outcome(
+                    code="NO_HANDLER",
+                    message=f"agent {self.name} has no handler for {ctx.intent_type!r} "
+                    f"(it handles {', '.join(self.intent_types)})",
+                    retryable=True,
+                )
+            if handler.is_async:
+                result = await handler.fn(ctx, ctx.payload)
+            else:
+                result = await _in_thread(handler.fn, ctx, ctx.payload)
+            if inspect.isawaitable(result):
+                result = await result
+            if ctx._divergence is not None:
+                raise ctx._divergence
+            if ctx.recorded_steps > ctx.replayed_steps:
+                log.warning(
+                    "%s: finished after replaying %d of %d recorded steps; "
+                    "steps should be deterministic in name and order",
+                    ctx._log_prefix, ctx.replayed_steps, ctx.recorded_steps,
+                )
+            data = encode_json(result, f"the result of the {ctx.intent_type} handler")
+            log.info("%s: completed", ctx._log_prefix)
+            return _Outcome(result=data)
+        except LeaseLost:
+            raise
+        except asyncio.CancelledError:
+            if ctx.cancelled:
+                raise
+            log.warning("%s: the handler was cancelled from within; failing the attempt",
+                        ctx._log_prefix)
+            return _Outcome(code="AGENT_ERROR", message="the handler was cancelled", retryable=True)
+        except NonRetryableError as exc:
+            div = ctx._divergence or exc
+            log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, div)
+            return _Outcome(code=div.code, message=div.message[:MAX_FAIL_MESSAGE], retryable=False)
+        except Exception as exc:
+            if ctx._divergence is not None:
+                div = ctx._divergence
+                log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, div)
+                return _Outcome(code=div.code, message=div.message, retryable=False)
+            log.warning("%s: handler raised; failing the attempt (retryable)", ctx._log_prefix,
+                        exc_info=exc)
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return _Outcome(code="AGENT_ERROR", message=text[:MAX_FAIL_MESSAGE], retryable=True)
+
+    async def _report(self, ctx: _BaseContext, outcome: _Outcome) -> None:
+        if outcome.result is not None:
+            await ctx._write(
+                "CompleteIntent",
+                runtime_pb2.CompleteIntentRequest(
+                    lease=ctx.lease, complete=delivery_pb2.CompleteWrite(result=outcome.result)
+                ),
+                "the result",
+            )
+            return
+        await ctx._write(
+            "FailIntent",
+            runtime_pb2.FailIntentRequest(
+                lease=ctx.lease,
+                fail=delivery_pb2.FailWrite(
+                    code=outcome.code, message=outcome.message, retryable=outcome.retryable
+                ),
+            ),
+            "the failure",
+        )
+
+
+async def _in_thread(fn: Callable[..., Any], ctx: _BaseContext, payload: Any) -> Any:
+    """Runs a ``def`` handler in a thread of its own (not a pool: a revoked
+    handler cannot be interrupted and must not hold up the next one)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    run_in = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def target() -> None:
+        try:
+            value = run_in.run(fn, ctx, payload)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            outcome: tuple[bool, Any] = (False, RuntimeError(f"handler raised {exc!r}"))
+        except BaseException as exc:
+            outcome = (False, exc)
+        else:
+            outcome = (True, value)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    thread = threading.Thread(
+        target=target, name=f"intentd-agent-{ctx.intent_id}-{ctx.attempt}", daemon=True
+    )
+    thread.start()
+    return await future

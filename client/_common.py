@@ -1,0 +1,330 @@
+"""What the sync and async clients share: settings, retry policy, request
+building and the bookkeeping of the wait and watch loops. Nothing here does
+I/O; each client only adds the calls and the sleeping."""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import grpc
+
+from intentd.states import IntentState
+from intentd.v1 import intent_service_pb2 as pb
+
+from .errors import (
+    IntentCanceled,
+    IntentFailed,
+    IntentNotCompleted,
+    IntentTimedOut,
+    InvalidArgument,
+    WaitTimeout,
+    from_rpc_error,
+    rpc_code,
+)
+from .models import (
+    Event,
+    Intent,
+    IntentInput,
+    build_spec,
+    event_from_proto,
+    intent_from_proto,
+)
+
+DEFAULT_TARGET = "127.0.0.1:7300"
+# Each WaitIntent call is kept short enough that proxies and load balancers
+# with idle timeouts do not cut it; wait_for chains as many as it needs.
+WAIT_SLICE_SECONDS = 20.0
+# Head room over the server-side wait, so the server answers "not yet" before
+# the call's deadline turns the slice into DEADLINE_EXCEEDED.
+WAIT_MARGIN_SECONDS = 5.0
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+class _Default(enum.Enum):
+    TIMEOUT = enum.auto()
+
+
+# Marks "the client's per-call timeout", since None already means "no deadline".
+DEFAULT_TIMEOUT: Final = _Default.TIMEOUT
+CallTimeout = float | None | Literal[_Default.TIMEOUT]
+StateFilter = Iterable[IntentState | str] | IntentState | str | None
+
+
+def backoff_delay(
+    attempt: int,
+    initial: float,
+    maximum: float,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Delay before retry number ``attempt`` (0-based): exponential, capped at
+    ``maximum``, with "equal jitter" -- uniformly in [cap/2, cap] -- so clients
+    that failed together do not retry in lockstep, yet never retry at once."""
+    cap = min(maximum, initial * 2.0 ** min(attempt, 62))
+    return cap / 2 + rand() * cap / 2
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 8
+    initial_backoff: float = 0.1
+    max_backoff: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must not be negative")
+        if self.initial_backoff <= 0:
+            raise ValueError("initial_backoff must be positive")
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError("max_backoff must be at least initial_backoff")
+
+    def delay(self, attempt: int) -> float:
+        return backoff_delay(attempt, self.initial_backoff, self.max_backoff)
+
+    def after_failure(self, err: grpc.RpcError, attempt: int) -> float:
+        """The delay before retrying a call that failed with ``err`` after
+        ``attempt`` earlier retries; raises the typed error when it must not be
+        retried.
+
+        Only UNAVAILABLE is retried: it means the request did not reach a
+        server able to act on it (or, for SendIntent, that a retry is matched by
+        the idempotency key).
+        """
+        if rpc_code(err) != grpc.StatusCode.UNAVAILABLE or attempt >= self.max_retries:
+            raise from_rpc_error(err) from err
+        return self.delay(attempt)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The constructor arguments of both clients, checked once."""
+
+    target: str
+    sender: str | None
+    retry: RetryPolicy
+    timeout: float | None
+    channel_options: tuple[tuple[str, Any], ...]
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def make(
+        cls,
+        target: str,
+        *,
+        sender: str | None,
+        max_retries: int,
+        initial_backoff: float,
+        max_backoff: float,
+        timeout: float | None,
+        channel_options: ChannelOptions | None,
+        credentials: grpc.ChannelCredentials | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> Settings:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive or None")
+        retry = RetryPolicy(max_retries, initial_backoff, max_backoff)
+        return cls(
+            target=target,
+            sender=sender or None,
+            retry=retry,
+            timeout=timeout,
+            channel_options=merge_channel_options(retry, channel_options),
+            credentials=credentials,
+            metadata=tuple(metadata),
+        )
+
+    def call_timeout(self, timeout: CallTimeout) -> float | None:
+        return self.timeout if timeout is DEFAULT_TIMEOUT else timeout
+
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return self.metadata or None
+
+
+def merge_channel_options(
+    retry: RetryPolicy, user: ChannelOptions | None
+) -> tuple[tuple[str, Any], ...]:
+    # gRPC's own reconnect backoff grows to 120 s by default; while it waits,
+    # calls fail at once with UNAVAILABLE and our retries would run out long
+    # before the channel tries to reconnect to a restarted server.
+    options: dict[str, Any] = {
+        "grpc.initial_reconnect_backoff_ms": max(1, round(retry.initial_backoff * 1000)),
+        "grpc.max_reconnect_backoff_ms": max(1, round(retry.max_backoff * 1000)),
+    }
+    options.update(dict(user or ()))
+    return tuple(options.items())
+
+
+def _checked_spec(
+    item: IntentInput | None, kw: Mapping[str, Any], sender: str | None
+) -> pb.IntentSpec:
+    spec = build_spec(item, **kw)
+    if not spec.sender and sender:
+        spec.sender = sender
+    return spec
+
+
+def send_request(
+    intent: IntentInput | None, kw: Mapping[str, Any], sender: str | None
+) -> pb.SendIntentRequest:
+    try:
+        spec = _checked_spec(intent, kw, sender)
+    except InvalidArgument as exc:
+        # Name the field as the server would: the spec travels as "intent".
+        raise InvalidArgument(f"intent.{exc.details}") from None
+    return pb.SendIntentRequest(intent=spec)
+
+
+def batch_request(intents: Iterable[IntentInput], sender: str | None) -> pb.SendIntentsRequest:
+    specs = []
+    for i, item in enumerate(intents):
+        try:
+            specs.append(_checked_spec(item, {}, sender))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"intents[{i}].{exc.details}") from None
+    return pb.SendIntentsRequest(intents=specs)
+
+
+def state_values(states: StateFilter) -> list[int]:
+    """Proto values of a state filter given as IntentState members or names
+    ("FAILED", "failed", "INTENT_STATE_FAILED")."""
+    if states is None:
+        return []
+    if isinstance(states, str):
+        # A lone name, not an iterable of its characters.
+        states = [states]
+    values: list[int] = []
+    for i, state in enumerate(states):
+        if isinstance(state, IntentState):
+            values.append(state.to_proto())
+            continue
+        name = str(state).strip().upper().removeprefix("INTENT_STATE_")
+        try:
+            values.append(IntentState(name).to_proto())
+        except ValueError:
+            known = ", ".join(s.value for s in IntentState)
+            raise InvalidArgument(f"states[{i}]: {state!r} is not one of {known}") from None
+    return values
+
+
+def list_request(
+    *,
+    states: StateFilter,
+    intent_type: str | None,
+    to_agent: str | None,
+    labels: Mapping[str, str] | None,
+    page_size: int,
+    page_token: str,
+) -> pb.ListIntentsRequest:
+    return pb.ListIntentsRequest(
+        states=state_values(states),  # type: ignore[arg-type]
+        intent_type=intent_type or "",
+        to_agent=to_agent or "",
+        labels=dict(labels or {}),
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+def outcome_error(intent: Intent) -> IntentNotCompleted | None:
+    """The error ``wait_for(raise_on_failure=True)`` raises for a terminal
+    intent, or None when it completed (or is not terminal)."""
+    if intent.state is IntentState.FAILED:
+        return IntentFailed(intent)
+    if intent.state is IntentState.CANCELED:
+        return IntentCanceled(intent)
+    if intent.state is IntentState.TIMED_OUT:
+        return IntentTimedOut(intent)
+    return None
+
+
+class WaitLoop:
+    """The bookkeeping of ``wait_for``: a chain of bounded WaitIntent calls
+    until the intent is terminal or the overall timeout passes."""
+
+    def __init__(
+        self,
+        intent_id: str,
+        timeout: float | None,
+        raise_on_failure: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must not be negative")
+        self.intent_id = intent_id
+        self.timeout = timeout
+        self.raise_on_failure = raise_on_failure
+        self._clock = clock
+        self._deadline = None if timeout is None else clock() + timeout
+
+    def next_call(self) -> tuple[pb.WaitIntentRequest, float]:
+        """The next request and the deadline of its call, in seconds."""
+        wait = WAIT_SLICE_SECONDS
+        if self._deadline is not None:
+            wait = min(wait, max(0.0, self._deadline - self._clock()))
+        # timeout_ms 0 would mean "forever"; even a spent timeout asks once,
+        # so wait_for(id, 0) reports the current state.
+        timeout_ms = max(1, round(wait * 1000))
+        return (
+            pb.WaitIntentRequest(id=self.intent_id, timeout_ms=timeout_ms),
+            wait + WAIT_MARGIN_SECONDS,
+        )
+
+    def finish(self, response: pb.WaitIntentResponse) -> Intent | None:
+        """The final intent once the wait is over, None to call again.
+
+        Raises WaitTimeout, or the IntentNotCompleted subclass when asked to.
+        """
+        intent = intent_from_proto(response.intent)
+        if response.terminal or intent.terminal:
+            if self.raise_on_failure:
+                error = outcome_error(intent)
+                if error is not None:
+                    raise error
+            return intent
+        if self._deadline is not None and self._clock() >= self._deadline:
+            raise WaitTimeout(
+                f"intent {self.intent_id} is still {intent.state.value} after {self.timeout:g} s",
+                intent,
+            )
+        return None
+
+
+class WatchCursor:
+    """The bookkeeping of ``watch``: where to resume after a reconnect, and how
+    many reconnects in a row have failed."""
+
+    def __init__(self, intent_id: str, after_seq: int, retry: RetryPolicy) -> None:
+        if after_seq < 0:
+            raise InvalidArgument("after_seq: must not be negative")
+        self.intent_id = intent_id
+        self.last_seq = after_seq
+        self._retry = retry
+        self._failures = 0
+
+    def request(self) -> pb.WatchIntentRequest:
+        return pb.WatchIntentRequest(id=self.intent_id, after_seq=self.last_seq)
+
+    def accept(self, response: pb.WatchIntentResponse) -> Event | None:
+        """The event to yield, or None for one already yielded."""
+        event = event_from_proto(response.event)
+        # The server resumes after after_seq; this guards against a replay
+        # overlapping what was yielded before a reconnect anyway.
+        if event.seq <= self.last_seq:
+            return None
+        self.last_seq = event.seq
+        # Progress proves the connection works; the next outage gets the full
+        # retry budget again.
+        self._failures = 0
+        return event
+
+    def after_failure(self, err: grpc.RpcError) -> float:
+        delay = self._retry.after_failure(err, self._failures)
+        self._failures += 1
+        return delay

@@ -1,0 +1,5 @@
+import sys
+
+from intentd.cli import main
+
+sys.exit(main())

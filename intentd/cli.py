@@ -1,0 +1,340 @@
+"""The ``intentd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from intentd.config import SettingsError, load_settings
+from intentd.logs import setup_logging
+
+DEFAULT_TARGET = "127.0.0.1:7300"
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# ---------------------------------------------------------------- server side
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from intentd.server.app import serve
+    from intentd.server.settings import ServerSettings
+
+    settings = load_settings(
+        ServerSettings,
+        listen=args.listen,
+        database_url=args.database_url,
+        data_dir=args.data_dir,
+        log_level=args.log_level,
+    )
+    setup_logging(settings.log_level)
+    if settings.database_url is None:
+        print(f"intentd: no INTENTD_DATABASE_URL; embedded PostgreSQL data in {settings.data_dir}",
+              file=sys.stderr)
+    _run(serve(settings))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from intentd.server.embedded import EmbeddedPostgres
+    from intentd.server.settings import ServerSettings
+
+    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir)
+    setup_logging(settings.log_level)
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+
+    async def go() -> list[int]:
+        import asyncpg
+
+        from intentd.server.migrate import current_version, migrate
+
+        conn = await asyncpg.connect(url)
+        try:
+            applied = await migrate(conn)
+            version = await current_version(conn)
+        finally:
+            await conn.close()
+        print(f"schema at version {version}" + (f" (applied {applied})" if applied else " (already current)"))
+        return applied
+
+    try:
+        _run(go())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- client side
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from intentd.client import IntentClient
+
+    return IntentClient(args.target, sender=args.sender)
+
+
+def _print_intent(intent: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_intent_dict(intent), indent=2, default=str))
+        return
+    print(f"id:          {intent.id}")
+    print(f"type:        {intent.intent_type}")
+    print(f"to_agent:    {intent.to_agent}")
+    print(f"state:       {intent.state.value}")
+    print(f"attempt:     {intent.attempt}/{intent.max_attempts}")
+    print(f"steps:       {intent.steps_completed}" + (f" (last: {intent.last_step})" if intent.last_step else ""))
+    print(f"created:     {intent.create_time:%Y-%m-%d %H:%M:%S.%f}"[:-3])
+    if intent.deadline:
+        print(f"deadline:    {intent.deadline:%Y-%m-%d %H:%M:%S}")
+    if intent.labels:
+        print("labels:      " + ", ".join(f"{k}={v}" for k, v in sorted(intent.labels.items())))
+    print(f"payload:     {json.dumps(intent.payload)}")
+    if intent.result is not None:
+        print(f"result:      {json.dumps(intent.result)}")
+    if intent.error is not None:
+        print(f"error:       {intent.error.code}: {intent.error.message}")
+    if intent.cancel_reason:
+        print(f"canceled:    {intent.cancel_reason}")
+
+
+def _intent_dict(intent: Any) -> dict[str, Any]:
+    return {
+        "id": intent.id,
+        "intent_type": intent.intent_type,
+        "to_agent": intent.to_agent,
+        "state": intent.state.value,
+        "attempt": intent.attempt,
+        "max_attempts": intent.max_attempts,
+        "steps_completed": intent.steps_completed,
+        "last_step": intent.last_step,
+        "payload": intent.payload,
+        "result": intent.result,
+        "error": None if intent.error is None else {"code": intent.error.code, "message": intent.error.message},
+        "labels": intent.labels,
+        "idempotency_key": intent.idempotency_key,
+        "create_time": intent.create_time.isoformat() if intent.create_time else None,
+        "finish_time": intent.finish_time.isoformat() if intent.finish_time else None,
+        "deadline": intent.deadline.isoformat() if intent.deadline else None,
+        "cancel_reason": intent.cancel_reason,
+    }
+
+
+def _labels(values: Sequence[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"intentd: --label expects KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"intentd: --payload is not valid JSON: {exc}") from None
+    with _client(args) as client:
+        intent_id = client.send_intent(
+            intent_type=args.intent_type,
+            to_agent=args.to_agent,
+            payload=payload,
+            idempotency_key=args.idempotency_key,
+            deadline=timedelta(seconds=args.deadline) if args.deadline else None,
+            labels=_labels(args.label),
+            max_attempts=args.max_attempts or 0,
+        )
+    print(json.dumps({"id": intent_id}) if args.json else intent_id)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.get(args.id), args.json)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from intentd.client import WaitTimeout
+
+    with _client(args) as client:
+        try:
+            intent = client.wait_for(args.id, timeout=args.timeout)
+        except WaitTimeout as exc:
+            _print_intent(exc.intent, args.json)
+            print(f"intentd: still {exc.intent.state.value} after {args.timeout}s", file=sys.stderr)
+            return 2
+    _print_intent(intent, args.json)
+    return 0 if intent.state.value == "COMPLETED" else 1
+
+
+def _describe_event(event: Any) -> str:
+    parts = [f"#{event.seq:<4}", f"{event.time:%H:%M:%S.%f}"[:-3], f"{event.type:<16}", f"-> {event.state.value:<11}"]
+    if event.attempt:
+        parts.append(f"attempt {event.attempt}")
+    if event.step_name:
+        parts.append(f"step {event.step_index} {event.step_name}")
+    if event.message:
+        parts.append(event.message)
+    if event.error is not None:
+        parts.append(f"{event.error.code}: {event.error.message}")
+    return "  ".join(parts)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for event in client.watch(args.id, after_seq=args.after_seq):
+            if args.json:
+                print(json.dumps({
+                    "intent_id": event.intent_id, "seq": event.seq, "type": event.type,
+                    "time": event.time.isoformat(), "state": event.state.value, "attempt": event.attempt,
+                    "step_name": event.step_name, "step_index": event.step_index, "message": event.message,
+                    "error": None if event.error is None else {
+                        "code": event.error.code, "message": event.error.message},
+                }), flush=True)
+            else:
+                print(_describe_event(event), flush=True)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.list(
+            states=args.state or None,
+            intent_type=args.intent_type,
+            to_agent=args.to_agent,
+            labels=_labels(args.label) or None,
+            page_size=args.limit,
+            page_token=args.page_token or "",
+        )
+    if args.json:
+        print(json.dumps({"intents": [_intent_dict(i) for i in page.intents],
+                          "next_page_token": page.next_page_token}, indent=2, default=str))
+        return 0
+    rows = [("ID", "STATE", "TYPE", "TO_AGENT", "ATTEMPT", "STEPS", "CREATED")]
+    for i in page.intents:
+        rows.append((i.id, i.state.value, i.intent_type, i.to_agent, f"{i.attempt}/{i.max_attempts}",
+                     str(i.steps_completed), f"{i.create_time:%Y-%m-%d %H:%M:%S}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if page.next_page_token:
+        print(f"(more: --page-token {page.next_page_token})")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.cancel(args.id, reason=args.reason), args.json)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.retry(args.id, extra_attempts=args.extra_attempts), args.json)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="intentd", description="Durable execution for agent operations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("server", cmd_server, "Run a control-plane replica (embedded PostgreSQL without INTENTD_DATABASE_URL).")
+    p.add_argument("--listen", help="HOST:PORT (INTENTD_LISTEN, default 127.0.0.1:7300)")
+    p.add_argument("--database-url", help="postgresql:// URL (INTENTD_DATABASE_URL)")
+    p.add_argument("--data-dir", help="embedded PostgreSQL data directory (INTENTD_DATA_DIR)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INTENTD_LOG_LEVEL)")
+
+    p = add("migrate", cmd_migrate, "Apply database migrations and exit.")
+    p.add_argument("--database-url")
+    p.add_argument("--data-dir")
+
+    def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = add(name, fn, help_text)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument("--sender", help="who sends (scopes idempotency keys)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = client_command("send", cmd_send, "Send an intent; prints its id.")
+    p.add_argument("intent_type")
+    p.add_argument("to_agent")
+    p.add_argument("--payload", default="{}", help="JSON payload")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--deadline", type=float, help="seconds from now")
+    p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--max-attempts", type=int)
+
+    p = client_command("get", cmd_get, "Show an intent.")
+    p.add_argument("id")
+
+    p = client_command("wait", cmd_wait, "Wait until an intent is terminal (exit 0 if COMPLETED).")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, help="seconds; without it, wait as long as it takes")
+
+    p = client_command("watch", cmd_watch, "Follow an intent's events live until it is terminal.")
+    p.add_argument("id")
+    p.add_argument("--after-seq", type=int, default=0)
+
+    p = client_command("list", cmd_list, "List intents, newest first.")
+    p.add_argument("--state", action="append", help="PENDING, IN_PROGRESS, ... (repeatable)")
+    p.add_argument("--intent-type")
+    p.add_argument("--to-agent")
+    p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--page-token")
+
+    p = client_command("cancel", cmd_cancel, "Cancel an intent.")
+    p.add_argument("id")
+    p.add_argument("--reason", default="canceled from the CLI")
+
+    p = client_command("retry", cmd_retry, "Put a FAILED intent back to PENDING, keeping its recorded steps.")
+    p.add_argument("id")
+    p.add_argument("--extra-attempts", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except SettingsError as exc:
+        print(f"intentd: bad setting: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from intentd.client import IntentdError
+
+        if isinstance(exc, IntentdError):
+            print(f"intentd: {exc.code.name}: {exc.details}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

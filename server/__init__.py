@@ -1,0 +1,1 @@
+"""The intentd control plane: an asyncio gRPC server on PostgreSQL."""

@@ -1,0 +1,81 @@
+"""The operator-facing AdminService: the intent-type registry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from intentd.server import errors
+from intentd.server.convert import timestamp
+from intentd.server.rpc import Ctx, unary
+from intentd.server.settings import ServerSettings
+from intentd.server.store import IntentStore
+
+from intentd.v1 import admin_service_pb2 as pb
+from intentd.v1 import admin_service_pb2_grpc as pb_grpc
+from intentd.validation import ValidationError, check_intent_type
+
+
+def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
+    return pb.IntentType(
+        intent_type=row["intent_type"],
+        max_attempts=row["max_attempts"],
+        heartbeat_timeout_ms=row["heartbeat_timeout_ms"],
+        retry_backoff_ms=row["retry_backoff_ms"],
+        retry_backoff_max_ms=row["retry_backoff_max_ms"],
+        default_deadline_ms=row["default_deadline_ms"] or 0,
+        update_time=timestamp(row["update_time"]),
+    )
+
+
+class AdminService(pb_grpc.AdminServiceServicer):
+    def __init__(self, store: IntentStore, settings: ServerSettings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.settings.tenant
+
+    @unary
+    async def PutIntentType(self, request: pb.PutIntentTypeRequest, context: Ctx) -> pb.PutIntentTypeResponse:
+        spec = request.intent_type
+        check_intent_type(spec.intent_type, "intent_type.intent_type")
+        max_attempts = spec.max_attempts or 3
+        heartbeat = spec.heartbeat_timeout_ms or self.settings.heartbeat_timeout_ms
+        backoff = spec.retry_backoff_ms
+        backoff_max = spec.retry_backoff_max_ms or 60_000
+        if not 1 <= max_attempts <= 1000:
+            raise ValidationError("intent_type.max_attempts", "must be 1 to 1000 (0 means 3)")
+        if not 2 * self.settings.ping_interval_ms <= heartbeat <= 86_400_000:
+            raise ValidationError(
+                "intent_type.heartbeat_timeout_ms",
+                f"must be {2 * self.settings.ping_interval_ms} (twice the ping interval) to 86400000",
+            )
+        if not 0 <= backoff <= 3_600_000 or not 0 <= backoff_max <= 86_400_000:
+            raise ValidationError("intent_type.retry_backoff_ms", "backoffs must be 0 to one hour (max: one day)")
+        if spec.default_deadline_ms < 0:
+            raise ValidationError("intent_type.default_deadline_ms", "must not be negative")
+        row = await self.store.put_intent_type(
+            self._tenant(context),
+            spec.intent_type,
+            max_attempts=max_attempts,
+            heartbeat_timeout_ms=heartbeat,
+            retry_backoff_ms=backoff,
+            retry_backoff_max_ms=backoff_max,
+            default_deadline_ms=spec.default_deadline_ms or None,
+        )
+        return pb.PutIntentTypeResponse(intent_type=_type_to_proto(row))
+
+    @unary
+    async def GetIntentType(self, request: pb.GetIntentTypeRequest, context: Ctx) -> pb.GetIntentTypeResponse:
+        check_intent_type(request.intent_type)
+        row = await self.store.get_intent_type(self._tenant(context), request.intent_type)
+        if row is None:
+            raise errors.NotFound(f"intent type {request.intent_type!r} is not registered (defaults apply)")
+        return pb.GetIntentTypeResponse(intent_type=_type_to_proto(row))
+
+    @unary
+    async def ListIntentTypes(self, request: pb.ListIntentTypesRequest, context: Ctx) -> pb.ListIntentTypesResponse:
+        rows = await self.store.list_intent_types(self._tenant(context))
+        return pb.ListIntentTypesResponse(intent_types=[_type_to_proto(r) for r in rows])

@@ -1,0 +1,410 @@
+"""The sidecar-facing AgentService: one Connect stream per sidecar carries
+registration, assignments, acknowledgements, fenced writes and pings.
+
+The database decides ownership. What this module keeps in memory (which
+leases a stream holds) only serves to push work and revocations quickly; it
+is re-checked against PostgreSQL on every ping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from intentd.server import errors
+from intentd.server.convert import intent_to_proto, step_to_proto
+from intentd.server.hub import NotificationHub
+from intentd.server.leases import LeaseRef, LeaseStore
+from intentd.server.rpc import to_server_error
+from intentd.server.settings import ServerSettings
+
+from intentd.v1 import agent_service_pb2 as pb
+from intentd.v1 import agent_service_pb2_grpc as pb_grpc
+from intentd.v1 import delivery_pb2
+from intentd.validation import ValidationError, check_agent_address, check_intent_type
+
+log = logging.getLogger("intentd.agents")
+
+REGISTER_TIMEOUT_S = 10.0
+MAX_CAPACITY = 10_000
+MAX_CLAIM_BATCH = 100
+# Writes of one stream processed at once; more wait, which pushes back on the
+# stream through HTTP/2 flow control instead of growing memory.
+MAX_CONCURRENT_WRITES = 256
+MISSED_PINGS_BEFORE_CLOSE = 3
+
+
+@dataclass
+class Held:
+    lease: LeaseRef
+    since: float  # monotonic time it was added; renew results older than this judge it
+    finishing: bool = False  # a complete/fail/release from its holder is in flight
+
+
+@dataclass(eq=False)
+class Session:
+    sidecar_id: str
+    addresses: tuple[str, ...]
+    intent_types: tuple[str, ...]
+    capacity: int
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    held: dict[str, Held] = field(default_factory=dict)
+    outbox: asyncio.Queue[pb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    last_heard: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - len(self.held))
+
+    def send(self, message: pb.ConnectResponse) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.wake.set()
+            self.outbox.put_nowait(None)
+
+
+def _lease_msg(lease: LeaseRef) -> delivery_pb2.Lease:
+    return delivery_pb2.Lease(intent_id=lease.intent_id, attempt=lease.attempt, token=str(lease.token))
+
+
+def _lease_ref(msg: delivery_pb2.Lease) -> LeaseRef:
+    return LeaseRef.parse(msg.intent_id, msg.attempt, msg.token)
+
+
+def _validate_register(msg: pb.Register) -> None:
+    if not msg.sidecar_id or len(msg.sidecar_id) > 200:
+        raise ValidationError("register.sidecar_id", "must be 1 to 200 characters")
+    if not msg.addresses:
+        raise ValidationError("register.addresses", "must name at least one agent address")
+    if len(msg.addresses) > 100:
+        raise ValidationError("register.addresses", "at most 100 addresses per sidecar")
+    for i, address in enumerate(msg.addresses):
+        check_agent_address(address, f"register.addresses[{i}]")
+    for i, intent_type in enumerate(msg.intent_types):
+        check_intent_type(intent_type, f"register.intent_types[{i}]")
+    if not 0 <= msg.capacity <= MAX_CAPACITY:
+        raise ValidationError("register.capacity", f"must be 0 to {MAX_CAPACITY}")
+    if len(msg.held) > MAX_CAPACITY:
+        raise ValidationError("register.held", f"at most {MAX_CAPACITY} leases")
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings) -> None:
+        self.leases = leases
+        self.hub = hub
+        self.settings = settings
+        self.sessions: set[Session] = set()
+        self._holders: dict[str, Session] = {}
+        self._closing = False
+        self.assignments_sent = 0
+        hub.on_pending(self._on_pending)
+        hub.on_event(self._on_event)
+
+    # ------------------------------------------------------------ wake-ups
+
+    def _on_pending(self, address: str) -> None:
+        for session in list(self.sessions):
+            if not address or address in session.addresses:
+                session.wake.set()
+
+    def _on_event(self, intent_id: str, state: str) -> None:
+        session = self._holders.get(intent_id)
+        if session is None:
+            return
+        held = session.held.get(intent_id)
+        if held is None or held.finishing:
+            return
+        if state in ("CANCELED", "TIMED_OUT"):
+            self._revoke(session, held, state, f"the intent was {state.lower().replace('_', ' ')}")
+        elif state in ("PENDING", "FAILED"):
+            self._revoke(session, held, "LEASE_LOST", "the lease expired and the intent moved on")
+
+    def _forget(self, session: Session, intent_id: str) -> None:
+        session.held.pop(intent_id, None)
+        if self._holders.get(intent_id) is session:
+            del self._holders[intent_id]
+        session.wake.set()
+
+    def _revoke(self, session: Session, held: Held, reason: str, message: str) -> None:
+        log.info("revoking %s attempt %d from sidecar %s: %s", held.lease.intent_id, held.lease.attempt,
+                 session.sidecar_id, reason)
+        self._forget(session, held.lease.intent_id)
+        session.send(pb.ConnectResponse(revocation=delivery_pb2.Revocation(
+            lease=_lease_msg(held.lease), reason=reason, message=message)))
+
+    def _hold(self, session: Session, lease: LeaseRef) -> None:
+        session.held[lease.intent_id] = Held(lease, time.monotonic())
+        self._holders[lease.intent_id] = session
+
+    # ------------------------------------------------------------ the stream
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            session = await self._register(request_iterator, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            mapped = to_server_error(exc)
+            if mapped is None:
+                log.exception("registration failed")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error during registration")
+            else:
+                await context.abort(mapped.code, mapped.message)
+            return
+        if session is None:
+            return
+        self.sessions.add(session)
+        for held in session.held.values():
+            self._holders[held.lease.intent_id] = session
+        tasks = [
+            asyncio.create_task(self._read(session, request_iterator), name=f"read-{session.id}"),
+            asyncio.create_task(self._dispatch(session), name=f"dispatch-{session.id}"),
+            asyncio.create_task(self._ping(session), name=f"ping-{session.id}"),
+        ]
+        try:
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                await context.write(message)
+        finally:
+            session.close()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.sessions.discard(session)
+            for intent_id in list(session.held):
+                if self._holders.get(intent_id) is session:
+                    del self._holders[intent_id]
+            # The leases it held are not released here: they lapse unless the
+            # sidecar reconnects in time and re-announces them.
+            log.info("sidecar %s stream %s closed holding %d", session.sidecar_id, session.id, len(session.held))
+
+    async def _register(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> Session | None:
+        try:
+            first = await asyncio.wait_for(anext(aiter(request_iterator)), REGISTER_TIMEOUT_S)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise ValidationError("register", f"was not sent within {REGISTER_TIMEOUT_S:.0f}s") from None
+        if first.WhichOneof("msg") != "register":
+            raise ValidationError("register", "the first message of a Connect stream must be register")
+        if self._closing:
+            raise errors.Unavailable("server is shutting down; connect to another replica")
+        reg = first.register
+        _validate_register(reg)
+        session = Session(
+            sidecar_id=reg.sidecar_id,
+            addresses=tuple(dict.fromkeys(reg.addresses)),
+            intent_types=tuple(dict.fromkeys(reg.intent_types)),
+            capacity=reg.capacity,
+        )
+        kept: list[delivery_pb2.Lease] = []
+        lost: list[delivery_pb2.Lease] = []
+        for msg in reg.held:
+            try:
+                lease = _lease_ref(msg)
+            except ValidationError:
+                lost.append(msg)
+                continue
+            if await self.leases.rebind(lease, session.id):
+                self._hold(session, lease)
+                kept.append(msg)
+            else:
+                lost.append(msg)
+        await context.write(pb.ConnectResponse(registered=pb.Registered(
+            session_id=session.id, ping_interval_ms=self.settings.ping_interval_ms, kept=kept, lost=lost)))
+        log.info("sidecar %s connected (stream %s) for %s, capacity %d, kept %d lost %d",
+                 session.sidecar_id, session.id, ",".join(session.addresses), session.capacity,
+                 len(kept), len(lost))
+        return session
+
+    async def _read(self, session: Session, request_iterator: AsyncIterator[pb.ConnectRequest]) -> None:
+        writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
+        background: set[asyncio.Task[None]] = set()
+
+        def spawn(coro: object) -> None:
+            task = asyncio.create_task(coro)  # type: ignore[arg-type]
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        renewing: asyncio.Task[None] | None = None
+        try:
+            async for request in request_iterator:
+                session.last_heard = time.monotonic()
+                kind = request.WhichOneof("msg")
+                if kind == "ping":
+                    session.send(pb.ConnectResponse(pong=pb.Pong(nonce=request.ping.nonce)))
+                    if renewing is None or renewing.done():
+                        renewing = asyncio.create_task(self._renew(session))
+                elif kind == "pong":
+                    pass
+                elif kind == "ack":
+                    spawn(self._ack(session, request.ack.lease))
+                elif kind == "write":
+                    await writes.acquire()
+                    spawn(self._write(session, request.write, writes))
+                elif kind == "set_capacity":
+                    if not 0 <= request.set_capacity.capacity <= MAX_CAPACITY:
+                        log.warning("sidecar %s sent capacity %d; ignored", session.sidecar_id,
+                                    request.set_capacity.capacity)
+                        continue
+                    session.capacity = request.set_capacity.capacity
+                    session.wake.set()
+                else:
+                    log.warning("sidecar %s sent unexpected %s; closing", session.sidecar_id, kind)
+                    break
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            session.close()
+            # Writes already taken run to their commit; only their answers are lost.
+            if background:
+                await asyncio.gather(*background, return_exceptions=True)
+
+    async def _renew(self, session: Session) -> None:
+        started = time.monotonic()
+        try:
+            live = await self.leases.renew(session.id)
+        except Exception as exc:
+            # The database is unreachable: nothing can be judged lost now.
+            log.warning("lease renewal for stream %s failed: %s", session.id, exc)
+            return
+        for held in list(session.held.values()):
+            if held.since < started and not held.finishing and (held.lease.intent_id, held.lease.token) not in live:
+                self._revoke(session, held, "LEASE_LOST", "the lease is no longer held by this stream")
+
+    async def _ack(self, session: Session, msg: delivery_pb2.Lease) -> None:
+        try:
+            await self.leases.ack(_lease_ref(msg))
+        except errors.FailedPrecondition as exc:
+            held = session.held.get(msg.intent_id)
+            if held is not None and str(held.lease.token) == msg.token:
+                self._revoke(session, held, "LEASE_LOST", exc.message)
+        except Exception as exc:
+            log.warning("ack of %s failed: %s", msg.intent_id, exc)
+
+    async def _write(self, session: Session, request: pb.WriteRequest, slots: asyncio.Semaphore) -> None:
+        result = pb.WriteResult(request_id=request.request_id)
+        write = request.write
+        op = write.WhichOneof("op")
+        held = session.held.get(write.lease.intent_id)
+        final = op in ("complete", "fail", "release")
+        if final and held is not None:
+            held.finishing = True
+        try:
+            lease = _lease_ref(write.lease)
+            if op == "step":
+                row = await self.leases.record_step(lease, write.step.index, write.step.name, write.step.result)
+                result.step.CopyFrom(step_to_proto(row))
+            elif op == "checkpoint":
+                await self.leases.save_checkpoint(lease, write.checkpoint.state)
+            elif op == "progress":
+                await self.leases.report_progress(lease, write.progress.message, write.progress.fraction)
+            elif op == "complete":
+                await self.leases.complete(lease, write.complete.result)
+            elif op == "fail":
+                await self.leases.fail(lease, write.fail.code, write.fail.message, write.fail.retryable)
+            elif op == "release":
+                await self.leases.release(lease, write.release.reason)
+            else:
+                raise ValidationError("write.op", "is required")
+            if final:
+                self._forget(session, lease.intent_id)
+        except Exception as exc:
+            mapped = to_server_error(exc)
+            if mapped is None:
+                log.exception("write %s on %s failed", op, write.lease.intent_id)
+                mapped = errors.ServerError(f"internal error in {op}")
+            result.code = mapped.code.value[0]
+            result.message = mapped.message
+            if held is not None and (isinstance(mapped, errors.StaleLease) or (
+                final and isinstance(mapped, errors.FailedPrecondition))):
+                self._forget(session, write.lease.intent_id)
+            elif held is not None:
+                held.finishing = False
+        finally:
+            slots.release()
+        session.send(pb.ConnectResponse(write_result=result))
+
+    async def _dispatch(self, session: Session) -> None:
+        types = session.intent_types or None
+        catchup = self.settings.dispatch_catchup_s
+        while not session.closed:
+            timeout: float | None = catchup
+            free = session.free
+            if free > 0 and not self._closing:
+                want = min(free, MAX_CLAIM_BATCH)
+                try:
+                    rows, steps = await self.leases.claim(
+                        session.id, session.addresses, types, want, self.settings.ack_timeout_ms)
+                except Exception as exc:
+                    log.warning("claim for stream %s failed: %s", session.id, exc)
+                    rows, steps = [], {}
+                    timeout = 1.0
+                for row in rows:
+                    lease = LeaseRef(row["id"], row["attempt"], row["lease_token"])
+                    if session.closed:
+                        break  # the lease lapses after the ack timeout and is redelivered
+                    self._hold(session, lease)
+                    self.assignments_sent += 1
+                    session.send(pb.ConnectResponse(assignment=delivery_pb2.Assignment(
+                        intent=intent_to_proto(row),
+                        lease=_lease_msg(lease),
+                        steps=[step_to_proto(s) for s in steps.get(row["id"], ())],
+                        checkpoint=row["checkpoint"].encode() if row["checkpoint"] is not None else b"",
+                        heartbeat_timeout_ms=row["heartbeat_timeout_ms"],
+                    )))
+                if len(rows) == want:
+                    continue
+                if timeout == catchup:
+                    with contextlib.suppress(Exception):
+                        wait = await self.leases.seconds_until_available(session.addresses, types)
+                        if wait is not None:
+                            timeout = min(catchup, max(0.001, wait))
+            elif free == 0:
+                timeout = None
+            session.wake.clear()
+            if timeout is None:
+                await session.wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.wake.wait(), timeout)
+
+    async def _ping(self, session: Session) -> None:
+        interval = self.settings.ping_interval_ms / 1000
+        nonce = 0
+        while not session.closed:
+            await asyncio.sleep(interval)
+            if time.monotonic() - session.last_heard > MISSED_PINGS_BEFORE_CLOSE * interval:
+                log.warning("sidecar %s silent for %.1fs; closing its stream", session.sidecar_id,
+                            time.monotonic() - session.last_heard)
+                session.close()
+                return
+            nonce += 1
+            session.send(pb.ConnectResponse(ping=pb.Ping(nonce=nonce)))
+
+    async def close_all(self) -> None:
+        """Ends every stream so sidecars reconnect to another replica (their
+        leases stay theirs: they re-announce them there)."""
+        self._closing = True
+        for session in list(self.sessions):
+            session.close()

@@ -1,0 +1,167 @@
+"""Assembles and runs one control-plane replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from intentd.server.admin_service import AdminService
+from intentd.server.agent_service import AgentService
+from intentd.server.db import Database
+from intentd.server.embedded import EmbeddedPostgres
+from intentd.server.hub import NotificationHub
+from intentd.server.intent_service import IntentService
+from intentd.server.leases import LeaseStore
+from intentd.server.settings import ServerSettings
+from intentd.server.store import IntentStore
+from intentd.server.sweepers import DeadlineSweeper, LeaseSweeper
+
+from intentd.service import BackgroundService
+from intentd.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    intent_service_pb2,
+    intent_service_pb2_grpc,
+)
+
+log = logging.getLogger("intentd.server")
+
+SERVICE_NAMES = (
+    intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"].full_name,
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+class ControlPlane:
+    """One replica: database pool, notification hub, gRPC services and sweepers.
+
+    Replicas share nothing but PostgreSQL; any number can run on one database.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedPostgres | None = None
+        self.database_url = settings.database_url
+        self.db: Database | None = None
+        self.hub: NotificationHub | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.services: list[BackgroundService] = []
+        self.agents: AgentService | None = None
+        self.port: int | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        if self.database_url is None:
+            self.embedded = EmbeddedPostgres(self.settings.data_dir)
+            self.database_url = await asyncio.to_thread(self.embedded.start)
+            log.info("no INTENTD_DATABASE_URL: using the embedded PostgreSQL in %s", self.settings.data_dir)
+        self.db = Database(
+            self.database_url, min_size=self.settings.pool_min_size, max_size=self.settings.pool_max_size
+        )
+        await self.db.open()
+        self.hub = NotificationHub(self.database_url)
+        await self.hub.start()
+        store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms)
+        leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes)
+
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            # Clients behind proxies ping; accept it instead of answering GOAWAY.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        intent_service_pb2_grpc.add_IntentServiceServicer_to_server(
+            IntentService(store, self.hub, self.settings), self.server
+        )
+        self.agents = AgentService(leases, self.hub, self.settings)
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, self.settings), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+
+        self.services = [
+            DeadlineSweeper(store, self.settings.sweep_interval_s),
+            LeaseSweeper(leases, self.settings.sweep_interval_s),
+        ]
+        for service in self.services:
+            service.start()
+        await self.server.start()
+        await self._set_serving(True)
+        log.info("intentd control plane serving on %s", self.address)
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: stop advertising health, end streams (clients resume on
+        another replica), let in-flight calls finish up to ``grace``, then
+        stop background work and close the pool."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        with contextlib.suppress(Exception):
+            await self._set_serving(False)
+        if self.agents is not None:
+            await self.agents.close_all()
+        if self.hub is not None:
+            # Wakes watchers and waiters so they end now and their clients reconnect.
+            await self.hub.close()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for service in self.services:
+            await service.stop(deadline=max(grace, 1.0))
+        if self.db is not None:
+            await self.db.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
+    """Runs a replica until SIGTERM or SIGINT, then shuts down gracefully."""
+    plane = ControlPlane(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        await plane.start()
+        if ready is not None:
+            ready.set()
+        await stop_requested.wait()
+    finally:
+        await plane.stop()

@@ -1,0 +1,98 @@
+"""Database rows to protobuf messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from intentd.states import IntentState
+from intentd.v1 import intent_pb2
+
+_EVENT_TYPES = {
+    name.removeprefix("EVENT_TYPE_"): value
+    for name, value in intent_pb2.EventType.items()
+    if name != "EVENT_TYPE_UNSPECIFIED"
+}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def event_type_value(name: str) -> intent_pb2.EventType.ValueType:
+    return _EVENT_TYPES[name]
+
+
+def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
+    msg = intent_pb2.Intent(
+        id=row["id"],
+        tenant=row["tenant"],
+        intent_type=row["intent_type"],
+        to_agent=row["to_agent"],
+        sender=row["sender"],
+        payload=row["payload"].encode(),
+        idempotency_key=row["idempotency_key"] or "",
+        labels=json.loads(row["labels"]),
+        state=IntentState(row["state"]).to_proto(),
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        cancel_reason=row["cancel_reason"] or "",
+        last_event_seq=row["last_seq"],
+        checkpoint=intent_pb2.CheckpointSummary(
+            steps_completed=row["steps_completed"],
+            last_step=row["last_step"] or "",
+            has_checkpoint=row["checkpoint"] is not None,
+            checkpoint_time=timestamp(row["checkpoint_time"]),
+            progress_message=row["progress_message"] or "",
+            progress_fraction=row["progress_fraction"] or 0.0,
+        ),
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+        finish_time=timestamp(row["finish_time"]),
+        deadline=timestamp(row["deadline"]),
+    )
+    if row["result"] is not None:
+        msg.result = row["result"].encode()
+    if row["error_code"] is not None:
+        msg.error.CopyFrom(
+            intent_pb2.IntentError(code=row["error_code"], message=row["error_message"] or "")
+        )
+    return msg
+
+
+def event_to_proto(row: Mapping[str, Any]) -> intent_pb2.IntentEvent:
+    msg = intent_pb2.IntentEvent(
+        intent_id=row["intent_id"],
+        seq=row["seq"],
+        type=event_type_value(row["type"]),
+        time=timestamp(row["time"]),
+        state=IntentState(row["state"]).to_proto(),
+        attempt=row["attempt"],
+        step_name=row["step_name"] or "",
+        step_index=row["step_index"] or 0,
+        message=row["message"] or "",
+        progress_fraction=row["progress_fraction"] or 0.0,
+    )
+    if row["error_code"] is not None:
+        msg.error.CopyFrom(
+            intent_pb2.IntentError(code=row["error_code"], message=row["error_message"] or "")
+        )
+    return msg
+
+
+def step_to_proto(row: Mapping[str, Any]) -> intent_pb2.StepRecord:
+    return intent_pb2.StepRecord(
+        index=row["idx"],
+        name=row["name"],
+        result=row["result"].encode(),
+        attempt=row["attempt"],
+        record_time=timestamp(row["record_time"]),
+    )

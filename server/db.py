@@ -1,0 +1,131 @@
+"""The database layer: the asyncpg pool, and the one place where asyncpg
+errors become control-plane errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, TypeAlias
+
+import asyncpg
+from intentd.server import errors
+from intentd.server.migrate import migrate
+
+log = logging.getLogger("intentd.db")
+
+# asyncpg ships no type information; a record reads like a mapping.
+Row: TypeAlias = Mapping[str, Any]
+
+# Errors that mean "the database is not reachable right now": the call is
+# safe to retry and the client is told UNAVAILABLE.
+_UNAVAILABLE = (
+    OSError,
+    ConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+def convert_error(exc: BaseException) -> errors.ServerError | None:
+    """Maps an asyncpg (or socket) error to a ServerError; None if it is a bug."""
+    if isinstance(exc, errors.ServerError):
+        return exc
+    if isinstance(exc, _UNAVAILABLE) or isinstance(exc, TimeoutError):
+        return errors.Unavailable(f"database unavailable: {type(exc).__name__}")
+    if isinstance(exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError):
+        return errors.Unavailable("transaction conflict; retry")
+    if isinstance(exc, asyncpg.exceptions.CheckViolationError):
+        # The transition trigger or a row invariant refused the change.
+        return errors.FailedPrecondition(str(exc))
+    if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        return errors.AlreadyExists(str(exc))
+    if isinstance(exc, asyncpg.exceptions.DataError | asyncpg.exceptions.InvalidTextRepresentationError):
+        return errors.InvalidArgument(str(exc))
+    if isinstance(exc, asyncpg.exceptions.ProgramLimitExceededError):
+        return errors.ResourceExhausted(str(exc))
+    return None
+
+
+@contextlib.contextmanager
+def converted() -> Iterator[None]:
+    """Re-raises asyncpg errors as ServerErrors (bugs pass through as they are)."""
+    try:
+        yield
+    except errors.ServerError:
+        raise
+    except Exception as exc:
+        mapped = convert_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON travels as text end to end: the server never decodes payloads or
+    # results, it hands PostgreSQL's normalised text back to clients.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=str, decoder=str, schema="pg_catalog", format="text")
+
+
+class Database:
+    """An asyncpg pool with the intentd connection set-up."""
+
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 10) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Database.open() was not called")
+        return self._pool
+
+    async def open(self, *, run_migrations: bool = True) -> None:
+        with converted():
+            if run_migrations:
+                conn = await asyncpg.connect(self.url)
+                try:
+                    applied = await migrate(conn)
+                    if applied:
+                        log.info("schema migrated to version %d", applied[-1])
+                finally:
+                    await conn.close()
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                init=_init_connection,
+                # Statements are prepared once per connection and reused.
+                max_inactive_connection_lifetime=300,
+                command_timeout=30,
+            )
+
+    async def close(self, timeout: float = 10.0) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout)
+            except TimeoutError:
+                log.warning("pool did not close within %.1fs; terminating connections", timeout)
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        with converted():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        with converted():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn

@@ -1,0 +1,159 @@
+"""LISTEN/NOTIFY fan-out inside one control-plane replica.
+
+One dedicated connection listens on the intentd channels. Watchers and
+waiters subscribe to an intent id; dispatchers subscribe to addresses. A
+notification is only a wake-up: subscribers always read the truth from the
+database, and wait with a timeout, so a notification lost while the
+listener reconnects delays them but never strands them. After a reconnect
+every subscriber is woken to re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import asyncpg
+from intentd.server.queries import Q
+
+log = logging.getLogger("intentd.hub")
+
+EVENTS_CHANNEL = "intentd_events"
+PENDING_CHANNEL = "intentd_pending"
+
+
+class Subscription:
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float | None) -> bool:
+        """True when woken, False on timeout. Clears the wake-up."""
+        try:
+            if timeout is None:
+                await self._event.wait()
+            else:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._event.clear()
+
+
+class NotificationHub:
+    def __init__(self, url: str, *, reconnect_delay: float = 0.5) -> None:
+        self._url = url
+        self._reconnect_delay = reconnect_delay
+        self._intents: dict[str, set[Subscription]] = defaultdict(set)
+        self._pending_listeners: list[Callable[[str], None]] = []
+        self._event_listeners: list[Callable[[str, str], None]] = []
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.connected = asyncio.Event()
+        self.notifications = 0
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notification-hub")
+        # Do not serve before we listen, or the first sends' wake-ups are lost
+        # (they would still be found by the catch-up, only later).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), 10)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake_all()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+
+    @contextlib.contextmanager
+    def subscribe_intent(self, intent_id: str) -> Iterator[Subscription]:
+        sub = Subscription()
+        self._intents[intent_id].add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._intents.get(intent_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._intents[intent_id]
+
+    def on_pending(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Calls ``callback(address)`` when an intent becomes PENDING; returns
+        a function that unsubscribes."""
+        self._pending_listeners.append(callback)
+        return lambda: self._pending_listeners.remove(callback)
+
+    def on_event(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
+        """Calls ``callback(intent_id, state_after)`` for every committed event."""
+        self._event_listeners.append(callback)
+        return lambda: self._event_listeners.remove(callback)
+
+    def _wake_all(self) -> None:
+        for subs in list(self._intents.values()):
+            for sub in list(subs):
+                sub.notify()
+        for callback in list(self._pending_listeners):
+            callback("")
+
+    def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        intent_id, _, rest = payload.partition(":")
+        for sub in list(self._intents.get(intent_id, ())):
+            sub.notify()
+        if self._event_listeners:
+            state = rest.rpartition(":")[2]
+            for listener in list(self._event_listeners):
+                listener(intent_id, state)
+
+    def _on_pending(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        for callback in list(self._pending_listeners):
+            callback(payload)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                conn = await asyncpg.connect(self._url, timeout=10)
+                self._conn = conn
+                await conn.add_listener(EVENTS_CHANNEL, self._on_event)
+                await conn.add_listener(PENDING_CHANNEL, self._on_pending)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                self.connected.set()
+                # Anything that happened while we were not listening must be re-read.
+                self._wake_all()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                    if not lost.is_set():
+                        # Detects a half-open connection the socket did not report.
+                        await asyncio.wait_for(conn.execute(Q.ping), 5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._closing:
+                    log.warning("listener connection lost (%s); reconnecting", type(exc).__name__)
+            self.connected.clear()
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.terminate()
+                self._conn = None
+            if not self._closing:
+                await asyncio.sleep(self._reconnect_delay)

@@ -1,0 +1,27 @@
+"""Intent ids: 26 lowercase base32 characters, URL-safe, time ordered.
+
+48 bits of milliseconds then 80 random bits (the ULID layout), so ids sort by
+creation time across replicas (within clock skew) and list pagination can
+use the primary key alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
+
+
+def new_id(now_ms: int | None = None) -> str:
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def looks_like_id(value: str) -> bool:
+    return len(value) == 26 and all(c in _ALPHABET for c in value)

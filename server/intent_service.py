@@ -1,0 +1,249 @@
+"""The client-facing IntentService."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import grpc
+from intentd.server import errors
+from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
+from intentd.server.hub import NotificationHub
+from intentd.server.ids import looks_like_id
+from intentd.server.rpc import Ctx, server_stream, unary
+from intentd.server.settings import ServerSettings
+from intentd.server.store import IntentStore, NewIntent
+
+from intentd.states import IntentState
+from intentd.v1 import intent_service_pb2 as pb
+from intentd.v1 import intent_service_pb2_grpc as pb_grpc
+from intentd.validation import (
+    ValidationError,
+    check_agent_address,
+    check_idempotency_key,
+    check_intent_type,
+    check_labels,
+    parse_json,
+)
+
+MAX_ATTEMPTS_LIMIT = 1000
+MAX_REASON_LEN = 1000
+# Subscribers re-read the database at least this often even without a
+# notification, so a lost NOTIFY delays them by at most this much.
+CATCHUP_SECONDS = 5.0
+
+
+def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    ts = getattr(msg, field)
+    try:
+        return ts.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+    except (ValueError, OverflowError):
+        raise ValidationError(path, "is not a valid timestamp") from None
+
+
+def _page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def _parse_page_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("page_token", "is not a token this server issued") from None
+    version, _, last_id = raw.partition(":")
+    if version != "v1" or not looks_like_id(last_id):
+        raise ValidationError("page_token", "is not a token this server issued")
+    return last_id
+
+
+def _require_id(value: str, field: str = "id") -> str:
+    if not value:
+        raise ValidationError(field, "is required")
+    if not looks_like_id(value):
+        # It cannot exist; saying NOT_FOUND keeps one answer for unknown ids.
+        raise errors.NotFound(f"intent {value[:80]!r} not found")
+    return value
+
+
+class IntentService(pb_grpc.IntentServiceServicer):
+    def __init__(self, store: IntentStore, hub: NotificationHub, settings: ServerSettings) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.settings.tenant
+
+    def _new_intent(self, spec: pb.IntentSpec, prefix: str, now: datetime) -> NewIntent:
+        check_intent_type(spec.intent_type, f"{prefix}intent_type")
+        check_agent_address(spec.to_agent, f"{prefix}to_agent")
+        if len(spec.payload) > self.settings.max_payload_bytes:
+            raise errors.ResourceExhausted(
+                f"{prefix}payload: is {len(spec.payload)} bytes; the limit is "
+                f"{self.settings.max_payload_bytes} (INTENTD_MAX_PAYLOAD_BYTES)"
+            )
+        payload = parse_json(spec.payload, f"{prefix}payload")
+        check_idempotency_key(spec.idempotency_key, f"{prefix}idempotency_key")
+        labels = check_labels(dict(spec.labels), f"{prefix}labels")
+        deadline = _timestamp_field(spec, "deadline", f"{prefix}deadline")
+        if deadline is not None and deadline <= now:
+            raise ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is in the past")
+        if not 0 <= spec.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValidationError(f"{prefix}max_attempts", f"must be 0 (type default) to {MAX_ATTEMPTS_LIMIT}")
+        sender = spec.sender or "anonymous"
+        if len(sender) > 200:
+            raise ValidationError(f"{prefix}sender", "is longer than 200 characters")
+        return NewIntent(
+            intent_type=spec.intent_type,
+            to_agent=spec.to_agent,
+            payload=payload,
+            sender=sender,
+            idempotency_key=spec.idempotency_key or None,
+            deadline=deadline,
+            labels=labels,
+            max_attempts=spec.max_attempts or None,
+        )
+
+    @unary
+    async def SendIntent(self, request: pb.SendIntentRequest, context: Ctx) -> pb.SendIntentResponse:
+        if not request.HasField("intent"):
+            raise ValidationError("intent", "is required")
+        spec = self._new_intent(request.intent, "intent.", datetime.now(UTC))
+        (sent,) = await self.store.send(self._tenant(context), [spec])
+        return pb.SendIntentResponse(intent=intent_to_proto(sent.row), created=sent.created)
+
+    @unary
+    async def SendIntents(self, request: pb.SendIntentsRequest, context: Ctx) -> pb.SendIntentsResponse:
+        if not request.intents:
+            raise ValidationError("intents", "must not be empty")
+        if len(request.intents) > self.settings.max_batch_size:
+            raise errors.ResourceExhausted(
+                f"intents: {len(request.intents)} in one batch; the limit is {self.settings.max_batch_size}"
+            )
+        now = datetime.now(UTC)
+        specs = [self._new_intent(spec, f"intents[{i}].", now) for i, spec in enumerate(request.intents)]
+        sent = await self.store.send(self._tenant(context), specs)
+        return pb.SendIntentsResponse(
+            results=[pb.SendIntentResponse(intent=intent_to_proto(s.row), created=s.created) for s in sent]
+        )
+
+    @unary
+    async def GetIntent(self, request: pb.GetIntentRequest, context: Ctx) -> pb.GetIntentResponse:
+        row = await self.store.get(self._tenant(context), _require_id(request.id))
+        return pb.GetIntentResponse(intent=intent_to_proto(row))
+
+    @server_stream
+    async def WatchIntent(
+        self, request: pb.WatchIntentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchIntentResponse]:
+        intent_id = _require_id(request.id)
+        if request.after_seq < 0:
+            raise ValidationError("after_seq", "must not be negative")
+        tenant = self._tenant(context)
+        after = request.after_seq
+        # Subscribe before the first read: a change committed between the read
+        # and the subscription would otherwise be missed until the catch-up.
+        with self.hub.subscribe_intent(intent_id) as sub:
+            await self.store.get(tenant, intent_id)
+            while True:
+                events = await self.store.events(intent_id, after)
+                for event in events:
+                    after = event["seq"]
+                    yield pb.WatchIntentResponse(event=event_to_proto(event))
+                if events:
+                    continue
+                row = await self.store.get(tenant, intent_id)
+                if row["last_seq"] > after:
+                    continue
+                # Every event up to the newest is sent; a terminal intent has no more.
+                if IntentState(row["state"]).terminal:
+                    return
+                if self.hub.closing:
+                    raise errors.Unavailable("server is shutting down; reconnect with after_seq")
+                await sub.wait(CATCHUP_SECONDS)
+
+    @unary
+    async def WaitIntent(self, request: pb.WaitIntentRequest, context: Ctx) -> pb.WaitIntentResponse:
+        intent_id = _require_id(request.id)
+        if request.timeout_ms < 0:
+            raise ValidationError("timeout_ms", "must not be negative")
+        tenant = self._tenant(context)
+        loop_deadline = None if request.timeout_ms == 0 else time.monotonic() + request.timeout_ms / 1000
+        remaining_call = context.time_remaining()
+        if remaining_call is not None:
+            # Answer just before the caller's own deadline rather than after it.
+            call_deadline = time.monotonic() + max(0.0, remaining_call - 0.05)
+            loop_deadline = call_deadline if loop_deadline is None else min(loop_deadline, call_deadline)
+        with self.hub.subscribe_intent(intent_id) as sub:
+            while True:
+                row = await self.store.get(tenant, intent_id)
+                if IntentState(row["state"]).terminal:
+                    return pb.WaitIntentResponse(intent=intent_to_proto(row), terminal=True)
+                if self.hub.closing:
+                    raise errors.Unavailable("server is shutting down; wait again")
+                left = None if loop_deadline is None else loop_deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return pb.WaitIntentResponse(intent=intent_to_proto(row), terminal=False)
+                await sub.wait(CATCHUP_SECONDS if left is None else min(left, CATCHUP_SECONDS))
+
+    @unary
+    async def CancelIntent(self, request: pb.CancelIntentRequest, context: Ctx) -> pb.CancelIntentResponse:
+        intent_id = _require_id(request.id)
+        if len(request.reason) > MAX_REASON_LEN:
+            raise ValidationError("reason", f"is longer than {MAX_REASON_LEN} characters")
+        row = await self.store.cancel(self._tenant(context), intent_id, request.reason or "canceled")
+        return pb.CancelIntentResponse(intent=intent_to_proto(row))
+
+    @unary
+    async def ListIntents(self, request: pb.ListIntentsRequest, context: Ctx) -> pb.ListIntentsResponse:
+        if not 0 <= request.page_size <= 1000:
+            raise ValidationError("page_size", "must be 0 (default 100) to 1000")
+        limit = request.page_size or 100
+        states = []
+        for i, value in enumerate(request.states):
+            try:
+                states.append(IntentState.from_proto(value))
+            except ValueError as exc:
+                raise ValidationError(f"states[{i}]", str(exc)) from None
+        if request.intent_type:
+            check_intent_type(request.intent_type)
+        if request.to_agent:
+            check_agent_address(request.to_agent)
+        labels = check_labels(dict(request.labels)) if request.labels else None
+        rows = await self.store.list_intents(
+            self._tenant(context),
+            states=states or None,
+            intent_type=request.intent_type or None,
+            to_agent=request.to_agent or None,
+            labels=labels,
+            before_id=_parse_page_token(request.page_token),
+            limit=limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return pb.ListIntentsResponse(
+            intents=[intent_to_proto(r) for r in rows],
+            next_page_token=_page_token(rows[-1]["id"]) if more else "",
+        )
+
+    @unary
+    async def RetryIntent(self, request: pb.RetryIntentRequest, context: Ctx) -> pb.RetryIntentResponse:
+        intent_id = _require_id(request.id)
+        if not 0 <= request.extra_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValidationError("extra_attempts", f"must be 0 to {MAX_ATTEMPTS_LIMIT}")
+        row = await self.store.retry(self._tenant(context), intent_id, request.extra_attempts)
+        return pb.RetryIntentResponse(intent=intent_to_proto(row))
+
+    @unary
+    async def ListIntentSteps(
+        self, request: pb.ListIntentStepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListIntentStepsResponse:
+        rows = await self.store.steps(self._tenant(context), _require_id(request.id))
+        return pb.ListIntentStepsResponse(steps=[step_to_proto(r) for r in rows])
+

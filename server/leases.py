@@ -1,0 +1,200 @@
+"""Data access for deliveries: claims, acknowledgements, renewals, expiry
+and the fenced writes of an attempt."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from intentd.server import errors
+from intentd.server.db import Database, Row
+from intentd.server.queries import Q
+
+from intentd.validation import ValidationError, parse_json
+
+
+RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    intent_id: str
+    attempt: int
+    token: uuid.UUID
+
+    @classmethod
+    def parse(cls, intent_id: str, attempt: int, token: str) -> LeaseRef:
+        if not intent_id:
+            raise ValidationError("lease.intent_id", "is required")
+        if attempt < 1:
+            raise ValidationError("lease.attempt", "must be at least 1")
+        try:
+            parsed = uuid.UUID(token)
+        except ValueError:
+            raise ValidationError("lease.token", "is not a lease token") from None
+        return cls(intent_id, attempt, parsed)
+
+
+def _stale(lease: LeaseRef, state: str) -> errors.StaleLease:
+    return errors.StaleLease(
+        f"lease of attempt {lease.attempt} on intent {lease.intent_id} is not live "
+        f"(the intent is {state} under another or no lease); stop working on it"
+    )
+
+
+class LeaseStore:
+    def __init__(self, db: Database, *, max_payload_bytes: int) -> None:
+        self.db = db
+        self.max_payload_bytes = max_payload_bytes
+
+    async def claim(
+        self,
+        session: str,
+        addresses: Sequence[str],
+        intent_types: Sequence[str] | None,
+        limit: int,
+        ack_timeout_ms: int,
+        now: datetime | None = None,
+    ) -> tuple[list[Row], dict[str, list[Row]]]:
+        """Claims up to ``limit`` claimable intents for a stream; returns them
+        with the steps recorded by their earlier attempts."""
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(
+                Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
+                limit, now, ack_timeout_ms,
+            )
+            steps: dict[str, list[Row]] = defaultdict(list)
+            resumed = [r["id"] for r in rows if r["steps_completed"] > 0]
+            if resumed:
+                for step in await conn.fetch(Q.steps_of, resumed):
+                    steps[step["intent_id"]].append(step)
+        return list(rows), steps
+
+    async def seconds_until_available(
+        self, addresses: Sequence[str], intent_types: Sequence[str] | None, now: datetime | None = None
+    ) -> float | None:
+        async with self.db.connection() as conn:
+            value: float | None = await conn.fetchval(
+                Q.next_available, list(addresses), list(intent_types) if intent_types else None, now
+            )
+        return value
+
+    async def ack(self, lease: LeaseRef, now: datetime | None = None) -> None:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now)
+        if row is None:
+            await self._refuse(lease)
+
+    async def renew(self, session: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(Q.renew_leases, session, now)
+        return {(r["id"], r["lease_token"]) for r in rows}
+
+    async def rebind(self, lease: LeaseRef, session: str, now: datetime | None = None) -> bool:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now)
+        return row is not None
+
+    async def record_step(
+        self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None
+    ) -> Row:
+        if index < 1:
+            raise ValidationError("step.index", "must be at least 1")
+        if not name or len(name) > 200:
+            raise ValidationError("step.name", "must be 1 to 200 characters")
+        text = parse_json(result, "step.result", self.max_payload_bytes)
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(
+                Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now
+            )
+            if row is not None:
+                return row
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index)
+        if why is None:
+            raise errors.NotFound(f"intent {lease.intent_id} not found")
+        if not why["same_lease"] or why["state"] != "IN_PROGRESS":
+            raise _stale(lease, why["state"])
+        if why["idx"] is not None:
+            if why["name"] == name:
+                # A repeat of a write that committed (its answer was lost): the
+                # stored record is the answer.
+                return why
+            raise errors.FailedPrecondition(
+                f"step divergence: step {index} of intent {lease.intent_id} was recorded as "
+                f"{why['name']!r}, now reported as {name!r}; steps must be deterministic in name and order"
+            )
+        raise errors.FailedPrecondition(
+            f"step {index} reported out of order: intent {lease.intent_id} has "
+            f"{why['steps_completed']} recorded steps, so the next is {why['steps_completed'] + 1}"
+        )
+
+    async def save_checkpoint(self, lease: LeaseRef, state: bytes, now: datetime | None = None) -> None:
+        text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
+        await self._guarded(Q.save_checkpoint, lease, text, now)
+
+    async def report_progress(
+        self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None
+    ) -> None:
+        if len(message) > 1000:
+            raise ValidationError("progress.message", "is longer than 1000 characters")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValidationError("progress.fraction", "must be between 0 and 1")
+        await self._guarded(Q.report_progress, lease, message, fraction, now)
+
+    async def complete(self, lease: LeaseRef, result: bytes, now: datetime | None = None) -> None:
+        text = parse_json(result, "complete.result", self.max_payload_bytes)
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now)
+            if row is not None:
+                return
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
+        if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
+            return  # a repeat of a completion that committed
+        await self._refuse(lease, why)
+
+    async def fail(
+        self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None
+    ) -> str:
+        code = code or "AGENT_ERROR"
+        if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
+            raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(
+                Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now
+            )
+        if row is None:
+            await self._refuse(lease)
+        assert row is not None
+        return str(row["state"])
+
+    async def release(self, lease: LeaseRef, reason: str, now: datetime | None = None) -> str:
+        if reason not in RELEASE_REASONS:
+            raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now)
+        if row is None:
+            await self._refuse(lease)
+        assert row is not None
+        return str(row["state"])
+
+    async def expire(self, now: datetime | None = None, batch: int = 500) -> list[Row]:
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(Q.expire_leases, now, batch))
+
+    async def _guarded(self, query: str, lease: LeaseRef, *args: object) -> None:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(query, lease.intent_id, lease.token, lease.attempt, *args)
+        if row is None:
+            await self._refuse(lease)
+
+    async def _refuse(self, lease: LeaseRef, why: Row | None = None) -> None:
+        if why is None:
+            async with self.db.connection() as conn:
+                why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
+        if why is None:
+            raise errors.NotFound(f"intent {lease.intent_id} not found")
+        raise _stale(lease, why["state"])

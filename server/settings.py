@@ -1,0 +1,79 @@
+"""Settings of the control plane (``intentd server``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from intentd.config import parse_host_port, require
+
+
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data.
+
+    As root, pgserver runs PostgreSQL as a separate user and makes every
+    ancestor of the data directory world-traversable (o+rx). Under /var/lib
+    the ancestors (/var, /var/lib) are world-traversable already, so nothing
+    private is opened; a home directory such as /root would be. As another
+    user nothing is chmodded and the XDG data directory is the usual place.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib/intentd/embedded")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "intentd" / "embedded"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # PostgreSQL URL; empty means the embedded server in data_dir.
+    database_url: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: str = "127.0.0.1:7300"
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    max_payload_bytes: int = 128 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_batch_size: int = 1000
+    # Per intent type in the registry; this is the default for unregistered types.
+    heartbeat_timeout_ms: int = 10_000
+    # How often sweepers run (deadlines, leases) and dispatchers catch up on
+    # notifications they may have missed.
+    # Sidecars ping (and so renew their leases) this often.
+    ping_interval_ms: int = 1000
+    # A delivery not acknowledged within this is taken back.
+    ack_timeout_ms: int = 5000
+    sweep_interval_s: float = 1.0
+    dispatch_catchup_s: float = 2.0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    # The tenant of every call while authentication is off.
+    tenant: str = "default"
+
+    def validate(self) -> None:
+        parse_host_port(self.listen, "listen")
+        if self.database_url is not None:
+            require(
+                self.database_url.startswith(("postgres://", "postgresql://")),
+                "database_url",
+                "expected a postgresql:// URL",
+            )
+        require(1 <= self.pool_min_size <= self.pool_max_size, "pool_min_size",
+                "must be at least 1 and at most INTENTD_POOL_MAX_SIZE")
+        require(self.pool_max_size <= 500, "pool_max_size", "must be at most 500")
+        require(1024 <= self.max_payload_bytes <= 64 * 1024 * 1024, "max_payload_bytes",
+                "must be between 1 KiB and 64 MiB")
+        require(self.max_message_bytes >= self.max_payload_bytes + 64 * 1024, "max_message_bytes",
+                "must exceed INTENTD_MAX_PAYLOAD_BYTES by at least 64 KiB")
+        require(1 <= self.max_batch_size <= 10_000, "max_batch_size", "must be 1..10000")
+        require(100 <= self.heartbeat_timeout_ms <= 86_400_000, "heartbeat_timeout_ms",
+                "must be between 100 ms and one day")
+        require(50 <= self.ping_interval_ms <= 60_000, "ping_interval_ms", "must be 50..60000")
+        require(self.heartbeat_timeout_ms >= 2 * self.ping_interval_ms, "heartbeat_timeout_ms",
+                "must be at least twice INTENTD_PING_INTERVAL_MS, or healthy leases lapse")
+        require(100 <= self.ack_timeout_ms <= 600_000, "ack_timeout_ms", "must be 100..600000")
+        require(0.01 <= self.sweep_interval_s <= 3600, "sweep_interval_s", "must be 0.01..3600")
+        require(0.05 <= self.dispatch_catchup_s <= 3600, "dispatch_catchup_s", "must be 0.05..3600")
+        require(0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", "must be 0..3600")
+        require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+                "must be DEBUG, INFO, WARNING or ERROR")

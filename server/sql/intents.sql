@@ -1,0 +1,144 @@
+-- Named queries for the client-facing API. Loaded once by intentd.server.queries;
+-- each block starts with "-- name: <name>". Time-dependent queries take
+-- $now (NULL means the database clock) so tests can move the clock.
+
+-- name: insert_intent
+-- $1 id, $2 tenant, $3 intent_type, $4 to_agent, $5 sender, $6 payload,
+-- $7 idempotency_key, $8 labels, $9 max_attempts (NULL: type default),
+-- $10 deadline, $11 default heartbeat timeout ms, $12 now
+WITH settings AS (
+    SELECT coalesce($9::integer, t.max_attempts, 3) AS max_attempts,
+           coalesce(t.heartbeat_timeout_ms, $11::integer) AS heartbeat_timeout_ms,
+           coalesce(t.retry_backoff_ms, 100) AS retry_backoff_ms,
+           coalesce(t.retry_backoff_max_ms, 60000) AS retry_backoff_max_ms,
+           coalesce($10::timestamptz,
+                    coalesce($12::timestamptz, now()) + t.default_deadline_ms * interval '1 millisecond')
+               AS deadline,
+           coalesce($12::timestamptz, now()) AS at
+    FROM (SELECT 1) AS one
+    LEFT JOIN intent_types t ON t.tenant = $2 AND t.intent_type = $3
+), inserted AS (
+    INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
+                         labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
+                         retry_backoff_max_ms, deadline, available_at, create_time,
+                         update_time, last_seq)
+    SELECT $1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb, s.max_attempts, s.heartbeat_timeout_ms,
+           s.retry_backoff_ms, s.retry_backoff_max_ms, s.deadline, s.at, s.at, s.at, 1
+    FROM settings s
+    ON CONFLICT (tenant, sender, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), event AS (
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
+    SELECT id, 1, 'CREATED', create_time, state, attempt FROM inserted
+)
+SELECT * FROM inserted;
+
+-- name: find_by_idempotency_key
+-- $1 tenant, $2 sender, $3 key, $4 intent_type, $5 to_agent, $6 payload
+SELECT i.*,
+       (i.intent_type = $4 AND i.to_agent = $5 AND i.payload = $6::jsonb) AS same_request
+FROM intents i
+WHERE i.tenant = $1 AND i.sender = $2 AND i.idempotency_key = $3;
+
+-- name: get_intent
+SELECT * FROM intents WHERE id = $1 AND tenant = $2;
+
+-- name: list_intents
+-- $1 tenant, $2 states (NULL: all), $3 intent_type, $4 to_agent, $5 labels
+-- (containment), $6 cursor (ids below it), $7 limit
+SELECT * FROM intents
+WHERE tenant = $1
+  AND ($2::intent_state[] IS NULL OR state = ANY ($2::intent_state[]))
+  AND ($3::text IS NULL OR intent_type = $3)
+  AND ($4::text IS NULL OR to_agent = $4)
+  AND ($5::jsonb IS NULL OR labels @> $5::jsonb)
+  AND ($6::text IS NULL OR id < $6)
+ORDER BY tenant, id DESC
+LIMIT $7;
+
+-- name: list_events
+-- $1 intent id, $2 after seq, $3 limit
+SELECT * FROM intent_events WHERE intent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+
+-- name: list_steps
+SELECT * FROM intent_steps WHERE intent_id = $1 ORDER BY idx;
+
+-- name: cancel_intent
+-- $1 id, $2 tenant, $3 reason, $4 now
+WITH changed AS (
+    UPDATE intents
+    SET state = 'CANCELED', cancel_reason = $3,
+        lease_session = NULL, lease_expires_at = NULL,
+        finish_time = coalesce($4::timestamptz, now()), update_time = coalesce($4::timestamptz, now()),
+        last_seq = last_seq + 1
+    WHERE id = $1 AND tenant = $2 AND state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
+    RETURNING *
+), event AS (
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message)
+    SELECT id, last_seq, 'CANCELED', update_time, state, attempt, cancel_reason FROM changed
+)
+SELECT * FROM changed;
+
+-- name: retry_intent
+-- Puts a FAILED intent (the dead letter) back to PENDING. Its recorded steps
+-- stay, so the next attempt resumes where the last one stopped.
+-- $1 id, $2 tenant, $3 extra attempts, $4 now
+WITH changed AS (
+    UPDATE intents
+    SET state = 'PENDING', max_attempts = attempt + $3, error_code = NULL, error_message = NULL,
+        finish_time = NULL, available_at = coalesce($4::timestamptz, now()),
+        update_time = coalesce($4::timestamptz, now()), last_seq = last_seq + 1
+    WHERE id = $1 AND tenant = $2 AND state = 'FAILED'
+      AND (deadline IS NULL OR deadline > coalesce($4::timestamptz, now()))
+    RETURNING *
+), event AS (
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
+    SELECT id, last_seq, 'RETRIED', update_time, state, attempt FROM changed
+)
+SELECT * FROM changed;
+
+-- name: expire_deadlines
+-- Moves every live intent past its deadline to TIMED_OUT. Safe in several
+-- replicas at once: rows another sweeper holds are skipped, not waited for.
+-- $1 now, $2 batch size
+WITH due AS (
+    SELECT id FROM intents
+    WHERE deadline <= coalesce($1::timestamptz, now())
+      AND deadline IS NOT NULL
+      AND state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
+    ORDER BY deadline
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), changed AS (
+    UPDATE intents i
+    SET state = 'TIMED_OUT', error_code = 'DEADLINE_EXCEEDED',
+        error_message = 'the deadline passed before the intent finished',
+        lease_session = NULL, lease_expires_at = NULL,
+        finish_time = coalesce($1::timestamptz, now()), update_time = coalesce($1::timestamptz, now()),
+        last_seq = i.last_seq + 1
+    FROM due
+    WHERE i.id = due.id AND i.state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
+    RETURNING i.*
+), event AS (
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, error_code, error_message)
+    SELECT id, last_seq, 'TIMED_OUT', update_time, state, attempt, error_code, error_message FROM changed
+)
+SELECT id, tenant, to_agent, attempt FROM changed;
+
+-- name: upsert_intent_type
+-- $1 tenant, $2 type, $3 max_attempts, $4 heartbeat_timeout_ms, $5 backoff ms,
+-- $6 backoff max ms, $7 default deadline ms
+INSERT INTO intent_types (tenant, intent_type, max_attempts, heartbeat_timeout_ms,
+                          retry_backoff_ms, retry_backoff_max_ms, default_deadline_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (tenant, intent_type) DO UPDATE
+SET max_attempts = EXCLUDED.max_attempts, heartbeat_timeout_ms = EXCLUDED.heartbeat_timeout_ms,
+    retry_backoff_ms = EXCLUDED.retry_backoff_ms, retry_backoff_max_ms = EXCLUDED.retry_backoff_max_ms,
+    default_deadline_ms = EXCLUDED.default_deadline_ms, update_time = now()
+RETURNING *;
+
+-- name: get_intent_type
+SELECT * FROM intent_types WHERE tenant = $1 AND intent_type = $2;
+
+-- name: list_intent_types
+SELECT * FROM intent_types WHERE tenant = $1 ORDER BY intent_type;

@@ -1,0 +1,194 @@
+"""Data access for intents: every read and state change the client API makes.
+
+Each state change is one guarded statement (UPDATE ... WHERE id AND state ...
+RETURNING) that also appends its event; no row back means the transition
+was refused, and the caller is told why with a follow-up read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from intentd.server import errors
+from intentd.server.db import Database, Row
+from intentd.server.ids import new_id
+from intentd.server.queries import Q
+
+from intentd.states import IntentState
+
+
+
+@dataclass(frozen=True)
+class NewIntent:
+    """A validated send request."""
+
+    intent_type: str
+    to_agent: str
+    payload: str  # JSON text
+    sender: str
+    idempotency_key: str | None = None
+    deadline: datetime | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True)
+class Sent:
+    row: Row
+    created: bool
+
+
+class IntentStore:
+    def __init__(self, db: Database, *, default_heartbeat_timeout_ms: int = 10_000) -> None:
+        self.db = db
+        self.default_heartbeat_timeout_ms = default_heartbeat_timeout_ms
+
+    async def send(self, tenant: str, intents: Sequence[NewIntent], now: datetime | None = None) -> list[Sent]:
+        """Creates the intents, or matches earlier sends by idempotency key.
+        A batch is one transaction: all are written or none."""
+        if len(intents) == 1:
+            async with self.db.connection() as conn:
+                return [await self._send_one(conn, tenant, intents[0], now)]
+        async with self.db.transaction() as conn:
+            return [await self._send_one(conn, tenant, spec, now) for spec in intents]
+
+    async def _send_one(
+        self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, now: datetime | None
+    ) -> Sent:
+        row = await conn.fetchrow(
+            Q.insert_intent,
+            new_id(),
+            tenant,
+            spec.intent_type,
+            spec.to_agent,
+            spec.sender,
+            spec.payload,
+            spec.idempotency_key,
+            json.dumps(spec.labels),
+            spec.max_attempts,
+            spec.deadline,
+            self.default_heartbeat_timeout_ms,
+            now,
+        )
+        if row is not None:
+            return Sent(row, True)
+        existing = await conn.fetchrow(
+            Q.find_by_idempotency_key,
+            tenant,
+            spec.sender,
+            spec.idempotency_key,
+            spec.intent_type,
+            spec.to_agent,
+            spec.payload,
+        )
+        if existing is None:
+            # The conflicting row vanished between the two statements (retention
+            # deleted it); the client's retry will create it afresh.
+            raise errors.Unavailable("idempotency key conflict raced with a delete; retry")
+        if not existing["same_request"]:
+            raise errors.AlreadyExists(
+                f"idempotency_key {spec.idempotency_key!r} was already used by sender "
+                f"{spec.sender!r} for intent {existing['id']} with a different intent_type, "
+                "to_agent or payload"
+            )
+        return Sent(existing, False)
+
+    async def get(self, tenant: str, intent_id: str) -> Row:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.get_intent, intent_id, tenant)
+        if row is None:
+            raise errors.NotFound(f"intent {intent_id!r} not found")
+        return row
+
+    async def list_intents(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[IntentState] | None,
+        intent_type: str | None,
+        to_agent: str | None,
+        labels: dict[str, str] | None,
+        before_id: str | None,
+        limit: int,
+    ) -> list[Row]:
+        async with self.db.connection() as conn:
+            return list(
+                await conn.fetch(
+                    Q.list_intents,
+                    tenant,
+                    [s.value for s in states] if states else None,
+                    intent_type,
+                    to_agent,
+                    json.dumps(labels) if labels else None,
+                    before_id,
+                    limit,
+                )
+            )
+
+    async def events(self, intent_id: str, after_seq: int, limit: int = 500) -> list[Row]:
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(Q.list_events, intent_id, after_seq, limit))
+
+    async def steps(self, tenant: str, intent_id: str) -> list[Row]:
+        await self.get(tenant, intent_id)
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(Q.list_steps, intent_id))
+
+    async def cancel(self, tenant: str, intent_id: str, reason: str, now: datetime | None = None) -> Row:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.cancel_intent, intent_id, tenant, reason, now)
+        if row is None:
+            current = await self.get(tenant, intent_id)
+            raise errors.FailedPrecondition(
+                f"intent {intent_id} is {current['state']}, which is terminal; it cannot be canceled"
+            )
+        return row
+
+    async def retry(self, tenant: str, intent_id: str, extra_attempts: int, now: datetime | None = None) -> Row:
+        async with self.db.connection() as conn:
+            current = await conn.fetchrow(Q.get_intent, intent_id, tenant)
+            if current is None:
+                raise errors.NotFound(f"intent {intent_id!r} not found")
+            extra = extra_attempts or current["max_attempts"]
+            row = await conn.fetchrow(Q.retry_intent, intent_id, tenant, extra, now)
+        if row is None:
+            current = await self.get(tenant, intent_id)
+            if current["state"] == IntentState.FAILED:
+                raise errors.FailedPrecondition(f"intent {intent_id} is past its deadline; it cannot be retried")
+            raise errors.FailedPrecondition(
+                f"intent {intent_id} is {current['state']}; only FAILED intents can be retried"
+            )
+        return row
+
+    async def expire_deadlines(self, now: datetime | None = None, batch: int = 500) -> list[Row]:
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(Q.expire_deadlines, now, batch))
+
+    async def put_intent_type(self, tenant: str, intent_type: str, **settings: Any) -> Row:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(
+                Q.upsert_intent_type,
+                tenant,
+                intent_type,
+                settings["max_attempts"],
+                settings["heartbeat_timeout_ms"],
+                settings["retry_backoff_ms"],
+                settings["retry_backoff_max_ms"],
+                settings["default_deadline_ms"],
+            )
+        assert row is not None
+        return row
+
+    async def get_intent_type(self, tenant: str, intent_type: str) -> Row | None:
+        async with self.db.connection() as conn:
+            row: Row | None = await conn.fetchrow(Q.get_intent_type, tenant, intent_type)
+        return row
+
+    async def list_intent_types(self, tenant: str) -> list[Row]:
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(Q.list_intent_types, tenant))

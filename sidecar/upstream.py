@@ -1,0 +1,509 @@
+"""The sidecar's one stream to the control plane: ``AgentService.Connect``.
+
+The stream carries registration, assignments, acknowledgements, writes and
+their results, and pings both ways (docs/protocol.md). It is also the
+liveness signal for every lease the sidecar holds, so this module's job is to
+keep exactly one healthy stream up, notice quickly when it is not, and make
+sure nothing the agent asked for is lost across a reconnect:
+
+- writes stay pending until their ``WriteResult`` arrives and are re-sent on
+  the next stream (step, checkpoint and complete are idempotent per lease);
+- held leases are re-announced in ``Register.held``; the ``lost`` ones are
+  revoked locally and their pending writes refused with FAILED_PRECONDITION;
+- acknowledgements of kept leases are sent again, because an ack has no
+  reply and may have died with the old stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from intentd.service import BackgroundService
+from intentd.v1 import agent_service_pb2 as pb
+from intentd.v1 import agent_service_pb2_grpc as pb_grpc
+from intentd.v1 import delivery_pb2
+
+log = logging.getLogger("intentd.sidecar.upstream")
+
+# google.rpc.Code numbers used on the wire.
+OK = 0
+NOT_FOUND = 5
+FAILED_PRECONDITION = 9
+UNAVAILABLE = 14
+
+# Ops that end the attempt: once answered, the lease is no longer held.
+TERMINAL_OPS = frozenset({"complete", "fail", "release"})
+
+DEFAULT_PING_INTERVAL_S = 5.0
+MIN_PING_INTERVAL_S = 0.02
+# Lost or revoked lease tokens remembered to refuse late writes locally.
+GONE_MEMORY = 4096
+# A session must last this long before reconnect backoff starts over, so a
+# server that accepts and then drops us at once is not hammered.
+HEALTHY_SESSION_S = 5.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
+RevocationHandler = Callable[[delivery_pb2.Revocation], None]
+
+
+def describe(lease: delivery_pb2.Lease) -> str:
+    return f"intent {lease.intent_id} attempt {lease.attempt}"
+
+
+def local_result(code: int, message: str, request_id: int = 0) -> pb.WriteResult:
+    """A result made by the sidecar itself (the control plane never saw the write)."""
+    return pb.WriteResult(request_id=request_id, code=code, message=message)
+
+
+class ConnectError(Exception):
+    """The stream could not be set up (no ``Registered``)."""
+
+
+@dataclass
+class _PendingWrite:
+    request_id: int
+    write: delivery_pb2.IntentWrite
+    future: asyncio.Future[pb.WriteResult]
+    # Handed to a stream at least once, so it may have committed.
+    sent: bool = False
+
+    @property
+    def op(self) -> str | None:
+        return self.write.WhichOneof("op")
+
+    def resolve(self, result: pb.WriteResult) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+
+@dataclass
+class _HeldLease:
+    lease: delivery_pb2.Lease
+    acked: bool = False
+
+
+@dataclass
+class _Session:
+    """One registered stream; everything in it dies with the stream."""
+
+    call: Any
+    target: str
+    session_id: str
+    ping_interval_s: float
+    last_heard: float
+    sent_capacity: int
+    outbox: asyncio.Queue[pb.ConnectRequest] = field(default_factory=asyncio.Queue)
+    dead: asyncio.Event = field(default_factory=asyncio.Event)
+    dead_reason: str = ""
+
+    def send(self, message: pb.ConnectRequest) -> None:
+        self.outbox.put_nowait(message)
+
+    def kill(self, reason: str) -> None:
+        if not self.dead.is_set():
+            self.dead_reason = reason
+            self.dead.set()
+
+
+class _Pinger(BackgroundService):
+    """Pings every interval (each ping renews the leases) and declares the
+    stream dead when nothing at all was heard for three intervals."""
+
+    name = "sidecar-pinger"
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__(session.ping_interval_s)
+        self._session = session
+        self._nonces = itertools.count(1)
+
+    async def run_once(self) -> None:
+        silent = asyncio.get_running_loop().time() - self._session.last_heard
+        if silent > 3 * self.interval:
+            self._session.kill(f"nothing heard for {silent:.1f}s (ping interval {self.interval:.2f}s)")
+            return
+        self._session.send(pb.ConnectRequest(ping=pb.Ping(nonce=next(self._nonces))))
+
+
+class Upstream:
+    """Keeps one registered ``Connect`` stream up across replicas and outages."""
+
+    def __init__(
+        self,
+        *,
+        servers: Sequence[str],
+        sidecar_id: str,
+        addresses: Sequence[str],
+        intent_types: Sequence[str],
+        on_assignment: AssignmentHandler,
+        on_revocation: RevocationHandler,
+        reconnect_max_backoff_s: float = 5.0,
+        register_timeout_s: float = 10.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("at least one control-plane address is required")
+        self.servers = list(servers)
+        self.sidecar_id = sidecar_id
+        self.addresses = list(addresses)
+        self.intent_types = list(intent_types)
+        self._on_assignment = on_assignment
+        self._on_revocation = on_revocation
+        self._max_backoff = reconnect_max_backoff_s
+        self._register_timeout = register_timeout_s
+        self._capacity = 0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _PendingWrite] = {}
+        self._held: dict[str, _HeldLease] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()
+        self._session: _Session | None = None
+        self._rotation = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.registrations = 0
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session.session_id if self._session is not None else None
+
+    def held_leases(self) -> list[delivery_pb2.Lease]:
+        return [held.lease for held in self._held.values()]
+
+    def health(self) -> dict[str, Any]:
+        session = self._session
+        return {
+            "connected": session is not None,
+            "server": session.target if session else None,
+            "session_id": session.session_id if session else None,
+            "registrations": self.registrations,
+            "held": len(self._held),
+            "pending_writes": len(self._pending),
+            "capacity": self._capacity,
+        }
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("upstream already started")
+        self._task = asyncio.create_task(self._run(), name="sidecar-upstream")
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout)
+            return True
+        return False
+
+    def set_capacity(self, capacity: int) -> None:
+        self._capacity = max(0, capacity)
+        session = self._session
+        if session is not None and session.sent_capacity != self._capacity:
+            session.sent_capacity = self._capacity
+            session.send(pb.ConnectRequest(set_capacity=pb.SetCapacity(capacity=self._capacity)))
+
+    def ack(self, lease: delivery_pb2.Lease) -> None:
+        held = self._held.get(lease.token)
+        if held is None:
+            log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
+        else:
+            held.acked = True
+        # Without a stream the ack is re-sent after re-registration if the lease is kept.
+        if self._session is not None:
+            self._session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+
+    async def write(self, write: delivery_pb2.IntentWrite) -> pb.WriteResult:
+        """Sends a write and returns the control plane's answer after its commit.
+
+        While the stream is down the write waits and goes out on the next
+        stream; it is answered locally only when its lease is known to be gone
+        (FAILED_PRECONDITION) or the sidecar is shutting down (UNAVAILABLE).
+        """
+        if self._closing:
+            return local_result(UNAVAILABLE, "the sidecar is shutting down; the write was not sent")
+        reason = self._gone.get(write.lease.token)
+        if reason is not None:
+            return local_result(
+                FAILED_PRECONDITION, f"{describe(write.lease)} is no longer held by this sidecar ({reason})"
+            )
+        request_id = next(self._ids)
+        pending = _PendingWrite(request_id, write, asyncio.get_running_loop().create_future())
+        self._pending[request_id] = pending
+        if self._session is not None:
+            self._session.send(self._write_request(pending))
+        try:
+            return await pending.future
+        finally:
+            # Also when the caller gave up: a late result is then dropped.
+            self._pending.pop(request_id, None)
+
+    async def close(self, deadline: float = 5.0) -> None:
+        """Ends the stream; leases still held lapse on the server. Pending
+        writes are answered UNAVAILABLE (not committed as far as we know)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._closed.set()
+        task = self._task
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=deadline)
+            if not done:
+                log.warning("upstream did not stop within %.1fs; cancelling", deadline)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("upstream loop died", exc_info=task.exception())
+        for pending in list(self._pending.values()):
+            pending.resolve(local_result(UNAVAILABLE, "the sidecar shut down before the control plane answered",
+                                         pending.request_id))
+        self._pending.clear()
+
+    # ------------------------------------------------------------ connection loop
+
+    async def _run(self) -> None:
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            target = self.servers[self._rotation % len(self.servers)]
+            self._rotation += 1
+            began = loop.time()
+            registered = False
+            try:
+                registered = await self._run_session(target)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("control plane %s: %s: %s", target, exc.code().name, exc.details())
+            except (ConnectError, TimeoutError) as exc:
+                log.warning("control plane %s: %s", target, exc or "no Registered in time")
+            except Exception:
+                log.exception("stream to control plane %s failed", target)
+            if self._closing:
+                break
+            healthy = registered and loop.time() - began >= HEALTHY_SESSION_S
+            failures = 0 if healthy else failures + 1
+            delay = min(self._max_backoff, 0.1 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.0)
+            log.debug("reconnecting in %.2fs", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
+
+    async def _run_session(self, target: str) -> bool:
+        """One stream, from Register to its end. True if it got registered."""
+        loop = asyncio.get_running_loop()
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        call: Any = None
+        session: _Session | None = None
+        pinger: _Pinger | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            call = pb_grpc.AgentServiceStub(channel).Connect()
+            register = self._register_message()
+            await call.write(pb.ConnectRequest(register=register))
+            reply = await asyncio.wait_for(call.read(), self._register_timeout)
+            if reply is grpc.aio.EOF:
+                code = await call.code()
+                raise ConnectError(f"stream ended before Registered: {code.name}: {await call.details()}")
+            if reply.WhichOneof("msg") != "registered":
+                raise ConnectError(f"expected Registered first, got {reply.WhichOneof('msg')}")
+            registered = reply.registered
+            interval = registered.ping_interval_ms / 1000 or DEFAULT_PING_INTERVAL_S
+            session = _Session(
+                call=call,
+                target=target,
+                session_id=registered.session_id,
+                ping_interval_s=max(MIN_PING_INTERVAL_S, interval),
+                last_heard=loop.time(),
+                sent_capacity=register.capacity,
+            )
+            self._activate(session, registered)
+            pinger = _Pinger(session)
+            pinger.start()
+            tasks = [
+                asyncio.create_task(self._read_loop(session), name="sidecar-upstream-read"),
+                asyncio.create_task(self._write_loop(session), name="sidecar-upstream-write"),
+                asyncio.create_task(session.dead.wait()),
+                asyncio.create_task(self._closed.wait()),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    session.kill(f"{task.get_name()}: {task.exception()!r}")
+            if self._closing:
+                log.info("closing the stream to %s", target)
+            else:
+                log.warning("stream to %s ended: %s", target, session.dead_reason or "unknown reason")
+            return True
+        finally:
+            if session is not None:
+                self._deactivate(session)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if pinger is not None:
+                await pinger.stop(deadline=1.0)
+            if call is not None:
+                call.cancel()
+            await channel.close(grace=None)
+
+    def _register_message(self) -> pb.Register:
+        return pb.Register(
+            sidecar_id=self.sidecar_id,
+            addresses=self.addresses,
+            intent_types=self.intent_types,
+            capacity=self._capacity,
+            held=self.held_leases(),
+        )
+
+    def _activate(self, session: _Session, registered: pb.Registered) -> None:
+        """Applies Registered and makes the session current. Synchronous on
+        purpose: no write can slip between the re-send and going live."""
+        kept = {lease.token for lease in registered.kept}
+        lost = {lease.token for lease in registered.lost}
+        for token, held in list(self._held.items()):
+            if token in kept:
+                continue
+            if token not in lost:
+                log.warning("Registered did not list %s as kept or lost; treating it as lost",
+                            describe(held.lease))
+            self._lose(held.lease, "LEASE_LOST", "the lease was lost while the sidecar reconnected")
+        self._session = session
+        self.registrations += 1
+        self.connected.set()
+        log.info(
+            "registered with %s (session %s, ping every %.2fs, %d leases kept, %d lost)",
+            session.target, session.session_id, session.ping_interval_s, len(kept), len(lost),
+        )
+        # Acks before writes: a kept lease's writes need it IN_PROGRESS.
+        for held in self._held.values():
+            if held.acked:
+                session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=held.lease)))
+        for request_id in sorted(self._pending):
+            session.send(self._write_request(self._pending[request_id]))
+        self.set_capacity(self._capacity)
+
+    def _deactivate(self, session: _Session) -> None:
+        if self._session is session:
+            self._session = None
+            self.connected.clear()
+
+    def _lose(self, lease: delivery_pb2.Lease, reason: str, message: str) -> None:
+        self._held.pop(lease.token, None)
+        self._remember_gone(lease.token, reason)
+        completing = False
+        for pending in list(self._pending.values()):
+            if pending.write.lease.token != lease.token:
+                continue
+            if pending.op == "complete" and pending.sent:
+                # It may have committed before the stream broke (which is why
+                # the lease reads as lost). A repeat with the same lease is OK
+                # if it did, and fenced if not, so re-send it to learn which.
+                completing = True
+                continue
+            pending.resolve(local_result(FAILED_PRECONDITION, f"{describe(lease)}: {message}",
+                                         pending.request_id))
+        if completing:
+            # The agent learns the outcome from its CompleteIntent call.
+            return
+        self._notify(self._on_revocation, delivery_pb2.Revocation(lease=lease, reason=reason, message=message))
+
+    def _remember_gone(self, token: str, reason: str) -> None:
+        self._gone[token] = reason
+        self._gone.move_to_end(token)
+        while len(self._gone) > GONE_MEMORY:
+            self._gone.popitem(last=False)
+
+    @staticmethod
+    def _write_request(pending: _PendingWrite) -> pb.ConnectRequest:
+        return pb.ConnectRequest(write=pb.WriteRequest(request_id=pending.request_id, write=pending.write))
+
+    # ------------------------------------------------------------ stream tasks
+
+    async def _write_loop(self, session: _Session) -> None:
+        while True:
+            message = await session.outbox.get()
+            if message.WhichOneof("msg") == "write":
+                pending = self._pending.get(message.write.request_id)
+                if pending is None:
+                    continue  # answered locally or its caller gave up meanwhile
+                # Before the await: a write interrupted mid-send may have arrived.
+                pending.sent = True
+            await session.call.write(message)
+
+    async def _read_loop(self, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await session.call.read()
+            except grpc.aio.AioRpcError as exc:
+                session.kill(f"{exc.code().name}: {exc.details()}")
+                return
+            if message is grpc.aio.EOF:
+                code = await session.call.code()
+                session.kill(f"the server ended the stream ({code.name}: {await session.call.details()})")
+                return
+            session.last_heard = loop.time()
+            self._handle(session, message)
+
+    def _handle(self, session: _Session, message: pb.ConnectResponse) -> None:
+        kind = message.WhichOneof("msg")
+        if kind == "ping":
+            session.send(pb.ConnectRequest(pong=pb.Pong(nonce=message.ping.nonce)))
+        elif kind == "pong":
+            pass  # hearing it was the point
+        elif kind == "assignment":
+            lease = message.assignment.lease
+            self._held[lease.token] = _HeldLease(lease)
+            self._gone.pop(lease.token, None)
+            self._notify(self._on_assignment, message.assignment)
+        elif kind == "write_result":
+            self._on_write_result(message.write_result)
+        elif kind == "revocation":
+            lease = message.revocation.lease
+            log.info("%s revoked: %s %s", describe(lease), message.revocation.reason,
+                     message.revocation.message)
+            self._held.pop(lease.token, None)
+            self._remember_gone(lease.token, message.revocation.reason or "revoked")
+            self._notify(self._on_revocation, message.revocation)
+        elif kind == "registered":
+            log.warning("ignoring a second Registered on session %s", session.session_id)
+        else:
+            log.warning("ignoring an unknown message from the control plane: %s", kind)
+
+    def _on_write_result(self, result: pb.WriteResult) -> None:
+        pending = self._pending.pop(result.request_id, None)
+        if pending is None:
+            log.debug("result for write %d nobody waits for (code %d)", result.request_id, result.code)
+            return
+        if pending.op in TERMINAL_OPS and result.code in (OK, FAILED_PRECONDITION):
+            # Answered for good: the attempt is over (or was not ours anyway).
+            self._held.pop(pending.write.lease.token, None)
+        pending.resolve(result)
+
+    @staticmethod
+    def _notify(handler: Callable[[Any], None], message: Any) -> None:
+        try:
+            handler(message)
+        except Exception:
+            # One bad handoff must not take down the stream for every lease.
+            log.exception("handling %s failed", type(message).__name__)

@@ -1,0 +1,131 @@
+"""Fixtures: a real PostgreSQL for the whole run.
+
+INTENTD_TEST_DATABASE_URL names a server to use (CI sets it to the machine's
+PostgreSQL); without it an embedded PostgreSQL (pgserver) is started in a
+temporary directory. Every run gets its own fresh database, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from intentd.server.migrate import migrate
+from tests.support import ServerThread, run_sync, server_settings
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    url = os.environ.get("INTENTD_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="intentd-test-pg-", dir="/var/tmp" if os.geteuid() == 0 else None) as d:
+        server = pgserver.get_server(Path(d), cleanup_mode="stop")
+        try:
+            yield server.get_uri("postgres")
+        finally:
+            server.cleanup()
+
+
+class DatabaseFactory:
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def create(self, migrated: bool = True) -> str:
+        name = f"intentd_test_{uuid.uuid4().hex[:10]}"
+
+        async def go() -> None:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+            if migrated:
+                conn = await asyncpg.connect(_with_database(self.admin_url, name))
+                try:
+                    await migrate(conn)
+                finally:
+                    await conn.close()
+
+        run_sync(go())
+        self.created.append(name)
+        return _with_database(self.admin_url, name)
+
+    def drop_all(self) -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                for name in self.created:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        run_sync(go())
+
+
+@pytest.fixture(scope="session")
+def databases(admin_url: str) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory(admin_url)
+    yield factory
+    factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+def database_url(databases: DatabaseFactory) -> str:
+    """One migrated database shared by the run; tests use their own addresses
+    and ids, so they do not see each other's intents."""
+    return databases.create()
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str) -> Iterator[ServerThread]:
+    srv = ServerThread(server_settings(database_url)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=str, decoder=str, schema="pg_catalog", format="text")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def agent_address() -> str:
+    """A fresh address per test, so tests never claim each other's intents."""
+    return f"agent://test/t{uuid.uuid4().hex[:8]}/worker"
+
+
+@pytest.fixture
+def make_server(database_url: str) -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def make(**overrides: Any) -> ServerThread:
+        url = overrides.pop("database_url", database_url)
+        srv = ServerThread(server_settings(url, **overrides)).start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()

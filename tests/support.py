@@ -1,0 +1,208 @@
+"""Test support: real PostgreSQL, real servers on loopback, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from intentd.server.app import ControlPlane
+from intentd.server.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_sync(coro: Any, timeout: float = 60) -> Any:
+    """Runs a coroutine to completion from sync or async code alike (on a
+    private loop in a worker thread)."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # handed to the caller below
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout)
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Polls a cheap local predicate (a process state, a file) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def server_settings(database_url: str, **overrides: Any) -> ServerSettings:
+    base = ServerSettings(
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        pool_min_size=1,
+        pool_max_size=8,
+        sweep_interval_s=0.1,
+        dispatch_catchup_s=0.5,
+        ping_interval_ms=200,
+        heartbeat_timeout_ms=2000,
+        ack_timeout_ms=2000,
+        shutdown_grace_s=2.0,
+    )
+    base = replace(base, **overrides)
+    base.validate()
+    return base
+
+
+class ServerThread:
+    """A control plane on its own event loop in a thread, so both the sync
+    and the async clients can call it from the test's thread."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.plane = ControlPlane(settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.plane.start(), self.loop).result(60)
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.plane.address
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.plane.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def health_ok(address: str, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+class Process:
+    """A real intentd process (server or sidecar) with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "intentd", *self.args],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class ServerProcess(Process):
+    def __init__(self, database_url: str, log_path: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        base = {
+            "INTENTD_DATABASE_URL": database_url,
+            "INTENTD_LISTEN": f"127.0.0.1:{self.port}",
+            "INTENTD_SWEEP_INTERVAL_S": "0.1",
+            "INTENTD_PING_INTERVAL_MS": "200",
+            "INTENTD_HEARTBEAT_TIMEOUT_MS": "2000",
+            "INTENTD_ACK_TIMEOUT_MS": "2000",
+            "INTENTD_SHUTDOWN_GRACE_S": "2",
+            "INTENTD_DISPATCH_CATCHUP_S": "0.5",
+        }
+        super().__init__(["server"], {**base, **env}, log_path)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        super().start()
+        try:
+            wait_until(lambda: health_ok(self.address) or not self.alive(), 60, 0.05, "server health")
+        except AssertionError:
+            raise AssertionError(f"server did not start:\n{self.log()}") from None
+        if not self.alive():
+            raise AssertionError(f"server exited:\n{self.log()}")
+        return self
+
+
+@contextlib.contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in processes:
+            if p.alive():
+                p.kill()

@@ -1,0 +1,96 @@
+"""Schema: migrations from scratch and re-run, the advisory lock, and the
+state machine stated once and enforced by the database."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from intentd.server.migrate import available_migrations, current_version, migrate
+from intentd.server.queries import Q, load_queries, parse_queries
+from intentd.states import LIVE_STATES, TERMINAL_STATES, TRANSITIONS, IntentState
+from intentd.v1 import intent_pb2
+from tests.support import run_sync
+
+
+async def test_from_scratch_then_rerun_is_a_noop(databases) -> None:
+    url = databases.create(migrated=False)
+    conn = await asyncpg.connect(url)
+    try:
+        assert await current_version(conn) == 0
+        applied = await migrate(conn)
+        assert applied == [m.version for m in available_migrations()]
+        assert await current_version(conn) == len(available_migrations())
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        assert {"intents", "intent_events", "intent_steps", "intent_types", "intent_transitions"} <= tables
+        assert await migrate(conn) == []
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_apply_once(databases) -> None:
+    url = databases.create(migrated=False)
+    conns = [await asyncpg.connect(url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        applied = [r for r in results if r]
+        assert len(applied) == 1, results
+        count = await conns[0].fetchval("SELECT count(*) FROM intentd_schema_migrations")
+        assert count == len(available_migrations())
+    finally:
+        for c in conns:
+            await c.close()
+
+
+def test_proto_sql_and_python_states_agree(database_url: str) -> None:
+    proto_names = [n.removeprefix("INTENT_STATE_") for n in intent_pb2.IntentState.keys() if n != "INTENT_STATE_UNSPECIFIED"]
+    assert proto_names == [s.value for s in IntentState]
+
+    async def sql() -> tuple[list[str], set[tuple[str, str]]]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            labels = [r[0] for r in await conn.fetch(Q.enum_states)]
+            edges = {(r[0], r[1]) for r in await conn.fetch(Q.transitions)}
+            return labels, edges
+        finally:
+            await conn.close()
+
+    labels, edges = run_sync(sql())
+    assert labels == [s.value for s in IntentState]
+    assert edges == {(a.value, b.value) for a, b in TRANSITIONS}
+    for state in IntentState:
+        assert state.from_proto(state.to_proto()) is state
+    # Terminal states have no way out except FAILED -> PENDING (retry of a dead letter).
+    exits = {a for a, _ in TRANSITIONS}
+    assert exits & TERMINAL_STATES == {IntentState.FAILED}
+    assert LIVE_STATES <= exits
+
+
+async def test_trigger_refuses_transitions_outside_the_table(pg, database_url) -> None:
+    from tests.test_intent_api import insert_raw_intent
+
+    intent_id = await insert_raw_intent(pg)
+    with pytest.raises(asyncpg.CheckViolationError, match="PENDING -> COMPLETED is not allowed"):
+        await pg.execute("UPDATE intents SET state='COMPLETED', result='1', finish_time=now() WHERE id=$1", intent_id)
+    await pg.execute("UPDATE intents SET state='CANCELED', finish_time=now() WHERE id=$1", intent_id)
+    with pytest.raises(asyncpg.CheckViolationError, match="CANCELED -> PENDING"):
+        await pg.execute("UPDATE intents SET state='PENDING', finish_time=NULL WHERE id=$1", intent_id)
+
+
+async def test_leased_rows_must_carry_a_lease(pg) -> None:
+    from tests.test_intent_api import insert_raw_intent
+
+    intent_id = await insert_raw_intent(pg)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg.execute("UPDATE intents SET state='DELIVERED' WHERE id=$1", intent_id)
+
+
+def test_named_queries_parse_and_are_unique() -> None:
+    queries = load_queries()
+    assert "insert_intent" in queries and "claim_intents" in queries
+    with pytest.raises(ValueError, match="twice"):
+        parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+    with pytest.raises(AttributeError):
+        _ = Q.no_such_query
