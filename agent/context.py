@@ -25,8 +25,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from intentd.agent.errors import LeaseLost, StepDivergence, WriteError
 from intentd.v1 import delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
+
+from .errors import LeaseLost, StepDivergence, WriteError
 
 log = logging.getLogger("intentd.agent")
 
@@ -60,7 +61,7 @@ class Backoff:
     maximum: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        cap = min(self.maximum, self.initial * 2 ** min(attempt, 30))
+        cap = min(self.maximum, self.initial * 2.0 ** min(attempt, 30))
         return cap / 2 + random.random() * cap / 2
 
 
@@ -133,6 +134,7 @@ class _BaseContext:
         self._divergence: StepDivergence | None = None
         self._stop_reason: str | None = None
         self._stop_message = ""
+        self._finished = False  # the agent is done with this attempt
         self._stub = stub
         self._loop = loop
         self._write_backoff = write_backoff
@@ -190,6 +192,10 @@ class _BaseContext:
     def _check_live(self) -> None:
         if self._stop_reason is not None:
             raise LeaseLost(self._stop_reason, self._stop_message)
+        if self._finished:
+            raise RuntimeError(
+                f"{self._log_prefix} is over; this context can no longer be used"
+            )
 
     # -- steps -----------------------------------------------------------------
 
@@ -371,7 +377,7 @@ class Context(_BaseContext):
         """
 
         def decorate(fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
-            step_name = name or getattr(fn, "__name__", "")
+            step_name = name or str(getattr(fn, "__name__", ""))
 
             @functools.wraps(fn)
             async def run(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -488,7 +494,7 @@ class SyncContext(_BaseContext):
         """Decorator form of ``step``: each call of the function is one step."""
 
         def decorate(fn: Callable[P, T]) -> Callable[P, Any]:
-            step_name = name or getattr(fn, "__name__", "")
+            step_name = name or str(getattr(fn, "__name__", ""))
 
             @functools.wraps(fn)
             def run(*args: P.args, **kwargs: P.kwargs) -> Any:

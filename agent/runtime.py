@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from intentd.agent.context import (
+from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.validation import ValidationError, check_agent_address, check_intent_type
+
+from .context import (
     LEASE_LOST,
     SHUTDOWN,
     Backoff,
@@ -26,14 +29,19 @@ from intentd.agent.context import (
     decode_json,
     encode_json,
 )
-from intentd.agent.errors import LeaseLost, NonRetryableError
-from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
-from intentd.validation import ValidationError, check_agent_address, check_intent_type
+from .errors import LeaseLost, NonRetryableError, WriteError
 
 log = logging.getLogger("intentd.agent")
 
 ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
 MAX_FAIL_MESSAGE = 2000
+RECONNECT_BACKOFF = Backoff(0.1, 5.0)
+WRITE_BACKOFF = Backoff(0.05, 2.0)
+_TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
 # How long closing a session waits for cancelled handlers to unwind.
 _UNWIND_SECONDS = 5.0
 
@@ -58,9 +66,15 @@ class _Outcome:
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 -- objects with an async __call__
-    )
+    # Also objects with an ``async def __call__``.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _check_type(intent_type: str) -> None:
+    try:
+        check_intent_type(intent_type)
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _target(address: str) -> str:
@@ -128,8 +142,8 @@ class Agent:
         sidecar: str | None = None,
         capacity: int = 4,
         *,
-        reconnect_backoff: Backoff = Backoff(0.1, 5.0),
-        write_backoff: Backoff = Backoff(0.05, 2.0),
+        reconnect_backoff: Backoff = RECONNECT_BACKOFF,
+        write_backoff: Backoff = WRITE_BACKOFF,
         write_timeout: float | None = 60.0,
         shutdown_grace: float = 10.0,
     ) -> None:
@@ -165,6 +179,8 @@ class Agent:
         The return value (JSON-serialisable) is the intent's result.
         """
 
+        _check_type(intent_type)
+
         def register(fn: F) -> F:
             self.add_handler(intent_type, fn)
             return fn
@@ -172,10 +188,7 @@ class Agent:
         return register
 
     def add_handler(self, intent_type: str, fn: Callable[..., Any]) -> None:
-        try:
-            check_intent_type(intent_type)
-        except ValidationError as exc:
-            raise ValueError(str(exc)) from None
+        _check_type(intent_type)
         if intent_type in self._handlers:
             raise ValueError(f"a handler for {intent_type} is already registered")
         if not callable(fn):
@@ -265,9 +278,15 @@ class Agent:
                 try:
                     heard = await self._attach(target)
                 except grpc.aio.AioRpcError as exc:
-                    log.warning(
-                        "sidecar %s: Attach failed: %s: %s", address, exc.code().name, exc.details()
+                    # INVALID_ARGUMENT and the like will not heal by retrying,
+                    # but a supervised agent that exited would only be restarted.
+                    level = logging.WARNING if exc.code() in _TRANSIENT else logging.ERROR
+                    log.log(
+                        level, "sidecar %s: Attach failed: %s: %s",
+                        address, exc.code().name, exc.details(),
                     )
+                except Exception:
+                    log.exception("sidecar %s: the Attach session failed", address)
                 if self._stopping:
                     break
                 if heard or loop.time() - started > 10.0:
@@ -323,25 +342,25 @@ class Agent:
             return session.heard
 
     async def _drain(self, session: _Session, reader: asyncio.Task[None]) -> None:
-        """Graceful stop: running handlers get up to the grace period."""
+        """Graceful stop: running handlers get up to the grace period (cut short
+        by the stream dropping or a second signal)."""
         assert self._cut_grace is not None
-        tasks = session.tasks()
-        if not tasks or self._grace <= 0:
+        if not session.tasks() or self._grace <= 0:
             return
-        log.info("waiting up to %.1fs for %d running handler(s)", self._grace, len(tasks))
+        log.info("waiting up to %.1fs for %d running handler(s)", self._grace, len(session.tasks()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace
         cut = asyncio.create_task(self._cut_grace.wait())
         try:
-            await asyncio.wait([*tasks, cut, reader], timeout=self._grace,
-                               return_when=asyncio.FIRST_COMPLETED)
-            # Keep waiting for the handlers (not for the first of them) until the
-            # grace runs out, the stream drops or a second signal arrives.
-            deadline = asyncio.get_running_loop().time() + self._grace
             while session.tasks() and not cut.done() and not reader.done():
-                left = deadline - asyncio.get_running_loop().time()
+                left = deadline - loop.time()
                 if left <= 0:
                     break
-                await asyncio.wait([*session.tasks(), cut, reader], timeout=left,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [*session.tasks(), cut, reader],
+                    timeout=left,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
         finally:
             cut.cancel()
 
@@ -352,12 +371,15 @@ class Agent:
                 return
             session.heard = True
             kind = response.WhichOneof("msg")
-            if kind == "assignment":
-                self._on_assignment(session, response.assignment)
-            elif kind == "revocation":
-                self._on_revocation(session, response.revocation)
-            else:
-                log.debug("ignoring an unknown message from the sidecar: %s", kind)
+            try:
+                if kind == "assignment":
+                    self._on_assignment(session, response.assignment)
+                elif kind == "revocation":
+                    self._on_revocation(session, response.revocation)
+                else:
+                    log.debug("ignoring an unknown message from the sidecar: %s", kind)
+            except Exception:
+                log.exception("could not handle a %s from the sidecar", kind)
 
     # -- assignments -----------------------------------------------------------
 
@@ -450,8 +472,11 @@ class Agent:
                 raise
             log.info("%s: cancelled (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
         except Exception:
+            # Nothing else can end this attempt short of closing the stream; the
+            # intent stays in progress until the sidecar stream closes.
             log.exception("%s: could not report the outcome", ctx._log_prefix)
         finally:
+            ctx._finished = True
             if session.running.get(token) is ctx:
                 del session.running[token]
 
@@ -511,14 +536,22 @@ class Agent:
 
     async def _report(self, ctx: _BaseContext, outcome: _Outcome) -> None:
         if outcome.result is not None:
-            await ctx._write(
-                "CompleteIntent",
-                runtime_pb2.CompleteIntentRequest(
-                    lease=ctx.lease, complete=delivery_pb2.CompleteWrite(result=outcome.result)
-                ),
-                "the result",
-            )
-            return
+            try:
+                await ctx._write(
+                    "CompleteIntent",
+                    runtime_pb2.CompleteIntentRequest(
+                        lease=ctx.lease, complete=delivery_pb2.CompleteWrite(result=outcome.result)
+                    ),
+                    "the result",
+                )
+                return
+            except WriteError as exc:
+                # E.g. a result over the size limit: fail the attempt rather than
+                # leave the intent in progress with nobody working on it.
+                log.warning("%s: %s", ctx._log_prefix, exc)
+                outcome = _Outcome(
+                    code="AGENT_ERROR", message=str(exc)[:MAX_FAIL_MESSAGE], retryable=True
+                )
         await ctx._write(
             "FailIntent",
             runtime_pb2.FailIntentRequest(

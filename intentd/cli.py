@@ -251,6 +251,53 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_types(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from intentd.client.errors import from_rpc_error
+    from intentd.v1 import admin_service_pb2 as pb
+    from intentd.v1 import admin_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.AdminServiceStub(channel)
+        try:
+            if args.action == "put":
+                reply = stub.PutIntentType(pb.PutIntentTypeRequest(intent_type=pb.IntentType(
+                    intent_type=args.intent_type, max_attempts=args.max_attempts or 0,
+                    heartbeat_timeout_ms=args.heartbeat_timeout_ms or 0,
+                    retry_backoff_ms=args.retry_backoff_ms if args.retry_backoff_ms is not None else 100,
+                    retry_backoff_max_ms=args.retry_backoff_max_ms or 0,
+                    default_deadline_ms=args.default_deadline_ms or 0)), timeout=10)
+                types = [reply.intent_type]
+            elif args.action == "get":
+                request = pb.GetIntentTypeRequest(intent_type=args.intent_type)
+                types = [stub.GetIntentType(request, timeout=10).intent_type]
+            else:
+                types = list(stub.ListIntentTypes(pb.ListIntentTypesRequest(), timeout=10).intent_types)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+    for t in types:
+        print(json.dumps(MessageToDict(t, preserving_proto_field_name=True)) if args.json else
+              f"{t.intent_type}: max_attempts={t.max_attempts} heartbeat_timeout_ms={t.heartbeat_timeout_ms} "
+              f"retry_backoff_ms={t.retry_backoff_ms} (max {t.retry_backoff_max_ms}) "
+              f"default_deadline_ms={t.default_deadline_ms or 'none'}")
+    return 0
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from intentd.sidecar.app import cli_main
+
+    return cli_main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from intentd.demo.run import run_demo
+
+    setup_logging("WARNING")
+    return run_demo(args)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -315,10 +362,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("retry", cmd_retry, "Put a FAILED intent back to PENDING, keeping its recorded steps.")
     p.add_argument("id")
     p.add_argument("--extra-attempts", type=int, default=0)
+
+    p = client_command("types", cmd_types, "Show or set per-intent-type delivery settings.")
+    p.add_argument("action", choices=("put", "get", "list"))
+    p.add_argument("intent_type", nargs="?", default="")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--heartbeat-timeout-ms", type=int)
+    p.add_argument("--retry-backoff-ms", type=int)
+    p.add_argument("--retry-backoff-max-ms", type=int)
+    p.add_argument("--default-deadline-ms", type=int)
+
+    p = add("sidecar", cmd_sidecar, "Run the sidecar beside an agent (see `intentd sidecar --help`).")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_help = False
+
+    from intentd.demo.run import add_arguments
+
+    p = add("demo", cmd_demo, "The crash-at-step-47 demo on the embedded PostgreSQL.")
+    add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sidecar"]:
+        # The sidecar parses its own flags (including --help).
+        from intentd.sidecar.app import cli_main
+
+        return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))

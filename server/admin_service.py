@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+
 from intentd.server import errors
 from intentd.server.convert import timestamp
 from intentd.server.rpc import Ctx, unary
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
-
 from intentd.v1 import admin_service_pb2 as pb
 from intentd.v1 import admin_service_pb2_grpc as pb_grpc
 from intentd.validation import ValidationError, check_intent_type

@@ -13,17 +13,18 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+
 from intentd.server import errors
 from intentd.server.convert import intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.rpc import to_server_error
 from intentd.server.settings import ServerSettings
-
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.v1 import delivery_pb2
@@ -150,7 +151,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ the stream
 
-    async def Connect(
+    async def Connect(  # type: ignore[override]  # grpc.aio also takes a coroutine that writes via context
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
         try:
@@ -241,8 +242,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
         writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
         background: set[asyncio.Task[None]] = set()
 
-        def spawn(coro: object) -> None:
-            task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.create_task(coro)
             background.add(task)
             task.add_done_callback(background.discard)
 

@@ -10,6 +10,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from intentd.server.admin_service import AdminService
 from intentd.server.agent_service import AgentService
 from intentd.server.db import Database
@@ -20,7 +21,6 @@ from intentd.server.leases import LeaseStore
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
 from intentd.server.sweepers import DeadlineSweeper, LeaseSweeper
-
 from intentd.service import BackgroundService
 from intentd.v1 import (
     admin_service_pb2,

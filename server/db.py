@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import asyncpg
+
 from intentd.server import errors
 from intentd.server.migrate import migrate
 

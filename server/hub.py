@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import asyncpg
+
 from intentd.server.queries import Q
 
 log = logging.getLogger("intentd.hub")
@@ -135,7 +136,7 @@ class NotificationHub:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(PENDING_CHANNEL, self._on_pending)
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self.connected.set()
                 # Anything that happened while we were not listening must be re-read.
                 self._wake_all()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
+
 from intentd.server import errors
 from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
@@ -15,7 +16,6 @@ from intentd.server.ids import looks_like_id
 from intentd.server.rpc import Ctx, server_stream, unary
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore, NewIntent
-
 from intentd.states import IntentState
 from intentd.v1 import intent_service_pb2 as pb
 from intentd.v1 import intent_service_pb2_grpc as pb_grpc

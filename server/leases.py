@@ -9,13 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
 from intentd.server import errors
 from intentd.server.db import Database, Row
 from intentd.server.queries import Q
-
 from intentd.validation import ValidationError, parse_json
-
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
 from intentd.server.queries import Q
 
 log = logging.getLogger("intentd.migrate")

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from intentd.server import errors
 from intentd.server.db import convert_error
-
 from intentd.validation import ValidationError
 
 log = logging.getLogger("intentd.rpc")

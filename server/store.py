@@ -14,13 +14,12 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+
 from intentd.server import errors
 from intentd.server.db import Database, Row
 from intentd.server.ids import new_id
 from intentd.server.queries import Q
-
 from intentd.states import IntentState
-
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from datetime import datetime
 
 from intentd.server.leases import LeaseStore
 from intentd.server.store import IntentStore
-
 from intentd.service import BackgroundService
 
 log = logging.getLogger("intentd.sweeper")

@@ -203,9 +203,9 @@ class Upstream:
             raise RuntimeError("upstream already started")
         self._task = asyncio.create_task(self._run(), name="sidecar-upstream")
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, deadline: float) -> bool:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), timeout)
+            await asyncio.wait_for(self.connected.wait(), deadline)
             return True
         return False
 

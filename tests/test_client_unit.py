@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+
 from intentd.client import (
     AlreadyExists,
     AsyncIntentClient,
@@ -57,7 +58,6 @@ from intentd.client.models import (
     page_from_proto,
     step_from_proto,
 )
-
 from intentd.v1 import intent_pb2
 from intentd.v1 import intent_service_pb2 as pb
 

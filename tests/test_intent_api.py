@@ -138,7 +138,8 @@ async def test_list_filters_and_keyset_pagination(server, agent_address) -> None
 async def test_idempotent_send_same_and_different_payload(server, agent_address, pg) -> None:
     async with AsyncIntentClient(server.address, sender="billing") as client:
         key = f"k-{uuid.uuid4()}"
-        first, created = await client.send(intent_type=TYPE, to_agent=agent_address, payload={"a": 1}, idempotency_key=key)
+        first, created = await client.send(
+            intent_type=TYPE, to_agent=agent_address, payload={"a": 1}, idempotency_key=key)
         again, created_again = await client.send(
             intent_type=TYPE, to_agent=agent_address, payload={"a": 1}, idempotency_key=key)
         assert created and not created_again and again.id == first.id
@@ -228,7 +229,7 @@ async def test_send_rejects_bad_input_and_writes_nothing(server, agent_address, 
 
 async def test_deadline_in_the_past_is_invalid(server, agent_address, pg) -> None:
     async with AsyncIntentClient(server.address) as client:
-        with pytest.raises(InvalidArgument, match="intent.deadline"):
+        with pytest.raises(InvalidArgument, match=r"intent\.deadline"):
             await client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={},
                                      deadline=datetime.now(UTC) - timedelta(seconds=1))
     assert await count_intents(pg, agent_address) == 0
@@ -274,7 +275,8 @@ async def test_oversized_batch_is_resource_exhausted(make_server, agent_address,
     srv = make_server(max_batch_size=5)
     async with AsyncIntentClient(srv.address) as client:
         with pytest.raises(ResourceExhausted, match="limit is 5"):
-            await client.send_intents([{"intent_type": TYPE, "to_agent": agent_address, "payload": i} for i in range(6)])
+            await client.send_intents(
+                [{"intent_type": TYPE, "to_agent": agent_address, "payload": i} for i in range(6)])
     assert await count_intents(pg, agent_address) == 0
 
 

@@ -45,7 +45,8 @@ async def test_concurrent_migrations_apply_once(databases) -> None:
 
 
 def test_proto_sql_and_python_states_agree(database_url: str) -> None:
-    proto_names = [n.removeprefix("INTENT_STATE_") for n in intent_pb2.IntentState.keys() if n != "INTENT_STATE_UNSPECIFIED"]
+    proto_names = [
+        n.removeprefix("INTENT_STATE_") for n in intent_pb2.IntentState.keys() if n != "INTENT_STATE_UNSPECIFIED"]
     assert proto_names == [s.value for s in IntentState]
 
     async def sql() -> tuple[list[str], set[tuple[str, str]]]:

@@ -1,0 +1,1 @@
+"""The crash-at-step-47 demo: ``intentd demo``."""

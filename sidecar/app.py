@@ -1,0 +1,208 @@
+"""Assembles the sidecar: control-plane stream, agent-facing server, dispatcher
+and (optionally) the supervised agent; and the ``intentd sidecar`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from intentd.config import SettingsError, load_settings
+from intentd.logs import setup_logging
+from intentd.v1 import delivery_pb2
+
+from .dispatch import DRAINED, Dispatcher
+from .runtime import RuntimeServer
+from .settings import SidecarSettings
+from .supervisor import AgentSupervisor
+from .upstream import Upstream
+
+log = logging.getLogger("intentd.sidecar")
+
+# How long final releases may take to be answered before leases are left to lapse.
+RELEASE_DEADLINE_S = 5.0
+RUNTIME_STOP_GRACE_S = 1.0
+
+
+class Sidecar:
+    """One sidecar process: ``await start()``, later ``await stop()`` (drains)."""
+
+    def __init__(self, settings: SidecarSettings) -> None:
+        self.settings = settings
+        self.upstream = Upstream(
+            servers=settings.servers,
+            sidecar_id=settings.sidecar_id,
+            addresses=settings.addresses,
+            intent_types=settings.intent_types,
+            on_assignment=self._on_assignment,
+            on_revocation=self._on_revocation,
+            reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
+        )
+        self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity)
+        self.runtime = RuntimeServer(self.dispatcher, settings.listen)
+        self.supervisor: AgentSupervisor | None = None
+        self._force = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """Where agents reach this sidecar (known after ``start()``)."""
+        address = self.runtime.address
+        if address is None:
+            raise RuntimeError("the sidecar is not started")
+        return address
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream.health(),
+            "local": self.dispatcher.health(),
+            "agent": self.supervisor.health() if self.supervisor else None,
+        }
+
+    async def start(self) -> None:
+        # Listen first: the supervised agent and the log line need the address.
+        address = await self.runtime.start()
+        self.upstream.start()
+        argv = self.settings.exec_argv
+        if argv:
+            self.supervisor = AgentSupervisor(argv, address, stop_grace_s=self.settings.agent_stop_grace_s)
+            self.supervisor.start()
+        log.info(
+            "intentd sidecar %s listening on %s; serving %s; control plane %s",
+            self.settings.sidecar_id, address, ", ".join(self.settings.addresses), self.settings.server,
+        )
+
+    def force_stop(self) -> None:
+        """Cuts a drain short: held intents are released now."""
+        self._force.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains, then shuts down: take nothing new (SetCapacity 0; the stream
+        keeps pinging so held leases stay renewed), let held intents finish
+        for up to ``grace`` (default drain_grace_s), release the rest as
+        DRAINED, stop the agent, close everything."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.drain_grace_s if grace is None else grace
+        try:
+            self.dispatcher.drain()
+            held = self.dispatcher.held_count
+            if held:
+                log.info("draining: %d intents held; waiting up to %.1fs for them to finish", held, grace)
+            if not await self.dispatcher.wait_idle(grace, interrupt=self._force):
+                log.warning("releasing %d intents still held (%s)", self.dispatcher.held_count, DRAINED)
+                await self.dispatcher.release_all(DRAINED, deadline=RELEASE_DEADLINE_S)
+            if self.supervisor is not None:
+                await self.supervisor.stop()
+            await self.runtime.stop(RUNTIME_STOP_GRACE_S)
+            # Agents that vanished meanwhile were released AGENT_DIED; let those land.
+            await self.dispatcher.close(deadline=RELEASE_DEADLINE_S)
+            await self.upstream.close()
+            log.info("sidecar stopped")
+        finally:
+            self._stopped.set()
+
+    def _on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
+        self.dispatcher.on_assignment(assignment)
+
+    def _on_revocation(self, revocation: delivery_pb2.Revocation) -> None:
+        self.dispatcher.on_revocation(revocation)
+
+
+async def run_sidecar(settings: SidecarSettings, ready: asyncio.Event | None = None) -> None:
+    """Runs until SIGTERM or SIGINT, then drains; a second signal cuts the drain short."""
+    sidecar = Sidecar(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(name: str) -> None:
+        if stop_requested.is_set():
+            log.warning("%s again: releasing held intents now", name)
+            sidecar.force_stop()
+        else:
+            log.info("%s: draining (up to %.1fs)", name, settings.drain_grace_s)
+            stop_requested.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await sidecar.start()
+        print(f"intentd sidecar listening on {sidecar.address}", file=sys.stderr, flush=True)
+        if ready is not None:
+            ready.set()
+        await stop_requested.wait()
+    finally:
+        await sidecar.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intentd sidecar",
+        description="Serve an agent: hold its stream to the control plane and its local runtime API. "
+        "Every flag has an INTENTD_<NAME> variable; flags win.",
+    )
+    parser.add_argument("--server", help="control plane HOST:PORT[,HOST:PORT...] (INTENTD_SERVER)")
+    parser.add_argument("--address", action="append",
+                        help="agent address agent://org/env/name, repeatable (INTENTD_ADDRESSES)")
+    parser.add_argument("--intent-type", action="append",
+                        help="intent type taken, repeatable; none means all (INTENTD_INTENT_TYPES)")
+    parser.add_argument("--capacity", type=int, help="intents run at once (INTENTD_CAPACITY, default 10)")
+    parser.add_argument("--listen", help="unix:///path.sock or 127.0.0.1:PORT for agents (INTENTD_LISTEN)")
+    parser.add_argument("--exec", help="agent command line to run and restart (INTENTD_EXEC)")
+    parser.add_argument("--drain-grace", type=float,
+                        help="seconds held intents may run on at shutdown (INTENTD_DRAIN_GRACE_S, default 30)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INTENTD_LOG_LEVEL)")
+    return parser
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(
+            SidecarSettings,
+            server=args.server,
+            addresses=_split(args.address),
+            intent_types=_split(args.intent_type),
+            capacity=args.capacity,
+            listen=args.listen,
+            exec=args.exec,
+            drain_grace_s=args.drain_grace,
+            log_level=args.log_level,
+        )
+    except SettingsError as exc:
+        print(f"intentd sidecar: bad setting: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        _run(run_sidecar(settings))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        # Typically the listen address: in use, or a path we refuse to replace.
+        print(f"intentd sidecar: {exc}", file=sys.stderr)
+        return 1
+    return 0

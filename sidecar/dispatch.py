@@ -1,0 +1,358 @@
+"""The local half of the sidecar: which attached agent holds which intent.
+
+Assignments from the control plane are placed on an attached agent that
+handles the type and has a free slot, or queued briefly until one has.
+Capacity announced upstream follows the attached agents. When an agent's
+session ends, everything it held is released at once (``AGENT_DIED``) so the
+control plane redelivers now instead of after a lease timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
+
+from .upstream import FAILED_PRECONDITION, NOT_FOUND, OK, TERMINAL_OPS, describe
+
+log = logging.getLogger("intentd.sidecar.dispatch")
+
+AGENT_DIED = "AGENT_DIED"
+DRAINED = "DRAINED"
+# Shorter than the control plane's ack timeout (5 s): an assignment no agent
+# could take is given back (attempt not charged) before it would time out.
+PLACEMENT_TIMEOUT_S = 2.0
+MAX_RELEASE_BACKOFF_S = 5.0
+
+
+class Link(Protocol):
+    """What the dispatcher needs from the control-plane connection."""
+
+    def ack(self, lease: delivery_pb2.Lease) -> None: ...
+
+    def set_capacity(self, capacity: int) -> None: ...
+
+    async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult: ...
+
+
+class LeaseNotHeld(Exception):
+    """The lease is not (or no longer) held by this sidecar."""
+
+
+class StepDivergence(Exception):
+    def __init__(self, index: int, recorded: str, name: str) -> None:
+        super().__init__(
+            f"step divergence: step {index} was recorded as {recorded!r} by an earlier attempt, "
+            f"but this attempt calls it {name!r}"
+        )
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One attached agent (one open Attach stream)."""
+
+    id: int
+    intent_types: frozenset[str]
+    capacity: int
+    language: str = ""
+    peer: str = ""
+    leases: set[str] = field(default_factory=set)
+    # None ends the stream.
+    outbox: asyncio.Queue[runtime_pb2.AttachResponse | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.leases)
+
+    def handles(self, intent_type: str) -> bool:
+        return not self.intent_types or intent_type in self.intent_types
+
+    def send(self, message: runtime_pb2.AttachResponse) -> None:
+        self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+
+@dataclass(eq=False)
+class _Held:
+    assignment: delivery_pb2.Assignment
+    steps: dict[int, intent_pb2.StepRecord]
+    agent: AgentSession | None = None
+    acked: bool = False
+    expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def lease(self) -> delivery_pb2.Lease:
+        return self.assignment.lease
+
+
+class Dispatcher:
+    def __init__(self, link: Link, capacity: int, *,
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+        self._link = link
+        self.max_capacity = capacity
+        self.placement_timeout_s = placement_timeout_s
+        self.agents: dict[int, AgentSession] = {}
+        self._held: dict[str, _Held] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self._closing = False
+        self.released = 0
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def capacity(self) -> int:
+        if self.draining:
+            return 0
+        return min(self.max_capacity, sum(agent.capacity for agent in self.agents.values()))
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    def health(self) -> dict[str, object]:
+        return {
+            "agents": len(self.agents),
+            "held": len(self._held),
+            "queued": sum(1 for held in self._held.values() if held.agent is None),
+            "capacity": self.capacity,
+            "draining": self.draining,
+            "releases_in_flight": len(self._tasks),
+        }
+
+    # ------------------------------------------------------------ agents
+
+    def attach(self, intent_types: Iterable[str], capacity: int, *, language: str = "",
+               peer: str = "") -> AgentSession:
+        # An SDK that leaves capacity unset (0) runs one at a time.
+        agent = AgentSession(
+            id=next(self._ids),
+            intent_types=frozenset(intent_types),
+            capacity=min(max(capacity, 1), self.max_capacity),
+            language=language,
+            peer=peer,
+        )
+        self.agents[agent.id] = agent
+        log.info("agent %d attached (%s, capacity %d, types %s)", agent.id, language or "unknown language",
+                 agent.capacity, sorted(agent.intent_types) or "all")
+        self._update_capacity()
+        self._pump()
+        return agent
+
+    def detach(self, agent: AgentSession) -> None:
+        """The agent's stream ended: give back all it held, now. Synchronous so
+        it completes even from a cancelled stream handler."""
+        if self.agents.pop(agent.id, None) is None:
+            return
+        tokens = list(agent.leases)
+        agent.leases.clear()
+        if tokens:
+            log.warning("agent %d went away holding %d intents; releasing them (%s)",
+                        agent.id, len(tokens), AGENT_DIED)
+        else:
+            log.info("agent %d detached", agent.id)
+        for token in tokens:
+            held = self._held.pop(token, None)
+            if held is not None:
+                self._release_soon(held.lease, AGENT_DIED)
+        agent.close()
+        self._update_capacity()
+        self._pump()
+        self._check_idle()
+
+    def ack(self, agent: AgentSession, lease: delivery_pb2.Lease) -> bool:
+        held = self._held.get(lease.token)
+        if held is None or held.agent is not agent:
+            log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
+            return False
+        held.acked = True
+        self._link.ack(held.lease)
+        return True
+
+    # ------------------------------------------------------------ from the control plane
+
+    def on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
+        lease = assignment.lease
+        if lease.token in self._held:
+            log.warning("duplicate assignment of %s ignored", describe(lease))
+            return
+        if self.draining:
+            # Sent before our SetCapacity(0) arrived: give it straight back.
+            self._release_soon(lease, DRAINED)
+            return
+        held = _Held(assignment, steps={step.index: step for step in assignment.steps})
+        self._held[lease.token] = held
+        self._idle.clear()
+        if not self._place(held):
+            log.info("no agent free for %s (%s); holding it up to %.1fs",
+                     describe(lease), assignment.intent.intent_type, self.placement_timeout_s)
+            held.expiry = asyncio.get_running_loop().call_later(
+                self.placement_timeout_s, self._expire, lease.token)
+
+    def on_revocation(self, revocation: delivery_pb2.Revocation) -> None:
+        held = self._finish(revocation.lease.token)
+        if held is not None and held.agent is not None:
+            held.agent.send(runtime_pb2.AttachResponse(revocation=revocation))
+
+    # ------------------------------------------------------------ from the agent
+
+    def begin_step(self, lease: delivery_pb2.Lease, index: int, name: str) -> intent_pb2.StepRecord | None:
+        """The recorded step at ``index``, or None when it is still to run."""
+        held = self._held.get(lease.token)
+        if held is None:
+            raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
+        record = held.steps.get(index)
+        if record is None:
+            return None
+        if record.name != name:
+            raise StepDivergence(index, record.name, name)
+        return record
+
+    async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
+        result = await self._link.write(write)
+        token = write.lease.token
+        op = write.WhichOneof("op")
+        held = self._held.get(token)
+        if held is not None and result.code == OK and op == "step":
+            record = result.step if result.HasField("step") else intent_pb2.StepRecord(
+                index=write.step.index, name=write.step.name, result=write.step.result)
+            held.steps[record.index] = record
+        if result.code == FAILED_PRECONDITION or (op in TERMINAL_OPS and result.code == OK):
+            # Done, or refused as stale: either way the agent stops, so free its slot.
+            self._finish(token)
+        return result
+
+    # ------------------------------------------------------------ draining
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._update_capacity()
+        for held in [h for h in self._held.values() if h.agent is None]:
+            self._finish(held.lease.token)
+            self._release_soon(held.lease, DRAINED)
+
+    async def wait_idle(self, deadline: float, interrupt: asyncio.Event | None = None) -> bool:
+        """Waits until no intent is held; False on timeout or interrupt."""
+        waiters = [asyncio.ensure_future(self._idle.wait())]
+        if interrupt is not None:
+            waiters.append(asyncio.ensure_future(interrupt.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self._idle.is_set()
+
+    async def release_all(self, reason: str, deadline: float) -> None:
+        """Stops every held intent on its agent and gives it back upstream."""
+        for held in list(self._held.values()):
+            self._finish(held.lease.token)
+            if held.agent is not None:
+                held.agent.send(runtime_pb2.AttachResponse(revocation=delivery_pb2.Revocation(
+                    lease=held.lease, reason="LEASE_LOST", message=f"released by the sidecar: {reason}")))
+            self._release_soon(held.lease, reason)
+        await self.wait_releases(deadline)
+
+    async def wait_releases(self, deadline: float) -> bool:
+        if not self._tasks:
+            return True
+        _, not_done = await asyncio.wait(set(self._tasks), timeout=deadline)
+        return not not_done
+
+    async def close(self, deadline: float) -> None:
+        """Waits for releases in flight up to ``deadline`` seconds, then ends every agent stream."""
+        if not await self.wait_releases(deadline):
+            log.warning("%d releases unanswered after %.1fs; their leases will lapse", len(self._tasks), deadline)
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for agent in list(self.agents.values()):
+            agent.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _place(self, held: _Held) -> bool:
+        intent_type = held.assignment.intent.intent_type
+        candidates = [a for a in self.agents.values() if a.free > 0 and a.handles(intent_type)]
+        if not candidates:
+            return False
+        agent = max(candidates, key=lambda a: a.free)
+        held.agent = agent
+        agent.leases.add(held.lease.token)
+        if held.expiry is not None:
+            held.expiry.cancel()
+            held.expiry = None
+        agent.send(runtime_pb2.AttachResponse(assignment=held.assignment))
+        return True
+
+    def _pump(self) -> None:
+        if self.draining:
+            return
+        for held in list(self._held.values()):
+            if held.agent is None:
+                self._place(held)
+
+    def _expire(self, token: str) -> None:
+        held = self._held.get(token)
+        if held is None or held.agent is not None:
+            return
+        log.warning("no attached agent took %s (%s) within %.1fs; giving it back",
+                    describe(held.lease), held.assignment.intent.intent_type, self.placement_timeout_s)
+        self._finish(token)
+        self._release_soon(held.lease, DRAINED)
+
+    def _finish(self, token: str) -> _Held | None:
+        held = self._held.pop(token, None)
+        if held is None:
+            return None
+        if held.expiry is not None:
+            held.expiry.cancel()
+        if held.agent is not None:
+            held.agent.leases.discard(token)
+        self._pump()
+        self._check_idle()
+        return held
+
+    def _check_idle(self) -> None:
+        if not self._held:
+            self._idle.set()
+
+    def _update_capacity(self) -> None:
+        self._link.set_capacity(self.capacity)
+
+    def _release_soon(self, lease: delivery_pb2.Lease, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(lease, reason), name=f"release-{lease.intent_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, lease: delivery_pb2.Lease, reason: str) -> None:
+        # A lease we stop caring about but never release would be renewed by
+        # every ping of our stream: retry until the answer is final.
+        delay = 0.2
+        write = delivery_pb2.IntentWrite(lease=lease, release=delivery_pb2.ReleaseWrite(reason=reason))
+        while not self._closing:
+            result = await self._link.write(write)
+            if result.code == OK:
+                self.released += 1
+                log.info("released %s (%s)", describe(lease), reason)
+                return
+            if result.code in (FAILED_PRECONDITION, NOT_FOUND):
+                log.info("%s was no longer ours to release (%s)", describe(lease), result.message)
+                return
+            log.warning("releasing %s failed (code %d: %s); retrying in %.1fs",
+                        describe(lease), result.code, result.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RELEASE_BACKOFF_S)

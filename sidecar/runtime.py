@@ -1,0 +1,219 @@
+"""The agent-facing ``AgentRuntimeService``, served on a unix socket or a
+loopback port.
+
+Every write is forwarded upstream and answered only after the control plane
+committed it; a refusal comes back as the same gRPC status. ``Attach`` is the
+agent's session: when it ends, whatever the agent held is released at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.validation import ValidationError, check_intent_type
+
+from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
+from .settings import unix_socket_path
+
+log = logging.getLogger("intentd.sidecar.runtime")
+
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def status_for(code: int) -> Any:
+    """The grpc.StatusCode of a google.rpc.Code number."""
+    return _STATUS_BY_CODE.get(code, grpc.StatusCode.UNKNOWN)
+
+
+class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[runtime_pb2.AttachRequest], context: Any
+    ) -> AsyncIterator[runtime_pb2.AttachResponse]:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Attach message must be hello")
+        hello = first.hello
+        try:
+            for intent_type in hello.intent_types:
+                check_intent_type(intent_type, "hello.intent_types")
+        except ValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if hello.capacity < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello.capacity must not be negative")
+        agent = self._dispatcher.attach(hello.intent_types, hello.capacity, language=hello.language,
+                                        peer=context.peer())
+        reader = asyncio.create_task(self._read(agent, requests), name=f"agent-{agent.id}-read")
+        try:
+            while True:
+                message = await agent.outbox.get()
+                if message is None:
+                    return
+                yield message
+        finally:
+            reader.cancel()
+            # Also runs when the agent vanished (the handler is cancelled then).
+            self._dispatcher.detach(agent)
+
+    async def _read(self, agent: AgentSession, requests: AsyncIterator[runtime_pb2.AttachRequest]) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("msg")
+                if kind == "ack":
+                    self._dispatcher.ack(agent, request.ack.lease)
+                else:
+                    log.warning("agent %d sent %s after hello; ignored", agent.id, kind)
+            log.info("agent %d closed its Attach stream", agent.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The usual way a killed agent shows up; its session ends below.
+            log.info("agent %d stream broke: %r", agent.id, exc)
+        finally:
+            agent.close()
+
+    async def BeginStep(self, request: runtime_pb2.BeginStepRequest, context: Any) -> runtime_pb2.BeginStepResponse:
+        if request.index < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "index is 1-based")
+        try:
+            _check_lease(request.lease)
+            record = self._dispatcher.begin_step(request.lease, request.index, request.name)
+        except (StepDivergence, LeaseNotHeld) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if record is None:
+            return runtime_pb2.BeginStepResponse(recorded=False)
+        return runtime_pb2.BeginStepResponse(recorded=True, step=record)
+
+    async def RecordStep(self, request: runtime_pb2.RecordStepRequest,
+                         context: Any) -> runtime_pb2.RecordStepResponse:
+        if request.step.index < 1 or not request.step.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step needs a 1-based index and a name")
+        result = await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, step=request.step))
+        return runtime_pb2.RecordStepResponse(step=result.step)
+
+    async def SaveCheckpoint(self, request: runtime_pb2.SaveCheckpointRequest,
+                             context: Any) -> runtime_pb2.SaveCheckpointResponse:
+        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, checkpoint=request.checkpoint))
+        return runtime_pb2.SaveCheckpointResponse()
+
+    async def ReportProgress(self, request: runtime_pb2.ReportProgressRequest,
+                             context: Any) -> runtime_pb2.ReportProgressResponse:
+        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, progress=request.progress))
+        return runtime_pb2.ReportProgressResponse()
+
+    async def CompleteIntent(self, request: runtime_pb2.CompleteIntentRequest,
+                             context: Any) -> runtime_pb2.CompleteIntentResponse:
+        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, complete=request.complete))
+        return runtime_pb2.CompleteIntentResponse()
+
+    async def FailIntent(self, request: runtime_pb2.FailIntentRequest,
+                         context: Any) -> runtime_pb2.FailIntentResponse:
+        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, fail=request.fail))
+        return runtime_pb2.FailIntentResponse()
+
+    async def _write(self, context: Any, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
+        if not write.lease.intent_id or not write.lease.token:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease (intent_id and token) is required")
+        result = await self._dispatcher.write(write)
+        if result.code != 0:
+            await context.abort(status_for(result.code), result.message or "refused by the control plane")
+        return result
+
+
+def _check_lease(lease: delivery_pb2.Lease) -> None:
+    # BeginStep is answered locally, so a missing lease reads as "not held".
+    if not lease.token:
+        raise LeaseNotHeld("lease is required")
+
+
+class RuntimeServer:
+    """The gRPC server agents connect to."""
+
+    def __init__(self, dispatcher: Dispatcher, listen: str) -> None:
+        self._dispatcher = dispatcher
+        self.listen = listen
+        self.address: str | None = None
+        self._server: Any = None
+        self._socket: Path | None = None
+
+    async def start(self) -> str:
+        """Binds and serves; returns the address agents dial
+        (``unix:///path`` or ``127.0.0.1:PORT``)."""
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        runtime_pb2_grpc.add_AgentRuntimeServiceServicer_to_server(AgentRuntime(self._dispatcher), server)
+        path = unix_socket_path(self.listen)
+        if path is not None:
+            _clear_stale_socket(path)
+            # grpc binds here; the umask makes the socket 0600 from its first
+            # instant, so no other user can connect in between.
+            old = os.umask(0o177)
+            try:
+                bound = server.add_insecure_port(f"unix://{path}")
+            finally:
+                os.umask(old)
+            if bound == 0:
+                raise OSError(f"cannot listen on unix socket {path}")
+            os.chmod(path, 0o600)
+            self._socket = path
+            self.address = f"unix://{path}"
+        else:
+            port = server.add_insecure_port(self.listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {self.listen}")
+            self.address = f"{self.listen.rpartition(':')[0]}:{port}"
+        await server.start()
+        self._server = server
+        return self.address
+
+    async def stop(self, grace: float) -> None:
+        if self._server is not None:
+            # Cancels Attach streams still open after the grace: they detach.
+            await self._server.stop(grace)
+            self._server = None
+        if self._socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket.unlink()
+            self._socket = None
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Removes a socket left by a dead process; refuses to touch anything else."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    if info.st_uid != os.getuid():
+        raise OSError(errno.EACCES, f"{path} belongs to another user; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another live process")
