@@ -245,10 +245,12 @@ class Agent:
         """Stops ``run_async``: takes no new work, gives running handlers up to
         ``grace`` seconds to finish, cancels the rest (the sidecar then
         releases their intents for immediate redelivery; their recorded steps
-        are kept) and closes the stream. Returns once ``run_async`` returned."""
+        are kept) and closes the stream. Returns once ``run_async`` returned;
+        does nothing when the agent is not running."""
+        if not self._running or self._done is None:
+            return
         self._request_stop(grace)
-        if self._running and self._done is not None:
-            await self._done.wait()
+        await self._done.wait()
 
     async def run_async(self) -> None:
         """Attaches to the sidecar and runs handlers until ``stop()``;
@@ -268,8 +270,7 @@ class Agent:
         self._wakeup = asyncio.Event()
         self._cut_grace = asyncio.Event()
         self._done = asyncio.Event()
-        if self._stopping:
-            self._wakeup.set()
+        self._stopping = False
         retry = 0
         try:
             while not self._stopping:
@@ -515,8 +516,9 @@ class Agent:
         except LeaseLost:
             raise
         except asyncio.CancelledError:
-            if ctx.cancelled:
-                raise
+            task = asyncio.current_task()
+            if ctx.cancelled or (task is not None and task.cancelling()):
+                raise  # cancelled by the agent (or the event loop is shutting down)
             log.warning("%s: the handler was cancelled from within; failing the attempt",
                         ctx._log_prefix)
             return _Outcome(code="AGENT_ERROR", message="the handler was cancelled", retryable=True)

@@ -46,6 +46,9 @@ class Held:
     lease: LeaseRef
     since: float  # monotonic time it was added; renew results older than this judge it
     finishing: bool = False  # a complete/fail/release from its holder is in flight
+    # Writes for a lease wait for its acknowledgement to commit: the sidecar
+    # sends the ack and then writes at once, and they run concurrently here.
+    acked: asyncio.Task[None] | None = None
 
 
 @dataclass(eq=False)
@@ -259,7 +262,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 elif kind == "pong":
                     pass
                 elif kind == "ack":
-                    spawn(self._ack(session, request.ack.lease))
+                    ack = asyncio.create_task(self._ack(session, request.ack.lease))
+                    background.add(ack)
+                    ack.add_done_callback(background.discard)
+                    held_now = session.held.get(request.ack.lease.intent_id)
+                    if held_now is not None:
+                        held_now.acked = ack
                 elif kind == "write":
                     await writes.acquire()
                     spawn(self._write(session, request.write, writes))
@@ -309,6 +317,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         op = write.WhichOneof("op")
         held = session.held.get(write.lease.intent_id)
         final = op in ("complete", "fail", "release")
+        if held is not None and held.acked is not None and not held.acked.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(held.acked)
         if final and held is not None:
             held.finishing = True
         try:

@@ -8,14 +8,27 @@ use the primary key alone.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
 
 
+_last = 0
+_lock = threading.Lock()
+
+
 def new_id(now_ms: int | None = None) -> str:
+    """Strictly increasing within this process (the ULID monotonic rule: in
+    the same millisecond the previous id plus one), so intents sent in one
+    batch list in the order they were sent."""
+    global _last
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    with _lock:
+        if value >> 80 <= _last >> 80:
+            value = _last + 1
+        _last = value
     chars = []
     for _ in range(26):
         chars.append(_ALPHABET[value & 31])

@@ -83,8 +83,12 @@ class LeaseStore:
     async def ack(self, lease: LeaseRef, now: datetime | None = None) -> None:
         async with self.db.connection() as conn:
             row = await conn.fetchrow(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now)
-        if row is None:
-            await self._refuse(lease)
+            if row is not None:
+                return
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
+        if why is not None and why["same_lease"] and why["state"] == "IN_PROGRESS":
+            return  # a repeated acknowledgement
+        await self._refuse(lease, why)
 
     async def renew(self, session: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
         async with self.db.connection() as conn:

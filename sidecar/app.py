@@ -43,7 +43,7 @@ class Sidecar:
             reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
         )
         self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity)
-        self.runtime = RuntimeServer(self.dispatcher, settings.listen)
+        self.runtime = RuntimeServer(self.dispatcher, settings.agent_listen)
         self.supervisor: AgentSupervisor | None = None
         self._force = asyncio.Event()
         self._stopping = False
@@ -101,9 +101,11 @@ class Sidecar:
                 await self.dispatcher.release_all(DRAINED, deadline=RELEASE_DEADLINE_S)
             if self.supervisor is not None:
                 await self.supervisor.stop()
-            await self.runtime.stop(RUNTIME_STOP_GRACE_S)
-            # Agents that vanished meanwhile were released AGENT_DIED; let those land.
+            # Lets releases in flight land (agents that vanished meanwhile were
+            # released AGENT_DIED), then ends the agents' Attach streams...
             await self.dispatcher.close(deadline=RELEASE_DEADLINE_S)
+            # ...so the server stops at once instead of waiting out its grace.
+            await self.runtime.stop(RUNTIME_STOP_GRACE_S)
             await self.upstream.close()
             log.info("sidecar stopped")
         finally:
@@ -135,7 +137,8 @@ async def run_sidecar(settings: SidecarSettings, ready: asyncio.Event | None = N
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         await sidecar.start()
-        print(f"intentd sidecar listening on {sidecar.address}", file=sys.stderr, flush=True)
+        # On stdout, for scripts that start a sidecar on a picked port.
+        print(f"intentd sidecar listening on {sidecar.address}", flush=True)
         if ready is not None:
             ready.set()
         await stop_requested.wait()
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intent-type", action="append",
                         help="intent type taken, repeatable; none means all (INTENTD_INTENT_TYPES)")
     parser.add_argument("--capacity", type=int, help="intents run at once (INTENTD_CAPACITY, default 10)")
-    parser.add_argument("--listen", help="unix:///path.sock or 127.0.0.1:PORT for agents (INTENTD_LISTEN)")
+    parser.add_argument("--listen", help="unix:///path.sock or 127.0.0.1:PORT for agents (INTENTD_AGENT_LISTEN)")
     parser.add_argument("--exec", help="agent command line to run and restart (INTENTD_EXEC)")
     parser.add_argument("--drain-grace", type=float,
                         help="seconds held intents may run on at shutdown (INTENTD_DRAIN_GRACE_S, default 30)")
@@ -188,7 +191,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             addresses=_split(args.address),
             intent_types=_split(args.intent_type),
             capacity=args.capacity,
-            listen=args.listen,
+            agent_listen=args.listen,
             exec=args.exec,
             drain_grace_s=args.drain_grace,
             log_level=args.log_level,

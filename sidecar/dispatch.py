@@ -18,7 +18,7 @@ from typing import Protocol
 
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
-from .upstream import FAILED_PRECONDITION, NOT_FOUND, OK, TERMINAL_OPS, describe
+from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, describe
 
 log = logging.getLogger("intentd.sidecar.dispatch")
 
@@ -28,6 +28,9 @@ DRAINED = "DRAINED"
 # could take is given back (attempt not charged) before it would time out.
 PLACEMENT_TIMEOUT_S = 2.0
 MAX_RELEASE_BACKOFF_S = 5.0
+# A write refused this soon after its lease's ack is retried (see write()).
+ACK_SETTLE_S = 1.0
+FIRST_RETRY_S = 0.05
 
 
 class Link(Protocol):
@@ -85,6 +88,7 @@ class _Held:
     steps: dict[int, intent_pb2.StepRecord]
     agent: AgentSession | None = None
     acked: bool = False
+    acked_at: float = 0.0
     expiry: asyncio.TimerHandle | None = None
 
     @property
@@ -98,6 +102,7 @@ class Dispatcher:
         self._link = link
         self.max_capacity = capacity
         self.placement_timeout_s = placement_timeout_s
+        self.ack_settle_s = ACK_SETTLE_S
         self.agents: dict[int, AgentSession] = {}
         self._held: dict[str, _Held] = {}
         self._ids = itertools.count(1)
@@ -175,9 +180,16 @@ class Dispatcher:
         if held is None or held.agent is not agent:
             log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
             return False
-        held.acked = True
-        self._link.ack(held.lease)
+        self._acknowledge(held)
         return True
+
+    def _acknowledge(self, held: _Held) -> None:
+        # Once only: the control plane takes a second ack of an IN_PROGRESS
+        # lease for a stale one and revokes it.
+        if not held.acked:
+            held.acked = True
+            held.acked_at = asyncio.get_running_loop().time()
+            self._link.ack(held.lease)
 
     # ------------------------------------------------------------ from the control plane
 
@@ -219,7 +231,15 @@ class Dispatcher:
         return record
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
+        held = self._held.get(write.lease.token)
+        if held is not None and held.agent is not None and not held.acked:
+            # The ack travels on the Attach stream, this write on its own call,
+            # so it can overtake the ack; but a write proves the handler
+            # started, so acknowledge first (the outbox keeps the order).
+            self._acknowledge(held)
         result = await self._link.write(write)
+        if held is not None and held.acked:
+            result = await self._retry_unsettled(held, write, result)
         token = write.lease.token
         op = write.WhichOneof("op")
         held = self._held.get(token)
@@ -227,9 +247,25 @@ class Dispatcher:
             record = result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result)
             held.steps[record.index] = record
-        if result.code == FAILED_PRECONDITION or (op in TERMINAL_OPS and result.code == OK):
+        if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
             self._finish(token)
+        return result
+
+    async def _retry_unsettled(self, held: _Held, write: delivery_pb2.IntentWrite,
+                               result: agent_service_pb2.WriteResult) -> agent_service_pb2.WriteResult:
+        """The control plane may run a stream's ack and the write right behind
+        it concurrently, so the write can find the intent still DELIVERED and
+        be refused as stale. A refused write did not commit, so sending it
+        again is always safe; do so while the ack may still be settling."""
+        loop = asyncio.get_running_loop()
+        delay = FIRST_RETRY_S
+        while (result.code == FAILED_PRECONDITION and self._held.get(held.lease.token) is held
+               and loop.time() - held.acked_at < self.ack_settle_s):
+            log.debug("%s refused right after its ack (%s); retrying", describe(held.lease), result.message)
+            await asyncio.sleep(delay)
+            delay *= 2
+            result = await self._link.write(write)
         return result
 
     # ------------------------------------------------------------ draining
@@ -349,7 +385,7 @@ class Dispatcher:
                 self.released += 1
                 log.info("released %s (%s)", describe(lease), reason)
                 return
-            if result.code in (FAILED_PRECONDITION, NOT_FOUND):
+            if result.code in STALE_CODES:
                 log.info("%s was no longer ours to release (%s)", describe(lease), result.message)
                 return
             log.warning("releasing %s failed (code %d: %s); retrying in %.1fs",

@@ -57,7 +57,7 @@ class SidecarSettings:
     capacity: int = 10
     # Where agents reach the sidecar: unix:///path.sock (default) or a
     # loopback HOST:PORT (port 0 picks a free one).
-    listen: str = field(default_factory=default_listen)
+    agent_listen: str = field(default_factory=default_listen)
     # Command line of an agent to supervise (restarted when it exits).
     exec: str | None = None
     # On SIGTERM, how long held intents may run on before they are released.
@@ -107,15 +107,18 @@ class SidecarSettings:
                 "must be DEBUG, INFO, WARNING or ERROR")
 
     def _validate_listen(self) -> None:
-        path = unix_socket_path(self.listen)
+        path = unix_socket_path(self.agent_listen)
         if path is not None:
-            require(path.is_absolute(), "listen", f"unix socket path must be absolute, got {self.listen!r}")
-            require(path.parent.is_dir(), "listen", f"directory {path.parent} does not exist")
+            require(path.is_absolute(), "agent_listen", f"unix socket path must be absolute, got {self.agent_listen!r}")
+            require(path.parent.is_dir(), "agent_listen", f"directory {path.parent} does not exist")
+            # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+            require(len(str(path).encode()) <= 107, "agent_listen",
+                    f"unix socket path is longer than 107 bytes: {path}")
             return
-        host, _ = parse_host_port(self.listen, "listen")
+        host, _ = parse_host_port(self.agent_listen, "agent_listen")
         # The runtime API has no authentication: only the same host may reach it.
-        require(_is_loopback(host), "listen",
-                f"must be a unix:///path socket or a loopback HOST:PORT, got {self.listen!r}")
+        require(_is_loopback(host), "agent_listen",
+                f"must be a unix:///path socket or a loopback HOST:PORT, got {self.agent_listen!r}")
 
 
 def _check(check: Callable[[str, str], str], value: str, setting: str) -> None:

@@ -10,8 +10,8 @@ sure nothing the agent asked for is lost across a reconnect:
   the next stream (step, checkpoint and complete are idempotent per lease);
 - held leases are re-announced in ``Register.held``; the ``lost`` ones are
   revoked locally and their pending writes refused with FAILED_PRECONDITION;
-- acknowledgements of kept leases are sent again, because an ack has no
-  reply and may have died with the old stream.
+- acknowledgements made while no stream was up are sent once one is (never
+  twice: the server treats a repeated ack as a stale lease).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ UNAVAILABLE = 14
 
 # Ops that end the attempt: once answered, the lease is no longer held.
 TERMINAL_OPS = frozenset({"complete", "fail", "release"})
+# Answers after which the lease is certainly not ours (any more).
+STALE_CODES = frozenset({FAILED_PRECONDITION, NOT_FOUND})
+FINAL_CODES = STALE_CODES | {OK}
 
 DEFAULT_PING_INTERVAL_S = 5.0
 MIN_PING_INTERVAL_S = 0.02
@@ -90,7 +93,11 @@ class _PendingWrite:
 @dataclass
 class _HeldLease:
     lease: delivery_pb2.Lease
+    # The agent took it.
     acked: bool = False
+    # The ack was handed to a stream. It is never sent twice: a second ack of
+    # an IN_PROGRESS lease is refused, and the server revokes the lease then.
+    ack_sent: bool = False
 
 
 @dataclass
@@ -222,7 +229,7 @@ class Upstream:
             log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
         else:
             held.acked = True
-        # Without a stream the ack is re-sent after re-registration if the lease is kept.
+        # Without a stream it goes out after re-registration if the lease is kept.
         if self._session is not None:
             self._session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
 
@@ -259,6 +266,9 @@ class Upstream:
         self._closing = True
         self._closed.set()
         task = self._task
+        if task is not None and self._session is None:
+            # Between streams (or stuck connecting) there is nothing to finish.
+            task.cancel()
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=deadline)
             if not done:
@@ -290,7 +300,7 @@ class Upstream:
             except grpc.aio.AioRpcError as exc:
                 log.warning("control plane %s: %s: %s", target, exc.code().name, exc.details())
             except (ConnectError, TimeoutError) as exc:
-                log.warning("control plane %s: %s", target, exc or "no Registered in time")
+                log.warning("control plane %s: %s", target, str(exc) or "no Registered in time")
             except Exception:
                 log.exception("stream to control plane %s failed", target)
             if self._closing:
@@ -319,8 +329,11 @@ class Upstream:
         try:
             call = pb_grpc.AgentServiceStub(channel).Connect()
             register = self._register_message()
-            await call.write(pb.ConnectRequest(register=register))
-            reply = await asyncio.wait_for(call.read(), self._register_timeout)
+            # Bounded as a whole: a peer that takes the connection but never
+            # speaks HTTP/2 (or a black-holed replica) must not hold us here.
+            async with asyncio.timeout(self._register_timeout):
+                await call.write(pb.ConnectRequest(register=register))
+                reply = await call.read()
             if reply is grpc.aio.EOF:
                 code = await call.code()
                 raise ConnectError(f"stream ended before Registered: {code.name}: {await call.details()}")
@@ -396,7 +409,7 @@ class Upstream:
         )
         # Acks before writes: a kept lease's writes need it IN_PROGRESS.
         for held in self._held.values():
-            if held.acked:
+            if held.acked and not held.ack_sent:
                 session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=held.lease)))
         for request_id in sorted(self._pending):
             session.send(self._write_request(self._pending[request_id]))
@@ -442,12 +455,19 @@ class Upstream:
     async def _write_loop(self, session: _Session) -> None:
         while True:
             message = await session.outbox.get()
-            if message.WhichOneof("msg") == "write":
+            kind = message.WhichOneof("msg")
+            # Marked before the await: a message interrupted mid-send may have arrived.
+            if kind == "write":
                 pending = self._pending.get(message.write.request_id)
                 if pending is None:
                     continue  # answered locally or its caller gave up meanwhile
-                # Before the await: a write interrupted mid-send may have arrived.
                 pending.sent = True
+            elif kind == "ack":
+                held = self._held.get(message.ack.lease.token)
+                if held is not None:
+                    if held.ack_sent:
+                        continue
+                    held.ack_sent = True
             await session.call.write(message)
 
     async def _read_loop(self, session: _Session) -> None:
@@ -495,7 +515,7 @@ class Upstream:
         if pending is None:
             log.debug("result for write %d nobody waits for (code %d)", result.request_id, result.code)
             return
-        if pending.op in TERMINAL_OPS and result.code in (OK, FAILED_PRECONDITION):
+        if pending.op in TERMINAL_OPS and result.code in FINAL_CODES:
             # Answered for good: the attempt is over (or was not ours anyway).
             self._held.pop(pending.write.lease.token, None)
         pending.resolve(result)

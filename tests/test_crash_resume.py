@@ -108,7 +108,7 @@ def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Call
         def logs(self) -> str:
             return "\n".join(f"--- {p.log_path.name}\n{p.log()[-4000:]}" for p in started)
 
-    yield Cluster
+    yield Cluster()
     for p in reversed(started):
         if isinstance(p, Sidecar):
             p.kill_group()

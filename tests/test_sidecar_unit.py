@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -174,7 +175,7 @@ def make_settings(port: int, tmp_path: Path, **overrides: Any) -> SidecarSetting
         "addresses": [ADDRESS],
         "intent_types": [TYPE],
         "capacity": 4,
-        "listen": f"unix://{tmp_path}/sc.sock",
+        "agent_listen": f"unix://{tmp_path}/sc.sock",
         "reconnect_max_backoff_s": 0.2,
         "drain_grace_s": 2.0,
     }
@@ -185,9 +186,18 @@ def make_settings(port: int, tmp_path: Path, **overrides: Any) -> SidecarSetting
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Polls state that has no event to wait on, within a deadline."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 -- bounded poll of plain attributes
             await asyncio.sleep(0.01)
+
+
+def socket_file(address: str) -> Path:
+    return Path(address.removeprefix("unix://"))
+
+
+def file_mode(path: Path) -> int | None:
+    return stat.S_IMODE(path.stat().st_mode) if path.exists() else None
 
 
 async def expect_capacity(stream: FakeStream, capacity: int) -> None:
@@ -259,8 +269,7 @@ async def test_registers_pings_and_answers_pings(plane: FakeControlPlane, sideca
     stream.send(apb.ConnectResponse(ping=apb.Ping(nonce=42)))
     pong = await stream.expect("pong")
     assert pong.pong.nonce == 42
-    path = Path(sidecar.address.removeprefix("unix://"))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert file_mode(socket_file(sidecar.address)) == 0o600
 
 
 async def test_assignment_goes_to_the_agent_and_its_ack_upstream(
@@ -269,6 +278,16 @@ async def test_assignment_goes_to_the_agent_and_its_ack_upstream(
     stream = await attached(plane, agent, capacity=2)
     await assign_and_ack(stream, agent)
     assert sidecar.dispatcher.held_count == 1
+
+
+async def test_attach_must_start_with_a_valid_hello(sidecar: Sidecar, agent: FakeAgent) -> None:
+    call = agent.stub.Attach()
+    await call.write(runtime_pb2.AttachRequest(hello=runtime_pb2.AgentHello(intent_types=["Not A Type"])))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), WAIT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello.intent_types" in (info.value.details() or "")
+    assert not sidecar.dispatcher.agents
 
 
 async def test_agent_capacity_is_capped_by_the_sidecar(
@@ -297,17 +316,51 @@ async def test_record_step_returns_only_after_the_commit(
     assert begin.recorded
 
 
+async def test_write_overtaking_the_ack_acknowledges_first(
+    plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
+) -> None:
+    stream = await attached(plane, agent)
+    assignment = make_assignment()
+    stream.assign(assignment)
+    await agent.receive()
+    # The handler's first write races its ack (they travel on different calls).
+    call = asyncio.ensure_future(agent.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
+        lease=assignment.lease, progress=delivery_pb2.ProgressWrite(message="started"))))
+    assert (await stream.expect("ack")).ack.lease == assignment.lease
+    stream.answer(await stream.expect("write"))
+    await asyncio.wait_for(call, WAIT)
+    await agent.ack(assignment.lease)  # the real ack, late: not sent twice
+    await stream.expect("ping")
+    await stream.expect("ping")
+    assert not stream.has("ack")
+
+
+async def test_write_refused_while_the_ack_settles_is_retried(
+    plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
+) -> None:
+    stream = await attached(plane, agent)
+    assignment = await assign_and_ack(stream, agent)
+    call = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
+        lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
+    # The fake ran the write before the ack committed; the retry finds it acked.
+    stream.answer(await stream.expect("write"), code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                  message="the intent is DELIVERED")
+    stream.answer(await stream.expect("write"))
+    assert (await asyncio.wait_for(call, WAIT)).step.name == "fetch"
+
+
 async def test_refused_write_comes_back_as_the_same_status(
     plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
 ) -> None:
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
+    sidecar.dispatcher.ack_settle_s = 0  # no retry of refusals right after the ack
     first = asyncio.ensure_future(agent.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
         lease=assignment.lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
     second = asyncio.ensure_future(agent.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
         lease=assignment.lease, progress=delivery_pb2.ProgressWrite(message="half", fraction=0.5))))
-    checkpoint = await stream.expect("write")
-    progress = await stream.expect("write")
+    writes = {w.write.write.WhichOneof("op"): w for w in [await stream.expect("write") for _ in range(2)]}
+    checkpoint, progress = writes["checkpoint"], writes["progress"]
     # Out of order: results are matched by request_id.
     stream.answer(progress)
     await asyncio.wait_for(second, WAIT)
@@ -356,24 +409,29 @@ async def test_agent_stream_end_releases_its_intents_at_once(
 async def test_reconnect_reannounces_held_and_revokes_lost(
     plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
 ) -> None:
-    stream = await attached(plane, agent)
+    stream = await attached(plane, agent, capacity=3)
     kept = await assign_and_ack(stream, agent, n=1)
     lost = await assign_and_ack(stream, agent, n=2)
+    late = make_assignment(3)  # the agent acks it only while the stream is down
+    stream.assign(late)
+    await agent.receive()
     await plane.stop()
     await wait_until(lambda: not sidecar.upstream.connected.is_set())
 
     # Writes while the stream is down wait for the next one.
+    await agent.ack(late.lease)
     step = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
         lease=kept.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
     doomed = asyncio.ensure_future(agent.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
         lease=lost.lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
     await wait_until(lambda: sidecar.upstream.health()["pending_writes"] == 2)
 
-    plane.decide = lambda register: ([kept.lease], [lost.lease])
+    plane.decide = lambda register: ([kept.lease, late.lease], [lost.lease])
     await plane.start()  # same port
     stream = await plane.next_stream()
-    assert {lease.token for lease in stream.register.held} == {kept.lease.token, lost.lease.token}
-    assert stream.register.capacity == 2
+    assert {lease.token for lease in stream.register.held} == {
+        kept.lease.token, lost.lease.token, late.lease.token}
+    assert stream.register.capacity == 3
 
     revocation = await agent.receive()
     assert revocation.revocation.lease == lost.lease
@@ -382,14 +440,15 @@ async def test_reconnect_reannounces_held_and_revokes_lost(
         await asyncio.wait_for(doomed, WAIT)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    # The kept lease's ack (it has no reply, so it may have been lost) and its
-    # pending write go out again on the new stream.
-    assert (await stream.expect("ack")).ack.lease == kept.lease
+    # The ack made offline goes out now; the one already sent is not repeated
+    # (a second ack of an IN_PROGRESS lease reads as stale to the server).
+    assert (await stream.expect("ack")).ack.lease == late.lease
     request = await stream.expect("write")
     assert request.write.write.lease == kept.lease and request.write.write.step.name == "fetch"
     stream.answer(request)
     assert (await asyncio.wait_for(step, WAIT)).step.name == "fetch"
-    assert [lease.token for lease in sidecar.upstream.held_leases()] == [kept.lease.token]
+    assert not stream.has("ack")
+    assert {lease.token for lease in sidecar.upstream.held_leases()} == {kept.lease.token, late.lease.token}
     # A lost lease is never written to again.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await agent.stub.CompleteIntent(runtime_pb2.CompleteIntentRequest(
@@ -463,7 +522,7 @@ async def test_drain_stops_taking_work_then_releases_leftovers(
         assert stream.has("ping") or await stream.expect("ping")  # still renewing while draining
         stream.answer(release)
         await asyncio.wait_for(stopping, WAIT)
-        assert not Path(sc.address.removeprefix("unix://")).exists()
+        assert file_mode(socket_file(sc.address)) is None
     finally:
         await client.close()
         plane.auto_commit = True
@@ -474,9 +533,9 @@ async def test_upstream_writes_survive_a_missing_server(tmp_path: Path) -> None:
     # Nothing listens yet: the write waits instead of failing.
     plane = FakeControlPlane()
     plane.auto_commit = True
-    probe = grpc.aio.server()
-    plane.port = probe.add_insecure_port("127.0.0.1:0")
-    await probe.stop(0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        plane.port = probe.getsockname()[1]
     upstream = Upstream(servers=[f"127.0.0.1:{plane.port}"], sidecar_id="s", addresses=[ADDRESS],
                         intent_types=[], on_assignment=lambda a: None, on_revocation=lambda r: None,
                         reconnect_max_backoff_s=0.1)
@@ -496,14 +555,15 @@ async def test_upstream_writes_survive_a_missing_server(tmp_path: Path) -> None:
     assert closed.code == grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-async def test_supervisor_restarts_with_backoff_and_stops() -> None:
-    crashing = AgentSupervisor(
-        [sys.executable, "-c", f"import os, sys; sys.exit(0 if os.environ['{ADDRESS_ENV}'] == 'unix:///x' else 9)"],
-        "unix:///x", min_backoff_s=0.01, max_backoff_s=0.05)
+async def test_supervisor_restarts_with_backoff_and_stops(tmp_path: Path) -> None:
+    seen = tmp_path / "address"
+    script = f"import os; open({str(seen)!r}, 'a').write(os.environ[{ADDRESS_ENV!r}] + '\\n'); raise SystemExit(3)"
+    crashing = AgentSupervisor([sys.executable, "-c", script], "unix:///x", min_backoff_s=0.01, max_backoff_s=0.05)
     crashing.start()
-    await wait_until(lambda: crashing.restarts >= 2)
+    await wait_until(lambda: seen.exists() and len(seen.read_text().splitlines()) >= 3)
     await crashing.stop()
-    assert crashing.last_exit == 0  # it saw the address
+    assert set(seen.read_text().splitlines()) == {"unix:///x"}
+    assert crashing.restarts >= 2
 
     sleeping = AgentSupervisor([sys.executable, "-c", "import time; time.sleep(60)"], "unix:///x",
                                stop_grace_s=2.0)
@@ -526,7 +586,7 @@ def test_settings_from_env_and_flags(tmp_path: Path) -> None:
     assert settings.servers == ["10.0.0.1:7300", "10.0.0.2:7300"]
     assert settings.capacity == 7  # the flag wins
     assert settings.exec_argv == ["python", "-m", "my_agent", "--flag", "two words"]
-    assert settings.listen == f"unix://{tempfile.gettempdir()}/intentd-sidecar-{os.getpid()}.sock"
+    assert settings.agent_listen == f"unix://{tempfile.gettempdir()}/intentd-sidecar-{os.getpid()}.sock"
     assert settings.sidecar_id
 
 
@@ -535,8 +595,9 @@ def test_settings_from_env_and_flags(tmp_path: Path) -> None:
     ({"INTENTD_ADDRESSES": "http://nope"}, "INTENTD_ADDRESSES"),
     ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_INTENT_TYPES": "Bad Type"}, "INTENTD_INTENT_TYPES"),
     ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_CAPACITY": "0"}, "INTENTD_CAPACITY"),
-    ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_LISTEN": "0.0.0.0:7400"}, "INTENTD_LISTEN"),
-    ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_LISTEN": "unix://relative.sock"}, "INTENTD_LISTEN"),
+    ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_AGENT_LISTEN": "0.0.0.0:7400"}, "INTENTD_AGENT_LISTEN"),
+    ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_AGENT_LISTEN": "unix://relative.sock"}, "INTENTD_AGENT_LISTEN"),
+    ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_AGENT_LISTEN": "unix:///tmp/" + "s" * 120}, "INTENTD_AGENT_LISTEN"),
     ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_SERVER": "nohostport"}, "INTENTD_SERVER"),
     ({"INTENTD_ADDRESSES": ADDRESS, "INTENTD_EXEC": "'unclosed"}, "INTENTD_EXEC"),
 ])
@@ -549,3 +610,55 @@ def test_cli_rejects_bad_settings(capsys: pytest.CaptureFixture[str], monkeypatc
     monkeypatch.delenv("INTENTD_ADDRESSES", raising=False)
     assert cli_main(["--capacity", "2"]) == 2
     assert "INTENTD_ADDRESSES" in capsys.readouterr().err
+
+
+AGENT_SCRIPT = """
+import asyncio, os
+import grpc
+from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
+
+async def main():
+    async with grpc.aio.insecure_channel(os.environ["INTENTD_SIDECAR_ADDRESS"]) as channel:
+        call = runtime_pb2_grpc.AgentRuntimeServiceStub(channel).Attach()
+        await call.write(runtime_pb2.AttachRequest(hello=runtime_pb2.AgentHello(capacity=3)))
+        while (message := await call.read()) is not grpc.aio.EOF:
+            if message.HasField("assignment"):
+                await call.write(runtime_pb2.AttachRequest(
+                    ack=delivery_pb2.AckAssignment(lease=message.assignment.lease)))
+
+asyncio.run(main())
+"""
+
+
+async def test_command_supervises_the_agent_and_drains_on_sigterm(
+    plane: FakeControlPlane, tmp_path: Path
+) -> None:
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_text(AGENT_SCRIPT)
+    socket_path = tmp_path / "cmd.sock"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; from intentd.sidecar import cli_main; sys.exit(cli_main())",
+        "--server", f"127.0.0.1:{plane.port}", "--address", ADDRESS, "--capacity", "5",
+        "--listen", f"unix://{socket_path}", "--exec", f"{sys.executable} {agent_file}",
+        "--drain-grace", "0.3",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        stream = await plane.next_stream(timeout=10)
+        await expect_capacity(stream, 3)  # the supervised agent attached
+        assignment = make_assignment()
+        stream.assign(assignment)
+        assert (await stream.expect("ack")).ack.lease == assignment.lease
+        process.send_signal(signal.SIGTERM)
+        await expect_capacity(stream, 0)
+        release = await stream.expect("write")
+        assert release.write.write.release.reason == "DRAINED"
+        stream.answer(release)
+        stdout, _ = await asyncio.wait_for(process.communicate(), WAIT)
+        assert process.returncode == 0
+        assert f"listening on unix://{socket_path}" in stdout.decode()
+        assert file_mode(socket_path) is None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -88,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ledger = Ledger(work / "ledger.jsonl")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "INTENTD_LISTEN": address, "INTENTD_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "INTENTD_LOG_LEVEL": "WARNING"}
     if args.database_url:
         env["INTENTD_DATABASE_URL"] = args.database_url
     if args.data_dir:
@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         say(f"{c['bold']}intentd demo{c['reset']}: a 50-step ETL agent is SIGKILLed during step {args.kill_at}.")
         say(f"{c['dim']}logs and the side-effect ledger: {work}{c['reset']}")
-        server = spawn(["server"], "server.log")
+        server = spawn(["server"], "server.log", {"INTENTD_LISTEN": address})
         deadline = time.monotonic() + 120
         while not _healthy(address):
             if server.poll() is not None or time.monotonic() > deadline:
@@ -185,7 +185,10 @@ def _follow(client: IntentClient, intent_id: str, ledger: Ledger, args: argparse
                 say(f"  {mark} step {event.step_index:>2}/{TOTAL_STEPS}  {event.step_name:<26} "
                     f"{c['dim']}attempt {event.attempt}{c['reset']}")
             elif event.type == "DELIVERED":
-                say(f"  {c['yellow']}→ delivered{c['reset']}, attempt {event.attempt}")
+                since = ""
+                if killed and event.attempt > 1:
+                    since = f" ({(time.monotonic() - killed['killed_at']) * 1000:.0f} ms after the kill)"
+                say(f"  {c['yellow']}→ delivered{c['reset']}, attempt {event.attempt}{since}")
             elif event.type == "ACKNOWLEDGED" and event.attempt > 1:
                 say(f"  {c['yellow']}↻ agent restarted by the sidecar; attempt {event.attempt} replays the recorded "
                     f"steps without running them{c['reset']}")
