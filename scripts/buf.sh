@@ -13,7 +13,7 @@ cd "$root/proto"
 case "${1:-lint}" in
   lint) "$buf" lint && echo "buf lint: ok" ;;
   breaking)
-    latest="$(ls releases/*.binpb 2>/dev/null | sort -V | tail -1)"
+    latest="$(find releases -name "*.binpb" 2>/dev/null | sort -V | tail -1 || true)"
     if [ -z "$latest" ]; then echo "buf breaking: no release image yet"; exit 0; fi
     "$buf" breaking . --against "$latest" && echo "buf breaking: ok against $latest" ;;
   release)
