@@ -158,7 +158,7 @@ class AsyncIntentClient:
         intent_id: str,
         # The server must know how long to wait, which an asyncio.timeout()
         # around the call cannot tell it; it also keeps the sync signature.
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         *,
         raise_on_failure: bool = False,
     ) -> Intent:

@@ -40,7 +40,7 @@ def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
         return None
     ts = getattr(msg, field)
     try:
-        return ts.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+        return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise ValidationError(path, "is not a valid timestamp") from None
 

@@ -561,7 +561,7 @@ class FakeUnary:
 class FakeAsyncUnary(FakeUnary):
     # The keyword is grpc's, so the fake must take it as such.
     async def __call__(
-        self, request: Any, *, timeout: float | None, metadata: Any  # noqa: ASYNC109
+        self, request: Any, *, timeout: float | None, metadata: Any
     ) -> Any:
         return super().__call__(request, timeout=timeout, metadata=metadata)
 
