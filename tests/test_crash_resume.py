@@ -93,6 +93,10 @@ def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Call
     class Cluster:
         address = agent_address
         db = ledger_db
+        logs_dir = str(tmp_path)
+
+        def track(self, process: Process) -> None:
+            started.append(process)
 
         def server(self, **env: str) -> ServerProcess:
             srv = ServerProcess(ledger_db, tmp_path / f"server-{len(started)}.log", **env).start()
@@ -331,3 +335,39 @@ def test_short_network_cut_causes_no_redelivery(cluster) -> None:
     assert final.state is IntentState.COMPLETED
     assert final.attempt == 1, cluster.logs()
     assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
+
+
+def test_sigterm_drain_finishes_running_work_within_the_grace(cluster) -> None:
+    server = cluster.server()
+    sidecar = cluster.sidecar(server.address)
+    sidecar.args += ["--drain-grace", "20"]
+    with IntentClient(server.address) as client:
+        intent_id = send(client, cluster.address, steps=6, step_seconds=0.3)
+        wait_until(lambda: begins(ledger(cluster.db, intent_id))[2] >= 1, 30, what="step 2")
+        assert sidecar.terminate(timeout=30) == 0, cluster.logs()
+        final = client.get(intent_id)
+    # It kept heartbeating while draining: finished by attempt 1, nothing ran twice.
+    assert final.state is IntentState.COMPLETED and final.attempt == 1, cluster.logs()
+    assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
+
+
+def test_sigterm_drain_past_the_grace_releases_for_redelivery(cluster) -> None:
+    server = cluster.server()
+    first = Sidecar(server.address, cluster.address, cluster.db, Path(cluster.logs_dir) / "drain.log")
+    first.args += ["--drain-grace", "1"]
+    first.start()
+    cluster.track(first)
+    with IntentClient(server.address) as client:
+        intent_id = send(client, cluster.address, steps=3, hang_at=2)
+        wait_until(lambda: begins(ledger(cluster.db, intent_id))[2] == 1, 30, what="step 2")
+        assert first.terminate(timeout=30) == 0, cluster.logs()
+        intent = client.get(intent_id)
+        assert intent.state is IntentState.PENDING and intent.max_attempts == 4  # the drain gave the attempt back
+        cluster.sidecar(server.address)
+        wait_until(lambda: begins(ledger(cluster.db, intent_id))[2] == 2, 30, what="step 2 again elsewhere")
+        assert begins(ledger(cluster.db, intent_id))[1] == 1
+        # The first agent was told to stop (its handler saw the revocation) before it was shut down.
+        assert any(e["phase"].startswith("stopped:") for e in ledger(cluster.db, intent_id))
+        client.cancel(intent_id)
+        events = [(e.type, e.message) for e in client.watch(intent_id)]
+        assert ("RELEASED", "DRAINED") in events

@@ -1,0 +1,76 @@
+"""The `intentd` command against a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.support import ServerProcess, running
+
+
+def intentd(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "intentd", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_send_get_list_wait_watch_cancel(database_url, agent_address, tmp_path) -> None:
+    server = ServerProcess(database_url, tmp_path / "s.log").start()
+    with running(server):
+        t = ["--target", server.address]
+        sent = intentd("send", "intent.pipeline.process.v1", agent_address, "--payload", '{"day": "2026-11-27"}',
+                       "--label", "team=data", *t)
+        assert sent.returncode == 0, sent.stderr
+        intent_id = sent.stdout.strip()
+        got = intentd("get", intent_id, "--json", *t)
+        intent = json.loads(got.stdout)
+        assert intent["state"] == "PENDING" and intent["payload"] == {"day": "2026-11-27"}
+        assert intent["labels"] == {"team": "data"}
+        waited = intentd("wait", intent_id, "--timeout", "0.5", *t)
+        assert waited.returncode == 2 and "still PENDING" in waited.stderr
+        listed = intentd("list", "--to-agent", agent_address, *t)
+        assert intent_id in listed.stdout and "PENDING" in listed.stdout
+        canceled = intentd("cancel", intent_id, "--reason", "from the test", *t)
+        assert canceled.returncode == 0 and "CANCELED" in canceled.stdout
+        waited = intentd("wait", intent_id, *t)
+        assert waited.returncode == 1 and "CANCELED" in waited.stdout  # terminal, but not COMPLETED
+        watched = intentd("watch", intent_id, "--json", *t)
+        assert [json.loads(line)["type"] for line in watched.stdout.splitlines()] == ["CREATED", "CANCELED"]
+        again = intentd("cancel", intent_id, *t)
+        assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr
+        missing = intentd("get", "01m8dsnxs4vrf409wync0kdayv", *t)
+        assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+        bad = intentd("send", "Not A Type", agent_address, *t)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "intent_type" in bad.stderr
+
+
+def test_intent_type_registry(database_url, tmp_path) -> None:
+    server = ServerProcess(database_url, tmp_path / "s.log").start()
+    with running(server):
+        t = ["--target", server.address]
+        put = intentd("types", "put", "intent.cli.registry.v1", "--max-attempts", "5", "--heartbeat-timeout-ms",
+                      "15000", "--json", *t)
+        assert put.returncode == 0, put.stderr
+        assert json.loads(put.stdout)["max_attempts"] == 5
+        got = intentd("types", "get", "intent.cli.registry.v1", *t)
+        assert "max_attempts=5" in got.stdout and "heartbeat_timeout_ms=15000" in got.stdout
+        assert "intent.cli.registry.v1" in intentd("types", "list", *t).stdout
+        bad = intentd("types", "put", "intent.cli.registry.v1", "--max-attempts", "5000", *t)
+        assert bad.returncode == 1 and "max_attempts" in bad.stderr
+
+
+def test_bad_setting_names_the_variable(database_url) -> None:
+    result = intentd("server", env={"INTENTD_DATABASE_URL": database_url, "INTENTD_POOL_MAX_SIZE": "lots"})
+    assert result.returncode == 2
+    assert "INTENTD_POOL_MAX_SIZE" in result.stderr and "whole number" in result.stderr
+    result = intentd("server", env={"INTENTD_DATABASE_URL": "mysql://nope"})
+    assert result.returncode == 2 and "INTENTD_DATABASE_URL" in result.stderr
+
+
+def test_migrate_is_idempotent(databases) -> None:
+    url = databases.create(migrated=False)
+    first = intentd("migrate", "--database-url", url)
+    assert first.returncode == 0 and "applied [1]" in first.stdout
+    second = intentd("migrate", "--database-url", url)
+    assert second.returncode == 0 and "already current" in second.stdout
