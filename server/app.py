@@ -71,10 +71,11 @@ class ControlPlane:
             self.database_url = await asyncio.to_thread(self.embedded.start)
             log.info("no INTENTD_DATABASE_URL: using the embedded PostgreSQL in %s", self.settings.data_dir)
         self.db = Database(
-            self.database_url, min_size=self.settings.pool_min_size, max_size=self.settings.pool_max_size
+            self.database_url, min_size=self.settings.pool_min_size, max_size=self.settings.pool_max_size,
+            application_name=f"intentd:{self.settings.instance_name}"[:63],
         )
         await self.db.open()
-        self.hub = NotificationHub(self.database_url)
+        self.hub = NotificationHub(self.database_url, application_name=self.db.application_name)
         await self.hub.start()
         store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms)
         leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes)

@@ -78,8 +78,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """An asyncpg pool with the intentd connection set-up."""
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 2, max_size: int = 10, application_name: str = "intentd",
+        acquire_timeout: float = 5.0,
+    ) -> None:
         self.url = url
+        self.application_name = application_name
+        self.acquire_timeout = acquire_timeout
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
@@ -105,6 +110,9 @@ class Database:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 init=_init_connection,
+                # Names this replica's sessions in pg_stat_activity (and lets an
+                # operator, or the chaos harness, drop exactly them).
+                server_settings={"application_name": self.application_name},
                 # Statements are prepared once per connection and reused.
                 max_inactive_connection_lifetime=300,
                 command_timeout=30,
@@ -122,11 +130,13 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         with converted():
-            async with self.pool.acquire() as conn:
+            # A bounded wait: with PostgreSQL down or every connection busy,
+            # callers get UNAVAILABLE instead of hanging.
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         with converted():
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
                 yield conn

@@ -48,8 +48,9 @@ class Subscription:
 
 
 class NotificationHub:
-    def __init__(self, url: str, *, reconnect_delay: float = 0.5) -> None:
+    def __init__(self, url: str, *, reconnect_delay: float = 0.5, application_name: str = "intentd") -> None:
         self._url = url
+        self._application_name = application_name
         self._reconnect_delay = reconnect_delay
         self._intents: dict[str, set[Subscription]] = defaultdict(set)
         self._pending_listeners: list[Callable[[str], None]] = []
@@ -131,7 +132,8 @@ class NotificationHub:
     async def _run(self) -> None:
         while not self._closing:
             try:
-                conn = await asyncpg.connect(self._url, timeout=10)
+                conn = await asyncpg.connect(
+                    self._url, timeout=10, server_settings={"application_name": self._application_name})
                 self._conn = conn
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(PENDING_CHANNEL, self._on_pending)

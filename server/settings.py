@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class ServerSettings:
     dispatch_catchup_s: float = 2.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Names this replica in logs and in PostgreSQL's application_name.
+    instance_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # The tenant of every call while authentication is off.
     tenant: str = "default"
 
