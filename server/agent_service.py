@@ -39,6 +39,8 @@ MAX_CLAIM_BATCH = 100
 # stream through HTTP/2 flow control instead of growing memory.
 MAX_CONCURRENT_WRITES = 256
 MISSED_PINGS_BEFORE_CLOSE = 3
+# Messages queued for one stream before it counts as a consumer that stopped reading.
+MAX_OUTBOX = 10_000
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Session:
     capacity: int
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     held: dict[str, Held] = field(default_factory=dict)
-    outbox: asyncio.Queue[pb.ConnectResponse | None] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[pb.ConnectResponse | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=MAX_OUTBOX))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
@@ -69,14 +72,25 @@ class Session:
         return max(0, self.capacity - len(self.held))
 
     def send(self, message: pb.ConnectResponse) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
             self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("sidecar %s is not reading its stream (%d messages queued); closing it",
+                        self.sidecar_id, self.outbox.qsize())
+            self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.wake.set()
-            self.outbox.put_nowait(None)
+            while True:
+                try:
+                    self.outbox.put_nowait(None)
+                    return
+                except asyncio.QueueFull:
+                    self.outbox.get_nowait()  # make room for the end marker
 
 
 def _lease_msg(lease: LeaseRef) -> delivery_pb2.Lease:

@@ -87,6 +87,8 @@ class ControlPlane:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.so_reuseport", 0),
+            # One connection cannot open streams without bound (watch floods).
+            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         self.server = grpc.aio.server(options=options)
         intent_service_pb2_grpc.add_IntentServiceServicer_to_server(
@@ -105,7 +107,8 @@ class ControlPlane:
 
         self.services = [
             DeadlineSweeper(store, self.settings.sweep_interval_s),
-            LeaseSweeper(leases, self.settings.sweep_interval_s),
+            LeaseSweeper(leases, self.settings.sweep_interval_s,
+                         hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
         ]
         for service in self.services:
             service.start()

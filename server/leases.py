@@ -182,6 +182,10 @@ class LeaseStore:
         assert row is not None
         return str(row["state"])
 
+    async def ping(self) -> None:
+        async with self.db.connection() as conn:
+            await conn.fetchval(Q.ping)
+
     async def expire(self, now: datetime | None = None, batch: int = 500) -> list[Row]:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.expire_leases, now, batch))

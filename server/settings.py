@@ -36,6 +36,8 @@ class ServerSettings:
     max_payload_bytes: int = 128 * 1024
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch_size: int = 1000
+    # Per client connection; more streams wait for a free slot.
+    max_concurrent_streams: int = 1000
     # Per intent type in the registry; this is the default for unregistered types.
     heartbeat_timeout_ms: int = 10_000
     # How often sweepers run (deadlines, leases) and dispatchers catch up on
@@ -68,6 +70,7 @@ class ServerSettings:
                 "must be between 1 KiB and 64 MiB")
         require(self.max_message_bytes >= self.max_payload_bytes + 64 * 1024, "max_message_bytes",
                 "must exceed INTENTD_MAX_PAYLOAD_BYTES by at least 64 KiB")
+        require(1 <= self.max_concurrent_streams <= 100_000, "max_concurrent_streams", "must be 1..100000")
         require(1 <= self.max_batch_size <= 10_000, "max_batch_size", "must be 1..10000")
         require(100 <= self.heartbeat_timeout_ms <= 86_400_000, "heartbeat_timeout_ms",
                 "must be between 100 ms and one day")

@@ -4,6 +4,7 @@ replica is sweeping are skipped with SKIP LOCKED, not waited for)."""
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from intentd.server.leases import LeaseStore
@@ -38,13 +39,29 @@ class LeaseSweeper(BackgroundService):
 
     name = "lease-sweeper"
 
-    def __init__(self, leases: LeaseStore, interval: float, batch: int = 500) -> None:
+    def __init__(self, leases: LeaseStore, interval: float, hold_after_outage: float, batch: int = 500) -> None:
         super().__init__(interval)
         self.leases = leases
         self.batch = batch
+        self.hold_after_outage = hold_after_outage
         self.expired = 0
+        self._back_since: float | None = time.monotonic()
+        self._was_down = False
 
     async def run_once(self, now: datetime | None = None) -> bool:
+        try:
+            await self.leases.ping()
+        except Exception:
+            # This replica cannot reach PostgreSQL, so neither can the streams
+            # it serves renew their leases: do not hold it against them later.
+            self._was_down = True
+            self._back_since = None
+            raise
+        if self._back_since is None:
+            self._back_since = time.monotonic()
+        if self._was_down and now is None and time.monotonic() - self._back_since < self.hold_after_outage:
+            return False
+        self._was_down = False
         rows = await self.leases.expire(now, self.batch)
         self.expired += len(rows)
         for row in rows:

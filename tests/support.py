@@ -177,7 +177,7 @@ class ServerProcess(Process):
             "INTENTD_SWEEP_INTERVAL_S": "0.1",
             "INTENTD_PING_INTERVAL_MS": "200",
             "INTENTD_HEARTBEAT_TIMEOUT_MS": "2000",
-            "INTENTD_ACK_TIMEOUT_MS": "2000",
+            "INTENTD_ACK_TIMEOUT_MS": "5000",
             "INTENTD_SHUTDOWN_GRACE_S": "2",
             "INTENTD_DISPATCH_CATCHUP_S": "0.5",
         }

@@ -177,23 +177,22 @@ def test_always_crashing_agent_is_dead_lettered_after_max_attempts_then_retried(
 
 def test_max_attempts_per_type_and_per_intent(cluster) -> None:
     server = cluster.server()
-    cluster.sidecar(server.address)
+    # A type of its own: the registry is shared by every test on this database.
+    intent_type = f"test.attempts.t{uuid.uuid4().hex[:8]}.v1"
+    # One intent at a time: an agent's death ends the attempts of every intent it holds.
+    cluster.sidecar(server.address, capacity="1", TEST_AGENT_CAPACITY="1", TEST_AGENT_TYPE=intent_type)
     with grpc.insecure_channel(server.address) as channel:
         admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(
-            intent_type=admin_service_pb2.IntentType(intent_type=TYPE, max_attempts=2, retry_backoff_ms=10)))
-    try:
-        with IntentClient(server.address) as client:
-            by_type = send(client, cluster.address, steps=2, crash_at=1, crash_attempts=list(range(1, 10)))
-            by_intent = send(client, cluster.address, steps=2, crash_at=1, crash_attempts=list(range(1, 10)),
-                             max_attempts=4)
-            assert finish(client, by_type, cluster).attempt == 2
-            assert finish(client, by_intent, cluster).attempt == 4
-            assert begins(ledger(cluster.db, by_type))[1] == 2
-            assert begins(ledger(cluster.db, by_intent))[1] == 4
-    finally:
-        with grpc.insecure_channel(server.address) as channel:
-            admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(
-                intent_type=admin_service_pb2.IntentType(intent_type=TYPE, max_attempts=3)))
+            intent_type=admin_service_pb2.IntentType(intent_type=intent_type, max_attempts=2, retry_backoff_ms=10)))
+    crash = {"steps": 2, "crash_at": 1, "crash_attempts": list(range(1, 10))}
+    with IntentClient(server.address) as client:
+        by_type = client.send_intent(intent_type=intent_type, to_agent=cluster.address, payload=crash)
+        by_intent = client.send_intent(intent_type=intent_type, to_agent=cluster.address, payload=crash,
+                                       max_attempts=4)
+        assert finish(client, by_type, cluster).attempt == 2
+        assert finish(client, by_intent, cluster).attempt == 4
+        assert begins(ledger(cluster.db, by_type))[1] == 2
+        assert begins(ledger(cluster.db, by_intent))[1] == 4
 
 
 def test_non_retryable_failure_ends_at_once_and_retryable_counts(cluster) -> None:

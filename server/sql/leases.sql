@@ -221,11 +221,16 @@ SELECT id, state::text AS state FROM changed;
 -- name: expire_leases
 -- Leases whose holder stopped renewing them: back to PENDING for the next
 -- attempt after the backoff, or FAILED / ATTEMPTS_EXHAUSTED (the dead letter).
--- Safe in every replica at once. $1 now, $2 batch size
+-- Safe in every replica at once. A lease whose renewals could not land
+-- because PostgreSQL itself was down is not a dead holder: nothing expires
+-- until one full heartbeat timeout after the server (re)started.
+-- $1 now, $2 batch size
 WITH due AS (
     SELECT id FROM intents
     WHERE state IN ('DELIVERED', 'IN_PROGRESS')
       AND lease_expires_at <= coalesce($1::timestamptz, now())
+      AND pg_postmaster_start_time() + heartbeat_timeout_ms * interval '1 millisecond'
+          <= coalesce($1::timestamptz, now())
     ORDER BY lease_expires_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED

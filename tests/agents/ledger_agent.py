@@ -41,7 +41,7 @@ async def ledger(ctx: Context, step: int, phase: str) -> None:
     )
 
 
-@agent.handler("test.ledger.run.v1")
+@agent.handler(os.environ.get("TEST_AGENT_TYPE", "test.ledger.run.v1"))
 async def run(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     steps = int(payload.get("steps", 5))
     seconds = float(payload.get("step_seconds", 0.01))

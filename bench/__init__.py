@@ -1,0 +1,1 @@
+"""intentd's benchmark suite: ``python -m bench`` (see docs/performance.md)."""

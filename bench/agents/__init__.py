@@ -1,0 +1,1 @@
+"""Agents the benchmark runs under real sidecars."""

@@ -1,0 +1,72 @@
+"""The benchmark's agent: no-op work, so what is measured is intentd itself.
+
+Started by a sidecar (``--exec``) or by the bench beside one. Address and
+capacity come from ``BENCH_AGENT_ADDRESS`` and ``BENCH_AGENT_CAPACITY``.
+
+Handlers:
+  bench.noop.v1     one no-op step, then return
+  bench.steps.v1    ``payload["steps"]`` sequential no-op steps; returns each
+                    step's wall time in ms (measured around ``ctx.step``)
+  bench.latency.v1  returns ``time.time()`` taken when the handler started,
+                    after one no-op step
+  bench.hang.v1     writes ``<pid> <attempt> <time>`` to
+                    ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
+                    step that sleeps until the process is killed or the
+                    intent is canceled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from intentd.agent import Agent, Context
+
+agent = Agent(os.environ["BENCH_AGENT_ADDRESS"], capacity=int(os.environ.get("BENCH_AGENT_CAPACITY", "50")))
+
+
+async def _noop() -> int:
+    return 1
+
+
+@agent.handler("bench.noop.v1")
+async def noop(ctx: Context, payload: Any) -> dict[str, Any]:
+    await ctx.step("noop", _noop)
+    return {"ok": True}
+
+
+@agent.handler("bench.steps.v1")
+async def steps(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    timings: list[float] = []
+    clock = time.perf_counter
+    for index in range(int(payload.get("steps", 10))):
+        began = clock()
+        await ctx.step(f"s{index}", _noop)
+        timings.append(round((clock() - began) * 1000, 4))
+    return {"ms": timings if payload.get("timings") else [], "n": len(timings)}
+
+
+@agent.handler("bench.latency.v1")
+async def latency(ctx: Context, payload: Any) -> dict[str, Any]:
+    started = time.time()
+    await ctx.step("noop", _noop)
+    return {"start": started}
+
+
+@agent.handler("bench.hang.v1")
+async def hang(ctx: Context, payload: Any) -> dict[str, Any]:
+    async def work() -> int:
+        marker = Path(os.environ["BENCH_STATE_DIR"]) / f"{ctx.intent_id}.{ctx.attempt}"
+        marker.write_text(f"{os.getpid()} {ctx.attempt} {time.time()}")
+        await asyncio.sleep(3600)
+        return 1
+
+    await ctx.step("hang", work)
+    return {}
+
+
+if __name__ == "__main__":
+    agent.run()

@@ -1,0 +1,337 @@
+"""Process management, databases, timing and statistics shared by the scenarios.
+
+Everything a scenario starts goes through :class:`Proc`, which puts each
+process in its own process group and registers it, so :func:`kill_all` (run
+by ``python -m bench`` in a ``finally``) leaves nothing behind, even after an
+error or Ctrl-C. Every database is a fresh ``bench_*`` database dropped at the
+end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LOG_DIR = Path(tempfile.mkdtemp(prefix="intentd-bench-"))
+NOOP_AGENT = f"{sys.executable} -m bench.agents.noop"
+
+# ---------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in 0..100."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def iqr(values: Sequence[float]) -> tuple[float, float]:
+    return percentile(values, 25), percentile(values, 75)
+
+
+# ---------------------------------------------------------------- processes
+
+_LIVE: set[Proc] = set()
+
+
+class Proc:
+    """A child process in its own process group, output to a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
+        _LIVE.add(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal_group(self, sig: int) -> None:
+        if self.popen is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILLs the whole process group (the process and its children)."""
+        self.signal_group(signal.SIGKILL)
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(10)
+        _LIVE.discard(self)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the group, SIGKILL after ``grace``."""
+        if self.alive():
+            self.signal_group(signal.SIGTERM)
+            assert self.popen is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(grace)
+        self.kill()
+
+    async def wait_log(self, *needles: str, count: int = 1, timeout: float = 60.0) -> None:
+        """Waits until every needle appears ``count`` times in the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if all(text.count(n) >= count for n in needles):
+                return
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{text[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no {needles!r} after {timeout}s:\n{text[-3000:]}")
+            await asyncio.sleep(0.05)
+
+
+def kill_all() -> None:
+    for proc in list(_LIVE):
+        proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- intentd processes
+
+
+def _health_ok(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+class Server(Proc):
+    """``python -m intentd server`` on a free loopback port."""
+
+    def __init__(self, database_url: str, **env: str) -> None:
+        self.port = free_port()
+        super().__init__("server", [sys.executable, "-m", "intentd", "server"], {
+            "INTENTD_DATABASE_URL": database_url,
+            "INTENTD_LISTEN": f"127.0.0.1:{self.port}",
+            "INTENTD_SHUTDOWN_GRACE_S": "1",
+            **env,
+        })
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def ready(self, timeout: float = 60.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(_health_ok, self.address):
+            if not self.alive():
+                raise RuntimeError(f"server exited:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after {timeout}s:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.1)
+        return self
+
+
+class Sidecar(Proc):
+    """``python -m intentd sidecar``, optionally supervising an agent command."""
+
+    def __init__(self, server: str, address: str, capacity: int, agent: str | None = NOOP_AGENT,
+                 agent_capacity: int | None = None, **env: str) -> None:
+        self.socket = f"/tmp/intentd-bench-{uuid.uuid4().hex[:10]}.sock"
+        argv = [sys.executable, "-m", "intentd", "sidecar", "--server", server, "--address", address,
+                "--capacity", str(capacity), "--listen", f"unix://{self.socket}"]
+        if agent:
+            argv += ["--exec", agent]
+        super().__init__("sidecar", argv, {
+            "BENCH_AGENT_ADDRESS": address,
+            "BENCH_AGENT_CAPACITY": str(agent_capacity or capacity),
+            "INTENTD_LOG_LEVEL": "INFO",
+            **env,
+        })
+
+    @property
+    def runtime_address(self) -> str:
+        return f"unix://{self.socket}"
+
+    async def ready(self, agents: int = 1, timeout: float = 60.0) -> Sidecar:
+        """Registered upstream and ``agents`` agents attached (in total, ever)."""
+        await self.wait_log("registered with", timeout=timeout)
+        if agents:
+            await self.wait_log("attached (python", count=agents, timeout=timeout)
+        return self
+
+    def kill(self) -> None:
+        super().kill()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+
+def agent_proc(sidecar: Sidecar, address: str, capacity: int, **env: str) -> Proc:
+    """A bench agent process attached to ``sidecar`` directly (not supervised by it)."""
+    return Proc("agent", NOOP_AGENT.split(), {
+        "INTENTD_SIDECAR_ADDRESS": sidecar.runtime_address,
+        "BENCH_AGENT_ADDRESS": address,
+        "BENCH_AGENT_CAPACITY": str(capacity),
+        **env,
+    })
+
+
+# ---------------------------------------------------------------- databases
+
+
+def database_url(name: str, base: str = ADMIN_URL) -> str:
+    return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(tag: str) -> AsyncIterator[str]:
+    """A new, empty database ``bench_<tag>_<random>``, dropped afterwards."""
+    name = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield database_url(name)
+    finally:
+        admin = await asyncpg.connect(ADMIN_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def xact_commits(url: str) -> int:
+    """pg_stat_database.xact_commit of the database named by ``url``, read
+    from the admin database so that the read itself is not counted."""
+    name = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        value = await admin.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    return int(value or 0)
+
+
+# Backends publish their statistics at most once a second (and an idle one
+# only after up to 10 s), so counters are read after a pause with the cluster
+# still pinging: every pool connection has then reported.
+STATS_SETTLE_S = 2.5
+
+
+@dataclass
+class CommitMeter:
+    """Commits in one database over an interval, minus the bench's own queries."""
+
+    url: str
+    start: int = 0
+    own: int = 0  # transactions the bench itself ran in that database
+
+    async def begin(self) -> None:
+        await asyncio.sleep(STATS_SETTLE_S)
+        self.start = await xact_commits(self.url)
+        self.own = 0
+
+    async def end(self) -> int:
+        await asyncio.sleep(STATS_SETTLE_S)
+        return await xact_commits(self.url) - self.start - self.own
+
+
+# ---------------------------------------------------------------- a running cluster
+
+
+@dataclass
+class Cluster:
+    """One server and its sidecars; stopped (groups killed) by ``close``."""
+
+    server: Server
+    sidecars: list[Sidecar] = field(default_factory=list)
+    others: list[Proc] = field(default_factory=list)
+
+    def close(self) -> None:
+        for proc in [*self.others, *self.sidecars]:
+            proc.kill()
+        self.server.stop(grace=3.0)
+
+
+async def start_cluster(db_url: str, address: str, sidecars: int, capacity: int,
+                        server_env: dict[str, str] | None = None) -> Cluster:
+    server = Server(db_url, **(server_env or {})).start()
+    cluster = Cluster(server)
+    try:
+        await server.ready()
+        cluster.sidecars = [Sidecar(server.address, address, capacity).start() for _ in range(sidecars)]
+        await asyncio.gather(*(s.ready() for s in cluster.sidecars))
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+async def put_intent_type(server: str, intent_type: str, **settings: int) -> None:
+    from intentd.v1 import admin_service_pb2, admin_service_pb2_grpc
+
+    async with grpc.aio.insecure_channel(server) as channel:
+        await admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(
+            intent_type=admin_service_pb2.IntentType(intent_type=intent_type, **settings)), timeout=10)
+

@@ -1,0 +1,137 @@
+"""The suite: configuration, the scenario registry and the run loop."""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.report import Figure, Report
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool = False
+    full: bool = False
+    peers: bool = True
+    profile: bool = False
+    reps: int = 3
+    # limits: seconds per measurement
+    limit_seconds: float = 2.0
+    # e2e: intents per measured pass; a pass is also capped to about
+    # e2e_pass_s seconds at the rate the warm-up measured (see e2e.py).
+    e2e_n: int = 20_000
+    e2e_pass_s: float = 20.0
+    e2e_sidecars: int = 4
+    e2e_capacity: int = 50
+    e2e_batch: int = 500
+    e2e_in_flight: int = 64
+    # steps
+    seq_steps: int = 1000
+    conc_intents: int = 200
+    conc_steps: int = 10
+    # latency
+    latency_n: int = 200
+    # recovery
+    kills: int = 20
+    # scale
+    scale_terminal: int = 1_000_000
+    scale_pending: int = 50_000
+    scale_latency_n: int = 100
+    scale_streams: int = 500
+    # peers
+    peer_jobs: int = 5000
+
+    @classmethod
+    def make(cls, *, quick: bool, full: bool, peers: bool, profile: bool, reps: int | None,
+             e2e_n: int | None) -> Config:
+        if quick:
+            base = cls(quick=True, full=full, peers=peers, profile=profile, reps=2, limit_seconds=1.0,
+                       e2e_n=2000, e2e_pass_s=6.0, seq_steps=300, conc_intents=100, latency_n=50, kills=5,
+                       scale_terminal=100_000, scale_pending=5000, scale_latency_n=40, scale_streams=100,
+                       peer_jobs=1000)
+        else:
+            base = cls(full=full, peers=peers, profile=profile)
+        changes: dict[str, Any] = {}
+        if reps is not None:
+            changes["reps"] = reps
+        if e2e_n is not None:
+            changes["e2e_n"] = e2e_n
+            changes["e2e_pass_s"] = 1e9  # an explicit N is used as given
+        return cls(**{**asdict(base), **changes})
+
+
+@dataclass
+class Run:
+    config: Config
+    report: Report = field(default_factory=Report)
+
+    def figure(self, key: str, label: str, unit: str, samples: list[float], **kw: Any) -> Figure:
+        return self.report.add(Figure(key, label, unit, [float(s) for s in samples], **kw))
+
+    def note(self, scenario: str, **info: Any) -> None:
+        self.report.scenarios.setdefault(scenario, {}).update(info)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    module: str
+    title: str
+    needs: tuple[str, ...] = ()
+
+    def entry(self) -> Callable[[Run], Awaitable[None]]:
+        module = importlib.import_module(self.module)
+        fn: Callable[[Run], Awaitable[None]] = module.run
+        return fn
+
+
+SCENARIOS = [
+    Scenario("limits", "bench.limits", "1. Physical limits (baselines)"),
+    Scenario("e2e", "bench.e2e", "2. End-to-end throughput", ("limits",)),
+    Scenario("steps", "bench.steps", "3. Step recording cost", ("limits",)),
+    Scenario("latency", "bench.latency", "4. Latency on an idle system", ("limits",)),
+    Scenario("recovery", "bench.recovery", "5. Recovery", ("limits",)),
+    Scenario("scale", "bench.scale", "6. Scale", ()),
+    Scenario("peers", "bench.peers", "7. Peers", ("limits", "e2e", "steps")),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def plan(only: list[str] | None, peers: bool) -> list[Scenario]:
+    """The scenarios to run, in suite order: the chosen ones and what their
+    baselines need."""
+    if not only:
+        return [s for s in SCENARIOS if s.name != "peers" or peers]
+    wanted: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in wanted:
+            wanted.add(name)
+            for dep in BY_NAME[name].needs:
+                add(dep)
+
+    for name in only:
+        add(name)
+    return [s for s in SCENARIOS if s.name in wanted]
+
+
+async def run_all(run: Run, scenarios: list[Scenario], log: Callable[[str], None]) -> bool:
+    ok = True
+    for scenario in scenarios:
+        log(f"== {scenario.title}")
+        began = time.monotonic()
+        try:
+            await scenario.entry()(run)
+            status = "ok"
+        except Exception as exc:
+            ok = False
+            status = f"error: {type(exc).__name__}: {exc}"
+            log(traceback.format_exc())
+        seconds = time.monotonic() - began
+        run.note(scenario.name, seconds=round(seconds, 1), status=status)
+        log(f"   {scenario.name}: {status} in {seconds:.0f}s")
+    return ok

@@ -1,0 +1,63 @@
+"""What the chaos agent and the checker agree on: the intent type, the
+ledger schema and the value every step must produce."""
+
+from __future__ import annotations
+
+import zlib
+
+INTENT_TYPE = "chaos.soak.run.v1"
+# Non-retryable failures carry this code (the checker expects it back).
+FAIL_CODE = "CHAOS_REJECTED"
+
+# Every step run appends one row here, in its own transaction, before the
+# step's work. ``began`` is the agent's wall clock when the step function was
+# entered; ``at`` is the database clock when the row was written (later than
+# ``began`` when the database was unreachable and the insert was retried).
+# ``exec_id`` makes a retried insert idempotent.
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS chaos_ledger (
+    id          bigserial PRIMARY KEY,
+    exec_id     uuid NOT NULL UNIQUE,
+    intent_id   text NOT NULL,
+    step        integer NOT NULL,
+    attempt     integer NOT NULL,
+    lease_token uuid NOT NULL,
+    pid         integer NOT NULL,
+    began       timestamptz NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS chaos_ledger_intent ON chaos_ledger (intent_id, step);
+CREATE INDEX IF NOT EXISTS chaos_ledger_pid ON chaos_ledger (pid);
+CREATE TABLE IF NOT EXISTS chaos_attempts (
+    exec_id     uuid PRIMARY KEY,
+    intent_id   text NOT NULL,
+    attempt     integer NOT NULL,
+    lease_token uuid NOT NULL,
+    pid         integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS chaos_attempts_pid ON chaos_attempts (pid);
+"""
+
+INSERT_LEDGER = (
+    "INSERT INTO chaos_ledger (exec_id, intent_id, step, attempt, lease_token, pid, began)"
+    " VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7)) ON CONFLICT (exec_id) DO NOTHING"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO chaos_attempts (exec_id, intent_id, attempt, lease_token, pid)"
+    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (exec_id) DO NOTHING"
+)
+
+
+def step_name(index: int) -> str:
+    return f"step-{index}"
+
+
+def step_value(intent_id: str, index: int) -> int:
+    """The deterministic value step ``index`` of an intent returns."""
+    return zlib.crc32(f"{intent_id}:{index}".encode()) % 100_000
+
+
+def expected_result(intent_id: str, steps: int) -> dict[str, int]:
+    """What a completed intent's result must be."""
+    return {"steps": steps, "sum": sum(step_value(intent_id, i) for i in range(1, steps + 1))}
