@@ -276,6 +276,14 @@ class WaitLoop:
             wait + WAIT_MARGIN_SECONDS,
         )
 
+    def outlast_outage(self, pause: float) -> float:
+        """After the retries of one call are spent: how long to pause before
+        waiting on. A wait is long-lived by nature, so it rides out an outage
+        for as long as its own timeout allows; past that, the error stands."""
+        if self._deadline is not None and self._clock() + pause >= self._deadline:
+            raise
+        return pause
+
     def finish(self, response: pb.WaitIntentResponse) -> Intent | None:
         """The final intent once the wait is over, None to call again.
 

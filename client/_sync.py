@@ -26,6 +26,7 @@ from ._common import (
     list_request,
     send_request,
 )
+from .errors import Unavailable
 from .models import (
     Event,
     Intent,
@@ -148,9 +149,13 @@ class IntentClient:
         loop = WaitLoop(intent_id, timeout, raise_on_failure)
         while True:
             request, call_timeout = loop.next_call()
-            resp: pb.WaitIntentResponse = self._call(
-                self._stub.WaitIntent, request, call_timeout=call_timeout
-            )
+            try:
+                resp: pb.WaitIntentResponse = self._call(
+                    self._stub.WaitIntent, request, call_timeout=call_timeout
+                )
+            except Unavailable:
+                time.sleep(loop.outlast_outage(self._settings.retry.max_backoff))
+                continue
             final = loop.finish(resp)
             if final is not None:
                 return final

@@ -12,8 +12,10 @@ from typing import Any
 
 class TcpProxy:
     def __init__(self, upstream: str) -> None:
+        """``upstream`` is HOST:PORT or unix:/path/to/socket."""
+        self._unix = upstream.removeprefix("unix:") if upstream.startswith("unix:") else None
         host, _, port = upstream.rpartition(":")
-        self.upstream = (host, int(port))
+        self.upstream = (host, int(port)) if self._unix is None else ("", 0)
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -58,7 +60,12 @@ class TcpProxy:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
+                if self._unix is not None:
+                    upstream = socket.socket(socket.AF_UNIX)
+                    upstream.connect(self._unix)
+                else:
+                    upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue

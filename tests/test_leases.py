@@ -30,6 +30,12 @@ async def send(store: IntentStore, address: str, **kw) -> str:
     return str(sent.row["id"])
 
 
+def later() -> datetime:
+    """A start time a minute ahead: expiry is held for one heartbeat timeout
+    after PostgreSQL starts, and the embedded test server may have just started."""
+    return datetime.now(UTC) + timedelta(minutes=1)
+
+
 def mine(rows: list, intent_id: str) -> list:
     """The database is shared by the run; other tests' leases expire too."""
     return [r for r in rows if r["id"] == intent_id]
@@ -57,7 +63,7 @@ async def test_each_intent_is_claimed_by_one_stream_oldest_first(stores, agent_a
 async def test_lapsed_lease_is_redelivered_with_the_next_attempt_then_dead_lettered(stores, agent_address, pg) -> None:
     store, leases = stores
     intent_id = await send(store, agent_address, max_attempts=2)
-    t0 = datetime.now(UTC)
+    t0 = later()
     first = await deliver(leases, agent_address, now=t0)
     # Renewed at t0+5s, so still live at t0+12s (heartbeat timeout 10s).
     await leases.renew("s1", now=t0 + timedelta(seconds=5))
@@ -90,7 +96,7 @@ async def test_lapsed_lease_is_redelivered_with_the_next_attempt_then_dead_lette
 async def test_unacknowledged_delivery_is_taken_back(stores, agent_address) -> None:
     store, leases = stores
     intent_id = await send(store, agent_address)
-    t0 = datetime.now(UTC)
+    t0 = later()
     rows, _ = await leases.claim("s1", [agent_address], None, 1, 2000, now=t0)
     # Pings do not extend an unacknowledged delivery.
     await leases.renew("s1", now=t0 + timedelta(seconds=1))

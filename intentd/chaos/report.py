@@ -1,0 +1,128 @@
+"""The result of a soak run and its printed form."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+EXAMPLES = 5
+
+
+@dataclass
+class Invariant:
+    name: str
+    checked: int = 0  # how many things were checked
+    violations: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def fail(self, message: str) -> None:
+        self.violations.append(message)
+
+    def detail(self) -> str:
+        if self.ok:
+            return f"{self.checked} checked{'; ' + self.note if self.note else ''}"
+        shown = "; ".join(self.violations[:EXAMPLES])
+        more = f" (+{len(self.violations) - EXAMPLES} more)" if len(self.violations) > EXAMPLES else ""
+        return f"{len(self.violations)} of {self.checked}: {shown}{more}"
+
+
+@dataclass
+class Latency:
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "no samples"
+        ordered = sorted(self.samples)
+        p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered) + 0.5) - 1))]
+        return (f"n={len(ordered)} median={statistics.median(ordered):.2f}s p99={p99:.2f}s "
+                f"max={ordered[-1]:.2f}s")
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"n": 0}
+        ordered = sorted(self.samples)
+        p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered) + 0.5) - 1))]
+        return {"n": len(ordered), "median": statistics.median(ordered), "p99": p99, "max": ordered[-1]}
+
+
+@dataclass
+class Report:
+    seed: int
+    settings: str = ""
+    elapsed_s: float = 0.0
+    fault_window_s: float = 0.0
+    drain_s: float = 0.0
+    intents_planned: int = 0
+    intents_in_db: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    faults_skipped: dict[str, int] = field(default_factory=dict)
+    fault_log: list[str] = field(default_factory=list)
+    redeliveries: int = 0
+    released: dict[str, int] = field(default_factory=dict)
+    step_runs: int = 0
+    step_reruns: int = 0
+    late_ledger_writes: int = 0
+    latencies: list[Latency] = field(default_factory=list)
+    invariants: list[Invariant] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    work_dir: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(inv.ok for inv in self.invariants) and bool(self.invariants)
+
+    @property
+    def violations(self) -> list[str]:
+        return [f"{inv.name}: {v}" for inv in self.invariants for v in inv.violations]
+
+    def format(self) -> str:
+        lines = [
+            f"intentd chaos soak, seed {self.seed}: {'PASS' if self.ok else 'FAIL'}",
+            f"  {self.settings}",
+            f"  elapsed {self.elapsed_s:.1f}s (faults {self.fault_window_s:.1f}s, drain {self.drain_s:.1f}s);"
+            f" logs: {self.work_dir or '(removed)'}",
+            "",
+            f"intents: {self.intents_planned} planned, {self.intents_in_db} in the database",
+            "  by kind:  " + ", ".join(f"{k} {v}" for k, v in self.kinds.items()),
+            "  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())),
+            "",
+            "faults injected: " + (", ".join(f"{k} {v}" for k, v in self.faults.items()) or "none"),
+        ]
+        skipped = {k: v for k, v in self.faults_skipped.items() if v}
+        if skipped:
+            lines.append("  skipped (no target): " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+        lines += [
+            f"redeliveries: {self.redeliveries} (deliveries after the first);"
+            " RELEASED events by reason: " + (", ".join(f"{k} {v}" for k, v in sorted(self.released.items()))
+                                              or "none"),
+            f"step runs: {self.step_runs} ({self.step_reruns} re-runs of unrecorded steps;"
+            f" {self.late_ledger_writes} side effects written after their step was recorded"
+            " by a run that began before)",
+        ]
+        for latency in self.latencies:
+            lines.append(f"{latency.name}: {latency.summary()}")
+        lines += ["", self._table()]
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def _table(self) -> str:
+        rows = [("invariant", "result", "detail")]
+        rows += [(inv.name, "ok" if inv.ok else "FAIL", inv.detail()) for inv in self.invariants]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        out = []
+        for i, (a, b, c) in enumerate(rows):
+            out.append(f"{a:<{w0}}  {b:<{w1}}  {c}")
+            if i == 0:
+                out.append(f"{'-' * w0}  {'-' * w1}  {'-' * 40}")
+        return "\n".join(out)
