@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from intentd.server.migrate import migrate
+from tests.stack import cluster, ledger_db  # noqa: F401 - fixtures shared by the stack tests
 from tests.support import ServerThread, run_sync, server_settings
 
 

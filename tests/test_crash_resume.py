@@ -5,15 +5,11 @@ count what really ran."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
@@ -27,110 +23,8 @@ from intentd.v1 import (
     agent_service_pb2_grpc,
     delivery_pb2,
 )
-from tests.support import ROOT, Process, ServerProcess, run_sync, wait_until
-
-TYPE = "test.ledger.run.v1"
-
-
-@pytest.fixture(scope="module")
-def ledger_db(database_url: str) -> str:
-    async def create() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS test_ledger (id bigserial PRIMARY KEY, intent_id text, step int,"
-                " attempt int, phase text, pid int, at timestamptz DEFAULT clock_timestamp())"
-            )
-        finally:
-            await conn.close()
-
-    run_sync(create())
-    return database_url
-
-
-def ledger(database_url: str, intent_id: str) -> list[dict[str, Any]]:
-    async def read() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(database_url)
-        try:
-            rows = await conn.fetch("SELECT step, attempt, phase, pid FROM test_ledger WHERE intent_id=$1 ORDER BY id",
-                                    intent_id)
-            return [dict(r) for r in rows]
-        finally:
-            await conn.close()
-
-    return list(run_sync(read()))
-
-
-def begins(entries: list[dict[str, Any]]) -> Counter[int]:
-    return Counter(e["step"] for e in entries if e["phase"] == "begin")
-
-
-class Sidecar(Process):
-    def __init__(self, server: str, address: str, ledger_url: str, log_path: Path, **env: str) -> None:
-        socket_path = f"/tmp/intentd-test-{uuid.uuid4().hex[:10]}.sock"
-        agent = f"{sys.executable} -m tests.agents.ledger_agent"
-        super().__init__(
-            ["sidecar", "--server", server, "--address", address, "--capacity", env.pop("capacity", "4"),
-             "--listen", f"unix://{socket_path}", "--exec", agent],
-            {"TEST_AGENT_ADDRESS": address, "TEST_LEDGER_URL": ledger_url, "PYTHONPATH": str(ROOT),
-             "INTENTD_LOG_LEVEL": "INFO", **env},
-            log_path,
-        )
-
-    def kill_group(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Callable[..., Any]]:
-    started: list[Process] = []
-
-    class Cluster:
-        address = agent_address
-        db = ledger_db
-        logs_dir = str(tmp_path)
-
-        def track(self, process: Process) -> None:
-            started.append(process)
-
-        def server(self, **env: str) -> ServerProcess:
-            srv = ServerProcess(ledger_db, tmp_path / f"server-{len(started)}.log", **env).start()
-            started.append(srv)
-            return srv
-
-        def sidecar(self, server: str, **env: str) -> Sidecar:
-            sc = Sidecar(server, agent_address, ledger_db, tmp_path / f"sidecar-{len(started)}.log", **env)
-            sc.start()
-            started.append(sc)
-            return sc
-
-        def logs(self) -> str:
-            return "\n".join(f"--- {p.log_path.name}\n{p.log()[-4000:]}" for p in started)
-
-    yield Cluster()
-    for p in reversed(started):
-        if isinstance(p, Sidecar):
-            p.kill_group()
-        elif p.alive():
-            p.kill()
-
-
-def send(client: IntentClient, address: str, **payload: Any) -> str:
-    max_attempts = payload.pop("max_attempts", 0)
-    return client.send_intent(intent_type=TYPE, to_agent=address, payload=payload, max_attempts=max_attempts)
-
-
-def finish(client: IntentClient, intent_id: str, cluster: Any, timeout: float = 60) -> Any:
-    try:
-        return client.wait_for(intent_id, timeout=timeout)
-    except Exception:
-        print(cluster.logs())
-        raise
+from tests.stack import TYPE, Sidecar, begins, finish, ledger, send
+from tests.support import run_sync, wait_until
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])

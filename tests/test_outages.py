@@ -11,8 +11,8 @@ import pytest
 
 from intentd.client import IntentClient, IntentState, Unavailable
 from tests.proxy import TcpProxy
+from tests.stack import TYPE, begins, ledger
 from tests.support import wait_until
-from tests.test_crash_resume import TYPE, begins, cluster, ledger, ledger_db  # noqa: F401 - fixtures
 
 OUTAGE_SECONDS = 30
 
