@@ -23,7 +23,7 @@ from intentd.server import errors
 from intentd.server.convert import intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
-from intentd.server.rpc import to_server_error
+from intentd.server.rpc import MalformedRequest, to_server_error
 from intentd.server.settings import ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
@@ -66,6 +66,8 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
+    # Why the server ends the stream, when it is the sidecar's fault.
+    failure: errors.ServerError | None = None
 
     @property
     def free(self) -> int:
@@ -213,6 +215,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             # The leases it held are not released here: they lapse unless the
             # sidecar reconnects in time and re-announces them.
             log.info("sidecar %s stream %s closed holding %d", session.sidecar_id, session.id, len(session.held))
+        if session.failure is not None:
+            await context.abort(session.failure.code, session.failure.message)
 
     async def _register(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
@@ -223,6 +227,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             return None
         except TimeoutError:
             raise ValidationError("register", f"was not sent within {REGISTER_TIMEOUT_S:.0f}s") from None
+        if isinstance(first, MalformedRequest):
+            raise first.invalid()
         if first.WhichOneof("msg") != "register":
             raise ValidationError("register", "the first message of a Connect stream must be register")
         if self._closing:
@@ -268,6 +274,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
         try:
             async for request in request_iterator:
                 session.last_heard = time.monotonic()
+                if isinstance(request, MalformedRequest):
+                    log.warning("sidecar %s sent a malformed message (%s); closing", session.sidecar_id,
+                                request.error)
+                    session.failure = request.invalid()
+                    break
                 kind = request.WhichOneof("msg")
                 if kind == "ping":
                     session.send(pb.ConnectResponse(pong=pb.Pong(nonce=request.ping.nonce)))
@@ -317,7 +328,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def _ack(self, session: Session, msg: delivery_pb2.Lease) -> None:
         try:
-            await self.leases.ack(_lease_ref(msg))
+            await self.leases.ack(_lease_ref(msg), session=session.id)
         except errors.FailedPrecondition as exc:
             held = session.held.get(msg.intent_id)
             if held is not None and str(held.lease.token) == msg.token:
@@ -338,19 +349,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
             held.finishing = True
         try:
             lease = _lease_ref(write.lease)
+            # Only the stream holding the lease may write under it.
+            mine = session.id
             if op == "step":
-                row = await self.leases.record_step(lease, write.step.index, write.step.name, write.step.result)
+                row = await self.leases.record_step(
+                    lease, write.step.index, write.step.name, write.step.result, session=mine)
                 result.step.CopyFrom(step_to_proto(row))
             elif op == "checkpoint":
-                await self.leases.save_checkpoint(lease, write.checkpoint.state)
+                await self.leases.save_checkpoint(lease, write.checkpoint.state, session=mine)
             elif op == "progress":
-                await self.leases.report_progress(lease, write.progress.message, write.progress.fraction)
+                await self.leases.report_progress(lease, write.progress.message, write.progress.fraction, session=mine)
             elif op == "complete":
-                await self.leases.complete(lease, write.complete.result)
+                await self.leases.complete(lease, write.complete.result, session=mine)
             elif op == "fail":
-                await self.leases.fail(lease, write.fail.code, write.fail.message, write.fail.retryable)
+                await self.leases.fail(lease, write.fail.code, write.fail.message, write.fail.retryable, session=mine)
             elif op == "release":
-                await self.leases.release(lease, write.release.reason)
+                await self.leases.release(lease, write.release.reason, session=mine)
             else:
                 raise ValidationError("write.op", "is required")
             if final:

@@ -18,17 +18,15 @@ from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.hub import NotificationHub
 from intentd.server.intent_service import IntentService
 from intentd.server.leases import LeaseStore
+from intentd.server.rpc import add_service
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
 from intentd.server.sweepers import DeadlineSweeper, LeaseSweeper
 from intentd.service import BackgroundService
 from intentd.v1 import (
     admin_service_pb2,
-    admin_service_pb2_grpc,
     agent_service_pb2,
-    agent_service_pb2_grpc,
     intent_service_pb2,
-    intent_service_pb2_grpc,
 )
 
 log = logging.getLogger("intentd.server")
@@ -91,12 +89,12 @@ class ControlPlane:
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         self.server = grpc.aio.server(options=options)
-        intent_service_pb2_grpc.add_IntentServiceServicer_to_server(
-            IntentService(store, self.hub, self.settings), self.server
-        )
+        add_service(IntentService(store, self.hub, self.settings), self.server,
+                    intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
         self.agents = AgentService(leases, self.hub, self.settings)
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(self.agents, self.server)
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, self.settings), self.server)
+        add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
+        add_service(AdminService(store, self.settings), self.server,
+                    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -80,13 +80,13 @@ class LeaseStore:
             )
         return value
 
-    async def ack(self, lease: LeaseRef, now: datetime | None = None) -> None:
+    async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now)
+            row = await conn.fetchrow(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now, session)
             if row is not None:
                 return
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
-        if why is not None and why["same_lease"] and why["state"] == "IN_PROGRESS":
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, session)
+        if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
             return  # a repeated acknowledgement
         await self._refuse(lease, why)
 
@@ -101,7 +101,8 @@ class LeaseStore:
         return row is not None
 
     async def record_step(
-        self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None
+        self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None,
+        session: str | None = None,
     ) -> Row:
         if index < 1:
             raise ValidationError("step.index", "must be at least 1")
@@ -110,14 +111,14 @@ class LeaseStore:
         text = parse_json(result, "step.result", self.max_payload_bytes)
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
-                Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now
+                Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now, session
             )
             if row is not None:
                 return row
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index)
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index, session)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
-        if not why["same_lease"] or why["state"] != "IN_PROGRESS":
+        if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS":
             raise _stale(lease, why["state"])
         if why["idx"] is not None:
             if why["name"] == name:
@@ -133,50 +134,61 @@ class LeaseStore:
             f"{why['steps_completed']} recorded steps, so the next is {why['steps_completed'] + 1}"
         )
 
-    async def save_checkpoint(self, lease: LeaseRef, state: bytes, now: datetime | None = None) -> None:
+    async def save_checkpoint(
+        self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None
+    ) -> None:
         text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
-        await self._guarded(Q.save_checkpoint, lease, text, now)
+        await self._guarded(Q.save_checkpoint, lease, text, now, session)
 
     async def report_progress(
-        self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None
+        self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
+        session: str | None = None,
     ) -> None:
         if len(message) > 1000:
             raise ValidationError("progress.message", "is longer than 1000 characters")
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
-        await self._guarded(Q.report_progress, lease, message, fraction, now)
+        await self._guarded(Q.report_progress, lease, message, fraction, now, session)
 
-    async def complete(self, lease: LeaseRef, result: bytes, now: datetime | None = None) -> None:
+    async def complete(
+        self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
+    ) -> None:
         text = parse_json(result, "complete.result", self.max_payload_bytes)
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now)
+            row = await conn.fetchrow(
+                Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now, session)
             if row is not None:
                 return
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
+            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
             return  # a repeat of a completion that committed
         await self._refuse(lease, why)
 
     async def fail(
-        self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None
+        self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None,
+        session: str | None = None,
     ) -> str:
         code = code or "AGENT_ERROR"
         if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
-                Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now
+                Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now,
+                session,
             )
         if row is None:
             await self._refuse(lease)
         assert row is not None
         return str(row["state"])
 
-    async def release(self, lease: LeaseRef, reason: str, now: datetime | None = None) -> str:
+    async def release(
+        self, lease: LeaseRef, reason: str, now: datetime | None = None, session: str | None = None
+    ) -> str:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now)
+            row = await conn.fetchrow(
+                Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now, session)
         if row is None:
             await self._refuse(lease)
         assert row is not None
@@ -199,7 +211,7 @@ class LeaseStore:
     async def _refuse(self, lease: LeaseRef, why: Row | None = None) -> None:
         if why is None:
             async with self.db.connection() as conn:
-                why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0)
+                why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
         raise _stale(lease, why["state"])

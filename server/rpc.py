@@ -8,6 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from intentd.server import errors
 from intentd.server.db import convert_error
@@ -41,6 +44,8 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.invalid()
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -57,6 +62,8 @@ def server_stream(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.invalid()
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:
@@ -65,3 +72,48 @@ def server_stream(
             await _abort(context, exc, fn.__name__)
 
     return wrapper
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes are not the expected message (bad
+    wire types, invalid UTF-8 in a string field): the handler answers
+    INVALID_ARGUMENT instead of grpc's generic INTERNAL."""
+
+    def __init__(self, message_name: str, error: str) -> None:
+        self.message_name = message_name
+        self.error = error
+
+    def invalid(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(f"request is not a valid {self.message_name}: {self.error}")
+
+
+def _safe_parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(cls.DESCRIPTOR.full_name, str(exc) or "undecodable")
+
+    return parse
+
+
+def add_service(servicer: object, server: grpc.aio.Server, service: ServiceDescriptor) -> None:
+    """Registers ``servicer`` for ``service`` like the generated
+    add_*_to_server, but with request parsers that never raise."""
+    handlers = {}
+    for method in service.methods:
+        request_cls = GetMessageClass(method.input_type)
+        response_cls = GetMessageClass(method.output_type)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_safe_parser(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

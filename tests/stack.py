@@ -22,8 +22,12 @@ from tests.support import ROOT, Process, ServerProcess, run_sync
 TYPE = "test.ledger.run.v1"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ledger_db(database_url: str) -> str:
+    return create_ledger(database_url)
+
+
+def create_ledger(database_url: str) -> str:
     async def create() -> None:
         conn = await asyncpg.connect(database_url)
         try:
@@ -89,12 +93,12 @@ def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Call
             started.append(process)
 
         def server(self, **env: str) -> ServerProcess:
-            srv = ServerProcess(ledger_db, tmp_path / f"server-{len(started)}.log", **env).start()
+            srv = ServerProcess(self.db, tmp_path / f"server-{len(started)}.log", **env).start()
             started.append(srv)
             return srv
 
         def sidecar(self, server: str, **env: str) -> Sidecar:
-            sc = Sidecar(server, agent_address, ledger_db, tmp_path / f"sidecar-{len(started)}.log", **env)
+            sc = Sidecar(server, agent_address, self.db, tmp_path / f"sidecar-{len(started)}.log", **env)
             sc.start()
             started.append(sc)
             return sc

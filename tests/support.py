@@ -206,3 +206,67 @@ def running(*processes: Process) -> Iterator[None]:
         for p in processes:
             if p.alive():
                 p.kill()
+
+
+class RawSidecar:
+    """A hand-driven AgentService.Connect stream, for protocol tests."""
+
+    def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw") -> None:
+        import queue
+
+        from intentd.v1 import agent_service_pb2 as apb
+        from intentd.v1 import agent_service_pb2_grpc as apb_grpc
+
+        self.apb = apb
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._replies: queue.Queue[Any] = queue.Queue()
+        self._channel = grpc.insecure_channel(address)
+        self._requests.put(apb.ConnectRequest(register=apb.Register(
+            sidecar_id=sidecar_id, addresses=[agent_address], capacity=capacity)))
+
+        def requests() -> Iterator[Any]:
+            while True:
+                item = self._requests.get()
+                if item is None:
+                    return
+                yield item
+
+        self._call = apb_grpc.AgentServiceStub(self._channel).Connect(requests())
+
+        def pump() -> None:
+            try:
+                for reply in self._call:
+                    self._replies.put(reply)
+            except grpc.RpcError as err:
+                self._replies.put(err)
+
+        threading.Thread(target=pump, daemon=True).start()
+        self.registered = self.recv("registered")
+
+    def send(self, **kwargs: Any) -> None:
+        self._requests.put(self.apb.ConnectRequest(**kwargs))
+
+    def recv(self, kind: str, timeout: float = 10) -> Any:
+        """The next message of ``kind`` (answering pings on the way)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._replies.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(reply, grpc.RpcError):
+                raise reply
+            got = reply.WhichOneof("msg")
+            if got == "ping":
+                self.send(pong=self.apb.Pong(nonce=reply.ping.nonce))
+            if got == kind:
+                return getattr(reply, kind)
+
+    def write(self, request_id: int, write: Any, timeout: float = 10) -> Any:
+        self.send(write=self.apb.WriteRequest(request_id=request_id, write=write))
+        while True:
+            result = self.recv("write_result", timeout)
+            if result.request_id == request_id:
+                return result
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+        self._channel.close()

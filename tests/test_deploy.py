@@ -126,7 +126,7 @@ def chart() -> Iterator[helm.Chart]:
 def render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
     """Every manifest the chart renders (hooks included), parsed strictly."""
     files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path, text in sorted(files.items()):
         if path.endswith("NOTES.txt"):
             continue
@@ -260,8 +260,10 @@ def test_config_values_are_the_server_settings() -> None:
     a cluster may want is there, under its own name, with the server's default."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
-    # Set by the chart itself (listen, database) or meaningless in a cluster (embedded data dir).
-    chart_managed = {"database_url", "listen", "data_dir"}
+    # Set by the chart itself (listen from service.port, the database from its
+    # Secret, the instance name from the pod's name) or meaningless in a
+    # cluster (the embedded PostgreSQL's data dir).
+    chart_managed = {"database_url", "listen", "instance_name", "data_dir"}
     fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
 
     def snake(camel: str) -> str:
@@ -379,6 +381,7 @@ def test_database_url_comes_from_the_charts_secret(chart: helm.Chart) -> None:
     assert env_of(server)["INTENTD_DATABASE_URL"] == {
         "secretKeyRef": {"name": "intentd-database", "key": "database-url"}}
     assert "INTENTD_DATABASE_URL" not in one(docs, "ConfigMap", RELEASE)["data"]
+    assert env_of(server)["INTENTD_INSTANCE_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # The URL is in no manifest but the Secrets.
     for doc in docs:
         if doc["kind"] != "Secret":
@@ -552,7 +555,9 @@ def copy_sources(instruction: Instruction) -> list[str]:
 
 
 DOCKERFILES = {"server": DOCKER / "Dockerfile.server", "sidecar": DOCKER / "Dockerfile.sidecar"}
-BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|cc|clang|make|build-essential|python3?-dev|libc6?-dev|apt-get|apk|dnf|yum)\b")
+BUILD_TOOLS = re.compile(
+    r"\b(gcc|g\+\+|clang|make|cmake|autoconf|build-essential|python3?-dev|libc6?-dev|rustc|cargo)\b"
+)
 
 
 @pytest.mark.parametrize("role", sorted(DOCKERFILES))

@@ -11,7 +11,7 @@ import pytest
 
 from intentd.client import IntentClient, IntentState, Unavailable
 from tests.proxy import TcpProxy
-from tests.stack import TYPE, begins, ledger
+from tests.stack import TYPE, begins, create_ledger, ledger
 from tests.support import wait_until
 
 OUTAGE_SECONDS = 30
@@ -33,7 +33,11 @@ def _through(proxy: TcpProxy, url: str) -> str:
 
 
 @pytest.mark.timeout(180)
-def test_database_outage_under_load_loses_nothing_and_redelivers_nothing(cluster) -> None:
+def test_database_outage_under_load_loses_nothing_and_redelivers_nothing(cluster, databases) -> None:
+    # A database of its own: any other replica on the shared one (the session's
+    # in-process server) would rightly see the partitioned replica's leases lapse.
+    # Here the whole control plane loses PostgreSQL, as in a real outage.
+    cluster.db = create_ledger(databases.create())
     with TcpProxy(_upstream(cluster.db)) as proxy:
         server = cluster.server(INTENTD_DATABASE_URL=_through(proxy, cluster.db), INTENTD_HEARTBEAT_TIMEOUT_MS="2000")
         cluster.sidecar(server.address)

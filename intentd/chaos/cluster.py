@@ -6,9 +6,11 @@ harness (PR_SET_PDEATHSIG), so nothing outlives a run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -225,6 +226,35 @@ class Sidecar(ManagedProcess):
                 os.unlink(self.socket_path)
 
 
+# Starts the embedded PostgreSQL in a fresh interpreter. pgserver forks
+# (initdb, pg_ctl as another user); forking the harness, whose gRPC threads
+# are busy, can crash the child inside gRPC's fork handlers. A child process
+# that never imported gRPC forks safely. cleanup_mode=None: PostgreSQL
+# outlives the helper; the harness stops it.
+_EMBEDDED = (
+    "import json, sys\n"
+    "from pathlib import Path\n"
+    "import pgserver\n"
+    "server = pgserver.get_server(Path(sys.argv[1]), cleanup_mode=None)\n"
+    "print(json.dumps({'uri': server.get_uri('postgres'), 'pgdata': str(server.pgdata)}))\n"
+)
+
+
+def _as_user(user: str | None) -> list[str]:
+    """A command prefix that runs the rest as ``user`` (when root) without
+    forking this process: subprocess forks instead of vforking when asked to
+    change user, and a fork of a busy gRPC process is unsafe."""
+    if user is None or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--init-groups"]
+    runuser = shutil.which("runuser")
+    if runuser:
+        return [runuser, "-u", user, "--"]
+    raise RuntimeError(f"cannot run pg_ctl as {user}: neither setpriv nor runuser is installed")
+
+
 class Postgres:
     """The run's PostgreSQL: an embedded one the harness owns (pgserver in a
     temporary directory), or the one at ``--database-url``; either way a fresh
@@ -233,7 +263,6 @@ class Postgres:
 
     def __init__(self, url: str | None, data_dir: Path | None, pg_ctl: str | None, pg_user: str | None,
                  root: Path, keep_database: bool = False) -> None:
-        self._server: Any = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.keep_database = keep_database
         self.data_dir = data_dir
@@ -254,17 +283,19 @@ class Postgres:
         from intentd.chaos.db import admin_execute
 
         if self.embedded:
-            import pgserver  # the embedded PostgreSQL wheel
-
             # As root pgserver runs PostgreSQL as its own user and needs every
             # ancestor traversable: /var/tmp is.
             base = "/var/tmp" if os.geteuid() == 0 else None
             self._tmp = tempfile.TemporaryDirectory(prefix="intentd-chaos-pg-", dir=base)
-            self._server = pgserver.get_server(Path(self._tmp.name), cleanup_mode="stop")  # type: ignore[attr-defined]
-            self.data_dir = Path(self._server.pgdata)
+            done = subprocess.run([sys.executable, "-c", _EMBEDDED, self._tmp.name], capture_output=True,
+                                  stdin=subprocess.DEVNULL, timeout=180)
+            if done.returncode != 0:
+                raise RuntimeError(f"embedded PostgreSQL did not start: {done.stderr.decode(errors='replace')}")
+            info = json.loads(done.stdout.decode().strip().splitlines()[-1])
+            self.data_dir = Path(info["pgdata"])
             self.pg_user = "pgserver" if os.geteuid() == 0 else None
             self.log_path = self.data_dir / "log"
-            self.admin_url = str(self._server.get_uri("postgres"))
+            self.admin_url = str(info["uri"])
             # Room for every replica's pool, every agent's and the harness.
             admin_execute(self.admin_url, "ALTER SYSTEM SET max_connections = 400")
             self.pg_ctl(["restart", "-m", "fast"])
@@ -278,18 +309,18 @@ class Postgres:
         assert self.data_dir is not None
         binary = self.pg_ctl_path
         if binary is None:
-            from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-not-found]
+            from pgserver._commands import POSTGRES_BIN_PATH
 
             binary = str(POSTGRES_BIN_PATH / "pg_ctl")
-        args = [binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)), "-l", str(self.log_path)]
+        args = [*_as_user(self.pg_user), binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
+                "-l", str(self.log_path)]
         if action[0] == "start":
             # pg_ctl start does not reuse the last command line; restart does.
             options = self._postmaster_options()
             if options:
                 args += ["-o", options]
-        kwargs: dict[str, Any] = {"user": self.pg_user} if self.pg_user and os.geteuid() == 0 else {}
         subprocess.run([*args, *action], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       stdin=subprocess.DEVNULL, timeout=timeout + 10, **kwargs)
+                       stdin=subprocess.DEVNULL, timeout=timeout + 10)
 
     def _postmaster_options(self) -> str:
         assert self.data_dir is not None
@@ -327,22 +358,25 @@ class Postgres:
         except subprocess.CalledProcessError:
             return False
 
+    def ensure_running(self) -> None:
+        """Starts PostgreSQL again if a fault left it down (pg_ctl failed halfway)."""
+        if self.restartable and not self.running():
+            self.resume()
+
     def close(self) -> None:
         from intentd.chaos.db import admin_execute
 
+        if self.embedded:
+            if self.data_dir is not None:
+                with contextlib.suppress(Exception):
+                    self.pg_ctl(["stop", "-m", "immediate"], timeout=30)
+            if self._tmp is not None:
+                with contextlib.suppress(Exception):
+                    self._tmp.cleanup()
+                self._tmp = None
+            return
         with contextlib.suppress(Exception):
-            if not self.running():
-                self.resume()
-        if not self.embedded and not self.keep_database and self.url:
+            self.ensure_running()
+        if not self.keep_database and self.url:
             with contextlib.suppress(Exception):
                 admin_execute(self.admin_url, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                self._server.cleanup()
-            with contextlib.suppress(Exception):
-                self.pg_ctl(["stop", "-m", "immediate"], timeout=30)
-            self._server = None
-        if self._tmp is not None:
-            with contextlib.suppress(Exception):
-                self._tmp.cleanup()
-            self._tmp = None

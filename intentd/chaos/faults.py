@@ -127,7 +127,8 @@ class FaultInjector:
             if now >= entry.until:
                 entry.sidecar.killpg(signal.SIGCONT)
                 self.stopped.remove(entry)
-        for proc in [*self.replicas, *self.sidecars]:
+        procs: list[Replica | Sidecar] = [*self.replicas, *self.sidecars]
+        for proc in procs:
             if proc.popen is not None and not proc.alive() and not proc.killed:
                 code = proc.returncode()
                 self.unexpected_exits.append((proc.name, code, proc.log_tail()))
@@ -140,9 +141,8 @@ class FaultInjector:
         for entry in self.stopped:
             entry.sidecar.killpg(signal.SIGCONT)
         self.stopped.clear()
-        if self.pg_down or (self.pg.restartable and not self.pg.running()):
-            self.pg.resume()
-            self.pg_down = False
+        self._pg(self.pg.ensure_running)
+        self.pg_down = False
         self.tend()
 
     def _respawn(self, proc: Replica | Sidecar) -> None:
@@ -245,21 +245,27 @@ class FaultInjector:
         mode = self.rng.choice(["fast", "immediate"])
         at = time.time()
         started = time.monotonic()
-        self._pg(lambda: self.pg.restart(mode))
+        try:
+            self._pg(lambda: self.pg.restart(mode))
+        finally:
+            self._pg(self.pg.ensure_running)
         return Fault("pg_restart", at, "postgres", f"-m {mode}, {time.monotonic() - started:.1f}s")
 
     def _fault_pg_outage(self) -> Fault | None:
         mode = self.rng.choice(["fast", "immediate"])
         down = self.rng.uniform(0.5, 1.5) * self.cfg.heartbeat_ms / 1000
         at = time.time()
-        self._pg(lambda: self.pg.stop(mode))
         self.pg_down = True
-        end = time.monotonic() + down
-        while time.monotonic() < end and not self.abort():
-            self.tend_without_db()
-            time.sleep(0.05)
-        self._pg(self.pg.resume)
-        self.pg_down = False
+        try:
+            self._pg(lambda: self.pg.stop(mode))
+            end = time.monotonic() + down
+            while time.monotonic() < end and not self.abort():
+                self.tend_without_db()
+                time.sleep(0.05)
+        finally:
+            # Whatever failed above, PostgreSQL must come back.
+            self._pg(self.pg.ensure_running)
+            self.pg_down = False
         return Fault("pg_outage", at, "postgres", f"stop -m {mode}, down {down:.1f}s")
 
     def tend_without_db(self) -> None:

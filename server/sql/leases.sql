@@ -1,6 +1,7 @@
 -- Named queries for deliveries: claims, acknowledgements, lease renewal and
 -- expiry, and the fenced writes of an attempt. Every write is guarded by
--- (id, lease_token, attempt, state): a stale attempt matches no row.
+-- (id, lease_token, attempt, state) and by the stream holding the lease: a
+-- stale attempt, or another stream that learnt the token, matches no row.
 -- $now parameters are NULL in production (the database clock decides).
 
 -- name: claim_intents
@@ -46,13 +47,15 @@ WHERE state = 'PENDING'
 SELECT * FROM intent_steps WHERE intent_id = ANY ($1::text[]) ORDER BY intent_id, idx;
 
 -- name: ack_assignment
--- $1 id, $2 token, $3 attempt, $4 now
+-- $1 id, $2 token, $3 attempt, $4 now,
+-- $5 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET state = 'IN_PROGRESS',
         lease_expires_at = coalesce($4::timestamptz, now()) + heartbeat_timeout_ms * interval '1 millisecond',
         update_time = coalesce($4::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'DELIVERED'
+      AND ($5::text IS NULL OR lease_session = $5)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
@@ -87,10 +90,12 @@ RETURNING id;
 -- name: record_step
 -- The step row and its event commit together: a step is skipped on replay
 -- only if this statement committed.
--- $1 id, $2 token, $3 attempt, $4 index, $5 name, $6 result, $7 now
+-- $1 id, $2 token, $3 attempt, $4 index, $5 name, $6 result, $7 now,
+-- $8 the stream that must hold the lease (NULL: any)
 WITH lease AS (
     SELECT id, steps_completed FROM intents
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
+      AND ($8::text IS NULL OR lease_session = $8)
     FOR UPDATE
 ), inserted AS (
     INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time)
@@ -112,20 +117,24 @@ WITH lease AS (
 SELECT * FROM inserted;
 
 -- name: write_diagnosis
--- Why a fenced write matched no row. $1 id, $2 token, $3 attempt, $4 step index
+-- Why a fenced write matched no row. $1 id, $2 token, $3 attempt, $4 step
+-- index, $5 the writing stream (NULL: any)
 SELECT i.state::text AS state, i.lease_token = $2 AND i.attempt = $3 AS same_lease,
+       ($5::text IS NULL OR i.lease_session = $5) AS holds,
        i.steps_completed, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time
 FROM intents i
 LEFT JOIN intent_steps s ON s.intent_id = i.id AND s.idx = $4
 WHERE i.id = $1;
 
 -- name: save_checkpoint
--- $1 id, $2 token, $3 attempt, $4 state, $5 now
+-- $1 id, $2 token, $3 attempt, $4 state, $5 now,
+-- $6 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET checkpoint = $4::jsonb, checkpoint_time = coalesce($5::timestamptz, now()),
         update_time = coalesce($5::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
+      AND ($6::text IS NULL OR lease_session = $6)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
@@ -134,12 +143,14 @@ WITH changed AS (
 SELECT id FROM changed;
 
 -- name: report_progress
--- $1 id, $2 token, $3 attempt, $4 message, $5 fraction, $6 now
+-- $1 id, $2 token, $3 attempt, $4 message, $5 fraction, $6 now,
+-- $7 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET progress_message = $4, progress_fraction = $5,
         update_time = coalesce($6::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
+      AND ($7::text IS NULL OR lease_session = $7)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message, progress_fraction)
@@ -148,7 +159,8 @@ WITH changed AS (
 SELECT id FROM changed;
 
 -- name: complete_intent
--- $1 id, $2 token, $3 attempt, $4 result, $5 now
+-- $1 id, $2 token, $3 attempt, $4 result, $5 now,
+-- $6 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET state = 'COMPLETED', result = $4::jsonb, error_code = NULL, error_message = NULL,
@@ -156,6 +168,7 @@ WITH changed AS (
         finish_time = coalesce($5::timestamptz, now()), update_time = coalesce($5::timestamptz, now()),
         last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
+      AND ($6::text IS NULL OR lease_session = $6)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
@@ -165,7 +178,8 @@ SELECT id FROM changed;
 
 -- name: fail_intent
 -- Retryable with attempts left: back to PENDING after the backoff; otherwise FAILED.
--- $1 id, $2 token, $3 attempt, $4 code, $5 message, $6 retryable, $7 now
+-- $1 id, $2 token, $3 attempt, $4 code, $5 message, $6 retryable, $7 now,
+-- $8 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET state = CASE WHEN $6 AND attempt < max_attempts THEN 'PENDING' ELSE 'FAILED' END::intent_state,
@@ -181,6 +195,7 @@ WITH changed AS (
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce($7::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
+      AND ($8::text IS NULL OR lease_session = $8)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, error_code, error_message)
@@ -193,7 +208,8 @@ SELECT id, state::text AS state FROM changed;
 -- name: release_intent
 -- Give an intent back without a result, for immediate redelivery. AGENT_DIED
 -- counts the attempt; DRAINED (a graceful shutdown) grants it back.
--- $1 id, $2 token, $3 attempt, $4 reason, $5 now
+-- $1 id, $2 token, $3 attempt, $4 reason, $5 now,
+-- $6 the stream that must hold the lease (NULL: any)
 WITH changed AS (
     UPDATE intents
     SET max_attempts = CASE WHEN $4 = 'DRAINED' THEN max_attempts + 1 ELSE max_attempts END,
@@ -209,6 +225,7 @@ WITH changed AS (
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce($5::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
+      AND ($6::text IS NULL OR lease_session = $6)
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message, error_code, error_message)

@@ -21,12 +21,20 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{- define "intentd.labels" -}}
+{{/* Labels of every object, without a component. */}}
+{{- define "intentd.baseLabels" -}}
 helm.sh/chart: {{ include "intentd.chart" . }}
-{{ include "intentd.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "intentd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: intentd
+{{- end -}}
+
+{{/* Labels of the control plane's objects. */}}
+{{- define "intentd.labels" -}}
+{{ include "intentd.baseLabels" . }}
+app.kubernetes.io/component: control-plane
 {{- end -}}
 
 {{- define "intentd.selectorLabels" -}}

@@ -1,0 +1,187 @@
+"""Product bugs the chaos soak found, each as the smallest test that shows
+it. They are strict xfails: when a fix lands the test passes, strict xfail
+turns that into a failure, and the marker must be removed.
+
+See docs/chaos.md ("Bugs found") for how each showed up in a soak."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from intentd.client import IntentClient, IntentState, Internal, Unavailable
+from intentd.v1 import agent_service_pb2, agent_service_pb2_grpc, delivery_pb2
+from tests.support import run_sync, wait_until
+
+TYPE = "test.chaos.regression.v1"
+
+
+async def _sql(database_url: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+class RawSidecar:
+    """A minimal sidecar speaking AgentService.Connect by hand: registers,
+    collects what the server sends, answers pings and pings every 100 ms
+    (each ping renews the stream's leases)."""
+
+    def __init__(self, address: str, agent_address: str) -> None:
+        self._requests: queue.Queue[agent_service_pb2.ConnectRequest | None] = queue.Queue()
+        self.received: list[agent_service_pb2.ConnectResponse] = []
+        self._channel = grpc.insecure_channel(address)
+        self._closed = threading.Event()
+        self.send(agent_service_pb2.ConnectRequest(register=agent_service_pb2.Register(
+            sidecar_id=f"raw-{uuid.uuid4().hex[:8]}", addresses=[agent_address], capacity=1)))
+        self._call = agent_service_pb2_grpc.AgentServiceStub(self._channel).Connect(self._iterate())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._pinger = threading.Thread(target=self._ping, daemon=True)
+        self._reader.start()
+        self._pinger.start()
+
+    def _iterate(self) -> Iterator[agent_service_pb2.ConnectRequest]:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def send(self, request: agent_service_pb2.ConnectRequest) -> None:
+        self._requests.put(request)
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self.received.append(response)
+                if response.WhichOneof("msg") == "ping":
+                    self.send(agent_service_pb2.ConnectRequest(pong=agent_service_pb2.Pong(nonce=response.ping.nonce)))
+        except grpc.RpcError:
+            pass
+
+    def _ping(self) -> None:
+        nonce = 0
+        while not self._closed.wait(0.1):
+            nonce += 1
+            self.send(agent_service_pb2.ConnectRequest(ping=agent_service_pb2.Ping(nonce=nonce)))
+
+    def of(self, kind: str) -> list[Any]:
+        return [getattr(r, kind) for r in list(self.received) if r.WhichOneof("msg") == kind]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._requests.put(None)
+        self._call.cancel()
+        self._channel.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: AgentService._on_event (server/agent_service.py) revokes a held lease on any PENDING/FAILED "
+    "notification without looking at its seq, so a late notification of an older event (the CREATED event, "
+    "or the previous attempt's RELEASED) revokes a lease just claimed or re-bound; the stream keeps renewing "
+    "it (renew_leases goes by session), so the intent stays IN_PROGRESS with nobody working on it"))
+def test_late_notification_of_an_older_event_does_not_strand_a_live_lease(
+        make_server: Any, database_url: str, agent_address: str) -> None:
+    srv = make_server(heartbeat_timeout_ms=1000, ping_interval_ms=100)
+    sidecar = RawSidecar(srv.address, agent_address)
+    try:
+        wait_until(lambda: sidecar.of("registered"), 10, what="Registered")
+        with IntentClient(srv.address) as client:
+            intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+            lease: delivery_pb2.Lease = wait_until(
+                lambda: next((a.lease for a in sidecar.of("assignment")), None), 10, what="the assignment")
+            sidecar.send(agent_service_pb2.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+            wait_until(lambda: client.get(intent_id).state is IntentState.IN_PROGRESS, 10, what="IN_PROGRESS")
+            # The CREATED event's notification (seq 1, state PENDING), delivered
+            # late: LISTEN/NOTIFY does not order it before the claim.
+            run_sync(_sql(database_url, "SELECT pg_notify('intentd_events', $1)", f"{intent_id}:1:PENDING"))
+            time.sleep(3.0)  # three heartbeat timeouts, the stream pinging all along
+            revoked = [r for r in sidecar.of("revocation") if r.lease.token == lease.token]
+            intent = client.get(intent_id)
+            stranded = bool(revoked) and intent.state is IntentState.IN_PROGRESS and intent.attempt == lease.attempt
+            assert not stranded, (
+                f"the holder was told {revoked[0].reason} ({revoked[0].message}) but the intent is still "
+                f"{intent.state.value} under that lease {3.0}s later: nobody will ever finish it")
+            client.cancel(intent_id)
+    finally:
+        sidecar.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: server/db.py _UNAVAILABLE lacks asyncpg's InternalClientError, which asyncpg raises (asyncpg issue "
+    "#1069: 'cannot switch to state N; another operation (2) is in progress') when a pooled connection is used "
+    "after PostgreSQL's FATAL for a terminated backend arrived but before the socket close was processed; the RPC "
+    "answers INTERNAL, which clients do not retry (wait_for raised Internal in a soak after conn_drop)"))
+def test_calls_after_pooled_connections_are_terminated_are_retryable_not_internal(
+        make_server: Any, database_url: str, agent_address: str) -> None:
+    name = f"regr-{uuid.uuid4().hex[:8]}"
+    srv = make_server(pool_min_size=1, pool_max_size=1, instance_name=name)
+    internal: list[str] = []
+    calls = 0
+    stop = threading.Event()
+    with IntentClient(srv.address, max_retries=0) as client:
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+
+        def hammer() -> None:
+            nonlocal calls
+            while not stop.is_set():
+                calls += 1
+                try:
+                    client.get(intent_id)
+                except Unavailable:
+                    pass  # retried by every client: fine
+                except Internal as exc:
+                    internal.append(str(exc))
+
+        thread = threading.Thread(target=hammer, daemon=True)
+        thread.start()
+
+        async def drop_connections() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                for _ in range(60):  # what the soak's conn_drop fault does, often
+                    await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                       " WHERE application_name = $1", f"intentd:{name}")
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+
+        try:
+            run_sync(drop_connections(), timeout=60)
+        finally:
+            stop.set()
+            thread.join(10)
+        client.cancel(intent_id)
+    assert not internal, f"{len(internal)} of {calls} GetIntent calls answered INTERNAL, e.g. {internal[0]}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: IntentService._new_intent (server/intent_service.py) refuses a deadline in the past before the "
+    "idempotency key is looked up, so a SendIntent retried (same key, same absolute deadline) after the "
+    "deadline passed answers INVALID_ARGUMENT although the first attempt created the intent: the sender is "
+    "told the send failed while the intent exists"))
+def test_send_retried_after_its_deadline_passed_returns_the_original(server: Any, agent_address: str) -> None:
+    key = f"regr-{uuid.uuid4().hex}"
+    deadline = datetime.now(UTC) + timedelta(seconds=1)
+    spec = {"intent_type": TYPE, "to_agent": agent_address, "payload": {"n": 1}, "idempotency_key": key,
+            "deadline": deadline}
+    with IntentClient(server.address) as client:
+        first, created = client.send(spec)
+        assert created
+        time.sleep(1.3)
+        # The client's retry of a send whose answer was lost (e.g. the replica
+        # died after the commit) carries the same key and the same deadline.
+        again, created_again = client.send(spec)
+        assert (again.id, created_again) == (first.id, False)
