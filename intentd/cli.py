@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -80,13 +81,108 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_database(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
+    """Runs ``work(db)`` against INTENTD_DATABASE_URL (or the embedded default)."""
+    from intentd.server.db import Database
+    from intentd.server.embedded import EmbeddedPostgres
+    from intentd.server.settings import ServerSettings
+
+    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir)
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+
+    async def go() -> Any:
+        db = Database(url, min_size=1, max_size=2)
+        await db.open()
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    try:
+        return _run(go())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys, administered straight in the database (whoever can reach it
+    is an operator), so the first admin key needs no key."""
+    from datetime import UTC, datetime
+
+    from intentd.server.auth import KeyStore
+
+    async def work(db: Any) -> int:
+        keys = KeyStore(db)
+        if args.action == "create":
+            expire = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+            row, key = await keys.create(args.tenant, args.name, args.role or ["client"], args.address or [],
+                                         expire, args.max_sends_per_second)
+            print(key)
+            print(f"intentd: created key {row['name']!r} ({', '.join(row['roles'])}) for tenant {row['tenant']!r}; "
+                  "it is shown only this once", file=sys.stderr)
+        elif args.action == "revoke":
+            row = await keys.revoke(args.tenant, args.name)
+            print(f"revoked {row['name']!r}")
+        else:
+            for row in await keys.list(args.tenant if args.tenant != "*" else None):
+                state = "revoked" if row["revoke_time"] else (
+                    "expired" if row["expire_time"] and row["expire_time"] < datetime.now(UTC) else "active")
+                print(f"{row['tenant']:<12} {row['name']:<20} {row['id']:<14} {','.join(row['roles']):<20} "
+                      f"{state:<8} {' '.join(row['address_patterns'])}")
+        return 0
+
+    return int(_with_database(args, work))
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from intentd.server.queries import Q
+
+    async def work(db: Any) -> int:
+        async with db.connection() as conn:
+            if args.action == "put":
+                await conn.fetchrow(Q.put_tenant, args.name, args.max_live_intents, args.max_sends_per_second,
+                                    args.max_payload_bytes)
+            rows = await conn.fetch(Q.list_tenants)
+        for row in rows:
+            print(f"{row['name']:<16} max_live_intents={row['max_live_intents'] or '-'} "
+                  f"max_sends_per_second={row['max_sends_per_second'] or '-'} "
+                  f"max_payload_bytes={row['max_payload_bytes'] or '-'}")
+        return 0
+
+    return int(_with_database(args, work))
+
+
 # ---------------------------------------------------------------- client side
+
+
+def channel_security(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
+    """gRPC credentials and metadata from --api-key / --tls-* (or INTENTD_API_KEY, INTENTD_TLS_CA_FILE ...)."""
+    import grpc
+
+    key = args.api_key or os.environ.get("INTENTD_API_KEY")
+    metadata = [("authorization", f"Bearer {key}")] if key else []
+    ca = args.tls_ca_file or os.environ.get("INTENTD_TLS_CA_FILE")
+    cert = args.tls_cert_file or os.environ.get("INTENTD_TLS_CERT_FILE")
+    key_file = args.tls_key_file or os.environ.get("INTENTD_TLS_KEY_FILE")
+    if not (ca or cert):
+        return None, metadata
+
+    def read(path: str | None) -> bytes | None:
+        return open(path, "rb").read() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key_file), read(cert)), metadata
 
 
 def _client(args: argparse.Namespace) -> Any:
     from intentd.client import IntentClient
 
-    return IntentClient(args.target, sender=args.sender)
+    credentials, metadata = channel_security(args)
+    return IntentClient(args.target, sender=args.sender, credentials=credentials, metadata=metadata)
 
 
 def _print_intent(intent: Any, as_json: bool) -> None:
@@ -259,7 +355,9 @@ def cmd_types(args: argparse.Namespace) -> int:
     from intentd.v1 import admin_service_pb2 as pb
     from intentd.v1 import admin_service_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    credentials, metadata = channel_security(args)
+    channel = grpc.secure_channel(args.target, credentials) if credentials else grpc.insecure_channel(args.target)
+    with channel:
         stub = pb_grpc.AdminServiceStub(channel)
         try:
             if args.action == "put":
@@ -268,13 +366,14 @@ def cmd_types(args: argparse.Namespace) -> int:
                     heartbeat_timeout_ms=args.heartbeat_timeout_ms or 0,
                     retry_backoff_ms=args.retry_backoff_ms if args.retry_backoff_ms is not None else 100,
                     retry_backoff_max_ms=args.retry_backoff_max_ms or 0,
-                    default_deadline_ms=args.default_deadline_ms or 0)), timeout=10)
+                    default_deadline_ms=args.default_deadline_ms or 0)), timeout=10, metadata=metadata)
                 types = [reply.intent_type]
             elif args.action == "get":
                 request = pb.GetIntentTypeRequest(intent_type=args.intent_type)
-                types = [stub.GetIntentType(request, timeout=10).intent_type]
+                types = [stub.GetIntentType(request, timeout=10, metadata=metadata).intent_type]
             else:
-                types = list(stub.ListIntentTypes(pb.ListIntentTypesRequest(), timeout=10).intent_types)
+                listed = stub.ListIntentTypes(pb.ListIntentTypesRequest(), timeout=10, metadata=metadata)
+                types = list(listed.intent_types)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
     for t in types:
@@ -325,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
         p.add_argument("--sender", help="who sends (scopes idempotency keys)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--api-key", help="API key (INTENTD_API_KEY)")
+        p.add_argument("--tls-ca-file", help="CA that signed the server's certificate (INTENTD_TLS_CA_FILE)")
+        p.add_argument("--tls-cert-file", help="client certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
+        p.add_argument("--tls-key-file", help="client key, for mutual TLS (INTENTD_TLS_KEY_FILE)")
         return p
 
     p = client_command("send", cmd_send, "Send an intent; prints its id.")
@@ -371,6 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-backoff-ms", type=int)
     p.add_argument("--retry-backoff-max-ms", type=int)
     p.add_argument("--default-deadline-ms", type=int)
+
+    p = add("keys", cmd_keys, "Create, list or revoke API keys (straight in the database).")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("name", nargs="?", default="", help="key name (create, revoke)")
+    p.add_argument("--tenant", default="default", help="tenant (list: * for all)")
+    p.add_argument("--role", action="append", choices=("client", "agent", "admin"), help="repeatable")
+    p.add_argument("--address", action="append", help="agent role: address pattern it may serve, e.g. "
+                   "agent://acme/prod/* (repeatable)")
+    p.add_argument("--expires-days", type=float)
+    p.add_argument("--max-sends-per-second", type=float)
+    p.add_argument("--database-url")
+    p.add_argument("--data-dir")
+
+    p = add("tenants", cmd_tenants, "Create tenants and set their quotas (straight in the database).")
+    p.add_argument("action", choices=("put", "list"))
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("--max-live-intents", type=int)
+    p.add_argument("--max-sends-per-second", type=float)
+    p.add_argument("--max-payload-bytes", type=int)
+    p.add_argument("--database-url")
+    p.add_argument("--data-dir")
 
     p = add("sidecar", cmd_sidecar, "Run the sidecar beside an agent (see `intentd sidecar --help`).")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from intentd.server import errors
+from intentd.server.auth import Authenticator, current_caller
 from intentd.server.convert import timestamp
 from intentd.server.rpc import Ctx, unary
 from intentd.server.settings import ServerSettings
@@ -30,14 +31,15 @@ def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    def __init__(self, store: IntentStore, settings: ServerSettings) -> None:
+    def __init__(self, store: IntentStore, settings: ServerSettings, auth: Authenticator) -> None:
         self.store = store
         self.settings = settings
+        self.auth = auth
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return self.settings.tenant
+        return current_caller().tenant
 
-    @unary
+    @unary("admin")
     async def PutIntentType(self, request: pb.PutIntentTypeRequest, context: Ctx) -> pb.PutIntentTypeResponse:
         spec = request.intent_type
         check_intent_type(spec.intent_type, "intent_type.intent_type")
@@ -65,9 +67,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
             retry_backoff_max_ms=backoff_max,
             default_deadline_ms=spec.default_deadline_ms or None,
         )
+        await self.store.audit(self._tenant(context), current_caller().name, "intent_type.put", spec.intent_type,
+                               {"max_attempts": max_attempts, "heartbeat_timeout_ms": heartbeat})
         return pb.PutIntentTypeResponse(intent_type=_type_to_proto(row))
 
-    @unary
+    @unary("admin")
     async def GetIntentType(self, request: pb.GetIntentTypeRequest, context: Ctx) -> pb.GetIntentTypeResponse:
         check_intent_type(request.intent_type)
         row = await self.store.get_intent_type(self._tenant(context), request.intent_type)
@@ -75,7 +79,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             raise errors.NotFound(f"intent type {request.intent_type!r} is not registered (defaults apply)")
         return pb.GetIntentTypeResponse(intent_type=_type_to_proto(row))
 
-    @unary
+    @unary("admin")
     async def ListIntentTypes(self, request: pb.ListIntentTypesRequest, context: Ctx) -> pb.ListIntentTypesResponse:
         rows = await self.store.list_intent_types(self._tenant(context))
         return pb.ListIntentTypesResponse(intent_types=[_type_to_proto(r) for r in rows])

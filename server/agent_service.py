@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from intentd.server import errors
+from intentd.server.auth import Authenticator, Caller
 from intentd.server.convert import intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
@@ -39,6 +40,8 @@ MAX_CLAIM_BATCH = 100
 # stream through HTTP/2 flow control instead of growing memory.
 MAX_CONCURRENT_WRITES = 256
 MISSED_PINGS_BEFORE_CLOSE = 3
+# Open streams re-check their API key this often, so revocation reaches them.
+KEY_RECHECK_SECONDS = 2.0
 # Messages queued for one stream before it counts as a consumer that stopped reading.
 MAX_OUTBOX = 10_000
 
@@ -55,6 +58,7 @@ class Held:
 
 @dataclass(eq=False)
 class Session:
+    caller: Caller
     sidecar_id: str
     addresses: tuple[str, ...]
     intent_types: tuple[str, ...]
@@ -121,8 +125,11 @@ def _validate_register(msg: pb.Register) -> None:
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
-    def __init__(self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings) -> None:
+    def __init__(
+        self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator
+    ) -> None:
         self.leases = leases
+        self.auth = auth
         self.hub = hub
         self.settings = settings
         self.sessions: set[Session] = set()
@@ -233,9 +240,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise ValidationError("register", "the first message of a Connect stream must be register")
         if self._closing:
             raise errors.Unavailable("server is shutting down; connect to another replica")
+        caller = await self.auth.authenticate(context, "agent")
         reg = first.register
         _validate_register(reg)
+        for address in reg.addresses:
+            if not caller.may_serve(address):
+                raise errors.PermissionDenied(
+                    f"API key {caller.name!r} may not serve {address} (its patterns: "
+                    f"{', '.join(caller.address_patterns) or 'none'})")
         session = Session(
+            caller=caller,
             sidecar_id=reg.sidecar_id,
             addresses=tuple(dict.fromkeys(reg.addresses)),
             intent_types=tuple(dict.fromkeys(reg.intent_types)),
@@ -249,7 +263,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             except ValidationError:
                 lost.append(msg)
                 continue
-            if await self.leases.rebind(lease, session.id):
+            if await self.leases.rebind(lease, session.id, tenant=caller.tenant):
                 self._hold(session, lease)
                 kept.append(msg)
             else:
@@ -395,7 +409,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 want = min(free, MAX_CLAIM_BATCH)
                 try:
                     rows, steps = await self.leases.claim(
-                        session.id, session.addresses, types, want, self.settings.ack_timeout_ms)
+                        session.id, session.addresses, types, want, self.settings.ack_timeout_ms,
+                        tenant=session.caller.tenant)
                 except Exception as exc:
                     log.warning("claim for stream %s failed: %s", session.id, exc)
                     rows, steps = [], {}
@@ -417,7 +432,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     continue
                 if timeout == catchup:
                     with contextlib.suppress(Exception):
-                        wait = await self.leases.seconds_until_available(session.addresses, types)
+                        wait = await self.leases.seconds_until_available(
+                            session.addresses, types, tenant=session.caller.tenant)
                         if wait is not None:
                             timeout = min(catchup, max(0.001, wait))
             elif free == 0:
@@ -441,6 +457,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 return
             nonce += 1
             session.send(pb.ConnectResponse(ping=pb.Ping(nonce=nonce)))
+            if self.auth.enabled and nonce % max(1, round(KEY_RECHECK_SECONDS / interval)) == 0:
+                try:
+                    valid = await self.auth.still_valid(session.caller)
+                except Exception:
+                    valid = True  # the database is away; the key is judged when it is back
+                if not valid:
+                    log.warning("API key %r of sidecar %s was revoked or expired; closing its stream",
+                                session.caller.name, session.sidecar_id)
+                    session.failure = errors.Unauthenticated("the API key of this stream was revoked or expired")
+                    session.close()
+                    return
 
     async def close_all(self) -> None:
         """Ends every stream so sidecars reconnect to another replica (their

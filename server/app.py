@@ -13,11 +13,13 @@ from grpc_reflection.v1alpha import reflection
 
 from intentd.server.admin_service import AdminService
 from intentd.server.agent_service import AgentService
+from intentd.server.auth import Authenticator
 from intentd.server.db import Database
 from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.hub import NotificationHub
 from intentd.server.intent_service import IntentService
 from intentd.server.leases import LeaseStore
+from intentd.server.quotas import Quotas
 from intentd.server.rpc import add_service
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
@@ -76,6 +78,8 @@ class ControlPlane:
         self.hub = NotificationHub(self.database_url, application_name=self.db.application_name)
         await self.hub.start()
         store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms)
+        self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
+        quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
         leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes)
 
         options = [
@@ -89,19 +93,37 @@ class ControlPlane:
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         self.server = grpc.aio.server(options=options)
-        add_service(IntentService(store, self.hub, self.settings), self.server,
+        add_service(IntentService(store, self.hub, self.settings, self.auth, quotas), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
-        self.agents = AgentService(leases, self.hub, self.settings)
+        self.agents = AgentService(leases, self.hub, self.settings, self.auth)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
-        add_service(AdminService(store, self.settings), self.server,
+        add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.settings.tls:
+            assert self.settings.tls_cert_file is not None and self.settings.tls_key_file is not None
+            client_ca = self.settings.tls_client_ca_file
+            credentials = grpc.ssl_server_credentials(
+                [(self.settings.tls_key_file.read_bytes(), self.settings.tls_cert_file.read_bytes())],
+                root_certificates=client_ca.read_bytes() if client_ca else None,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(self.settings.listen, credentials)
+        else:
+            if not self.settings.loopback_only:
+                log.warning("SERVING PLAINTEXT gRPC ON %s (INTENTD_ALLOW_INSECURE): credentials and intents "
+                            "cross the network unencrypted", self.settings.listen)
+            self.port = self.server.add_insecure_port(self.settings.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
+        if not self.auth.enabled:
+            log.warning("authentication is OFF: every caller acts as an admin of tenant %r (%s)",
+                        self.settings.tenant,
+                        "INTENTD_AUTH=off" if self.settings.auth == "off" else
+                        "zero-config default: embedded database on loopback; set INTENTD_AUTH=on to require keys")
 
         self.services = [
             DeadlineSweeper(store, self.settings.sweep_interval_s),

@@ -39,6 +39,11 @@ class StaleLease(FailedPrecondition):
 class ResourceExhausted(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        # Sent as trailing metadata "retry-after-ms" so clients back off right.
+        self.retry_after_ms = retry_after_ms
+
 
 class Unavailable(ServerError):
     """The database cannot be reached; the call is safe to retry."""

@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 import grpc
 
 from intentd.server import errors
+from intentd.server.auth import Authenticator, current_caller
 from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
 from intentd.server.ids import looks_like_id
+from intentd.server.quotas import Quotas
 from intentd.server.rpc import Ctx, server_stream, unary
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore, NewIntent
@@ -33,6 +35,9 @@ MAX_REASON_LEN = 1000
 # Subscribers re-read the database at least this often even without a
 # notification, so a lost NOTIFY delays them by at most this much.
 CATCHUP_SECONDS = 5.0
+# Open watch streams re-check their API key this often (revocation).
+KEY_RECHECK_SECONDS = 2.0
+TRACEPARENT_LABEL = "traceparent"
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
@@ -43,6 +48,13 @@ def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
         return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise ValidationError(path, "is not a valid timestamp") from None
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str) and len(value) <= 128:
+            return value
+    return None
 
 
 def _page_token(last_id: str) -> str:
@@ -72,31 +84,43 @@ def _require_id(value: str, field: str = "id") -> str:
 
 
 class IntentService(pb_grpc.IntentServiceServicer):
-    def __init__(self, store: IntentStore, hub: NotificationHub, settings: ServerSettings) -> None:
+    def __init__(
+        self, store: IntentStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
+        quotas: Quotas,
+    ) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
+        self.auth = auth
+        self.quotas = quotas
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return self.settings.tenant
+        return current_caller().tenant
 
-    def _new_intent(self, spec: pb.IntentSpec, prefix: str, now: datetime) -> NewIntent:
+    def _new_intent(
+        self, spec: pb.IntentSpec, prefix: str, now: datetime, max_payload: int, trace: str | None
+    ) -> NewIntent:
         check_intent_type(spec.intent_type, f"{prefix}intent_type")
         check_agent_address(spec.to_agent, f"{prefix}to_agent")
-        if len(spec.payload) > self.settings.max_payload_bytes:
+        if len(spec.payload) > max_payload:
             raise errors.ResourceExhausted(
-                f"{prefix}payload: is {len(spec.payload)} bytes; the limit is "
-                f"{self.settings.max_payload_bytes} (INTENTD_MAX_PAYLOAD_BYTES)"
+                f"{prefix}payload: is {len(spec.payload)} bytes; the limit is {max_payload}"
             )
         payload = parse_json(spec.payload, f"{prefix}payload")
         check_idempotency_key(spec.idempotency_key, f"{prefix}idempotency_key")
         labels = check_labels(dict(spec.labels), f"{prefix}labels")
+        if trace and TRACEPARENT_LABEL not in labels:
+            # The trace travels with the intent to its deliveries and steps.
+            labels = {**labels, TRACEPARENT_LABEL: trace}
         deadline = _timestamp_field(spec, "deadline", f"{prefix}deadline")
         if deadline is not None and deadline <= now:
             raise ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is in the past")
         if not 0 <= spec.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise ValidationError(f"{prefix}max_attempts", f"must be 0 (type default) to {MAX_ATTEMPTS_LIMIT}")
-        sender = spec.sender or "anonymous"
+        caller = current_caller()
+        # With keys, the sender is the key: one caller cannot claim another's
+        # idempotency keys by naming it.
+        sender = caller.name if self.auth.enabled else (spec.sender or "anonymous")
         if len(sender) > 200:
             raise ValidationError(f"{prefix}sender", "is longer than 200 characters")
         return NewIntent(
@@ -110,15 +134,18 @@ class IntentService(pb_grpc.IntentServiceServicer):
             max_attempts=spec.max_attempts or None,
         )
 
-    @unary
+    @unary("client")
     async def SendIntent(self, request: pb.SendIntentRequest, context: Ctx) -> pb.SendIntentResponse:
         if not request.HasField("intent"):
             raise ValidationError("intent", "is required")
-        spec = self._new_intent(request.intent, "intent.", datetime.now(UTC))
-        (sent,) = await self.store.send(self._tenant(context), [spec])
+        caller = current_caller()
+        max_payload = await self.quotas.max_payload_bytes(caller)
+        spec = self._new_intent(request.intent, "intent.", datetime.now(UTC), max_payload, _traceparent(context))
+        await self.quotas.admit_sends(caller, 1)
+        (sent,) = await self.store.send(caller.tenant, [spec])
         return pb.SendIntentResponse(intent=intent_to_proto(sent.row), created=sent.created)
 
-    @unary
+    @unary("client")
     async def SendIntents(self, request: pb.SendIntentsRequest, context: Ctx) -> pb.SendIntentsResponse:
         if not request.intents:
             raise ValidationError("intents", "must not be empty")
@@ -127,18 +154,23 @@ class IntentService(pb_grpc.IntentServiceServicer):
                 f"intents: {len(request.intents)} in one batch; the limit is {self.settings.max_batch_size}"
             )
         now = datetime.now(UTC)
-        specs = [self._new_intent(spec, f"intents[{i}].", now) for i, spec in enumerate(request.intents)]
-        sent = await self.store.send(self._tenant(context), specs)
+        caller = current_caller()
+        max_payload = await self.quotas.max_payload_bytes(caller)
+        trace = _traceparent(context)
+        specs = [self._new_intent(spec, f"intents[{i}].", now, max_payload, trace)
+                 for i, spec in enumerate(request.intents)]
+        await self.quotas.admit_sends(caller, len(specs))
+        sent = await self.store.send(caller.tenant, specs)
         return pb.SendIntentsResponse(
             results=[pb.SendIntentResponse(intent=intent_to_proto(s.row), created=s.created) for s in sent]
         )
 
-    @unary
+    @unary("client")
     async def GetIntent(self, request: pb.GetIntentRequest, context: Ctx) -> pb.GetIntentResponse:
         row = await self.store.get(self._tenant(context), _require_id(request.id))
         return pb.GetIntentResponse(intent=intent_to_proto(row))
 
-    @server_stream
+    @server_stream("client")
     async def WatchIntent(
         self, request: pb.WatchIntentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchIntentResponse]:
@@ -166,9 +198,11 @@ class IntentService(pb_grpc.IntentServiceServicer):
                     return
                 if self.hub.closing:
                     raise errors.Unavailable("server is shutting down; reconnect with after_seq")
-                await sub.wait(CATCHUP_SECONDS)
+                if not await self.auth.still_valid(current_caller()):
+                    raise errors.Unauthenticated("the API key of this stream was revoked or expired")
+                await sub.wait(KEY_RECHECK_SECONDS if self.auth.enabled else CATCHUP_SECONDS)
 
-    @unary
+    @unary("client")
     async def WaitIntent(self, request: pb.WaitIntentRequest, context: Ctx) -> pb.WaitIntentResponse:
         intent_id = _require_id(request.id)
         if request.timeout_ms < 0:
@@ -192,15 +226,16 @@ class IntentService(pb_grpc.IntentServiceServicer):
                     return pb.WaitIntentResponse(intent=intent_to_proto(row), terminal=False)
                 await sub.wait(CATCHUP_SECONDS if left is None else min(left, CATCHUP_SECONDS))
 
-    @unary
+    @unary("client")
     async def CancelIntent(self, request: pb.CancelIntentRequest, context: Ctx) -> pb.CancelIntentResponse:
         intent_id = _require_id(request.id)
         if len(request.reason) > MAX_REASON_LEN:
             raise ValidationError("reason", f"is longer than {MAX_REASON_LEN} characters")
-        row = await self.store.cancel(self._tenant(context), intent_id, request.reason or "canceled")
+        row = await self.store.cancel(self._tenant(context), intent_id, request.reason or "canceled",
+                                      actor=current_caller().name)
         return pb.CancelIntentResponse(intent=intent_to_proto(row))
 
-    @unary
+    @unary("client")
     async def ListIntents(self, request: pb.ListIntentsRequest, context: Ctx) -> pb.ListIntentsResponse:
         if not 0 <= request.page_size <= 1000:
             raise ValidationError("page_size", "must be 0 (default 100) to 1000")
@@ -232,15 +267,16 @@ class IntentService(pb_grpc.IntentServiceServicer):
             next_page_token=_page_token(rows[-1]["id"]) if more else "",
         )
 
-    @unary
+    @unary("admin")
     async def RetryIntent(self, request: pb.RetryIntentRequest, context: Ctx) -> pb.RetryIntentResponse:
         intent_id = _require_id(request.id)
         if not 0 <= request.extra_attempts <= MAX_ATTEMPTS_LIMIT:
             raise ValidationError("extra_attempts", f"must be 0 to {MAX_ATTEMPTS_LIMIT}")
-        row = await self.store.retry(self._tenant(context), intent_id, request.extra_attempts)
+        row = await self.store.retry(self._tenant(context), intent_id, request.extra_attempts,
+                                     actor=current_caller().name)
         return pb.RetryIntentResponse(intent=intent_to_proto(row))
 
-    @unary
+    @unary("client")
     async def ListIntentSteps(
         self, request: pb.ListIntentStepsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListIntentStepsResponse:

@@ -56,13 +56,14 @@ class LeaseStore:
         limit: int,
         ack_timeout_ms: int,
         now: datetime | None = None,
+        tenant: str = "default",
     ) -> tuple[list[Row], dict[str, list[Row]]]:
         """Claims up to ``limit`` claimable intents for a stream; returns them
         with the steps recorded by their earlier attempts."""
         async with self.db.connection() as conn:
             rows = await conn.fetch(
                 Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
-                limit, now, ack_timeout_ms,
+                limit, now, ack_timeout_ms, tenant,
             )
             steps: dict[str, list[Row]] = defaultdict(list)
             resumed = [r["id"] for r in rows if r["steps_completed"] > 0]
@@ -72,11 +73,12 @@ class LeaseStore:
         return list(rows), steps
 
     async def seconds_until_available(
-        self, addresses: Sequence[str], intent_types: Sequence[str] | None, now: datetime | None = None
+        self, addresses: Sequence[str], intent_types: Sequence[str] | None, now: datetime | None = None,
+        tenant: str = "default",
     ) -> float | None:
         async with self.db.connection() as conn:
             value: float | None = await conn.fetchval(
-                Q.next_available, list(addresses), list(intent_types) if intent_types else None, now
+                Q.next_available, list(addresses), list(intent_types) if intent_types else None, now, tenant
             )
         return value
 
@@ -95,9 +97,12 @@ class LeaseStore:
             rows = await conn.fetch(Q.renew_leases, session, now)
         return {(r["id"], r["lease_token"]) for r in rows}
 
-    async def rebind(self, lease: LeaseRef, session: str, now: datetime | None = None) -> bool:
+    async def rebind(
+        self, lease: LeaseRef, session: str, now: datetime | None = None, tenant: str = "default"
+    ) -> bool:
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now)
+            row = await conn.fetchrow(
+                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant)
         return row is not None
 
     async def record_step(

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from intentd.server import errors
+from intentd.server.auth import CALLER
 from intentd.server.db import convert_error
 from intentd.validation import ValidationError
 
@@ -35,43 +36,53 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.exception("unexpected error in %s", method, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
     else:
+        retry_after = getattr(mapped, "retry_after_ms", None)
+        if retry_after is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(retry_after)),))
         await context.abort(mapped.code, mapped.message)
 
 
-def unary(
-    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            if isinstance(request, MalformedRequest):
-                raise request.invalid()
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc, fn.__name__)
-            raise AssertionError("unreachable") from exc
+def unary(role: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
+    """A unary handler that needs ``role``: authenticates the call, makes the
+    caller available as ``current_caller()``, and maps errors to statuses."""
 
-    return wrapper
+    def decorate(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Resp:
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise request.invalid()
+                CALLER.set(await self.auth.authenticate(context, role))
+                return await fn(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, fn.__name__)
+                raise AssertionError("unreachable") from exc
+
+        return wrapper
+
+    return decorate
 
 
-def server_stream(
-    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        try:
-            if isinstance(request, MalformedRequest):
-                raise request.invalid()
-            async for item in fn(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc, fn.__name__)
+def server_stream(role: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Callable[..., AsyncIterator[Resp]]]:
+    def decorate(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
+        @functools.wraps(fn)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise request.invalid()
+                CALLER.set(await self.auth.authenticate(context, role))
+                async for item in fn(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, fn.__name__)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 class MalformedRequest:

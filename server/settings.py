@@ -54,9 +54,47 @@ class ServerSettings:
     instance_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # The tenant of every call while authentication is off.
     tenant: str = "default"
+    # "auto": off only for the zero-config default (embedded database and a
+    # loopback listener), required otherwise; "on" or "off" to choose.
+    auth: str = "auto"
+    # TLS for the gRPC port; with a client CA, sidecars and clients must
+    # present certificates it signed (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Plaintext on a non-loopback address is refused unless this is set.
+    allow_insecure: bool = False
+    log_format: str = "text"
+
+    @property
+    def loopback_only(self) -> bool:
+        host, _ = parse_host_port(self.listen, "listen")
+        return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth == "auto":
+            return not (self.database_url is None and self.loopback_only)
+        return self.auth == "on"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     def validate(self) -> None:
         parse_host_port(self.listen, "listen")
+        require(self.auth in ("auto", "on", "off"), "auth", f"must be auto, on or off, got {self.auth!r}")
+        require((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_cert_file",
+                "INTENTD_TLS_CERT_FILE and INTENTD_TLS_KEY_FILE go together")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            require(path is None or Path(path).is_file(), name, f"{path} is not a readable file")
+        require(self.tls_client_ca_file is None or self.tls, "tls_client_ca_file",
+                "mutual TLS needs INTENTD_TLS_CERT_FILE and INTENTD_TLS_KEY_FILE too")
+        require(self.tls or self.loopback_only or self.allow_insecure, "listen",
+                f"{self.listen} is not loopback: configure TLS (INTENTD_TLS_CERT_FILE/KEY_FILE) "
+                "or set INTENTD_ALLOW_INSECURE=true to serve plaintext anyway")
+        require(self.log_format in ("text", "json"), "log_format", "must be text or json")
         if self.database_url is not None:
             require(
                 self.database_url.startswith(("postgres://", "postgresql://")),

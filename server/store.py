@@ -138,9 +138,11 @@ class IntentStore:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.list_steps, intent_id))
 
-    async def cancel(self, tenant: str, intent_id: str, reason: str, now: datetime | None = None) -> Row:
+    async def cancel(
+        self, tenant: str, intent_id: str, reason: str, now: datetime | None = None, actor: str | None = None
+    ) -> Row:
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.cancel_intent, intent_id, tenant, reason, now)
+            row = await conn.fetchrow(Q.cancel_intent, intent_id, tenant, reason, now, actor)
         if row is None:
             current = await self.get(tenant, intent_id)
             raise errors.FailedPrecondition(
@@ -148,13 +150,16 @@ class IntentStore:
             )
         return row
 
-    async def retry(self, tenant: str, intent_id: str, extra_attempts: int, now: datetime | None = None) -> Row:
+    async def retry(
+        self, tenant: str, intent_id: str, extra_attempts: int, now: datetime | None = None,
+        actor: str | None = None,
+    ) -> Row:
         async with self.db.connection() as conn:
             current = await conn.fetchrow(Q.get_intent, intent_id, tenant)
             if current is None:
                 raise errors.NotFound(f"intent {intent_id!r} not found")
             extra = extra_attempts or current["max_attempts"]
-            row = await conn.fetchrow(Q.retry_intent, intent_id, tenant, extra, now)
+            row = await conn.fetchrow(Q.retry_intent, intent_id, tenant, extra, now, actor)
         if row is None:
             current = await self.get(tenant, intent_id)
             if current["state"] == IntentState.FAILED:
@@ -191,3 +196,7 @@ class IntentStore:
     async def list_intent_types(self, tenant: str) -> list[Row]:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.list_intent_types, tenant))
+
+    async def audit(self, tenant: str, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+        async with self.db.connection() as conn:
+            await conn.execute(Q.audit, tenant, actor, action, target, json.dumps(detail))

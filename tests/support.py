@@ -75,6 +75,7 @@ def server_settings(database_url: str, **overrides: Any) -> ServerSettings:
         heartbeat_timeout_ms=2000,
         ack_timeout_ms=2000,
         shutdown_grace_s=2.0,
+        auth="off",
     )
     base = replace(base, **overrides)
     base.validate()
@@ -180,6 +181,7 @@ class ServerProcess(Process):
             "INTENTD_ACK_TIMEOUT_MS": "5000",
             "INTENTD_SHUTDOWN_GRACE_S": "2",
             "INTENTD_DISPATCH_CATCHUP_S": "0.5",
+            "INTENTD_AUTH": "off",
         }
         super().__init__(["server"], {**base, **env}, log_path)
 
@@ -211,7 +213,8 @@ def running(*processes: Process) -> Iterator[None]:
 class RawSidecar:
     """A hand-driven AgentService.Connect stream, for protocol tests."""
 
-    def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw") -> None:
+    def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw",
+                 metadata: list[tuple[str, str]] | None = None) -> None:
         import queue
 
         from intentd.v1 import agent_service_pb2 as apb
@@ -231,11 +234,15 @@ class RawSidecar:
                     return
                 yield item
 
-        self._call = apb_grpc.AgentServiceStub(self._channel).Connect(requests())
+        self._call = apb_grpc.AgentServiceStub(self._channel).Connect(requests(), metadata=metadata)
 
         def pump() -> None:
             try:
                 for reply in self._call:
+                    if reply.WhichOneof("msg") == "ping":
+                        # Answered at once, so the stream stays alive however the test reads it.
+                        self.send(pong=apb.Pong(nonce=reply.ping.nonce))
+                        continue
                     self._replies.put(reply)
             except grpc.RpcError as err:
                 self._replies.put(err)
@@ -253,10 +260,7 @@ class RawSidecar:
             reply = self._replies.get(timeout=max(0.01, deadline - time.monotonic()))
             if isinstance(reply, grpc.RpcError):
                 raise reply
-            got = reply.WhichOneof("msg")
-            if got == "ping":
-                self.send(pong=self.apb.Pong(nonce=reply.ping.nonce))
-            if got == kind:
+            if reply.WhichOneof("msg") == kind:
                 return getattr(reply, kind)
 
     def write(self, request_id: int, write: Any, timeout: float = 10) -> Any:

@@ -263,7 +263,8 @@ def test_config_values_are_the_server_settings() -> None:
     # Set by the chart itself (listen from service.port, the database from its
     # Secret, the instance name from the pod's name) or meaningless in a
     # cluster (the embedded PostgreSQL's data dir).
-    chart_managed = {"database_url", "listen", "instance_name", "data_dir"}
+    chart_managed = {"database_url", "listen", "instance_name", "data_dir", "allow_insecure",
+                     "tls_cert_file", "tls_key_file", "tls_client_ca_file"}
     fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
 
     def snake(camel: str) -> str:

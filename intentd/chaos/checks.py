@@ -124,6 +124,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     for intent_id in snap.intents:
         if intent_id not in by_id:
             lost.fail(f"{intent_id} is in the database but no send answered it")
+    report.sends_refused = refused_late
     if refused_late:
         lost.note = (f"{refused_late} deadline sends refused (deadline passed while retrying through an outage;"
                      " nothing created)")

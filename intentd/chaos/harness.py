@@ -117,6 +117,8 @@ def run_soak(cfg: SoakConfig) -> Report:
             "INTENTD_POOL_MIN_SIZE": "2",
             "INTENTD_POOL_MAX_SIZE": "8",
             "INTENTD_LOG_LEVEL": cfg.log_level,
+            # Loopback only; with a database URL authentication would default to on.
+            "INTENTD_AUTH": "off",
         }
         replicas.extend(Replica(i + 1, free_port(), pg.url, replica_env, work_dir) for i in range(cfg.replicas))
         # The first one migrates the schema; the others start together.

@@ -61,6 +61,8 @@ class Report:
     drain_s: float = 0.0
     intents_planned: int = 0
     intents_in_db: int = 0
+    # Sends refused because their deadline passed while the client retried (nothing was created).
+    sends_refused: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
@@ -91,7 +93,8 @@ class Report:
             f"  elapsed {self.elapsed_s:.1f}s (faults {self.fault_window_s:.1f}s, drain {self.drain_s:.1f}s);"
             f" logs: {self.work_dir or '(removed)'}",
             "",
-            f"intents: {self.intents_planned} planned, {self.intents_in_db} in the database",
+            f"intents: {self.intents_planned} planned, {self.intents_in_db} in the database"
+            + (f", {self.sends_refused} sends refused (deadline passed while retrying)" if self.sends_refused else ""),
             "  by kind:  " + ", ".join(f"{k} {v}" for k, v in self.kinds.items()),
             "  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())),
             "",

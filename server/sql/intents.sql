@@ -64,7 +64,7 @@ SELECT * FROM intent_events WHERE intent_id = $1 AND seq > $2 ORDER BY seq LIMIT
 SELECT * FROM intent_steps WHERE intent_id = $1 ORDER BY idx;
 
 -- name: cancel_intent
--- $1 id, $2 tenant, $3 reason, $4 now
+-- $1 id, $2 tenant, $3 reason, $4 now, $5 actor
 WITH changed AS (
     UPDATE intents
     SET state = 'CANCELED', cancel_reason = $3,
@@ -74,15 +74,15 @@ WITH changed AS (
     WHERE id = $1 AND tenant = $2 AND state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
     RETURNING *
 ), event AS (
-    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message)
-    SELECT id, last_seq, 'CANCELED', update_time, state, attempt, cancel_reason FROM changed
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message, actor)
+    SELECT id, last_seq, 'CANCELED', update_time, state, attempt, cancel_reason, $5 FROM changed
 )
 SELECT * FROM changed;
 
 -- name: retry_intent
 -- Puts a FAILED intent (the dead letter) back to PENDING. Its recorded steps
 -- stay, so the next attempt resumes where the last one stopped.
--- $1 id, $2 tenant, $3 extra attempts, $4 now
+-- $1 id, $2 tenant, $3 extra attempts, $4 now, $5 actor
 WITH changed AS (
     UPDATE intents
     SET state = 'PENDING', max_attempts = attempt + $3, error_code = NULL, error_message = NULL,
@@ -92,8 +92,8 @@ WITH changed AS (
       AND (deadline IS NULL OR deadline > coalesce($4::timestamptz, now()))
     RETURNING *
 ), event AS (
-    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
-    SELECT id, last_seq, 'RETRIED', update_time, state, attempt FROM changed
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, actor)
+    SELECT id, last_seq, 'RETRIED', update_time, state, attempt, $5 FROM changed
 )
 SELECT * FROM changed;
 

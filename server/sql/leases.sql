@@ -6,11 +6,12 @@
 
 -- name: claim_intents
 -- $1 session, $2 addresses, $3 intent types (NULL: all), $4 how many,
--- $5 now, $6 ack timeout ms
+-- $5 now, $6 ack timeout ms, $7 tenant
 WITH candidates AS (
     SELECT id FROM intents
     WHERE state = 'PENDING'
       AND to_agent = ANY ($2::text[])
+      AND tenant = $7
       AND available_at <= coalesce($5::timestamptz, now())
       AND ($3::text[] IS NULL OR intent_type = ANY ($3::text[]))
       AND attempt < max_attempts
@@ -35,10 +36,11 @@ SELECT * FROM claimed ORDER BY available_at, id;
 -- name: next_available
 -- Seconds until the earliest PENDING intent for these addresses becomes
 -- claimable (retry backoff), so a dispatcher sleeps exactly until then.
--- $1 addresses, $2 intent types (NULL: all), $3 now
+-- $1 addresses, $2 intent types (NULL: all), $3 now, $4 tenant
 SELECT extract(epoch FROM min(available_at) - coalesce($3::timestamptz, now()))::float8 FROM intents
 WHERE state = 'PENDING'
   AND to_agent = ANY ($1::text[])
+  AND tenant = $4
   AND available_at > coalesce($3::timestamptz, now())
   AND ($2::text[] IS NULL OR intent_type = ANY ($2::text[]));
 
@@ -77,7 +79,7 @@ RETURNING id, lease_token, attempt;
 
 -- name: rebind_lease
 -- A reconnecting sidecar keeps a lease only if nobody took it over.
--- $1 id, $2 token, $3 attempt, $4 new session, $5 now
+-- $1 id, $2 token, $3 attempt, $4 new session, $5 now, $6 tenant
 UPDATE intents
 SET lease_session = $4,
     lease_expires_at = CASE
@@ -85,6 +87,7 @@ SET lease_session = $4,
         THEN coalesce($5::timestamptz, now()) + heartbeat_timeout_ms * interval '1 millisecond'
         ELSE lease_expires_at END
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
+  AND tenant = $6
 RETURNING id;
 
 -- name: record_step

@@ -7,6 +7,7 @@ See docs/chaos.md ("Bugs found") for how each showed up in a soak."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -185,3 +186,71 @@ def test_send_retried_after_its_deadline_passed_returns_the_original(server: Any
         # died after the commit) carries the same key and the same deadline.
         again, created_again = client.send(spec)
         assert (again.id, created_again) == (first.id, False)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a sidecar frozen (SIGSTOP) while the answer to a committed RecordStep is on its way delivers that OK "
+    "to its agent when it wakes, before its pinger notices the silence (sidecar/upstream.py _read_loop handles "
+    "messages without checking how long the stream was silent); by then the lease lapsed and another attempt "
+    "recorded the next step, which the zombie agent then runs again"))
+def test_frozen_sidecar_does_not_let_its_agent_run_a_step_recorded_meanwhile(
+        make_server: Any, database_url: str, agent_address: str, tmp_path: Any) -> None:
+    import os
+    import signal
+
+    from tests.stack import TYPE as LEDGER_TYPE
+    from tests.stack import Sidecar, create_ledger, ledger
+
+    create_ledger(database_url)
+    # Streams ping every 2 s, so a sidecar calls its stream dead after 6 s of
+    # silence; leases lapse 4 s after the last ping (the least allowed).
+    srv = make_server(heartbeat_timeout_ms=4000, ping_interval_ms=2000)
+    leases = srv.plane.agents.leases
+    record_step = leases.record_step
+    claim = leases.claim
+    frozen: list[str] = []  # the frozen sidecar's stream (server-side session id)
+
+    async def record_then_freeze(lease: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+        row = await record_step(lease, index, *args, **kwargs)
+        if index == 3 and lease.attempt == 1 and not frozen:
+            # Committed; the OK is about to go out to a sidecar that froze.
+            os.kill(first.pid, signal.SIGSTOP)
+            async with leases.db.connection() as conn:
+                frozen.append(await conn.fetchval("SELECT lease_session FROM intents WHERE id = $1",
+                                                  lease.intent_id))
+        return row
+
+    async def claim_elsewhere(session: str, *args: Any, **kwargs: Any) -> Any:
+        # The other sidecar takes the intent over (the frozen one's stream
+        # stays open on the server a while and could otherwise win it back).
+        if session in frozen:
+            return [], {}
+        return await claim(session, *args, **kwargs)
+
+    leases.claim = claim_elsewhere
+    leases.record_step = record_then_freeze
+    first = Sidecar(srv.address, agent_address, database_url, tmp_path / "first.log")
+    second = Sidecar(srv.address, agent_address, database_url, tmp_path / "second.log")
+    first.start()
+    try:
+        with IntentClient(srv.address) as client:
+            intent_id = client.send_intent(intent_type=LEDGER_TYPE, to_agent=agent_address,
+                                           payload={"steps": 6, "step_seconds": 0.1})
+            wait_until(lambda: frozen, 30, what="step 3 recorded and its sidecar frozen")
+            second.start()  # takes the intent over once the frozen sidecar's lease lapses
+            wait_until(lambda: any(s.index == 4 for s in client.steps(intent_id)), 30, interval=0.01,
+                       what="the second sidecar to record step 4")
+            # Woken before its own 6 s silence limit, after its lease lapsed.
+            os.kill(first.pid, signal.SIGCONT)
+            step4 = next(s for s in client.steps(intent_id) if s.index == 4)
+            final = client.wait_for(intent_id, timeout=60)
+            time.sleep(1.0)  # the zombie hears its lease is gone and stops
+        assert final.state is IntentState.COMPLETED and step4.attempt == 2
+        late = [e for e in ledger(database_url, intent_id)
+                if e["phase"] == "begin" and e["step"] == 4 and e["attempt"] == 1]
+        assert not late, f"attempt 1 began step 4 after attempt 2 recorded it at {step4.record_time}: {late}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGCONT)
+        first.kill_group()
+        second.kill_group()

@@ -1,0 +1,95 @@
+"""Per-tenant and per-key quotas: sends per second, live intents, payload
+size. Rates are token buckets in each replica (a limit of R per second with
+N replicas admits up to N x R); live intents are counted in PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from intentd.server import errors
+from intentd.server.auth import Caller
+from intentd.server.db import Database, Row
+from intentd.server.queries import Q
+
+TENANT_CACHE_SECONDS = 5.0
+COUNT_CACHE_SECONDS = 1.0
+
+
+@dataclass
+class Bucket:
+    rate: float
+    tokens: float
+    stamp: float
+
+    def take(self, n: int, now: float) -> float:
+        """Takes n tokens; returns 0, or the seconds until they would be there."""
+        burst = max(self.rate, 1.0)
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+
+class Quotas:
+    def __init__(self, db: Database, *, default_max_payload_bytes: int) -> None:
+        self.db = db
+        self.default_max_payload_bytes = default_max_payload_bytes
+        self._tenants: dict[str, tuple[Row | None, float]] = {}
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._buckets: dict[tuple[str, str], Bucket] = {}
+
+    async def _tenant(self, name: str) -> Row | None:
+        now = time.monotonic()
+        hit = self._tenants.get(name)
+        if hit is not None and now - hit[1] < TENANT_CACHE_SECONDS:
+            return hit[0]
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q.get_tenant, name)
+        self._tenants[name] = (row, now)
+        return row
+
+    async def max_payload_bytes(self, caller: Caller) -> int:
+        tenant = await self._tenant(caller.tenant)
+        if tenant is not None and tenant["max_payload_bytes"] is not None:
+            return min(int(tenant["max_payload_bytes"]), self.default_max_payload_bytes)
+        return self.default_max_payload_bytes
+
+    async def admit_sends(self, caller: Caller, count: int) -> None:
+        """Raises ResourceExhausted (with a retry-after) when ``count`` more
+        sends would break a quota."""
+        now = time.monotonic()
+        tenant = await self._tenant(caller.tenant)
+        limits = [("key", caller.key_id or "", caller.max_sends_per_second)]
+        if tenant is not None:
+            limits.append(("tenant", caller.tenant, tenant["max_sends_per_second"]))
+        for kind, name, rate in limits:
+            if rate is None:
+                continue
+            bucket = self._buckets.get((kind, name))
+            if bucket is None or bucket.rate != rate:
+                bucket = self._buckets[(kind, name)] = Bucket(rate, max(rate, 1.0), now)
+            wait = bucket.take(count, now)
+            if wait > 0:
+                raise errors.ResourceExhausted(
+                    f"{kind} {name or caller.name!r} is limited to {rate:g} sends per second",
+                    retry_after_ms=math.ceil(wait * 1000))
+        if tenant is not None and tenant["max_live_intents"] is not None:
+            live = await self._live(caller.tenant, now)
+            if live + count > tenant["max_live_intents"]:
+                raise errors.ResourceExhausted(
+                    f"tenant {caller.tenant!r} has {live} live intents; its quota is {tenant['max_live_intents']}",
+                    retry_after_ms=1000)
+            self._counts[caller.tenant] = (live + count, self._counts[caller.tenant][1])
+
+    async def _live(self, tenant: str, now: float) -> int:
+        hit = self._counts.get(tenant)
+        if hit is not None and now - hit[1] < COUNT_CACHE_SECONDS:
+            return hit[0]
+        async with self.db.connection() as conn:
+            live = int(await conn.fetchval(Q.count_live_intents, tenant))
+        self._counts[tenant] = (live, now)
+        return live
