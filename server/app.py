@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from intentd.server.admin_service import AdminService
 from intentd.server.agent_service import AgentService
 from intentd.server.auth import Authenticator
+from intentd.server.batcher import WriteBatcher
 from intentd.server.db import Database
 from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.hub import NotificationHub
@@ -56,6 +57,7 @@ class ControlPlane:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.services: list[BackgroundService] = []
         self.agents: AgentService | None = None
+        self.batcher: WriteBatcher | None = None
         self.port: int | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -80,7 +82,9 @@ class ControlPlane:
         store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms)
         self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
         quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
-        leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes)
+        self.batcher = WriteBatcher(self.db, workers=max(1, self.settings.pool_max_size // 2))
+        self.batcher.start()
+        leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes, batcher=self.batcher)
 
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
@@ -164,6 +168,8 @@ class ControlPlane:
             await self.server.stop(grace)
         for service in self.services:
             await service.stop(deadline=max(grace, 1.0))
+        if self.batcher is not None:
+            await self.batcher.close()
         if self.db is not None:
             await self.db.close()
         if self.embedded is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from intentd.server import errors
+from intentd.server.batcher import WriteBatcher
 from intentd.server.db import Database, Row
 from intentd.server.queries import Q
 from intentd.validation import ValidationError, parse_json
@@ -44,9 +45,18 @@ def _stale(lease: LeaseRef, state: str) -> errors.StaleLease:
 
 
 class LeaseStore:
-    def __init__(self, db: Database, *, max_payload_bytes: int) -> None:
+    def __init__(self, db: Database, *, max_payload_bytes: int, batcher: WriteBatcher | None = None) -> None:
         self.db = db
         self.max_payload_bytes = max_payload_bytes
+        self.batcher = batcher
+
+    async def _write(self, query: str, *args: object) -> Row | None:
+        """A fenced write: through the group commit when there is one."""
+        if self.batcher is not None:
+            row: Row | None = await self.batcher.fetchrow(query, *args)
+            return row
+        async with self.db.connection() as conn:
+            return await conn.fetchrow(query, *args)
 
     async def claim(
         self,
@@ -83,10 +93,10 @@ class LeaseStore:
         return value
 
     async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
+        row = await self._write(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now, session)
+        if row is not None:
+            return
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now, session)
-            if row is not None:
-                return
             why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, session)
         if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
             return  # a repeated acknowledgement
@@ -114,12 +124,12 @@ class LeaseStore:
         if not name or len(name) > 200:
             raise ValidationError("step.name", "must be 1 to 200 characters")
         text = parse_json(result, "step.result", self.max_payload_bytes)
+        row = await self._write(
+            Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now, session
+        )
+        if row is not None:
+            return row
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(
-                Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now, session
-            )
-            if row is not None:
-                return row
             why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index, session)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
@@ -159,11 +169,10 @@ class LeaseStore:
         self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
     ) -> None:
         text = parse_json(result, "complete.result", self.max_payload_bytes)
+        row = await self._write(Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now, session)
+        if row is not None:
+            return
         async with self.db.connection() as conn:
-            row = await conn.fetchrow(
-                Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now, session)
-            if row is not None:
-                return
             why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
             return  # a repeat of a completion that committed
@@ -176,11 +185,10 @@ class LeaseStore:
         code = code or "AGENT_ERROR"
         if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
-        async with self.db.connection() as conn:
-            row = await conn.fetchrow(
-                Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now,
-                session,
-            )
+        row = await self._write(
+            Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now,
+            session,
+        )
         if row is None:
             await self._refuse(lease)
         assert row is not None
@@ -191,9 +199,8 @@ class LeaseStore:
     ) -> str:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
-        async with self.db.connection() as conn:
-            row = await conn.fetchrow(
-                Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now, session)
+        row = await self._write(
+            Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now, session)
         if row is None:
             await self._refuse(lease)
         assert row is not None
@@ -208,8 +215,7 @@ class LeaseStore:
             return list(await conn.fetch(Q.expire_leases, now, batch))
 
     async def _guarded(self, query: str, lease: LeaseRef, *args: object) -> None:
-        async with self.db.connection() as conn:
-            row = await conn.fetchrow(query, lease.intent_id, lease.token, lease.attempt, *args)
+        row = await self._write(query, lease.intent_id, lease.token, lease.attempt, *args)
         if row is None:
             await self._refuse(lease)
 
