@@ -79,11 +79,12 @@ class ControlPlane:
         await self.db.open()
         self.hub = NotificationHub(self.database_url, application_name=self.db.application_name)
         await self.hub.start()
-        store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms)
-        self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
-        quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
         self.batcher = WriteBatcher(self.db, workers=max(1, self.settings.pool_max_size // 2))
         self.batcher.start()
+        store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms,
+                            batcher=self.batcher)
+        self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
+        quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
         leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes, batcher=self.batcher)
 
         options = [

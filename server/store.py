@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from intentd.server import errors
+from intentd.server.batcher import WriteBatcher
 from intentd.server.db import Database, Row
 from intentd.server.ids import new_id
 from intentd.server.queries import Q
@@ -43,14 +44,22 @@ class Sent:
 
 
 class IntentStore:
-    def __init__(self, db: Database, *, default_heartbeat_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self, db: Database, *, default_heartbeat_timeout_ms: int = 10_000, batcher: WriteBatcher | None = None
+    ) -> None:
         self.db = db
         self.default_heartbeat_timeout_ms = default_heartbeat_timeout_ms
+        self.batcher = batcher
 
     async def send(self, tenant: str, intents: Sequence[NewIntent], now: datetime | None = None) -> list[Sent]:
         """Creates the intents, or matches earlier sends by idempotency key.
         A batch is one transaction: all are written or none."""
         if len(intents) == 1:
+            if self.batcher is not None:
+                # Single sends from many callers share commits (group commit).
+                row = await self.batcher.fetchrow(Q.insert_intent, *self._insert_args(tenant, intents[0], now))
+                if row is not None:
+                    return [Sent(row, True)]
             async with self.db.connection() as conn:
                 return [await self._send_one(conn, tenant, intents[0], now)]
         async with self.db.transaction() as conn:
@@ -59,21 +68,7 @@ class IntentStore:
     async def _send_one(
         self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, now: datetime | None
     ) -> Sent:
-        row = await conn.fetchrow(
-            Q.insert_intent,
-            new_id(),
-            tenant,
-            spec.intent_type,
-            spec.to_agent,
-            spec.sender,
-            spec.payload,
-            spec.idempotency_key,
-            json.dumps(spec.labels),
-            spec.max_attempts,
-            spec.deadline,
-            self.default_heartbeat_timeout_ms,
-            now,
-        )
+        row = await conn.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
         if row is not None:
             return Sent(row, True)
         existing = await conn.fetchrow(
@@ -96,6 +91,12 @@ class IntentStore:
                 "to_agent or payload"
             )
         return Sent(existing, False)
+
+    def _insert_args(self, tenant: str, spec: NewIntent, now: datetime | None) -> tuple[Any, ...]:
+        return (
+            new_id(), tenant, spec.intent_type, spec.to_agent, spec.sender, spec.payload, spec.idempotency_key,
+            json.dumps(spec.labels), spec.max_attempts, spec.deadline, self.default_heartbeat_timeout_ms, now,
+        )
 
     async def get(self, tenant: str, intent_id: str) -> Row:
         async with self.db.connection() as conn:
