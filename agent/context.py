@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
+from intentd.observability import tracing
 from intentd.v1 import delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
 from .errors import LeaseLost, StepDivergence, WriteError
@@ -90,6 +91,7 @@ class _Plan:
     name: str
     replayed: bool
     value: Any = None
+    span: tracing.SpanHandle | None = None
 
 
 class _BaseContext:
@@ -226,11 +228,22 @@ class _BaseContext:
             self.replayed_steps += 1
             log.debug("%s: step %d %r replayed", self._log_prefix, index, name)
         self._active = plan
+        # A child of the handler's span; current while the step runs, so the
+        # step function's own spans nest under it.
+        plan.span = tracing.start_span("intentd.step", attributes={
+            "intentd.intent_id": self.intent_id,
+            "intentd.attempt": self.attempt,
+            "intentd.step.index": index,
+            "intentd.step.name": name,
+            "intentd.step.replayed": plan.replayed,
+        })
         return plan
 
-    def _end_step(self, plan: _Plan) -> None:
+    def _end_step(self, plan: _Plan, error: BaseException | None = None) -> None:
         if self._active is plan:
             self._active = None
+        if plan.span is not None:
+            plan.span.end(error)
 
     async def _commit_step(self, plan: _Plan, value: Any) -> Any:
         """Records a run step; returns its value as replays will see it."""
@@ -344,13 +357,17 @@ class Context(_BaseContext):
         index: the next ``step`` call takes the same index.
         """
         plan = self._begin_step(name)
+        error: BaseException | None = None
         try:
             if plan.replayed:
                 return plan.value
             value = await _call(fn, args, kwargs)
             return await self._commit_step(plan, value)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            self._end_step(plan)
+            self._end_step(plan, error)
 
     def step_scope(self, name: str) -> StepScope:
         """The context-manager form of a step::
@@ -423,13 +440,17 @@ class StepScope:
     ) -> None:
         plan = self._plan
         assert plan is not None
+        error = exc
         try:
             if plan.replayed:
                 self.result = plan.value
             elif exc_type is None:
                 self.result = await self._ctx._commit_step(plan, self.result)
+        except BaseException as failure:
+            error = failure
+            raise
         finally:
-            self._ctx._end_step(plan)
+            self._ctx._end_step(plan, error)
 
 
 class SyncContext(_BaseContext):
@@ -478,13 +499,17 @@ class SyncContext(_BaseContext):
         """As ``Context.step``, blocking; ``fn`` runs in the handler's thread
         (a coroutine function is run on the agent's event loop)."""
         plan = self._begin_step(name)
+        error: BaseException | None = None
         try:
             if plan.replayed:
                 return plan.value
             value = self._run_fn(fn, args, kwargs)
             return self._blocking(self._commit_step(plan, value))
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            self._end_step(plan)
+            self._end_step(plan, error)
 
     def step_scope(self, name: str) -> SyncStepScope:
         """``with ctx.step_scope(name) as s:`` -- see ``Context.step_scope``."""
@@ -537,13 +562,17 @@ class SyncStepScope:
     ) -> None:
         plan = self._plan
         assert plan is not None
+        error = exc
         try:
             if plan.replayed:
                 self.result = plan.value
             elif exc_type is None:
                 self.result = self._ctx._blocking(self._ctx._commit_step(plan, self.result))
+        except BaseException as failure:
+            error = failure
+            raise
         finally:
-            self._ctx._end_step(plan)
+            self._ctx._end_step(plan, error)
 
 
 async def _await(awaitable: Awaitable[T]) -> T:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from intentd.observability import bind_log_context, tracing
 from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
 from intentd.validation import ValidationError, check_agent_address, check_intent_type
 
@@ -266,6 +267,12 @@ class Agent:
             )
         target = _target(address)
         loop = asyncio.get_running_loop()
+        try:
+            # Only with INTENTD_TRACING set, and never over the application's own set-up.
+            traced = tracing.configure(service_name=self.name)
+        except ValueError as exc:
+            log.warning("tracing stays off: %s", exc)
+            traced = False
         self._running = True
         self._wakeup = asyncio.Event()
         self._cut_grace = asyncio.Event()
@@ -300,6 +307,8 @@ class Agent:
         finally:
             self._running = False
             self._stopping = False
+            if traced:
+                tracing.flush()
             self._done.set()
             log.info("agent %s stopped", self.name)
 
@@ -445,6 +454,8 @@ class Agent:
         self, session: _Session, ctx: _BaseContext, handler: _Handler | None
     ) -> None:
         token = ctx.lease.token
+        # This task's own context: JSON log lines about the attempt carry these.
+        bind_log_context(intent_id=ctx.intent_id, attempt=ctx.attempt)
         try:
             async with session.slots:
                 if ctx.cancelled or self._stopping:
@@ -457,15 +468,7 @@ class Agent:
                     log.warning("%s: could not acknowledge (%s)", ctx._log_prefix, exc)
                     ctx._stop(LEASE_LOST, "the sidecar stream closed")
                     return
-                log.info(
-                    "%s: started (%d step(s) recorded by earlier attempts)",
-                    ctx._log_prefix, ctx.recorded_steps,
-                )
-                outcome = await self._invoke(ctx, handler)
-                if ctx.cancelled:
-                    log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
-                    return
-                await self._report(ctx, outcome)
+                await self._run_traced(ctx, handler)
         except LeaseLost as exc:
             log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, exc.reason)
         except asyncio.CancelledError:
@@ -480,6 +483,55 @@ class Agent:
             ctx._finished = True
             if session.running.get(token) is ctx:
                 del session.running[token]
+
+    async def _run_traced(self, ctx: _BaseContext, handler: _Handler | None) -> None:
+        """Runs and reports the attempt in a span whose parent is the trace
+        context the sender's traceparent label carries (a new trace without)."""
+        span = tracing.start_span(
+            "intentd.handle",
+            kind="consumer",
+            traceparent=ctx.labels.get(tracing.TRACEPARENT_LABEL),
+            tracestate=ctx.labels.get(tracing.TRACESTATE),
+            attributes={
+                "intentd.intent_id": ctx.intent_id,
+                "intentd.intent_type": ctx.intent_type,
+                "intentd.attempt": ctx.attempt,
+                "intentd.agent": self.name,
+                "intentd.recorded_steps": ctx.recorded_steps,
+            },
+        )
+        error: BaseException | None = None
+        try:
+            log.info(
+                "%s: started (%d step(s) recorded by earlier attempts)",
+                ctx._log_prefix, ctx.recorded_steps,
+            )
+            outcome = await self._invoke(ctx, handler)
+            if ctx.cancelled:
+                span.set_attribute("intentd.outcome", "stopped")
+                span.set_attribute("intentd.stop_reason", ctx.cancel_reason)
+                log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
+                return
+            span.set_attribute("intentd.replayed_steps", ctx.replayed_steps)
+            span.set_attribute("intentd.steps", ctx.steps_completed)
+            if outcome.result is not None:
+                span.set_attribute("intentd.outcome", "completed")
+            else:
+                span.set_attribute("intentd.outcome", "failed")
+                span.set_attribute("intentd.error_code", outcome.code)
+                span.set_attribute("intentd.retryable", outcome.retryable)
+                span.set_error(f"{outcome.code}: {outcome.message}")
+            await self._report(ctx, outcome)
+        except LeaseLost as exc:
+            # Fenced off (another attempt owns the intent): expected, not an error.
+            span.set_attribute("intentd.outcome", "stopped")
+            span.set_attribute("intentd.stop_reason", exc.reason)
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            span.end(error)
 
     async def _invoke(self, ctx: _BaseContext, handler: _Handler | None) -> _Outcome:
         """Runs the handler; turns what it returned or raised into an outcome.

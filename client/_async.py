@@ -26,6 +26,7 @@ from ._common import (
     batch_request,
     list_request,
     send_request,
+    send_span,
 )
 from .errors import Unavailable
 from .models import (
@@ -113,16 +114,20 @@ class AsyncIntentClient:
         await self.close()
 
     async def _call(
-        self, method: Any, request: Any, call_timeout: CallTimeout = DEFAULT_TIMEOUT
+        self,
+        method: Any,
+        request: Any,
+        call_timeout: CallTimeout = DEFAULT_TIMEOUT,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> Any:
         """One unary call, retried on UNAVAILABLE."""
         deadline = self._settings.call_timeout(call_timeout)
+        if metadata is None:
+            metadata = self._settings.call_metadata
         attempt = 0
         while True:
             try:
-                return await method(
-                    request, timeout=deadline, metadata=self._settings.call_metadata
-                )
+                return await method(request, timeout=deadline, metadata=metadata)
             except grpc.RpcError as err:
                 delay = self._settings.retry.after_failure(err, attempt)
             await asyncio.sleep(delay)
@@ -137,7 +142,17 @@ class AsyncIntentClient:
         """Sends one intent; returns it and whether this call created it (False
         when an earlier send with the same idempotency key was matched)."""
         request = send_request(intent, kw, self._settings.sender)
-        resp: pb.SendIntentResponse = await self._call(self._stub.SendIntent, request)
+        span = send_span(request)
+        try:
+            resp: pb.SendIntentResponse = await self._call(
+                self._stub.SendIntent, request, metadata=self._settings.traced_metadata()
+            )
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.set_attribute("intentd.intent_id", resp.intent.id)
+        span.set_attribute("intentd.created", resp.created)
+        span.end()
         return intent_from_proto(resp.intent), resp.created
 
     async def send_intents(self, intents: Iterable[IntentInput]) -> builtins.list[str]:
@@ -145,7 +160,15 @@ class AsyncIntentClient:
         request = batch_request(intents, self._settings.sender)
         if not request.intents:
             return []
-        resp: pb.SendIntentsResponse = await self._call(self._stub.SendIntents, request)
+        span = send_span(request)
+        try:
+            resp: pb.SendIntentsResponse = await self._call(
+                self._stub.SendIntents, request, metadata=self._settings.traced_metadata()
+            )
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end()
         return [r.intent.id for r in resp.results]
 
     async def get(self, intent_id: str) -> Intent:

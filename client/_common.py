@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
+from intentd.observability import tracing
 from intentd.states import IntentState
 from intentd.v1 import intent_service_pb2 as pb
 
@@ -145,6 +146,25 @@ class Settings:
     @property
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         return self.metadata or None
+
+    def traced_metadata(self) -> list[tuple[str, str]] | None:
+        """``call_metadata`` plus the current span's W3C ``traceparent`` (the
+        control plane keeps it with the intent, so the agent's spans join the
+        sender's trace); the same as ``call_metadata`` outside a span."""
+        return tracing.inject(self.metadata) or None
+
+
+def send_span(request: pb.SendIntentRequest | pb.SendIntentsRequest) -> tracing.SpanHandle:
+    """A CLIENT span around a send, only inside a trace the caller started
+    (a send outside any span starts none). End it with ``.end(error)``."""
+    if isinstance(request, pb.SendIntentRequest):
+        attributes: dict[str, Any] = {
+            "intentd.intent_type": request.intent.intent_type,
+            "intentd.to_agent": request.intent.to_agent,
+        }
+    else:
+        attributes = {"intentd.batch_size": len(request.intents)}
+    return tracing.start_span("intentd.send", kind="client", attributes=attributes, child_only=True)
 
 
 def merge_channel_options(

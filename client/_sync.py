@@ -25,6 +25,7 @@ from ._common import (
     batch_request,
     list_request,
     send_request,
+    send_span,
 )
 from .errors import Unavailable
 from .models import (
@@ -98,14 +99,20 @@ class IntentClient:
         self.close()
 
     def _call(
-        self, method: Any, request: Any, call_timeout: CallTimeout = DEFAULT_TIMEOUT
+        self,
+        method: Any,
+        request: Any,
+        call_timeout: CallTimeout = DEFAULT_TIMEOUT,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> Any:
         """One unary call, retried on UNAVAILABLE."""
         deadline = self._settings.call_timeout(call_timeout)
+        if metadata is None:
+            metadata = self._settings.call_metadata
         attempt = 0
         while True:
             try:
-                return method(request, timeout=deadline, metadata=self._settings.call_metadata)
+                return method(request, timeout=deadline, metadata=metadata)
             except grpc.RpcError as err:
                 delay = self._settings.retry.after_failure(err, attempt)
             time.sleep(delay)
@@ -120,7 +127,17 @@ class IntentClient:
         """Sends one intent; returns it and whether this call created it (False
         when an earlier send with the same idempotency key was matched)."""
         request = send_request(intent, kw, self._settings.sender)
-        resp: pb.SendIntentResponse = self._call(self._stub.SendIntent, request)
+        span = send_span(request)
+        try:
+            resp: pb.SendIntentResponse = self._call(
+                self._stub.SendIntent, request, metadata=self._settings.traced_metadata()
+            )
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.set_attribute("intentd.intent_id", resp.intent.id)
+        span.set_attribute("intentd.created", resp.created)
+        span.end()
         return intent_from_proto(resp.intent), resp.created
 
     def send_intents(self, intents: Iterable[IntentInput]) -> builtins.list[str]:
@@ -128,7 +145,15 @@ class IntentClient:
         request = batch_request(intents, self._settings.sender)
         if not request.intents:
             return []
-        resp: pb.SendIntentsResponse = self._call(self._stub.SendIntents, request)
+        span = send_span(request)
+        try:
+            resp: pb.SendIntentsResponse = self._call(
+                self._stub.SendIntents, request, metadata=self._settings.traced_metadata()
+            )
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end()
         return [r.intent.id for r in resp.results]
 
     def get(self, intent_id: str) -> Intent:

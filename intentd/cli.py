@@ -39,7 +39,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         log_level=args.log_level,
     )
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, json=settings.log_format == "json")
     if settings.database_url is None:
         print(f"intentd: no INTENTD_DATABASE_URL; embedded PostgreSQL data in {settings.data_dir}",
               file=sys.stderr)

@@ -12,9 +12,11 @@
 In both formats every line goes through ``RedactingFilter``: ``Authorization``
 header values, ``Bearer`` tokens and intentd API keys (``intentd_`` followed
 by at least 16 base32/hex characters, optionally after ``_``-separated
-segments) are replaced by ``[REDACTED]`` in the message, the traceback and
-the context fields. Payloads are never logged unless ``INTENTD_LOG_PAYLOADS``
-is true: code that wants to show one passes it as ``extra={"payload": ...}``
+segments, as in ``intentd_<id>_<secret>``) are replaced by ``[REDACTED]`` in
+the message, the traceback and the context fields; a key keeps its id
+(``intentd_<id>_[REDACTED]``), which is no secret and names the key.
+Payloads are never logged unless ``INTENTD_LOG_PAYLOADS`` is true: code
+that wants to show one passes it as ``extra={"payload": ...}``
 or formats ``payload_for_log(data)``, which both show a size placeholder
 otherwise.
 """
@@ -55,6 +57,14 @@ def _auth_repl(match: re.Match[str]) -> str:
     return f"{match.group(1)}{scheme}{REDACTED}"
 
 
+def _key_repl(match: re.Match[str]) -> str:
+    # intentd_<id>_<secret>: the id is no secret and tells which key it was.
+    key_id, sep, _ = match.group(0).removeprefix("intentd_").partition("_")
+    if sep and len(key_id) <= 16:
+        return f"intentd_{key_id}_{REDACTED}"
+    return f"intentd_{REDACTED}"
+
+
 def redact(text: str) -> str:
     """``text`` with credentials masked (see the module docstring)."""
     if not text:
@@ -65,7 +75,7 @@ def redact(text: str) -> str:
     if "bearer" in lowered:
         text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     if "intentd_" in text:
-        text = _API_KEY.sub(f"intentd_{REDACTED}", text)
+        text = _API_KEY.sub(_key_repl, text)
     return text
 
 
@@ -97,7 +107,7 @@ class RedactingFilter(logging.Filter):
         except Exception:  # a bad format string: let the handler report it as usual
             return True
         cleaned = redact(message)
-        if cleaned != message or record.args:
+        if cleaned != message:
             record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
             record.exc_text = self._formatter.formatException(record.exc_info)

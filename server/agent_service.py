@@ -19,9 +19,11 @@ from typing import Any
 
 import grpc
 
+from intentd.observability import metrics
 from intentd.server import errors
 from intentd.server.auth import Authenticator, Caller
 from intentd.server.convert import intent_to_proto, step_to_proto
+from intentd.server.db import Row
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.rpc import MalformedRequest, to_server_error
@@ -97,6 +99,18 @@ class Session:
                     return
                 except asyncio.QueueFull:
                     self.outbox.get_nowait()  # make room for the end marker
+
+
+def count_attempt_end(row: Row, cause: str) -> None:
+    """Metrics for an attempt that ended without a result: a redelivery, or
+    the dead letter when it was the last attempt."""
+    if row["state"] == "PENDING":
+        metrics.record_redelivery(cause)
+    elif row["state"] == "FAILED":
+        if row["error_code"] == "ATTEMPTS_EXHAUSTED":
+            metrics.ATTEMPTS_EXHAUSTED.inc()
+        if row["age_s"] is not None:
+            metrics.observe_end_to_end("FAILED", float(row["age_s"]))
 
 
 def _lease_msg(lease: LeaseRef) -> delivery_pb2.Lease:
@@ -369,16 +383,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 row = await self.leases.record_step(
                     lease, write.step.index, write.step.name, write.step.result, session=mine)
                 result.step.CopyFrom(step_to_proto(row))
+                metrics.STEPS_RECORDED.inc()
             elif op == "checkpoint":
                 await self.leases.save_checkpoint(lease, write.checkpoint.state, session=mine)
             elif op == "progress":
                 await self.leases.report_progress(lease, write.progress.message, write.progress.fraction, session=mine)
             elif op == "complete":
-                await self.leases.complete(lease, write.complete.result, session=mine)
+                age = await self.leases.complete(lease, write.complete.result, session=mine)
+                if age is not None:
+                    metrics.observe_end_to_end("COMPLETED", age)
             elif op == "fail":
-                await self.leases.fail(lease, write.fail.code, write.fail.message, write.fail.retryable, session=mine)
+                ended = await self.leases.fail(
+                    lease, write.fail.code, write.fail.message, write.fail.retryable, session=mine)
+                count_attempt_end(ended, metrics.FAILED_RETRYABLE)
             elif op == "release":
-                await self.leases.release(lease, write.release.reason, session=mine)
+                ended = await self.leases.release(lease, write.release.reason, session=mine)
+                count_attempt_end(ended, metrics.release_cause(write.release.reason))
             else:
                 raise ValidationError("write.op", "is required")
             if final:
@@ -397,6 +417,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 held.finishing = False
         finally:
             slots.release()
+        metrics.record_write(op, result.code)
         session.send(pb.ConnectResponse(write_result=result))
 
     async def _dispatch(self, session: Session) -> None:
@@ -421,6 +442,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         break  # the lease lapses after the ack timeout and is redelivered
                     self._hold(session, lease)
                     self.assignments_sent += 1
+                    metrics.DELIVERIES.inc()
+                    metrics.observe_dispatch_latency((row["update_time"] - row["available_at"]).total_seconds())
                     session.send(pb.ConnectResponse(assignment=delivery_pb2.Assignment(
                         intent=intent_to_proto(row),
                         lease=_lease_msg(lease),

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from intentd.observability import metrics
 from intentd.server.admin_service import AdminService
 from intentd.server.agent_service import AgentService
 from intentd.server.auth import Authenticator
@@ -24,7 +25,7 @@ from intentd.server.quotas import Quotas
 from intentd.server.rpc import add_service
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
-from intentd.server.sweepers import DeadlineSweeper, LeaseSweeper
+from intentd.server.sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper
 from intentd.service import BackgroundService
 from intentd.v1 import (
     admin_service_pb2,
@@ -58,6 +59,7 @@ class ControlPlane:
         self.services: list[BackgroundService] = []
         self.agents: AgentService | None = None
         self.batcher: WriteBatcher | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self.port: int | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -130,7 +132,15 @@ class ControlPlane:
                         "INTENTD_AUTH=off" if self.settings.auth == "off" else
                         "zero-config default: embedded database on loopback; set INTENTD_AUTH=on to require keys")
 
+        metrics.bind_pool(self.db.pool)
+        agents = self.agents
+        metrics.CONNECTED_SIDECARS.set_function(lambda: len(agents.sessions))
+        metrics.ASSIGNMENTS_IN_FLIGHT.set_function(lambda: sum(len(s.held) for s in agents.sessions))
+        if self.settings.metrics_listen:
+            self.metrics_server = metrics.start_metrics_server(self.settings.metrics_listen, metrics.SERVER_REGISTRY)
+            log.info("metrics on %s", self.metrics_server.url)
         self.services = [
+            IntentCounter(self.db, interval=max(0.5, 5 * self.settings.sweep_interval_s)),
             DeadlineSweeper(store, self.settings.sweep_interval_s),
             LeaseSweeper(leases, self.settings.sweep_interval_s,
                          hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
@@ -173,6 +183,8 @@ class ControlPlane:
             await self.batcher.close()
         if self.db is not None:
             await self.db.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         self._stopped.set()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import asyncpg
 
+from intentd.observability import metrics
 from intentd.server.queries import Q
 
 log = logging.getLogger("intentd.hub")
@@ -116,6 +117,7 @@ class NotificationHub:
 
     def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        metrics.NOTIFICATIONS.labels(channel="events").inc()
         intent_id, _, rest = payload.partition(":")
         for sub in list(self._intents.get(intent_id, ())):
             sub.notify()
@@ -126,6 +128,7 @@ class NotificationHub:
 
     def _on_pending(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        metrics.NOTIFICATIONS.labels(channel="pending").inc()
         for callback in list(self._pending_listeners):
             callback(payload)
 

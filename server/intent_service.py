@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 import grpc
 
+from intentd.observability import metrics
+from intentd.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
 from intentd.server import errors
 from intentd.server.auth import Authenticator, current_caller
 from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
@@ -37,7 +39,6 @@ MAX_REASON_LEN = 1000
 CATCHUP_SECONDS = 5.0
 # Open watch streams re-check their API key this often (revocation).
 KEY_RECHECK_SECONDS = 2.0
-TRACEPARENT_LABEL = "traceparent"
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
@@ -51,10 +52,7 @@ def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str) and len(value) <= 128:
-            return value
-    return None
+    return traceparent_from_metadata(context.invocation_metadata() or ())
 
 
 def _page_token(last_id: str) -> str:
@@ -143,6 +141,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
         spec = self._new_intent(request.intent, "intent.", datetime.now(UTC), max_payload, _traceparent(context))
         await self.quotas.admit_sends(caller, 1)
         (sent,) = await self.store.send(caller.tenant, [spec])
+        metrics.record_send(sent.created)
         return pb.SendIntentResponse(intent=intent_to_proto(sent.row), created=sent.created)
 
     @unary("client")
@@ -161,6 +160,8 @@ class IntentService(pb_grpc.IntentServiceServicer):
                  for i, spec in enumerate(request.intents)]
         await self.quotas.admit_sends(caller, len(specs))
         sent = await self.store.send(caller.tenant, specs)
+        for one in sent:
+            metrics.record_send(one.created)
         return pb.SendIntentsResponse(
             results=[pb.SendIntentResponse(intent=intent_to_proto(s.row), created=s.created) for s in sent]
         )
@@ -233,6 +234,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
             raise ValidationError("reason", f"is longer than {MAX_REASON_LEN} characters")
         row = await self.store.cancel(self._tenant(context), intent_id, request.reason or "canceled",
                                       actor=current_caller().name)
+        metrics.observe_end_to_end("CANCELED", (row["finish_time"] - row["create_time"]).total_seconds())
         return pb.CancelIntentResponse(intent=intent_to_proto(row))
 
     @unary("client")

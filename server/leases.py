@@ -167,21 +167,23 @@ class LeaseStore:
 
     async def complete(
         self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
-    ) -> None:
+    ) -> float | None:
+        """Returns the intent's age at completion, or None for a repeat."""
         text = parse_json(result, "complete.result", self.max_payload_bytes)
         row = await self._write(Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now, session)
         if row is not None:
-            return
+            return float(row["age_s"])
         async with self.db.connection() as conn:
             why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
-            return  # a repeat of a completion that committed
+            return None  # a repeat of a completion that committed
         await self._refuse(lease, why)
+        return None
 
     async def fail(
         self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None,
         session: str | None = None,
-    ) -> str:
+    ) -> Row:
         code = code or "AGENT_ERROR"
         if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
@@ -192,11 +194,11 @@ class LeaseStore:
         if row is None:
             await self._refuse(lease)
         assert row is not None
-        return str(row["state"])
+        return row
 
     async def release(
         self, lease: LeaseRef, reason: str, now: datetime | None = None, session: str | None = None
-    ) -> str:
+    ) -> Row:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
         row = await self._write(
@@ -204,7 +206,7 @@ class LeaseStore:
         if row is None:
             await self._refuse(lease)
         assert row is not None
-        return str(row["state"])
+        return row
 
     async def ping(self) -> None:
         async with self.db.connection() as conn:

@@ -65,6 +65,9 @@ class ServerSettings:
     # Plaintext on a non-loopback address is refused unless this is set.
     allow_insecure: bool = False
     log_format: str = "text"
+    # Prometheus /metrics on HOST:PORT; empty: off (several processes on one
+    # host would fight over a fixed default port). The Helm chart sets it.
+    metrics_listen: str | None = None
 
     @property
     def loopback_only(self) -> bool:
@@ -95,6 +98,8 @@ class ServerSettings:
                 f"{self.listen} is not loopback: configure TLS (INTENTD_TLS_CERT_FILE/KEY_FILE) "
                 "or set INTENTD_ALLOW_INSECURE=true to serve plaintext anyway")
         require(self.log_format in ("text", "json"), "log_format", "must be text or json")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "metrics_listen")
         if self.database_url is not None:
             require(
                 self.database_url.startswith(("postgres://", "postgresql://")),

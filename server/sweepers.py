@@ -7,7 +7,10 @@ import logging
 import time
 from datetime import datetime
 
+from intentd.observability import metrics
+from intentd.server.db import Database
 from intentd.server.leases import LeaseStore
+from intentd.server.queries import Q
 from intentd.server.store import IntentStore
 from intentd.service import BackgroundService
 
@@ -27,7 +30,10 @@ class DeadlineSweeper(BackgroundService):
 
     async def run_once(self, now: datetime | None = None) -> bool:
         rows = await self.store.expire_deadlines(now, self.batch)
+        metrics.sweeper_succeeded(self.name)
         self.timed_out += len(rows)
+        for row in rows:
+            metrics.observe_end_to_end("TIMED_OUT", float(row["age_s"]))
         if rows:
             log.info("timed out %d intents", len(rows))
         return len(rows) == self.batch
@@ -60,10 +66,34 @@ class LeaseSweeper(BackgroundService):
         if self._back_since is None:
             self._back_since = time.monotonic()
         if self._was_down and now is None and time.monotonic() - self._back_since < self.hold_after_outage:
+            metrics.sweeper_succeeded(self.name)
             return False
         self._was_down = False
         rows = await self.leases.expire(now, self.batch)
+        metrics.sweeper_succeeded(self.name)
         self.expired += len(rows)
         for row in rows:
+            if row["state"] == "PENDING":
+                metrics.record_redelivery(metrics.LEASE_EXPIRED)
+            else:
+                metrics.ATTEMPTS_EXHAUSTED.inc()
+                metrics.observe_end_to_end("FAILED", float(row["age_s"]))
             log.info("lease of %s attempt %d expired -> %s", row["id"], row["attempt"], row["state"])
         return len(rows) == self.batch
+
+
+class IntentCounter(BackgroundService):
+    """Counts intents by state and type for the intentd_intents gauge, so
+    scrapes never touch the database."""
+
+    name = "intent-counter"
+
+    def __init__(self, db: Database, interval: float = 5.0) -> None:
+        super().__init__(interval)
+        self.db = db
+
+    async def run_once(self) -> None:
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(Q.intent_counts)
+        metrics.INTENTS.update([(r["state"], r["intent_type"], r["count"]) for r in rows])
+        metrics.sweeper_succeeded(self.name)

@@ -13,6 +13,7 @@ from typing import Any
 
 from intentd.config import SettingsError, load_settings
 from intentd.logs import setup_logging
+from intentd.observability import metrics, set_process_fields
 from intentd.v1 import delivery_pb2
 
 from .dispatch import DRAINED, Dispatcher
@@ -45,6 +46,7 @@ class Sidecar:
         self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity)
         self.runtime = RuntimeServer(self.dispatcher, settings.agent_listen)
         self.supervisor: AgentSupervisor | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self._force = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -64,7 +66,20 @@ class Sidecar:
             "agent": self.supervisor.health() if self.supervisor else None,
         }
 
+    def _bind_metrics(self) -> None:
+        """Points the sidecar's gauges at this instance (read at scrape time)."""
+        dispatcher, upstream = self.dispatcher, self.upstream
+        metrics.SIDECAR_HELD_INTENTS.set_function(lambda: dispatcher.held_count)
+        metrics.SIDECAR_AGENTS_ATTACHED.set_function(lambda: len(dispatcher.agents))
+        metrics.SIDECAR_UPSTREAM_UP.set_function(lambda: 1.0 if upstream.connected.is_set() else 0.0)
+        metrics.SIDECAR_PENDING_WRITES.set_function(lambda: upstream.pending_writes)
+
     async def start(self) -> None:
+        self._bind_metrics()
+        if self.settings.metrics_listen:
+            # First: a port that cannot be bound fails the start before anything runs.
+            self.metrics_server = metrics.start_metrics_server(self.settings.metrics_listen,
+                                                               metrics.SIDECAR_REGISTRY)
         # Listen first: the supervised agent and the log line need the address.
         address = await self.runtime.start()
         self.upstream.start()
@@ -109,6 +124,9 @@ class Sidecar:
             await self.upstream.close()
             log.info("sidecar stopped")
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+                self.metrics_server = None
             self._stopped.set()
 
     def _on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
@@ -165,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-grace", type=float,
                         help="seconds held intents may run on at shutdown (INTENTD_DRAIN_GRACE_S, default 30)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INTENTD_LOG_LEVEL)")
+    parser.add_argument("--log-format", help="text or json (INTENTD_LOG_FORMAT, default text)")
+    parser.add_argument("--metrics-listen",
+                        help="serve Prometheus /metrics on HOST:PORT; empty: none (INTENTD_METRICS_LISTEN)")
     return parser
 
 
@@ -195,11 +216,14 @@ def cli_main(argv: list[str] | None = None) -> int:
             exec=args.exec,
             drain_grace_s=args.drain_grace,
             log_level=args.log_level,
+            log_format=args.log_format,
+            metrics_listen=args.metrics_listen,
         )
     except SettingsError as exc:
         print(f"intentd sidecar: bad setting: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, json=settings.log_format == "json", log_payloads=settings.log_payloads)
+    set_process_fields(sidecar_id=settings.sidecar_id)
     try:
         _run(run_sidecar(settings))
     except KeyboardInterrupt:

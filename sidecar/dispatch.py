@@ -10,12 +10,15 @@ control plane redelivers now instead of after a lease timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from intentd.observability import metrics
+from intentd.observability.context import bind_log_context, log_context
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
 from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, describe
@@ -31,6 +34,11 @@ MAX_RELEASE_BACKOFF_S = 5.0
 # A write refused this soon after its lease's ack is retried (see write()).
 ACK_SETTLE_S = 1.0
 FIRST_RETRY_S = 0.05
+
+
+def _about(lease: delivery_pb2.Lease) -> contextlib.AbstractContextManager[None]:
+    """Log lines inside name the lease's intent and attempt (JSON logs)."""
+    return log_context(intent_id=lease.intent_id, attempt=lease.attempt)
 
 
 class Link(Protocol):
@@ -178,7 +186,8 @@ class Dispatcher:
     def ack(self, agent: AgentSession, lease: delivery_pb2.Lease) -> bool:
         held = self._held.get(lease.token)
         if held is None or held.agent is not agent:
-            log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
+            with _about(lease):
+                log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
             return False
         self._acknowledge(held)
         return True
@@ -194,6 +203,10 @@ class Dispatcher:
     # ------------------------------------------------------------ from the control plane
 
     def on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
+        with _about(assignment.lease):
+            self._take(assignment)
+
+    def _take(self, assignment: delivery_pb2.Assignment) -> None:
         lease = assignment.lease
         if lease.token in self._held:
             log.warning("duplicate assignment of %s ignored", describe(lease))
@@ -231,6 +244,10 @@ class Dispatcher:
         return record
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
+        with _about(write.lease):
+            return await self._forward(write)
+
+    async def _forward(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
         held = self._held.get(write.lease.token)
         if held is not None and held.agent is not None and not held.acked:
             # The ack travels on the Attach stream, this write on its own call,
@@ -345,8 +362,9 @@ class Dispatcher:
         held = self._held.get(token)
         if held is None or held.agent is not None:
             return
-        log.warning("no attached agent took %s (%s) within %.1fs; giving it back",
-                    describe(held.lease), held.assignment.intent.intent_type, self.placement_timeout_s)
+        with _about(held.lease):
+            log.warning("no attached agent took %s (%s) within %.1fs; giving it back",
+                        describe(held.lease), held.assignment.intent.intent_type, self.placement_timeout_s)
         self._finish(token)
         self._release_soon(held.lease, DRAINED)
 
@@ -376,13 +394,16 @@ class Dispatcher:
 
     async def _release(self, lease: delivery_pb2.Lease, reason: str) -> None:
         # A lease we stop caring about but never release would be renewed by
-        # every ping of our stream: retry until the answer is final.
+        # every ping of our stream: retry until the answer is final. (Its own
+        # task, so the binding ends with it.)
+        bind_log_context(intent_id=lease.intent_id, attempt=lease.attempt)
         delay = 0.2
         write = delivery_pb2.IntentWrite(lease=lease, release=delivery_pb2.ReleaseWrite(reason=reason))
         while not self._closing:
             result = await self._link.write(write)
             if result.code == OK:
                 self.released += 1
+                metrics.SIDECAR_RELEASES.labels(reason=reason).inc()
                 log.info("released %s (%s)", describe(lease), reason)
                 return
             if result.code in STALE_CODES:

@@ -68,6 +68,15 @@ class SidecarSettings:
     # How long a supervised agent has between SIGTERM and SIGKILL.
     agent_stop_grace_s: float = 10.0
     log_level: str = "INFO"
+    # "text" or "json" (one JSON object per line, with intent_id/attempt/sidecar_id).
+    log_format: str = "text"
+    # Payloads and results appear in logs only when true (they may hold personal data).
+    log_payloads: bool = False
+    # Prometheus /metrics on HOST:PORT (port 0 picks one); empty (the default)
+    # serves none. Off by default because a host often runs several sidecars
+    # (one per agent) and a fixed port would collide; a container sets
+    # 0.0.0.0:9464, which is only the pod's own address.
+    metrics_listen: str | None = None
 
     @property
     def servers(self) -> list[str]:
@@ -105,6 +114,9 @@ class SidecarSettings:
                 "must be 1..200 characters")
         require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                 "must be DEBUG, INFO, WARNING or ERROR")
+        require(self.log_format in ("text", "json"), "log_format", f"must be text or json, got {self.log_format!r}")
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen, "metrics_listen")
 
     def _validate_listen(self) -> None:
         path = unix_socket_path(self.agent_listen)

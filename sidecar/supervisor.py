@@ -15,6 +15,8 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
+from intentd.observability import metrics
+
 log = logging.getLogger("intentd.sidecar.supervisor")
 
 ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
@@ -78,6 +80,7 @@ class AgentSupervisor:
                 return
             backoff = min(backoff * 2, self.max_backoff_s)
             self.restarts += 1
+            metrics.SIDECAR_AGENT_RESTARTS.inc()
 
     async def _run_once(self) -> None:
         try:

@@ -28,6 +28,8 @@ from typing import Any
 
 import grpc
 
+from intentd.observability import metrics
+from intentd.observability.context import log_context
 from intentd.service import BackgroundService
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
@@ -190,6 +192,11 @@ class Upstream:
     def session_id(self) -> str | None:
         return self._session.session_id if self._session is not None else None
 
+    @property
+    def pending_writes(self) -> int:
+        """Writes waiting for the control plane's answer."""
+        return len(self._pending)
+
     def held_leases(self) -> list[delivery_pb2.Lease]:
         return [held.lease for held in self._held.values()]
 
@@ -226,7 +233,8 @@ class Upstream:
     def ack(self, lease: delivery_pb2.Lease) -> None:
         held = self._held.get(lease.token)
         if held is None:
-            log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
+            with log_context(intent_id=lease.intent_id, attempt=lease.attempt):
+                log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
         else:
             held.acked = True
         # Without a stream it goes out after re-registration if the lease is kept.
@@ -240,6 +248,11 @@ class Upstream:
         stream; it is answered locally only when its lease is known to be gone
         (FAILED_PRECONDITION) or the sidecar is shutting down (UNAVAILABLE).
         """
+        result = await self._write(write)
+        metrics.record_sidecar_write(write.WhichOneof("op"), result.code)
+        return result
+
+    async def _write(self, write: delivery_pb2.IntentWrite) -> pb.WriteResult:
         if self._closing:
             return local_result(UNAVAILABLE, "the sidecar is shutting down; the write was not sent")
         reason = self._gone.get(write.lease.token)
@@ -288,7 +301,11 @@ class Upstream:
     async def _run(self) -> None:
         failures = 0
         loop = asyncio.get_running_loop()
+        first = True
         while not self._closing:
+            if not first:
+                metrics.SIDECAR_RECONNECTS.inc()
+            first = False
             target = self.servers[self._rotation % len(self.servers)]
             self._rotation += 1
             began = loop.time()

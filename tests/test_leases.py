@@ -128,7 +128,7 @@ async def test_release_reasons_and_completion_repeat(stores, agent_address, pg) 
     store, leases = stores
     intent_id = await send(store, agent_address, max_attempts=1)
     lease = await deliver(leases, agent_address)
-    assert await leases.release(lease, "DRAINED") == "PENDING"  # a drain grants the attempt back
+    assert (await leases.release(lease, "DRAINED"))["state"] == "PENDING"  # a drain grants the attempt back
     assert await pg.fetchval("SELECT max_attempts FROM intents WHERE id=$1", intent_id) == 2
     lease = await deliver(leases, agent_address)
     await leases.complete(lease, b'{"ok": true}')
@@ -142,7 +142,7 @@ async def test_non_retryable_failure_ends_at_once_and_retry_keeps_steps(stores, 
     intent_id = await send(store, agent_address)
     lease = await deliver(leases, agent_address)
     await leases.record_step(lease, 1, "extract", b"1")
-    assert await leases.fail(lease, "BAD_INPUT", "no", retryable=False) == "FAILED"
+    assert (await leases.fail(lease, "BAD_INPUT", "no", retryable=False))["state"] == "FAILED"
     row = await store.get("default", intent_id)
     assert (row["state"], row["attempt"], row["error_code"]) == ("FAILED", 1, "BAD_INPUT")
     retried = await store.retry("default", intent_id, 0)
@@ -155,11 +155,11 @@ async def test_retryable_failure_backs_off_and_counts(stores, agent_address) -> 
     store, leases = stores
     intent_id = await send(store, agent_address, max_attempts=2)
     lease = await deliver(leases, agent_address)
-    assert await leases.fail(lease, "FLAKY", "try again", retryable=True) == "PENDING"
+    assert (await leases.fail(lease, "FLAKY", "try again", retryable=True))["state"] == "PENDING"
     row = await store.get("default", intent_id)
     assert row["available_at"] > row["update_time"]  # backoff before the next attempt
     lease = await deliver(leases, agent_address, now=row["available_at"])
-    assert await leases.fail(lease, "FLAKY", "again", retryable=True) == "FAILED"
+    assert (await leases.fail(lease, "FLAKY", "again", retryable=True))["state"] == "FAILED"
     row = await store.get("default", intent_id)
     assert row["error_code"] == "ATTEMPTS_EXHAUSTED" and "FLAKY" in row["error_message"]
 

@@ -256,6 +256,9 @@ def test_exceptions_are_one_line_and_redacted() -> None:
 
 
 KEY = "intentd_" + "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
+# The control plane's format: intentd_<12 base32 id>_<52 base32 secret>.
+SERVER_KEY_SECRET = "mfrggzdfmztwq2lknnwg23tpobyxe4tt" + "gezdgnbvgy3tqojq"[:16] + "abcd"
+SERVER_KEY = f"intentd_k3yid2abcdef_{SERVER_KEY_SECRET}"
 
 
 @pytest.mark.parametrize(("text", "secret"), [
@@ -265,11 +268,21 @@ KEY = "intentd_" + "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
     ("retrying with bearer tok_ABC123+/=", "tok_ABC123"),
     (f"api key {KEY} refused", KEY),
     ("key intentd_live_MFRGGZDFMZTWQ2LKNNWG23TPOBYXE4TT in env", "MFRGGZDFMZTWQ2LK"),
+    (f"Authorization: Bearer {SERVER_KEY}", SERVER_KEY_SECRET),
 ])
 def test_redaction_masks_credentials(text: str, secret: str) -> None:
     masked = redact(text)
     assert secret not in masked
     assert "[REDACTED]" in masked
+
+
+def test_api_keys_keep_their_id() -> None:
+    assert redact(f"using {SERVER_KEY}.") == "using intentd_k3yid2abcdef_[REDACTED]."
+    assert redact(f"metadata {{'authorization': 'Bearer {SERVER_KEY}'}}") == (
+        "metadata {'authorization': 'Bearer [REDACTED]'}")
+    assert redact(f"{KEY} and {KEY}") == "intentd_[REDACTED] and intentd_[REDACTED]"
+    assert redact("intentd_k3yid2abcdef_[REDACTED]") == "intentd_k3yid2abcdef_[REDACTED]"
+    assert redact("key id intentd_k3yid2abcdef revoked") == "key id intentd_k3yid2abcdef revoked"
 
 
 def test_redaction_leaves_ordinary_text_alone() -> None:
@@ -359,14 +372,13 @@ NO_OTEL = """
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name == "opentelemetry" or name.startswith("opentelemetry."):
-                raise ImportError("blocked for the test")
+                raise ModuleNotFoundError("blocked for the test")
     sys.meta_path.insert(0, Block())
 """
 
 
 def test_without_opentelemetry_everything_is_a_no_op() -> None:
     done = run_python(NO_OTEL + """
-    import asyncio, logging
     from intentd.observability import tracing
     from intentd.logs import setup_logging
     import intentd.agent, intentd.client
@@ -381,14 +393,14 @@ def test_without_opentelemetry_everything_is_a_no_op() -> None:
         pass
     assert tracing.inject([("k", "v")]) == [("k", "v")]
     assert tracing.inject() == []
-    assert tracing.extract({"traceparent": "%s"}) is None
+    assert tracing.extract({"traceparent": "@TP@"}) is None
     assert tracing.current_ids() is None and tracing.current_traceparent() is None
-    assert tracing.traceparent_from_metadata([("traceparent", "%s")]) == "%s"
+    assert tracing.traceparent_from_metadata([("traceparent", "@TP@")]) == "@TP@"
     setup_logging("INFO", json=True)
     assert tracing.configure("console") is False  # warns, does not fail
     tracing.flush(); tracing.shutdown()
     print("ok")
-    """ % (TRACEPARENT, TRACEPARENT, TRACEPARENT))
+    """.replace("@TP@", TRACEPARENT))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     warning = json.loads(done.stderr.splitlines()[-1])

@@ -4,12 +4,14 @@ client on its runtime API. No database, no real server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import stat
 import sys
 import tempfile
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from intentd.config import SettingsError, load_settings
 from intentd.sidecar import Sidecar, SidecarSettings, cli_main
@@ -662,3 +665,118 @@ async def test_command_supervises_the_agent_and_drains_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# ---------------------------------------------------------------- metrics and JSON logs
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``{'name{k="v",...}': value}`` of one /metrics scrape (blocking)."""
+    with urllib.request.urlopen(url, timeout=WAIT) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+async def test_metrics_endpoint_shows_held_intents_agents_and_reconnects(
+    plane: FakeControlPlane, tmp_path: Path
+) -> None:
+    sc = Sidecar(make_settings(plane.port, tmp_path, metrics_listen="127.0.0.1:0"))
+    await sc.start()
+    agent = FakeAgent(sc.address)
+    try:
+        assert sc.metrics_server is not None
+        url = sc.metrics_server.url
+        before = await asyncio.to_thread(scrape_metrics, url)
+        stream = await attached(plane, agent, capacity=2)
+        assignment = await assign_and_ack(stream, agent)
+        step = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
+            lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
+        stream.answer(await stream.expect("write"))
+        await asyncio.wait_for(step, WAIT)
+
+        now = await asyncio.to_thread(scrape_metrics, url)
+        assert now["intentd_sidecar_held_intents"] == 1
+        assert now["intentd_sidecar_agents_attached"] == 1
+        assert now["intentd_sidecar_upstream_up"] == 1
+        assert now["intentd_sidecar_pending_writes"] == 0
+        written = 'intentd_sidecar_writes_total{code="OK",op="step"}'
+        assert now[written] - before[written] == 1
+        assert now["intentd_build_info{version=\"0.1.0\"}"] == 1
+
+        await plane.stop()
+        await wait_until(lambda: not sc.upstream.connected.is_set())
+        assert (await asyncio.to_thread(scrape_metrics, url))["intentd_sidecar_upstream_up"] == 0
+        await plane.start()  # same port
+        await plane.next_stream()
+        await wait_until(lambda: sc.upstream.connected.is_set())
+        after = await asyncio.to_thread(scrape_metrics, url)
+        assert after["intentd_sidecar_reconnects_total"] > now["intentd_sidecar_reconnects_total"]
+        assert after["intentd_sidecar_upstream_up"] == 1
+        assert after["intentd_sidecar_held_intents"] == 1  # kept across the reconnect
+    finally:
+        plane.auto_commit = True
+        await agent.close()
+        await sc.stop(grace=0)
+    assert sc.metrics_server is None
+    with pytest.raises(OSError):
+        await asyncio.to_thread(scrape_metrics, url)
+
+
+def test_metrics_and_log_settings_are_checked(tmp_path: Path) -> None:
+    settings = load_settings(SidecarSettings, environ={
+        "INTENTD_ADDRESSES": ADDRESS, "INTENTD_METRICS_LISTEN": "0.0.0.0:9464", "INTENTD_LOG_FORMAT": "json",
+        "INTENTD_LOG_PAYLOADS": "true"})
+    assert (settings.metrics_listen, settings.log_format, settings.log_payloads) == ("0.0.0.0:9464", "json", True)
+    default = load_settings(SidecarSettings, environ={"INTENTD_ADDRESSES": ADDRESS, "INTENTD_METRICS_LISTEN": ""})
+    assert default.metrics_listen is None and default.log_format == "text" and not default.log_payloads
+    with pytest.raises(SettingsError, match="INTENTD_METRICS_LISTEN"):
+        load_settings(SidecarSettings, environ={"INTENTD_ADDRESSES": ADDRESS, "INTENTD_METRICS_LISTEN": "9464"})
+    with pytest.raises(SettingsError, match="INTENTD_LOG_FORMAT"):
+        load_settings(SidecarSettings, environ={"INTENTD_ADDRESSES": ADDRESS, "INTENTD_LOG_FORMAT": "logfmt"})
+
+
+async def test_command_logs_json_and_serves_metrics(plane: FakeControlPlane, tmp_path: Path) -> None:
+    socket_path = tmp_path / "json.sock"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; from intentd.sidecar import cli_main; sys.exit(cli_main())",
+        "--server", f"127.0.0.1:{plane.port}", "--address", ADDRESS, "--listen", f"unix://{socket_path}",
+        "--metrics-listen", "127.0.0.1:0", "--drain-grace", "0",
+        env={**os.environ, "INTENTD_LOG_FORMAT": "json", "INTENTD_SIDECAR_ID": "sc-json"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    entries: list[dict[str, Any]] = []
+    try:
+        url = None
+        while url is None:
+            line = await asyncio.wait_for(process.stderr.readline(), 10)
+            assert line, "the sidecar exited before serving metrics"
+            entries.append(json.loads(line))
+            if entries[-1]["message"].startswith("metrics on "):
+                url = entries[-1]["message"].removeprefix("metrics on ")
+        stream = await plane.next_stream(timeout=10)
+        async with asyncio.timeout(WAIT):
+            # A bounded poll of another process's endpoint.
+            while (await asyncio.to_thread(scrape_metrics, url))["intentd_sidecar_upstream_up"] != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        stream.assign(make_assignment())  # no agent attached: held until given back
+        release = await stream.expect("write")
+        assert release.write.write.release.reason == "DRAINED"
+        stream.answer(release)
+        process.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(process.communicate(), WAIT)
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    entries += [json.loads(line) for line in rest.decode().splitlines()]
+    assert all(entry["sidecar_id"] == "sc-json" for entry in entries)
+    given_back = [e for e in entries if e["message"].startswith("no attached agent took")]
+    assert given_back and given_back[0]["intent_id"] == make_assignment().lease.intent_id
+    assert given_back[0]["attempt"] == 1 and given_back[0]["level"] == "WARNING"

@@ -153,7 +153,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     log = inv["event log gapless, ends in the intent's state"]
     waited = inv["wait_for returned the right terminal state"]
     released: Counter[str] = Counter()
-    redeliveries = 0
+    extra_deliveries = 0
     step_runs = 0
     reruns = 0
     late_writes = 0
@@ -265,7 +265,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         too_new = [x["attempt"] for x in [*ledger, *starts, *steps] if x["attempt"] > row["attempt"]]
         if too_new:
             attempts.fail(f"{intent_id}: work of attempt {max(too_new)} but the intent counts {row['attempt']}")
-        redeliveries += max(0, len(delivered) - 1)
+        extra_deliveries += max(0, len(delivered) - 1)
 
         # Event log.
         log.checked += 1
@@ -282,6 +282,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         for e in events:
             if e["type"] == "RELEASED":
                 released[e["message"] or "retryable failure"] += 1
+            elif e["type"] == "FAILED" and e["message"] == "LEASE_EXPIRED":
+                released["LEASE_EXPIRED (attempts spent: FAILED)"] += 1
 
     # ---------------------------------------------------------------- processes and harness
     procs = inv["no process died on its own"]
@@ -297,7 +299,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     report.intents_in_db = len(snap.intents)
     report.states = dict(Counter(r["state"] for r in snap.intents.values()))
     report.kinds = {k: sum(1 for o in outcomes if o.plan.kind == k) for k in INTENT_KINDS}
-    report.redeliveries = redeliveries
+    report.redeliveries = sum(released.values())
+    report.extra_deliveries = extra_deliveries
     report.released = dict(released)
     report.step_runs = step_runs
     report.step_reruns = reruns

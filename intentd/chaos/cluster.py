@@ -6,6 +6,7 @@ harness (PR_SET_PDEATHSIG), so nothing outlives a run."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import pwd
@@ -255,6 +256,15 @@ def _as_user(user: str | None) -> list[str]:
     raise RuntimeError(f"cannot run pg_ctl as {user}: neither setpriv nor runuser is installed")
 
 
+def _pgserver_binary(name: str) -> str:
+    """A binary shipped in the pgserver wheel, found without importing
+    pgserver (its import sets up locks and runtime directories)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the pgserver package is not installed; pass --pg-ctl")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+
+
 class Postgres:
     """The run's PostgreSQL: an embedded one the harness owns (pgserver in a
     temporary directory), or the one at ``--database-url``; either way a fresh
@@ -307,11 +317,7 @@ class Postgres:
     def pg_ctl(self, action: list[str], timeout: float = 90) -> None:
         """``pg_ctl -D <data> -w -t .. -l <log> <action>`` as the data's owner."""
         assert self.data_dir is not None
-        binary = self.pg_ctl_path
-        if binary is None:
-            from pgserver._commands import POSTGRES_BIN_PATH
-
-            binary = str(POSTGRES_BIN_PATH / "pg_ctl")
+        binary = self.pg_ctl_path or _pgserver_binary("pg_ctl")
         args = [*_as_user(self.pg_user), binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
                 "-l", str(self.log_path)]
         if action[0] == "start":

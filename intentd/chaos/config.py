@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +43,14 @@ class SoakConfig:
     weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 1.0))
     # Inject every enabled kind once (in a seeded order) before drawing at random.
     force_all_kinds: bool = True
-    sidecars: int = 5
+    sidecars: int = 6
     replicas: int = 3
     # Agent addresses; sidecars are spread over them, so several serve each one.
     addresses: int = 2
     capacity: int = 4
-    clients: int = 12
+    # Client threads; each sends and waits for one intent at a time. None:
+    # enough for the planned rate (twice the intents expected in flight).
+    clients: int | None = None
     # Use this PostgreSQL (a fresh database is made in it) instead of an embedded one.
     database_url: str | None = None
     # Its data directory, which enables the PostgreSQL faults (pg_ctl).
@@ -56,7 +59,7 @@ class SoakConfig:
     pg_user: str | None = None
     keep_database: bool = False
     # Each intent's steps take a time drawn from this range (ms).
-    step_ms: tuple[int, int] = (100, 400)
+    step_ms: tuple[int, int] = (50, 250)
     heartbeat_ms: int = 2000
     ping_ms: int = 250
     sweep_s: float = 0.1
@@ -80,6 +83,15 @@ class SoakConfig:
         return kinds
 
     @property
+    def client_threads(self) -> int:
+        if self.clients is not None:
+            return self.clients
+        mean_step = (self.step_ms[0] + self.step_ms[1]) / 2000
+        latency = self.steps * (mean_step + 0.02) + 1.0
+        in_flight = self.intents * latency / max(1.0, self.window)
+        return max(8, min(64, math.ceil(2 * in_flight)))
+
+    @property
     def window(self) -> float:
         return self.send_window if self.send_window is not None else 0.75 * self.duration
 
@@ -94,7 +106,8 @@ class SoakConfig:
             raise ValueError("--duration and --drain-timeout must be positive")
         if self.fault_rate < 0:
             raise ValueError("--fault-rate must not be negative")
-        if self.sidecars < 1 or self.replicas < 1 or self.addresses < 1 or self.capacity < 1 or self.clients < 1:
+        if self.sidecars < 1 or self.replicas < 1 or self.addresses < 1 or self.capacity < 1 or (
+                self.clients is not None and self.clients < 1):
             raise ValueError("--sidecars, --replicas, --addresses, --capacity and --clients must be at least 1")
         if self.sidecars < self.addresses:
             raise ValueError("--sidecars must be at least --addresses (every address needs a sidecar)")
@@ -152,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--addresses", type=int, default=d.addresses,
                    help="agent addresses the sidecars share (default %(default)s)")
     p.add_argument("--capacity", type=int, default=d.capacity, help="intents per sidecar (default %(default)s)")
-    p.add_argument("--clients", type=int, default=d.clients, help="client threads (default %(default)s)")
+    p.add_argument("--clients", type=int, help="client threads (default: enough for the send rate)")
     p.add_argument("--database-url", help="use this PostgreSQL (a fresh database is made in it)")
     p.add_argument("--pg-data-dir", type=Path, help="its data directory: enables the PostgreSQL faults")
     p.add_argument("--pg-ctl", help="pg_ctl binary for --pg-data-dir (default: the pgserver one)")

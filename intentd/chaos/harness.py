@@ -75,7 +75,7 @@ def run_soak(cfg: SoakConfig) -> Report:
         f"{cfg.intents} intents x {cfg.steps} steps, {cfg.replicas} replicas, {cfg.sidecars} sidecars on "
         f"{cfg.addresses} addresses (capacity {cfg.capacity}), faults {cfg.fault_rate}/s for at most "
         f"{cfg.duration:.0f}s, heartbeat {cfg.heartbeat_ms}ms, ping {cfg.ping_ms}ms, "
-        f"max_attempts {cfg.max_attempts}, step {cfg.step_ms[0]}-{cfg.step_ms[1]}ms"
+        f"max_attempts {cfg.max_attempts}, step {cfg.step_ms[0]}-{cfg.step_ms[1]}ms, {cfg.client_threads} clients"
     )
     if cfg.work_dir is not None:
         work_dir = cfg.work_dir

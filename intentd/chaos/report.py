@@ -68,7 +68,10 @@ class Report:
     faults: dict[str, int] = field(default_factory=dict)
     faults_skipped: dict[str, int] = field(default_factory=dict)
     fault_log: list[str] = field(default_factory=list)
+    # RELEASED events (agent died, sidecar stopped, lease expired, retryable
+    # failure) plus lease expiries that ended in FAILED.
     redeliveries: int = 0
+    extra_deliveries: int = 0  # deliveries after each intent's first
     released: dict[str, int] = field(default_factory=dict)
     step_runs: int = 0
     step_reruns: int = 0
@@ -104,9 +107,9 @@ class Report:
         if skipped:
             lines.append("  skipped (no target): " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
         lines += [
-            f"redeliveries: {self.redeliveries} (deliveries after the first);"
-            " RELEASED events by reason: " + (", ".join(f"{k} {v}" for k, v in sorted(self.released.items()))
-                                              or "none"),
+            f"redeliveries: {self.redeliveries} (RELEASED events and lease expiries: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(self.released.items())) or "none")
+            + f"); {self.extra_deliveries} deliveries after the first",
             f"step runs: {self.step_runs} ({self.step_reruns} re-runs of unrecorded steps;"
             f" {self.late_ledger_writes} side effects written after their step was recorded"
             " by a run that began before)",

@@ -107,7 +107,7 @@ class Workload:
 
     def start(self) -> None:
         self.started = time.monotonic()
-        for n in range(min(self.cfg.clients, len(self.plans))):
+        for n in range(min(self.cfg.client_threads, len(self.plans))):
             thread = threading.Thread(target=self._worker, name=f"chaos-client-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)

@@ -55,9 +55,9 @@ _INVALID_IDS = ("0" * 32, "0" * 16)
 
 AVAILABLE: bool
 try:
-    from opentelemetry import context as _otel_context  # type: ignore[import-not-found,unused-ignore]
-    from opentelemetry import propagate as _propagate  # type: ignore[import-not-found,unused-ignore]
-    from opentelemetry import trace as _trace  # type: ignore[import-not-found,unused-ignore]
+    from opentelemetry import context as _otel_context  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from opentelemetry import propagate as _propagate  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from opentelemetry import trace as _trace  # type: ignore[import-not-found,import-untyped,unused-ignore]
 except ImportError:  # the optional extra is not installed: everything is a no-op
     AVAILABLE = False
 else:
@@ -281,12 +281,12 @@ def configure(mode: str | None = None, *, service_name: str = "intentd") -> bool
                     ENV, chosen)
         return False
     try:
-        from opentelemetry.sdk.resources import Resource  # type: ignore[import-not-found,unused-ignore]
-        from opentelemetry.sdk.trace import (  # type: ignore[import-not-found,unused-ignore]
+        from opentelemetry.sdk.resources import Resource  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        from opentelemetry.sdk.trace import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
             SpanProcessor,
             TracerProvider,
         )
-        from opentelemetry.sdk.trace.export import (  # type: ignore[import-not-found,unused-ignore]
+        from opentelemetry.sdk.trace.export import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
             BatchSpanProcessor,
             ConsoleSpanExporter,
             SimpleSpanProcessor,
@@ -322,12 +322,12 @@ def configure(mode: str | None = None, *, service_name: str = "intentd") -> bool
 
 def _otlp_exporter() -> Any:
     with contextlib.suppress(ImportError):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
             OTLPSpanExporter,
         )
         return OTLPSpanExporter()
     with contextlib.suppress(ImportError):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
             OTLPSpanExporter as HTTPSpanExporter,
         )
         return HTTPSpanExporter()

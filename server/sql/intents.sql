@@ -123,7 +123,8 @@ WITH due AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, error_code, error_message)
     SELECT id, last_seq, 'TIMED_OUT', update_time, state, attempt, error_code, error_message FROM changed
 )
-SELECT id, tenant, to_agent, attempt FROM changed;
+SELECT id, tenant, to_agent, attempt, extract(epoch FROM finish_time - create_time)::float8 AS age_s
+FROM changed;
 
 -- name: upsert_intent_type
 -- $1 tenant, $2 type, $3 max_attempts, $4 heartbeat_timeout_ms, $5 backoff ms,

@@ -177,7 +177,7 @@ WITH changed AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
     SELECT id, last_seq, 'COMPLETED', update_time, state, attempt FROM changed
 )
-SELECT id FROM changed;
+SELECT id, extract(epoch FROM finish_time - create_time)::float8 AS age_s FROM changed;
 
 -- name: fail_intent
 -- Retryable with attempts left: back to PENDING after the backoff; otherwise FAILED.
@@ -206,7 +206,8 @@ WITH changed AS (
            update_time, state, attempt, error_code, error_message
     FROM changed
 )
-SELECT id, state::text AS state FROM changed;
+SELECT id, state::text AS state, error_code, extract(epoch FROM finish_time - create_time)::float8 AS age_s
+FROM changed;
 
 -- name: release_intent
 -- Give an intent back without a result, for immediate redelivery. AGENT_DIED
@@ -236,7 +237,8 @@ WITH changed AS (
            update_time, state, attempt, $4, error_code, error_message
     FROM changed
 )
-SELECT id, state::text AS state FROM changed;
+SELECT id, state::text AS state, error_code, extract(epoch FROM finish_time - create_time)::float8 AS age_s
+FROM changed;
 
 -- name: expire_leases
 -- Leases whose holder stopped renewing them: back to PENDING for the next
@@ -278,4 +280,5 @@ WITH due AS (
            update_time, state, attempt, 'LEASE_EXPIRED', error_code, error_message
     FROM changed
 )
-SELECT id, state::text AS state, attempt FROM changed;
+SELECT id, state::text AS state, attempt, extract(epoch FROM finish_time - create_time)::float8 AS age_s
+FROM changed;

@@ -31,3 +31,7 @@ SELECT from_state::text, to_state::text FROM intent_transitions;
 
 -- name: ping
 SELECT 1;
+
+-- name: intent_counts
+-- For the intentd_intents gauge; terminal rows included (retention keeps them bounded).
+SELECT state::text, intent_type, count(*) FROM intents GROUP BY 1, 2;
