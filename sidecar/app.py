@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
+
 from intentd.config import SettingsError, load_settings
 from intentd.logs import setup_logging
 from intentd.observability import metrics, set_process_fields
@@ -29,6 +31,16 @@ RELEASE_DEADLINE_S = 5.0
 RUNTIME_STOP_GRACE_S = 1.0
 
 
+def channel_credentials(settings: SidecarSettings) -> grpc.ChannelCredentials | None:
+    if settings.tls_ca_file is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        settings.tls_ca_file.read_bytes(),
+        settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
+        settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
+    )
+
+
 class Sidecar:
     """One sidecar process: ``await start()``, later ``await stop()`` (drains)."""
 
@@ -42,6 +54,8 @@ class Sidecar:
             on_assignment=self._on_assignment,
             on_revocation=self._on_revocation,
             reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
+            credentials=channel_credentials(settings),
+            metadata=[("authorization", f"Bearer {settings.api_key}")] if settings.api_key else (),
         )
         self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity)
         self.runtime = RuntimeServer(self.dispatcher, settings.agent_listen)
@@ -186,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", help="text or json (INTENTD_LOG_FORMAT, default text)")
     parser.add_argument("--metrics-listen",
                         help="serve Prometheus /metrics on HOST:PORT; empty: none (INTENTD_METRICS_LISTEN)")
+    parser.add_argument("--api-key", help="agent-role API key for the control plane (INTENTD_API_KEY)")
+    parser.add_argument("--tls-ca-file", help="CA of the control plane's certificate (INTENTD_TLS_CA_FILE)")
+    parser.add_argument("--tls-cert-file", help="this sidecar's certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
+    parser.add_argument("--tls-key-file", help="this sidecar's key, for mutual TLS (INTENTD_TLS_KEY_FILE)")
     return parser
 
 
@@ -218,6 +236,10 @@ def cli_main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             log_format=args.log_format,
             metrics_listen=args.metrics_listen,
+            api_key=args.api_key,
+            tls_ca_file=args.tls_ca_file,
+            tls_cert_file=args.tls_cert_file,
+            tls_key_file=args.tls_key_file,
         )
     except SettingsError as exc:
         print(f"intentd sidecar: bad setting: {exc}", file=sys.stderr)

@@ -77,6 +77,14 @@ class SidecarSettings:
     # (one per agent) and a fixed port would collide; a container sets
     # 0.0.0.0:9464, which is only the pod's own address.
     metrics_listen: str | None = None
+    # The sidecar's API key (role agent, scoped to its addresses), sent as
+    # "authorization: Bearer ..." on its stream.
+    api_key: str | None = None
+    # TLS to the control plane: the CA that signed the server's certificate,
+    # and for mutual TLS this sidecar's certificate and key.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @property
     def servers(self) -> list[str]:
@@ -98,6 +106,13 @@ class SidecarSettings:
         for intent_type in self.intent_types:
             _check(check_intent_type, intent_type, "intent_types")
         require(1 <= self.capacity <= 10_000, "capacity", f"must be 1..10000, got {self.capacity}")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            require(path is None or Path(path).is_file(), name, f"{path} is not a readable file")
+        require((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_cert_file",
+                "INTENTD_TLS_CERT_FILE and INTENTD_TLS_KEY_FILE go together")
+        require(self.tls_cert_file is None or self.tls_ca_file is not None, "tls_ca_file",
+                "mutual TLS needs INTENTD_TLS_CA_FILE too")
         self._validate_listen()
         if self.exec is not None:
             try:

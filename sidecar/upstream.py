@@ -158,7 +158,11 @@ class Upstream:
         on_revocation: RevocationHandler,
         reconnect_max_backoff_s: float = 5.0,
         register_timeout_s: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
         if not servers:
             raise ValueError("at least one control-plane address is required")
         self.servers = list(servers)
@@ -332,19 +336,21 @@ class Upstream:
     async def _run_session(self, target: str) -> bool:
         """One stream, from Register to its end. True if it got registered."""
         loop = asyncio.get_running_loop()
-        channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        channel = (
+            grpc.aio.secure_channel(target, self._credentials, options=options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
         )
         call: Any = None
         session: _Session | None = None
         pinger: _Pinger | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
-            call = pb_grpc.AgentServiceStub(channel).Connect()
+            call = pb_grpc.AgentServiceStub(channel).Connect(metadata=self._metadata or None)
             register = self._register_message()
             # Bounded as a whole: a peer that takes the connection but never
             # speaks HTTP/2 (or a black-holed replica) must not hold us here.

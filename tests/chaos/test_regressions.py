@@ -254,3 +254,35 @@ def test_frozen_sidecar_does_not_let_its_agent_run_a_step_recorded_meanwhile(
             os.killpg(first.pid, signal.SIGCONT)
         first.kill_group()
         second.kill_group()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: deadlines are enforced only by the deadline sweeper (server/sql/intents.sql expire_deadlines); the "
+    "fenced writes (server/sql/leases.sql complete_intent, record_step) do not check the deadline, so an intent "
+    "completes after its deadline whenever the sweeper has not run yet (up to INTENTD_SWEEP_INTERVAL_S, or a "
+    "whole database outage); docs/state-machine.md says TIMED_OUT when 'the deadline passed first'"))
+def test_an_intent_past_its_deadline_does_not_complete(make_server: Any, agent_address: str) -> None:
+    srv = make_server(sweep_interval_s=30)  # a legal setting: sweeps are rare
+    sidecar = RawSidecar(srv.address, agent_address)
+    try:
+        wait_until(lambda: sidecar.of("registered"), 10, what="Registered")
+        with IntentClient(srv.address) as client:
+            intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={},
+                                           deadline=timedelta(seconds=1.0))
+            lease: delivery_pb2.Lease = wait_until(
+                lambda: next((a.lease for a in sidecar.of("assignment")), None), 10, what="the assignment")
+            sidecar.send(agent_service_pb2.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+            wait_until(lambda: client.get(intent_id).state is IntentState.IN_PROGRESS, 10, what="IN_PROGRESS")
+            deadline = client.get(intent_id).deadline
+            assert deadline is not None
+            time.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + 0.5)
+            sidecar.send(agent_service_pb2.ConnectRequest(write=agent_service_pb2.WriteRequest(
+                request_id=1, write=delivery_pb2.IntentWrite(
+                    lease=lease, complete=delivery_pb2.CompleteWrite(result=b"{}")))))
+            wait_until(lambda: sidecar.of("write_result"), 10, what="the write result")
+            final = client.get(intent_id)
+            assert final.state is not IntentState.COMPLETED, (
+                f"completed at {final.finish_time}, {(final.finish_time - deadline).total_seconds():.2f}s after"
+                f" its deadline {deadline}")
+    finally:
+        sidecar.close()
