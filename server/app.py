@@ -60,6 +60,7 @@ class ControlPlane:
         self.agents: AgentService | None = None
         self.batcher: WriteBatcher | None = None
         self.metrics_server: metrics.MetricsServer | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -148,6 +149,13 @@ class ControlPlane:
         for service in self.services:
             service.start()
         await self.server.start()
+        if self.settings.health_listen:
+            # Health only, plaintext: it says SERVING or not, nothing else.
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if self.health_server.add_insecure_port(self.settings.health_listen) == 0:
+                raise OSError(f"cannot listen on {self.settings.health_listen}")
+            await self.health_server.start()
         await self._set_serving(True)
         log.info("intentd control plane serving on %s", self.address)
 
@@ -177,6 +185,8 @@ class ControlPlane:
             await self.hub.close()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for service in self.services:
             await service.stop(deadline=max(grace, 1.0))
         if self.batcher is not None:

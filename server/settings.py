@@ -65,6 +65,9 @@ class ServerSettings:
     # Plaintext on a non-loopback address is refused unless this is set.
     allow_insecure: bool = False
     log_format: str = "text"
+    # A plaintext port serving only grpc.health.v1 (for kubelet's gRPC probes,
+    # which cannot speak TLS); empty: none.
+    health_listen: str | None = None
     # Prometheus /metrics on HOST:PORT; empty: off (several processes on one
     # host would fight over a fixed default port). The Helm chart sets it.
     metrics_listen: str | None = None
@@ -100,6 +103,8 @@ class ServerSettings:
         require(self.log_format in ("text", "json"), "log_format", "must be text or json")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")
+        if self.health_listen:
+            parse_host_port(self.health_listen, "health_listen")
         if self.database_url is not None:
             require(
                 self.database_url.startswith(("postgres://", "postgresql://")),

@@ -264,7 +264,7 @@ def test_config_values_are_the_server_settings() -> None:
     # Secret, the instance name from the pod's name) or meaningless in a
     # cluster (the embedded PostgreSQL's data dir).
     chart_managed = {"database_url", "listen", "instance_name", "data_dir", "allow_insecure",
-                     "tls_cert_file", "tls_key_file", "tls_client_ca_file"}
+                     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "metrics_listen", "health_listen"}
     fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
 
     def snake(camel: str) -> str:
@@ -439,6 +439,12 @@ def test_tls_secret_is_mounted_and_its_files_named_in_the_environment(chart: hel
         assert env[name] in files, name
     without = container(server_deployment(render(chart, MINIMAL))["spec"]["template"]["spec"], "intentd")
     assert not any(name.startswith("INTENTD_TLS_") for name in env_of(without))
+    # Kubelet's gRPC probes cannot speak TLS: they use the plaintext health-only port.
+    server = container(pod, "intentd")
+    assert env["INTENTD_HEALTH_LISTEN"] == "0.0.0.0:7301"
+    assert {p["name"]: p["containerPort"] for p in server["ports"]}["health"] == 7301
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == 7301, probe
 
 
 def test_service_monitor_and_network_policy(chart: helm.Chart) -> None:

@@ -272,10 +272,15 @@ def test_key_comparison_is_constant_time(secure, monkeypatch) -> None:
 def test_tls_and_mutual_tls(database_url, tmp_path) -> None:
     from tests.support import ServerThread, server_settings
 
+    from tests.support import free_port, health_ok
+
     pki = make_pki(tmp_path)
-    srv = ServerThread(server_settings(database_url, tls_cert_file=pki.server_cert,
-                                       tls_key_file=pki.server_key)).start()
+    health_port = free_port()
+    srv = ServerThread(server_settings(database_url, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
+                                       health_listen=f"127.0.0.1:{health_port}")).start()
     try:
+        # Kubelet-style probe: plaintext, health only.
+        assert health_ok(f"127.0.0.1:{health_port}")
         trusted = grpc.ssl_channel_credentials(pki.ca.read_bytes())
         with IntentClient(srv.address, credentials=trusted) as client:
             assert client.list(page_size=1) is not None

@@ -162,3 +162,8 @@ containers as the same user (the socket is mode 0600).
     - name: {{ default "intentd-socket" .socketVolume }}
       mountPath: /var/run/intentd
 {{- end -}}
+
+{{/* The port kubelet's gRPC probes use: the plaintext health port when TLS is on. */}}
+{{- define "intentd.probePort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.service.healthPort }}{{ else }}{{ .Values.service.port }}{{ end -}}
+{{- end }}
