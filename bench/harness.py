@@ -146,10 +146,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 # ---------------------------------------------------------------- intentd processes
@@ -173,6 +179,9 @@ class Server(Proc):
             "INTENTD_DATABASE_URL": database_url,
             "INTENTD_LISTEN": f"127.0.0.1:{self.port}",
             "INTENTD_SHUTDOWN_GRACE_S": "1",
+            # Sidecars and clients have no API-key support yet; with a
+            # database URL the server would require keys ("auto").
+            "INTENTD_AUTH": "off",
             **env,
         })
 
@@ -273,28 +282,94 @@ async def xact_commits(url: str) -> int:
     return int(value or 0)
 
 
-# Backends publish their statistics at most once a second (and an idle one
-# only after up to 10 s), so counters are read after a pause with the cluster
-# still pinging: every pool connection has then reported.
-STATS_SETTLE_S = 2.5
+# A backend publishes its counters at most once a second, and an idle one
+# only after 10 s (PGSTAT_IDLE_INTERVAL); asyncpg pools reuse the most recent
+# connection, so most of a pool is idle once a run ends. Counters are read
+# after that long a pause to be exact.
+STATS_SETTLE_S = 11.0
 
 
 @dataclass
 class CommitMeter:
-    """Commits in one database over an interval, minus the bench's own queries."""
+    """Commits in one database between two reads, minus the bench's own
+    transactions in it (``own``)."""
 
     url: str
-    start: int = 0
-    own: int = 0  # transactions the bench itself ran in that database
+    last: int = 0
+    own: int = 0
 
-    async def begin(self) -> None:
-        await asyncio.sleep(STATS_SETTLE_S)
-        self.start = await xact_commits(self.url)
-        self.own = 0
+    async def mark(self, settle: float = STATS_SETTLE_S) -> int:
+        """Waits for the counters to settle; returns commits since the last mark."""
+        await asyncio.sleep(settle)
+        now = await xact_commits(self.url)
+        delta = now - self.last - self.own
+        self.last, self.own = now, 0
+        return delta
 
-    async def end(self) -> int:
-        await asyncio.sleep(STATS_SETTLE_S)
-        return await xact_commits(self.url) - self.start - self.own
+
+async def backend_pids(url: str) -> list[int]:
+    name = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    return [int(r["pid"]) for r in rows]
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def _cpu(pids: Sequence[int]) -> tuple[float, float]:
+    user = system = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            u, s = cpu_times(pid)
+            user += u
+            system += s
+    return user, system
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds by component (server, sidecars, agents, PostgreSQL backends
+    of the database, this bench process) between ``start`` and ``stop``."""
+
+    url: str
+    server: int
+    sidecars: list[int]
+    before: dict[str, float] = field(default_factory=dict)
+    began: float = 0.0
+
+    async def _sample(self) -> dict[str, float]:
+        agents = [c for s in self.sidecars for c in children(s)]
+        times = os.times()
+        parts = {
+            "server": _cpu([self.server]),
+            "sidecars": _cpu(self.sidecars),
+            "agents": _cpu(agents),
+            "postgres": _cpu(await backend_pids(self.url)),
+            "bench client": (times.user, times.system),
+        }
+        out = {name: u + s for name, (u, s) in parts.items()}
+        out.update({f"{name} (kernel)": s for name, (_, s) in parts.items()})
+        return out
+
+    async def start(self) -> None:
+        self.before = await self._sample()
+        self.began = time.monotonic()
+
+    async def stop(self) -> dict[str, float]:
+        """CPU seconds per component (and the kernel part of each) and the wall time."""
+        after = await self._sample()
+        out = {k: round(after[k] - self.before.get(k, 0.0), 3) for k in after}
+        out["wall"] = round(time.monotonic() - self.began, 3)
+        return out
 
 
 # ---------------------------------------------------------------- a running cluster

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from bench.harness import ADMIN_URL
+from bench.harness import ADMIN_URL, ROOT
 
 
 def _cpu_model() -> str:
@@ -27,6 +28,10 @@ def _mem_gib() -> float:
     return 0.0
 
 
+def loadavg() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
 def cpu_idle_fraction(seconds: float = 1.0) -> float:
     """Share of all CPUs idle over ``seconds`` (others' load on the machine)."""
 
@@ -38,6 +43,19 @@ def cpu_idle_fraction(seconds: float = 1.0) -> float:
     time.sleep(seconds)
     idle1, total1 = sample()
     return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()
+               if not line[3:].startswith("bench/")]
+    return {"commit": git("rev-parse", "HEAD"), "changed_outside_bench": changed}
 
 
 async def describe() -> dict[str, Any]:
@@ -55,6 +73,7 @@ async def describe() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postgresql": pg,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "loadavg_at_start": loadavg(),
         "cpu_idle_at_start": round(cpu_idle_fraction(), 3),
+        "source": source_state(),
     }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import operator
+import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,15 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
 
+    @classmethod
+    def read(cls, path: Path) -> Report:
+        data = json.loads(path.read_text())
+        names = {f.name for f in fields(Figure)}
+        report = cls(scenarios=data.get("scenarios", {}), meta=data.get("meta", {}))
+        for entry in data.get("figures", []):
+            report.add(Figure(**{k: v for k, v in entry.items() if k in names}))
+        return report
+
 
 def fmt(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -136,3 +146,15 @@ def fmt(value: float) -> str:
     if magnitude >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
+
+
+def main() -> None:
+    """``python -m bench.report [results.json] [--markdown]``: the table again."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    path = Path(args[0]) if args else Path(__file__).resolve().parent / "results" / "latest.json"
+    report = Report.read(path)
+    print(report.markdown() if "--markdown" in sys.argv else report.table())
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 import traceback
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.machine import cpu_idle_fraction, loadavg
 from bench.report import Figure, Report
 
 
@@ -49,9 +51,9 @@ class Config:
     def make(cls, *, quick: bool, full: bool, peers: bool, profile: bool, reps: int | None,
              e2e_n: int | None) -> Config:
         if quick:
-            base = cls(quick=True, full=full, peers=peers, profile=profile, reps=2, limit_seconds=1.0,
-                       e2e_n=2000, e2e_pass_s=6.0, seq_steps=300, conc_intents=100, latency_n=50, kills=5,
-                       scale_terminal=100_000, scale_pending=5000, scale_latency_n=40, scale_streams=100,
+            base = cls(quick=True, full=full, peers=peers, profile=profile, reps=2, limit_seconds=0.5,
+                       e2e_n=2000, e2e_pass_s=3.0, seq_steps=300, conc_intents=50, latency_n=50, kills=4,
+                       scale_terminal=100_000, scale_pending=5000, scale_latency_n=30, scale_streams=100,
                        peer_jobs=1000)
         else:
             base = cls(full=full, peers=peers, profile=profile)
@@ -123,6 +125,9 @@ async def run_all(run: Run, scenarios: list[Scenario], log: Callable[[str], None
     ok = True
     for scenario in scenarios:
         log(f"== {scenario.title}")
+        # Others' load on the machine skews everything: record it.
+        idle = await asyncio.to_thread(cpu_idle_fraction, 0.3)
+        run.note(scenario.name, cpu_idle_before=round(idle, 3), loadavg_before=loadavg())
         began = time.monotonic()
         try:
             await scenario.entry()(run)

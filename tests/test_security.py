@@ -270,9 +270,7 @@ def test_key_comparison_is_constant_time(secure, monkeypatch) -> None:
 
 
 def test_tls_and_mutual_tls(database_url, tmp_path) -> None:
-    from tests.support import ServerThread, server_settings
-
-    from tests.support import free_port, health_ok
+    from tests.support import ServerThread, free_port, health_ok, server_settings
 
     pki = make_pki(tmp_path)
     health_port = free_port()

@@ -12,7 +12,8 @@ Handlers:
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
-                    intent is canceled
+                    attempt is revoked (then it writes ``<pid> <reason>
+                    <time>`` to ``<intent id>.<attempt>.stopped``)
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ async def hang(ctx: Context, payload: Any) -> dict[str, Any]:
     async def work() -> int:
         marker = Path(os.environ["BENCH_STATE_DIR"]) / f"{ctx.intent_id}.{ctx.attempt}"
         marker.write_text(f"{os.getpid()} {ctx.attempt} {time.time()}")
-        await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped = marker.with_name(f"{marker.name}.stopped")
+            stopped.write_text(f"{os.getpid()} {ctx.cancel_reason} {time.time()}")
+            raise
         return 1
 
     await ctx.step("hang", work)

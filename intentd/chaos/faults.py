@@ -76,8 +76,9 @@ class FaultInjector:
 
     def run(self, until: float, done: Callable[[], bool]) -> None:
         """Injects faults until the monotonic time ``until`` or ``done()``
-        (every intent finished), whichever comes first. Forced kinds not yet
-        injected keep the loop going while work remains."""
+        (every intent finished), whichever comes first. The forced kinds
+        (each enabled kind once) come first, closer together; a kind that
+        found no target (no agent mid-step, no busy sidecar) is tried again."""
         if not self.kinds or self.cfg.fault_rate <= 0:
             self._idle(until, done)
             return
