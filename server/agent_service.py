@@ -52,6 +52,9 @@ MAX_OUTBOX = 10_000
 class Held:
     lease: LeaseRef
     since: float  # monotonic time it was added; renew results older than this judge it
+    # The intent's newest event seq when this stream got the lease: events at
+    # or below it happened before and say nothing about this lease.
+    seq: int = 0
     finishing: bool = False  # a complete/fail/release from its holder is in flight
     # Writes for a lease wait for its acknowledgement to commit: the sidecar
     # sends the ack and then writes at once, and they run concurrently here.
@@ -72,6 +75,9 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
+    # Leases this stream revoked: if the database still has them bound to the
+    # stream (it will renew them with every ping), they are released.
+    dropped: dict[str, LeaseRef] = field(default_factory=dict)
     # Why the server ends the stream, when it is the sidecar's fault.
     failure: errors.ServerError | None = None
 
@@ -160,12 +166,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if not address or address in session.addresses:
                 session.wake.set()
 
-    def _on_event(self, intent_id: str, state: str) -> None:
+    def _on_event(self, intent_id: str, seq: int, state: str) -> None:
         session = self._holders.get(intent_id)
         if session is None:
             return
         held = session.held.get(intent_id)
-        if held is None or held.finishing:
+        if held is None or held.finishing or seq <= held.seq:
             return
         if state in ("CANCELED", "TIMED_OUT"):
             self._revoke(session, held, state, f"the intent was {state.lower().replace('_', ' ')}")
@@ -182,11 +188,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         log.info("revoking %s attempt %d from sidecar %s: %s", held.lease.intent_id, held.lease.attempt,
                  session.sidecar_id, reason)
         self._forget(session, held.lease.intent_id)
+        session.dropped[held.lease.intent_id] = held.lease
         session.send(pb.ConnectResponse(revocation=delivery_pb2.Revocation(
             lease=_lease_msg(held.lease), reason=reason, message=message)))
 
-    def _hold(self, session: Session, lease: LeaseRef) -> None:
-        session.held[lease.intent_id] = Held(lease, time.monotonic())
+    def _hold(self, session: Session, lease: LeaseRef, seq: int) -> None:
+        session.held[lease.intent_id] = Held(lease, time.monotonic(), seq=seq)
         self._holders[lease.intent_id] = session
 
     # ------------------------------------------------------------ the stream
@@ -277,8 +284,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             except ValidationError:
                 lost.append(msg)
                 continue
-            if await self.leases.rebind(lease, session.id, tenant=caller.tenant):
-                self._hold(session, lease)
+            seq = await self.leases.rebind(lease, session.id, tenant=caller.tenant)
+            if seq is not None:
+                self._hold(session, lease, seq)
                 kept.append(msg)
             else:
                 lost.append(msg)
@@ -353,6 +361,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
         for held in list(session.held.values()):
             if held.since < started and not held.finishing and (held.lease.intent_id, held.lease.token) not in live:
                 self._revoke(session, held, "LEASE_LOST", "the lease is no longer held by this stream")
+        # A lease this stream gave up on but the database still binds to it
+        # would be renewed forever with nobody working on it: give it back.
+        for intent_id, lease in list(session.dropped.items()):
+            if (intent_id, lease.token) not in live:
+                del session.dropped[intent_id]
+            elif intent_id not in session.held:
+                del session.dropped[intent_id]
+                try:
+                    await self.leases.release(lease, "SIDECAR_STOPPED", session=session.id)
+                    log.warning("released %s: its stream %s had dropped it but still held it", intent_id, session.id)
+                except Exception as exc:
+                    log.warning("releasing orphaned lease of %s failed: %s", intent_id, exc)
 
     async def _ack(self, session: Session, msg: delivery_pb2.Lease) -> None:
         try:
@@ -440,7 +460,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     lease = LeaseRef(row["id"], row["attempt"], row["lease_token"])
                     if session.closed:
                         break  # the lease lapses after the ack timeout and is redelivered
-                    self._hold(session, lease)
+                    self._hold(session, lease, row["last_seq"])
                     self.assignments_sent += 1
                     metrics.DELIVERIES.inc()
                     metrics.observe_dispatch_latency((row["update_time"] - row["available_at"]).total_seconds())

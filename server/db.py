@@ -31,6 +31,9 @@ _UNAVAILABLE = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
+    # asyncpg issue #1069: a pooled connection used after PostgreSQL's FATAL for
+    # a terminated backend arrived but before the close was processed.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -55,7 +55,7 @@ class NotificationHub:
         self._reconnect_delay = reconnect_delay
         self._intents: dict[str, set[Subscription]] = defaultdict(set)
         self._pending_listeners: list[Callable[[str], None]] = []
-        self._event_listeners: list[Callable[[str, str], None]] = []
+        self._event_listeners: list[Callable[[str, int, str], None]] = []
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -103,8 +103,10 @@ class NotificationHub:
         self._pending_listeners.append(callback)
         return lambda: self._pending_listeners.remove(callback)
 
-    def on_event(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
-        """Calls ``callback(intent_id, state_after)`` for every committed event."""
+    def on_event(self, callback: Callable[[str, int, str], None]) -> Callable[[], None]:
+        """Calls ``callback(intent_id, seq, state_after)`` for every committed
+        event. Notifications are not ordered against anything else: listeners
+        must judge an event by its seq, never by its arrival."""
         self._event_listeners.append(callback)
         return lambda: self._event_listeners.remove(callback)
 
@@ -122,9 +124,13 @@ class NotificationHub:
         for sub in list(self._intents.get(intent_id, ())):
             sub.notify()
         if self._event_listeners:
-            state = rest.rpartition(":")[2]
+            seq_text, _, state = rest.partition(":")
+            try:
+                seq = int(seq_text)
+            except ValueError:
+                return
             for listener in list(self._event_listeners):
-                listener(intent_id, state)
+                listener(intent_id, seq, state)
 
     def _on_pending(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1

@@ -111,8 +111,14 @@ class IntentService(pb_grpc.IntentServiceServicer):
             # The trace travels with the intent to its deliveries and steps.
             labels = {**labels, TRACEPARENT_LABEL: trace}
         deadline = _timestamp_field(spec, "deadline", f"{prefix}deadline")
+        refusal = None
         if deadline is not None and deadline <= now:
-            raise ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is in the past")
+            refusal = ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is in the past")
+            if not spec.idempotency_key:
+                raise refusal
+            # A retry of a send whose answer was lost carries the same key and
+            # deadline: it must get the original intent, not an error. Only a
+            # send that would create a new intent is refused.
         if not 0 <= spec.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise ValidationError(f"{prefix}max_attempts", f"must be 0 (type default) to {MAX_ATTEMPTS_LIMIT}")
         caller = current_caller()
@@ -130,6 +136,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
             deadline=deadline,
             labels=labels,
             max_attempts=spec.max_attempts or None,
+            refuse_if_new=refusal,
         )
 
     @unary("client")

@@ -37,7 +37,11 @@ class LeaseRef:
         return cls(intent_id, attempt, parsed)
 
 
-def _stale(lease: LeaseRef, state: str) -> errors.StaleLease:
+def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.StaleLease:
+    if past_deadline and state in ("DELIVERED", "IN_PROGRESS"):
+        return errors.StaleLease(
+            f"lease of attempt {lease.attempt} on intent {lease.intent_id} ended: the intent's deadline passed; "
+            "stop working on it")
     return errors.StaleLease(
         f"lease of attempt {lease.attempt} on intent {lease.intent_id} is not live "
         f"(the intent is {state} under another or no lease); stop working on it"
@@ -109,11 +113,13 @@ class LeaseStore:
 
     async def rebind(
         self, lease: LeaseRef, session: str, now: datetime | None = None, tenant: str = "default"
-    ) -> bool:
+    ) -> int | None:
+        """Re-binds a lease to a new stream; returns the intent's event seq, or
+        None when the lease is no longer live."""
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
                 Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant)
-        return row is not None
+        return None if row is None else int(row["last_seq"])
 
     async def record_step(
         self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None,
@@ -133,8 +139,8 @@ class LeaseStore:
             why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index, session)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
-        if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS":
-            raise _stale(lease, why["state"])
+        if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS" or why["past_deadline"]:
+            raise _stale(lease, why["state"], why["past_deadline"])
         if why["idx"] is not None:
             if why["name"] == name:
                 # A repeat of a write that committed (its answer was lost): the
@@ -227,4 +233,4 @@ class LeaseStore:
                 why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
-        raise _stale(lease, why["state"])
+        raise _stale(lease, why["state"], why["past_deadline"])

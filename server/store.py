@@ -35,6 +35,9 @@ class NewIntent:
     deadline: datetime | None = None
     labels: dict[str, str] = field(default_factory=dict)
     max_attempts: int | None = None
+    # Raised instead of creating the intent (an earlier send with the same
+    # key is still matched): e.g. a deadline that passed before a retry.
+    refuse_if_new: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class IntentStore:
         """Creates the intents, or matches earlier sends by idempotency key.
         A batch is one transaction: all are written or none."""
         if len(intents) == 1:
-            if self.batcher is not None:
+            if self.batcher is not None and intents[0].refuse_if_new is None:
                 # Single sends from many callers share commits (group commit).
                 row = await self.batcher.fetchrow(Q.insert_intent, *self._insert_args(tenant, intents[0], now))
                 if row is not None:
@@ -68,9 +71,10 @@ class IntentStore:
     async def _send_one(
         self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, now: datetime | None
     ) -> Sent:
-        row = await conn.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
-        if row is not None:
-            return Sent(row, True)
+        if spec.refuse_if_new is None:
+            row = await conn.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
+            if row is not None:
+                return Sent(row, True)
         existing = await conn.fetchrow(
             Q.find_by_idempotency_key,
             tenant,
@@ -81,6 +85,8 @@ class IntentStore:
             spec.payload,
         )
         if existing is None:
+            if spec.refuse_if_new is not None:
+                raise spec.refuse_if_new
             # The conflicting row vanished between the two statements (retention
             # deleted it); the client's retry will create it afresh.
             raise errors.Unavailable("idempotency key conflict raced with a delete; retry")

@@ -50,6 +50,8 @@ STALE_CODES = frozenset({FAILED_PRECONDITION, NOT_FOUND})
 FINAL_CODES = STALE_CODES | {OK}
 
 DEFAULT_PING_INTERVAL_S = 5.0
+# A stream silent for this many ping intervals is dead.
+SILENCE_LIMIT_PINGS = 3
 MIN_PING_INTERVAL_S = 0.02
 # Lost or revoked lease tokens remembered to refuse late writes locally.
 GONE_MEMORY = 4096
@@ -100,6 +102,8 @@ class _HeldLease:
     # The ack was handed to a stream. It is never sent twice: a second ack of
     # an IN_PROGRESS lease is refused, and the server revokes the lease then.
     ack_sent: bool = False
+    # The server lets the lease lapse after this long without a ping from us.
+    heartbeat_timeout_s: float = 10.0
 
 
 @dataclass
@@ -138,7 +142,7 @@ class _Pinger(BackgroundService):
 
     async def run_once(self) -> None:
         silent = asyncio.get_running_loop().time() - self._session.last_heard
-        if silent > 3 * self.interval:
+        if silent > SILENCE_LIMIT_PINGS * self.interval:
             self._session.kill(f"nothing heard for {silent:.1f}s (ping interval {self.interval:.2f}s)")
             return
         self._session.send(pb.ConnectRequest(ping=pb.Ping(nonce=next(self._nonces))))
@@ -505,8 +509,27 @@ class Upstream:
                 code = await session.call.code()
                 session.kill(f"the server ended the stream ({code.name}: {await session.call.details()})")
                 return
-            session.last_heard = loop.time()
+            now = loop.time()
+            if now - session.last_heard > self._silence_limit(session):
+                # We were frozen (SIGSTOP, a stalled host) or the network was:
+                # our leases may have lapsed and moved on meanwhile. Nothing
+                # read after such a gap may reach the agent (an OK for a step
+                # would let a zombie start the next one); the re-registration
+                # tells which leases are still ours.
+                session.kill(f"a message arrived after {now - session.last_heard:.1f}s of silence")
+                return
+            session.last_heard = now
             self._handle(session, message)
+
+    def _silence_limit(self, session: _Session) -> float:
+        """How long this stream may have been silent before what it says next
+        cannot be trusted: three ping intervals, and less than any held
+        lease's heartbeat timeout (past half of it, the lease may have lapsed
+        on the server before our next ping lands)."""
+        limit = SILENCE_LIMIT_PINGS * session.ping_interval_s
+        for held in self._held.values():
+            limit = min(limit, held.heartbeat_timeout_s / 2)
+        return limit
 
     def _handle(self, session: _Session, message: pb.ConnectResponse) -> None:
         kind = message.WhichOneof("msg")
@@ -516,7 +539,8 @@ class Upstream:
             pass  # hearing it was the point
         elif kind == "assignment":
             lease = message.assignment.lease
-            self._held[lease.token] = _HeldLease(lease)
+            self._held[lease.token] = _HeldLease(
+                lease, heartbeat_timeout_s=(message.assignment.heartbeat_timeout_ms or 10_000) / 1000)
             self._gone.pop(lease.token, None)
             self._notify(self._on_assignment, message.assignment)
         elif kind == "write_result":

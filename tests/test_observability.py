@@ -106,14 +106,19 @@ def test_server_series_are_served_over_http(server_metrics: metrics.MetricsServe
     metrics.observe_dispatch_latency(-1.0)  # clock skew counts as no wait
     metrics.observe_end_to_end("INTENT_STATE_COMPLETED", 12.0)
     metrics.CONNECTED_SIDECARS.set_function(lambda: 2)
-    metrics.ASSIGNMENTS_IN_FLIGHT.set(5)
+    # Functions, like the server's own: a control plane running in this test
+    # process (the session's) binds these gauges too.
+    metrics.ASSIGNMENTS_IN_FLIGHT.set_function(lambda: 5)
     metrics.bind_pool(FakePool())
     metrics.sweeper_started("lease-sweeper")
     metrics.sweeper_succeeded("lease-sweeper")
     metrics.NOTIFICATIONS.labels(channel="events").inc()
-    metrics.INTENTS.update([("PENDING", TYPE, 3), ("COMPLETED", TYPE, 40)])
+    metrics.INTENTS.set_source(lambda: [("PENDING", TYPE, 3), ("COMPLETED", TYPE, 40)])
 
-    after = scrape(server_metrics.url)
+    try:
+        after = scrape(server_metrics.url)
+    finally:
+        metrics.INTENTS.set_source(None)
     assert server_metrics.host == "127.0.0.1" and server_metrics.port > 0
     assert SERVER_SERIES <= set(after)
     assert not SIDECAR_SERIES & set(after)

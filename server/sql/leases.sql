@@ -58,6 +58,7 @@ WITH changed AS (
         update_time = coalesce($4::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'DELIVERED'
       AND ($5::text IS NULL OR lease_session = $5)
+      AND (deadline IS NULL OR deadline > coalesce($4::timestamptz, now()))
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
@@ -88,17 +89,19 @@ SET lease_session = $4,
         ELSE lease_expires_at END
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
   AND tenant = $6
-RETURNING id;
+RETURNING id, last_seq;
 
 -- name: record_step
 -- The step row and its event commit together: a step is skipped on replay
--- only if this statement committed.
+-- only if this statement committed. Writes after the intent's deadline are
+-- refused here (not only by the sweeper), so nothing completes late.
 -- $1 id, $2 token, $3 attempt, $4 index, $5 name, $6 result, $7 now,
 -- $8 the stream that must hold the lease (NULL: any)
 WITH lease AS (
     SELECT id, steps_completed FROM intents
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
       AND ($8::text IS NULL OR lease_session = $8)
+      AND (deadline IS NULL OR deadline > coalesce($7::timestamptz, now()))
     FOR UPDATE
 ), inserted AS (
     INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time)
@@ -123,6 +126,7 @@ SELECT * FROM inserted;
 -- Why a fenced write matched no row. $1 id, $2 token, $3 attempt, $4 step
 -- index, $5 the writing stream (NULL: any)
 SELECT i.state::text AS state, i.lease_token = $2 AND i.attempt = $3 AS same_lease,
+       i.deadline IS NOT NULL AND i.deadline <= now() AS past_deadline,
        ($5::text IS NULL OR i.lease_session = $5) AS holds,
        i.steps_completed, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time
 FROM intents i
@@ -138,6 +142,7 @@ WITH changed AS (
         update_time = coalesce($5::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
       AND ($6::text IS NULL OR lease_session = $6)
+      AND (deadline IS NULL OR deadline > coalesce($5::timestamptz, now()))
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
@@ -154,6 +159,7 @@ WITH changed AS (
         update_time = coalesce($6::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
       AND ($7::text IS NULL OR lease_session = $7)
+      AND (deadline IS NULL OR deadline > coalesce($6::timestamptz, now()))
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message, progress_fraction)
@@ -172,6 +178,7 @@ WITH changed AS (
         last_seq = last_seq + 1
     WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state = 'IN_PROGRESS'
       AND ($6::text IS NULL OR lease_session = $6)
+      AND (deadline IS NULL OR deadline > coalesce($5::timestamptz, now()))
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
