@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -11,18 +10,14 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from intentd.aio import run
 from intentd.config import SettingsError, load_settings
 from intentd.logs import setup_logging
 
 DEFAULT_TARGET = "127.0.0.1:7300"
 
 
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+_run = run
 
 
 # ---------------------------------------------------------------- server side

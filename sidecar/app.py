@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from intentd.aio import run
 from intentd.config import SettingsError, load_settings
 from intentd.logs import setup_logging
 from intentd.observability import metrics, set_process_fields
@@ -213,12 +214,7 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+_run = run
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from intentd.aio import serving
 from intentd.server.app import ControlPlane
 from intentd.server.settings import ServerSettings
 
@@ -112,13 +112,7 @@ class ServerThread:
         self.loop.close()
 
 
-def health_ok(address: str, timeout: float = 1.0) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
+health_ok = serving
 
 
 class Process:

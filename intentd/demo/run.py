@@ -27,9 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from intentd.aio import serving
 from intentd.client import IntentClient, IntentState
 from intentd.demo.etl_agent import ADDRESS, INTENT_TYPE, STAGES
 
@@ -48,15 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _healthy(address: str) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
 
 
 class Ledger:
@@ -111,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"{c['dim']}logs and the side-effect ledger: {work}{c['reset']}")
         server = spawn(["server"], "server.log", {"INTENTD_LISTEN": address})
         deadline = time.monotonic() + 120
-        while not _healthy(address):
+        while not serving(address):
             if server.poll() is not None or time.monotonic() > deadline:
                 say(f"{c['red']}the control plane did not start:{c['reset']}\n" + (work / "server.log").read_text())
                 return 1
