@@ -504,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chaos"]:
+        # The soak harness parses its own flags (see docs/chaos.md).
+        from intentd.chaos.__main__ import main as chaos_main
+
+        return chaos_main(argv[1:])
     if argv[:1] == ["sidecar"]:
         # The sidecar parses its own flags (including --help).
         from intentd.sidecar.app import cli_main

@@ -25,7 +25,7 @@ from intentd.server.quotas import Quotas
 from intentd.server.rpc import add_service
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
-from intentd.server.sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper
+from intentd.server.sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper
 from intentd.service import BackgroundService
 from intentd.v1 import (
     admin_service_pb2,
@@ -146,6 +146,8 @@ class ControlPlane:
             LeaseSweeper(leases, self.settings.sweep_interval_s,
                          hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
         ]
+        if self.settings.retention_days > 0:
+            self.services.append(RetentionSweeper(store, self.settings.retention_days * 86400))
         for service in self.services:
             service.start()
         await self.server.start()

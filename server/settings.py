@@ -47,6 +47,9 @@ class ServerSettings:
     # A delivery not acknowledged within this is taken back.
     ack_timeout_ms: int = 5000
     sweep_interval_s: float = 1.0
+    # Terminal intents (with their events and steps) are deleted this long
+    # after they finished; 0 keeps them forever. Also the idempotency window.
+    retention_days: float = 30.0
     dispatch_catchup_s: float = 2.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -126,6 +129,7 @@ class ServerSettings:
         require(self.heartbeat_timeout_ms >= 2 * self.ping_interval_ms, "heartbeat_timeout_ms",
                 "must be at least twice INTENTD_PING_INTERVAL_MS, or healthy leases lapse")
         require(100 <= self.ack_timeout_ms <= 600_000, "ack_timeout_ms", "must be 100..600000")
+        require(self.retention_days >= 0, "retention_days", "must not be negative (0 keeps intents forever)")
         require(0.01 <= self.sweep_interval_s <= 3600, "sweep_interval_s", "must be 0.01..3600")
         require(0.05 <= self.dispatch_catchup_s <= 3600, "dispatch_catchup_s", "must be 0.05..3600")
         require(0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", "must be 0..3600")

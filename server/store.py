@@ -176,6 +176,10 @@ class IntentStore:
             )
         return row
 
+    async def delete_finished(self, retention_s: float, now: datetime | None = None, batch: int = 500) -> int:
+        async with self.db.connection() as conn:
+            return len(await conn.fetch(Q.delete_finished_intents, now, retention_s, batch))
+
     async def expire_deadlines(self, now: datetime | None = None, batch: int = 500) -> list[Row]:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.expire_deadlines, now, batch))

@@ -97,3 +97,25 @@ class IntentCounter(BackgroundService):
             rows = await conn.fetch(Q.intent_counts)
         metrics.INTENTS.update([(r["state"], r["intent_type"], r["count"]) for r in rows])
         metrics.sweeper_succeeded(self.name)
+
+
+class RetentionSweeper(BackgroundService):
+    """Deletes terminal intents (with their events and steps) once they are
+    older than the retention period, so the tables do not grow without bound."""
+
+    name = "retention-sweeper"
+
+    def __init__(self, store: IntentStore, retention_s: float, interval: float = 60.0, batch: int = 1000) -> None:
+        super().__init__(interval)
+        self.store = store
+        self.retention_s = retention_s
+        self.batch = batch
+        self.deleted = 0
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        deleted = await self.store.delete_finished(self.retention_s, now, self.batch)
+        metrics.sweeper_succeeded(self.name)
+        self.deleted += deleted
+        if deleted:
+            log.info("retention: deleted %d finished intents", deleted)
+        return deleted == self.batch

@@ -173,3 +173,20 @@ async def test_rebind_keeps_a_lease_only_for_its_token(stores, agent_address) ->
     assert await leases.rebind(lease, "new-stream")
     assert {i for i, _ in await leases.renew("new-stream")} == {lease.intent_id}
     assert await leases.renew("old-stream") == set()
+
+
+async def test_retention_deletes_old_terminal_intents_with_their_events_and_steps(stores, agent_address, pg) -> None:
+    store, leases = stores
+    done = await send(store, agent_address)
+    lease = await deliver(leases, agent_address)
+    await leases.record_step(lease, 1, "extract", b"1")
+    await leases.complete(lease, b"{}")
+    live = await send(store, agent_address)
+    soon = datetime.now(UTC) + timedelta(days=1)
+    await store.delete_finished(retention_s=2 * 86400, now=soon)  # finished a day ago: kept
+    assert await pg.fetchval("SELECT count(*) FROM intents WHERE id = $1", done) == 1
+    await store.delete_finished(retention_s=3600, now=soon)
+    assert await pg.fetchval("SELECT count(*) FROM intents WHERE id = $1", done) == 0
+    assert await pg.fetchval("SELECT count(*) FROM intent_events WHERE intent_id = $1", done) == 0
+    assert await pg.fetchval("SELECT count(*) FROM intent_steps WHERE intent_id = $1", done) == 0
+    assert await pg.fetchval("SELECT count(*) FROM intents WHERE id = $1", live) == 1  # live intents never go

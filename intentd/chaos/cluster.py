@@ -40,6 +40,33 @@ _LAUNCH = (
 )
 
 
+# Waits for the harness to die (PR_SET_PDEATHSIG delivers SIGTERM), then
+# runs the cleanup command and removes the paths it was given. The harness
+# SIGKILLs it when it cleans up by itself.
+_REAPER = (
+    "import ctypes, glob, os, shutil, signal, subprocess, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() == parent:\n"
+    "    signal.pause()\n"
+    "sep = sys.argv.index('--')\n"
+    "subprocess.run(sys.argv[sep + 1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)\n"
+    "for pattern in sys.argv[2:sep]:\n"
+    "    for path in glob.glob(pattern):\n"
+    "        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)\n"
+)
+
+
+def start_reaper(command: list[str], paths: list[str]) -> subprocess.Popen[bytes]:
+    """Runs ``command`` and removes ``paths`` (glob patterns) if the harness
+    dies without cleaning up (say, SIGKILL): daemons such as PostgreSQL do
+    not die with it."""
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *paths, "--", *command],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,6 +316,11 @@ class Postgres:
     def restartable(self) -> bool:
         return self.data_dir is not None
 
+    @property
+    def temp_dir(self) -> str | None:
+        """The directory of the embedded PostgreSQL (removed at the end)."""
+        return self._tmp.name if self._tmp is not None else None
+
     def start(self) -> None:
         from intentd.chaos.db import admin_execute
 
@@ -316,10 +348,7 @@ class Postgres:
 
     def pg_ctl(self, action: list[str], timeout: float = 90) -> None:
         """``pg_ctl -D <data> -w -t .. -l <log> <action>`` as the data's owner."""
-        assert self.data_dir is not None
-        binary = self.pg_ctl_path or _pgserver_binary("pg_ctl")
-        args = [*_as_user(self.pg_user), binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
-                "-l", str(self.log_path)]
+        args = self.pg_ctl_argv(timeout)
         if action[0] == "start":
             # pg_ctl start does not reuse the last command line; restart does.
             options = self._postmaster_options()
@@ -327,6 +356,12 @@ class Postgres:
                 args += ["-o", options]
         subprocess.run([*args, *action], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        stdin=subprocess.DEVNULL, timeout=timeout + 10)
+
+    def pg_ctl_argv(self, timeout: float = 90) -> list[str]:
+        assert self.data_dir is not None
+        binary = self.pg_ctl_path or _pgserver_binary("pg_ctl")
+        return [*_as_user(self.pg_user), binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
+                "-l", str(self.log_path)]
 
     def _postmaster_options(self) -> str:
         assert self.data_dir is not None

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faults per second over all kinds (default %(default)s)")
     p.add_argument("--weight", action="append", metavar="KIND=W",
                    help=f"relative weight of a fault kind, 0 disables it; kinds: {', '.join(FAULT_KINDS)}")
+    p.add_argument("--rate", action="append", metavar="KIND=R",
+                   help="per-kind rate in faults per second; kinds not named are disabled and --fault-rate "
+                   "becomes the sum")
     p.add_argument("--kinds", help="only these fault kinds (comma-separated)")
     p.add_argument("--no-force-all-kinds", action="store_true",
                    help="do not inject every enabled kind once before drawing at random")
@@ -196,6 +199,12 @@ def config_from_args(argv: list[str] | None = None) -> SoakConfig:
         weights = {k: (1.0 if k in chosen else 0.0) for k in FAULT_KINDS}
         weights.update({k: 1.0 for k in chosen if k not in weights})
     weights.update(_pairs(args.weight, "--weight"))
+    fault_rate = args.fault_rate
+    rates = _pairs(args.rate, "--rate")
+    if rates:
+        weights = {k: rates.get(k, 0.0) for k in FAULT_KINDS}
+        weights.update(rates)
+        fault_rate = sum(rates.values())
     mix = dict(DEFAULT_MIX)
     if args.mix:
         mix = dict.fromkeys(INTENT_KINDS, 0.0)
@@ -203,7 +212,7 @@ def config_from_args(argv: list[str] | None = None) -> SoakConfig:
     lo, _, hi = args.step_ms.partition(",")
     cfg = SoakConfig(
         intents=args.intents, steps=args.steps, duration=args.duration, seed=args.seed,
-        fault_rate=args.fault_rate, weights=weights, force_all_kinds=not args.no_force_all_kinds,
+        fault_rate=fault_rate, weights=weights, force_all_kinds=not args.no_force_all_kinds,
         sidecars=args.sidecars, replicas=args.replicas, addresses=args.addresses, capacity=args.capacity,
         clients=args.clients, database_url=args.database_url, pg_data_dir=args.pg_data_dir,
         pg_ctl=args.pg_ctl, pg_user=args.pg_user, keep_database=args.keep_database,

@@ -17,8 +17,8 @@ a watchdog kills them when the hard deadline passes.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from intentd.chaos.checks import check, snapshot
-from intentd.chaos.cluster import ManagedProcess, Postgres, Replica, Sidecar, free_port
+from intentd.chaos.cluster import ManagedProcess, Postgres, Replica, Sidecar, free_port, start_reaper
 from intentd.chaos.config import FAULT_KINDS, SoakConfig
 from intentd.chaos.db import SyncDb
 from intentd.chaos.faults import FaultInjector
@@ -95,6 +95,7 @@ def run_soak(cfg: SoakConfig) -> Report:
     watchdog = _Watchdog(cfg.hard_deadline_s(), lambda: [*replicas, *sidecars], say)
     watchdog.start()
     db: SyncDb | None = None
+    reaper: subprocess.Popen[bytes] | None = None
     workload: Workload | None = None
     injector: FaultInjector | None = None
     harness_errors: list[str] = []
@@ -102,10 +103,18 @@ def run_soak(cfg: SoakConfig) -> Report:
         say(f"chaos soak seed {cfg.seed}: {report.settings}")
         say(f"logs in {work_dir}")
         pg.start()
+        # If the harness is SIGKILLed, its children die with it; PostgreSQL
+        # (a daemon) and the sockets are left to this reaper.
+        sockets = f"{tempfile.gettempdir()}/ic-{run_tag}-*.sock"
+        if pg.embedded and pg.temp_dir is not None:
+            reaper = start_reaper([*pg.pg_ctl_argv(30), "stop", "-m", "immediate"], [sockets, pg.temp_dir])
+        else:
+            reaper = start_reaper(["true"], [sockets])
         db = SyncDb(pg.url)
         db.execute(LEDGER_DDL)
         if not pg.restartable:
             say("PostgreSQL faults disabled (no data directory: pass --pg-data-dir)")
+            report.notes.append("PostgreSQL faults (pg_restart, pg_outage) disabled: no --pg-data-dir")
 
         replica_env = {
             "INTENTD_HEARTBEAT_TIMEOUT_MS": str(cfg.heartbeat_ms),
@@ -217,6 +226,9 @@ def run_soak(cfg: SoakConfig) -> Report:
                 db.close()
         with contextlib.suppress(Exception):
             pg.close()
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait(10)
         report.elapsed_s = time.monotonic() - began
         if report.ok and not cfg.keep_logs and cfg.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -229,7 +241,3 @@ def run_soak(cfg: SoakConfig) -> Report:
 def _last_lines(text: str, n: int = 3) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-n:])
-
-
-def _pid() -> int:
-    return os.getpid()

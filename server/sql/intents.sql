@@ -143,3 +143,19 @@ SELECT * FROM intent_types WHERE tenant = $1 AND intent_type = $2;
 
 -- name: list_intent_types
 SELECT * FROM intent_types WHERE tenant = $1 ORDER BY intent_type;
+
+-- name: delete_finished_intents
+-- Retention: terminal intents finished longer ago than the retention period go,
+-- with their events and steps (ON DELETE CASCADE). Their idempotency keys are
+-- free again after that: the idempotency window is the retention period.
+-- $1 now, $2 retention in seconds, $3 batch size
+WITH doomed AS (
+    SELECT id FROM intents
+    WHERE finish_time IS NOT NULL
+      AND finish_time < coalesce($1::timestamptz, now()) - $2 * interval '1 second'
+    ORDER BY finish_time
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM intents i USING doomed d WHERE i.id = d.id
+RETURNING i.id;

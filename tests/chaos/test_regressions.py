@@ -1,6 +1,6 @@
 """Product bugs the chaos soak found, each as the smallest test that shows
-it. They are strict xfails: when a fix lands the test passes, strict xfail
-turns that into a failure, and the marker must be removed.
+it. They were written as strict xfails against the code the soak ran on;
+each bug has since been fixed in the tree, so they now guard the fixes.
 
 See docs/chaos.md ("Bugs found") for how each showed up in a soak."""
 
@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import grpc
-import pytest
 
 from intentd.client import IntentClient, IntentState, Internal, Unavailable
 from intentd.v1 import agent_service_pb2, agent_service_pb2_grpc, delivery_pb2
@@ -88,13 +87,14 @@ class RawSidecar:
         self._channel.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: AgentService._on_event (server/agent_service.py) revokes a held lease on any PENDING/FAILED "
-    "notification without looking at its seq, so a late notification of an older event (the CREATED event, "
-    "or the previous attempt's RELEASED) revokes a lease just claimed or re-bound; the stream keeps renewing "
-    "it (renew_leases goes by session), so the intent stays IN_PROGRESS with nobody working on it"))
 def test_late_notification_of_an_older_event_does_not_strand_a_live_lease(
         make_server: Any, database_url: str, agent_address: str) -> None:
+    """Bug 1: AgentService._on_event (server/agent_service.py) revoked a held
+    lease on any PENDING/FAILED notification without looking at its seq, so a
+    late notification of an older event (the CREATED event, or the previous
+    attempt's RELEASED) revoked a lease just claimed or re-bound; the stream
+    kept renewing it (renew_leases goes by session), so the intent stayed
+    IN_PROGRESS with nobody working on it."""
     srv = make_server(heartbeat_timeout_ms=1000, ping_interval_ms=100)
     sidecar = RawSidecar(srv.address, agent_address)
     try:
@@ -120,13 +120,15 @@ def test_late_notification_of_an_older_event_does_not_strand_a_live_lease(
         sidecar.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: server/db.py _UNAVAILABLE lacks asyncpg's InternalClientError, which asyncpg raises (asyncpg issue "
-    "#1069: 'cannot switch to state N; another operation (2) is in progress') when a pooled connection is used "
-    "after PostgreSQL's FATAL for a terminated backend arrived but before the socket close was processed; the RPC "
-    "answers INTERNAL, which clients do not retry (wait_for raised Internal in a soak after conn_drop)"))
 def test_calls_after_pooled_connections_are_terminated_are_retryable_not_internal(
         make_server: Any, database_url: str, agent_address: str) -> None:
+    """Bug 2: server/db.py did not map asyncpg's InternalClientError ("cannot
+    switch to state N; another operation (2) is in progress", asyncpg issue
+    #1069), raised when a pooled connection is used after PostgreSQL's FATAL for
+    a terminated backend arrived but before the close was processed; the RPC
+    answered INTERNAL, which clients do not retry (in a soak, wait_for raised
+    Internal after conn_drop, and a SendIntent retry answered INTERNAL although
+    its first try had created the intent)."""
     name = f"regr-{uuid.uuid4().hex[:8]}"
     srv = make_server(pool_min_size=1, pool_max_size=1, instance_name=name)
     internal: list[str] = []
@@ -168,12 +170,12 @@ def test_calls_after_pooled_connections_are_terminated_are_retryable_not_interna
     assert not internal, f"{len(internal)} of {calls} GetIntent calls answered INTERNAL, e.g. {internal[0]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: IntentService._new_intent (server/intent_service.py) refuses a deadline in the past before the "
-    "idempotency key is looked up, so a SendIntent retried (same key, same absolute deadline) after the "
-    "deadline passed answers INVALID_ARGUMENT although the first attempt created the intent: the sender is "
-    "told the send failed while the intent exists"))
 def test_send_retried_after_its_deadline_passed_returns_the_original(server: Any, agent_address: str) -> None:
+    """Bug 4: IntentService._new_intent (server/intent_service.py) refused a
+    deadline in the past before the idempotency key was looked up, so a
+    SendIntent retried (same key, same absolute deadline) after the deadline
+    passed answered INVALID_ARGUMENT although the first attempt had created the
+    intent: the sender was told the send failed while the intent existed."""
     key = f"regr-{uuid.uuid4().hex}"
     deadline = datetime.now(UTC) + timedelta(seconds=1)
     spec = {"intent_type": TYPE, "to_agent": agent_address, "payload": {"n": 1}, "idempotency_key": key,
@@ -188,13 +190,14 @@ def test_send_retried_after_its_deadline_passed_returns_the_original(server: Any
         assert (again.id, created_again) == (first.id, False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a sidecar frozen (SIGSTOP) while the answer to a committed RecordStep is on its way delivers that OK "
-    "to its agent when it wakes, before its pinger notices the silence (sidecar/upstream.py _read_loop handles "
-    "messages without checking how long the stream was silent); by then the lease lapsed and another attempt "
-    "recorded the next step, which the zombie agent then runs again"))
 def test_frozen_sidecar_does_not_let_its_agent_run_a_step_recorded_meanwhile(
         make_server: Any, database_url: str, agent_address: str, tmp_path: Any) -> None:
+    """Bug 3: a sidecar frozen (SIGSTOP) while the answer to a committed
+    RecordStep was on its way delivered that OK to its agent when it woke,
+    before its pinger noticed the silence (sidecar/upstream.py _read_loop
+    handled messages without checking how long the stream had been silent); by
+    then its lease had lapsed and another attempt had recorded the next step,
+    which the zombie agent then ran again."""
     import os
     import signal
 
@@ -256,12 +259,13 @@ def test_frozen_sidecar_does_not_let_its_agent_run_a_step_recorded_meanwhile(
         second.kill_group()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: deadlines are enforced only by the deadline sweeper (server/sql/intents.sql expire_deadlines); the "
-    "fenced writes (server/sql/leases.sql complete_intent, record_step) do not check the deadline, so an intent "
-    "completes after its deadline whenever the sweeper has not run yet (up to INTENTD_SWEEP_INTERVAL_S, or a "
-    "whole database outage); docs/state-machine.md says TIMED_OUT when 'the deadline passed first'"))
 def test_an_intent_past_its_deadline_does_not_complete(make_server: Any, agent_address: str) -> None:
+    """Bug 5: deadlines were enforced only by the deadline sweeper; the fenced
+    writes (server/sql/leases.sql complete_intent, record_step) did not check
+    the deadline, so an intent completed after its deadline whenever the
+    sweeper had not run yet (up to INTENTD_SWEEP_INTERVAL_S, or a whole
+    database outage), though docs/state-machine.md says TIMED_OUT when "the
+    deadline passed first"."""
     srv = make_server(sweep_interval_s=30)  # a legal setting: sweeps are rare
     sidecar = RawSidecar(srv.address, agent_address)
     try:
