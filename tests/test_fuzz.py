@@ -230,3 +230,16 @@ def test_registered_stream_with_garbage_writes(server, batch) -> None:
             assert code is not grpc.StatusCode.OK or write.WhichOneof("op") is None or False, result
     finally:
         sidecar.close()
+
+
+def test_oversized_messages_are_resource_exhausted_and_the_server_lives_on(make_server, agent_address) -> None:
+    srv = make_server(max_payload_bytes=64 * 1024, max_message_bytes=256 * 1024)
+    with grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]) as channel:
+        stub = pb_grpc.IntentServiceStub(channel)
+        huge = pb.SendIntentRequest(intent=pb.IntentSpec(
+            intent_type="intent.fuzz.big.v1", to_agent=agent_address, payload=b'"' + b"x" * (1024 * 1024) + b'"'))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SendIntent(huge, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub.ListIntents(pb.ListIntentsRequest(page_size=1), timeout=10)
+    assert health_ok(srv.address)
