@@ -375,14 +375,29 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     log.warning("releasing orphaned lease of %s failed: %s", intent_id, exc)
 
     async def _ack(self, session: Session, msg: delivery_pb2.Lease) -> None:
-        try:
-            await self.leases.ack(_lease_ref(msg), session=session.id)
-        except errors.FailedPrecondition as exc:
-            held = session.held.get(msg.intent_id)
-            if held is not None and str(held.lease.token) == msg.token:
-                self._revoke(session, held, "LEASE_LOST", exc.message)
-        except Exception as exc:
-            log.warning("ack of %s failed: %s", msg.intent_id, exc)
+        # The sidecar sends an ack once; a database hiccup must not waste the
+        # attempt, so an unavailable database is retried until the stream ends
+        # or the ack timeout would have taken the delivery back anyway.
+        deadline = time.monotonic() + self.settings.ack_timeout_ms / 1000
+        delay = 0.05
+        while True:
+            try:
+                await self.leases.ack(_lease_ref(msg), session=session.id)
+                return
+            except errors.FailedPrecondition as exc:
+                held = session.held.get(msg.intent_id)
+                if held is not None and str(held.lease.token) == msg.token:
+                    self._revoke(session, held, "LEASE_LOST", exc.message)
+                return
+            except errors.Unavailable as exc:
+                if session.closed or time.monotonic() + delay > deadline:
+                    log.warning("ack of %s failed: %s", msg.intent_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except Exception as exc:
+                log.warning("ack of %s failed: %s", msg.intent_id, exc)
+                return
 
     async def _write(self, session: Session, request: pb.WriteRequest, slots: asyncio.Semaphore) -> None:
         result = pb.WriteResult(request_id=request.request_id)
