@@ -178,8 +178,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
         elif state in ("PENDING", "FAILED"):
             self._revoke(session, held, "LEASE_LOST", "the lease expired and the intent moved on")
 
-    def _forget(self, session: Session, intent_id: str) -> None:
-        session.held.pop(intent_id, None)
+    def _forget(self, session: Session, intent_id: str, token: uuid.UUID | str | None = None) -> None:
+        """Drops the stream's hold on the intent; with ``token``, only the hold
+        of that lease (the stream may already hold the intent's next attempt)."""
+        held = session.held.get(intent_id)
+        if held is None or (token is not None and str(held.lease.token) != str(token)):
+            return
+        del session.held[intent_id]
         if self._holders.get(intent_id) is session:
             del self._holders[intent_id]
         session.wake.set()
@@ -187,7 +192,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     def _revoke(self, session: Session, held: Held, reason: str, message: str) -> None:
         log.info("revoking %s attempt %d from sidecar %s: %s", held.lease.intent_id, held.lease.attempt,
                  session.sidecar_id, reason)
-        self._forget(session, held.lease.intent_id)
+        self._forget(session, held.lease.intent_id, held.lease.token)
         session.dropped[held.lease.intent_id] = held.lease
         session.send(pb.ConnectResponse(revocation=delivery_pb2.Revocation(
             lease=_lease_msg(held.lease), reason=reason, message=message)))
@@ -437,7 +442,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             else:
                 raise ValidationError("write.op", "is required")
             if final:
-                self._forget(session, lease.intent_id)
+                self._forget(session, lease.intent_id, lease.token)
         except Exception as exc:
             mapped = to_server_error(exc)
             if mapped is None:
@@ -447,7 +452,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             result.message = mapped.message
             if held is not None and (isinstance(mapped, errors.StaleLease) or (
                 final and isinstance(mapped, errors.FailedPrecondition))):
-                self._forget(session, write.lease.intent_id)
+                self._forget(session, write.lease.intent_id, write.lease.token)
             elif held is not None:
                 held.finishing = False
         finally:
@@ -459,6 +464,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         types = session.intent_types or None
         catchup = self.settings.dispatch_catchup_s
         while not session.closed:
+            # Cleared before looking, so a wake-up that arrives while we claim
+            # is kept and makes the next round start at once.
+            session.wake.clear()
             timeout: float | None = catchup
             free = session.free
             if free > 0 and not self._closing:
@@ -496,7 +504,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
                             timeout = min(catchup, max(0.001, wait))
             elif free == 0:
                 timeout = None
-            session.wake.clear()
             if timeout is None:
                 await session.wake.wait()
             else:

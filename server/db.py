@@ -71,6 +71,10 @@ def converted() -> Iterator[None]:
         raise mapped from exc
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # JSON travels as text end to end: the server never decodes payloads or
     # results, it hands PostgreSQL's normalised text back to clients.
@@ -116,6 +120,10 @@ class Database:
                 # Names this replica's sessions in pg_stat_activity (and lets an
                 # operator, or the chaos harness, drop exactly them).
                 server_settings={"application_name": self.application_name},
+                # asyncpg resets every connection on release (a round trip and a
+                # transaction each time). intentd leaves no session state behind:
+                # no LISTEN on pooled connections, transaction-scoped locks only.
+                reset=_no_reset,
                 # Statements are prepared once per connection and reused.
                 max_inactive_connection_lifetime=300,
                 command_timeout=30,
