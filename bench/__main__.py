@@ -33,6 +33,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="py-spy the server and one sidecar+agent during an extra end-to-end pass")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default 3, --quick 2)")
     p.add_argument("--n", type=int, help="intents per end-to-end pass (default 20000 capped by time, --quick 2000)")
+    p.add_argument("--budget", type=float,
+                   help="seconds after which remaining scenarios are skipped (default 500, --quick 95; 0: none)")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     return p.parse_args(argv)
 
@@ -40,7 +42,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def main_async(args: argparse.Namespace) -> int:
     peers = _peers_installed() if args.peers is None else args.peers
     config = Config.make(quick=args.quick, full=args.full, peers=peers, profile=args.profile,
-                         reps=args.reps, e2e_n=args.n)
+                         reps=args.reps, e2e_n=args.n, budget_s=args.budget)
     run = Run(config)
     run.report.meta.update(
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv[1:], config=config.__dict__,

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -73,7 +74,7 @@ class Proc:
         self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Proc:
+    def start(self) -> Self:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
@@ -204,7 +205,7 @@ class Sidecar(Proc):
     """``python -m intentd sidecar``, optionally supervising an agent command."""
 
     def __init__(self, server: str, address: str, capacity: int, agent: str | None = NOOP_AGENT,
-                 agent_capacity: int | None = None, **env: str) -> None:
+                 agent_capacity: int | None = None, env: dict[str, str] | None = None) -> None:
         self.socket = f"/tmp/intentd-bench-{uuid.uuid4().hex[:10]}.sock"
         argv = [sys.executable, "-m", "intentd", "sidecar", "--server", server, "--address", address,
                 "--capacity", str(capacity), "--listen", f"unix://{self.socket}"]
@@ -214,7 +215,7 @@ class Sidecar(Proc):
             "BENCH_AGENT_ADDRESS": address,
             "BENCH_AGENT_CAPACITY": str(agent_capacity or capacity),
             "INTENTD_LOG_LEVEL": "INFO",
-            **env,
+            **(env or {}),
         })
 
     @property
@@ -335,10 +336,17 @@ def _cpu(pids: Sequence[int]) -> tuple[float, float]:
     return user, system
 
 
+def _machine_busy() -> float:
+    """CPU seconds all processes of the machine used so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds by component (server, sidecars, agents, PostgreSQL backends
-    of the database, this bench process) between ``start`` and ``stop``."""
+    of the database, this bench process) between ``start`` and ``stop``, and
+    of the whole machine ("machine": others' load shows as the difference)."""
 
     url: str
     server: int
@@ -358,6 +366,7 @@ class CpuMeter:
         }
         out = {name: u + s for name, (u, s) in parts.items()}
         out.update({f"{name} (kernel)": s for name, (_, s) in parts.items()})
+        out["machine"] = _machine_busy()
         return out
 
     async def start(self) -> None:
@@ -403,10 +412,11 @@ async def start_cluster(db_url: str, address: str, sidecars: int, capacity: int,
     return cluster
 
 
-async def put_intent_type(server: str, intent_type: str, **settings: int) -> None:
+async def put_intent_type(server: str, intent_type: str, *, max_attempts: int, heartbeat_timeout_ms: int) -> None:
     from intentd.v1 import admin_service_pb2, admin_service_pb2_grpc
 
     async with grpc.aio.insecure_channel(server) as channel:
         await admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(
-            intent_type=admin_service_pb2.IntentType(intent_type=intent_type, **settings)), timeout=10)
+            intent_type=admin_service_pb2.IntentType(intent_type=intent_type, max_attempts=max_attempts,
+                                                     heartbeat_timeout_ms=heartbeat_timeout_ms)), timeout=10)
 

@@ -49,13 +49,13 @@ def source_state() -> dict[str, Any]:
     """The commit measured, and whether the working tree differed from it."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()
                if not line[3:].startswith("bench/")]
-    return {"commit": git("rev-parse", "HEAD"), "changed_outside_bench": changed}
+    return {"commit": git("rev-parse", "HEAD").strip(), "changed_outside_bench": changed}
 
 
 async def describe() -> dict[str, Any]:

@@ -21,12 +21,14 @@ class Config:
     peers: bool = True
     profile: bool = False
     reps: int = 3
+    # No scenario starts after this many seconds (the rest are skipped).
+    budget_s: float = 500.0
     # limits: seconds per measurement
-    limit_seconds: float = 2.0
+    limit_seconds: float = 1.5
     # e2e: intents per measured pass; a pass is also capped to about
     # e2e_pass_s seconds at the rate the warm-up measured (see e2e.py).
     e2e_n: int = 20_000
-    e2e_pass_s: float = 20.0
+    e2e_pass_s: float = 12.0
     e2e_sidecars: int = 4
     e2e_capacity: int = 50
     e2e_batch: int = 500
@@ -49,10 +51,11 @@ class Config:
 
     @classmethod
     def make(cls, *, quick: bool, full: bool, peers: bool, profile: bool, reps: int | None,
-             e2e_n: int | None) -> Config:
+             e2e_n: int | None, budget_s: float | None = None) -> Config:
         if quick:
-            base = cls(quick=True, full=full, peers=peers, profile=profile, reps=2, limit_seconds=0.5,
-                       e2e_n=2000, e2e_pass_s=3.0, seq_steps=300, conc_intents=50, latency_n=50, kills=4,
+            base = cls(quick=True, full=full, peers=peers, profile=profile, reps=2, budget_s=95.0,
+                       limit_seconds=0.5,
+                       e2e_n=2000, e2e_pass_s=3.0, seq_steps=300, conc_intents=50, latency_n=50, kills=3,
                        scale_terminal=100_000, scale_pending=5000, scale_latency_n=30, scale_streams=100,
                        peer_jobs=1000)
         else:
@@ -60,6 +63,8 @@ class Config:
         changes: dict[str, Any] = {}
         if reps is not None:
             changes["reps"] = reps
+        if budget_s is not None:
+            changes["budget_s"] = budget_s or float("inf")
         if e2e_n is not None:
             changes["e2e_n"] = e2e_n
             changes["e2e_pass_s"] = 1e9  # an explicit N is used as given
@@ -123,8 +128,14 @@ def plan(only: list[str] | None, peers: bool) -> list[Scenario]:
 
 async def run_all(run: Run, scenarios: list[Scenario], log: Callable[[str], None]) -> bool:
     ok = True
+    start = time.monotonic()
     for scenario in scenarios:
         log(f"== {scenario.title}")
+        if time.monotonic() - start > run.config.budget_s:
+            run.note(scenario.name, status=f"skipped: the {run.config.budget_s:.0f}s budget was spent")
+            log(f"   {scenario.name}: skipped (time budget spent; --budget 0 lifts it)")
+            ok = False
+            continue
         # Others' load on the machine skews everything: record it.
         idle = await asyncio.to_thread(cpu_idle_fraction, 0.3)
         run.note(scenario.name, cpu_idle_before=round(idle, 3), loadavg_before=loadavg())
