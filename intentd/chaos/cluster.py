@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from intentd.aio import serving
 
 # Runs ``python -m <module> args`` after asking the kernel to SIGKILL it when
 # the harness dies. The harness spawns every process from one thread (the
@@ -73,13 +72,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def health_ok(address: str, timeout: float = 1.0) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
+health_ok = serving
 
 
 def with_database(url: str, name: str) -> str:
