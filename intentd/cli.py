@@ -43,40 +43,20 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from intentd.server.embedded import EmbeddedPostgres
-    from intentd.server.settings import ServerSettings
+    from intentd.server.migrate import current_version, migrate
 
-    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir)
-    setup_logging(settings.log_level)
-    embedded = None
-    url = settings.database_url
-    if url is None:
-        embedded = EmbeddedPostgres(settings.data_dir)
-        url = embedded.start()
-
-    async def go() -> list[int]:
-        import asyncpg
-
-        from intentd.server.migrate import current_version, migrate
-
-        conn = await asyncpg.connect(url)
-        try:
+    async def work(db: Any) -> None:
+        async with db.connection() as conn:
             applied = await migrate(conn)
             version = await current_version(conn)
-        finally:
-            await conn.close()
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else " (already current)"))
-        return applied
 
-    try:
-        _run(go())
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    setup_logging("INFO")
+    _with_database(args, work, run_migrations=False)
     return 0
 
 
-def _with_database(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
+def _with_database(args: argparse.Namespace, work: Callable[[Any], Any], *, run_migrations: bool = True) -> Any:
     """Runs ``work(db)`` against INTENTD_DATABASE_URL (or the embedded default)."""
     from intentd.server.db import Database
     from intentd.server.embedded import EmbeddedPostgres
@@ -91,7 +71,7 @@ def _with_database(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
 
     async def go() -> Any:
         db = Database(url, min_size=1, max_size=2)
-        await db.open()
+        await db.open(run_migrations=run_migrations)
         try:
             return await work(db)
         finally:

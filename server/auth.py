@@ -101,9 +101,10 @@ class Authenticator:
         self.enabled = enabled
         self.default_tenant = default_tenant
         self._cache: dict[str, _Cached] = {}
+        self._anonymous = Caller(default_tenant, "anonymous", frozenset(ROLES), ("*",))
 
     def anonymous(self) -> Caller:
-        return Caller(self.default_tenant, "anonymous", frozenset(ROLES), ("*",))
+        return self._anonymous
 
     async def authenticate(self, context: grpc.aio.ServicerContext, role: str) -> Caller:
         if not self.enabled:

@@ -58,13 +58,17 @@ class IntentStore:
         """Creates the intents, or matches earlier sends by idempotency key.
         A batch is one transaction: all are written or none."""
         if len(intents) == 1:
-            if self.batcher is not None and intents[0].refuse_if_new is None:
+            spec = intents[0]
+            if self.batcher is not None and spec.refuse_if_new is None:
                 # Single sends from many callers share commits (group commit).
-                row = await self.batcher.fetchrow(Q.insert_intent, *self._insert_args(tenant, intents[0], now))
+                row = await self.batcher.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
                 if row is not None:
                     return [Sent(row, True)]
+                # The key was taken: match the earlier send, without inserting again.
+                async with self.db.connection() as conn:
+                    return [await self._match_existing(conn, tenant, spec)]
             async with self.db.connection() as conn:
-                return [await self._send_one(conn, tenant, intents[0], now)]
+                return [await self._send_one(conn, tenant, spec, now)]
         async with self.db.transaction() as conn:
             return [await self._send_one(conn, tenant, spec, now) for spec in intents]
 
@@ -75,6 +79,10 @@ class IntentStore:
             row = await conn.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
             if row is not None:
                 return Sent(row, True)
+        return await self._match_existing(conn, tenant, spec)
+
+    async def _match_existing(self, conn: asyncpg.Connection, tenant: str, spec: NewIntent) -> Sent:
+        """The earlier send with the same idempotency key, if it was the same request."""
         existing = await conn.fetchrow(
             Q.find_by_idempotency_key,
             tenant,

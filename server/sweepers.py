@@ -51,25 +51,28 @@ class LeaseSweeper(BackgroundService):
         self.batch = batch
         self.hold_after_outage = hold_after_outage
         self.expired = 0
-        self._back_since: float | None = time.monotonic()
-        self._was_down = False
+        # Set while this replica recovers from losing PostgreSQL: since when
+        # it can reach it again (None: not yet).
+        self._recovering: bool = False
+        self._back_since: float | None = None
 
     async def run_once(self, now: datetime | None = None) -> bool:
         try:
-            await self.leases.ping()
+            if self._recovering and now is None:
+                await self.leases.ping()
+                if self._back_since is None:
+                    self._back_since = time.monotonic()
+                if time.monotonic() - self._back_since < self.hold_after_outage:
+                    # The streams it serves could not renew their leases while
+                    # PostgreSQL was away: give them a heartbeat timeout to do so.
+                    metrics.sweeper_succeeded(self.name)
+                    return False
+                self._recovering = False
+            rows = await self.leases.expire(now, self.batch)
         except Exception:
-            # This replica cannot reach PostgreSQL, so neither can the streams
-            # it serves renew their leases: do not hold it against them later.
-            self._was_down = True
+            self._recovering = True
             self._back_since = None
             raise
-        if self._back_since is None:
-            self._back_since = time.monotonic()
-        if self._was_down and now is None and time.monotonic() - self._back_since < self.hold_after_outage:
-            metrics.sweeper_succeeded(self.name)
-            return False
-        self._was_down = False
-        rows = await self.leases.expire(now, self.batch)
         metrics.sweeper_succeeded(self.name)
         self.expired += len(rows)
         for row in rows:
@@ -83,8 +86,8 @@ class LeaseSweeper(BackgroundService):
 
 
 class IntentCounter(BackgroundService):
-    """Counts intents by state and type for the intentd_intents gauge, so
-    scrapes never touch the database."""
+    """Counts live intents by state and type for the intentd_intents gauge,
+    so scrapes never touch the database."""
 
     name = "intent-counter"
 

@@ -208,7 +208,9 @@ class RawSidecar:
     """A hand-driven AgentService.Connect stream, for protocol tests."""
 
     def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw",
-                 metadata: list[tuple[str, str]] | None = None) -> None:
+                 metadata: list[tuple[str, str]] | None = None, ping_every: float | None = None) -> None:
+        """``ping_every``: also ping on that period (every ping renews the
+        stream's leases), as a live sidecar does."""
         import queue
 
         from intentd.v1 import agent_service_pb2 as apb
@@ -230,9 +232,14 @@ class RawSidecar:
 
         self._call = apb_grpc.AgentServiceStub(self._channel).Connect(requests(), metadata=metadata)
 
+        # Everything the server sent, in order, for tests that look back.
+        self.received: list[Any] = []
+        self._closed = threading.Event()
+
         def pump() -> None:
             try:
                 for reply in self._call:
+                    self.received.append(reply)
                     if reply.WhichOneof("msg") == "ping":
                         # Answered at once, so the stream stays alive however the test reads it.
                         self.send(pong=apb.Pong(nonce=reply.ping.nonce))
@@ -243,6 +250,18 @@ class RawSidecar:
 
         threading.Thread(target=pump, daemon=True).start()
         self.registered = self.recv("registered")
+        if ping_every is not None:
+            threading.Thread(target=self._ping, args=(ping_every,), daemon=True).start()
+
+    def _ping(self, period: float) -> None:
+        nonce = 0
+        while not self._closed.wait(period):
+            nonce += 1
+            self.send(ping=self.apb.Ping(nonce=nonce))
+
+    def of(self, kind: str) -> list[Any]:
+        """The messages of ``kind`` received so far."""
+        return [getattr(r, kind) for r in list(self.received) if r.WhichOneof("msg") == kind]
 
     def send(self, **kwargs: Any) -> None:
         self._requests.put(self.apb.ConnectRequest(**kwargs))
@@ -265,6 +284,7 @@ class RawSidecar:
                 return result
 
     def close(self) -> None:
+        self._closed.set()
         self._requests.put(None)
         self._call.cancel()
         self._channel.close()

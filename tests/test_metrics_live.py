@@ -28,6 +28,8 @@ def test_metrics_show_sends_deliveries_redeliveries_steps_and_latency(cluster) -
         intent_id = client.send_intent(intent_type=TYPE, to_agent=cluster.address,
                                        payload={"steps": 4, "crash_at": 3})
         assert client.wait_for(intent_id, timeout=60).state is IntentState.COMPLETED
+        # One that nobody serves stays PENDING: the live-intents gauge counts it.
+        client.send_intent(intent_type=TYPE, to_agent="agent://nobody/serves/this", payload={})
     url = f"http://127.0.0.1:{port}/metrics"
     # The intents gauge is refreshed by a background count, not at scrape time.
     m = wait_until(lambda: (lambda v: v if any(k.startswith("intentd_intents{") for k in v) else None)(scrape(url)),

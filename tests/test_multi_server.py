@@ -8,7 +8,7 @@ import time
 import uuid
 
 from intentd.client import IntentClient, IntentState
-from tests.support import ServerProcess, running
+from tests.support import ServerProcess, running, wait_until
 
 TYPE = "intent.pipeline.process.v1"
 
@@ -85,9 +85,13 @@ def test_sigterm_shuts_down_gracefully_and_watchers_resume(database_url, agent_a
     with running(server), IntentClient(server.address, max_retries=60, max_backoff=0.3) as client:
         intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
         events: list[int] = []
-        watching = threading.Thread(target=lambda: events.extend(e.seq for e in client.watch(intent_id)))
+        def follow() -> None:
+            for event in client.watch(intent_id):
+                events.append(event.seq)
+
+        watching = threading.Thread(target=follow)
         watching.start()
-        time.sleep(0.3)  # the watch is tailing; now take its server away
+        wait_until(lambda: events == [1], 10, what="the watch to replay its first event")  # now tailing
         assert server.terminate(timeout=15) == 0
         assert "stopped" in server.log()
         restarted = ServerProcess(database_url, tmp_path / "g2.log", port=server.port).start()

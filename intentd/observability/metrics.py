@@ -18,8 +18,8 @@ its ``intentd_writes_total`` code).
 
 ``INTENTS`` -- ``intentd_intents{state, intent_type}`` (gauge)
     An ``IntentCountsCollector``. A sweeper (a ``BackgroundService``, so its
-    lag is visible too) runs ``SELECT state, intent_type, count(*) FROM intents
-    GROUP BY 1, 2`` every few seconds and calls ``INTENTS.update(rows)`` with
+    lag is visible too) counts the live intents (PENDING, DELIVERED,
+    IN_PROGRESS, WAITING) by state and type every few seconds and calls ``INTENTS.update(rows)`` with
     ``(state, intent_type, count)`` tuples; or ``INTENTS.set_source(fn)`` with
     a cheap, non-blocking callable returning the cached rows. Scrapes never
     touch the database. Every replica exports the same database-wide numbers:

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import grpc
 
 from intentd.client import IntentClient, IntentState, Internal, Unavailable
-from intentd.v1 import agent_service_pb2, agent_service_pb2_grpc, delivery_pb2
-from tests.support import run_sync, wait_until
+from intentd.v1 import agent_service_pb2, delivery_pb2
+from tests.support import RawSidecar, run_sync, wait_until
 
 TYPE = "test.chaos.regression.v1"
 
@@ -34,59 +31,6 @@ async def _sql(database_url: str, query: str, *args: Any) -> Any:
         await conn.close()
 
 
-class RawSidecar:
-    """A minimal sidecar speaking AgentService.Connect by hand: registers,
-    collects what the server sends, answers pings and pings every 100 ms
-    (each ping renews the stream's leases)."""
-
-    def __init__(self, address: str, agent_address: str) -> None:
-        self._requests: queue.Queue[agent_service_pb2.ConnectRequest | None] = queue.Queue()
-        self.received: list[agent_service_pb2.ConnectResponse] = []
-        self._channel = grpc.insecure_channel(address)
-        self._closed = threading.Event()
-        self.send(agent_service_pb2.ConnectRequest(register=agent_service_pb2.Register(
-            sidecar_id=f"raw-{uuid.uuid4().hex[:8]}", addresses=[agent_address], capacity=1)))
-        self._call = agent_service_pb2_grpc.AgentServiceStub(self._channel).Connect(self._iterate())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._pinger = threading.Thread(target=self._ping, daemon=True)
-        self._reader.start()
-        self._pinger.start()
-
-    def _iterate(self) -> Iterator[agent_service_pb2.ConnectRequest]:
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            yield item
-
-    def send(self, request: agent_service_pb2.ConnectRequest) -> None:
-        self._requests.put(request)
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self.received.append(response)
-                if response.WhichOneof("msg") == "ping":
-                    self.send(agent_service_pb2.ConnectRequest(pong=agent_service_pb2.Pong(nonce=response.ping.nonce)))
-        except grpc.RpcError:
-            pass
-
-    def _ping(self) -> None:
-        nonce = 0
-        while not self._closed.wait(0.1):
-            nonce += 1
-            self.send(agent_service_pb2.ConnectRequest(ping=agent_service_pb2.Ping(nonce=nonce)))
-
-    def of(self, kind: str) -> list[Any]:
-        return [getattr(r, kind) for r in list(self.received) if r.WhichOneof("msg") == kind]
-
-    def close(self) -> None:
-        self._closed.set()
-        self._requests.put(None)
-        self._call.cancel()
-        self._channel.close()
-
-
 def test_late_notification_of_an_older_event_does_not_strand_a_live_lease(
         make_server: Any, database_url: str, agent_address: str) -> None:
     """Bug 1: AgentService._on_event (server/agent_service.py) revoked a held
@@ -96,14 +40,14 @@ def test_late_notification_of_an_older_event_does_not_strand_a_live_lease(
     kept renewing it (renew_leases goes by session), so the intent stayed
     IN_PROGRESS with nobody working on it."""
     srv = make_server(heartbeat_timeout_ms=1000, ping_interval_ms=100)
-    sidecar = RawSidecar(srv.address, agent_address)
+    sidecar = RawSidecar(srv.address, agent_address, ping_every=0.1)
     try:
         wait_until(lambda: sidecar.of("registered"), 10, what="Registered")
         with IntentClient(srv.address) as client:
             intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
             lease: delivery_pb2.Lease = wait_until(
                 lambda: next((a.lease for a in sidecar.of("assignment")), None), 10, what="the assignment")
-            sidecar.send(agent_service_pb2.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+            sidecar.send(ack=delivery_pb2.AckAssignment(lease=lease))
             wait_until(lambda: client.get(intent_id).state is IntentState.IN_PROGRESS, 10, what="IN_PROGRESS")
             # The CREATED event's notification (seq 1, state PENDING), delivered
             # late: LISTEN/NOTIFY does not order it before the claim.
@@ -267,7 +211,7 @@ def test_an_intent_past_its_deadline_does_not_complete(make_server: Any, agent_a
     database outage), though docs/state-machine.md says TIMED_OUT when "the
     deadline passed first"."""
     srv = make_server(sweep_interval_s=30)  # a legal setting: sweeps are rare
-    sidecar = RawSidecar(srv.address, agent_address)
+    sidecar = RawSidecar(srv.address, agent_address, ping_every=0.1)
     try:
         wait_until(lambda: sidecar.of("registered"), 10, what="Registered")
         with IntentClient(srv.address) as client:
@@ -275,14 +219,14 @@ def test_an_intent_past_its_deadline_does_not_complete(make_server: Any, agent_a
                                            deadline=timedelta(seconds=1.0))
             lease: delivery_pb2.Lease = wait_until(
                 lambda: next((a.lease for a in sidecar.of("assignment")), None), 10, what="the assignment")
-            sidecar.send(agent_service_pb2.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+            sidecar.send(ack=delivery_pb2.AckAssignment(lease=lease))
             wait_until(lambda: client.get(intent_id).state is IntentState.IN_PROGRESS, 10, what="IN_PROGRESS")
             deadline = client.get(intent_id).deadline
             assert deadline is not None
             time.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + 0.5)
-            sidecar.send(agent_service_pb2.ConnectRequest(write=agent_service_pb2.WriteRequest(
+            sidecar.send(write=agent_service_pb2.WriteRequest(
                 request_id=1, write=delivery_pb2.IntentWrite(
-                    lease=lease, complete=delivery_pb2.CompleteWrite(result=b"{}")))))
+                    lease=lease, complete=delivery_pb2.CompleteWrite(result=b"{}"))))
             wait_until(lambda: sidecar.of("write_result"), 10, what="the write result")
             final = client.get(intent_id)
             assert final.state is not IntentState.COMPLETED, (
