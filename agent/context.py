@@ -26,9 +26,10 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 
 from intentd.observability import tracing
-from intentd.v1 import delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2
 
 from .errors import LeaseLost, StepDivergence, WriteError
+from .session import SidecarSession, WriteRefused, method_of
 
 log = logging.getLogger("intentd.agent")
 
@@ -100,7 +101,7 @@ class _BaseContext:
     def __init__(
         self,
         assignment: delivery_pb2.Assignment,
-        stub: runtime_pb2_grpc.AgentRuntimeServiceAsyncStub,
+        session: SidecarSession,
         *,
         loop: asyncio.AbstractEventLoop,
         write_backoff: Backoff,
@@ -137,7 +138,7 @@ class _BaseContext:
         self._stop_reason: str | None = None
         self._stop_message = ""
         self._finished = False  # the agent is done with this attempt
-        self._stub = stub
+        self._session = session
         self._loop = loop
         self._write_backoff = write_backoff
         self._write_timeout = write_timeout
@@ -248,12 +249,10 @@ class _BaseContext:
     async def _commit_step(self, plan: _Plan, value: Any) -> Any:
         """Records a run step; returns its value as replays will see it."""
         data = encode_json(value, f"the result of step {plan.index} {plan.name!r}")
-        request = runtime_pb2.RecordStepRequest(
-            lease=self.lease,
-            step=delivery_pb2.StepWrite(index=plan.index, name=plan.name, result=data),
-        )
-        response: runtime_pb2.RecordStepResponse = await self._write(
-            "RecordStep", request, f"step {plan.index} {plan.name!r}"
+        response = await self._write(
+            delivery_pb2.IntentWrite(
+                lease=self.lease, step=delivery_pb2.StepWrite(index=plan.index, name=plan.name, result=data)),
+            f"step {plan.index} {plan.name!r}",
         )
         self._next_index += 1
         log.debug("%s: step %d %r recorded", self._log_prefix, plan.index, plan.name)
@@ -263,41 +262,38 @@ class _BaseContext:
 
     # -- writes ----------------------------------------------------------------
 
-    async def _write(self, method: str, request: Any, what: str) -> Any:
+    async def _write(self, write: delivery_pb2.IntentWrite, what: str) -> agent_service_pb2.WriteResult:
         """One write through the sidecar, answered after the control plane
         committed it. Retries passing outages; a stale lease stops the attempt."""
-        call = getattr(self._stub, method)
+        method = method_of(write)
         retry = 0
         while True:
             self._check_live()
             try:
-                return await call(request, timeout=self._write_timeout)
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
+                return await self._session.write(write, self._write_timeout)
+            except WriteRefused as exc:
+                code = exc.code
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     log.warning(
                         "%s: %s refused as stale (%s); stopping the handler",
-                        self._log_prefix, method, exc.details(),
+                        self._log_prefix, method, exc.details,
                     )
-                    self._stop(LEASE_LOST, exc.details() or "")
+                    self._stop(LEASE_LOST, exc.details)
                     self._check_live()
                 if code not in _RETRY_CODES:
-                    raise WriteError(method, code.name, exc.details() or "") from None
+                    raise WriteError(method, code.name, exc.details) from None
                 delay = self._write_backoff.delay(retry)
                 retry += 1
                 log.warning(
                     "%s: %s for %s not committed (%s: %s); retry %d in %.2fs",
-                    self._log_prefix, method, what, code.name, exc.details(), retry, delay,
+                    self._log_prefix, method, what, code.name, exc.details, retry, delay,
                 )
                 await asyncio.sleep(delay)
 
     async def _save_checkpoint(self, state: Any) -> None:
         data = encode_json(state, "the checkpoint state")
         await self._write(
-            "SaveCheckpoint",
-            runtime_pb2.SaveCheckpointRequest(
-                lease=self.lease, checkpoint=delivery_pb2.CheckpointWrite(state=data)
-            ),
+            delivery_pb2.IntentWrite(lease=self.lease, checkpoint=delivery_pb2.CheckpointWrite(state=data)),
             "checkpoint",
         )
         self.last_checkpoint = decode_json(data)
@@ -313,11 +309,8 @@ class _BaseContext:
             raise ValueError(f"progress messages are at most {MAX_PROGRESS_MESSAGE} characters")
         self._check_live()
         await self._write(
-            "ReportProgress",
-            runtime_pb2.ReportProgressRequest(
-                lease=self.lease,
-                progress=delivery_pb2.ProgressWrite(message=message, fraction=float(fraction)),
-            ),
+            delivery_pb2.IntentWrite(
+                lease=self.lease, progress=delivery_pb2.ProgressWrite(message=message, fraction=float(fraction))),
             "progress",
         )
         self._progress_fraction = float(fraction)

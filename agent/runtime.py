@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from intentd.observability import bind_log_context, tracing
-from intentd.v1 import delivery_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.v1 import delivery_pb2, runtime_pb2
 from intentd.validation import ValidationError, check_agent_address, check_intent_type
 
 from .context import (
@@ -31,6 +31,7 @@ from .context import (
     encode_json,
 )
 from .errors import LeaseLost, NonRetryableError, WriteError
+from .session import SidecarSession, WriteRefused
 
 log = logging.getLogger("intentd.agent")
 
@@ -83,47 +84,6 @@ def _target(address: str) -> str:
     return f"unix://{address}" if address.startswith("/") else address
 
 
-class _Session:
-    """One Attach stream and the attempts started on it."""
-
-    def __init__(self, agent: Agent, channel: grpc.aio.Channel) -> None:
-        self.stub: runtime_pb2_grpc.AgentRuntimeServiceAsyncStub = (
-            runtime_pb2_grpc.AgentRuntimeServiceStub(channel)  # type: ignore[assignment]
-        )
-        self.call: Any = self.stub.Attach()
-        self.slots = asyncio.Semaphore(agent.capacity)
-        self.running: dict[str, _BaseContext] = {}  # by lease token
-        self.heard = False
-        self._send_lock = asyncio.Lock()
-
-    async def send(self, request: runtime_pb2.AttachRequest) -> None:
-        async with self._send_lock:
-            await self.call.write(request)
-
-    def find(self, lease: delivery_pb2.Lease) -> _BaseContext | None:
-        if lease.token:
-            return self.running.get(lease.token)
-        for ctx in self.running.values():
-            if ctx.intent_id == lease.intent_id:
-                return ctx
-        return None
-
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [ctx._task for ctx in self.running.values() if ctx._task is not None]
-
-    async def close(self, reason: str) -> None:
-        """Stops every attempt of the session: their leases go with the stream."""
-        for ctx in list(self.running.values()):
-            if ctx._stop(reason, "the sidecar stream closed") and ctx._task is not None:
-                ctx._task.cancel()
-        tasks = self.tasks()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=_UNWIND_SECONDS)
-            for task in stuck:
-                log.warning("handler task %s ignores cancellation; abandoning it", task.get_name())
-        self.call.cancel()
-
-
 class Agent:
     """An agent process: handlers by intent type, run under the sidecar.
 
@@ -168,7 +128,7 @@ class Agent:
         self._wakeup: asyncio.Event | None = None
         self._cut_grace: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
-        self._session: _Session | None = None
+        self._session: SidecarSession | None = None
 
     # -- registration ----------------------------------------------------------
 
@@ -317,17 +277,19 @@ class Agent:
         reconnect backoff). Raises the stream's error."""
         assert self._wakeup is not None and self._cut_grace is not None
         async with grpc.aio.insecure_channel(target) as channel:
-            session = _Session(self, channel)
+            session = SidecarSession(channel, self.capacity)
             self._session = session
             reader: asyncio.Task[None] | None = None
+            writer: asyncio.Task[None] | None = None
             stopper: asyncio.Task[bool] | None = None
             try:
-                await session.send(
+                await session.call.write(
                     runtime_pb2.AttachRequest(
                         hello=runtime_pb2.AgentHello(
                             intent_types=self.intent_types,
                             capacity=self.capacity,
                             language="python",
+                            accepts_batches=True,
                         )
                     )
                 )
@@ -336,22 +298,26 @@ class Agent:
                     self.name, target, self.capacity, ", ".join(self.intent_types),
                 )
                 reader = asyncio.create_task(self._read(session), name="intentd-agent-reader")
+                writer = asyncio.create_task(session.write_loop(), name="intentd-agent-writer")
                 stopper = asyncio.create_task(self._wakeup.wait())
-                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if reader.done():
-                    reader.result()  # raises the stream's error
-                    log.warning("the sidecar ended the Attach stream")
+                await asyncio.wait({reader, writer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                for stream_task in (reader, writer):
+                    if stream_task.done():
+                        stream_task.result()  # raises the stream's error
+                        log.warning("the sidecar ended the Attach stream")
+                        break
                 else:
                     await self._drain(session, reader)
             finally:
-                for task in (reader, stopper):
+                for task in (reader, writer, stopper):
                     if task is not None and not task.done():
                         task.cancel()
                 self._session = None
-                await session.close(SHUTDOWN if self._stopping else LEASE_LOST)
+                reason = SHUTDOWN if self._stopping else LEASE_LOST
+                await session.close(lambda ctx: ctx._stop(reason, "the sidecar stream closed"), _UNWIND_SECONDS)
             return session.heard
 
-    async def _drain(self, session: _Session, reader: asyncio.Task[None]) -> None:
+    async def _drain(self, session: SidecarSession, reader: asyncio.Task[None]) -> None:
         """Graceful stop: running handlers get up to the grace period (cut short
         by the stream dropping or a second signal)."""
         assert self._cut_grace is not None
@@ -374,26 +340,37 @@ class Agent:
         finally:
             cut.cancel()
 
-    async def _read(self, session: _Session) -> None:
+    async def _read(self, session: SidecarSession) -> None:
         while True:
             response = await session.call.read()
             if response is grpc.aio.EOF:
                 return
             session.heard = True
-            kind = response.WhichOneof("msg")
-            try:
-                if kind == "assignment":
-                    self._on_assignment(session, response.assignment)
-                elif kind == "revocation":
-                    self._on_revocation(session, response.revocation)
-                else:
-                    log.debug("ignoring an unknown message from the sidecar: %s", kind)
-            except Exception:
-                log.exception("could not handle a %s from the sidecar", kind)
+            if response.WhichOneof("msg") == "batch":
+                for inner in response.batch.messages:
+                    self._handle(session, inner)
+            else:
+                self._handle(session, response)
+
+    def _handle(self, session: SidecarSession, response: runtime_pb2.AttachResponse) -> None:
+        kind = response.WhichOneof("msg")
+        try:
+            if kind == "assignment":
+                self._on_assignment(session, response.assignment)
+            elif kind == "revocation":
+                self._on_revocation(session, response.revocation)
+            elif kind == "write_result":
+                session.on_write_result(response.write_result)
+            elif kind == "welcome":
+                session.on_welcome(response.welcome)
+            else:
+                log.debug("ignoring an unknown message from the sidecar: %s", kind)
+        except Exception:
+            log.exception("could not handle a %s from the sidecar", kind)
 
     # -- assignments -----------------------------------------------------------
 
-    def _on_assignment(self, session: _Session, assignment: delivery_pb2.Assignment) -> None:
+    def _on_assignment(self, session: SidecarSession, assignment: delivery_pb2.Assignment) -> None:
         lease = assignment.lease
         if not lease.token or not lease.intent_id:
             log.error("ignoring an assignment without a lease (intent %s)", assignment.intent.id)
@@ -421,7 +398,7 @@ class Agent:
         kind = SyncContext if handler is not None and not handler.is_async else Context
         ctx = kind(
             assignment,
-            session.stub,
+            session,
             loop=asyncio.get_running_loop(),
             write_backoff=self._write_backoff,
             write_timeout=self._write_timeout,
@@ -436,7 +413,7 @@ class Agent:
             self._run_attempt(session, ctx, handler), name=f"intentd-agent {prefix}"
         )
 
-    def _on_revocation(self, session: _Session, revocation: delivery_pb2.Revocation) -> None:
+    def _on_revocation(self, session: SidecarSession, revocation: delivery_pb2.Revocation) -> None:
         ctx = session.find(revocation.lease)
         if ctx is None:
             log.debug("revocation for a lease not held here: %s", revocation.lease.intent_id)
@@ -451,24 +428,13 @@ class Agent:
                 ctx._task.cancel()
 
     async def _run_attempt(
-        self, session: _Session, ctx: _BaseContext, handler: _Handler | None
+        self, session: SidecarSession, ctx: _BaseContext, handler: _Handler | None
     ) -> None:
         token = ctx.lease.token
         # This task's own context: JSON log lines about the attempt carry these.
         bind_log_context(intent_id=ctx.intent_id, attempt=ctx.attempt)
         try:
-            async with session.slots:
-                if ctx.cancelled or self._stopping:
-                    return
-                try:
-                    await session.send(runtime_pb2.AttachRequest(
-                        ack=delivery_pb2.AckAssignment(lease=ctx.lease)
-                    ))
-                except Exception as exc:  # the stream is gone; so is the lease
-                    log.warning("%s: could not acknowledge (%s)", ctx._log_prefix, exc)
-                    ctx._stop(LEASE_LOST, "the sidecar stream closed")
-                    return
-                await self._run_traced(ctx, handler)
+            await self._run_traced(session, ctx, handler)
         except LeaseLost as exc:
             log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, exc.reason)
         except asyncio.CancelledError:
@@ -484,7 +450,7 @@ class Agent:
             if session.running.get(token) is ctx:
                 del session.running[token]
 
-    async def _run_traced(self, ctx: _BaseContext, handler: _Handler | None) -> None:
+    async def _run_traced(self, session: SidecarSession, ctx: _BaseContext, handler: _Handler | None) -> None:
         """Runs and reports the attempt in a span whose parent is the trace
         context the sender's traceparent label carries (a new trace without)."""
         span = tracing.start_span(
@@ -502,11 +468,26 @@ class Agent:
         )
         error: BaseException | None = None
         try:
-            log.info(
-                "%s: started (%d step(s) recorded by earlier attempts)",
-                ctx._log_prefix, ctx.recorded_steps,
-            )
-            outcome = await self._invoke(ctx, handler)
+            # The slot covers the handler, not the report: the sidecar counts
+            # the slot free once the outcome is committed, and by then this
+            # one must already be free, or the sidecar's next assignment
+            # would find every slot of ours taken.
+            async with session.slots:
+                if ctx.cancelled or self._stopping:
+                    span.set_attribute("intentd.outcome", "stopped")
+                    return
+                try:
+                    session.send(runtime_pb2.AttachRequest(ack=delivery_pb2.AckAssignment(lease=ctx.lease)))
+                except WriteRefused as exc:  # the stream is gone; so is the lease
+                    log.warning("%s: could not acknowledge (%s)", ctx._log_prefix, exc)
+                    ctx._stop(LEASE_LOST, "the sidecar stream closed")
+                    span.set_attribute("intentd.outcome", "stopped")
+                    return
+                log.info(
+                    "%s: started (%d step(s) recorded by earlier attempts)",
+                    ctx._log_prefix, ctx.recorded_steps,
+                )
+                outcome = await self._invoke(ctx, handler)
             if ctx.cancelled:
                 span.set_attribute("intentd.outcome", "stopped")
                 span.set_attribute("intentd.stop_reason", ctx.cancel_reason)
@@ -592,8 +573,7 @@ class Agent:
         if outcome.result is not None:
             try:
                 await ctx._write(
-                    "CompleteIntent",
-                    runtime_pb2.CompleteIntentRequest(
+                    delivery_pb2.IntentWrite(
                         lease=ctx.lease, complete=delivery_pb2.CompleteWrite(result=outcome.result)
                     ),
                     "the result",
@@ -607,8 +587,7 @@ class Agent:
                     code="AGENT_ERROR", message=str(exc)[:MAX_FAIL_MESSAGE], retryable=True
                 )
         await ctx._write(
-            "FailIntent",
-            runtime_pb2.FailIntentRequest(
+            delivery_pb2.IntentWrite(
                 lease=ctx.lease,
                 fail=delivery_pb2.FailWrite(
                     code=outcome.code, message=outcome.message, retryable=outcome.retryable

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
 from intentd.observability import metrics
 from intentd.server import errors
 from intentd.server.auth import Authenticator, Caller
@@ -68,6 +69,7 @@ class Session:
     addresses: tuple[str, ...]
     intent_types: tuple[str, ...]
     capacity: int
+    batches: bool = False  # the sidecar takes ConnectResponse.batch
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     held: dict[str, Held] = field(default_factory=dict)
     outbox: asyncio.Queue[pb.ConnectResponse | None] = field(
@@ -117,6 +119,10 @@ def count_attempt_end(row: Row, cause: str) -> None:
             metrics.ATTEMPTS_EXHAUSTED.inc()
         if row["age_s"] is not None:
             metrics.observe_end_to_end("FAILED", float(row["age_s"]))
+
+
+def _response_batch(messages: list[pb.ConnectResponse]) -> pb.ConnectResponse:
+    return pb.ConnectResponse(batch=pb.ConnectResponseBatch(messages=messages))
 
 
 def _lease_msg(lease: LeaseRef) -> delivery_pb2.Lease:
@@ -228,12 +234,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
             asyncio.create_task(self._dispatch(session), name=f"dispatch-{session.id}"),
             asyncio.create_task(self._ping(session), name=f"ping-{session.id}"),
         ]
+        limit = MAX_BATCH_MESSAGES if session.batches else 1
         try:
-            while True:
-                message = await session.outbox.get()
-                if message is None:
+            ended = False
+            while not ended:
+                first = await session.outbox.get()
+                if first is None:
                     break
-                await context.write(message)
+                messages, ended = take_queued(session.outbox, first, limit=limit)
+                await context.write(frame(messages, _response_batch))
         finally:
             session.close()
             for task in tasks:
@@ -280,6 +289,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             addresses=tuple(dict.fromkeys(reg.addresses)),
             intent_types=tuple(dict.fromkeys(reg.intent_types)),
             capacity=reg.capacity,
+            batches=reg.accepts_batches,
         )
         kept: list[delivery_pb2.Lease] = []
         lost: list[delivery_pb2.Lease] = []
@@ -296,7 +306,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             else:
                 lost.append(msg)
         await context.write(pb.ConnectResponse(registered=pb.Registered(
-            session_id=session.id, ping_interval_ms=self.settings.ping_interval_ms, kept=kept, lost=lost)))
+            session_id=session.id, ping_interval_ms=self.settings.ping_interval_ms, kept=kept, lost=lost,
+            accepts_batches=True)))
         log.info("sidecar %s connected (stream %s) for %s, capacity %d, kept %d lost %d",
                  session.sidecar_id, session.id, ",".join(session.addresses), session.capacity,
                  len(kept), len(lost))
@@ -312,6 +323,38 @@ class AgentService(pb_grpc.AgentServiceServicer):
             task.add_done_callback(background.discard)
 
         renewing: asyncio.Task[None] | None = None
+
+        async def handle(request: pb.ConnectRequest, kind: str | None) -> bool:
+            """Handles one message; False ends the stream."""
+            nonlocal renewing
+            if kind == "ping":
+                session.send(pb.ConnectResponse(pong=pb.Pong(nonce=request.ping.nonce)))
+                if renewing is None or renewing.done():
+                    renewing = asyncio.create_task(self._renew(session))
+            elif kind == "pong":
+                pass
+            elif kind == "ack":
+                ack = asyncio.create_task(self._ack(session, request.ack.lease))
+                background.add(ack)
+                ack.add_done_callback(background.discard)
+                held_now = session.held.get(request.ack.lease.intent_id)
+                if held_now is not None:
+                    held_now.acked = ack
+            elif kind == "write":
+                await writes.acquire()
+                spawn(self._write(session, request.write, writes))
+            elif kind == "set_capacity":
+                if not 0 <= request.set_capacity.capacity <= MAX_CAPACITY:
+                    log.warning("sidecar %s sent capacity %d; ignored", session.sidecar_id,
+                                request.set_capacity.capacity)
+                    return True
+                session.capacity = request.set_capacity.capacity
+                session.wake.set()
+            else:
+                log.warning("sidecar %s sent unexpected %s; closing", session.sidecar_id, kind)
+                return False
+            return True
+
         try:
             async for request in request_iterator:
                 session.last_heard = time.monotonic()
@@ -321,31 +364,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     session.failure = request.invalid()
                     break
                 kind = request.WhichOneof("msg")
-                if kind == "ping":
-                    session.send(pb.ConnectResponse(pong=pb.Pong(nonce=request.ping.nonce)))
-                    if renewing is None or renewing.done():
-                        renewing = asyncio.create_task(self._renew(session))
-                elif kind == "pong":
-                    pass
-                elif kind == "ack":
-                    ack = asyncio.create_task(self._ack(session, request.ack.lease))
-                    background.add(ack)
-                    ack.add_done_callback(background.discard)
-                    held_now = session.held.get(request.ack.lease.intent_id)
-                    if held_now is not None:
-                        held_now.acked = ack
-                elif kind == "write":
-                    await writes.acquire()
-                    spawn(self._write(session, request.write, writes))
-                elif kind == "set_capacity":
-                    if not 0 <= request.set_capacity.capacity <= MAX_CAPACITY:
-                        log.warning("sidecar %s sent capacity %d; ignored", session.sidecar_id,
-                                    request.set_capacity.capacity)
-                        continue
-                    session.capacity = request.set_capacity.capacity
-                    session.wake.set()
-                else:
-                    log.warning("sidecar %s sent unexpected %s; closing", session.sidecar_id, kind)
+                if kind == "batch":
+                    inner = request.batch.messages
+                    kinds = [message.WhichOneof("msg") for message in inner]
+                    if "batch" in kinds:
+                        session.failure = errors.InvalidArgument("batch: a batch must not contain a batch")
+                        break
+                    handled = 0
+                    for message, inner_kind in zip(inner, kinds, strict=True):
+                        if not await handle(message, inner_kind):
+                            break
+                        handled += 1
+                    if handled < len(kinds):
+                        break  # where a message ends the stream, as it would sent alone
+                elif not await handle(request, kind):
                     break
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass

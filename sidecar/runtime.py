@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
 from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 from intentd.validation import ValidationError, check_intent_type
 
@@ -30,6 +31,9 @@ from .settings import unix_socket_path
 log = logging.getLogger("intentd.sidecar.runtime")
 
 _STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+# The writes an agent may make (release is the sidecar's own).
+AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail"})
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -63,25 +67,33 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         agent = self._dispatcher.attach(hello.intent_types, hello.capacity, language=hello.language,
                                         peer=context.peer())
         reader = asyncio.create_task(self._read(agent, requests), name=f"agent-{agent.id}-read")
+        limit = MAX_BATCH_MESSAGES if hello.accepts_batches else 1
         try:
-            while True:
-                message = await agent.outbox.get()
-                if message is None:
+            yield runtime_pb2.AttachResponse(welcome=runtime_pb2.AgentWelcome(stream_writes=True, accepts_batches=True))
+            ended = False
+            while not ended:
+                head = await agent.outbox.get()
+                if head is None:
                     return
-                yield message
+                messages, ended = take_queued(agent.outbox, head, limit=limit)
+                yield frame(messages, _response_batch)
         finally:
             reader.cancel()
             # Also runs when the agent vanished (the handler is cancelled then).
             self._dispatcher.detach(agent)
 
     async def _read(self, agent: AgentSession, requests: AsyncIterator[runtime_pb2.AttachRequest]) -> None:
+        # Writes run to their answer even if the stream ends meanwhile; kept
+        # here so they are not garbage-collected mid-flight.
+        writes: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
                 kind = request.WhichOneof("msg")
-                if kind == "ack":
-                    self._dispatcher.ack(agent, request.ack.lease)
+                if kind == "batch":
+                    for inner in request.batch.messages:
+                        self._handle(agent, inner, inner.WhichOneof("msg"), writes)
                 else:
-                    log.warning("agent %d sent %s after hello; ignored", agent.id, kind)
+                    self._handle(agent, request, kind, writes)
             log.info("agent %d closed its Attach stream", agent.id)
         except asyncio.CancelledError:
             raise
@@ -90,6 +102,34 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             log.info("agent %d stream broke: %r", agent.id, exc)
         finally:
             agent.close()
+
+    def _handle(self, agent: AgentSession, request: runtime_pb2.AttachRequest, kind: str | None,
+                writes: set[asyncio.Task[None]]) -> None:
+        if kind == "ack":
+            self._dispatcher.ack(agent, request.ack.lease)
+        elif kind == "write":
+            task = asyncio.create_task(self._stream_write(agent, request.write))
+            writes.add(task)
+            task.add_done_callback(writes.discard)
+        else:
+            log.warning("agent %d sent %s after hello; ignored", agent.id, kind)
+
+    async def _stream_write(self, agent: AgentSession, request: agent_service_pb2.WriteRequest) -> None:
+        write = request.write
+        op = write.WhichOneof("op")
+        if op not in AGENT_WRITE_OPS:
+            result = agent_service_pb2.WriteResult(
+                code=INVALID_ARGUMENT, message=f"write.op must be one of {', '.join(sorted(AGENT_WRITE_OPS))}")
+        elif not write.lease.intent_id or not write.lease.token:
+            result = agent_service_pb2.WriteResult(
+                code=INVALID_ARGUMENT, message="lease (intent_id and token) is required")
+        elif op == "step" and (write.step.index < 1 or not write.step.name):
+            result = agent_service_pb2.WriteResult(
+                code=INVALID_ARGUMENT, message="step needs a 1-based index and a name")
+        else:
+            result = await self._dispatcher.write(write)
+        result.request_id = request.request_id
+        agent.send(runtime_pb2.AttachResponse(write_result=result))
 
     async def BeginStep(self, request: runtime_pb2.BeginStepRequest, context: Any) -> runtime_pb2.BeginStepResponse:
         if request.index < 1:
@@ -137,6 +177,10 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         if result.code != 0:
             await context.abort(status_for(result.code), result.message or "refused by the control plane")
         return result
+
+
+def _response_batch(messages: list[runtime_pb2.AttachResponse]) -> runtime_pb2.AttachResponse:
+    return runtime_pb2.AttachResponse(batch=runtime_pb2.AttachResponseBatch(messages=messages))
 
 
 def _check_lease(lease: delivery_pb2.Lease) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
 from intentd.observability import metrics
 from intentd.observability.context import log_context
 from intentd.service import BackgroundService
@@ -62,6 +63,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
 RevocationHandler = Callable[[delivery_pb2.Revocation], None]
+
+
+def _request_batch(messages: list[pb.ConnectRequest]) -> pb.ConnectRequest:
+    return pb.ConnectRequest(batch=pb.ConnectRequestBatch(messages=messages))
 
 
 def describe(lease: delivery_pb2.Lease) -> str:
@@ -116,7 +121,8 @@ class _Session:
     ping_interval_s: float
     last_heard: float
     sent_capacity: int
-    outbox: asyncio.Queue[pb.ConnectRequest] = field(default_factory=asyncio.Queue)
+    batches: bool = False  # the server takes ConnectRequest.batch
+    outbox: asyncio.Queue[pb.ConnectRequest | None] = field(default_factory=asyncio.Queue)
     dead: asyncio.Event = field(default_factory=asyncio.Event)
     dead_reason: str = ""
 
@@ -375,6 +381,7 @@ class Upstream:
                 ping_interval_s=max(MIN_PING_INTERVAL_S, interval),
                 last_heard=loop.time(),
                 sent_capacity=register.capacity,
+                batches=registered.accepts_batches,
             )
             self._activate(session, registered)
             pinger = _Pinger(session)
@@ -413,6 +420,7 @@ class Upstream:
             intent_types=self.intent_types,
             capacity=self._capacity,
             held=self.held_leases(),
+            accepts_batches=True,
         )
 
     def _activate(self, session: _Session, registered: pb.Registered) -> None:
@@ -480,22 +488,34 @@ class Upstream:
     # ------------------------------------------------------------ stream tasks
 
     async def _write_loop(self, session: _Session) -> None:
+        limit = MAX_BATCH_MESSAGES if session.batches else 1
         while True:
-            message = await session.outbox.get()
-            kind = message.WhichOneof("msg")
-            # Marked before the await: a message interrupted mid-send may have arrived.
-            if kind == "write":
-                pending = self._pending.get(message.write.request_id)
-                if pending is None:
-                    continue  # answered locally or its caller gave up meanwhile
-                pending.sent = True
-            elif kind == "ack":
-                held = self._held.get(message.ack.lease.token)
-                if held is not None:
-                    if held.ack_sent:
-                        continue
-                    held.ack_sent = True
-            await session.call.write(message)
+            first = await session.outbox.get()
+            if first is None:
+                return
+            queued, ended = take_queued(session.outbox, first, limit=limit)
+            messages = [message for message in queued if self._still_to_send(message)]
+            if messages:
+                await session.call.write(frame(messages, _request_batch))
+            if ended:
+                return
+
+    def _still_to_send(self, message: pb.ConnectRequest) -> bool:
+        """Marks a write or ack as sent (before the await: a message
+        interrupted mid-send may have arrived); False for one not to send."""
+        kind = message.WhichOneof("msg")
+        if kind == "write":
+            pending = self._pending.get(message.write.request_id)
+            if pending is None:
+                return False  # answered locally or its caller gave up meanwhile
+            pending.sent = True
+        elif kind == "ack":
+            held = self._held.get(message.ack.lease.token)
+            if held is not None:
+                if held.ack_sent:
+                    return False
+                held.ack_sent = True
+        return True
 
     async def _read_loop(self, session: _Session) -> None:
         loop = asyncio.get_running_loop()
@@ -533,7 +553,13 @@ class Upstream:
 
     def _handle(self, session: _Session, message: pb.ConnectResponse) -> None:
         kind = message.WhichOneof("msg")
-        if kind == "ping":
+        if kind == "batch":
+            for inner in message.batch.messages:
+                if inner.WhichOneof("msg") == "batch":
+                    log.warning("ignoring a batch nested in a batch from the control plane")
+                else:
+                    self._handle(session, inner)
+        elif kind == "ping":
             session.send(pb.ConnectRequest(pong=pb.Pong(nonce=message.ping.nonce)))
         elif kind == "pong":
             pass  # hearing it was the point

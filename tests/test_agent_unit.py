@@ -650,9 +650,10 @@ async def test_capacity_limits_running_handlers(sidecar: tuple[FakeSidecar, str]
 
     assert most == 1
     # Each waiting assignment was acknowledged (started) only once the one
-    # before it had finished.
-    assert fake.log.index(("ack", "k2")) > fake.log.index(("CompleteIntent", "k1"))
-    assert fake.log.index(("ack", "k3")) > fake.log.index(("CompleteIntent", "k2"))
+    # before it had left its handler; the slot does not wait for the outcome
+    # to be committed (the sidecar frees its own slot only after that).
+    acks = [entry[1] for entry in fake.log if entry[0] == "ack"]
+    assert acks == ["k1", "k2", "k3"]
 
 
 async def test_stop_waits_for_running_handlers_up_to_the_grace(

@@ -143,10 +143,17 @@ class FakeAgent:
         self.stub = runtime_pb2_grpc.AgentRuntimeServiceStub(self.channel)
         self.call: Any = None
 
-    async def attach(self, capacity: int = 2, intent_types: tuple[str, ...] = ()) -> None:
+    async def attach(self, capacity: int = 2, intent_types: tuple[str, ...] = (), batches: bool = False) -> None:
         self.call = self.stub.Attach()
         await self.call.write(runtime_pb2.AttachRequest(hello=runtime_pb2.AgentHello(
-            intent_types=intent_types, capacity=capacity, language="python-test")))
+            intent_types=intent_types, capacity=capacity, language="python-test", accepts_batches=batches)))
+        # The sidecar speaks first: what its stream carries besides assignments.
+        welcome = await self.receive()
+        assert welcome.welcome.stream_writes and welcome.welcome.accepts_batches, welcome
+
+    async def write(self, request_id: int, write: delivery_pb2.IntentWrite) -> None:
+        """A write on the Attach stream (answered by a write_result)."""
+        await self.call.write(runtime_pb2.AttachRequest(write=apb.WriteRequest(request_id=request_id, write=write)))
 
     async def receive(self, timeout: float = WAIT) -> runtime_pb2.AttachResponse:
         message = await asyncio.wait_for(self.call.read(), timeout)
@@ -317,6 +324,52 @@ async def test_record_step_returns_only_after_the_commit(
     # The new record now answers BeginStep locally too.
     begin = await agent.stub.BeginStep(runtime_pb2.BeginStepRequest(lease=assignment.lease, index=1, name="fetch"))
     assert begin.recorded
+
+
+async def test_stream_writes_are_answered_after_the_commit_by_request_id(
+    plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
+) -> None:
+    stream = await attached(plane, agent)
+    assignment = await assign_and_ack(stream, agent)
+    lease = assignment.lease
+    sidecar.dispatcher.ack_settle_s = 0  # no retry of refusals right after the ack
+    # Two writes in one batch frame, then answered out of order upstream.
+    await agent.call.write(runtime_pb2.AttachRequest(batch=runtime_pb2.AttachRequestBatch(messages=[
+        runtime_pb2.AttachRequest(write=apb.WriteRequest(request_id=7, write=delivery_pb2.IntentWrite(
+            lease=lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1")))),
+        runtime_pb2.AttachRequest(write=apb.WriteRequest(request_id=8, write=delivery_pb2.IntentWrite(
+            lease=lease, progress=delivery_pb2.ProgressWrite(message="half", fraction=0.5)))),
+    ])))
+    writes = {w.write.write.WhichOneof("op"): w for w in [await stream.expect("write") for _ in range(2)]}
+    reply = asyncio.ensure_future(agent.receive())
+    await asyncio.sleep(0.05)
+    assert not reply.done(), "answered before the control plane committed"
+    stream.answer(writes["progress"], code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="stale lease")
+    refused = (await reply).write_result
+    assert (refused.request_id, refused.code, refused.message) == (
+        8, grpc.StatusCode.FAILED_PRECONDITION.value[0], "stale lease")
+    stream.answer(writes["step"])
+    recorded = (await agent.receive()).write_result
+    assert (recorded.request_id, recorded.code, recorded.step.name) == (7, 0, "fetch")
+
+
+@pytest.mark.parametrize(("write", "why"), [
+    (delivery_pb2.IntentWrite(release=delivery_pb2.ReleaseWrite(reason="AGENT_DIED")), "write.op"),
+    (delivery_pb2.IntentWrite(complete=delivery_pb2.CompleteWrite(result=b"1")), "lease"),
+    (delivery_pb2.IntentWrite(step=delivery_pb2.StepWrite(index=0, name="x")), "1-based index"),
+])
+async def test_bad_stream_writes_are_refused_locally(
+    plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent, write: delivery_pb2.IntentWrite, why: str
+) -> None:
+    stream = await attached(plane, agent)
+    assignment = await assign_and_ack(stream, agent)
+    if write.WhichOneof("op") != "complete":
+        write.lease.CopyFrom(assignment.lease)
+    await agent.write(3, write)
+    result = (await agent.receive()).write_result
+    assert result.request_id == 3 and result.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert why in result.message
+    assert not stream.has("write")
 
 
 async def test_write_overtaking_the_ack_acknowledges_first(

@@ -30,6 +30,7 @@ class ConnectRequest(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     WRITE_FIELD_NUMBER: _builtins.int
     SET_CAPACITY_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register:
         """Must be the first message."""
@@ -46,6 +47,12 @@ class ConnectRequest(_message.Message):
     def set_capacity(self) -> Global___SetCapacity:
         """Change how many more intents the sidecar takes (0 while draining)."""
 
+    @_builtins.property
+    def batch(self) -> Global___ConnectRequestBatch:
+        """Several of the messages above in one frame, handled in order. Sent
+        only to a server whose Registered says accepts_batches.
+        """
+
     def __init__(
         self,
         *,
@@ -55,16 +62,42 @@ class ConnectRequest(_message.Message):
         ack: _delivery_pb2.AckAssignment | None = ...,
         write: Global___WriteRequest | None = ...,
         set_capacity: Global___SetCapacity | None = ...,
+        batch: Global___ConnectRequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "msg", b"msg", "ping", b"ping", "pong", b"pong", "register", b"register", "set_capacity", b"set_capacity", "write", b"write"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "msg", b"msg", "ping", b"ping", "pong", b"pong", "register", b"register", "set_capacity", b"set_capacity", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "msg", b"msg", "ping", b"ping", "pong", b"pong", "register", b"register", "set_capacity", b"set_capacity", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "msg", b"msg", "ping", b"ping", "pong", b"pong", "register", b"register", "set_capacity", b"set_capacity", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["register", "ping", "pong", "ack", "write", "set_capacity"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["register", "ping", "pong", "ack", "write", "set_capacity", "batch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConnectRequestBatch(_message.Message):
+    """Under load a stream has many small messages queued; one frame for all of
+    them costs one gRPC message (one syscall, one HTTP/2 frame) instead of one
+    each. A batch never contains a batch or a register.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRequestBatch: _TypeAlias = ConnectRequestBatch  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
@@ -76,6 +109,7 @@ class ConnectResponse(_message.Message):
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     WRITE_RESULT_FIELD_NUMBER: _builtins.int
     REVOCATION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -88,6 +122,12 @@ class ConnectResponse(_message.Message):
     def write_result(self) -> Global___WriteResult: ...
     @_builtins.property
     def revocation(self) -> _delivery_pb2.Revocation: ...
+    @_builtins.property
+    def batch(self) -> Global___ConnectResponseBatch:
+        """Several of the messages above, handled in order. Sent only to a
+        sidecar whose Register says accepts_batches.
+        """
+
     def __init__(
         self,
         *,
@@ -97,16 +137,39 @@ class ConnectResponse(_message.Message):
         assignment: _delivery_pb2.Assignment | None = ...,
         write_result: Global___WriteResult | None = ...,
         revocation: _delivery_pb2.Revocation | None = ...,
+        batch: Global___ConnectResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "msg", b"msg", "ping", b"ping", "pong", b"pong", "registered", b"registered", "revocation", b"revocation", "write_result", b"write_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "msg", b"msg", "ping", b"ping", "pong", b"pong", "registered", b"registered", "revocation", b"revocation", "write_result", b"write_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "msg", b"msg", "ping", b"ping", "pong", b"pong", "registered", b"registered", "revocation", b"revocation", "write_result", b"write_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "msg", b"msg", "ping", b"ping", "pong", b"pong", "registered", b"registered", "revocation", b"revocation", "write_result", b"write_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "ping", "pong", "assignment", "write_result", "revocation"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "ping", "pong", "assignment", "write_result", "revocation", "batch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ConnectResponseBatch(_message.Message):
+    """A batch never contains a batch or a registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectResponseBatch: _TypeAlias = ConnectResponseBatch  # noqa: Y015
 
 @_typing.final
 class Register(_message.Message):
@@ -117,10 +180,13 @@ class Register(_message.Message):
     INTENT_TYPES_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     sidecar_id: _builtins.str
     """Stable for the life of the sidecar process; lets a reconnect keep its leases."""
     capacity: _builtins.int
     """How many intents it runs at once."""
+    accepts_batches: _builtins.bool
+    """The sidecar understands ConnectResponse.batch."""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agent addresses served, agent://<org>/<env>/<name>."""
@@ -141,10 +207,11 @@ class Register(_message.Message):
         intent_types: _abc.Iterable[_builtins.str] | None = ...,
         capacity: _builtins.int = ...,
         held: _abc.Iterable[_delivery_pb2.Lease] | None = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "capacity", b"capacity", "held", b"held", "intent_types", b"intent_types", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "addresses", b"addresses", "capacity", b"capacity", "held", b"held", "intent_types", b"intent_types", "sidecar_id", b"sidecar_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,9 +225,12 @@ class Registered(_message.Message):
     PING_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     KEPT_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     ping_interval_ms: _builtins.int
     """Send a ping at least this often."""
+    accepts_batches: _builtins.bool
+    """The server understands ConnectRequest.batch."""
     @_builtins.property
     def kept(self) -> _containers.RepeatedCompositeFieldContainer[_delivery_pb2.Lease]:
         """The held leases that are still live; the others were taken over and must
@@ -176,10 +246,11 @@ class Registered(_message.Message):
         ping_interval_ms: _builtins.int = ...,
         kept: _abc.Iterable[_delivery_pb2.Lease] | None = ...,
         lost: _abc.Iterable[_delivery_pb2.Lease] | None = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "lost", b"lost", "ping_interval_ms", b"ping_interval_ms", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "kept", b"kept", "lost", b"lost", "ping_interval_ms", b"ping_interval_ms", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

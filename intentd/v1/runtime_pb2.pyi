@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from intentd.v1 import agent_service_pb2 as _agent_service_pb2
 from intentd.v1 import delivery_pb2 as _delivery_pb2
 from intentd.v1 import intent_pb2 as _intent_pb2
 import builtins as _builtins
@@ -26,27 +27,65 @@ class AttachRequest(_message.Message):
 
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___AgentHello: ...
     @_builtins.property
     def ack(self) -> _delivery_pb2.AckAssignment:
         """The agent took the assignment and starts its handler."""
 
+    @_builtins.property
+    def write(self) -> _agent_service_pb2.WriteRequest:
+        """A write of an attempt (step, checkpoint, progress, complete, fail),
+        answered by a write_result with the same request_id once the control
+        plane committed it. The same writes as the unary calls below, without
+        a call each; only after an AgentWelcome with stream_writes.
+        """
+
+    @_builtins.property
+    def batch(self) -> Global___AttachRequestBatch:
+        """Several of the messages above, in order; only after an AgentWelcome
+        with accepts_batches. Never contains a batch or a hello.
+        """
+
     def __init__(
         self,
         *,
         hello: Global___AgentHello | None = ...,
         ack: _delivery_pb2.AckAssignment | None = ...,
+        write: _agent_service_pb2.WriteRequest | None = ...,
+        batch: Global___AttachRequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "hello", b"hello", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "hello", b"hello", "msg", b"msg", "write", b"write"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "hello", b"hello", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "hello", b"hello", "msg", b"msg", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack", "write", "batch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachRequestBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachRequest]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___AttachRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachRequestBatch: _TypeAlias = AttachRequestBatch  # noqa: Y015
 
 @_typing.final
 class AttachResponse(_message.Message):
@@ -54,25 +93,95 @@ class AttachResponse(_message.Message):
 
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     REVOCATION_FIELD_NUMBER: _builtins.int
+    WRITE_RESULT_FIELD_NUMBER: _builtins.int
+    WELCOME_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assignment(self) -> _delivery_pb2.Assignment: ...
     @_builtins.property
     def revocation(self) -> _delivery_pb2.Revocation: ...
+    @_builtins.property
+    def write_result(self) -> _agent_service_pb2.WriteResult:
+        """The answer to AttachRequest.write: code 0 (OK) means committed;
+        otherwise a google.rpc.Code, as the unary calls would have returned.
+        """
+
+    @_builtins.property
+    def welcome(self) -> Global___AgentWelcome:
+        """The sidecar's first message, right after the hello."""
+
+    @_builtins.property
+    def batch(self) -> Global___AttachResponseBatch:
+        """Several of the messages above, in order; only to an agent whose hello
+        says accepts_batches. Never contains a batch or a welcome.
+        """
+
     def __init__(
         self,
         *,
         assignment: _delivery_pb2.Assignment | None = ...,
         revocation: _delivery_pb2.Revocation | None = ...,
+        write_result: _agent_service_pb2.WriteResult | None = ...,
+        welcome: Global___AgentWelcome | None = ...,
+        batch: Global___AttachResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "msg", b"msg", "revocation", b"revocation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "msg", b"msg", "revocation", b"revocation", "welcome", b"welcome", "write_result", b"write_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "msg", b"msg", "revocation", b"revocation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "msg", b"msg", "revocation", b"revocation", "welcome", b"welcome", "write_result", b"write_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["assignment", "revocation"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["assignment", "revocation", "write_result", "welcome", "batch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
+class AttachResponseBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachResponse]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___AttachResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachResponseBatch: _TypeAlias = AttachResponseBatch  # noqa: Y015
+
+@_typing.final
+class AgentWelcome(_message.Message):
+    """What this sidecar's Attach stream carries besides assignments. An agent
+    that never sees one uses the unary write calls (older sidecars).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_WRITES_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
+    stream_writes: _builtins.bool
+    """AttachRequest.write is answered on the stream."""
+    accepts_batches: _builtins.bool
+    """AttachRequest.batch is understood."""
+    def __init__(
+        self,
+        *,
+        stream_writes: _builtins.bool = ...,
+        accepts_batches: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "stream_writes", b"stream_writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentWelcome: _TypeAlias = AgentWelcome  # noqa: Y015
 
 @_typing.final
 class AgentHello(_message.Message):
@@ -81,9 +190,12 @@ class AgentHello(_message.Message):
     INTENT_TYPES_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     capacity: _builtins.int
     """How many intents it runs at once (at most the sidecar's capacity)."""
     language: _builtins.str
+    accepts_batches: _builtins.bool
+    """The agent understands AttachResponse.batch."""
     @_builtins.property
     def intent_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Intent types the agent has handlers for; empty means every type."""
@@ -94,10 +206,11 @@ class AgentHello(_message.Message):
         intent_types: _abc.Iterable[_builtins.str] | None = ...,
         capacity: _builtins.int = ...,
         language: _builtins.str = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "intent_types", b"intent_types", "language", b"language"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "capacity", b"capacity", "intent_types", b"intent_types", "language", b"language"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

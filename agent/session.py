@@ -1,0 +1,173 @@
+"""One Attach stream to the sidecar, and how an attempt's writes travel.
+
+A sidecar that greets the agent with ``AgentWelcome(stream_writes=True)``
+takes the writes on the Attach stream itself, answered by ``write_result``
+messages; under load the messages queued on either side go as one batch
+frame. Against an older sidecar (no welcome) each write is its own unary
+call, as before. Either way a write is answered only after the control plane
+committed it, and a refusal carries the same gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
+from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
+
+if TYPE_CHECKING:
+    from .context import _BaseContext
+
+log = logging.getLogger("intentd.agent")
+
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+# The unary call of each write, for sidecars that take no writes on the stream.
+_UNARY: dict[str, tuple[str, Callable[[delivery_pb2.IntentWrite], Any]]] = {
+    "step": ("RecordStep", lambda w: runtime_pb2.RecordStepRequest(lease=w.lease, step=w.step)),
+    "checkpoint": ("SaveCheckpoint",
+                   lambda w: runtime_pb2.SaveCheckpointRequest(lease=w.lease, checkpoint=w.checkpoint)),
+    "progress": ("ReportProgress", lambda w: runtime_pb2.ReportProgressRequest(lease=w.lease, progress=w.progress)),
+    "complete": ("CompleteIntent", lambda w: runtime_pb2.CompleteIntentRequest(lease=w.lease, complete=w.complete)),
+    "fail": ("FailIntent", lambda w: runtime_pb2.FailIntentRequest(lease=w.lease, fail=w.fail)),
+}
+
+
+def method_of(write: delivery_pb2.IntentWrite) -> str:
+    """The name the write has in the runtime API (``RecordStep``...), for messages."""
+    return _UNARY[write.WhichOneof("op") or "step"][0]
+
+
+class WriteRefused(Exception):
+    """A write the sidecar answered with a status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class SidecarSession:
+    """One Attach stream and the attempts started on it."""
+
+    def __init__(self, channel: grpc.aio.Channel, capacity: int) -> None:
+        self.stub: runtime_pb2_grpc.AgentRuntimeServiceAsyncStub = (
+            runtime_pb2_grpc.AgentRuntimeServiceStub(channel)  # type: ignore[assignment]
+        )
+        self.call: Any = self.stub.Attach()
+        self.slots = asyncio.Semaphore(capacity)
+        self.running: dict[str, _BaseContext] = {}  # by lease token
+        self.heard = False
+        # Set by the sidecar's welcome.
+        self.stream_writes = False
+        self.peer_batches = False
+        self._outbox: asyncio.Queue[runtime_pb2.AttachRequest | None] = asyncio.Queue()
+        self._pending: dict[int, asyncio.Future[agent_service_pb2.WriteResult]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, request: runtime_pb2.AttachRequest) -> None:
+        """Queues a message for the stream (the writer task sends it in order)."""
+        if self._closed:
+            raise WriteRefused(grpc.StatusCode.UNAVAILABLE, "the sidecar stream closed")
+        self._outbox.put_nowait(request)
+
+    async def write_loop(self) -> None:
+        """Sends queued messages until the session closes; raises the stream's error."""
+        while True:
+            first = await self._outbox.get()
+            if first is None:
+                return
+            messages, ended = take_queued(self._outbox, first,
+                                          limit=MAX_BATCH_MESSAGES if self.peer_batches else 1)
+            await self.call.write(frame(messages, _request_batch))
+            if ended:
+                return
+
+    async def write(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
+        """One write of an attempt; the answer once the control plane committed
+        it. Raises ``WriteRefused`` with the status otherwise."""
+        if not self.stream_writes:
+            return await self._unary(write, timeout)
+        request_id = next(self._ids)
+        future: asyncio.Future[agent_service_pb2.WriteResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self.send(runtime_pb2.AttachRequest(write=agent_service_pb2.WriteRequest(
+                request_id=request_id, write=write)))
+            try:
+                result = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise WriteRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no answer from the sidecar within {timeout}s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if result.code != grpc.StatusCode.OK.value[0]:
+            raise WriteRefused(_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
+                               result.message or "refused by the control plane")
+        return result
+
+    async def _unary(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
+        method, request = _UNARY[write.WhichOneof("op") or ""]
+        try:
+            response = await getattr(self.stub, method)(request(write), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise WriteRefused(exc.code(), exc.details() or "") from None
+        if isinstance(response, runtime_pb2.RecordStepResponse):
+            return agent_service_pb2.WriteResult(step=response.step)
+        return agent_service_pb2.WriteResult()
+
+    # -- receiving -------------------------------------------------------------
+
+    def on_welcome(self, welcome: runtime_pb2.AgentWelcome) -> None:
+        self.stream_writes = welcome.stream_writes
+        self.peer_batches = welcome.accepts_batches
+
+    def on_write_result(self, result: agent_service_pb2.WriteResult) -> None:
+        future = self._pending.get(result.request_id)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    # -- attempts --------------------------------------------------------------
+
+    def find(self, lease: delivery_pb2.Lease) -> _BaseContext | None:
+        if lease.token:
+            return self.running.get(lease.token)
+        for ctx in self.running.values():
+            if ctx.intent_id == lease.intent_id:
+                return ctx
+        return None
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [ctx._task for ctx in self.running.values() if ctx._task is not None]
+
+    async def close(self, stop: Callable[[_BaseContext], bool], unwind_seconds: float) -> None:
+        """Stops every attempt of the session (``stop`` marks one stopped):
+        their leases go with the stream. Writes still waiting are answered
+        UNAVAILABLE; the stopped attempts do not retry them."""
+        self._closed = True
+        for ctx in list(self.running.values()):
+            if stop(ctx) and ctx._task is not None:
+                ctx._task.cancel()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(WriteRefused(grpc.StatusCode.UNAVAILABLE, "the sidecar stream closed"))
+        self._outbox.put_nowait(None)
+        tasks = self.tasks()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=unwind_seconds)
+            for task in stuck:
+                log.warning("handler task %s ignores cancellation; abandoning it", task.get_name())
+        self.call.cancel()
+
+
+def _request_batch(messages: list[runtime_pb2.AttachRequest]) -> runtime_pb2.AttachRequest:
+    return runtime_pb2.AttachRequest(batch=runtime_pb2.AttachRequestBatch(messages=messages))
