@@ -70,7 +70,38 @@ class IntentStore:
             async with self.db.connection() as conn:
                 return [await self._send_one(conn, tenant, spec, now)]
         async with self.db.transaction() as conn:
-            return [await self._send_one(conn, tenant, spec, now) for spec in intents]
+            return await self._send_many(conn, tenant, intents, now)
+
+    async def _send_many(
+        self, conn: asyncpg.Connection, tenant: str, intents: Sequence[NewIntent], now: datetime | None
+    ) -> list[Sent]:
+        """One INSERT for the batch; the rows it did not insert (key taken) are
+        matched to the earlier sends one by one, in send order."""
+        fresh = [(i, spec) for i, spec in enumerate(intents) if spec.refuse_if_new is None]
+        ids = [new_id() for _ in fresh]
+        rows = await conn.fetch(
+            Q.insert_intents,
+            ids, tenant,
+            [spec.intent_type for _, spec in fresh],
+            [spec.to_agent for _, spec in fresh],
+            [spec.sender for _, spec in fresh],
+            [spec.payload for _, spec in fresh],
+            [spec.idempotency_key for _, spec in fresh],
+            [json.dumps(spec.labels) for _, spec in fresh],
+            [spec.max_attempts for _, spec in fresh],
+            [spec.deadline for _, spec in fresh],
+            self.default_heartbeat_timeout_ms, now,
+        )
+        by_id = {row["id"]: row for row in rows}
+        sent: list[Sent | None] = [None] * len(intents)
+        for (i, _), intent_id in zip(fresh, ids, strict=True):
+            row = by_id.get(intent_id)
+            if row is not None:
+                sent[i] = Sent(row, True)
+        for i, spec in enumerate(intents):
+            if sent[i] is None:
+                sent[i] = await self._match_existing(conn, tenant, spec)
+        return [one for one in sent if one is not None]
 
     async def _send_one(
         self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, now: datetime | None

@@ -186,6 +186,38 @@ async def test_batch_send_is_all_or_nothing(server, agent_address, pg) -> None:
         assert await count_intents(pg, agent_address) == 1
 
 
+async def test_batch_send_matches_keys_within_the_batch_and_earlier_sends(server, agent_address, pg) -> None:
+    async with AsyncIntentClient(server.address) as client:
+        key, other = f"k-{uuid.uuid4()}", f"k-{uuid.uuid4()}"
+        earlier = await client.send_intent(intent_type=TYPE, to_agent=agent_address, payload="e",
+                                           idempotency_key=other)
+        batch = [
+            {"intent_type": TYPE, "to_agent": agent_address, "payload": "a", "idempotency_key": key},
+            {"intent_type": TYPE, "to_agent": agent_address, "payload": {"n": 1}, "max_attempts": 7},
+            {"intent_type": TYPE, "to_agent": agent_address, "payload": "a", "idempotency_key": key},
+            {"intent_type": TYPE, "to_agent": agent_address, "payload": "e", "idempotency_key": other},
+        ]
+        ids = await client.send_intents(batch)
+        assert ids[0] == ids[2] and ids[3] == earlier and len(set(ids)) == 3
+        assert await count_intents(pg, agent_address) == 3
+        plain = await client.get(ids[1])
+        assert (plain.payload, plain.max_attempts, plain.state) == ({"n": 1}, 7, IntentState.PENDING)
+        # The same batch again: the keyed sends match, the unkeyed one is a new send.
+        again = await client.send_intents(batch)
+        assert (again[0], again[2], again[3]) == (ids[0], ids[2], ids[3]) and again[1] not in ids
+        assert await count_intents(pg, agent_address) == 4
+        ids.append(again[1])
+        # One key reused in the batch for another payload: nothing is written.
+        clash = [{"intent_type": TYPE, "to_agent": agent_address, "payload": 1, "idempotency_key": "x" + key},
+                 {"intent_type": TYPE, "to_agent": agent_address, "payload": 2, "idempotency_key": "x" + key}]
+        with pytest.raises(AlreadyExists):
+            await client.send_intents(clash)
+        assert await count_intents(pg, agent_address) == 4
+        events = await pg.fetchval("SELECT count(*) FROM intent_events WHERE intent_id = ANY ($1::text[])",
+                                   list(set(ids)))
+        assert events == 4  # one CREATED each, none for the matched sends
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -33,6 +33,42 @@ WITH settings AS (
 )
 SELECT * FROM inserted;
 
+-- name: insert_intents
+-- insert_intent for a whole batch in one statement: arrays in send order.
+-- Rows whose idempotency key is taken (also by an earlier row of the same
+-- batch) are not inserted and not returned.
+-- $1 ids, $2 tenant, $3 intent_types, $4 to_agents, $5 senders, $6 payloads,
+-- $7 idempotency_keys, $8 labels, $9 max_attempts (NULL: type default),
+-- $10 deadlines, $11 default heartbeat timeout ms, $12 now
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::integer[], $10::timestamptz[])
+        WITH ORDINALITY AS u (id, intent_type, to_agent, sender, payload, idempotency_key, labels,
+                              max_attempts, deadline, ord)
+), inserted AS (
+    INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
+                         labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
+                         retry_backoff_max_ms, deadline, available_at, create_time,
+                         update_time, last_seq)
+    SELECT u.id, $2, u.intent_type, u.to_agent, u.sender, u.payload::jsonb, u.idempotency_key,
+           u.labels::jsonb, coalesce(u.max_attempts, t.max_attempts, 3),
+           coalesce(t.heartbeat_timeout_ms, $11::integer), coalesce(t.retry_backoff_ms, 100),
+           coalesce(t.retry_backoff_max_ms, 60000),
+           coalesce(u.deadline,
+                    coalesce($12::timestamptz, now()) + t.default_deadline_ms * interval '1 millisecond'),
+           coalesce($12::timestamptz, now()), coalesce($12::timestamptz, now()),
+           coalesce($12::timestamptz, now()), 1
+    FROM input u
+    LEFT JOIN intent_types t ON t.tenant = $2 AND t.intent_type = u.intent_type
+    ORDER BY u.ord
+    ON CONFLICT (tenant, sender, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), event AS (
+    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
+    SELECT id, 1, 'CREATED', create_time, state, attempt FROM inserted
+)
+SELECT * FROM inserted;
+
 -- name: find_by_idempotency_key
 -- $1 tenant, $2 sender, $3 key, $4 intent_type, $5 to_agent, $6 payload
 SELECT i.*,
