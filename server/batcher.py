@@ -7,6 +7,19 @@ commit (one WAL flush) instead of paying one each; an idle system commits
 each write at once. Every caller gets its answer only after the transaction
 holding its write has committed: nothing is acknowledged early.
 
+Inside a transaction the writes are set-based: the writes of one kind (all
+the acks, all the steps...) go to PostgreSQL as one statement over arrays
+(``WriteKind``; the statements are in ``sql/leases.sql``), so a batch costs
+one round trip, one plan and one event notification per kind instead of one
+of each per write. A statement can change a row only once, so a group holds
+at most one write per intent; a later write of an intent already in the
+group waits for a following group of the same transaction, and the writes
+of one intent are applied in the order they arrived, as if run one by one.
+A batch that needs a single statement runs without BEGIN/COMMIT: the
+statement commits on its own. A write that matched nothing is explained
+(``WriteKind.explain``) right after its group, before the next one, so the
+caller learns why from the state its write saw, as if it had run alone.
+
 If one write in a batch raises (a constraint, a deadlock), the batch is
 rolled back and each of its writes is retried in a transaction of its own,
 so one bad write never fails the others.
@@ -16,20 +29,99 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
-from intentd.server.db import Database, convert_error
+import asyncpg
+
+from intentd.server.db import Database, Row, convert_error
 
 log = logging.getLogger("intentd.batcher")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class WriteKind:
+    """A kind of write whose statement applies a group of them at once: it
+    takes one array per argument and returns a row, carrying the write's
+    1-based position in the arrays as ``ord``, for each write that applied."""
+
+    name: str
+    query: str
+    # Groups of a transaction run in rounds, kinds by rank within a round:
+    # ranked in lifecycle order (ack before step before complete), the
+    # writes of one intent usually all fit in the first round.
+    rank: int
+    # A set-based query (same conventions) reading why writes matched
+    # nothing; each write brings its own arguments for it.
+    explain: str | None = None
+
+
+# What a write got: its row, or None and what explains that (None when the
+# explanation found nothing either, or the write brought no explain arguments).
+Outcome: TypeAlias = tuple[Row | None, Row | None]
+
+
+async def _set_based(conn: asyncpg.Connection, query: str, args: Sequence[Sequence[Any]]) -> list[Row | None]:
+    columns = [list(column) for column in zip(*args, strict=True)]
+    results: list[Row | None] = [None] * len(args)
+    for row in await conn.fetch(query, *columns):
+        results[row["ord"] - 1] = row
+    return results
+
+
+async def apply_group(
+    conn: asyncpg.Connection, kind: WriteKind, args: Sequence[Sequence[Any]],
+    explain_args: Sequence[Sequence[Any] | None] | None = None,
+) -> list[Outcome]:
+    """Runs a group of writes of one kind (at most one per intent) as one
+    statement, then explains the writes that matched nothing."""
+    rows = await _set_based(conn, kind.query, args)
+    whys: list[Row | None] = [None] * len(args)
+    if kind.explain is not None and explain_args is not None:
+        missed = [i for i, row in enumerate(rows) if row is None and explain_args[i] is not None]
+        if missed:
+            found = await _set_based(conn, kind.explain, [explain_args[i] or () for i in missed])
+            for i, why in zip(missed, found, strict=True):
+                whys[i] = why
+    return list(zip(rows, whys, strict=True))
+
+
+@dataclass(eq=False)
 class _Write:
+    kind: WriteKind | None  # None: a statement of its own (``fetchrow``)
+    key: str  # the intent written; orders the writes of one intent
     query: str
     args: Sequence[Any]
+    explain_args: Sequence[Any] | None = None
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    result: Any = None
+
+
+def plan(batch: Sequence[_Write]) -> list[list[_Write]]:
+    """The statements of a batch, in order: each a list of writes of one kind
+    and at most one write per intent (a ``fetchrow`` write alone)."""
+    # Those are not intent writes (new intents): they commute with the
+    # intent writes and keep only their own order.
+    steps: list[list[_Write]] = [[w] for w in batch if w.kind is None]
+    queues: dict[str, deque[_Write]] = {}
+    for write in batch:
+        if write.kind is not None:
+            queues.setdefault(write.key, deque()).append(write)
+    kinds = sorted({w.kind for w in batch if w.kind is not None}, key=lambda k: k.rank)
+    while queues:
+        for kind in kinds:
+            group = [q[0] for q in queues.values() if q[0].kind is kind]
+            if not group:
+                continue
+            steps.append(group)
+            for write in group:
+                queue = queues[write.key]
+                queue.popleft()
+                if not queue:
+                    del queues[write.key]
+    return steps
 
 
 class WriteBatcher:
@@ -43,6 +135,7 @@ class WriteBatcher:
         self._closed = False
         self.batches = 0
         self.writes = 0
+        self.statements = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"write-batcher-{i}") for i in range(self._workers)]
@@ -63,11 +156,27 @@ class WriteBatcher:
         self._queue.clear()
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
-        """Runs one statement in the next group commit; returns its first row."""
+        """Runs one statement in the next group commit; returns its first row.
+        It must not depend on the intent writes of the batch (it may run
+        before or after them): an insert of new intents."""
         if self._closed or not self._tasks:
             async with self.db.connection() as conn:
                 return await conn.fetchrow(query, *args)
-        write = _Write(query, args)
+        return await self._submit(_Write(None, "", query, args))
+
+    async def write(
+        self, kind: WriteKind, intent_id: str, args: Sequence[Any], explain_args: Sequence[Any] | None = None
+    ) -> Outcome:
+        """Applies one write of ``kind`` to an intent in the next group
+        commit; returns its row, or None and why."""
+        if self._closed or not self._tasks:
+            async with self.db.connection() as conn:
+                (outcome,) = await apply_group(conn, kind, [args], [explain_args])
+                return outcome
+        result: Outcome = await self._submit(_Write(kind, intent_id, kind.query, args, explain_args))
+        return result
+
+    async def _submit(self, write: _Write) -> Any:
         self._queue.append(write)
         self._wake.set()
         return await write.done
@@ -84,11 +193,15 @@ class WriteBatcher:
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Write]) -> None:
-        results: list[Any] = []
+        steps = plan(batch)
         try:
-            async with self.db.transaction() as conn:
-                for write in batch:
-                    results.append(await conn.fetchrow(write.query, *write.args))
+            if len(steps) == 1:
+                async with self.db.connection() as conn:
+                    await self._apply(conn, steps[0])
+            else:
+                async with self.db.transaction() as conn:
+                    for step in steps:
+                        await self._apply(conn, step)
         except asyncio.CancelledError:
             for write in batch:
                 if not write.done.done():
@@ -105,6 +218,18 @@ class WriteBatcher:
             return
         self.batches += 1
         self.writes += len(batch)
-        for write, result in zip(batch, results, strict=True):
+        self.statements += len(steps)
+        for write in batch:
             if not write.done.done():
-                write.done.set_result(result)
+                write.done.set_result(write.result)
+
+    @staticmethod
+    async def _apply(conn: asyncpg.Connection, step: list[_Write]) -> None:
+        kind = step[0].kind
+        if kind is None:
+            (write,) = step
+            write.result = await conn.fetchrow(write.query, *write.args)
+            return
+        outcomes = await apply_group(conn, kind, [w.args for w in step], [w.explain_args for w in step])
+        for write, outcome in zip(step, outcomes, strict=True):
+            write.result = outcome

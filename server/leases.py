@@ -8,14 +8,25 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
 from intentd.server import errors
-from intentd.server.batcher import WriteBatcher
+from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row
 from intentd.server.queries import Q
 from intentd.validation import ValidationError, parse_json
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
+
+# The fenced writes of an attempt, each one set-based statement for a group
+# of writes (see WriteBatcher), ranked in the order an attempt makes them.
+ACK = WriteKind("ack", Q.ack_assignments, 0, Q.write_diagnoses)
+STEP = WriteKind("step", Q.record_steps, 1, Q.write_diagnoses)
+CHECKPOINT = WriteKind("checkpoint", Q.save_checkpoints, 2, Q.write_diagnoses)
+PROGRESS = WriteKind("progress", Q.report_progresses, 3, Q.write_diagnoses)
+COMPLETE = WriteKind("complete", Q.complete_intents, 4, Q.write_diagnoses)
+FAIL = WriteKind("fail", Q.fail_intents, 5, Q.write_diagnoses)
+RELEASE = WriteKind("release", Q.release_intents, 6, Q.write_diagnoses)
 
 
 @dataclass(frozen=True)
@@ -54,13 +65,21 @@ class LeaseStore:
         self.max_payload_bytes = max_payload_bytes
         self.batcher = batcher
 
-    async def _write(self, query: str, *args: object) -> Row | None:
-        """A fenced write: through the group commit when there is one."""
+    async def _write(
+        self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None, index: int = 0,
+        session: str | None = None,
+    ) -> Outcome:
+        """A fenced write, through the group commit when there is one: its
+        row, or None and the write's diagnosis (``write_diagnoses`` at
+        ``now``, for step ``index`` and checking that ``session`` holds the
+        lease), read right after the write."""
+        write_args = (lease.intent_id, lease.token, lease.attempt, *args)
+        explain_args = (lease.intent_id, lease.token, lease.attempt, index, session, now)
         if self.batcher is not None:
-            row: Row | None = await self.batcher.fetchrow(query, *args)
-            return row
+            return await self.batcher.write(kind, lease.intent_id, write_args, explain_args)
         async with self.db.connection() as conn:
-            return await conn.fetchrow(query, *args)
+            (outcome,) = await apply_group(conn, kind, [write_args], [explain_args])
+        return outcome
 
     async def claim(
         self,
@@ -97,14 +116,12 @@ class LeaseStore:
         return value
 
     async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
-        row = await self._write(Q.ack_assignment, lease.intent_id, lease.token, lease.attempt, now, session)
+        row, why = await self._write(ACK, lease, now, session, now=now, session=session)
         if row is not None:
             return
-        async with self.db.connection() as conn:
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, session)
         if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
             return  # a repeated acknowledgement
-        await self._refuse(lease, why)
+        self._refuse(lease, why)
 
     async def renew(self, session: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
         async with self.db.connection() as conn:
@@ -130,13 +147,10 @@ class LeaseStore:
         if not name or len(name) > 200:
             raise ValidationError("step.name", "must be 1 to 200 characters")
         text = parse_json(result, "step.result", self.max_payload_bytes)
-        row = await self._write(
-            Q.record_step, lease.intent_id, lease.token, lease.attempt, index, name, text, now, session
-        )
+        row, why = await self._write(
+            STEP, lease, index, name, text, now, session, now=now, index=index, session=session)
         if row is not None:
             return row
-        async with self.db.connection() as conn:
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, index, session)
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
         if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS" or why["past_deadline"]:
@@ -145,7 +159,8 @@ class LeaseStore:
             if why["name"] == name:
                 # A repeat of a write that committed (its answer was lost): the
                 # stored record is the answer.
-                return why
+                return {"intent_id": lease.intent_id, "idx": why["idx"], "name": why["name"],
+                        "result": why["result"], "attempt": why["step_attempt"], "record_time": why["record_time"]}
             raise errors.FailedPrecondition(
                 f"step divergence: step {index} of intent {lease.intent_id} was recorded as "
                 f"{why['name']!r}, now reported as {name!r}; steps must be deterministic in name and order"
@@ -159,7 +174,7 @@ class LeaseStore:
         self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None
     ) -> None:
         text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
-        await self._guarded(Q.save_checkpoint, lease, text, now, session)
+        await self._guarded(CHECKPOINT, lease, text, now, session, now=now)
 
     async def report_progress(
         self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
@@ -169,22 +184,19 @@ class LeaseStore:
             raise ValidationError("progress.message", "is longer than 1000 characters")
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
-        await self._guarded(Q.report_progress, lease, message, fraction, now, session)
+        await self._guarded(PROGRESS, lease, message, fraction, now, session, now=now)
 
     async def complete(
         self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
     ) -> float | None:
         """Returns the intent's age at completion, or None for a repeat."""
         text = parse_json(result, "complete.result", self.max_payload_bytes)
-        row = await self._write(Q.complete_intent, lease.intent_id, lease.token, lease.attempt, text, now, session)
+        row, why = await self._write(COMPLETE, lease, text, now, session, now=now)
         if row is not None:
             return float(row["age_s"])
-        async with self.db.connection() as conn:
-            why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
             return None  # a repeat of a completion that committed
-        await self._refuse(lease, why)
-        return None
+        self._refuse(lease, why)
 
     async def fail(
         self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None,
@@ -193,13 +205,9 @@ class LeaseStore:
         code = code or "AGENT_ERROR"
         if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
-        row = await self._write(
-            Q.fail_intent, lease.intent_id, lease.token, lease.attempt, code, message[:4000], retryable, now,
-            session,
-        )
+        row, why = await self._write(FAIL, lease, code, message[:4000], retryable, now, session, now=now)
         if row is None:
-            await self._refuse(lease)
-        assert row is not None
+            self._refuse(lease, why)
         return row
 
     async def release(
@@ -207,11 +215,9 @@ class LeaseStore:
     ) -> Row:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
-        row = await self._write(
-            Q.release_intent, lease.intent_id, lease.token, lease.attempt, reason, now, session)
+        row, why = await self._write(RELEASE, lease, reason, now, session, now=now)
         if row is None:
-            await self._refuse(lease)
-        assert row is not None
+            self._refuse(lease, why)
         return row
 
     async def ping(self) -> None:
@@ -222,15 +228,13 @@ class LeaseStore:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.expire_leases, now, batch))
 
-    async def _guarded(self, query: str, lease: LeaseRef, *args: object) -> None:
-        row = await self._write(query, lease.intent_id, lease.token, lease.attempt, *args)
+    async def _guarded(self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None) -> None:
+        row, why = await self._write(kind, lease, *args, now=now)
         if row is None:
-            await self._refuse(lease)
+            self._refuse(lease, why)
 
-    async def _refuse(self, lease: LeaseRef, why: Row | None = None) -> None:
-        if why is None:
-            async with self.db.connection() as conn:
-                why = await conn.fetchrow(Q.write_diagnosis, lease.intent_id, lease.token, lease.attempt, 0, None)
+    @staticmethod
+    def _refuse(lease: LeaseRef, why: Row | None) -> NoReturn:
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
         raise _stale(lease, why["state"], why["past_deadline"])
