@@ -27,6 +27,24 @@ EVENTS_CHANNEL = "intentd_events"
 PENDING_CHANNEL = "intentd_pending"
 
 
+def parse_events(payload: str) -> Iterator[tuple[str, int | None, str]]:
+    """The events of an ``intentd_events`` notification: one
+    ``intent_id:seq:state`` line per event (migration 0003 sends all the
+    events of a statement together; before it, a notification was one such
+    line, which parses the same). A line whose seq does not parse still
+    wakes the intent's subscribers, with seq None."""
+    for line in payload.split("\n"):
+        intent_id, _, rest = line.partition(":")
+        if not intent_id:
+            continue
+        seq_text, _, state = rest.partition(":")
+        try:
+            seq: int | None = int(seq_text)
+        except ValueError:
+            seq = None
+        yield intent_id, seq, state
+
+
 class Subscription:
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -120,17 +138,15 @@ class NotificationHub:
     def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.labels(channel="events").inc()
-        intent_id, _, rest = payload.partition(":")
-        for sub in list(self._intents.get(intent_id, ())):
-            sub.notify()
-        if self._event_listeners:
-            seq_text, _, state = rest.partition(":")
-            try:
-                seq = int(seq_text)
-            except ValueError:
-                return
-            for listener in list(self._event_listeners):
-                listener(intent_id, seq, state)
+        listeners = list(self._event_listeners)
+        for intent_id, seq, state in parse_events(payload):
+            subs = self._intents.get(intent_id)
+            if subs:
+                for sub in list(subs):
+                    sub.notify()
+            if seq is not None:
+                for listener in listeners:
+                    listener(intent_id, seq, state)
 
     def _on_pending(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1

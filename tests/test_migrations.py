@@ -95,3 +95,42 @@ def test_named_queries_parse_and_are_unique() -> None:
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     with pytest.raises(AttributeError):
         _ = Q.no_such_query
+
+
+async def test_upgrade_to_statement_level_event_notifications(databases) -> None:
+    """A database at version 2 (one NOTIFY per event row) moves to one NOTIFY
+    per statement; a single event keeps the old payload."""
+    from tests.test_intent_api import insert_raw_intent
+
+    url = databases.create(migrated=False)
+    conn = await asyncpg.connect(url)
+    listener = await asyncpg.connect(url)
+    payloads: list[str] = []
+    await listener.add_listener("intentd_events", lambda _c, _p, _ch, payload: payloads.append(payload))
+
+    async def two_events() -> list[str]:
+        payloads.clear()
+        intent_id = await insert_raw_intent(conn)
+        await conn.execute("INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)"
+                           " SELECT $1, g, 'NOTE', now(), 'PENDING', 0 FROM generate_series(1, 2) g", intent_id)
+        for _ in range(500):
+            if "\n".join(payloads).count(f"{intent_id}:") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        return [p.replace(intent_id, "ID") for p in payloads if intent_id in p]
+
+    try:
+        async with conn.transaction():
+            await conn.execute(Q.create_migrations_table)
+            for migration in available_migrations()[:2]:
+                await conn.execute(migration.sql)
+                await conn.execute(Q.record_migration, migration.version, migration.name)
+        assert await two_events() == ["ID:1:PENDING", "ID:2:PENDING"]
+        assert await migrate(conn) == [m.version for m in available_migrations()[2:]]
+        assert await two_events() == ["ID:1:PENDING\nID:2:PENDING"]
+        row_level = await conn.fetchval(
+            "SELECT tgtype & 1 = 1 FROM pg_trigger WHERE tgname = 'intent_events_notify'")
+        assert row_level is False
+    finally:
+        await listener.close()
+        await conn.close()
