@@ -16,11 +16,15 @@ from typing import Any
 import asyncpg
 
 from intentd.server import errors
-from intentd.server.batcher import WriteBatcher
+from intentd.server.batcher import WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row
 from intentd.server.ids import new_id
 from intentd.server.queries import Q
 from intentd.states import IntentState
+
+# New intents through the group commit: they touch no intent another write
+# of the batch touches, so their rank among the kinds does not matter.
+INSERT = WriteKind("insert", Q.insert_intents, -1)
 
 
 @dataclass(frozen=True)
@@ -57,18 +61,16 @@ class IntentStore:
     async def send(self, tenant: str, intents: Sequence[NewIntent], now: datetime | None = None) -> list[Sent]:
         """Creates the intents, or matches earlier sends by idempotency key.
         A batch is one transaction: all are written or none."""
-        if len(intents) == 1:
+        if len(intents) == 1 and self.batcher is not None and intents[0].refuse_if_new is None:
             spec = intents[0]
-            if self.batcher is not None and spec.refuse_if_new is None:
-                # Single sends from many callers share commits (group commit).
-                row = await self.batcher.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
-                if row is not None:
-                    return [Sent(row, True)]
-                # The key was taken: match the earlier send, without inserting again.
-                async with self.db.connection() as conn:
-                    return [await self._match_existing(conn, tenant, spec)]
+            # Single sends from many callers share one INSERT and its commit (group commit).
+            args = self._insert_args(tenant, spec, now)
+            row, _ = await self.batcher.write(INSERT, args[0], args)
+            if row is not None:
+                return [Sent(row, True)]
+            # The key was taken: match the earlier send, without inserting again.
             async with self.db.connection() as conn:
-                return [await self._send_one(conn, tenant, spec, now)]
+                return [await self._match_existing(conn, tenant, spec)]
         async with self.db.transaction() as conn:
             return await self._send_many(conn, tenant, intents, now)
 
@@ -77,40 +79,17 @@ class IntentStore:
     ) -> list[Sent]:
         """One INSERT for the batch; the rows it did not insert (key taken) are
         matched to the earlier sends one by one, in send order."""
-        fresh = [(i, spec) for i, spec in enumerate(intents) if spec.refuse_if_new is None]
-        ids = [new_id() for _ in fresh]
-        rows = await conn.fetch(
-            Q.insert_intents,
-            ids, tenant,
-            [spec.intent_type for _, spec in fresh],
-            [spec.to_agent for _, spec in fresh],
-            [spec.sender for _, spec in fresh],
-            [spec.payload for _, spec in fresh],
-            [spec.idempotency_key for _, spec in fresh],
-            [json.dumps(spec.labels) for _, spec in fresh],
-            [spec.max_attempts for _, spec in fresh],
-            [spec.deadline for _, spec in fresh],
-            self.default_heartbeat_timeout_ms, now,
-        )
-        by_id = {row["id"]: row for row in rows}
+        fresh = [i for i, spec in enumerate(intents) if spec.refuse_if_new is None]
+        outcomes = (await apply_group(conn, INSERT, [self._insert_args(tenant, intents[i], now) for i in fresh])
+                    if fresh else [])
         sent: list[Sent | None] = [None] * len(intents)
-        for (i, _), intent_id in zip(fresh, ids, strict=True):
-            row = by_id.get(intent_id)
+        for i, (row, _) in zip(fresh, outcomes, strict=True):
             if row is not None:
                 sent[i] = Sent(row, True)
         for i, spec in enumerate(intents):
             if sent[i] is None:
                 sent[i] = await self._match_existing(conn, tenant, spec)
         return [one for one in sent if one is not None]
-
-    async def _send_one(
-        self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, now: datetime | None
-    ) -> Sent:
-        if spec.refuse_if_new is None:
-            row = await conn.fetchrow(Q.insert_intent, *self._insert_args(tenant, spec, now))
-            if row is not None:
-                return Sent(row, True)
-        return await self._match_existing(conn, tenant, spec)
 
     async def _match_existing(self, conn: asyncpg.Connection, tenant: str, spec: NewIntent) -> Sent:
         """The earlier send with the same idempotency key, if it was the same request."""
@@ -138,6 +117,7 @@ class IntentStore:
         return Sent(existing, False)
 
     def _insert_args(self, tenant: str, spec: NewIntent, now: datetime | None) -> tuple[Any, ...]:
+        """One intent's elements of the insert_intents arrays; the new id first."""
         return (
             new_id(), tenant, spec.intent_type, spec.to_agent, spec.sender, spec.payload, spec.idempotency_key,
             json.dumps(spec.labels), spec.max_attempts, spec.deadline, self.default_heartbeat_timeout_ms, now,

@@ -90,7 +90,7 @@ async def test_leased_rows_must_carry_a_lease(pg) -> None:
 
 def test_named_queries_parse_and_are_unique() -> None:
     queries = load_queries()
-    assert "insert_intent" in queries and "claim_intents" in queries
+    assert "insert_intents" in queries and "claim_intents" in queries
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     with pytest.raises(AttributeError):

@@ -2,64 +2,34 @@
 -- each block starts with "-- name: <name>". Time-dependent queries take
 -- $now (NULL means the database clock) so tests can move the clock.
 
--- name: insert_intent
--- $1 id, $2 tenant, $3 intent_type, $4 to_agent, $5 sender, $6 payload,
--- $7 idempotency_key, $8 labels, $9 max_attempts (NULL: type default),
--- $10 deadline, $11 default heartbeat timeout ms, $12 now
-WITH settings AS (
-    SELECT coalesce($9::integer, t.max_attempts, 3) AS max_attempts,
-           coalesce(t.heartbeat_timeout_ms, $11::integer) AS heartbeat_timeout_ms,
-           coalesce(t.retry_backoff_ms, 100) AS retry_backoff_ms,
-           coalesce(t.retry_backoff_max_ms, 60000) AS retry_backoff_max_ms,
-           coalesce($10::timestamptz,
-                    coalesce($12::timestamptz, now()) + t.default_deadline_ms * interval '1 millisecond')
-               AS deadline,
-           coalesce($12::timestamptz, now()) AS at
-    FROM (SELECT 1) AS one
-    LEFT JOIN intent_types t ON t.tenant = $2 AND t.intent_type = $3
-), inserted AS (
-    INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
-                         labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
-                         retry_backoff_max_ms, deadline, available_at, create_time,
-                         update_time, last_seq)
-    SELECT $1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb, s.max_attempts, s.heartbeat_timeout_ms,
-           s.retry_backoff_ms, s.retry_backoff_max_ms, s.deadline, s.at, s.at, s.at, 1
-    FROM settings s
-    ON CONFLICT (tenant, sender, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING *
-), event AS (
-    INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
-    SELECT id, 1, 'CREATED', create_time, state, attempt FROM inserted
-)
-SELECT * FROM inserted;
-
 -- name: insert_intents
--- insert_intent for a whole batch in one statement: arrays in send order.
+-- New intents, set-based: one array element per intent, in send order (a
+-- batch send, or single sends of many callers grouped by the group commit).
 -- Rows whose idempotency key is taken (also by an earlier row of the same
--- batch) are not inserted and not returned.
--- $1 ids, $2 tenant, $3 intent_types, $4 to_agents, $5 senders, $6 payloads,
+-- statement) are not inserted and not returned; each returned row carries
+-- its 1-based position in the arrays as ord.
+-- $1 ids, $2 tenants, $3 intent_types, $4 to_agents, $5 senders, $6 payloads,
 -- $7 idempotency_keys, $8 labels, $9 max_attempts (NULL: type default),
--- $10 deadlines, $11 default heartbeat timeout ms, $12 now
+-- $10 deadlines, $11 default heartbeat timeouts ms, $12 nows
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::integer[], $10::timestamptz[])
-        WITH ORDINALITY AS u (id, intent_type, to_agent, sender, payload, idempotency_key, labels,
-                              max_attempts, deadline, ord)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::integer[], $10::timestamptz[], $11::integer[],
+                         $12::timestamptz[])
+        WITH ORDINALITY AS u (id, tenant, intent_type, to_agent, sender, payload, idempotency_key, labels,
+                              max_attempts, deadline, heartbeat_timeout_ms, at, ord)
 ), inserted AS (
     INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
                          labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
                          retry_backoff_max_ms, deadline, available_at, create_time,
                          update_time, last_seq)
-    SELECT u.id, $2, u.intent_type, u.to_agent, u.sender, u.payload::jsonb, u.idempotency_key,
+    SELECT u.id, u.tenant, u.intent_type, u.to_agent, u.sender, u.payload::jsonb, u.idempotency_key,
            u.labels::jsonb, coalesce(u.max_attempts, t.max_attempts, 3),
-           coalesce(t.heartbeat_timeout_ms, $11::integer), coalesce(t.retry_backoff_ms, 100),
+           coalesce(t.heartbeat_timeout_ms, u.heartbeat_timeout_ms), coalesce(t.retry_backoff_ms, 100),
            coalesce(t.retry_backoff_max_ms, 60000),
-           coalesce(u.deadline,
-                    coalesce($12::timestamptz, now()) + t.default_deadline_ms * interval '1 millisecond'),
-           coalesce($12::timestamptz, now()), coalesce($12::timestamptz, now()),
-           coalesce($12::timestamptz, now()), 1
+           coalesce(u.deadline, coalesce(u.at, now()) + t.default_deadline_ms * interval '1 millisecond'),
+           coalesce(u.at, now()), coalesce(u.at, now()), coalesce(u.at, now()), 1
     FROM input u
-    LEFT JOIN intent_types t ON t.tenant = $2 AND t.intent_type = u.intent_type
+    LEFT JOIN intent_types t ON t.tenant = u.tenant AND t.intent_type = u.intent_type
     ORDER BY u.ord
     ON CONFLICT (tenant, sender, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
@@ -67,7 +37,7 @@ WITH input AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
     SELECT id, 1, 'CREATED', create_time, state, attempt FROM inserted
 )
-SELECT * FROM inserted;
+SELECT u.ord, i.* FROM inserted i JOIN input u ON u.id = i.id;
 
 -- name: find_by_idempotency_key
 -- $1 tenant, $2 sender, $3 key, $4 intent_type, $5 to_agent, $6 payload
