@@ -247,3 +247,40 @@ async def test_a_write_that_matches_nothing_is_explained_in_its_transaction(db, 
                {k: first[k] for k in ("idx", "name", "result", "attempt", "record_time")}
     finally:
         await batcher.close()
+
+
+async def test_set_based_writes_are_prepared_once_and_planned_once(databases, agent_address) -> None:
+    """The pool keeps each connection's prepared statements, and the
+    set-based writes settle on PostgreSQL's generic plan instead of being
+    planned again for every group (which small groups on a big table would
+    otherwise be: a plan for one row always looks cheaper)."""
+    url = databases.create()
+    db = Database(url, min_size=1, max_size=1)
+    await db.open(run_migrations=False)
+    try:
+        async with db.connection() as conn:
+            # Many deliveries in flight elsewhere: a plan for one row is then
+            # much cheaper than one for the ten rows a generic plan assumes.
+            await conn.execute(
+                "INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, max_attempts,"
+                " heartbeat_timeout_ms, available_at, create_time, update_time, state, attempt, lease_token,"
+                " lease_session, lease_expires_at)"
+                " SELECT 'other' || g, 'default', 't', 'agent://other', 's', '{}', 3, 10000, now(), now(), now(),"
+                " 'DELIVERED', 1, gen_random_uuid(), 'elsewhere', now() + interval '1 day'"
+                " FROM generate_series(1, 20000) g")
+            await conn.execute("ANALYZE intents")
+        store = IntentStore(db)
+        leases = LeaseStore(db, max_payload_bytes=1024)
+        refs = await _prepare(store, leases, agent_address, ["delivered"] * 12)
+        for ref in refs:
+            await leases.ack(ref, session="s1")
+            await leases.record_step(ref, 1, "a", b"{}", session="s1")
+            await leases.complete(ref, b"{}", session="s1")
+        async with db.connection() as conn:
+            plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await conn.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")}
+        for kind in (ACK, STEP, COMPLETE):
+            generic, custom = plans[kind.query]
+            assert generic + custom >= 12 and custom <= 5, (kind.name, generic, custom)
+    finally:
+        await db.close()
