@@ -75,6 +75,11 @@ class Session:
     outbox: asyncio.Queue[pb.ConnectResponse | None] = field(
         default_factory=lambda: asyncio.Queue(maxsize=MAX_OUTBOX))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whether intents waiting out a retry backoff may have appeared since the
+    # dispatcher last asked when the next one becomes claimable. Only a
+    # change to PENDING (which notifies) or a lost notification (the catch-up
+    # timer) can add one, so a completion's wake-up need not ask again.
+    recheck_delayed: bool = True
     last_heard: float = field(default_factory=time.monotonic)
     closed: bool = False
     # Leases this stream revoked: if the database still has them bound to the
@@ -170,6 +175,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     def _on_pending(self, address: str) -> None:
         for session in list(self.sessions):
             if not address or address in session.addresses:
+                session.recheck_delayed = True
                 session.wake.set()
 
     def _on_event(self, intent_id: str, seq: int, state: str) -> None:
@@ -528,19 +534,26 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     )))
                 if len(rows) == want:
                     continue
-                if timeout == catchup:
-                    with contextlib.suppress(Exception):
+                if timeout == catchup and session.recheck_delayed:
+                    session.recheck_delayed = False
+                    try:
                         wait = await self.leases.seconds_until_available(
                             session.addresses, types, tenant=session.caller.tenant)
-                        if wait is not None:
-                            timeout = min(catchup, max(0.001, wait))
+                    except Exception:
+                        session.recheck_delayed = True
+                        wait = None
+                    if wait is not None:
+                        session.recheck_delayed = True  # more may wait behind that one
+                        timeout = min(catchup, max(0.001, wait))
             elif free == 0:
                 timeout = None
             if timeout is None:
                 await session.wake.wait()
             else:
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(session.wake.wait(), timeout)
+                except TimeoutError:
+                    session.recheck_delayed = True  # a notification may have been lost
 
     async def _ping(self, session: Session) -> None:
         interval = self.settings.ping_interval_ms / 1000
