@@ -1,5 +1,5 @@
 """Group commit for the writes of attempts (acks, steps, checkpoints,
-completions...).
+completions...) and for single sends of new intents.
 
 Writes that arrive while a transaction is being committed wait and go
 together into the next one, so under load many streams' writes share one
@@ -9,7 +9,8 @@ holding its write has committed: nothing is acknowledged early.
 
 Inside a transaction the writes are set-based: the writes of one kind (all
 the acks, all the steps...) go to PostgreSQL as one statement over arrays
-(``WriteKind``; the statements are in ``sql/leases.sql``), so a batch costs
+(``WriteKind``; the statements are in ``sql/leases.sql`` and, for new
+intents, ``sql/intents.sql``), so a batch costs
 one round trip, one plan and one event notification per kind instead of one
 of each per write. A statement can change a row only once, so a group holds
 at most one write per intent; a later write of an intent already in the
@@ -90,26 +91,22 @@ async def apply_group(
 
 @dataclass(eq=False)
 class _Write:
-    kind: WriteKind | None  # None: a statement of its own (``fetchrow``)
+    kind: WriteKind
     key: str  # the intent written; orders the writes of one intent
-    query: str
     args: Sequence[Any]
     explain_args: Sequence[Any] | None = None
-    done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    result: Any = None
+    done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    result: Outcome = (None, None)
 
 
 def plan(batch: Sequence[_Write]) -> list[list[_Write]]:
     """The statements of a batch, in order: each a list of writes of one kind
-    and at most one write per intent (a ``fetchrow`` write alone)."""
-    # Those are not intent writes (new intents): they commute with the
-    # intent writes and keep only their own order.
-    steps: list[list[_Write]] = [[w] for w in batch if w.kind is None]
+    and at most one write per intent."""
+    steps: list[list[_Write]] = []
     queues: dict[str, deque[_Write]] = {}
     for write in batch:
-        if write.kind is not None:
-            queues.setdefault(write.key, deque()).append(write)
-    kinds = sorted({w.kind for w in batch if w.kind is not None}, key=lambda k: k.rank)
+        queues.setdefault(write.key, deque()).append(write)
+    kinds = sorted({w.kind for w in batch}, key=lambda k: k.rank)
     while queues:
         for kind in kinds:
             group = [q[0] for q in queues.values() if q[0].kind is kind]
@@ -155,15 +152,6 @@ class WriteBatcher:
                 write.done.set_exception(convert_error(ConnectionError("server shutting down")) or RuntimeError())
         self._queue.clear()
 
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        """Runs one statement in the next group commit; returns its first row.
-        It must not depend on the intent writes of the batch (it may run
-        before or after them): an insert of new intents."""
-        if self._closed or not self._tasks:
-            async with self.db.connection() as conn:
-                return await conn.fetchrow(query, *args)
-        return await self._submit(_Write(None, "", query, args))
-
     async def write(
         self, kind: WriteKind, intent_id: str, args: Sequence[Any], explain_args: Sequence[Any] | None = None
     ) -> Outcome:
@@ -173,10 +161,7 @@ class WriteBatcher:
             async with self.db.connection() as conn:
                 (outcome,) = await apply_group(conn, kind, [args], [explain_args])
                 return outcome
-        result: Outcome = await self._submit(_Write(kind, intent_id, kind.query, args, explain_args))
-        return result
-
-    async def _submit(self, write: _Write) -> Any:
+        write = _Write(kind, intent_id, args, explain_args)
         self._queue.append(write)
         self._wake.set()
         return await write.done
@@ -225,11 +210,6 @@ class WriteBatcher:
 
     @staticmethod
     async def _apply(conn: asyncpg.Connection, step: list[_Write]) -> None:
-        kind = step[0].kind
-        if kind is None:
-            (write,) = step
-            write.result = await conn.fetchrow(write.query, *write.args)
-            return
-        outcomes = await apply_group(conn, kind, [w.args for w in step], [w.explain_args for w in step])
+        outcomes = await apply_group(conn, step[0].kind, [w.args for w in step], [w.explain_args for w in step])
         for write, outcome in zip(step, outcomes, strict=True):
             write.result = outcome

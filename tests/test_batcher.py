@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from intentd.server import errors
-from intentd.server.batcher import WriteBatcher, _Write, plan
+from intentd.server.batcher import WriteBatcher, WriteKind, _Write, plan
 from intentd.server.db import Database
 from intentd.server.leases import ACK, COMPLETE, STEP, LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
@@ -33,20 +33,23 @@ async def db(database_url):
 # ----------------------------------------------------------------- planning
 
 
-def _w(kind: Any, key: str) -> _Write:
+INSERT = WriteKind("insert", "", -1)
+
+
+def _w(kind: WriteKind, key: str) -> _Write:
     write = _Write.__new__(_Write)
-    write.kind, write.key, write.query, write.args, write.explain_args = kind, key, "", (), None
+    write.kind, write.key, write.args, write.explain_args = kind, key, (), None
     return write
 
 
 def test_plan_keeps_each_intent_in_arrival_order_and_one_write_per_intent_per_statement() -> None:
     batch = [_w(STEP, "a"), _w(ACK, "b"), _w(COMPLETE, "a"), _w(STEP, "b"), _w(ACK, "c"),
-             _w(STEP, "a"), _w(None, ""), _w(STEP, "c"), _w(COMPLETE, "b"), _w(ACK, "d")]
+             _w(STEP, "a"), _w(INSERT, "e"), _w(STEP, "c"), _w(COMPLETE, "b"), _w(ACK, "d"), _w(INSERT, "f")]
     steps = plan(batch)
-    # The insert goes alone; then a round of acks, steps and completions; then
-    # a's second step, which must follow its completion attempt.
-    assert [(s[0].kind.name if s[0].kind else None, [w.key for w in s]) for s in steps] == [
-        (None, [""]),
+    # A round of inserts, acks, steps and completions; then a's second step,
+    # which must follow its completion attempt.
+    assert [(s[0].kind.name, [w.key for w in s]) for s in steps] == [
+        ("insert", ["e", "f"]),
         ("ack", ["b", "c", "d"]),
         ("step", ["a", "b", "c"]),
         ("complete", ["a", "b"]),
@@ -54,7 +57,7 @@ def test_plan_keeps_each_intent_in_arrival_order_and_one_write_per_intent_per_st
     ]
     order = [w for s in steps for w in s]
     assert sorted(map(id, order)) == sorted(map(id, batch))
-    for key in "abcd":
+    for key in "abcdef":
         mine = [w for w in batch if w.key == key]
         assert [w for w in order if w.key == key] == mine
     for s in steps:
