@@ -173,7 +173,7 @@ class Agent:
         """Runs until SIGINT/SIGTERM (a second signal skips the shutdown grace).
         On uvloop when it is installed: every step crosses the event loop a
         few times, and uvloop's loop costs about half of asyncio's per hop."""
-        run(self._run_with_signals())
+        run(self._run_with_signals(), tune_gc=False)
 
     async def _run_with_signals(self) -> None:
         loop = asyncio.get_running_loop()

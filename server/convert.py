@@ -35,6 +35,11 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
+def _labels(text: str) -> dict[str, str]:
+    # Most intents have none; skip the JSON parser for them.
+    return {} if text == "{}" else dict(json.loads(text))
+
+
 def event_type_value(name: str) -> intent_pb2.EventType.ValueType:
     return _EVENT_TYPES[name]
 
@@ -48,7 +53,7 @@ def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
         sender=row["sender"],
         payload=row["payload"].encode(),
         idempotency_key=row["idempotency_key"] or "",
-        labels=json.loads(row["labels"]),
+        labels=_labels(row["labels"]),
         state=IntentState(row["state"]).to_proto(),
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],

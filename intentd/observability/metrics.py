@@ -285,12 +285,22 @@ for _channel in ("events", "pending"):
     NOTIFICATIONS.labels(channel=_channel)
 
 
+_SENT = {created: SENDS.labels(result="created" if created else "duplicate") for created in (True, False)}
+# Label children by (op, code): ``labels()`` takes a lock and builds a key on
+# every call, and these are counted for every write of every intent.
+_WRITE_CHILDREN: dict[tuple[str | None, int], Any] = {}
+_SIDECAR_WRITE_CHILDREN: dict[tuple[str | None, int], Any] = {}
+
+
 def record_send(created: bool) -> None:
-    SENDS.labels(result="created" if created else "duplicate").inc()
+    _SENT[created].inc()
 
 
 def record_write(op: str | None, code: int) -> None:
-    WRITES.labels(op=op or "none", code=rpc_code_name(code)).inc()
+    child = _WRITE_CHILDREN.get((op, code))
+    if child is None:
+        child = _WRITE_CHILDREN[(op, code)] = WRITES.labels(op=op or "none", code=rpc_code_name(code))
+    child.inc()
 
 
 def release_cause(reason: str) -> str:
@@ -377,7 +387,11 @@ for _reason in ("AGENT_DIED", "DRAINED"):
 
 
 def record_sidecar_write(op: str | None, code: int) -> None:
-    SIDECAR_WRITES.labels(op=op or "none", code=rpc_code_name(code)).inc()
+    child = _SIDECAR_WRITE_CHILDREN.get((op, code))
+    if child is None:
+        child = _SIDECAR_WRITE_CHILDREN[(op, code)] = SIDECAR_WRITES.labels(
+            op=op or "none", code=rpc_code_name(code))
+    child.inc()
 
 
 # ---------------------------------------------------------------- HTTP
