@@ -208,9 +208,12 @@ class RawSidecar:
     """A hand-driven AgentService.Connect stream, for protocol tests."""
 
     def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw",
-                 metadata: list[tuple[str, str]] | None = None, ping_every: float | None = None) -> None:
+                 metadata: list[tuple[str, str]] | None = None, ping_every: float | None = None,
+                 batches: bool = False) -> None:
         """``ping_every``: also ping on that period (every ping renews the
-        stream's leases), as a live sidecar does."""
+        stream's leases), as a live sidecar does. ``batches``: announce that
+        it takes batch frames (they are unpacked into ``received``; ``frames``
+        counts what arrived as such)."""
         import queue
 
         from intentd.v1 import agent_service_pb2 as apb
@@ -221,7 +224,7 @@ class RawSidecar:
         self._replies: queue.Queue[Any] = queue.Queue()
         self._channel = grpc.insecure_channel(address)
         self._requests.put(apb.ConnectRequest(register=apb.Register(
-            sidecar_id=sidecar_id, addresses=[agent_address], capacity=capacity)))
+            sidecar_id=sidecar_id, addresses=[agent_address], capacity=capacity, accepts_batches=batches)))
 
         def requests() -> Iterator[Any]:
             while True:
@@ -234,17 +237,24 @@ class RawSidecar:
 
         # Everything the server sent, in order, for tests that look back.
         self.received: list[Any] = []
+        # Sizes of the batch frames received.
+        self.frames: list[int] = []
         self._closed = threading.Event()
 
         def pump() -> None:
             try:
-                for reply in self._call:
-                    self.received.append(reply)
-                    if reply.WhichOneof("msg") == "ping":
-                        # Answered at once, so the stream stays alive however the test reads it.
-                        self.send(pong=apb.Pong(nonce=reply.ping.nonce))
-                        continue
-                    self._replies.put(reply)
+                for frame in self._call:
+                    replies = [frame]
+                    if frame.WhichOneof("msg") == "batch":
+                        replies = list(frame.batch.messages)
+                        self.frames.append(len(replies))
+                    for reply in replies:
+                        self.received.append(reply)
+                        if reply.WhichOneof("msg") == "ping":
+                            # Answered at once, so the stream stays alive however the test reads it.
+                            self.send(pong=apb.Pong(nonce=reply.ping.nonce))
+                            continue
+                        self._replies.put(reply)
             except grpc.RpcError as err:
                 self._replies.put(err)
 

@@ -16,36 +16,20 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bench import scale as bulk  # the bulk load of the scale scenario
 from intentd.server.queries import Q
 
 TERMINAL = 60_000
 PENDING = 3_000
 ADDRESS = "agent://plans/test/a"
 
-LOAD = """
-INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, state, attempt, max_attempts,
-                     heartbeat_timeout_ms, lease_token, available_at, result, steps_completed, last_step,
-                     last_seq, create_time, update_time, finish_time)
-SELECT 'done' || lpad(g::text, 22, '0'), 'default', 'plans.noop.v1', 'agent://plans/old/a' || (g % 50),
-       'plans', '{}'::jsonb, 'COMPLETED', 1, 3, 10000, gen_random_uuid(), t, '{"ok": true}'::jsonb, 1, 'noop',
-       5, t, t + interval '20 ms', t + interval '20 ms'
-FROM generate_series(1, $1::integer) AS g, LATERAL (SELECT now() - interval '2 days' + g * interval '1 ms') AS x(t);
-"""
-LOAD_PENDING = """
-INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, max_attempts, heartbeat_timeout_ms,
-                     available_at, last_seq, create_time, update_time)
-SELECT 'pend' || lpad(g::text, 22, '0'), 'default', 'plans.noop.v1', 'agent://plans/backlog/a' || (g % 50),
-       'plans', '{}'::jsonb, 3, 10000, t, 1, t, t
-FROM generate_series(1, $1::integer) AS g, LATERAL (SELECT now() - interval '1 day' + g * interval '1 ms') AS x(t);
-"""
-
 
 @pytest.fixture(scope="module")
 async def big(databases: Any) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(databases.create())
     try:
-        await conn.execute(LOAD, TERMINAL)
-        await conn.execute(LOAD_PENDING, PENDING)
+        await conn.execute(bulk.TERMINAL, TERMINAL)
+        await conn.execute(bulk.PENDING, PENDING)
         await conn.execute("VACUUM ANALYZE intents")
         yield conn
     finally:
@@ -76,7 +60,7 @@ HOT_QUERIES = [
     ("expire_leases", "intents_leased", lambda: (Q.expire_leases, None, 100)),
     ("expire_deadlines", "intents_deadline", lambda: (Q.expire_deadlines, None, 100)),
     ("count_live_intents", "intents_live_by_tenant", lambda: (Q.count_live_intents, "default")),
-    ("get_intent", None, lambda: (Q.get_intent, "done" + "0" * 21 + "7", "default")),
+    ("get_intent", None, lambda: (Q.get_intent, "00000" + "0" * 20 + "7", "default")),
     ("ack_assignments", None, lambda: (Q.ack_assignments, ["x"], [uuid.uuid4()], [1], [None], [None])),
 ]
 
