@@ -45,6 +45,13 @@ _TRANSIENT = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
+# An assignment carries the results of the steps already recorded, which can
+# add up past gRPC's default 4 MiB; the sidecar allows the same.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 # How long closing a session waits for cancelled handlers to unwind.
 _UNWIND_SECONDS = 5.0
 
@@ -279,7 +286,7 @@ class Agent:
         """One session; returns whether the sidecar sent anything (to reset the
         reconnect backoff). Raises the stream's error."""
         assert self._wakeup is not None and self._cut_grace is not None
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
             session = SidecarSession(channel, self.capacity)
             self._session = session
             reader: asyncio.Task[None] | None = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
+from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
@@ -82,15 +82,11 @@ class SidecarSession:
 
     async def write_loop(self) -> None:
         """Sends queued messages until the session closes; raises the stream's error."""
-        while True:
-            first = await self._outbox.get()
-            if first is None:
-                return
-            messages, ended = take_queued(self._outbox, first,
-                                          limit=MAX_BATCH_MESSAGES if self.peer_batches else 1)
+        frames: Framer[runtime_pb2.AttachRequest] = Framer(self._outbox, limit=1)
+        while (messages := await frames.next()) is not None:
             await self.call.write(frame(messages, _request_batch))
-            if ended:
-                return
+            # The welcome (read meanwhile) says whether the sidecar takes batches.
+            frames.limit = MAX_BATCH_MESSAGES if self.peer_batches else 1
 
     async def write(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
         """One write of an attempt; the answer once the control plane committed

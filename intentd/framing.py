@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 
 class _Message(Protocol):
@@ -21,41 +21,59 @@ class _Message(Protocol):
 
 M = TypeVar("M", bound=_Message)
 
-# Bounds of one frame: far below the 64 MiB message limit of our channels,
-# small enough that one frame does not hold up the stream for long.
+# Bounds of one frame. Bytes: well under the smallest message limit on our
+# streams (4 MiB, gRPC's default, which an agent in another language may
+# keep), so a frame is never refused where its messages alone would pass.
 MAX_BATCH_MESSAGES = 256
-MAX_BATCH_BYTES = 4 * 1024 * 1024
+MAX_BATCH_BYTES = 1024 * 1024
 
 
-def take_queued(queue: asyncio.Queue[M | None], first: M, *, limit: int = MAX_BATCH_MESSAGES,
-                max_bytes: int = MAX_BATCH_BYTES) -> tuple[list[M], bool]:
-    """``first`` and the messages queued right behind it, without waiting.
+class Framer(Generic[M]):
+    """Reads a stream's outbox (``None`` ends it) as the frames to write:
+    the next message and those queued right behind it, without waiting.
 
-    Stops at ``limit`` messages or once ``max_bytes`` is reached. Returns the
-    messages and whether the end marker (``None``) was taken from the queue:
-    it ends the stream after these messages.
+    A frame stops at ``limit`` messages or before the message that would take
+    it past ``max_bytes`` (that one starts the next frame; a message larger
+    than ``max_bytes`` goes alone). ``limit`` 1: the peer takes no batches.
     """
-    messages = [first]
-    size = first.ByteSize()
-    while len(messages) < limit and size < max_bytes:
-        try:
-            message = queue.get_nowait()
-        except asyncio.QueueEmpty:
-            break
-        if message is None:
-            return messages, True
-        messages.append(message)
-        size += message.ByteSize()
-    return messages, False
+
+    def __init__(self, queue: asyncio.Queue[M | None], *, limit: int = MAX_BATCH_MESSAGES,
+                 max_bytes: int = MAX_BATCH_BYTES) -> None:
+        self._queue = queue
+        self.limit = limit
+        self._max_bytes = max_bytes
+        self._carry: M | None = None
+        self._ended = False
+
+    async def next(self) -> list[M] | None:
+        """The next frame's messages; None once the end marker was read."""
+        if self._ended:
+            return None
+        first = self._carry
+        self._carry = None
+        if first is None:
+            first = await self._queue.get()
+            if first is None:
+                self._ended = True
+                return None
+        messages = [first]
+        size = first.ByteSize()
+        while len(messages) < self.limit:
+            try:
+                message = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if message is None:
+                self._ended = True
+                break
+            size += message.ByteSize()
+            if size > self._max_bytes:
+                self._carry = message
+                break
+            messages.append(message)
+        return messages
 
 
-def frame(messages: list[M], batch: Callable[[list[M]], M] | None) -> M:
-    """One message to write: the only one, or a batch of all when the peer takes batches.
-
-    Without ``batch`` only a single message may be passed.
-    """
-    if len(messages) == 1:
-        return messages[0]
-    if batch is None:
-        raise ValueError("several messages but the peer takes no batches")
-    return batch(messages)
+def frame(messages: list[M], batch: Callable[[list[M]], M]) -> M:
+    """One message to write: the only one, or a batch of them all."""
+    return messages[0] if len(messages) == 1 else batch(messages)

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
+from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.observability import metrics
 from intentd.server import errors
 from intentd.server.auth import Authenticator, Caller
@@ -240,14 +240,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             asyncio.create_task(self._dispatch(session), name=f"dispatch-{session.id}"),
             asyncio.create_task(self._ping(session), name=f"ping-{session.id}"),
         ]
-        limit = MAX_BATCH_MESSAGES if session.batches else 1
+        frames = Framer(session.outbox, limit=MAX_BATCH_MESSAGES if session.batches else 1)
         try:
-            ended = False
-            while not ended:
-                first = await session.outbox.get()
-                if first is None:
-                    break
-                messages, ended = take_queued(session.outbox, first, limit=limit)
+            while (messages := await frames.next()) is not None:
                 await context.write(frame(messages, _response_batch))
         finally:
             session.close()

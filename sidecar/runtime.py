@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
+from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 from intentd.validation import ValidationError, check_intent_type
 
@@ -67,15 +67,10 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         agent = self._dispatcher.attach(hello.intent_types, hello.capacity, language=hello.language,
                                         peer=context.peer())
         reader = asyncio.create_task(self._read(agent, requests), name=f"agent-{agent.id}-read")
-        limit = MAX_BATCH_MESSAGES if hello.accepts_batches else 1
+        frames = Framer(agent.outbox, limit=MAX_BATCH_MESSAGES if hello.accepts_batches else 1)
         try:
             yield runtime_pb2.AttachResponse(welcome=runtime_pb2.AgentWelcome(stream_writes=True, accepts_batches=True))
-            ended = False
-            while not ended:
-                head = await agent.outbox.get()
-                if head is None:
-                    return
-                messages, ended = take_queued(agent.outbox, head, limit=limit)
+            while (messages := await frames.next()) is not None:
                 yield frame(messages, _response_batch)
         finally:
             reader.cancel()

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, frame, take_queued
+from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.observability import metrics
 from intentd.observability.context import log_context
 from intentd.service import BackgroundService
@@ -488,17 +488,11 @@ class Upstream:
     # ------------------------------------------------------------ stream tasks
 
     async def _write_loop(self, session: _Session) -> None:
-        limit = MAX_BATCH_MESSAGES if session.batches else 1
-        while True:
-            first = await session.outbox.get()
-            if first is None:
-                return
-            queued, ended = take_queued(session.outbox, first, limit=limit)
+        frames = Framer(session.outbox, limit=MAX_BATCH_MESSAGES if session.batches else 1)
+        while (queued := await frames.next()) is not None:
             messages = [message for message in queued if self._still_to_send(message)]
             if messages:
                 await session.call.write(frame(messages, _request_batch))
-            if ended:
-                return
 
     def _still_to_send(self, message: pb.ConnectRequest) -> bool:
         """Marks a write or ack as sent (before the await: a message
