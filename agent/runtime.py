@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from intentd.aio import run
+from intentd.framing import CHANNEL_OPTIONS
 from intentd.observability import bind_log_context, tracing
 from intentd.v1 import delivery_pb2, runtime_pb2
 from intentd.validation import ValidationError, check_agent_address, check_intent_type
@@ -45,15 +46,6 @@ _TRANSIENT = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
-# An assignment carries the results of the steps already recorded, which can
-# add up past gRPC's default 4 MiB; the sidecar allows the same.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
-# How long closing a session waits for cancelled handlers to unwind.
-_UNWIND_SECONDS = 5.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -286,7 +278,7 @@ class Agent:
         """One session; returns whether the sidecar sent anything (to reset the
         reconnect backoff). Raises the stream's error."""
         assert self._wakeup is not None and self._cut_grace is not None
-        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             session = SidecarSession(channel, self.capacity)
             self._session = session
             reader: asyncio.Task[None] | None = None
@@ -323,8 +315,7 @@ class Agent:
                     if task is not None and not task.done():
                         task.cancel()
                 self._session = None
-                reason = SHUTDOWN if self._stopping else LEASE_LOST
-                await session.close(lambda ctx: ctx._stop(reason, "the sidecar stream closed"), _UNWIND_SECONDS)
+                await session.close(SHUTDOWN if self._stopping else LEASE_LOST)
             return session.heard
 
     async def _drain(self, session: SidecarSession, reader: asyncio.Task[None]) -> None:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("intentd.agent")
 
+# How long closing a session waits for cancelled handlers to unwind.
+UNWIND_SECONDS = 5.0
+
 _STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 
 # The unary call of each write, for sidecars that take no writes on the stream.
@@ -145,13 +148,13 @@ class SidecarSession:
     def tasks(self) -> list[asyncio.Task[None]]:
         return [ctx._task for ctx in self.running.values() if ctx._task is not None]
 
-    async def close(self, stop: Callable[[_BaseContext], bool], unwind_seconds: float) -> None:
-        """Stops every attempt of the session (``stop`` marks one stopped):
-        their leases go with the stream. Writes still waiting are answered
-        UNAVAILABLE; the stopped attempts do not retry them."""
+    async def close(self, reason: str) -> None:
+        """Stops every attempt of the session (``reason``: why, as the
+        attempts see it): their leases go with the stream. Writes still
+        waiting are answered UNAVAILABLE; the stopped attempts do not retry them."""
         self._closed = True
         for ctx in list(self.running.values()):
-            if stop(ctx) and ctx._task is not None:
+            if ctx._stop(reason, "the sidecar stream closed") and ctx._task is not None:
                 ctx._task.cancel()
         for future in self._pending.values():
             if not future.done():
@@ -159,7 +162,7 @@ class SidecarSession:
         self._outbox.put_nowait(None)
         tasks = self.tasks()
         if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=unwind_seconds)
+            _, stuck = await asyncio.wait(tasks, timeout=UNWIND_SECONDS)
             for task in stuck:
                 log.warning("handler task %s ignores cancellation; abandoning it", task.get_name())
         self.call.cancel()

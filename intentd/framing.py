@@ -21,6 +21,15 @@ class _Message(Protocol):
 
 M = TypeVar("M", bound=_Message)
 
+# The message size limit of the sidecar's channels, both ways, upstream and to
+# its agents: an assignment carries the results of the steps already
+# recorded, which can add up past gRPC's default of 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
 # Bounds of one frame. Bytes: well under the smallest message limit on our
 # streams (4 MiB, gRPC's default, which an agent in another language may
 # keep), so a frame is never refused where its messages alone would pass.

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,9 +325,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         renewing: asyncio.Task[None] | None = None
 
-        async def handle(request: pb.ConnectRequest, kind: str | None) -> bool:
+        async def handle(request: pb.ConnectRequest) -> bool:
             """Handles one message; False ends the stream."""
             nonlocal renewing
+            kind = request.WhichOneof("msg")
             if kind == "ping":
                 session.send(pb.ConnectResponse(pong=pb.Pong(nonce=request.ping.nonce)))
                 if renewing is None or renewing.done():
@@ -364,21 +365,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
                                 request.error)
                     session.failure = request.invalid()
                     break
-                kind = request.WhichOneof("msg")
-                if kind == "batch":
-                    inner = request.batch.messages
-                    kinds = [message.WhichOneof("msg") for message in inner]
-                    if "batch" in kinds:
+                messages: Sequence[pb.ConnectRequest]
+                if request.HasField("batch"):
+                    messages = request.batch.messages
+                    if any(message.HasField("batch") for message in messages):
                         session.failure = errors.InvalidArgument("batch: a batch must not contain a batch")
                         break
-                    handled = 0
-                    for message, inner_kind in zip(inner, kinds, strict=True):
-                        if not await handle(message, inner_kind):
-                            break
-                        handled += 1
-                    if handled < len(kinds):
-                        break  # where a message ends the stream, as it would sent alone
-                elif not await handle(request, kind):
+                else:
+                    messages = [request]
+                # Where a message ends the stream, the rest of its batch is not handled.
+                ended = False
+                for message in messages:
+                    if not await handle(message):
+                        ended = True
+                        break
+                if ended:
                     break
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass

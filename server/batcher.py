@@ -65,6 +65,8 @@ Outcome: TypeAlias = tuple[Row | None, Row | None]
 
 
 async def _set_based(conn: asyncpg.Connection, query: str, args: Sequence[Sequence[Any]]) -> list[Row | None]:
+    if not args:
+        return []  # no arrays to send (zip of nothing), and nothing to do
     columns = [list(column) for column in zip(*args, strict=True)]
     results: list[Row | None] = [None] * len(args)
     for row in await conn.fetch(query, *columns):

@@ -80,16 +80,10 @@ class IntentStore:
         """One INSERT for the batch; the rows it did not insert (key taken) are
         matched to the earlier sends one by one, in send order."""
         fresh = [i for i, spec in enumerate(intents) if spec.refuse_if_new is None]
-        outcomes = (await apply_group(conn, INSERT, [self._insert_args(tenant, intents[i], now) for i in fresh])
-                    if fresh else [])
-        sent: list[Sent | None] = [None] * len(intents)
-        for i, (row, _) in zip(fresh, outcomes, strict=True):
-            if row is not None:
-                sent[i] = Sent(row, True)
-        for i, spec in enumerate(intents):
-            if sent[i] is None:
-                sent[i] = await self._match_existing(conn, tenant, spec)
-        return [one for one in sent if one is not None]
+        outcomes = await apply_group(conn, INSERT, [self._insert_args(tenant, intents[i], now) for i in fresh])
+        inserted = {i: row for i, (row, _) in zip(fresh, outcomes, strict=True) if row is not None}
+        return [Sent(inserted[i], True) if i in inserted else await self._match_existing(conn, tenant, spec)
+                for i, spec in enumerate(intents)]
 
     async def _match_existing(self, conn: asyncpg.Connection, tenant: str, spec: NewIntent) -> Sent:
         """The earlier send with the same idempotency key, if it was the same request."""

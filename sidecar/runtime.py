@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
+from intentd.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 from intentd.validation import ValidationError, check_intent_type
 
@@ -34,7 +34,6 @@ _STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # The writes an agent may make (release is the sidecar's own).
 AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail"})
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def status_for(code: int) -> Any:
@@ -110,21 +109,23 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             log.warning("agent %d sent %s after hello; ignored", agent.id, kind)
 
     async def _stream_write(self, agent: AgentSession, request: agent_service_pb2.WriteRequest) -> None:
-        write = request.write
-        op = write.WhichOneof("op")
-        if op not in AGENT_WRITE_OPS:
-            result = agent_service_pb2.WriteResult(
-                code=INVALID_ARGUMENT, message=f"write.op must be one of {', '.join(sorted(AGENT_WRITE_OPS))}")
-        elif not write.lease.intent_id or not write.lease.token:
-            result = agent_service_pb2.WriteResult(
-                code=INVALID_ARGUMENT, message="lease (intent_id and token) is required")
-        elif op == "step" and (write.step.index < 1 or not write.step.name):
-            result = agent_service_pb2.WriteResult(
-                code=INVALID_ARGUMENT, message="step needs a 1-based index and a name")
-        else:
-            result = await self._dispatcher.write(write)
+        result = await self._forward(request.write)
         result.request_id = request.request_id
         agent.send(runtime_pb2.AttachResponse(write_result=result))
+
+    async def _forward(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
+        """An agent's write, answered by the control plane after its commit,
+        or refused here (INVALID_ARGUMENT) when it is malformed."""
+        op = write.WhichOneof("op")
+        if op not in AGENT_WRITE_OPS:
+            problem = f"write.op must be one of {', '.join(sorted(AGENT_WRITE_OPS))}"
+        elif op == "step" and (write.step.index < 1 or not write.step.name):
+            problem = "step needs a 1-based index and a name"
+        elif not write.lease.intent_id or not write.lease.token:
+            problem = "lease (intent_id and token) is required"
+        else:
+            return await self._dispatcher.write(write)
+        return agent_service_pb2.WriteResult(code=INVALID_ARGUMENT, message=problem)
 
     async def BeginStep(self, request: runtime_pb2.BeginStepRequest, context: Any) -> runtime_pb2.BeginStepResponse:
         if request.index < 1:
@@ -140,8 +141,6 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
 
     async def RecordStep(self, request: runtime_pb2.RecordStepRequest,
                          context: Any) -> runtime_pb2.RecordStepResponse:
-        if request.step.index < 1 or not request.step.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step needs a 1-based index and a name")
         result = await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, step=request.step))
         return runtime_pb2.RecordStepResponse(step=result.step)
 
@@ -166,9 +165,8 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         return runtime_pb2.FailIntentResponse()
 
     async def _write(self, context: Any, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
-        if not write.lease.intent_id or not write.lease.token:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease (intent_id and token) is required")
-        result = await self._dispatcher.write(write)
+        """The unary calls: the same writes, a refusal as the call's status."""
+        result = await self._forward(write)
         if result.code != 0:
             await context.abort(status_for(result.code), result.message or "refused by the control plane")
         return result
@@ -197,10 +195,7 @@ class RuntimeServer:
     async def start(self) -> str:
         """Binds and serves; returns the address agents dial
         (``unix:///path`` or ``127.0.0.1:PORT``)."""
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
         runtime_pb2_grpc.add_AgentRuntimeServiceServicer_to_server(AgentRuntime(self._dispatcher), server)
         path = unix_socket_path(self.listen)
         if path is not None:

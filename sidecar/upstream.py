@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
+from intentd.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.observability import metrics
 from intentd.observability.context import log_context
 from intentd.service import BackgroundService
@@ -59,7 +59,6 @@ GONE_MEMORY = 4096
 # A session must last this long before reconnect backoff starts over, so a
 # server that accepts and then drops us at once is not hammered.
 HEALTHY_SESSION_S = 5.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
 RevocationHandler = Callable[[delivery_pb2.Revocation], None]
@@ -346,14 +345,10 @@ class Upstream:
     async def _run_session(self, target: str) -> bool:
         """One stream, from Register to its end. True if it got registered."""
         loop = asyncio.get_running_loop()
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
         channel = (
-            grpc.aio.secure_channel(target, self._credentials, options=options)
+            grpc.aio.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
             if self._credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
+            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         call: Any = None
         session: _Session | None = None

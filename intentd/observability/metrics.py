@@ -296,11 +296,15 @@ def record_send(created: bool) -> None:
     _SENT[created].inc()
 
 
-def record_write(op: str | None, code: int) -> None:
-    child = _WRITE_CHILDREN.get((op, code))
+def _write_child(counter: Counter, children: dict[tuple[str | None, int], Any], op: str | None, code: int) -> Any:
+    child = children.get((op, code))
     if child is None:
-        child = _WRITE_CHILDREN[(op, code)] = WRITES.labels(op=op or "none", code=rpc_code_name(code))
-    child.inc()
+        child = children[(op, code)] = counter.labels(op=op or "none", code=rpc_code_name(code))
+    return child
+
+
+def record_write(op: str | None, code: int) -> None:
+    _write_child(WRITES, _WRITE_CHILDREN, op, code).inc()
 
 
 def release_cause(reason: str) -> str:
@@ -387,11 +391,7 @@ for _reason in ("AGENT_DIED", "DRAINED"):
 
 
 def record_sidecar_write(op: str | None, code: int) -> None:
-    child = _SIDECAR_WRITE_CHILDREN.get((op, code))
-    if child is None:
-        child = _SIDECAR_WRITE_CHILDREN[(op, code)] = SIDECAR_WRITES.labels(
-            op=op or "none", code=rpc_code_name(code))
-    child.inc()
+    _write_child(SIDECAR_WRITES, _SIDECAR_WRITE_CHILDREN, op, code).inc()
 
 
 # ---------------------------------------------------------------- HTTP
