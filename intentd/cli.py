@@ -43,35 +43,45 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from intentd.server.migrate import current_version, migrate
+    """Migrates as the role of INTENTD_MIGRATION_DATABASE_URL (else
+    INTENTD_DATABASE_URL), and with --grant-to gives the application role
+    exactly the privileges the server needs."""
+    from intentd.server.migrate import current_version, grant_app_role, migrate
 
     async def work(db: Any) -> None:
         async with db.connection() as conn:
             applied = await migrate(conn)
             version = await current_version(conn)
+            for role in args.grant_to or []:
+                await grant_app_role(conn, role)
+                print(f"granted role {role!r} DML on intentd's tables (nothing more)")
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else " (already current)"))
 
     setup_logging("INFO")
-    _with_database(args, work, run_migrations=False)
+    _with_database(args, work, run_migrations=False, migration=True)
     return 0
 
 
-def _with_database(args: argparse.Namespace, work: Callable[[Any], Any], *, run_migrations: bool = True) -> Any:
-    """Runs ``work(db)`` against INTENTD_DATABASE_URL (or the embedded default)."""
+def _with_database(args: argparse.Namespace, work: Callable[[Any], Any], *, run_migrations: bool = True,
+                   migration: bool = False) -> Any:
+    """Runs ``work(db)`` against INTENTD_DATABASE_URL (or the embedded default);
+    with ``migration``, against INTENTD_MIGRATION_DATABASE_URL when set."""
     from intentd.server.db import Database
     from intentd.server.embedded import EmbeddedPostgres
     from intentd.server.settings import ServerSettings
 
-    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir)
+    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir,
+                             migration_database_url=getattr(args, "migration_database_url", None))
     embedded = None
-    url = settings.database_url
+    url = (settings.migration_database_url or settings.database_url) if migration else settings.database_url
     if url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         url = embedded.start()
 
     async def go() -> Any:
         db = Database(url, min_size=1, max_size=2)
-        await db.open(run_migrations=run_migrations)
+        await db.open(run_migrations=run_migrations, migrate_mode=settings.migrate,
+                      migration_url=settings.migration_database_url)
         try:
             return await work(db)
         finally:
@@ -391,8 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INTENTD_LOG_LEVEL)")
 
     p = add("migrate", cmd_migrate, "Apply database migrations and exit.")
-    p.add_argument("--database-url")
+    p.add_argument("--database-url", help="postgresql:// URL (INTENTD_DATABASE_URL)")
+    p.add_argument("--migration-database-url",
+                   help="migrate as this URL's role instead (INTENTD_MIGRATION_DATABASE_URL)")
     p.add_argument("--data-dir")
+    p.add_argument("--grant-to", action="append", metavar="ROLE",
+                   help="give ROLE exactly the privileges the server needs: USAGE on the schema, DML on intentd's "
+                   "tables (SELECT on the read-only ones), USAGE on their sequences; re-run after every upgrade")
 
     def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         p = add(name, fn, help_text)

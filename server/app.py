@@ -79,7 +79,7 @@ class ControlPlane:
             self.database_url, min_size=self.settings.pool_min_size, max_size=self.settings.pool_max_size,
             application_name=f"intentd:{self.settings.instance_name}"[:63],
         )
-        await self.db.open()
+        await self.db.open(migrate_mode=self.settings.migrate, migration_url=self.settings.migration_database_url)
         self.hub = NotificationHub(self.database_url, application_name=self.db.application_name)
         await self.hub.start()
         self.batcher = WriteBatcher(self.db, workers=max(1, self.settings.pool_max_size // 2))

@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from intentd.server import errors
-from intentd.server.migrate import migrate
+from intentd.server.migrate import ensure_schema
 
 log = logging.getLogger("intentd.db")
 
@@ -102,16 +102,22 @@ class Database:
             raise RuntimeError("Database.open() was not called")
         return self._pool
 
-    async def open(self, *, run_migrations: bool = True) -> None:
+    async def open(self, *, run_migrations: bool = True, migrate_mode: str = "auto",
+                   migration_url: str | None = None) -> None:
+        """``run_migrations=False`` skips the schema step; otherwise see
+        ``ensure_schema`` (``migrate_mode`` is INTENTD_MIGRATE)."""
         with converted():
             if run_migrations:
                 conn = await asyncpg.connect(self.url)
+                migration_conn = None
                 try:
-                    applied = await migrate(conn)
-                    if applied:
-                        log.info("schema migrated to version %d", applied[-1])
+                    if migration_url is not None and migrate_mode != "false":
+                        migration_conn = await asyncpg.connect(migration_url)
+                    await ensure_schema(conn, migrate_mode, migration_conn)
                 finally:
                     await conn.close()
+                    if migration_conn is not None:
+                        await migration_conn.close()
             self._pool = await asyncpg.create_pool(
                 self.url,
                 min_size=self._min_size,

@@ -192,7 +192,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
         with self.hub.subscribe_intent(intent_id) as sub:
             await self.store.get(tenant, intent_id)
             while True:
-                events = await self.store.events(intent_id, after)
+                events = await self.store.events(tenant, intent_id, after)
                 for event in events:
                     after = event["seq"]
                     yield pb.WatchIntentResponse(event=event_to_proto(event))

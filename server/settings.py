@@ -30,6 +30,14 @@ class ServerSettings:
     # PostgreSQL URL; empty means the embedded server in data_dir.
     database_url: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
+    # Schema migrations at start: "auto" applies them only when the schema is
+    # behind and the migrating role may (a role without DDL rights only checks
+    # the version), "true" always runs them, "false" never does (then the
+    # server refuses to start on a schema that is behind).
+    migrate: str = "auto"
+    # The role that runs migrations (`intentd migrate`, and the server when it
+    # migrates); empty: database_url. Lets the server run as a DML-only role.
+    migration_database_url: str | None = None
     listen: str = "127.0.0.1:7300"
     pool_min_size: int = 2
     pool_max_size: int = 10
@@ -114,6 +122,11 @@ class ServerSettings:
                 "database_url",
                 "expected a postgresql:// URL",
             )
+        require(self.migrate in ("auto", "true", "false"), "migrate",
+                f"must be auto, true or false, got {self.migrate!r}")
+        require(self.migration_database_url is None
+                or self.migration_database_url.startswith(("postgres://", "postgresql://")),
+                "migration_database_url", "expected a postgresql:// URL")
         require(1 <= self.pool_min_size <= self.pool_max_size, "pool_min_size",
                 "must be at least 1 and at most INTENTD_POOL_MAX_SIZE")
         require(self.pool_max_size <= 500, "pool_max_size", "must be at most 500")

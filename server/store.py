@@ -149,9 +149,9 @@ class IntentStore:
                 )
             )
 
-    async def events(self, intent_id: str, after_seq: int, limit: int = 500) -> list[Row]:
+    async def events(self, tenant: str, intent_id: str, after_seq: int, limit: int = 500) -> list[Row]:
         async with self.db.connection() as conn:
-            return list(await conn.fetch(Q.list_events, intent_id, after_seq, limit))
+            return list(await conn.fetch(Q.list_events, intent_id, tenant, after_seq, limit))
 
     async def steps(self, tenant: str, intent_id: str) -> list[Row]:
         await self.get(tenant, intent_id)

@@ -63,8 +63,10 @@ ORDER BY tenant, id DESC
 LIMIT $7;
 
 -- name: list_events
--- $1 intent id, $2 after seq, $3 limit
-SELECT * FROM intent_events WHERE intent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+-- $1 intent id, $2 tenant, $3 after seq, $4 limit. Tenant-scoped like every
+-- read by id, so a caller that skipped its own check still sees only its tenant.
+SELECT e.* FROM intent_events e JOIN intents i ON i.id = e.intent_id
+WHERE e.intent_id = $1 AND i.tenant = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4;
 
 -- name: list_steps
 SELECT * FROM intent_steps WHERE intent_id = $1 ORDER BY idx;

@@ -39,3 +39,34 @@ SELECT 1;
 SELECT state::text, intent_type, count(*) FROM intents
 WHERE state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
 GROUP BY 1, 2;
+
+-- name: can_migrate
+-- Whether this session may run migrations: it can create tables in its
+-- schema and, once intentd's tables exist, owns them (ALTER and DROP need
+-- the owner). An application role granted only DML answers false.
+SELECT has_schema_privilege(current_schema(), 'CREATE')
+   AND (to_regclass('intents') IS NULL
+        OR pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass('intents')), 'USAGE'));
+
+-- name: missing_table_privileges
+-- $1 table names, $2 privileges each needs (parallel arrays): the pairs this
+-- session lacks.
+SELECT t.name, t.privilege FROM unnest($1::text[], $2::text[]) AS t (name, privilege)
+WHERE to_regclass(t.name) IS NULL OR NOT has_table_privilege(to_regclass(t.name), t.privilege);
+
+-- name: owned_sequences
+-- The sequences behind the serial columns of these tables.
+SELECT DISTINCT quote_ident(n.nspname) || '.' || quote_ident(s.relname)
+FROM pg_class s
+JOIN pg_namespace n ON n.oid = s.relnamespace
+JOIN pg_depend d ON d.objid = s.oid AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+WHERE s.relkind = 'S' AND d.refobjid = ANY (SELECT to_regclass(x) FROM unnest($1::text[]) AS x);
+
+-- name: quote_ident
+SELECT quote_ident($1);
+
+-- name: current_schema
+SELECT current_schema();
+
+-- name: current_user
+SELECT current_user::text;
