@@ -34,6 +34,9 @@ _UNAVAILABLE = (
     # asyncpg issue #1069: a pooled connection used after PostgreSQL's FATAL for
     # a terminated backend arrived but before the close was processed.
     asyncpg.exceptions.InternalClientError,
+    # A standby not yet promoted (a session that reached it during a
+    # failover): the writable node is coming; retry.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 
 
