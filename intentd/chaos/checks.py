@@ -39,17 +39,20 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def snapshot(db: SyncDb) -> Snapshot:
+def snapshot(db: SyncDb, tenant: str) -> Snapshot:
+    """The normal tenant's intents (a hostile tenant's are not the workload's)."""
     intents = {r["id"]: r for r in db.fetch(
         "SELECT id, state::text AS state, attempt, max_attempts, steps_completed, result::text AS result,"
         " error_code, error_message, deadline, finish_time, create_time, last_seq, idempotency_key, sender"
-        " FROM intents", timeout=120)}
+        " FROM intents WHERE tenant = $1", tenant, timeout=120)}
     events = _group(db.fetch(
         "SELECT intent_id, seq, type, time, state::text AS state, attempt, message, step_index"
-        " FROM intent_events ORDER BY intent_id, seq", timeout=120))
+        " FROM intent_events WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1)"
+        " ORDER BY intent_id, seq", tenant, timeout=120))
     steps = _group(db.fetch(
         "SELECT intent_id, idx, name, result::text AS result, attempt, lease_token::text AS lease_token,"
-        " record_time FROM intent_steps ORDER BY intent_id, idx", timeout=120))
+        " record_time FROM intent_steps WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1)"
+        " ORDER BY intent_id, idx", tenant, timeout=120))
     ledger = _group(db.fetch(
         "SELECT intent_id, step, attempt, lease_token::text AS lease_token, pid, began, at"
         " FROM chaos_ledger ORDER BY id", timeout=120))
@@ -92,6 +95,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         "wait_for returned the right terminal state",
         "no process died on its own",
         "harness ran cleanly",
+        *(["hostile tenant attacked, answered only with client errors"] if cfg.hostile else []),
     )}
 
     # ---------------------------------------------------------------- sends
@@ -294,6 +298,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     for message in extra.get("harness_errors", []):
         harness.fail(message)
 
+    if cfg.hostile:
+        _check_hostile(report, inv["hostile tenant attacked, answered only with client errors"])
     report.invariants = list(inv.values())
     report.intents_in_db = len(snap.intents)
     report.states = dict(Counter(r["state"] for r in snap.intents.values()))
@@ -304,7 +310,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     report.step_runs = step_runs
     report.step_reruns = reruns
     report.late_ledger_writes = late_writes
-    report.latencies = latencies(snap, faults)
+    report.latencies = latencies(snap, faults) + step_write_latencies(snap, by_id, report.hostile_started_at)
 
 
 def latencies(snap: Snapshot, faults: list[Fault]) -> list[Latency]:
@@ -325,6 +331,59 @@ def latencies(snap: Snapshot, faults: list[Fault]) -> list[Latency]:
                     out[fault.kind].samples.append(max(0.0, e["time"].timestamp() - fault.at))
                     break
     return list(out.values())
+
+
+# What a hostile write may be answered with: the caller's fault, said so.
+CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED",
+                           "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "OUT_OF_RANGE"})
+
+
+def _check_hostile(report: Report, inv: Invariant) -> None:
+    """Every actor really attacked (sent writes), and the server answered
+    them as the caller's errors (or UNAVAILABLE during a database fault):
+    never INTERNAL or UNKNOWN, and no stream of
+    theirs ended that way. (Harm to the normal tenant is what every other
+    invariant and the step latencies show.)"""
+    for actor in report.hostile:
+        inv.checked += 1
+        mode = actor.get("mode")
+        sent = sum(dict(actor.get("sent") or {}).values())
+        if actor.get("missing") or sent == 0:
+            inv.fail(f"{mode}: sent no writes ({actor.get('notes')})")
+            continue
+        answers: dict[str, int] = dict(actor.get("answers") or {})
+        ends: dict[str, int] = dict(actor.get("stream_ends") or {})
+        # UNAVAILABLE is the truth while PostgreSQL is restarted or away (a fault).
+        bad = {k: v for k, v in answers.items() if k not in ("OK", "UNAVAILABLE") and k not in CLIENT_ERRORS}
+        bad_ends = {k: v for k, v in ends.items() if k in ("INTERNAL", "UNKNOWN")}
+        if bad or bad_ends:
+            inv.fail(f"{mode}: answers {bad or '-'}, stream ends {bad_ends or '-'} ({actor.get('notes')})")
+        if mode == "poison" and answers.get("OK"):
+            inv.fail(f"poison: {answers['OK']} malformed or foreign writes answered OK")
+
+
+def step_write_latencies(snap: Snapshot, by_id: dict[str, Outcome], hostile_at: float | None) -> list[Latency]:
+    """The normal tenant's step writes: record_time - (the recorded run's
+    start + the step's work), i.e. from the step's end to its commit; split
+    at the hostile tenant's start when there was one (before it: this run's
+    own baseline)."""
+    before = Latency("normal tenant step write (step end -> committed)"
+                     + (", before the hostile tenant" if hostile_at else ""))
+    during = Latency("normal tenant step write, with the hostile tenant")
+    for intent_id, steps in snap.steps.items():
+        outcome = by_id.get(intent_id)
+        if outcome is None:
+            continue
+        work = outcome.plan.step_ms / 1000
+        runs = {(e["step"], e["lease_token"]): e for e in snap.ledger.get(intent_id, [])}
+        for s in steps:
+            run = runs.get((s["idx"], s["lease_token"]))
+            if run is None:
+                continue
+            sample = max(0.0, (s["record_time"] - run["began"]).total_seconds() - work)
+            (during if hostile_at is not None and run["began"].timestamp() >= hostile_at else before).samples.append(
+                sample)
+    return [before, during] if hostile_at is not None else [before]
 
 
 def _ms(delta: timedelta) -> str:

@@ -83,8 +83,10 @@ def with_database(url: str, name: str) -> str:
 class ManagedProcess:
     """``python -m intentd <args>`` in a process group of its own."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path,
+                 module: str = "intentd") -> None:
         self.name = name
+        self.module = module
         self.args = args
         self.env = env
         self.log_path = log_path
@@ -99,7 +101,7 @@ class ManagedProcess:
             log.write(f"\n==== {time.strftime('%H:%M:%S')} start {self.name}\n".encode())
             log.flush()
             self.popen = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, str(os.getpid()), "intentd", *self.args],
+                [sys.executable, "-c", _LAUNCH, str(os.getpid()), self.module, *self.args],
                 env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

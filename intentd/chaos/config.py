@@ -75,6 +75,17 @@ class SoakConfig:
     keep_logs: bool = False
     log_level: str = "INFO"
     verbose: bool = True
+    # The hostile tenant (authentication on, so tenants are real): a poison
+    # sidecar, a sidecar that never reads its stream and a write flood, each
+    # with its own tenant's keys, from ``hostile_after`` seconds into the
+    # workload (default: a third of the send window, so the run's first part
+    # is its own no-hostile baseline).
+    hostile: bool = False
+    hostile_after: float | None = None
+    poison_rate: float = 200.0
+    flood_rate: float = 500.0
+    silent_repeats: int = 1000
+    silent_step_kib: int = 100
 
     def enabled_kinds(self, pg_restartable: bool) -> list[str]:
         kinds = [k for k in FAULT_KINDS if self.weights.get(k, 0.0) > 0]
@@ -94,6 +105,10 @@ class SoakConfig:
     @property
     def window(self) -> float:
         return self.send_window if self.send_window is not None else 0.75 * self.duration
+
+    @property
+    def hostile_start(self) -> float:
+        return self.hostile_after if self.hostile_after is not None else self.window / 3
 
     def hard_deadline_s(self) -> float:
         """Everything the harness started is killed after this many seconds."""
@@ -124,6 +139,9 @@ class SoakConfig:
             raise ValueError("--step-ms must be MIN,MAX with 0 <= MIN <= MAX")
         if self.heartbeat_ms < 2 * self.ping_ms:
             raise ValueError("--heartbeat-ms must be at least twice --ping-ms")
+        if self.poison_rate <= 0 or self.flood_rate <= 0 or self.silent_repeats < 0 or self.silent_step_kib < 1:
+            raise ValueError("--poison-rate and --flood-rate must be positive, --silent-repeats not negative,"
+                             " --silent-step-kib at least 1")
         if self.pg_data_dir is not None and self.database_url is None:
             raise ValueError("--pg-data-dir only goes with --database-url")
 
@@ -188,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-logs", action="store_true", help="keep the logs even when the run passes")
     p.add_argument("--log-level", default=d.log_level, help="log level of servers, sidecars and agents")
     p.add_argument("--quiet", action="store_true", help="print only the report")
+    p.add_argument("--hostile", action="store_true",
+                   help="add the hostile tenant (auth on): poison writes, a non-reading sidecar, a write flood")
+    p.add_argument("--hostile-after", type=float,
+                   help="seconds into the workload the hostile tenant starts (default a third of the send window)")
+    p.add_argument("--poison-rate", type=float, default=d.poison_rate, help="poison writes/s (default %(default)s)")
+    p.add_argument("--flood-rate", type=float, default=d.flood_rate, help="flood writes/s (default %(default)s)")
+    p.add_argument("--silent-repeats", type=int, default=d.silent_repeats,
+                   help="repeats of its big step the non-reading sidecar sends (default %(default)s)")
+    p.add_argument("--silent-step-kib", type=int, default=d.silent_step_kib,
+                   help="size of that step in KiB (default %(default)s)")
     return p
 
 
@@ -220,6 +248,8 @@ def config_from_args(argv: list[str] | None = None) -> SoakConfig:
         ack_timeout_ms=args.ack_timeout_ms, sweep_s=args.sweep_s, max_attempts=args.max_attempts,
         mix=mix, send_window=args.send_window, drain_timeout=args.drain_timeout, work_dir=args.work_dir,
         keep_logs=args.keep_logs, log_level=args.log_level, verbose=not args.quiet,
+        hostile=args.hostile, hostile_after=args.hostile_after, poison_rate=args.poison_rate,
+        flood_rate=args.flood_rate, silent_repeats=args.silent_repeats, silent_step_kib=args.silent_step_kib,
     )
     cfg.validate()
     return cfg

@@ -71,6 +71,12 @@ class FaultInjector:
         # Processes that exited without being killed by us: (name, exit code, log tail).
         self.unexpected_exits: list[tuple[str, int | None, str]] = []
         self.errors: list[str] = []
+        # (monotonic time, what to do): run by tend() on the harness's thread,
+        # the one every process must be spawned from (PR_SET_PDEATHSIG).
+        self.scheduled: list[tuple[float, Callable[[], None]]] = []
+        # Resident memory of each replica slot: first sample and peak, in bytes.
+        self.rss: dict[str, tuple[int, int]] = {}
+        self._rss_at = 0.0
 
     # ------------------------------------------------------------ the loop
 
@@ -124,6 +130,15 @@ class FaultInjector:
         """Resumes frozen sidecars whose time is up; restarts processes that
         died without being killed (and records that)."""
         now = time.monotonic()
+        for due in [e for e in self.scheduled if e[0] <= now]:
+            self.scheduled.remove(due)
+            try:
+                due[1]()
+            except Exception as exc:
+                self.errors.append(f"scheduled {due[1]}: {type(exc).__name__}: {exc}")
+        if now - self._rss_at >= 1.0:
+            self._rss_at = now
+            self.sample_rss()
         for entry in list(self.stopped):
             if now >= entry.until:
                 entry.sidecar.killpg(signal.SIGCONT)
@@ -136,6 +151,19 @@ class FaultInjector:
                 self.say(f"  ! {proc.name} exited on its own (code {code}); restarting it")
                 proc.killed = True
                 self._respawn(proc)
+
+    def sample_rss(self) -> None:
+        for replica in self.replicas:
+            if not replica.alive():
+                continue
+            try:
+                with open(f"/proc/{replica.pid}/status") as f:
+                    line = next(x for x in f if x.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                continue
+            rss = int(line.split()[1]) * 1024
+            first, peak = self.rss.get(replica.name, (rss, 0))
+            self.rss[replica.name] = (first, max(peak, rss))
 
     def heal(self) -> None:
         """After the fault window: everything running again."""
@@ -271,6 +299,15 @@ class FaultInjector:
 
     def tend_without_db(self) -> None:
         now = time.monotonic()
+        for due in [e for e in self.scheduled if e[0] <= now]:
+            self.scheduled.remove(due)
+            try:
+                due[1]()
+            except Exception as exc:
+                self.errors.append(f"scheduled {due[1]}: {type(exc).__name__}: {exc}")
+        if now - self._rss_at >= 1.0:
+            self._rss_at = now
+            self.sample_rss()
         for entry in list(self.stopped):
             if now >= entry.until:
                 entry.sidecar.killpg(signal.SIGCONT)

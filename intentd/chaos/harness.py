@@ -17,8 +17,11 @@ a watchdog kills them when the hard deadline passes.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +40,54 @@ from intentd.chaos.report import Report
 from intentd.chaos.workload import Workload, make_plans
 
 STARTUP_TIMEOUT_S = 90.0
+NORMAL_TENANT = "default"
+HOSTILE_TENANT = "hostile"
+
+
+def _intentd_cli(url: str, *args: str) -> str:
+    """``python -m intentd <args>`` straight on the database (keys, tenants); its stdout."""
+    done = subprocess.run([sys.executable, "-m", "intentd", *args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "INTENTD_DATABASE_URL": url})
+    if done.returncode != 0:
+        raise RuntimeError(f"intentd {' '.join(args[:2])} failed: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def make_keys(url: str, run_tag: str) -> dict[str, str]:
+    """The keys of the two tenants: the normal one's client and agents (its
+    soak addresses only), the hostile one's client and agents (its own)."""
+    _intentd_cli(url, "tenants", "put", HOSTILE_TENANT)
+    keys = {}
+    for name, tenant, role, pattern in (
+            ("normal-client", NORMAL_TENANT, "client", None),
+            ("normal-agent", NORMAL_TENANT, "agent", f"agent://chaos/soak{run_tag}/*"),
+            ("hostile-client", HOSTILE_TENANT, "client", None),
+            ("hostile-agent", HOSTILE_TENANT, "agent", f"agent://hostile/h{run_tag}/*")):
+        out = _intentd_cli(url, "keys", "create", name, "--tenant", tenant, "--role", role,
+                           *(["--address", pattern] if pattern else []))
+        keys[name] = out.strip().splitlines()[-1]
+    return keys
+
+
+class Hostile(ManagedProcess):
+    """One actor of the hostile tenant (intentd/chaos/hostile.py)."""
+
+    def __init__(self, mode: str, server: str, address: str, keys: dict[str, str], cfg: SoakConfig,
+                 log_dir: Path) -> None:
+        self.mode = mode
+        self.summary = log_dir / f"hostile-{mode}.json"
+        rate = cfg.flood_rate if mode == "flood" else cfg.poison_rate
+        args = ["--mode", mode, "--server", server, "--address", address, "--agent-key", keys["hostile-agent"],
+                "--client-key", keys["hostile-client"], "--rate", str(rate), "--repeats", str(cfg.silent_repeats),
+                "--step-kib", str(cfg.silent_step_kib), "--summary", str(self.summary), "--seed", str(cfg.seed)]
+        super().__init__(f"hostile-{mode}", args, {}, log_dir / f"hostile-{mode}.log", module="intentd.chaos.hostile")
+
+    def read_summary(self) -> dict[str, object]:
+        try:
+            data: dict[str, object] = json.loads(self.summary.read_text())
+            return data
+        except (OSError, ValueError):
+            return {"mode": self.mode, "missing": True}
 
 
 class _Watchdog:
@@ -92,7 +143,8 @@ def run_soak(cfg: SoakConfig) -> Report:
     pg = Postgres(cfg.database_url, cfg.pg_data_dir, cfg.pg_ctl, cfg.pg_user, work_dir, cfg.keep_database)
     replicas: list[Replica] = []
     sidecars: list[Sidecar] = []
-    watchdog = _Watchdog(cfg.hard_deadline_s(), lambda: [*replicas, *sidecars], say)
+    hostiles: list[Hostile] = []
+    watchdog = _Watchdog(cfg.hard_deadline_s(), lambda: [*replicas, *sidecars, *hostiles], say)
     watchdog.start()
     db: SyncDb | None = None
     reaper: subprocess.Popen[bytes] | None = None
@@ -116,6 +168,7 @@ def run_soak(cfg: SoakConfig) -> Report:
             say("PostgreSQL faults disabled (no data directory: pass --pg-data-dir)")
             report.notes.append("PostgreSQL faults (pg_restart, pg_outage) disabled: no --pg-data-dir")
 
+        keys = make_keys(pg.url, run_tag) if cfg.hostile else {}
         replica_env = {
             "INTENTD_HEARTBEAT_TIMEOUT_MS": str(cfg.heartbeat_ms),
             "INTENTD_PING_INTERVAL_MS": str(cfg.ping_ms),
@@ -127,7 +180,8 @@ def run_soak(cfg: SoakConfig) -> Report:
             "INTENTD_POOL_MAX_SIZE": "8",
             "INTENTD_LOG_LEVEL": cfg.log_level,
             # Loopback only; with a database URL authentication would default to on.
-            "INTENTD_AUTH": "off",
+            # The hostile tenant needs it: tenants are real only with keys.
+            "INTENTD_AUTH": "on" if cfg.hostile else "off",
         }
         replicas.extend(Replica(i + 1, free_port(), pg.url, replica_env, work_dir) for i in range(cfg.replicas))
         # The first one migrates the schema; the others start together.
@@ -145,6 +199,7 @@ def run_soak(cfg: SoakConfig) -> Report:
             "CHAOS_AGENT_LOG_LEVEL": cfg.log_level,
             "INTENTD_RECONNECT_MAX_BACKOFF_S": "1.0",
             "INTENTD_AGENT_STOP_GRACE_S": "1",
+            **({"INTENTD_API_KEY": keys["normal-agent"]} if cfg.hostile else {}),
         }
         sidecars.extend(
             Sidecar(i + 1, addresses[i % len(addresses)], servers, sidecar_env, work_dir, run_tag, cfg.capacity)
@@ -165,9 +220,23 @@ def run_soak(cfg: SoakConfig) -> Report:
         target = "ipv4:" + ",".join(r.address for r in replicas)
         start = time.monotonic()
         wait_deadline = start + max(cfg.duration, cfg.window) + cfg.drain_timeout
-        workload = Workload(cfg, target, plans, f"chaos-{run_tag}", wait_deadline)
+        metadata = [("authorization", f"Bearer {keys['normal-client']}")] if cfg.hostile else []
+        workload = Workload(cfg, target, plans, f"chaos-{run_tag}", wait_deadline, metadata)
         injector = FaultInjector(cfg, pg, replicas, sidecars, db, say, watchdog.fired.is_set)
         say(f"faults: {', '.join(injector.kinds) or 'none'}")
+        if cfg.hostile:
+            for i, mode in enumerate(("poison", "silent", "flood")):
+                hostiles.append(Hostile(mode, replicas[i % len(replicas)].address,
+                                        f"agent://hostile/h{run_tag}/{mode}", keys, cfg, work_dir))
+
+            def unleash() -> None:
+                report.hostile_started_at = time.time()
+                say(f"  {time.strftime('%H:%M:%S')} hostile tenant starts: "
+                    + ", ".join(f"{h.mode} -> {h.args[3]}" for h in hostiles))
+                for hostile in hostiles:
+                    hostile.spawn()
+
+            injector.scheduled.append((start + cfg.hostile_start, unleash))
         workload.start()
         injector.run(until=start + cfg.duration, done=workload.done)
         report.fault_window_s = time.monotonic() - start
@@ -183,9 +252,11 @@ def run_soak(cfg: SoakConfig) -> Report:
         if not workload.join(30):
             harness_errors.append("client threads did not finish")
         say(f"workload over after {report.drain_s:.1f}s of drain; stopping every process")
-        for proc in [*sidecars, *replicas]:
+        for proc in [*hostiles, *sidecars, *replicas]:
             proc.kill()
-        snap = snapshot(db)
+        report.hostile = [h.read_summary() for h in hostiles]
+        report.replica_rss = dict(injector.rss)
+        snap = snapshot(db, NORMAL_TENANT)
         harness_errors += workload.errors + injector.errors
         if watchdog.fired.is_set():
             harness_errors.append(f"hard deadline of {cfg.hard_deadline_s():.0f}s passed")
@@ -210,7 +281,7 @@ def run_soak(cfg: SoakConfig) -> Report:
         watchdog.cancel()
         if workload is not None:
             workload.stop()
-        for proc in [*sidecars, *replicas]:
+        for proc in [*hostiles, *sidecars, *replicas]:
             with contextlib.suppress(Exception):
                 proc.kill()
         for sidecar in sidecars:

@@ -80,6 +80,12 @@ class Report:
     invariants: list[Invariant] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     work_dir: str = ""
+    # The hostile tenant: when it started (wall clock), each actor's summary
+    # (intentd/chaos/hostile.py), and each replica's resident memory (first
+    # sample, peak) in bytes.
+    hostile_started_at: float | None = None
+    hostile: list[dict[str, Any]] = field(default_factory=list)
+    replica_rss: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +122,14 @@ class Report:
         ]
         for latency in self.latencies:
             lines.append(f"{latency.name}: {latency.summary()}")
+        for actor in self.hostile:
+            lines.append(f"hostile {actor.get('mode')}: sent {actor.get('sent')}, answers {actor.get('answers')},"
+                         f" stream ends {actor.get('stream_ends')}, {actor.get('connects')} connects"
+                         + (f"; {actor['notes'][-1]}" if actor.get("notes") else ""))
+        if self.replica_rss:
+            lines.append("replica memory (RSS, first sample -> peak): " + ", ".join(
+                f"{name} {first / 2**20:.0f} -> {peak / 2**20:.0f} MiB"
+                for name, (first, peak) in sorted(self.replica_rss.items())))
         lines += ["", self._table()]
         for note in self.notes:
             lines.append(f"note: {note}")

@@ -81,8 +81,10 @@ def make_plans(cfg: SoakConfig, addresses: list[str], run_tag: str) -> list[Plan
 
 
 class Workload:
-    def __init__(self, cfg: SoakConfig, target: str, plans: list[Plan], sender: str, wait_deadline: float) -> None:
+    def __init__(self, cfg: SoakConfig, target: str, plans: list[Plan], sender: str, wait_deadline: float,
+                 metadata: list[tuple[str, str]] | None = None) -> None:
         self.cfg = cfg
+        self.metadata = metadata or []
         self.target = target
         self.plans = plans
         self.sender = sender
@@ -102,7 +104,7 @@ class Workload:
     def client(self) -> IntentClient:
         return IntentClient(
             self.target, sender=self.sender, max_retries=60, initial_backoff=0.05, max_backoff=1.0, timeout=30.0,
-            channel_options=[("grpc.lb_policy_name", "round_robin")],
+            channel_options=[("grpc.lb_policy_name", "round_robin")], metadata=self.metadata,
         )
 
     def start(self) -> None:
