@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE
+
 # Every fault the harness can inject, in the order reports list them.
 FAULT_KINDS: tuple[str, ...] = (
     "agent_kill",    # SIGKILL an agent mid-step (its sidecar releases its intents, restarts it)
@@ -122,8 +124,8 @@ class SoakConfig:
         lo, hi = self.step_ms
         if not 0 <= lo <= hi:
             raise ValueError("--step-ms must be MIN,MAX with 0 <= MIN <= MAX")
-        if self.heartbeat_ms < 2 * self.ping_ms:
-            raise ValueError("--heartbeat-ms must be at least twice --ping-ms")
+        if self.heartbeat_ms < MISSED_PINGS_BEFORE_CLOSE * self.ping_ms:
+            raise ValueError(f"--heartbeat-ms must be at least {MISSED_PINGS_BEFORE_CLOSE} times --ping-ms")
         if self.pg_data_dir is not None and self.database_url is None:
             raise ValueError("--pg-data-dir only goes with --database-url")
 
