@@ -44,7 +44,8 @@ from intentd.client import AsyncIntentClient
 
 ADDRESS = "agent://bench/recovery/hang"
 TYPE = "bench.hang.v1"
-HEARTBEAT_MS = 2000
+# The least heartbeat timeout the server takes with its 1 s pings.
+HEARTBEAT_MS = 3000
 DELIVERED = ("SELECT extract(epoch FROM time)::float8 FROM intent_events"
              " WHERE intent_id = $1 AND type = 'DELIVERED' AND attempt = $2")
 REVOCATION_WAIT_S = 3.0

@@ -8,10 +8,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from intentd.aio import run
-from intentd.config import SettingsError, load_settings
+from intentd.config import SettingsError, load_settings, resolve_api_key
 from intentd.logs import setup_logging
 
 DEFAULT_TARGET = "127.0.0.1:7300"
@@ -146,10 +147,18 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 
 
 def channel_security(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
-    """gRPC credentials and metadata from --api-key / --tls-* (or INTENTD_API_KEY, INTENTD_TLS_CA_FILE ...)."""
+    """gRPC credentials and metadata from --api-key[-file] / --tls-* (or INTENTD_API_KEY[_FILE],
+    INTENTD_TLS_CA_FILE ...)."""
     import grpc
 
-    key = args.api_key or os.environ.get("INTENTD_API_KEY")
+    if args.api_key:
+        print("intentd: warning: --api-key shows the key in the process list, to every user of this host; "
+              "use --api-key-file or INTENTD_API_KEY_FILE instead", file=sys.stderr)
+    if args.api_key or args.api_key_file:  # flags win over the environment
+        key = resolve_api_key(args.api_key, Path(args.api_key_file) if args.api_key_file else None)
+    else:
+        key_file = os.environ.get("INTENTD_API_KEY_FILE")
+        key = resolve_api_key(os.environ.get("INTENTD_API_KEY"), Path(key_file) if key_file else None)
     metadata = [("authorization", f"Bearer {key}")] if key else []
     ca = args.tls_ca_file or os.environ.get("INTENTD_TLS_CA_FILE")
     cert = args.tls_cert_file or os.environ.get("INTENTD_TLS_CERT_FILE")
@@ -192,6 +201,9 @@ def _print_intent(intent: Any, as_json: bool) -> None:
         print(f"error:       {intent.error.code}: {intent.error.message}")
     if intent.cancel_reason:
         print(f"canceled:    {intent.cancel_reason}")
+    if intent.state.value == "PENDING" and intent.attempt == 0:
+        print(f"waiting:     no agent has claimed it yet: a sidecar serving {intent.to_agent} claims only the "
+              f"types its agents handle; is one attached with a handler for {intent.intent_type}?")
 
 
 def _intent_dict(intent: Any) -> dict[str, Any]:
@@ -414,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
         p.add_argument("--sender", help="who sends (scopes idempotency keys)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--api-key", help="API key (INTENTD_API_KEY)")
+        p.add_argument("--api-key", help="API key (INTENTD_API_KEY); shows in the process list: prefer --api-key-file")
+        p.add_argument("--api-key-file", help="file holding the API key, one line (INTENTD_API_KEY_FILE)")
         p.add_argument("--tls-ca-file", help="CA that signed the server's certificate (INTENTD_TLS_CA_FILE)")
         p.add_argument("--tls-cert-file", help="client certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
         p.add_argument("--tls-key-file", help="client key, for mutual TLS (INTENTD_TLS_KEY_FILE)")

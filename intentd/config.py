@@ -97,3 +97,18 @@ def parse_host_port(value: str, field: str) -> tuple[str, int]:
     require(bool(sep) and port.isdigit(), field, f"expected HOST:PORT, got {value!r}")
     require(0 <= int(port) <= 65535, field, f"port {port} is out of range")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The API key from INTENTD_API_KEY or, kept out of the environment and
+    the process list, from the file INTENTD_API_KEY_FILE names (one line)."""
+    require(not (api_key and api_key_file), "api_key", "give INTENTD_API_KEY or INTENTD_API_KEY_FILE, not both")
+    if api_key_file is None:
+        return api_key or None
+    try:
+        text = Path(api_key_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{env_name('api_key_file')}: cannot read {api_key_file}: {exc}") from None
+    require(bool(text), "api_key_file", f"{api_key_file} is empty")
+    require(len(text.splitlines()) == 1, "api_key_file", f"{api_key_file} must hold the key alone on one line")
+    return text

@@ -11,7 +11,7 @@ from intentd.server import errors
 from intentd.server.auth import Authenticator, current_caller
 from intentd.server.convert import timestamp
 from intentd.server.rpc import Ctx, unary
-from intentd.server.settings import ServerSettings
+from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.server.store import IntentStore
 from intentd.v1 import admin_service_pb2 as pb
 from intentd.v1 import admin_service_pb2_grpc as pb_grpc
@@ -49,10 +49,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         backoff_max = spec.retry_backoff_max_ms or 60_000
         if not 1 <= max_attempts <= 1000:
             raise ValidationError("intent_type.max_attempts", "must be 1 to 1000 (0 means 3)")
-        if not 2 * self.settings.ping_interval_ms <= heartbeat <= 86_400_000:
+        least = self.settings.min_heartbeat_timeout_ms
+        if not least <= heartbeat <= 86_400_000:
             raise ValidationError(
                 "intent_type.heartbeat_timeout_ms",
-                f"must be {2 * self.settings.ping_interval_ms} (twice the ping interval) to 86400000",
+                f"must be {least} to 86400000: at least {MISSED_PINGS_BEFORE_CLOSE} ping intervals of "
+                f"{self.settings.ping_interval_ms} ms, so a lease lapses only once its stream's silence is judged",
             )
         if not 0 <= backoff <= 3_600_000 or not 0 <= backoff_max <= 86_400_000:
             raise ValidationError("intent_type.retry_backoff_ms", "backoffs must be 0 to one hour (max: one day)")

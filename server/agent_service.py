@@ -28,7 +28,7 @@ from intentd.server.db import Row
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.rpc import MalformedRequest, to_server_error
-from intentd.server.settings import ServerSettings
+from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.v1 import delivery_pb2
@@ -42,7 +42,14 @@ MAX_CLAIM_BATCH = 100
 # Writes of one stream processed at once; more wait, which pushes back on the
 # stream through HTTP/2 flow control instead of growing memory.
 MAX_CONCURRENT_WRITES = 256
-MISSED_PINGS_BEFORE_CLOSE = 3
+# A live sidecar is heard at least once a ping interval (its pings, its pongs
+# to ours). One silent for longer than this many intervals may be frozen or
+# cut off: nothing is claimed for it, and nothing claimed is handed to it,
+# until it is heard again (else the delivery waits out the ack timeout, and
+# a lease of its that lapsed could come straight back to it).
+SILENT_STREAM_PINGS = 1.5
+# Intent types one stream may name (Register, SetCapacity).
+MAX_INTENT_TYPES = 1000
 # Open streams re-check their API key this often, so revocation reaches them.
 KEY_RECHECK_SECONDS = 2.0
 # Messages queued for one stream before it counts as a consumer that stopped reading.
@@ -81,6 +88,8 @@ class Session:
     # timer) can add one, so a completion's wake-up need not ask again.
     recheck_delayed: bool = True
     last_heard: float = field(default_factory=time.monotonic)
+    # The dispatcher waits for the stream to be heard again (see SILENT_STREAM_PINGS).
+    quiet: bool = False
     closed: bool = False
     # Leases this stream revoked: if the database still has them bound to the
     # stream (it will renew them with every ping), they are released.
@@ -147,12 +156,18 @@ def _validate_register(msg: pb.Register) -> None:
         raise ValidationError("register.addresses", "at most 100 addresses per sidecar")
     for i, address in enumerate(msg.addresses):
         check_agent_address(address, f"register.addresses[{i}]")
-    for i, intent_type in enumerate(msg.intent_types):
-        check_intent_type(intent_type, f"register.intent_types[{i}]")
+    _validate_types(msg.intent_types, "register.intent_types")
     if not 0 <= msg.capacity <= MAX_CAPACITY:
         raise ValidationError("register.capacity", f"must be 0 to {MAX_CAPACITY}")
     if len(msg.held) > MAX_CAPACITY:
         raise ValidationError("register.held", f"at most {MAX_CAPACITY} leases")
+
+
+def _validate_types(intent_types: Sequence[str], field: str) -> None:
+    if len(intent_types) > MAX_INTENT_TYPES:
+        raise ValidationError(field, f"at most {MAX_INTENT_TYPES} intent types")
+    for i, intent_type in enumerate(intent_types):
+        check_intent_type(intent_type, f"{field}[{i}]")
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -350,6 +365,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     log.warning("sidecar %s sent capacity %d; ignored", session.sidecar_id,
                                 request.set_capacity.capacity)
                     return True
+                if request.set_capacity.HasField("intent_types"):
+                    # The types the sidecar's agents announced, with the capacity they bring.
+                    offered = request.set_capacity.intent_types.intent_types
+                    try:
+                        _validate_types(offered, "set_capacity.intent_types")
+                    except ValidationError as exc:
+                        session.failure = errors.InvalidArgument(str(exc))
+                        return False
+                    session.intent_types = tuple(dict.fromkeys(offered))
+                    session.recheck_delayed = True
                 session.capacity = request.set_capacity.capacity
                 session.wake.set()
             else:
@@ -360,6 +385,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         try:
             async for request in request_iterator:
                 session.last_heard = time.monotonic()
+                if session.quiet:
+                    session.quiet = False
+                    session.wake.set()
                 if isinstance(request, MalformedRequest):
                     log.warning("sidecar %s sent a malformed message (%s); closing", session.sidecar_id,
                                 request.error)
@@ -494,8 +522,36 @@ class AgentService(pb_grpc.AgentServiceServicer):
         metrics.record_write(op, result.code)
         session.send(pb.ConnectResponse(write_result=result))
 
+    def _silent(self, session: Session) -> bool:
+        """True (and the stream marked to wake its dispatcher when heard) if
+        it was silent for longer than a live sidecar ever is."""
+        silent = time.monotonic() - session.last_heard > SILENT_STREAM_PINGS * self.settings.ping_interval_ms / 1000
+        session.quiet = silent
+        return silent
+
+    async def _until_heard(self, session: Session, rows: Sequence[Row]) -> bool:
+        """Claimed for a stream that fell silent meanwhile: waits until it is
+        heard again; if it closes first, gives the claims back (never sent,
+        so the attempt is not charged) and returns False."""
+        cancelled = False
+        try:
+            while self._silent(session) and not session.closed:
+                await session.wake.wait()
+                session.wake.clear()
+        except asyncio.CancelledError:
+            cancelled = True  # the stream is ending; the claims still go back
+        if not session.closed and not cancelled:
+            session.wake.set()  # a wake-up taken here may have been meant for the next round
+            return True
+        for row in rows:
+            with contextlib.suppress(Exception):
+                await self.leases.release(LeaseRef(row["id"], row["attempt"], row["lease_token"]), "DRAINED",
+                                          session=session.id)
+        if cancelled:
+            raise asyncio.CancelledError
+        return False
+
     async def _dispatch(self, session: Session) -> None:
-        types = session.intent_types or None
         catchup = self.settings.dispatch_catchup_s
         while not session.closed:
             # Cleared before looking, so a wake-up that arrives while we claim
@@ -503,7 +559,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
             session.wake.clear()
             timeout: float | None = catchup
             free = session.free
-            if free > 0 and not self._closing:
+            types = session.intent_types or None  # SetCapacity may change them
+            if free > 0 and not self._closing and self._silent(session):
+                timeout = None  # _read wakes us when the stream is heard again
+            elif free > 0 and not self._closing:
                 want = min(free, MAX_CLAIM_BATCH)
                 try:
                     rows, steps = await self.leases.claim(
@@ -513,6 +572,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     log.warning("claim for stream %s failed: %s", session.id, exc)
                     rows, steps = [], {}
                     timeout = 1.0
+                if rows and self._silent(session) and not await self._until_heard(session, rows):
+                    break
                 for row in rows:
                     lease = LeaseRef(row["id"], row["attempt"], row["lease_token"])
                     if session.closed:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 from intentd.config import parse_host_port, require
 
+# A stream silent for this many ping intervals is closed by the server. A
+# heartbeat timeout must be at least as long: a lease that lapses sooner goes
+# back to PENDING while its silent stream still counts as open.
+MISSED_PINGS_BEFORE_CLOSE = 3
+
 
 def default_data_dir() -> Path:
     """Where the embedded PostgreSQL keeps its data.
@@ -89,6 +94,11 @@ class ServerSettings:
         return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
     @property
+    def min_heartbeat_timeout_ms(self) -> int:
+        """The shortest heartbeat timeout pings can judge (server and intent types alike)."""
+        return MISSED_PINGS_BEFORE_CLOSE * self.ping_interval_ms
+
+    @property
     def auth_enabled(self) -> bool:
         if self.auth == "auto":
             return not (self.database_url is None and self.loopback_only)
@@ -139,8 +149,9 @@ class ServerSettings:
         require(100 <= self.heartbeat_timeout_ms <= 86_400_000, "heartbeat_timeout_ms",
                 "must be between 100 ms and one day")
         require(50 <= self.ping_interval_ms <= 60_000, "ping_interval_ms", "must be 50..60000")
-        require(self.heartbeat_timeout_ms >= 2 * self.ping_interval_ms, "heartbeat_timeout_ms",
-                "must be at least twice INTENTD_PING_INTERVAL_MS, or healthy leases lapse")
+        require(self.heartbeat_timeout_ms >= self.min_heartbeat_timeout_ms, "heartbeat_timeout_ms",
+                f"must be at least {MISSED_PINGS_BEFORE_CLOSE} times INTENTD_PING_INTERVAL_MS "
+                f"({self.min_heartbeat_timeout_ms} ms), the silence after which a stream is closed")
         require(100 <= self.ack_timeout_ms <= 600_000, "ack_timeout_ms", "must be 100..600000")
         require(self.retention_days >= 0, "retention_days", "must not be negative (0 keeps intents forever)")
         require(0.01 <= self.sweep_interval_s <= 3600, "sweep_interval_s", "must be 0.01..3600")

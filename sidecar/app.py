@@ -56,9 +56,9 @@ class Sidecar:
             on_revocation=self._on_revocation,
             reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
             credentials=channel_credentials(settings),
-            metadata=[("authorization", f"Bearer {settings.api_key}")] if settings.api_key else (),
+            metadata=[("authorization", f"Bearer {key}")] if (key := settings.bearer_key()) else (),
         )
-        self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity)
+        self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity, intent_types=settings.intent_types)
         self.runtime = RuntimeServer(self.dispatcher, settings.agent_listen)
         self.supervisor: AgentSupervisor | None = None
         self.metrics_server: metrics.MetricsServer | None = None
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", help="text or json (INTENTD_LOG_FORMAT, default text)")
     parser.add_argument("--metrics-listen",
                         help="serve Prometheus /metrics on HOST:PORT; empty: none (INTENTD_METRICS_LISTEN)")
-    parser.add_argument("--api-key", help="agent-role API key for the control plane (INTENTD_API_KEY)")
+    parser.add_argument("--api-key", help="agent-role API key for the control plane (INTENTD_API_KEY); "
+                        "on the command line it shows in the process list: prefer --api-key-file")
+    parser.add_argument("--api-key-file", help="file holding that key, one line (INTENTD_API_KEY_FILE)")
     parser.add_argument("--tls-ca-file", help="CA of the control plane's certificate (INTENTD_TLS_CA_FILE)")
     parser.add_argument("--tls-cert-file", help="this sidecar's certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
     parser.add_argument("--tls-key-file", help="this sidecar's key, for mutual TLS (INTENTD_TLS_KEY_FILE)")
@@ -233,6 +235,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             log_format=args.log_format,
             metrics_listen=args.metrics_listen,
             api_key=args.api_key,
+            api_key_file=args.api_key_file,
             tls_ca_file=args.tls_ca_file,
             tls_cert_file=args.tls_cert_file,
             tls_key_file=args.tls_key_file,
@@ -242,6 +245,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, json=settings.log_format == "json", log_payloads=settings.log_payloads)
     set_process_fields(sidecar_id=settings.sidecar_id)
+    if args.api_key:
+        log.warning("--api-key shows the key in the process list, to every user of this host; "
+                    "use --api-key-file or INTENTD_API_KEY_FILE instead")
     try:
         _run(run_sidecar(settings))
     except KeyboardInterrupt:

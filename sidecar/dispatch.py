@@ -2,7 +2,8 @@
 
 Assignments from the control plane are placed on an attached agent that
 handles the type and has a free slot, or queued briefly until one has.
-Capacity announced upstream follows the attached agents. When an agent's
+Capacity and intent types announced upstream follow the attached agents (so
+the control plane never claims an intent no agent here handles). When an agent's
 session ends, everything it held is released at once (``AGENT_DIED``) so the
 control plane redelivers now instead of after a lease timeout.
 """
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,7 +47,7 @@ class Link(Protocol):
 
     def ack(self, lease: delivery_pb2.Lease) -> None: ...
 
-    def set_capacity(self, capacity: int) -> None: ...
+    def set_capacity(self, capacity: int, intent_types: Sequence[str] | None = None) -> None: ...
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult: ...
 
@@ -105,10 +106,12 @@ class _Held:
 
 
 class Dispatcher:
-    def __init__(self, link: Link, capacity: int, *,
+    def __init__(self, link: Link, capacity: int, *, intent_types: Iterable[str] = (),
                  placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         self._link = link
         self.max_capacity = capacity
+        # The sidecar's own limit (--intent-type); empty: whatever its agents handle.
+        self.intent_types = frozenset(intent_types)
         self.placement_timeout_s = placement_timeout_s
         self.ack_settle_s = ACK_SETTLE_S
         self.agents: dict[int, AgentSession] = {}
@@ -125,9 +128,30 @@ class Dispatcher:
 
     @property
     def capacity(self) -> int:
+        return self.offer()[0]
+
+    def offer(self) -> tuple[int, list[str]]:
+        """What the control plane may claim for this sidecar: the capacity of
+        the agents that may run something here, and the intent types they
+        announced within the sidecar's own list (empty: every type)."""
+        configured = sorted(self.intent_types)
         if self.draining:
-            return 0
-        return min(self.max_capacity, sum(agent.capacity for agent in self.agents.values()))
+            return 0, configured
+        capacity, types, every = 0, set[str](), False
+        for agent in self.agents.values():
+            served: frozenset[str] | None
+            if agent.intent_types and self.intent_types:
+                served = agent.intent_types & self.intent_types
+                if not served:
+                    continue  # it handles nothing this sidecar takes
+            else:
+                served = agent.intent_types or self.intent_types or None
+            capacity += agent.capacity
+            if served is None:
+                every = True
+            else:
+                types |= served
+        return min(self.max_capacity, capacity), [] if every else sorted(types or configured)
 
     @property
     def held_count(self) -> int:
@@ -385,7 +409,7 @@ class Dispatcher:
             self._idle.set()
 
     def _update_capacity(self) -> None:
-        self._link.set_capacity(self.capacity)
+        self._link.set_capacity(*self.offer())
 
     def _release_soon(self, lease: delivery_pb2.Lease, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._release(lease, reason), name=f"release-{lease.intent_id}")

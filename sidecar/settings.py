@@ -11,10 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from intentd.config import parse_host_port, require
+from intentd.config import env_name, parse_host_port, require, resolve_api_key
 from intentd.validation import ValidationError, check_agent_address, check_intent_type
 
 UNIX_PREFIX = "unix://"
+# What the supervised agent does not inherit from the sidecar's environment:
+# the sidecar's credentials (the agent talks only to the sidecar, which holds
+# them) and a database URL, which may carry a password and neither needs.
+WITHHELD_FROM_AGENT = frozenset(env_name(name) for name in (
+    "api_key", "api_key_file", "tls_cert_file", "tls_key_file", "database_url"))
 
 
 def default_listen() -> str:
@@ -80,6 +85,9 @@ class SidecarSettings:
     # The sidecar's API key (role agent, scoped to its addresses), sent as
     # "authorization: Bearer ..." on its stream.
     api_key: str | None = None
+    # Or the file holding that key, so it is neither in the environment (which
+    # a supervised agent would otherwise inherit) nor on the command line.
+    api_key_file: Path | None = None
     # TLS to the control plane: the CA that signed the server's certificate,
     # and for mutual TLS this sidecar's certificate and key.
     tls_ca_file: Path | None = None
@@ -89,6 +97,10 @@ class SidecarSettings:
     @property
     def servers(self) -> list[str]:
         return split_servers(self.server)
+
+    def bearer_key(self) -> str | None:
+        """The API key to send, read from api_key_file when that is set."""
+        return resolve_api_key(self.api_key, self.api_key_file)
 
     @property
     def exec_argv(self) -> list[str]:
@@ -106,6 +118,7 @@ class SidecarSettings:
         for intent_type in self.intent_types:
             _check(check_intent_type, intent_type, "intent_types")
         require(1 <= self.capacity <= 10_000, "capacity", f"must be 1..10000, got {self.capacity}")
+        self.bearer_key()
         for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(self, name)
             require(path is None or Path(path).is_file(), name, f"{path} is not a readable file")

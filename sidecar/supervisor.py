@@ -1,6 +1,7 @@
 """Runs the agent command beside the sidecar and restarts it when it exits.
 
-The agent finds the sidecar through ``INTENTD_SIDECAR_ADDRESS``. A crash
+The agent finds the sidecar through ``INTENTD_SIDECAR_ADDRESS`` and inherits
+the sidecar's environment except its credentials (``WITHHELD_FROM_AGENT``). A crash
 needs no special handling here: the agent's Attach stream ends with it and
 the sidecar releases its intents at once; this only brings the agent back,
 backing off while it keeps crashing.
@@ -16,6 +17,8 @@ import signal
 from collections.abc import Mapping, Sequence
 
 from intentd.observability import metrics
+
+from .settings import WITHHELD_FROM_AGENT
 
 log = logging.getLogger("intentd.sidecar.supervisor")
 
@@ -37,7 +40,8 @@ class AgentSupervisor:
         if not argv:
             raise ValueError("an agent command is required")
         self.argv = list(argv)
-        self.env = {**(os.environ if env is None else env), ADDRESS_ENV: address}
+        inherited = os.environ if env is None else env
+        self.env = {**{k: v for k, v in inherited.items() if k not in WITHHELD_FROM_AGENT}, ADDRESS_ENV: address}
         self.stop_grace_s = stop_grace_s
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s

@@ -121,6 +121,7 @@ class _Session:
     last_heard: float
     sent_capacity: int
     batches: bool = False  # the server takes ConnectRequest.batch
+    sent_types: list[str] = field(default_factory=list)
     outbox: asyncio.Queue[pb.ConnectRequest | None] = field(default_factory=asyncio.Queue)
     dead: asyncio.Event = field(default_factory=asyncio.Event)
     dead_reason: str = ""
@@ -236,12 +237,18 @@ class Upstream:
             return True
         return False
 
-    def set_capacity(self, capacity: int) -> None:
+    def set_capacity(self, capacity: int, intent_types: Sequence[str] | None = None) -> None:
+        """What the control plane may claim for us: how many more intents, and
+        (when given) of which types (empty: every type), both at once."""
         self._capacity = max(0, capacity)
+        if intent_types is not None:
+            self.intent_types = list(intent_types)
         session = self._session
-        if session is not None and session.sent_capacity != self._capacity:
+        if session is not None and (session.sent_capacity, session.sent_types) != (self._capacity, self.intent_types):
             session.sent_capacity = self._capacity
-            session.send(pb.ConnectRequest(set_capacity=pb.SetCapacity(capacity=self._capacity)))
+            session.sent_types = list(self.intent_types)
+            session.send(pb.ConnectRequest(set_capacity=pb.SetCapacity(
+                capacity=self._capacity, intent_types=pb.IntentTypeSet(intent_types=self.intent_types))))
 
     def ack(self, lease: delivery_pb2.Lease) -> None:
         held = self._held.get(lease.token)
@@ -377,6 +384,7 @@ class Upstream:
                 last_heard=loop.time(),
                 sent_capacity=register.capacity,
                 batches=registered.accepts_batches,
+                sent_types=list(register.intent_types),
             )
             self._activate(session, registered)
             pinger = _Pinger(session)

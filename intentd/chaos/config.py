@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE
+
 # Every fault the harness can inject, in the order reports list them.
 FAULT_KINDS: tuple[str, ...] = (
     "agent_kill",    # SIGKILL an agent mid-step (its sidecar releases its intents, restarts it)
@@ -137,8 +139,8 @@ class SoakConfig:
         lo, hi = self.step_ms
         if not 0 <= lo <= hi:
             raise ValueError("--step-ms must be MIN,MAX with 0 <= MIN <= MAX")
-        if self.heartbeat_ms < 2 * self.ping_ms:
-            raise ValueError("--heartbeat-ms must be at least twice --ping-ms")
+        if self.heartbeat_ms < MISSED_PINGS_BEFORE_CLOSE * self.ping_ms:
+            raise ValueError(f"--heartbeat-ms must be at least {MISSED_PINGS_BEFORE_CLOSE} times --ping-ms")
         if self.poison_rate <= 0 or self.flood_rate <= 0 or self.silent_repeats < 0 or self.silent_step_kib < 1:
             raise ValueError("--poison-rate and --flood-rate must be positive, --silent-repeats not negative,"
                              " --silent-step-kib at least 1")

@@ -299,19 +299,49 @@ class SetCapacity(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAPACITY_FIELD_NUMBER: _builtins.int
+    INTENT_TYPES_FIELD_NUMBER: _builtins.int
     capacity: _builtins.int
+    @_builtins.property
+    def intent_types(self) -> Global___IntentTypeSet:
+        """When present, the intent types the stream takes from now on, in place of
+        Register.intent_types (an empty list means every type). A sidecar sends
+        the types its attached agents announced with the capacity they bring,
+        so the control plane never claims an intent nobody there can run.
+        """
+
     def __init__(
         self,
         *,
         capacity: _builtins.int = ...,
+        intent_types: Global___IntentTypeSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["intent_types", b"intent_types"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "intent_types", b"intent_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetCapacity: _TypeAlias = SetCapacity  # noqa: Y015
+
+@_typing.final
+class IntentTypeSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTENT_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def intent_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        intent_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent_types", b"intent_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntentTypeSet: _TypeAlias = IntentTypeSet  # noqa: Y015
 
 @_typing.final
 class WriteRequest(_message.Message):

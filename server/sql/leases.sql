@@ -29,6 +29,7 @@ WITH candidates AS (
       AND available_at <= coalesce($5::timestamptz, now())
       AND ($3::text[] IS NULL OR intent_type = ANY ($3::text[]))
       AND attempt < max_attempts
+      AND (deadline IS NULL OR deadline > coalesce($5::timestamptz, now()))
     ORDER BY available_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -225,7 +226,8 @@ WITH w AS (
 SELECT ord, id, extract(epoch FROM finish_time - create_time)::float8 AS age_s FROM changed;
 
 -- name: fail_intents
--- Retryable with attempts left: back to PENDING after the backoff; otherwise FAILED.
+-- Retryable with attempts left: back to PENDING after the backoff; otherwise
+-- FAILED. After the deadline it matches nothing (the sweeper ends it TIMED_OUT).
 -- $1 ids, $2 tokens, $3 attempts, $4 codes, $5 messages, $6 retryable, $7 nows,
 -- $8 the streams that must hold the leases (NULL: any)
 WITH w AS (
@@ -250,6 +252,7 @@ WITH w AS (
     FROM w
     WHERE i.id = w.id AND i.lease_token = w.token AND i.attempt = w.attempt AND i.state = 'IN_PROGRESS'
       AND (w.session IS NULL OR i.lease_session = w.session)
+      AND (i.deadline IS NULL OR i.deadline > coalesce(w.at, now()))
     RETURNING w.ord, i.*
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, error_code, error_message)
@@ -262,29 +265,44 @@ FROM changed;
 
 -- name: release_intents
 -- Give intents back without a result, for immediate redelivery. AGENT_DIED
--- counts the attempt; DRAINED (a graceful shutdown) grants it back.
+-- and SIDECAR_STOPPED count the attempt. DRAINED (a graceful shutdown, or an
+-- assignment no agent took) grants it back, but only the first 10 times per
+-- intent, counted from its DRAINED release events: a sidecar that keeps
+-- giving an intent back cannot keep it alive for ever; later drains count.
+-- A release after the deadline matches nothing (the deadline sweeper ends it
+-- TIMED_OUT), as every other write.
 -- $1 ids, $2 tokens, $3 attempts, $4 reasons, $5 nows,
 -- $6 the streams that must hold the leases (NULL: any)
 WITH w AS (
     SELECT * FROM unnest((SELECT $1::text[]), $2::uuid[], $3::integer[], $4::text[], $5::timestamptz[], $6::text[])
         WITH ORDINALITY AS w (id, token, attempt, reason, at, session, ord)
+), judged AS (
+    SELECT w.*, CASE WHEN w.reason = 'DRAINED' THEN (
+               SELECT count(*) < 10 FROM intent_events e
+               WHERE e.intent_id = w.id AND e.message = 'DRAINED' AND e.type IN ('RELEASED', 'FAILED'))
+           ELSE false END AS granted
+    FROM w
 ), changed AS (
     UPDATE intents i
-    SET max_attempts = CASE WHEN w.reason = 'DRAINED' THEN i.max_attempts + 1 ELSE i.max_attempts END,
-        state = CASE WHEN w.reason = 'DRAINED' OR i.attempt < i.max_attempts THEN 'PENDING'
+    SET max_attempts = CASE WHEN w.granted THEN i.max_attempts + 1 ELSE i.max_attempts END,
+        state = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN 'PENDING'
                      ELSE 'FAILED' END::intent_state,
-        error_code = CASE WHEN w.reason = 'DRAINED' OR i.attempt < i.max_attempts THEN i.error_code
+        error_code = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN i.error_code
                           ELSE 'ATTEMPTS_EXHAUSTED' END,
-        error_message = CASE WHEN w.reason = 'DRAINED' OR i.attempt < i.max_attempts THEN i.error_message
-                             ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' ended: ' || w.reason END,
-        finish_time = CASE WHEN w.reason = 'DRAINED' OR i.attempt < i.max_attempts THEN NULL
+        error_message = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN i.error_message
+                             ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' ended: ' || w.reason
+                                  || CASE WHEN w.reason = 'DRAINED'
+                                          THEN ' (drains of this intent no longer give the attempt back)' ELSE '' END
+                             END,
+        finish_time = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN NULL
                            ELSE coalesce(w.at, now()) END,
         available_at = coalesce(w.at, now()),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce(w.at, now()), last_seq = i.last_seq + 1
-    FROM w
+    FROM judged w
     WHERE i.id = w.id AND i.lease_token = w.token AND i.attempt = w.attempt AND i.state IN ('DELIVERED', 'IN_PROGRESS')
       AND (w.session IS NULL OR i.lease_session = w.session)
+      AND (i.deadline IS NULL OR i.deadline > coalesce(w.at, now()))
     RETURNING w.ord, w.reason, i.*
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, message, error_code, error_message)
@@ -296,7 +314,8 @@ SELECT ord, id, state::text AS state, error_code, extract(epoch FROM finish_time
 FROM changed;
 
 -- name: expire_leases
--- Leases whose holder stopped renewing them: back to PENDING for the next
+-- Deliveries never acknowledged within the ack timeout (DELIVERED) and
+-- leases whose holder stopped renewing them (IN_PROGRESS): back to PENDING for the next
 -- attempt after the backoff, or FAILED / ATTEMPTS_EXHAUSTED (the dead letter).
 -- Safe in every replica at once. A lease whose renewals could not land
 -- because PostgreSQL itself was down is not a dead holder: nothing expires
@@ -316,6 +335,10 @@ WITH due AS (
     SET state = CASE WHEN i.attempt < i.max_attempts THEN 'PENDING' ELSE 'FAILED' END::intent_state,
         error_code = CASE WHEN i.attempt < i.max_attempts THEN i.error_code ELSE 'ATTEMPTS_EXHAUSTED' END,
         error_message = CASE WHEN i.attempt < i.max_attempts THEN i.error_message
+                             WHEN i.state = 'DELIVERED'
+                             THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts
+                                  || ' was not acknowledged within the ack timeout (its sidecar never confirmed'
+                                  || ' the delivery)'
                              ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts
                                   || ' lost its lease (no heartbeat)' END,
         finish_time = CASE WHEN i.attempt < i.max_attempts THEN NULL

@@ -150,8 +150,8 @@ def test_frozen_sidecar_does_not_let_its_agent_run_a_step_recorded_meanwhile(
 
     create_ledger(database_url)
     # Streams ping every 2 s, so a sidecar calls its stream dead after 6 s of
-    # silence; leases lapse 4 s after the last ping (the least allowed).
-    srv = make_server(heartbeat_timeout_ms=4000, ping_interval_ms=2000)
+    # silence; leases lapse 6 s after the last ping (the least allowed).
+    srv = make_server(heartbeat_timeout_ms=6000, ping_interval_ms=2000)
     leases = srv.plane.agents.leases
     record_step = leases.record_step
     claim = leases.claim
