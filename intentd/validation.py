@@ -12,12 +12,29 @@ INTENT_TYPE_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+\.v[0-9]+$")
 _PART = r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 AGENT_ADDRESS_RE = re.compile(rf"^agent://({_PART})/({_PART})/({_PART})$")
 # A sidecar may serve a pattern: a trailing * matches any name.
+
+# The limits on what clients and agents send, in one place: the server checks
+# them before a write joins a batch, so a bad value is refused alone, with the
+# field named, instead of failing a statement shared with other tenants.
 MAX_TYPE_LEN = 200
+MAX_ADDRESS_LEN = 300
 MAX_KEY_LEN = 200
+MAX_SENDER_LEN = 200
 MAX_LABELS = 64
 MAX_LABEL_KEY_LEN = 63
 MAX_LABEL_VALUE_LEN = 256
 MAX_JSON_DEPTH = 64
+MAX_REASON_LEN = 1000  # a cancel reason
+MAX_STEP_NAME_LEN = 200
+MAX_PROGRESS_MESSAGE_LEN = 1000
+MAX_FAIL_CODE_LEN = 100
+MAX_FAIL_MESSAGE_LEN = 4000  # longer failure messages are cut, not refused
+# Deadlines and delays further ahead than this are mistakes (and past year
+# 9999 a timestamp cannot be read back into Python or protobuf at all); the
+# database holds the same bound as a CHECK (migration 0006).
+MAX_HORIZON_MS = 100 * 366 * 86_400_000
+MAX_RETRY_BACKOFF_MS = 3_600_000
+MAX_RETRY_BACKOFF_MAX_MS = 86_400_000
 
 
 class ValidationError(ValueError):
@@ -26,6 +43,25 @@ class ValidationError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def check_text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
+    """Text bound for a PostgreSQL text column: at most ``max_len``
+    characters and no NUL, which PostgreSQL cannot store."""
+    if required and not value:
+        raise ValidationError(field, "is required")
+    if len(value) > max_len:
+        raise ValidationError(field, f"is {len(value)} characters; at most {max_len}")
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    return value
+
+
+def check_horizon_ms(value: int, field: str) -> int:
+    """A delay in milliseconds: not negative, not beyond MAX_HORIZON_MS."""
+    if not 0 <= value <= MAX_HORIZON_MS:
+        raise ValidationError(field, f"must be 0 to {MAX_HORIZON_MS} ms (100 years)")
+    return value
 
 
 def check_intent_type(value: str, field: str = "intent_type") -> str:
@@ -43,7 +79,7 @@ def check_intent_type(value: str, field: str = "intent_type") -> str:
 def check_agent_address(value: str, field: str = "to_agent") -> str:
     if not value:
         raise ValidationError(field, "is required")
-    if len(value) > 300 or not AGENT_ADDRESS_RE.match(value):
+    if len(value) > MAX_ADDRESS_LEN or not AGENT_ADDRESS_RE.match(value):
         raise ValidationError(
             field,
             f"{_show(value)} is not an agent address agent://<org>/<env>/<name> "

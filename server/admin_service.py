@@ -15,7 +15,13 @@ from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.server.store import IntentStore
 from intentd.v1 import admin_service_pb2 as pb
 from intentd.v1 import admin_service_pb2_grpc as pb_grpc
-from intentd.validation import ValidationError, check_intent_type
+from intentd.validation import (
+    MAX_RETRY_BACKOFF_MAX_MS,
+    MAX_RETRY_BACKOFF_MS,
+    ValidationError,
+    check_horizon_ms,
+    check_intent_type,
+)
 
 
 def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
@@ -56,10 +62,14 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 f"must be {least} to 86400000: at least {MISSED_PINGS_BEFORE_CLOSE} ping intervals of "
                 f"{self.settings.ping_interval_ms} ms, so a lease lapses only once its stream's silence is judged",
             )
-        if not 0 <= backoff <= 3_600_000 or not 0 <= backoff_max <= 86_400_000:
-            raise ValidationError("intent_type.retry_backoff_ms", "backoffs must be 0 to one hour (max: one day)")
-        if spec.default_deadline_ms < 0:
-            raise ValidationError("intent_type.default_deadline_ms", "must not be negative")
+        if not 0 <= backoff <= MAX_RETRY_BACKOFF_MS:
+            raise ValidationError("intent_type.retry_backoff_ms", f"must be 0 to {MAX_RETRY_BACKOFF_MS} (one hour)")
+        if not 0 <= backoff_max <= MAX_RETRY_BACKOFF_MAX_MS:
+            raise ValidationError("intent_type.retry_backoff_max_ms",
+                                  f"must be 0 to {MAX_RETRY_BACKOFF_MAX_MS} (one day)")
+        # Refused here, not by the database: a deadline past year 9999 could
+        # be stored but never read back.
+        check_horizon_ms(spec.default_deadline_ms, "intent_type.default_deadline_ms")
         row = await self.store.put_intent_type(
             self._tenant(context),
             spec.intent_type,

@@ -21,9 +21,25 @@ statement commits on its own. A write that matched nothing is explained
 (``WriteKind.explain``) right after its group, before the next one, so the
 caller learns why from the state its write saw, as if it had run alone.
 
-If one write in a batch raises (a constraint, a deadlock), the batch is
-rolled back and each of its writes is retried in a transaction of its own,
-so one bad write never fails the others.
+Writes are validated before they get here, so a statement fails only for
+what no check could see. When PostgreSQL refuses a batch (a constraint, a
+deadlock), nothing of it committed: it is applied again in one transaction
+with each statement under a savepoint, and a refused statement is split in
+halves under savepoints of their own until the refused writes stand alone.
+They get their error; all the others still commit together, once.
+
+When the answer is lost instead (the connection dropped, or the answer could
+not be read), the batch may have committed: a one-statement batch commits
+with its statement, a transaction may have got as far as its COMMIT. It is
+never retried write by write as if nothing had happened. It is applied
+again, as a whole and once, and every kind's statement is such that applying
+a committed write again changes nothing and is answered from what the
+database holds: fenced writes are guarded by their lease and state, so the
+repeat matches no row and ``write_diagnoses`` recognises it (the step
+recorded, the ack, completion, failure or release of that attempt); a new
+intent's insert does nothing when its id is already there, and the caller
+reads the row back by id. Checkpoints and progress reports write the same
+values again.
 """
 
 from __future__ import annotations
@@ -31,12 +47,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import asyncpg
 
+from intentd.server import errors
 from intentd.server.db import Database, Row, convert_error
 
 log = logging.getLogger("intentd.batcher")
@@ -99,6 +116,23 @@ class _Write:
     explain_args: Sequence[Any] | None = None
     done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     result: Outcome = (None, None)
+    error: BaseException | None = None  # what PostgreSQL refused this write with, in isolation
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The database's own error behind one the db layer converted."""
+    if isinstance(exc, errors.ServerError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
+def refused(exc: BaseException) -> bool:
+    """True when PostgreSQL answered the statement with an error: then nothing
+    of the transaction committed. Anything else (a lost connection, an
+    answer that could not be read; connection and operator-intervention
+    classes 08 and 57 end the session) leaves the outcome in doubt."""
+    cause = _cause(exc)
+    return isinstance(cause, asyncpg.PostgresError) and str(cause.sqlstate)[:2] not in ("08", "57")
 
 
 def plan(batch: Sequence[_Write]) -> list[list[_Write]]:
@@ -135,6 +169,12 @@ class WriteBatcher:
         self.batches = 0
         self.writes = 0
         self.statements = 0
+        self.isolated = 0  # batches PostgreSQL refused, applied again under savepoints
+        self.redone = 0  # batches whose commit was in doubt, applied again
+        # Tests only: awaited right after a batch's statements ran (a
+        # one-statement batch has committed by then), before the callers get
+        # their answers; a fault raised here is an answer lost after the commit.
+        self.after_statements: Callable[[asyncpg.Connection, list[_Write]], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"write-batcher-{i}") for i in range(self._workers)]
@@ -179,36 +219,104 @@ class WriteBatcher:
                 self._wake.set()
             await self._commit(batch)
 
-    async def _commit(self, batch: list[_Write]) -> None:
+    async def _commit(self, batch: list[_Write], *, in_doubt_retry: bool = True) -> None:
         steps = plan(batch)
         try:
             if len(steps) == 1:
                 async with self.db.connection() as conn:
                     await self._apply(conn, steps[0])
+                    await self._after(conn, batch)
             else:
                 async with self.db.transaction() as conn:
                     for step in steps:
                         await self._apply(conn, step)
+                    await self._after(conn, batch)
         except asyncio.CancelledError:
-            for write in batch:
-                if not write.done.done():
-                    write.done.cancel()
+            self._cancel(batch)
             raise
         except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(exc)
-                return
-            log.info("a batch of %d writes failed (%s); retrying them one by one", len(batch), type(exc).__name__)
-            for write in batch:
-                await self._commit([write])
+            if refused(exc) and len(batch) > 1:
+                log.info("a batch of %d writes was refused (%s); isolating the refused ones",
+                         len(batch), type(_cause(exc)).__name__)
+                await self._isolate(batch)
+            elif not refused(exc) and in_doubt_retry:
+                log.warning("the commit of a batch of %d writes is in doubt (%s); applying it again",
+                            len(batch), type(_cause(exc)).__name__)
+                self.redone += 1
+                await self._commit(batch, in_doubt_retry=False)
+            else:
+                self._fail(batch, exc)
             return
+        self._answer(batch, len(steps))
+
+    async def _isolate(self, batch: list[_Write]) -> None:
+        """Applies a refused batch again in one transaction, each statement
+        under a savepoint: the writes PostgreSQL refuses get their error, the
+        others commit together."""
+        self.isolated += 1
+        for write in batch:
+            write.error = None
+        steps = plan(batch)
+        try:
+            async with self.db.transaction() as conn:
+                for step in steps:
+                    await self._apply_isolated(conn, step)
+                await self._after(conn, batch)
+        except asyncio.CancelledError:
+            self._cancel(batch)
+            raise
+        except Exception as exc:
+            if refused(exc):
+                self._fail(batch, exc)
+                return
+            # The COMMIT was in doubt: the writes it held are applied again.
+            self._fail([w for w in batch if w.error is not None], None)
+            self.redone += 1
+            await self._commit([w for w in batch if w.error is None], in_doubt_retry=False)
+            return
+        self._fail([w for w in batch if w.error is not None], None)
+        self._answer([w for w in batch if w.error is None], len(steps))
+
+    async def _apply_isolated(self, conn: asyncpg.Connection, step: list[_Write]) -> None:
+        try:
+            async with conn.transaction():  # a savepoint
+                await self._apply(conn, step)
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            if len(step) == 1:
+                step[0].error = exc
+                return
+            # Halves, so k refused writes among n cost about k log n statements.
+            half = len(step) // 2
+            await self._apply_isolated(conn, step[:half])
+            await self._apply_isolated(conn, step[half:])
+
+    async def _after(self, conn: asyncpg.Connection, batch: list[_Write]) -> None:
+        if self.after_statements is not None:
+            await self.after_statements(conn, batch)
+
+    def _answer(self, batch: list[_Write], statements: int) -> None:
         self.batches += 1
         self.writes += len(batch)
-        self.statements += len(steps)
+        self.statements += statements
         for write in batch:
             if not write.done.done():
                 write.done.set_result(write.result)
+
+    @staticmethod
+    def _fail(batch: list[_Write], exc: BaseException | None) -> None:
+        """Each write gets its own error if it has one, else ``exc``."""
+        for write in batch:
+            error = write.error or exc
+            if error is not None and not write.done.done():
+                write.done.set_exception(convert_error(error) or error)
+
+    @staticmethod
+    def _cancel(batch: list[_Write]) -> None:
+        for write in batch:
+            if not write.done.done():
+                write.done.cancel()
 
     @staticmethod
     async def _apply(conn: asyncpg.Connection, step: list[_Write]) -> None:

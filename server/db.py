@@ -41,23 +41,30 @@ _UNAVAILABLE = (
 
 
 def convert_error(exc: BaseException) -> errors.ServerError | None:
-    """Maps an asyncpg (or socket) error to a ServerError; None if it is a bug."""
+    """Maps an asyncpg (or socket) error to a ServerError; None if it is a bug.
+
+    What PostgreSQL says (its message, DETAIL with other rows' keys, the
+    names of constraints) is logged here and never sent to a client: the
+    statement may have been shared with other tenants' writes."""
     if isinstance(exc, errors.ServerError):
         return exc
     if isinstance(exc, _UNAVAILABLE) or isinstance(exc, TimeoutError):
         return errors.Unavailable(f"database unavailable: {type(exc).__name__}")
     if isinstance(exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError):
         return errors.Unavailable("transaction conflict; retry")
+    mapped: errors.ServerError | None = None
     if isinstance(exc, asyncpg.exceptions.CheckViolationError):
         # The transition trigger or a row invariant refused the change.
-        return errors.FailedPrecondition(str(exc))
-    if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
-        return errors.AlreadyExists(str(exc))
-    if isinstance(exc, asyncpg.exceptions.DataError | asyncpg.exceptions.InvalidTextRepresentationError):
-        return errors.InvalidArgument(str(exc))
-    if isinstance(exc, asyncpg.exceptions.ProgramLimitExceededError):
-        return errors.ResourceExhausted(str(exc))
-    return None
+        mapped = errors.FailedPrecondition("the change breaks an invariant of the intent; it was not made")
+    elif isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        mapped = errors.AlreadyExists("the record already exists")
+    elif isinstance(exc, asyncpg.exceptions.DataError | asyncpg.exceptions.InvalidTextRepresentationError):
+        mapped = errors.InvalidArgument("a value is out of range or cannot be stored")
+    elif isinstance(exc, asyncpg.exceptions.ProgramLimitExceededError):
+        mapped = errors.ResourceExhausted("a value is too large to store")
+    if mapped is not None:
+        log.warning("database refused a statement: %s: %s", type(exc).__name__, exc)
+    return mapped
 
 
 @contextlib.contextmanager

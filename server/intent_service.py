@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
@@ -24,16 +24,19 @@ from intentd.states import IntentState
 from intentd.v1 import intent_service_pb2 as pb
 from intentd.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.validation import (
+    MAX_HORIZON_MS,
+    MAX_REASON_LEN,
+    MAX_SENDER_LEN,
     ValidationError,
     check_agent_address,
     check_idempotency_key,
     check_intent_type,
     check_labels,
+    check_text,
     parse_json,
 )
 
 MAX_ATTEMPTS_LIMIT = 1000
-MAX_REASON_LEN = 1000
 # Subscribers re-read the database at least this often even without a
 # notification, so a lost NOTIFY delays them by at most this much.
 CATCHUP_SECONDS = 5.0
@@ -111,6 +114,8 @@ class IntentService(pb_grpc.IntentServiceServicer):
             # The trace travels with the intent to its deliveries and steps.
             labels = {**labels, TRACEPARENT_LABEL: trace}
         deadline = _timestamp_field(spec, "deadline", f"{prefix}deadline")
+        if deadline is not None and deadline > now + timedelta(milliseconds=MAX_HORIZON_MS):
+            raise ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is more than 100 years ahead")
         refusal = None
         if deadline is not None and deadline <= now:
             refusal = ValidationError(f"{prefix}deadline", f"{deadline.isoformat()} is in the past")
@@ -125,8 +130,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
         # With keys, the sender is the key: one caller cannot claim another's
         # idempotency keys by naming it.
         sender = caller.name if self.auth.enabled else (spec.sender or "anonymous")
-        if len(sender) > 200:
-            raise ValidationError(f"{prefix}sender", "is longer than 200 characters")
+        check_text(sender, f"{prefix}sender", MAX_SENDER_LEN)
         return NewIntent(
             intent_type=spec.intent_type,
             to_agent=spec.to_agent,
@@ -237,8 +241,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
     @unary("client")
     async def CancelIntent(self, request: pb.CancelIntentRequest, context: Ctx) -> pb.CancelIntentResponse:
         intent_id = _require_id(request.id)
-        if len(request.reason) > MAX_REASON_LEN:
-            raise ValidationError("reason", f"is longer than {MAX_REASON_LEN} characters")
+        check_text(request.reason, "reason", MAX_REASON_LEN)
         row = await self.store.cancel(self._tenant(context), intent_id, request.reason or "canceled",
                                       actor=current_caller().name)
         metrics.observe_end_to_end("CANCELED", (row["finish_time"] - row["create_time"]).total_seconds())

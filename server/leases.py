@@ -13,8 +13,17 @@ from typing import NoReturn
 from intentd.server import errors
 from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row
+from intentd.server.ids import looks_like_id
 from intentd.server.queries import Q
-from intentd.validation import ValidationError, parse_json
+from intentd.validation import (
+    MAX_FAIL_CODE_LEN,
+    MAX_FAIL_MESSAGE_LEN,
+    MAX_PROGRESS_MESSAGE_LEN,
+    MAX_STEP_NAME_LEN,
+    ValidationError,
+    check_text,
+    parse_json,
+)
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 
@@ -39,6 +48,11 @@ class LeaseRef:
     def parse(cls, intent_id: str, attempt: int, token: str) -> LeaseRef:
         if not intent_id:
             raise ValidationError("lease.intent_id", "is required")
+        if not looks_like_id(intent_id):
+            # Checked here, before the write joins a batch: an id PostgreSQL
+            # cannot even store (a NUL) would fail the statement shared with
+            # other tenants' writes.
+            raise ValidationError("lease.intent_id", f"{intent_id[:40]!r} is not an intent id")
         if attempt < 1:
             raise ValidationError("lease.attempt", "must be at least 1")
         try:
@@ -57,6 +71,13 @@ def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.S
         f"lease of attempt {lease.attempt} on intent {lease.intent_id} is not live "
         f"(the intent is {state} under another or no lease); stop working on it"
     )
+
+
+def _repeat(lease: LeaseRef, why: Row) -> Row:
+    """The answer to a repeated fail or release of an attempt that already
+    ended that way: how it ended, as the first write was answered."""
+    return {"ord": None, "id": lease.intent_id, "state": why["ended_state"], "error_code": why["ended_code"],
+            "age_s": why["ended_age_s"]}
 
 
 class LeaseStore:
@@ -144,8 +165,7 @@ class LeaseStore:
     ) -> Row:
         if index < 1:
             raise ValidationError("step.index", "must be at least 1")
-        if not name or len(name) > 200:
-            raise ValidationError("step.name", "must be 1 to 200 characters")
+        check_text(name, "step.name", MAX_STEP_NAME_LEN, required=True)
         text = parse_json(result, "step.result", self.max_payload_bytes)
         row, why = await self._write(
             STEP, lease, index, name, text, now, session, now=now, index=index, session=session)
@@ -180,8 +200,7 @@ class LeaseStore:
         self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
         session: str | None = None,
     ) -> None:
-        if len(message) > 1000:
-            raise ValidationError("progress.message", "is longer than 1000 characters")
+        check_text(message, "progress.message", MAX_PROGRESS_MESSAGE_LEN)
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
         await self._guarded(PROGRESS, lease, message, fraction, now, session, now=now)
@@ -203,12 +222,15 @@ class LeaseStore:
         session: str | None = None,
     ) -> Row:
         code = code or "AGENT_ERROR"
-        if len(code) > 100 or not code.replace("_", "").replace(".", "").isalnum():
-            raise ValidationError("fail.code", "must be up to 100 characters of [A-Za-z0-9_.]")
-        row, why = await self._write(FAIL, lease, code, message[:4000], retryable, now, session, now=now)
-        if row is None:
-            self._refuse(lease, why)
-        return row
+        if len(code) > MAX_FAIL_CODE_LEN or not code.isascii() or not code.replace("_", "").replace(".", "").isalnum():
+            raise ValidationError("fail.code", f"must be up to {MAX_FAIL_CODE_LEN} characters of [A-Za-z0-9_.]")
+        message = check_text(message[:MAX_FAIL_MESSAGE_LEN], "fail.message", MAX_FAIL_MESSAGE_LEN)
+        row, why = await self._write(FAIL, lease, code, message, retryable, now, session, now=now)
+        if row is not None:
+            return row
+        if why is not None and why["ended_by"] == "fail":
+            return _repeat(lease, why)  # a repeat of a failure that committed
+        self._refuse(lease, why)
 
     async def release(
         self, lease: LeaseRef, reason: str, now: datetime | None = None, session: str | None = None
@@ -216,9 +238,11 @@ class LeaseStore:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
         row, why = await self._write(RELEASE, lease, reason, now, session, now=now)
-        if row is None:
-            self._refuse(lease, why)
-        return row
+        if row is not None:
+            return row
+        if why is not None and why["ended_by"] == reason:
+            return _repeat(lease, why)  # a repeat of a release that committed
+        self._refuse(lease, why)
 
     async def ping(self) -> None:
         async with self.db.connection() as conn:

@@ -1,6 +1,8 @@
 """Per-tenant and per-key quotas: sends per second, live intents, payload
 size. Rates are token buckets in each replica (a limit of R per second with
-N replicas admits up to N x R); live intents are counted in PostgreSQL."""
+N replicas admits up to N x R). Live intents are admitted by the database,
+in the statement that inserts them (``insert_intents``, under a lock of the
+tenant), exactly under concurrency and with any number of replicas."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from intentd.server.db import Database, Row
 from intentd.server.queries import Q
 
 TENANT_CACHE_SECONDS = 5.0
-COUNT_CACHE_SECONDS = 1.0
 
 
 @dataclass
@@ -39,7 +40,6 @@ class Quotas:
         self.db = db
         self.default_max_payload_bytes = default_max_payload_bytes
         self._tenants: dict[str, tuple[Row | None, float]] = {}
-        self._counts: dict[str, tuple[int, float]] = {}
         self._buckets: dict[tuple[str, str], Bucket] = {}
 
     async def _tenant(self, name: str) -> Row | None:
@@ -60,7 +60,7 @@ class Quotas:
 
     async def admit_sends(self, caller: Caller, count: int) -> None:
         """Raises ResourceExhausted (with a retry-after) when ``count`` more
-        sends would break a quota."""
+        sends would break a rate limit (live intents: see the module doc)."""
         now = time.monotonic()
         tenant = await self._tenant(caller.tenant)
         limits = [("key", caller.key_id or "", caller.max_sends_per_second)]
@@ -77,19 +77,3 @@ class Quotas:
                 raise errors.ResourceExhausted(
                     f"{kind} {name or caller.name!r} is limited to {rate:g} sends per second",
                     retry_after_ms=math.ceil(wait * 1000))
-        if tenant is not None and tenant["max_live_intents"] is not None:
-            live = await self._live(caller.tenant, now)
-            if live + count > tenant["max_live_intents"]:
-                raise errors.ResourceExhausted(
-                    f"tenant {caller.tenant!r} has {live} live intents; its quota is {tenant['max_live_intents']}",
-                    retry_after_ms=1000)
-            self._counts[caller.tenant] = (live + count, self._counts[caller.tenant][1])
-
-    async def _live(self, tenant: str, now: float) -> int:
-        hit = self._counts.get(tenant)
-        if hit is not None and now - hit[1] < COUNT_CACHE_SECONDS:
-            return hit[0]
-        async with self.db.connection() as conn:
-            live = int(await conn.fetchval(Q.count_live_intents, tenant))
-        self._counts[tenant] = (live, now)
-        return live

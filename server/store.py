@@ -67,10 +67,11 @@ class IntentStore:
             args = self._insert_args(tenant, spec, now)
             row, _ = await self.batcher.write(INSERT, args[0], args)
             if row is not None:
-                return [Sent(row, True)]
-            # The key was taken: match the earlier send, without inserting again.
+                return [self._created(tenant, row)]
+            # Its own row from an insert whose answer was lost, or the earlier
+            # send holding the key: read back, never inserted again.
             async with self.db.connection() as conn:
-                return [await self._match_existing(conn, tenant, spec)]
+                return [await self._match_existing(conn, tenant, spec, args[0])]
         async with self.db.transaction() as conn:
             return await self._send_many(conn, tenant, intents, now)
 
@@ -80,21 +81,36 @@ class IntentStore:
         """One INSERT for the batch; the rows it did not insert (key taken) are
         matched to the earlier sends one by one, in send order."""
         fresh = [i for i, spec in enumerate(intents) if spec.refuse_if_new is None]
-        outcomes = await apply_group(conn, INSERT, [self._insert_args(tenant, intents[i], now) for i in fresh])
+        args = {i: self._insert_args(tenant, intents[i], now) for i in fresh}
+        outcomes = await apply_group(conn, INSERT, [args[i] for i in fresh])
         inserted = {i: row for i, (row, _) in zip(fresh, outcomes, strict=True) if row is not None}
-        return [Sent(inserted[i], True) if i in inserted else await self._match_existing(conn, tenant, spec)
+        return [self._created(tenant, inserted[i]) if i in inserted
+                else await self._match_existing(conn, tenant, spec, args[i][0] if i in args else None)
                 for i, spec in enumerate(intents)]
 
-    async def _match_existing(self, conn: asyncpg.Connection, tenant: str, spec: NewIntent) -> Sent:
-        """The earlier send with the same idempotency key, if it was the same request."""
+    @staticmethod
+    def _created(tenant: str, row: Row) -> Sent:
+        if row["over_quota"]:
+            # Decided by the database under the tenant's lock (intentd_live_room).
+            raise errors.ResourceExhausted(
+                f"tenant {tenant!r} is at its quota of live intents (max_live_intents); "
+                "send again when some have finished", retry_after_ms=1000)
+        return Sent(row, True)
+
+    async def _match_existing(
+        self, conn: asyncpg.Connection, tenant: str, spec: NewIntent, intent_id: str | None
+    ) -> Sent:
+        """The send's own row, or the earlier send with the same idempotency
+        key if it was the same request."""
         existing = await conn.fetchrow(
-            Q.find_by_idempotency_key,
+            Q.find_sent,
             tenant,
             spec.sender,
             spec.idempotency_key,
             spec.intent_type,
             spec.to_agent,
             spec.payload,
+            intent_id,
         )
         if existing is None:
             if spec.refuse_if_new is not None:
@@ -108,7 +124,7 @@ class IntentStore:
                 f"{spec.sender!r} for intent {existing['id']} with a different intent_type, "
                 "to_agent or payload"
             )
-        return Sent(existing, False)
+        return Sent(existing, bool(existing["own"]))
 
     def _insert_args(self, tenant: str, spec: NewIntent, now: datetime | None) -> tuple[Any, ...]:
         """One intent's elements of the insert_intents arrays; the new id first."""

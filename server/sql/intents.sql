@@ -5,8 +5,12 @@
 -- name: insert_intents
 -- New intents, set-based: one array element per intent, in send order (a
 -- batch send, or single sends of many callers grouped by the group commit).
--- Rows whose idempotency key is taken (also by an earlier row of the same
--- statement) are not inserted and not returned; each returned row carries
+-- Inserting is idempotent by id: a row whose id is already there (the same
+-- insert applied again after its commit was in doubt) or whose idempotency
+-- key is taken (also by an earlier row of the same statement) is not
+-- inserted and not returned. A tenant with a live-intents quota gets its
+-- rows admitted in send order while intentd_live_room has room; a row past
+-- it is returned with over_quota and nothing else. Each returned row carries
 -- its 1-based position in the arrays as ord.
 -- $1 ids, $2 tenants, $3 intent_types, $4 to_agents, $5 senders, $6 payloads,
 -- $7 idempotency_keys, $8 labels, $9 max_attempts (NULL: type default),
@@ -17,6 +21,24 @@ WITH input AS (
                          $12::timestamptz[])
         WITH ORDINALITY AS u (id, tenant, intent_type, to_agent, sender, payload, idempotency_key, labels,
                               max_attempts, deadline, heartbeat_timeout_ms, at, ord)
+), room AS MATERIALIZED (
+    -- Tenants in name order, so two batches take their tenants' locks in
+    -- the same order.
+    SELECT d.tenant, intentd_live_room(d.tenant) AS room
+    FROM (SELECT DISTINCT tenant FROM input ORDER BY tenant) d
+), admitted AS (
+    SELECT u.*, coalesce(
+               count(*) FILTER (WHERE NOT u.taken) OVER (PARTITION BY u.tenant ORDER BY u.ord) > u.room
+               AND NOT u.taken, false) AS over_quota
+    FROM (
+        -- A send matching an earlier one by key adds no live intent.
+        SELECT u.*, r.room,
+               CASE WHEN r.room IS NULL THEN false ELSE EXISTS (
+                   SELECT 1 FROM intents x
+                   WHERE x.tenant = u.tenant AND x.sender = u.sender AND x.idempotency_key = u.idempotency_key)
+               END AS taken
+        FROM input u JOIN room r ON r.tenant = u.tenant
+    ) u
 ), inserted AS (
     INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
                          labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
@@ -28,23 +50,32 @@ WITH input AS (
            coalesce(t.retry_backoff_max_ms, 60000),
            coalesce(u.deadline, coalesce(u.at, now()) + t.default_deadline_ms * interval '1 millisecond'),
            coalesce(u.at, now()), coalesce(u.at, now()), coalesce(u.at, now()), 1
-    FROM input u
+    FROM admitted u
     LEFT JOIN intent_types t ON t.tenant = u.tenant AND t.intent_type = u.intent_type
+    WHERE NOT u.over_quota
     ORDER BY u.ord
-    ON CONFLICT (tenant, sender, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
     SELECT id, 1, 'CREATED', create_time, state, attempt FROM inserted
 )
-SELECT u.ord, i.* FROM inserted i JOIN input u ON u.id = i.id;
+SELECT u.ord, u.over_quota, i.* FROM admitted u LEFT JOIN inserted i ON i.id = u.id
+WHERE i.id IS NOT NULL OR u.over_quota;
 
--- name: find_by_idempotency_key
--- $1 tenant, $2 sender, $3 key, $4 intent_type, $5 to_agent, $6 payload
-SELECT i.*,
-       (i.intent_type = $4 AND i.to_agent = $5 AND i.payload = $6::jsonb) AS same_request
+-- name: find_sent
+-- What a send that inserted nothing stands for: its own row, when an earlier
+-- application of the same insert committed (its answer was lost), else the
+-- earlier send with the same idempotency key.
+-- $1 tenant, $2 sender, $3 key, $4 intent_type, $5 to_agent, $6 payload,
+-- $7 the send's id (NULL: none)
+SELECT i.*, coalesce(i.id = $7, false) AS own,
+       (coalesce(i.id = $7, false)
+        OR (i.intent_type = $4 AND i.to_agent = $5 AND i.payload = $6::jsonb)) AS same_request
 FROM intents i
-WHERE i.tenant = $1 AND i.sender = $2 AND i.idempotency_key = $3;
+WHERE i.tenant = $1 AND (i.id = $7 OR (i.sender = $2 AND i.idempotency_key = $3))
+ORDER BY coalesce(i.id = $7, false) DESC
+LIMIT 1;
 
 -- name: get_intent
 SELECT * FROM intents WHERE id = $1 AND tenant = $2;

@@ -149,15 +149,25 @@ SELECT w.ord, s.* FROM inserted s JOIN w ON w.id = s.intent_id;
 -- name: write_diagnoses
 -- Why fenced writes matched no row, read right after them (in their
 -- transaction). $1 ids, $2 tokens, $3 attempts, $4 step indexes (0: none),
--- $5 the writing streams (NULL: any), $6 the writes' nows
+-- $5 the writing streams (NULL: any), $6 the writes' nows.
+-- ended_by: how the write's attempt ended, if it did under this lease: 'fail'
+-- or the release reason (a repeat of that write committed), LEASE_EXPIRED.
 SELECT w.ord, i.state::text AS state, i.lease_token = w.token AND i.attempt = w.attempt AS same_lease,
        i.deadline IS NOT NULL AND i.deadline <= coalesce(w.at, now()) AS past_deadline,
        (w.session IS NULL OR i.lease_session = w.session) AS holds,
-       i.steps_completed, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time
+       i.steps_completed, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time,
+       CASE WHEN e.type IS NOT NULL THEN coalesce(e.message, 'fail') END AS ended_by,
+       e.state::text AS ended_state, e.error_code AS ended_code,
+       extract(epoch FROM i.finish_time - i.create_time)::float8 AS ended_age_s
 FROM unnest((SELECT $1::text[]), $2::uuid[], $3::integer[], $4::integer[], $5::text[], $6::timestamptz[])
     WITH ORDINALITY AS w (id, token, attempt, idx, session, at, ord)
 JOIN intents i ON i.id = w.id
-LEFT JOIN intent_steps s ON s.intent_id = i.id AND s.idx = w.idx;
+LEFT JOIN intent_steps s ON s.intent_id = i.id AND s.idx = w.idx
+LEFT JOIN LATERAL (
+    SELECT e.type, e.message, e.state, e.error_code FROM intent_events e
+    WHERE e.intent_id = i.id AND e.attempt = w.attempt AND e.type IN ('FAILED', 'RELEASED')
+    ORDER BY e.seq DESC LIMIT 1
+) e ON i.lease_token = w.token AND i.attempt = w.attempt;
 
 -- name: save_checkpoints
 -- $1 ids, $2 tokens, $3 attempts, $4 states, $5 nows,
