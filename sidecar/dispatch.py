@@ -18,11 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from intentd.framing import MAX_MESSAGE_BYTES
 from intentd.observability import metrics
 from intentd.observability.context import bind_log_context, log_context
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
-from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, describe
+from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, StepsUnavailable, describe
 
 log = logging.getLogger("intentd.sidecar.dispatch")
 
@@ -35,6 +36,12 @@ MAX_RELEASE_BACKOFF_S = 5.0
 # A write refused this soon after its lease's ack is retried (see write()).
 ACK_SETTLE_S = 1.0
 FIRST_RETRY_S = 0.05
+# The most recorded bytes an assignment carries to an agent that does not
+# fetch steps: well inside the agent channel's message limit.
+FILL_BYTES = MAX_MESSAGE_BYTES * 3 // 4
+# Recorded steps kept per held intent, beyond the page being replayed: the
+# newest this attempt recorded (a BeginStep for an older one fetches it).
+WINDOW_BYTES = 2 * 1024 * 1024
 
 
 def _about(lease: delivery_pb2.Lease) -> contextlib.AbstractContextManager[None]:
@@ -50,6 +57,9 @@ class Link(Protocol):
     def set_capacity(self, capacity: int, intent_types: Sequence[str] | None = None) -> None: ...
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult: ...
+
+    async def list_recorded_steps(self, lease: delivery_pb2.Lease, from_index: int,
+                                  max_bytes: int = 0) -> agent_service_pb2.ListRecordedStepsResponse: ...
 
 
 class LeaseNotHeld(Exception):
@@ -73,6 +83,8 @@ class AgentSession:
     capacity: int
     language: str = ""
     peer: str = ""
+    # It asks BeginStep for recorded steps its assignment does not carry.
+    fetches_steps: bool = False
     leases: set[str] = field(default_factory=set)
     # None ends the stream.
     outbox: asyncio.Queue[runtime_pb2.AttachResponse | None] = field(default_factory=asyncio.Queue)
@@ -92,9 +104,46 @@ class AgentSession:
 
 
 @dataclass(eq=False)
+class _History:
+    """What the sidecar keeps of an attempt's recorded steps: how many there
+    are and a window of them (the page the agent replays from), never the
+    whole history. Replays go forward, so a fetched page replaces the steps
+    before it."""
+
+    recorded: int
+    window: dict[int, intent_pb2.StepRecord] = field(default_factory=dict)
+    size: int = 0  # bytes in the window
+    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def of(cls, assignment: delivery_pb2.Assignment) -> _History:
+        # A server that pages says how many there are; an older one sends them all.
+        history = cls(max(assignment.recorded_steps, len(assignment.steps)))
+        history.keep(assignment.steps)
+        return history
+
+    def keep(self, steps: Iterable[intent_pb2.StepRecord]) -> None:
+        """A fetched page replaces the window."""
+        self.window = {step.index: step for step in steps}
+        self.size = sum(step.ByteSize() for step in self.window.values())
+
+    def add(self, record: intent_pb2.StepRecord) -> None:
+        """A step this attempt recorded; the oldest ones leave the window
+        when it grows past WINDOW_BYTES."""
+        self.recorded = max(self.recorded, record.index)
+        old = self.window.pop(record.index, None)
+        if old is not None:
+            self.size -= old.ByteSize()
+        self.window[record.index] = record
+        self.size += record.ByteSize()
+        while self.size > WINDOW_BYTES and len(self.window) > 1:
+            self.size -= self.window.pop(min(self.window)).ByteSize()
+
+
+@dataclass(eq=False)
 class _Held:
     assignment: delivery_pb2.Assignment
-    steps: dict[int, intent_pb2.StepRecord]
+    steps: _History
     agent: AgentSession | None = None
     acked: bool = False
     acked_at: float = 0.0
@@ -118,6 +167,7 @@ class Dispatcher:
         self._held: dict[str, _Held] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fills: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -170,7 +220,7 @@ class Dispatcher:
     # ------------------------------------------------------------ agents
 
     def attach(self, intent_types: Iterable[str], capacity: int, *, language: str = "",
-               peer: str = "") -> AgentSession:
+               peer: str = "", fetches_steps: bool = False) -> AgentSession:
         # An SDK that leaves capacity unset (0) runs one at a time.
         agent = AgentSession(
             id=next(self._ids),
@@ -178,6 +228,7 @@ class Dispatcher:
             capacity=min(max(capacity, 1), self.max_capacity),
             language=language,
             peer=peer,
+            fetches_steps=fetches_steps,
         )
         self.agents[agent.id] = agent
         log.info("agent %d attached (%s, capacity %d, types %s)", agent.id, language or "unknown language",
@@ -239,7 +290,7 @@ class Dispatcher:
             # Sent before our SetCapacity(0) arrived: give it straight back.
             self._release_soon(lease, DRAINED)
             return
-        held = _Held(assignment, steps={step.index: step for step in assignment.steps})
+        held = _Held(assignment, steps=_History.of(assignment))
         self._held[lease.token] = held
         self._idle.clear()
         if not self._place(held):
@@ -255,17 +306,38 @@ class Dispatcher:
 
     # ------------------------------------------------------------ from the agent
 
-    def begin_step(self, lease: delivery_pb2.Lease, index: int, name: str) -> intent_pb2.StepRecord | None:
-        """The recorded step at ``index``, or None when it is still to run."""
+    async def begin_step(self, lease: delivery_pb2.Lease, index: int, name: str,
+                         any_name: bool = False) -> intent_pb2.StepRecord | None:
+        """The recorded step at ``index``, or None when it is still to run.
+        A step past the window is fetched from the control plane with the
+        page that follows it. ``any_name``: no divergence check here."""
         held = self._held.get(lease.token)
         if held is None:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
-        record = held.steps.get(index)
+        history = held.steps
+        record = history.window.get(index)
+        if record is None and index <= history.recorded:
+            async with history.fetching:
+                record = history.window.get(index)
+                if record is None:
+                    record = await self._fetch(held, index)
         if record is None:
             return None
-        if record.name != name:
+        if record.name != name and not any_name:
             raise StepDivergence(index, record.name, name)
         return record
+
+    async def _fetch(self, held: _Held, index: int) -> intent_pb2.StepRecord | None:
+        try:
+            page = await self._link.list_recorded_steps(held.lease, index)
+        except StepsUnavailable as exc:
+            if exc.code in STALE_CODES:
+                raise LeaseNotHeld(f"{describe(held.lease)}: {exc.message}") from None
+            raise
+        held.steps.recorded = max(held.steps.recorded, page.recorded_steps)
+        held.steps.keep(page.steps)
+        log.debug("fetched steps %d.. of %s: %d steps", index, describe(held.lease), len(page.steps))
+        return held.steps.window.get(index)
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
         with _about(write.lease):
@@ -285,9 +357,8 @@ class Dispatcher:
         op = write.WhichOneof("op")
         held = self._held.get(token)
         if held is not None and result.code == OK and op == "step":
-            record = result.step if result.HasField("step") else intent_pb2.StepRecord(
-                index=write.step.index, name=write.step.name, result=write.step.result)
-            held.steps[record.index] = record
+            held.steps.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
+                index=write.step.index, name=write.step.name, result=write.step.result))
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
             self._finish(token)
@@ -353,7 +424,7 @@ class Dispatcher:
         if not await self.wait_releases(deadline):
             log.warning("%d releases unanswered after %.1fs; their leases will lapse", len(self._tasks), deadline)
         self._closing = True
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._fills]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for agent in list(self.agents.values()):
@@ -372,8 +443,54 @@ class Dispatcher:
         if held.expiry is not None:
             held.expiry.cancel()
             held.expiry = None
-        agent.send(runtime_pb2.AttachResponse(assignment=held.assignment))
+        if agent.fetches_steps or held.steps.recorded <= len(held.assignment.steps):
+            self._hand_over(agent, held, held.assignment)
+        else:
+            task = asyncio.get_running_loop().create_task(self._fill(agent, held), name=f"fill-{held.lease.intent_id}")
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
         return True
+
+    def _hand_over(self, agent: AgentSession, held: _Held, assignment: delivery_pb2.Assignment) -> None:
+        agent.send(runtime_pb2.AttachResponse(assignment=assignment))
+        # The window has them; the copy that went out is the agent's.
+        del held.assignment.steps[:]
+
+    async def _fill(self, agent: AgentSession, held: _Held) -> None:
+        """An agent that does not fetch recorded steps gets them all in its
+        assignment, as before paging, if they fit in one message; otherwise
+        the attempt fails with HISTORY_TOO_LARGE (never a replay that would
+        re-run recorded steps)."""
+        lease = held.lease
+        with _about(lease):
+            if held.assignment.recorded_bytes > FILL_BYTES:
+                log.error("%s: its %d recorded bytes do not fit in one assignment and agent %d (%s) does not "
+                          "fetch recorded steps; failing the attempt", describe(lease),
+                          held.assignment.recorded_bytes, agent.id, agent.language or "unknown language")
+                await self.write(delivery_pb2.IntentWrite(lease=lease, fail=delivery_pb2.FailWrite(
+                    code="HISTORY_TOO_LARGE", retryable=True, message=(
+                        f"the {held.steps.recorded} recorded steps ({held.assignment.recorded_bytes} bytes) do not "
+                        f"fit in one assignment (limit {FILL_BYTES} bytes) and the agent's SDK does not fetch "
+                        "recorded steps (AgentHello.fetches_steps); upgrade the agent SDK"))))
+                return
+            assignment = delivery_pb2.Assignment()
+            assignment.CopyFrom(held.assignment)
+            try:
+                while len(assignment.steps) < held.steps.recorded and self._held.get(lease.token) is held:
+                    page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
+                    if not page.steps:
+                        break
+                    assignment.steps.extend(page.steps)
+            except StepsUnavailable as exc:
+                log.warning("%s: recorded steps could not be fetched for the agent (%s)", describe(lease),
+                            exc.message)
+                if self._held.get(lease.token) is held:
+                    self._finish(lease.token)
+                    if exc.code not in STALE_CODES:  # a stale lease is not ours to give back
+                        self._release_soon(lease, AGENT_DIED)
+                return
+            if self._held.get(lease.token) is held and held.agent is agent:
+                self._hand_over(agent, held, assignment)
 
     def _pump(self) -> None:
         if self.draining:

@@ -27,6 +27,7 @@ from intentd.validation import ValidationError, check_intent_type
 
 from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
 from .settings import unix_socket_path
+from .upstream import StepsUnavailable
 
 log = logging.getLogger("intentd.sidecar.runtime")
 
@@ -64,7 +65,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         if hello.capacity < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello.capacity must not be negative")
         agent = self._dispatcher.attach(hello.intent_types, hello.capacity, language=hello.language,
-                                        peer=context.peer())
+                                        peer=context.peer(), fetches_steps=hello.fetches_steps)
         reader = asyncio.create_task(self._read(agent, requests), name=f"agent-{agent.id}-read")
         frames = Framer(agent.outbox, limit=MAX_BATCH_MESSAGES if hello.accepts_batches else 1)
         try:
@@ -132,9 +133,12 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "index is 1-based")
         try:
             _check_lease(request.lease)
-            record = self._dispatcher.begin_step(request.lease, request.index, request.name)
+            record = await self._dispatcher.begin_step(request.lease, request.index, request.name,
+                                                       any_name=request.any_name)
         except (StepDivergence, LeaseNotHeld) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StepsUnavailable as exc:
+            await context.abort(status_for(exc.code), f"recorded steps could not be fetched: {exc.message}")
         if record is None:
             return runtime_pb2.BeginStepResponse(recorded=False)
         return runtime_pb2.BeginStepResponse(recorded=True, step=record)

@@ -99,8 +99,6 @@ LIMIT $7;
 SELECT e.* FROM intent_events e JOIN intents i ON i.id = e.intent_id
 WHERE e.intent_id = $1 AND i.tenant = $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4;
 
--- name: list_steps
-SELECT * FROM intent_steps WHERE intent_id = $1 ORDER BY idx;
 
 -- name: cancel_intent
 -- $1 id, $2 tenant, $3 reason, $4 now, $5 actor
