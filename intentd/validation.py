@@ -13,6 +13,8 @@ _PART = r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 AGENT_ADDRESS_RE = re.compile(rf"^agent://({_PART})/({_PART})/({_PART})$")
 # A sidecar may serve a pattern: a trailing * matches any name.
 MAX_TYPE_LEN = 200
+# Intent types one agent, or one sidecar stream, may name.
+MAX_INTENT_TYPES = 1000
 MAX_KEY_LEN = 200
 MAX_LABELS = 64
 MAX_LABEL_KEY_LEN = 63

@@ -157,6 +157,38 @@ def test_repeated_drains_end_counted(make_server: Any, agent_address: str) -> No
     assert releases == final.attempt < 60
 
 
+def test_a_sidecar_offers_the_types_its_agents_handle() -> None:
+    from intentd.sidecar.dispatch import Dispatcher
+
+    offers: list[tuple[int, list[str] | None]] = []
+
+    class Link:
+        def ack(self, lease: Any) -> None: ...
+
+        def set_capacity(self, capacity: int, intent_types: Any = None) -> None:
+            offers.append((capacity, None if intent_types is None else list(intent_types)))
+
+        async def write(self, write: Any) -> Any: ...
+
+    anything = Dispatcher(Link(), capacity=10)  # type: ignore[arg-type]
+    first = anything.attach(["b.t.v1", "a.t.v1"], 2)
+    assert offers[-1] == (2, ["a.t.v1", "b.t.v1"])
+    anything.attach(["c.t.v1"], 3)
+    assert offers[-1] == (5, ["a.t.v1", "b.t.v1", "c.t.v1"])
+    anything.detach(first)
+    assert offers[-1] == (3, ["c.t.v1"])
+    anything.attach([], 1)  # an agent that handles every type
+    assert offers[-1] == (4, [])
+    # Within the sidecar's own list; an agent with nothing in it brings no capacity.
+    limited = Dispatcher(Link(), capacity=10, intent_types=["a.t.v1"])  # type: ignore[arg-type]
+    limited.attach(["c.t.v1"], 3)
+    assert offers[-1] == (0, ["a.t.v1"])
+    limited.attach(["a.t.v1", "b.t.v1"], 2)
+    assert offers[-1] == (2, ["a.t.v1"])
+    limited.drain()
+    assert offers[-1] == (0, ["a.t.v1"])
+
+
 def test_stream_offering_malformed_intent_types_is_refused(make_server: Any, agent_address: str) -> None:
     srv = make_server()
     raw = RawSidecar(srv.address, agent_address)
