@@ -18,6 +18,8 @@ AGENT_ADDRESS_RE = re.compile(rf"^agent://({_PART})/({_PART})/({_PART})$")
 # field named, instead of failing a statement shared with other tenants.
 MAX_TYPE_LEN = 200
 MAX_ADDRESS_LEN = 300
+# Intent types one agent, or one sidecar stream, may name.
+MAX_INTENT_TYPES = 1000
 MAX_KEY_LEN = 200
 MAX_SENDER_LEN = 200
 MAX_LABELS = 64

@@ -32,7 +32,7 @@ from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.v1 import delivery_pb2
-from intentd.validation import ValidationError, check_agent_address, check_intent_type
+from intentd.validation import MAX_INTENT_TYPES, ValidationError, check_agent_address, check_intent_type
 
 log = logging.getLogger("intentd.agents")
 
@@ -48,8 +48,6 @@ MAX_CONCURRENT_WRITES = 256
 # until it is heard again (else the delivery waits out the ack timeout, and
 # a lease of its that lapsed could come straight back to it).
 SILENT_STREAM_PINGS = 1.5
-# Intent types one stream may name (Register, SetCapacity).
-MAX_INTENT_TYPES = 1000
 # Open streams re-check their API key this often, so revocation reaches them.
 KEY_RECHECK_SECONDS = 2.0
 # Messages queued for one stream before it counts as a consumer that stopped reading.

@@ -22,6 +22,7 @@ from intentd.framing import MAX_MESSAGE_BYTES
 from intentd.observability import metrics
 from intentd.observability.context import bind_log_context, log_context
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
+from intentd.validation import MAX_INTENT_TYPES
 
 from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, StepsUnavailable, describe
 
@@ -197,8 +198,8 @@ class Dispatcher:
             else:
                 served = agent.intent_types or self.intent_types or None
             capacity += agent.capacity
-            if served is None:
-                every = True
+            if served is None or len(types | served) > MAX_INTENT_TYPES:
+                every = True  # more than a stream may name: every type, placement sorts them out
             else:
                 types |= served
         return min(self.max_capacity, capacity), [] if every else sorted(types or configured)

@@ -23,7 +23,7 @@ import grpc
 
 from intentd.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
-from intentd.validation import ValidationError, check_intent_type
+from intentd.validation import MAX_INTENT_TYPES, ValidationError, check_intent_type
 
 from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
 from .settings import unix_socket_path
@@ -57,6 +57,9 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         if first.WhichOneof("msg") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Attach message must be hello")
         hello = first.hello
+        if len(hello.intent_types) > MAX_INTENT_TYPES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hello.intent_types: at most {MAX_INTENT_TYPES} intent types")
         try:
             for intent_type in hello.intent_types:
                 check_intent_type(intent_type, "hello.intent_types")

@@ -4,12 +4,14 @@ stream. Real server, real sidecar and agent processes, real SIGSTOP."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +30,13 @@ from intentd.server.auth import KeyStore
 from intentd.server.db import Database
 from intentd.server.settings import ServerSettings
 from intentd.server.sweepers import DeadlineSweeper
-from intentd.v1 import admin_service_pb2, admin_service_pb2_grpc, agent_service_pb2, delivery_pb2
+from intentd.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    delivery_pb2,
+)
 from tests.support import ROOT, Process, RawSidecar, run_sync, server_settings, wait_until
 
 TYPE = "test.hardening.work.v1"
@@ -155,6 +163,38 @@ def test_repeated_drains_end_counted(make_server: Any, agent_address: str) -> No
     assert final.error is not None and final.error.code == "ATTEMPTS_EXHAUSTED"
     assert "DRAINED" in final.error.message
     assert releases == final.attempt < 60
+
+
+def test_a_sidecar_offers_the_types_its_agents_handle() -> None:
+    from intentd.sidecar.dispatch import Dispatcher
+
+    offers: list[tuple[int, list[str] | None]] = []
+
+    class Link:
+        def ack(self, lease: Any) -> None: ...
+
+        def set_capacity(self, capacity: int, intent_types: Any = None) -> None:
+            offers.append((capacity, None if intent_types is None else list(intent_types)))
+
+        async def write(self, write: Any) -> Any: ...
+
+    anything = Dispatcher(Link(), capacity=10)  # type: ignore[arg-type]
+    first = anything.attach(["b.t.v1", "a.t.v1"], 2)
+    assert offers[-1] == (2, ["a.t.v1", "b.t.v1"])
+    anything.attach(["c.t.v1"], 3)
+    assert offers[-1] == (5, ["a.t.v1", "b.t.v1", "c.t.v1"])
+    anything.detach(first)
+    assert offers[-1] == (3, ["c.t.v1"])
+    anything.attach([], 1)  # an agent that handles every type
+    assert offers[-1] == (4, [])
+    # Within the sidecar's own list; an agent with nothing in it brings no capacity.
+    limited = Dispatcher(Link(), capacity=10, intent_types=["a.t.v1"])  # type: ignore[arg-type]
+    limited.attach(["c.t.v1"], 3)
+    assert offers[-1] == (0, ["a.t.v1"])
+    limited.attach(["a.t.v1", "b.t.v1"], 2)
+    assert offers[-1] == (2, ["a.t.v1"])
+    limited.drain()
+    assert offers[-1] == (0, ["a.t.v1"])
 
 
 def test_stream_offering_malformed_intent_types_is_refused(make_server: Any, agent_address: str) -> None:
@@ -328,6 +368,91 @@ def test_never_acknowledged_attempt_says_so(make_server: Any, agent_address: str
     assert final.state is IntentState.FAILED and final.error is not None
     assert "not acknowledged within the ack timeout" in final.error.message, final.error.message
     assert "heartbeat" not in final.error.message
+
+
+class SilentSidecar:
+    """Registers, then says nothing at all (not even pongs): a frozen sidecar."""
+
+    def __init__(self, address: str, agent_address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._quiet = threading.Event()
+
+        def requests() -> Iterator[agent_service_pb2.ConnectRequest]:
+            yield agent_service_pb2.ConnectRequest(register=agent_service_pb2.Register(
+                sidecar_id="silent", addresses=[agent_address], capacity=1))
+            self._quiet.wait()
+
+        self._call = agent_service_pb2_grpc.AgentServiceStub(self._channel).Connect(requests())
+        self.received: list[str] = []
+        self.ended = threading.Event()
+
+        def pump() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for message in self._call:
+                    self.received.append(message.WhichOneof("msg") or "")
+            self.ended.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        wait_until(lambda: "registered" in self.received or self.ended.is_set(), 10, what="Registered")
+
+    def close(self) -> None:
+        self._quiet.set()
+        self._call.cancel()
+        self._channel.close()
+
+
+async def _silent_for(srv: Any, sidecar_id: str, seconds: float) -> bool:
+    now = time.monotonic()
+    return any(s.sidecar_id == sidecar_id and now - s.last_heard > seconds for s in srv.plane.agents.sessions)
+
+
+def test_nothing_is_claimed_for_a_silent_stream(make_server: Any, database_url: str, agent_address: str) -> None:
+    """Finding 14: a stream counted as live until the server closed it after
+    three silent ping intervals, and intents were claimed for it all that
+    time; each waited out the ack timeout, its attempt spent."""
+    srv = make_server()  # pings every 200 ms
+    silent = SilentSidecar(srv.address, agent_address)
+    try:
+        wait_until(lambda: srv.call(_silent_for(srv, "silent", 0.35)), 10, what="the stream silent")
+        with IntentClient(srv.address) as client:
+            intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+            assert silent.ended.wait(10), "the server did not close the silent stream"
+            waiting = client.get(intent_id)
+    finally:
+        silent.close()
+    assert "assignment" not in silent.received
+    assert (waiting.state, waiting.attempt) == (IntentState.PENDING, 0)
+    assert events(database_url, intent_id) == [("CREATED", "", 0)]
+
+
+def test_claims_for_a_stream_that_fell_silent_meanwhile_are_given_back(
+        make_server: Any, database_url: str, agent_address: str) -> None:
+    """Finding 14: what a dispatcher claimed went to the stream whatever it
+    had heard from it meanwhile (here the claim takes longer than the stream
+    may be silent, as when PostgreSQL stalls)."""
+    srv = make_server()
+    leases = srv.plane.agents.leases
+    claim = leases.claim
+
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await claim(*args, **kwargs)
+
+    leases.claim = slow_claim
+    with IntentClient(srv.address) as client:
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+        silent = SilentSidecar(srv.address, agent_address)
+        try:
+            assert silent.ended.wait(10), "the server did not close the silent stream"
+            wait_until(lambda: client.get(intent_id).state is IntentState.PENDING
+                       and client.get(intent_id).attempt == 1, 10, what="the claim given back")
+            back = client.get(intent_id)
+        finally:
+            silent.close()
+            leases.claim = claim
+    assert "assignment" not in silent.received
+    assert events(database_url, intent_id) == [("CREATED", "", 0), ("DELIVERED", "", 1), ("RELEASED", "DRAINED", 1)]
+    assert back.max_attempts == 4  # never sent: the attempt is given back
 
 
 def _put_type(address: str, intent_type: str, heartbeat_ms: int, max_attempts: int) -> None:
