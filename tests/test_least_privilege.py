@@ -144,6 +144,7 @@ def test_server_without_ddl_rights_never_migrates_and_says_what_to_do(app_db: Ap
     text = done.stderr + done.stdout
     assert "schema is at version 0" in text and "run `intentd migrate`" in text, text
     assert "permission denied" not in text, text
+    assert "Traceback" not in text, text  # one clear line, not a stack
     tables = _sql(app_db.owner_url, "SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'public'")
     assert tables[0]["n"] == 0
 
