@@ -532,10 +532,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from intentd.client import IntentdError
+        from intentd.server.migrate import SchemaError
 
         if isinstance(exc, IntentdError):
             print(f"intentd: {exc.code.name}: {exc.details}", file=sys.stderr)
             return 1
+        if isinstance(exc, SchemaError):
+            print(f"intentd: {exc}", file=sys.stderr)
+            return 2
         raise
 
 

@@ -264,7 +264,9 @@ def test_config_values_are_the_server_settings() -> None:
     # Secret, the instance name from the pod's name) or meaningless in a
     # cluster (the embedded PostgreSQL's data dir).
     chart_managed = {"database_url", "listen", "instance_name", "data_dir", "allow_insecure",
-                     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "metrics_listen", "health_listen"}
+                     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "metrics_listen", "health_listen",
+                     # A credential (the migrating role's URL), never a ConfigMap value.
+                     "migration_database_url"}
     fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
 
     def snake(camel: str) -> str:

@@ -144,6 +144,7 @@ def test_server_without_ddl_rights_never_migrates_and_says_what_to_do(app_db: Ap
     text = done.stderr + done.stdout
     assert "schema is at version 0" in text and "run `intentd migrate`" in text, text
     assert "permission denied" not in text, text
+    assert "Traceback" not in text, text  # one clear line, not a stack
     tables = _sql(app_db.owner_url, "SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'public'")
     assert tables[0]["n"] == 0
 
@@ -201,3 +202,32 @@ async def test_list_events_is_tenant_scoped(database_url: str) -> None:
         assert await store.events("lp-globex", intent_id, 0) == []
     finally:
         await db.close()
+
+
+def test_a_schema_one_migration_behind_stops_a_dml_only_server(app_db: AppDatabase, tmp_path: Path) -> None:
+    # The upgrade case: the new replica starts before `intentd migrate` ran.
+    from intentd.server.migrate import available_migrations
+    from intentd.server.queries import Q
+
+    async def all_but_last() -> None:
+        conn = await asyncpg.connect(app_db.owner_url)
+        try:
+            await conn.execute(Q.create_migrations_table)
+            for migration in available_migrations()[:-1]:
+                await conn.execute(migration.sql)
+                await conn.execute(Q.record_migration, migration.version, migration.name)
+            await conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+                               f' TO "{app_db.role}"')
+        finally:
+            await conn.close()
+
+    run_sync(all_but_last())
+    behind = len(available_migrations()) - 1
+    server = ServerProcess(app_db.app_url, tmp_path / "server.log", INTENTD_AUTH="off")
+    done = subprocess.run([sys.executable, "-m", "intentd", "server"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **server.env})
+    assert done.returncode == 2, done.stderr
+    assert f"schema is at version {behind}, this intentd needs {behind + 1}" in done.stderr, done.stderr
+    assert "it has no DDL rights" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    # It did not try: the schema is where it was.
+    assert _sql(app_db.owner_url, "SELECT max(version) AS v FROM intentd_schema_migrations")[0]["v"] == behind

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,29 +42,33 @@ NORMAL_TENANT = "default"
 HOSTILE_TENANT = "hostile"
 
 
-def _intentd_cli(url: str, *args: str) -> str:
-    """``python -m intentd <args>`` straight on the database (keys, tenants); its stdout."""
-    done = subprocess.run([sys.executable, "-m", "intentd", *args], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "INTENTD_DATABASE_URL": url})
-    if done.returncode != 0:
-        raise RuntimeError(f"intentd {' '.join(args[:2])} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
 def make_keys(url: str, run_tag: str) -> dict[str, str]:
     """The keys of the two tenants: the normal one's client and agents (its
-    soak addresses only), the hostile one's client and agents (its own)."""
-    _intentd_cli(url, "tenants", "put", HOSTILE_TENANT)
-    keys = {}
-    for name, tenant, role, pattern in (
-            ("normal-client", NORMAL_TENANT, "client", None),
-            ("normal-agent", NORMAL_TENANT, "agent", f"agent://chaos/soak{run_tag}/*"),
-            ("hostile-client", HOSTILE_TENANT, "client", None),
-            ("hostile-agent", HOSTILE_TENANT, "agent", f"agent://hostile/h{run_tag}/*")):
-        out = _intentd_cli(url, "keys", "create", name, "--tenant", tenant, "--role", role,
-                           *(["--address", pattern] if pattern else []))
-        keys[name] = out.strip().splitlines()[-1]
-    return keys
+    soak addresses only), the hostile one's client and agents (its own).
+    Made as ``intentd keys create`` does, straight in the database (which
+    this also migrates), before any replica or gRPC thread exists."""
+    import asyncio
+
+    from intentd.server.auth import KeyStore
+    from intentd.server.db import Database
+
+    async def make() -> dict[str, str]:
+        db = Database(url, min_size=1, max_size=1, application_name="intentd-chaos-keys")
+        await db.open()
+        try:
+            store = KeyStore(db)
+            keys = {}
+            for name, tenant, role, pattern in (
+                    ("normal-client", NORMAL_TENANT, "client", None),
+                    ("normal-agent", NORMAL_TENANT, "agent", f"agent://chaos/soak{run_tag}/*"),
+                    ("hostile-client", HOSTILE_TENANT, "client", None),
+                    ("hostile-agent", HOSTILE_TENANT, "agent", f"agent://hostile/h{run_tag}/*")):
+                _, keys[name] = await store.create(tenant, name, [role], [pattern] if pattern else [])
+            return keys
+        finally:
+            await db.close()
+
+    return asyncio.run(make())
 
 
 class Hostile(ManagedProcess):

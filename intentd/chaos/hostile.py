@@ -122,6 +122,8 @@ class Stream:
                             # From here on nothing is read: the server's answers pile up.
                             self.closed.wait()
                             return
+            with self.stats.lock:
+                self.stats.stream_ends["OK"] += 1  # the server ended it without an error
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             with self.stats.lock:

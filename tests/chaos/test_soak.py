@@ -36,8 +36,8 @@ def short_config() -> SoakConfig:
         hostile=True,
         # Bounded, so the run stays within its time on two cores: the long
         # soak (docs/chaos.md) turns them up.
-        poison_rate=150.0,
-        flood_rate=300.0,
+        poison_rate=100.0,
+        flood_rate=200.0,
         silent_repeats=600,
         silent_step_kib=100,
     )
