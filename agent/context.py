@@ -126,9 +126,12 @@ class _BaseContext:
         self.labels: dict[str, str] = dict(assignment.intent.labels)
         # The decoded payload (also the handler's second argument); set by the agent.
         self.payload: Any = None
-        # The step records of earlier attempts, by index (1-based).
+        # The step records of earlier attempts, by index (1-based): those the
+        # assignment carried; the others are asked for one by one as the
+        # replay reaches them (_fetch_recorded), and each is dropped once
+        # replayed, so a large history never sits in memory whole.
         self._recorded: dict[int, intent_pb2.StepRecord] = {s.index: s for s in assignment.steps}
-        self.recorded_steps: int = len(self._recorded)
+        self.recorded_steps: int = max(assignment.recorded_steps, len(self._recorded))
         self.replayed_steps: int = 0
         self.last_checkpoint: Any = decode_json(assignment.checkpoint)
         self._progress_fraction = assignment.intent.checkpoint.progress_fraction
@@ -225,6 +228,7 @@ class _BaseContext:
                 log.error("%s: %s", self._log_prefix, self._divergence.message)
                 raise self._divergence
             plan = _Plan(index, name, replayed=True, value=decode_json(record.result))
+            del self._recorded[index]
             self._next_index += 1
             self.replayed_steps += 1
             log.debug("%s: step %d %r replayed", self._log_prefix, index, name)
@@ -239,6 +243,39 @@ class _BaseContext:
             "intentd.step.replayed": plan.replayed,
         })
         return plan
+
+    def _must_fetch(self) -> bool:
+        index = self._next_index
+        return index <= self.recorded_steps and index not in self._recorded and self._active is None
+
+    async def _fetch_recorded(self) -> None:
+        """Gets the record of the next step from the sidecar when an earlier
+        attempt recorded it and the assignment did not carry it."""
+        if not self._must_fetch():
+            return
+        index = self._next_index
+        retry = 0
+        while True:
+            self._check_live()
+            try:
+                record = await self._session.recorded_step(self.lease, index, "", self._write_timeout)
+                break
+            except WriteRefused as exc:
+                if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._stop(LEASE_LOST, exc.details)
+                    self._check_live()
+                if exc.code not in _RETRY_CODES:
+                    raise WriteError("BeginStep", exc.code.name, exc.details) from None
+                delay = self._write_backoff.delay(retry)
+                retry += 1
+                log.warning("%s: recorded step %d not fetched (%s: %s); retry %d in %.2fs",
+                            self._log_prefix, index, exc.code.name, exc.details, retry, delay)
+                await asyncio.sleep(delay)
+        if record is None:
+            # The sidecar knows better than the count we were given (none recorded there).
+            self.recorded_steps = index - 1
+        else:
+            self._recorded[index] = record
 
     def _end_step(self, plan: _Plan, error: BaseException | None = None) -> None:
         if self._active is plan:
@@ -349,6 +386,7 @@ class Context(_BaseContext):
         is recorded. A step that raises is not recorded and does not use up its
         index: the next ``step`` call takes the same index.
         """
+        await self._fetch_recorded()
         plan = self._begin_step(name)
         error: BaseException | None = None
         try:
@@ -419,6 +457,7 @@ class StepScope:
         self._plan: _Plan | None = None
 
     async def __aenter__(self) -> StepScope:
+        await self._ctx._fetch_recorded()
         self._plan = self._ctx._begin_step(self.name)
         self.index = self._plan.index
         self.replayed = self._plan.replayed
@@ -491,6 +530,8 @@ class SyncContext(_BaseContext):
     def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """As ``Context.step``, blocking; ``fn`` runs in the handler's thread
         (a coroutine function is run on the agent's event loop)."""
+        if self._must_fetch():
+            self._blocking(self._fetch_recorded())
         plan = self._begin_step(name)
         error: BaseException | None = None
         try:
@@ -541,6 +582,8 @@ class SyncStepScope:
         self._plan: _Plan | None = None
 
     def __enter__(self) -> SyncStepScope:
+        if self._ctx._must_fetch():
+            self._ctx._blocking(self._ctx._fetch_recorded())
         self._plan = self._ctx._begin_step(self.name)
         self.index = self._plan.index
         self.replayed = self._plan.replayed

@@ -292,6 +292,7 @@ class Agent:
                             capacity=self.capacity,
                             language="python",
                             accepts_batches=True,
+                            fetches_steps=True,
                         )
                     )
                 )

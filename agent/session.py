@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
-from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
     from .context import _BaseContext
@@ -123,6 +123,18 @@ class SidecarSession:
         if isinstance(response, runtime_pb2.RecordStepResponse):
             return agent_service_pb2.WriteResult(step=response.step)
         return agent_service_pb2.WriteResult()
+
+    async def recorded_step(self, lease: delivery_pb2.Lease, index: int, name: str,
+                            timeout: float | None) -> intent_pb2.StepRecord | None:
+        """The step an earlier attempt recorded at ``index`` that the
+        assignment did not carry (the sidecar fetches it), or None. Raises
+        ``WriteRefused`` with the call's status."""
+        try:
+            response: runtime_pb2.BeginStepResponse = await self.stub.BeginStep(
+                runtime_pb2.BeginStepRequest(lease=lease, index=index, name=name, any_name=True), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise WriteRefused(exc.code(), exc.details() or "") from None
+        return response.step if response.recorded else None
 
     # -- receiving -------------------------------------------------------------
 

@@ -291,7 +291,13 @@ class AsyncIntentClient:
         return intent_from_proto(resp.intent)
 
     async def steps(self, intent_id: str) -> builtins.list[Step]:
-        resp: pb.ListIntentStepsResponse = await self._call(
-            self._stub.ListIntentSteps, pb.ListIntentStepsRequest(id=intent_id)
-        )
-        return [step_from_proto(s) for s in resp.steps]
+        """Every recorded step of the intent, in order, following the pages
+        (each at most 1 MiB, whatever the history's size)."""
+        request = pb.ListIntentStepsRequest(id=intent_id)
+        steps: builtins.list[Step] = []
+        while True:
+            resp: pb.ListIntentStepsResponse = await self._call(self._stub.ListIntentSteps, request)
+            steps.extend(step_from_proto(s) for s in resp.steps)
+            if not resp.next_page_token:
+                return steps
+            request.page_token = resp.next_page_token

@@ -271,7 +271,13 @@ class IntentClient:
         return intent_from_proto(resp.intent)
 
     def steps(self, intent_id: str) -> builtins.list[Step]:
-        resp: pb.ListIntentStepsResponse = self._call(
-            self._stub.ListIntentSteps, pb.ListIntentStepsRequest(id=intent_id)
-        )
-        return [step_from_proto(s) for s in resp.steps]
+        """Every recorded step of the intent, in order, following the pages
+        (each at most 1 MiB, whatever the history's size)."""
+        request = pb.ListIntentStepsRequest(id=intent_id)
+        steps: builtins.list[Step] = []
+        while True:
+            resp: pb.ListIntentStepsResponse = self._call(self._stub.ListIntentSteps, request)
+            steps.extend(step_from_proto(s) for s in resp.steps)
+            if not resp.next_page_token:
+                return steps
+            request.page_token = resp.next_page_token

@@ -21,13 +21,13 @@ import grpc
 
 from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.observability import metrics
-from intentd.server import errors
-from intentd.server.auth import Authenticator, Caller
-from intentd.server.convert import intent_to_proto, step_to_proto
+from intentd.server import errors, history
+from intentd.server.auth import Authenticator, Caller, current_caller
+from intentd.server.convert import step_to_proto
 from intentd.server.db import Row
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
-from intentd.server.rpc import MalformedRequest, to_server_error
+from intentd.server.rpc import MalformedRequest, to_server_error, unary
 from intentd.server.settings import ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
 from intentd.v1 import agent_service_pb2_grpc as pb_grpc
@@ -70,6 +70,7 @@ class Session:
     intent_types: tuple[str, ...]
     capacity: int
     batches: bool = False  # the sidecar takes ConnectResponse.batch
+    fetches_steps: bool = False  # the sidecar fetches recorded steps past an assignment's first page
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     held: dict[str, Held] = field(default_factory=dict)
     outbox: asyncio.Queue[pb.ConnectResponse | None] = field(
@@ -291,6 +292,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             intent_types=tuple(dict.fromkeys(reg.intent_types)),
             capacity=reg.capacity,
             batches=reg.accepts_batches,
+            fetches_steps=reg.fetches_steps,
         )
         kept: list[delivery_pb2.Lease] = []
         lost: list[delivery_pb2.Lease] = []
@@ -508,7 +510,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 try:
                     rows, steps = await self.leases.claim(
                         session.id, session.addresses, types, want, self.settings.ack_timeout_ms,
-                        tenant=session.caller.tenant)
+                        tenant=session.caller.tenant, whole_history=not session.fetches_steps)
                 except Exception as exc:
                     log.warning("claim for stream %s failed: %s", session.id, exc)
                     rows, steps = [], {}
@@ -521,13 +523,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     self.assignments_sent += 1
                     metrics.DELIVERIES.inc()
                     metrics.observe_dispatch_latency((row["update_time"] - row["available_at"]).total_seconds())
-                    session.send(pb.ConnectResponse(assignment=delivery_pb2.Assignment(
-                        intent=intent_to_proto(row),
-                        lease=_lease_msg(lease),
-                        steps=[step_to_proto(s) for s in steps.get(row["id"], ())],
-                        checkpoint=row["checkpoint"].encode() if row["checkpoint"] is not None else b"",
-                        heartbeat_timeout_ms=row["heartbeat_timeout_ms"],
-                    )))
+                    session.send(pb.ConnectResponse(
+                        assignment=history.assignment(row, _lease_msg(lease), steps.get(row["id"], ()))))
                 if len(rows) == want:
                     continue
                 if timeout == catchup and session.recheck_delayed:
@@ -574,6 +571,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     session.failure = errors.Unauthenticated("the API key of this stream was revoked or expired")
                     session.close()
                     return
+
+    @unary("agent")
+    async def ListRecordedSteps(
+        self, request: pb.ListRecordedStepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRecordedStepsResponse:
+        """A page of a held intent's history, for a sidecar whose assignment
+        carried only the first. Only the stream holding the lease may read
+        it: the database checks lease, stream and tenant."""
+        if not request.session_id or len(request.session_id) > 100:
+            raise ValidationError("session_id", "must be the Registered.session_id of the stream")
+        recorded, rows = await self.leases.recorded_steps(
+            _lease_ref(request.lease), request.session_id, request.from_index, request.max_bytes,
+            tenant=current_caller().tenant)
+        return pb.ListRecordedStepsResponse(steps=[step_to_proto(r) for r in rows], recorded_steps=recorded)
 
     async def close_all(self) -> None:
         """Ends every stream so sidecars reconnect to another replica (their

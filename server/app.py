@@ -18,6 +18,7 @@ from intentd.server.auth import Authenticator
 from intentd.server.batcher import WriteBatcher
 from intentd.server.db import Database
 from intentd.server.embedded import EmbeddedPostgres
+from intentd.server.history import page_bytes
 from intentd.server.hub import NotificationHub
 from intentd.server.intent_service import IntentService
 from intentd.server.leases import LeaseStore
@@ -88,7 +89,10 @@ class ControlPlane:
                             batcher=self.batcher)
         self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
         quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
-        leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes, batcher=self.batcher)
+        leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes, batcher=self.batcher,
+                            max_history_bytes=self.settings.max_history_bytes,
+                            max_history_steps=self.settings.max_history_steps,
+                            page_bytes=page_bytes(self.settings.max_message_bytes))
 
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),

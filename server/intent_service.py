@@ -11,7 +11,7 @@ import grpc
 
 from intentd.observability import metrics
 from intentd.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
-from intentd.server import errors
+from intentd.server import errors, history
 from intentd.server.auth import Authenticator, current_caller
 from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
@@ -260,17 +260,16 @@ class IntentService(pb_grpc.IntentServiceServicer):
         if request.to_agent:
             check_agent_address(request.to_agent)
         labels = check_labels(dict(request.labels)) if request.labels else None
-        rows = await self.store.list_intents(
+        rows, more = await self.store.list_intents(
             self._tenant(context),
             states=states or None,
             intent_type=request.intent_type or None,
             to_agent=request.to_agent or None,
             labels=labels,
             before_id=_parse_page_token(request.page_token),
-            limit=limit + 1,
+            limit=limit,
+            max_bytes=history.page_bytes(self.settings.max_message_bytes),
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
         return pb.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in rows],
             next_page_token=_page_token(rows[-1]["id"]) if more else "",
@@ -289,6 +288,15 @@ class IntentService(pb_grpc.IntentServiceServicer):
     async def ListIntentSteps(
         self, request: pb.ListIntentStepsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListIntentStepsResponse:
-        rows = await self.store.steps(self._tenant(context), _require_id(request.id))
-        return pb.ListIntentStepsResponse(steps=[step_to_proto(r) for r in rows])
+        intent_id = _require_id(request.id)
+        if not 0 <= request.page_size <= history.PAGE_STEPS:
+            raise ValidationError("page_size", f"must be 0 (default {history.PAGE_STEPS}) to {history.PAGE_STEPS}")
+        first = history.parse_page_token(request.page_token)
+        rows, recorded = await self.store.steps(
+            self._tenant(context), intent_id, first, request.page_size or history.PAGE_STEPS,
+            history.page_bytes(self.settings.max_message_bytes))
+        more = bool(rows) and rows[-1]["idx"] < recorded
+        return pb.ListIntentStepsResponse(
+            steps=[step_to_proto(r) for r in rows],
+            next_page_token=history.page_token(rows[-1]["idx"] + 1) if more else "")
 

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
 
-from intentd.server import errors
+from intentd.server import errors, history
 from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row
 from intentd.server.queries import Q
 from intentd.validation import ValidationError, parse_json
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
+# No byte bound (PostgreSQL bigint).
+UNBOUNDED = 2**62
 
 # The fenced writes of an attempt, each one set-based statement for a group
 # of writes (see WriteBatcher), ranked in the order an attempt makes them.
@@ -60,10 +62,15 @@ def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.S
 
 
 class LeaseStore:
-    def __init__(self, db: Database, *, max_payload_bytes: int, batcher: WriteBatcher | None = None) -> None:
+    def __init__(self, db: Database, *, max_payload_bytes: int, batcher: WriteBatcher | None = None,
+                 max_history_bytes: int = 256 * 1024 * 1024, max_history_steps: int = 10_000,
+                 page_bytes: int = history.PAGE_BYTES) -> None:
         self.db = db
         self.max_payload_bytes = max_payload_bytes
         self.batcher = batcher
+        self.max_history_bytes = max_history_bytes
+        self.max_history_steps = max_history_steps
+        self.page_bytes = page_bytes
 
     async def _write(
         self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None, index: int = 0,
@@ -90,9 +97,11 @@ class LeaseStore:
         ack_timeout_ms: int,
         now: datetime | None = None,
         tenant: str = "default",
+        whole_history: bool = False,
     ) -> tuple[list[Row], dict[str, list[Row]]]:
         """Claims up to ``limit`` claimable intents for a stream; returns them
-        with the steps recorded by their earlier attempts."""
+        with the first page of the steps recorded by their earlier attempts
+        (``whole_history``: all of them, for a sidecar that cannot fetch)."""
         async with self.db.connection() as conn:
             rows = await conn.fetch(
                 Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
@@ -101,9 +110,36 @@ class LeaseStore:
             steps: dict[str, list[Row]] = defaultdict(list)
             resumed = [r["id"] for r in rows if r["steps_completed"] > 0]
             if resumed:
-                for step in await conn.fetch(Q.steps_of, resumed):
+                if whole_history:
+                    budget, total, count = UNBOUNDED, UNBOUNDED, self.max_history_steps
+                else:
+                    budget, total, count = self.page_bytes, history.CLAIM_BYTES, history.PAGE_STEPS
+                for step in await conn.fetch(Q.steps_of, resumed, tenant, 1, budget, total, count):
                     steps[step["intent_id"]].append(step)
         return list(rows), steps
+
+    async def recorded_steps(
+        self, lease: LeaseRef, session: str, from_index: int, max_bytes: int, tenant: str = "default",
+    ) -> tuple[int, list[Row]]:
+        """A page of the steps recorded for the intent of a live lease held
+        by ``session``: the intent's step count and the steps from
+        ``from_index`` on. FAILED_PRECONDITION when the stream does not hold
+        the lease (stale, or never its own)."""
+        if from_index < 1:
+            raise ValidationError("from_index", "must be at least 1")
+        if max_bytes < 0:
+            raise ValidationError("max_bytes", "must not be negative")
+        budget = min(max_bytes or self.page_bytes, self.page_bytes)
+        async with self.db.connection() as conn:
+            recorded = await conn.fetchval(Q.lease_holder, lease.intent_id, lease.token, lease.attempt, session,
+                                           tenant)
+            if recorded is None:
+                raise errors.StaleLease(
+                    f"lease of attempt {lease.attempt} on intent {lease.intent_id} is not held by this stream; "
+                    "stop working on it")
+            rows = await conn.fetch(Q.steps_of, [lease.intent_id], tenant, from_index, budget, budget,
+                                    history.PAGE_STEPS)
+        return int(recorded), list(rows)
 
     async def seconds_until_available(
         self, addresses: Sequence[str], intent_types: Sequence[str] | None, now: datetime | None = None,
@@ -148,13 +184,17 @@ class LeaseStore:
             raise ValidationError("step.name", "must be 1 to 200 characters")
         text = parse_json(result, "step.result", self.max_payload_bytes)
         row, why = await self._write(
-            STEP, lease, index, name, text, now, session, now=now, index=index, session=session)
+            STEP, lease, index, name, text, now, session, self.max_history_bytes, self.max_history_steps,
+            now=now, index=index, session=session)
         if row is not None:
             return row
         if why is None:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
         if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS" or why["past_deadline"]:
             raise _stale(lease, why["state"], why["past_deadline"])
+        if why["idx"] is None and why["steps_completed"] == index - 1:
+            # In order, live, not recorded yet: only the history limit refuses that.
+            raise self._history_full(lease, index, name, text, int(why["history_bytes"]))
         if why["idx"] is not None:
             if why["name"] == name:
                 # A repeat of a write that committed (its answer was lost): the
@@ -169,6 +209,18 @@ class LeaseStore:
             f"step {index} reported out of order: intent {lease.intent_id} has "
             f"{why['steps_completed']} recorded steps, so the next is {why['steps_completed'] + 1}"
         )
+
+    def _history_full(self, lease: LeaseRef, index: int, name: str, text: str, recorded: int) -> errors.ServerError:
+        if index > self.max_history_steps:
+            return errors.ResourceExhausted(
+                f"step {index} of intent {lease.intent_id}: an intent may record at most "
+                f"{self.max_history_steps} steps (INTENTD_MAX_HISTORY_STEPS); the {index - 1} recorded are kept")
+        # Near enough for the message: the database measured the result as jsonb prints it.
+        size = len(text.encode()) + len(name.encode())
+        return errors.ResourceExhausted(
+            f"step {index} of intent {lease.intent_id}: its {size} bytes would take the recorded history "
+            f"from {recorded} past the limit of {self.max_history_bytes} bytes (INTENTD_MAX_HISTORY_BYTES); "
+            f"the {index - 1} steps recorded are kept")
 
     async def save_checkpoint(
         self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None

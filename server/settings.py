@@ -35,6 +35,11 @@ class ServerSettings:
     pool_max_size: int = 10
     max_payload_bytes: int = 128 * 1024
     max_message_bytes: int = 4 * 1024 * 1024
+    # Per intent: the recorded steps (names and results) may add up to this
+    # many bytes and steps; the step that would cross it is refused with
+    # RESOURCE_EXHAUSTED. A history always resumes (it travels in pages).
+    max_history_bytes: int = 256 * 1024 * 1024
+    max_history_steps: int = 10_000
     max_batch_size: int = 1000
     # Per client connection; more streams wait for a free slot.
     max_concurrent_streams: int = 1000
@@ -121,6 +126,9 @@ class ServerSettings:
                 "must be between 1 KiB and 64 MiB")
         require(self.max_message_bytes >= self.max_payload_bytes + 64 * 1024, "max_message_bytes",
                 "must exceed INTENTD_MAX_PAYLOAD_BYTES by at least 64 KiB")
+        require(self.max_payload_bytes <= self.max_history_bytes <= 1024 ** 4, "max_history_bytes",
+                "must be at least INTENTD_MAX_PAYLOAD_BYTES and at most 1 TiB")
+        require(1 <= self.max_history_steps <= 1_000_000, "max_history_steps", "must be 1..1000000")
         require(1 <= self.max_concurrent_streams <= 100_000, "max_concurrent_streams", "must be 1..100000")
         require(1 <= self.max_batch_size <= 10_000, "max_batch_size", "must be 1..10000")
         require(100 <= self.heartbeat_timeout_ms <= 86_400_000, "heartbeat_timeout_ms",

@@ -27,6 +27,17 @@ from intentd.states import IntentState
 INSERT = WriteKind("insert", Q.insert_intents, -1)
 
 
+# Rows a listing reads from PostgreSQL at a time.
+LIST_PREFETCH = 16
+
+
+def size_of(row: Row) -> int:
+    """About the bytes an intent row takes as a message: its variable-length
+    text plus a fixed allowance for the rest."""
+    return 512 + sum(len(row[name] or "") for name in (
+        "payload", "result", "labels", "error_message", "progress_message", "cancel_reason", "idempotency_key"))
+
+
 @dataclass(frozen=True)
 class NewIntent:
     """A validated send request."""
@@ -134,29 +145,41 @@ class IntentStore:
         labels: dict[str, str] | None,
         before_id: str | None,
         limit: int,
-    ) -> list[Row]:
-        async with self.db.connection() as conn:
-            return list(
-                await conn.fetch(
-                    Q.list_intents,
-                    tenant,
-                    [s.value for s in states] if states else None,
-                    intent_type,
-                    to_agent,
-                    json.dumps(labels) if labels else None,
-                    before_id,
-                    limit,
-                )
-            )
+        max_bytes: int | None = None,
+    ) -> tuple[list[Row], bool]:
+        """Up to ``limit`` intents, newest first, cut before the one that
+        would take the page past ``max_bytes`` (``size_of`` each; the first
+        is always in); and whether more follow. Rows are read through a
+        cursor, so a cut page reads little past its end."""
+        rows: list[Row] = []
+        size = 0
+        async with self.db.transaction() as conn:
+            cursor = conn.cursor(
+                Q.list_intents, tenant, [s.value for s in states] if states else None, intent_type, to_agent,
+                json.dumps(labels) if labels else None, before_id, limit + 1, prefetch=LIST_PREFETCH)
+            async for row in cursor:
+                if len(rows) == limit:
+                    return rows, True
+                size += size_of(row)
+                if rows and max_bytes is not None and size > max_bytes:
+                    return rows, True
+                rows.append(row)
+        return rows, False
 
     async def events(self, intent_id: str, after_seq: int, limit: int = 500) -> list[Row]:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.list_events, intent_id, after_seq, limit))
 
-    async def steps(self, tenant: str, intent_id: str) -> list[Row]:
-        await self.get(tenant, intent_id)
+    async def steps(
+        self, tenant: str, intent_id: str, from_index: int, limit: int, max_bytes: int
+    ) -> tuple[list[Row], int]:
+        """A page of an intent's steps from ``from_index`` on (at most
+        ``limit`` steps, cut before the one that would pass ``max_bytes``),
+        and how many steps the intent had recorded just before."""
+        recorded = int((await self.get(tenant, intent_id))["steps_completed"])
         async with self.db.connection() as conn:
-            return list(await conn.fetch(Q.list_steps, intent_id))
+            rows = await conn.fetch(Q.steps_of, [intent_id], tenant, from_index, max_bytes, max_bytes, limit)
+        return list(rows), recorded
 
     async def cancel(
         self, tenant: str, intent_id: str, reason: str, now: datetime | None = None, actor: str | None = None

@@ -21,7 +21,7 @@ from intentd.observability import metrics
 from intentd.observability.context import bind_log_context, log_context
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
-from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, describe
+from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, StepsUnavailable, describe
 
 log = logging.getLogger("intentd.sidecar.dispatch")
 
@@ -49,6 +49,9 @@ class Link(Protocol):
     def set_capacity(self, capacity: int) -> None: ...
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult: ...
+
+    async def list_recorded_steps(self, lease: delivery_pb2.Lease, from_index: int,
+                                  max_bytes: int = 0) -> agent_service_pb2.ListRecordedStepsResponse: ...
 
 
 class LeaseNotHeld(Exception):
@@ -91,9 +94,30 @@ class AgentSession:
 
 
 @dataclass(eq=False)
+class _History:
+    """What the sidecar keeps of an attempt's recorded steps: how many there
+    are and a window of them (the page the agent replays from), never the
+    whole history. Replays go forward, so a fetched page replaces the steps
+    before it."""
+
+    recorded: int
+    window: dict[int, intent_pb2.StepRecord]
+    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def of(cls, assignment: delivery_pb2.Assignment) -> _History:
+        window = {step.index: step for step in assignment.steps}
+        # A server that pages says how many there are; an older one sends them all.
+        return cls(max(assignment.recorded_steps, len(window)), window)
+
+    def keep(self, index: int, steps: Iterable[intent_pb2.StepRecord]) -> None:
+        self.window = {step.index: step for step in steps if step.index >= index}
+
+
+@dataclass(eq=False)
 class _Held:
     assignment: delivery_pb2.Assignment
-    steps: dict[int, intent_pb2.StepRecord]
+    steps: _History
     agent: AgentSession | None = None
     acked: bool = False
     acked_at: float = 0.0
@@ -215,7 +239,7 @@ class Dispatcher:
             # Sent before our SetCapacity(0) arrived: give it straight back.
             self._release_soon(lease, DRAINED)
             return
-        held = _Held(assignment, steps={step.index: step for step in assignment.steps})
+        held = _Held(assignment, steps=_History.of(assignment))
         self._held[lease.token] = held
         self._idle.clear()
         if not self._place(held):
@@ -231,17 +255,38 @@ class Dispatcher:
 
     # ------------------------------------------------------------ from the agent
 
-    def begin_step(self, lease: delivery_pb2.Lease, index: int, name: str) -> intent_pb2.StepRecord | None:
-        """The recorded step at ``index``, or None when it is still to run."""
+    async def begin_step(self, lease: delivery_pb2.Lease, index: int, name: str,
+                         any_name: bool = False) -> intent_pb2.StepRecord | None:
+        """The recorded step at ``index``, or None when it is still to run.
+        A step past the window is fetched from the control plane with the
+        page that follows it. ``any_name``: no divergence check here."""
         held = self._held.get(lease.token)
         if held is None:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
-        record = held.steps.get(index)
+        history = held.steps
+        record = history.window.get(index)
+        if record is None and index <= history.recorded:
+            async with history.fetching:
+                record = history.window.get(index)
+                if record is None:
+                    record = await self._fetch(held, index)
         if record is None:
             return None
-        if record.name != name:
+        if record.name != name and not any_name:
             raise StepDivergence(index, record.name, name)
         return record
+
+    async def _fetch(self, held: _Held, index: int) -> intent_pb2.StepRecord | None:
+        try:
+            page = await self._link.list_recorded_steps(held.lease, index)
+        except StepsUnavailable as exc:
+            if exc.code in STALE_CODES:
+                raise LeaseNotHeld(f"{describe(held.lease)}: {exc.message}") from None
+            raise
+        held.steps.recorded = max(held.steps.recorded, page.recorded_steps)
+        held.steps.keep(index, page.steps)
+        log.debug("fetched steps %d.. of %s: %d steps", index, describe(held.lease), len(page.steps))
+        return held.steps.window.get(index)
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
         with _about(write.lease):
@@ -261,9 +306,8 @@ class Dispatcher:
         op = write.WhichOneof("op")
         held = self._held.get(token)
         if held is not None and result.code == OK and op == "step":
-            record = result.step if result.HasField("step") else intent_pb2.StepRecord(
-                index=write.step.index, name=write.step.name, result=write.step.result)
-            held.steps[record.index] = record
+            # Counted, not kept: a later BeginStep for it fetches it.
+            held.steps.recorded = max(held.steps.recorded, write.step.index)
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
             self._finish(token)
@@ -349,6 +393,8 @@ class Dispatcher:
             held.expiry.cancel()
             held.expiry = None
         agent.send(runtime_pb2.AttachResponse(assignment=held.assignment))
+        # The window has them; the copy that went out is the agent's.
+        del held.assignment.steps[:]
         return True
 
     def _pump(self) -> None:

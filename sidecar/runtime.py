@@ -27,6 +27,7 @@ from intentd.validation import ValidationError, check_intent_type
 
 from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
 from .settings import unix_socket_path
+from .upstream import StepsUnavailable
 
 log = logging.getLogger("intentd.sidecar.runtime")
 
@@ -132,9 +133,12 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "index is 1-based")
         try:
             _check_lease(request.lease)
-            record = self._dispatcher.begin_step(request.lease, request.index, request.name)
+            record = await self._dispatcher.begin_step(request.lease, request.index, request.name,
+                                                       any_name=request.any_name)
         except (StepDivergence, LeaseNotHeld) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StepsUnavailable as exc:
+            await context.abort(status_for(exc.code), f"recorded steps could not be fetched: {exc.message}")
         if record is None:
             return runtime_pb2.BeginStepResponse(recorded=False)
         return runtime_pb2.BeginStepResponse(recorded=True, step=record)

@@ -77,6 +77,15 @@ def local_result(code: int, message: str, request_id: int = 0) -> pb.WriteResult
     return pb.WriteResult(request_id=request_id, code=code, message=message)
 
 
+class StepsUnavailable(Exception):
+    """Recorded steps could not be fetched; ``code`` is the google.rpc.Code why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class ConnectError(Exception):
     """The stream could not be set up (no ``Registered``)."""
 
@@ -121,6 +130,7 @@ class _Session:
     last_heard: float
     sent_capacity: int
     batches: bool = False  # the server takes ConnectRequest.batch
+    channel: Any = None  # for the unary calls a stream's holder may make (ListRecordedSteps)
     outbox: asyncio.Queue[pb.ConnectRequest | None] = field(default_factory=asyncio.Queue)
     dead: asyncio.Event = field(default_factory=asyncio.Event)
     dead_reason: str = ""
@@ -284,6 +294,36 @@ class Upstream:
             # Also when the caller gave up: a late result is then dropped.
             self._pending.pop(request_id, None)
 
+    async def list_recorded_steps(self, lease: delivery_pb2.Lease, from_index: int,
+                                  max_bytes: int = 0) -> pb.ListRecordedStepsResponse:
+        """A page of the steps earlier attempts recorded for a held lease,
+        asked on the current stream's channel as that stream. Waits out a
+        reconnect; raises ``StepsUnavailable`` with the final answer."""
+        delay = 0.05
+        while True:
+            session = self._session
+            if self._closing:
+                raise StepsUnavailable(UNAVAILABLE, "the sidecar is shutting down")
+            reason = self._gone.get(lease.token)
+            if reason is not None:
+                raise StepsUnavailable(FAILED_PRECONDITION, f"{describe(lease)} is no longer held ({reason})")
+            if session is None or session.channel is None:
+                await self.wait_connected(1.0)
+                continue
+            request = pb.ListRecordedStepsRequest(session_id=session.session_id, lease=lease,
+                                                  from_index=from_index, max_bytes=max_bytes)
+            try:
+                response: pb.ListRecordedStepsResponse = await pb_grpc.AgentServiceStub(
+                    session.channel).ListRecordedSteps(request, metadata=self._metadata or None, timeout=30.0)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED):
+                    raise StepsUnavailable(exc.code().value[0], exc.details() or exc.code().name) from None
+                log.info("fetching steps of %s: %s; retrying", describe(lease), exc.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def close(self, deadline: float = 5.0) -> None:
         """Ends the stream; leases still held lapse on the server. Pending
         writes are answered UNAVAILABLE (not committed as far as we know)."""
@@ -377,6 +417,7 @@ class Upstream:
                 last_heard=loop.time(),
                 sent_capacity=register.capacity,
                 batches=registered.accepts_batches,
+                channel=channel,
             )
             self._activate(session, registered)
             pinger = _Pinger(session)
@@ -416,6 +457,7 @@ class Upstream:
             capacity=self._capacity,
             held=self.held_leases(),
             accepts_batches=True,
+            fetches_steps=True,
         )
 
     def _activate(self, session: _Session, registered: pb.Registered) -> None:

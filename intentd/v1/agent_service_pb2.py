@@ -26,7 +26,7 @@ from intentd.v1 import delivery_pb2 as intentd_dot_v1_dot_delivery__pb2
 from intentd.v1 import intent_pb2 as intentd_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eintentd/v1/agent_service.proto\x12\nintentd.v1\x1a\x19intentd/v1/delivery.proto\x1a\x17intentd/v1/intent.proto\"\xbd\x02\n\x0e\x43onnectRequest\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.intentd.v1.RegisterH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.intentd.v1.PingH\x00\x12 \n\x04pong\x18\x03 \x01(\x0b\x32\x10.intentd.v1.PongH\x00\x12(\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x19.intentd.v1.AckAssignmentH\x00\x12)\n\x05write\x18\x05 \x01(\x0b\x32\x18.intentd.v1.WriteRequestH\x00\x12/\n\x0cset_capacity\x18\x06 \x01(\x0b\x32\x17.intentd.v1.SetCapacityH\x00\x12\x30\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1f.intentd.v1.ConnectRequestBatchH\x00\x42\x05\n\x03msg\"C\n\x13\x43onnectRequestBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.intentd.v1.ConnectRequest\"\xca\x02\n\x0f\x43onnectResponse\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.intentd.v1.RegisteredH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.intentd.v1.PingH\x00\x12 \n\x04pong\x18\x03 \x01(\x0b\x32\x10.intentd.v1.PongH\x00\x12,\n\nassignment\x18\x04 \x01(\x0b\x32\x16.intentd.v1.AssignmentH\x00\x12/\n\x0cwrite_result\x18\x05 \x01(\x0b\x32\x17.intentd.v1.WriteResultH\x00\x12,\n\nrevocation\x18\x06 \x01(\x0b\x32\x16.intentd.v1.RevocationH\x00\x12\x31\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32 .intentd.v1.ConnectResponseBatchH\x00\x42\x05\n\x03msg\"E\n\x14\x43onnectResponseBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.intentd.v1.ConnectResponse\"\x93\x01\n\x08Register\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x14\n\x0cintent_types\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x1f\n\x04held\x18\x05 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x06 \x01(\x08\"\x95\x01\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10ping_interval_ms\x18\x02 \x01(\x03\x12\x1f\n\x04kept\x18\x03 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x1f\n\x04lost\x18\x04 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x05 \x01(\x08\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\x1f\n\x0bSetCapacity\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x05\"J\n\x0cWriteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12&\n\x05write\x18\x02 \x01(\x0b\x32\x17.intentd.v1.IntentWrite\"f\n\x0bWriteResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12$\n\x04step\x18\x04 \x01(\x0b\x32\x16.intentd.v1.StepRecord2V\n\x0c\x41gentService\x12\x46\n\x07\x43onnect\x12\x1a.intentd.v1.ConnectRequest\x1a\x1b.intentd.v1.ConnectResponse(\x01\x30\x01\x42\x38Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eintentd/v1/agent_service.proto\x12\nintentd.v1\x1a\x19intentd/v1/delivery.proto\x1a\x17intentd/v1/intent.proto\"w\n\x18ListRecordedStepsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\x12\n\nfrom_index\x18\x03 \x01(\x05\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\"Z\n\x19ListRecordedStepsResponse\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x16\n\x0erecorded_steps\x18\x02 \x01(\x05\"\xbd\x02\n\x0e\x43onnectRequest\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.intentd.v1.RegisterH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.intentd.v1.PingH\x00\x12 \n\x04pong\x18\x03 \x01(\x0b\x32\x10.intentd.v1.PongH\x00\x12(\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x19.intentd.v1.AckAssignmentH\x00\x12)\n\x05write\x18\x05 \x01(\x0b\x32\x18.intentd.v1.WriteRequestH\x00\x12/\n\x0cset_capacity\x18\x06 \x01(\x0b\x32\x17.intentd.v1.SetCapacityH\x00\x12\x30\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1f.intentd.v1.ConnectRequestBatchH\x00\x42\x05\n\x03msg\"C\n\x13\x43onnectRequestBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.intentd.v1.ConnectRequest\"\xca\x02\n\x0f\x43onnectResponse\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.intentd.v1.RegisteredH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.intentd.v1.PingH\x00\x12 \n\x04pong\x18\x03 \x01(\x0b\x32\x10.intentd.v1.PongH\x00\x12,\n\nassignment\x18\x04 \x01(\x0b\x32\x16.intentd.v1.AssignmentH\x00\x12/\n\x0cwrite_result\x18\x05 \x01(\x0b\x32\x17.intentd.v1.WriteResultH\x00\x12,\n\nrevocation\x18\x06 \x01(\x0b\x32\x16.intentd.v1.RevocationH\x00\x12\x31\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32 .intentd.v1.ConnectResponseBatchH\x00\x42\x05\n\x03msg\"E\n\x14\x43onnectResponseBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.intentd.v1.ConnectResponse\"\xaa\x01\n\x08Register\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x14\n\x0cintent_types\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x1f\n\x04held\x18\x05 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x06 \x01(\x08\x12\x15\n\rfetches_steps\x18\x07 \x01(\x08\"\x95\x01\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10ping_interval_ms\x18\x02 \x01(\x03\x12\x1f\n\x04kept\x18\x03 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x1f\n\x04lost\x18\x04 \x03(\x0b\x32\x11.intentd.v1.Lease\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x05 \x01(\x08\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\x1f\n\x0bSetCapacity\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x05\"J\n\x0cWriteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12&\n\x05write\x18\x02 \x01(\x0b\x32\x17.intentd.v1.IntentWrite\"f\n\x0bWriteResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12$\n\x04step\x18\x04 \x01(\x0b\x32\x16.intentd.v1.StepRecord2\xb8\x01\n\x0c\x41gentService\x12\x46\n\x07\x43onnect\x12\x1a.intentd.v1.ConnectRequest\x1a\x1b.intentd.v1.ConnectResponse(\x01\x30\x01\x12`\n\x11ListRecordedSteps\x12$.intentd.v1.ListRecordedStepsRequest\x1a%.intentd.v1.ListRecordedStepsResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'intentd.v1.agent_service_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1'
-  _globals['_CONNECTREQUEST']._serialized_start=99
-  _globals['_CONNECTREQUEST']._serialized_end=416
-  _globals['_CONNECTREQUESTBATCH']._serialized_start=418
-  _globals['_CONNECTREQUESTBATCH']._serialized_end=485
-  _globals['_CONNECTRESPONSE']._serialized_start=488
-  _globals['_CONNECTRESPONSE']._serialized_end=818
-  _globals['_CONNECTRESPONSEBATCH']._serialized_start=820
-  _globals['_CONNECTRESPONSEBATCH']._serialized_end=889
-  _globals['_REGISTER']._serialized_start=892
-  _globals['_REGISTER']._serialized_end=1039
-  _globals['_REGISTERED']._serialized_start=1042
-  _globals['_REGISTERED']._serialized_end=1191
-  _globals['_PING']._serialized_start=1193
-  _globals['_PING']._serialized_end=1214
-  _globals['_PONG']._serialized_start=1216
-  _globals['_PONG']._serialized_end=1237
-  _globals['_SETCAPACITY']._serialized_start=1239
-  _globals['_SETCAPACITY']._serialized_end=1270
-  _globals['_WRITEREQUEST']._serialized_start=1272
-  _globals['_WRITEREQUEST']._serialized_end=1346
-  _globals['_WRITERESULT']._serialized_start=1348
-  _globals['_WRITERESULT']._serialized_end=1450
-  _globals['_AGENTSERVICE']._serialized_start=1452
-  _globals['_AGENTSERVICE']._serialized_end=1538
+  _globals['_LISTRECORDEDSTEPSREQUEST']._serialized_start=98
+  _globals['_LISTRECORDEDSTEPSREQUEST']._serialized_end=217
+  _globals['_LISTRECORDEDSTEPSRESPONSE']._serialized_start=219
+  _globals['_LISTRECORDEDSTEPSRESPONSE']._serialized_end=309
+  _globals['_CONNECTREQUEST']._serialized_start=312
+  _globals['_CONNECTREQUEST']._serialized_end=629
+  _globals['_CONNECTREQUESTBATCH']._serialized_start=631
+  _globals['_CONNECTREQUESTBATCH']._serialized_end=698
+  _globals['_CONNECTRESPONSE']._serialized_start=701
+  _globals['_CONNECTRESPONSE']._serialized_end=1031
+  _globals['_CONNECTRESPONSEBATCH']._serialized_start=1033
+  _globals['_CONNECTRESPONSEBATCH']._serialized_end=1102
+  _globals['_REGISTER']._serialized_start=1105
+  _globals['_REGISTER']._serialized_end=1275
+  _globals['_REGISTERED']._serialized_start=1278
+  _globals['_REGISTERED']._serialized_end=1427
+  _globals['_PING']._serialized_start=1429
+  _globals['_PING']._serialized_end=1450
+  _globals['_PONG']._serialized_start=1452
+  _globals['_PONG']._serialized_end=1473
+  _globals['_SETCAPACITY']._serialized_start=1475
+  _globals['_SETCAPACITY']._serialized_end=1506
+  _globals['_WRITEREQUEST']._serialized_start=1508
+  _globals['_WRITEREQUEST']._serialized_end=1582
+  _globals['_WRITERESULT']._serialized_start=1584
+  _globals['_WRITERESULT']._serialized_end=1686
+  _globals['_AGENTSERVICE']._serialized_start=1689
+  _globals['_AGENTSERVICE']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

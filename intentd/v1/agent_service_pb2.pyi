@@ -21,6 +21,66 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ListRecordedStepsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    FROM_INDEX_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The Registered.session_id of the stream that holds the lease."""
+    from_index: _builtins.int
+    """The first step wanted (1-based)."""
+    max_bytes: _builtins.int
+    """At most this many bytes of steps (0: the server's page size, 1 MiB); a
+    page always holds at least one step when there is one from from_index.
+    """
+    @_builtins.property
+    def lease(self) -> _delivery_pb2.Lease: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        lease: _delivery_pb2.Lease | None = ...,
+        from_index: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_index", b"from_index", "lease", b"lease", "max_bytes", b"max_bytes", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordedStepsRequest: _TypeAlias = ListRecordedStepsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecordedStepsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    RECORDED_STEPS_FIELD_NUMBER: _builtins.int
+    recorded_steps: _builtins.int
+    """How many steps the intent has recorded in all."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_intent_pb2.StepRecord]:
+        """From from_index on, in order, as many as the byte budget allows."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_intent_pb2.StepRecord] | None = ...,
+        recorded_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded_steps", b"recorded_steps", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordedStepsResponse: _TypeAlias = ListRecordedStepsResponse  # noqa: Y015
+
+@_typing.final
 class ConnectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -181,12 +241,18 @@ class Register(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
+    FETCHES_STEPS_FIELD_NUMBER: _builtins.int
     sidecar_id: _builtins.str
     """Stable for the life of the sidecar process; lets a reconnect keep its leases."""
     capacity: _builtins.int
     """How many intents it runs at once."""
     accepts_batches: _builtins.bool
     """The sidecar understands ConnectResponse.batch."""
+    fetches_steps: _builtins.bool
+    """The sidecar fetches recorded steps beyond an assignment's first page
+    (Assignment.recorded_steps, ListRecordedSteps). Without it, assignments
+    carry the whole history, as servers did before paging.
+    """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agent addresses served, agent://<org>/<env>/<name>."""
@@ -208,10 +274,11 @@ class Register(_message.Message):
         capacity: _builtins.int = ...,
         held: _abc.Iterable[_delivery_pb2.Lease] | None = ...,
         accepts_batches: _builtins.bool = ...,
+        fetches_steps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "addresses", b"addresses", "capacity", b"capacity", "held", b"held", "intent_types", b"intent_types", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "addresses", b"addresses", "capacity", b"capacity", "fetches_steps", b"fetches_steps", "held", b"held", "intent_types", b"intent_types", "sidecar_id", b"sidecar_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -43,6 +43,11 @@ class AgentServiceStub:
                 request_serializer=intentd_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=intentd_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.ListRecordedSteps = channel.unary_unary(
+                '/intentd.v1.AgentService/ListRecordedSteps',
+                request_serializer=intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -58,6 +63,16 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRecordedSteps(self, request, context):
+        """A page of the steps recorded for a lease's intent by earlier attempts,
+        for a sidecar whose assignment did not carry them all. Fenced: only the
+        stream holding the live lease may read (session_id is that stream's
+        Registered.session_id), with an agent key of the intent's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -65,6 +80,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=intentd_dot_v1_dot_agent__service__pb2.ConnectRequest.FromString,
                     response_serializer=intentd_dot_v1_dot_agent__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'ListRecordedSteps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecordedSteps,
+                    request_deserializer=intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -98,6 +118,33 @@ class AgentService:
             '/intentd.v1.AgentService/Connect',
             intentd_dot_v1_dot_agent__service__pb2.ConnectRequest.SerializeToString,
             intentd_dot_v1_dot_agent__service__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecordedSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intentd.v1.AgentService/ListRecordedSteps',
+            intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsRequest.SerializeToString,
+            intentd_dot_v1_dot_agent__service__pb2.ListRecordedStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,

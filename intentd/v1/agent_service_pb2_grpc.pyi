@@ -38,6 +38,12 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_agent_service_pb2.ConnectRequest, _agent_service_pb2.ConnectResponse]
+    ListRecordedSteps: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListRecordedStepsRequest, _agent_service_pb2.ListRecordedStepsResponse]
+    """A page of the steps recorded for a lease's intent by earlier attempts,
+    for a sidecar whose assignment did not carry them all. Fenced: only the
+    stream holding the live lease may read (session_id is that stream's
+    Registered.session_id), with an agent key of the intent's tenant.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -49,6 +55,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_agent_service_pb2.ConnectRequest, _agent_service_pb2.ConnectResponse]  # type: ignore[assignment]
+    ListRecordedSteps: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListRecordedStepsRequest, _agent_service_pb2.ListRecordedStepsResponse]  # type: ignore[assignment]
+    """A page of the steps recorded for a lease's intent by earlier attempts,
+    for a sidecar whose assignment did not carry them all. Fenced: only the
+    stream holding the live lease may read (session_id is that stream's
+    Registered.session_id), with an agent key of the intent's tenant.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The sidecar-facing API. A sidecar keeps ONE Connect stream open: it carries
@@ -63,5 +75,17 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_agent_service_pb2.ConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.ConnectResponse], _abc.AsyncIterator[_agent_service_pb2.ConnectResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRecordedSteps(
+        self,
+        request: _agent_service_pb2.ListRecordedStepsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListRecordedStepsResponse, _abc.Awaitable[_agent_service_pb2.ListRecordedStepsResponse]]:
+        """A page of the steps recorded for a lease's intent by earlier attempts,
+        for a sidecar whose assignment did not carry them all. Fenced: only the
+        stream holding the live lease may read (session_id is that stream's
+        Registered.session_id), with an agent key of the intent's tenant.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from intentd.v1 import intent_pb2 as intentd_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19intentd/v1/delivery.proto\x12\nintentd.v1\x1a\x17intentd/v1/intent.proto\":\n\x05Lease\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\xab\x01\n\nAssignment\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x03\"1\n\rAckAssignment\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\"8\n\tStepWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\" \n\x0f\x43heckpointWrite\x12\r\n\x05state\x18\x01 \x01(\x0c\"2\n\rProgressWrite\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x1f\n\rCompleteWrite\x12\x0e\n\x06result\x18\x01 \x01(\x0c\"=\n\tFailWrite\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x1e\n\x0cReleaseWrite\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc1\x02\n\x0bIntentWrite\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWriteH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWriteH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.intentd.v1.ProgressWriteH\x00\x12-\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x19.intentd.v1.CompleteWriteH\x00\x12%\n\x04\x66\x61il\x18\x06 \x01(\x0b\x32\x15.intentd.v1.FailWriteH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.intentd.v1.ReleaseWriteH\x00\x42\x04\n\x02op\"O\n\nRevocation\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19intentd/v1/delivery.proto\x12\nintentd.v1\x1a\x17intentd/v1/intent.proto\":\n\x05Lease\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\xdb\x01\n\nAssignment\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x03\x12\x16\n\x0erecorded_steps\x18\x06 \x01(\x05\x12\x16\n\x0erecorded_bytes\x18\x07 \x01(\x03\"1\n\rAckAssignment\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\"8\n\tStepWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\" \n\x0f\x43heckpointWrite\x12\r\n\x05state\x18\x01 \x01(\x0c\"2\n\rProgressWrite\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x1f\n\rCompleteWrite\x12\x0e\n\x06result\x18\x01 \x01(\x0c\"=\n\tFailWrite\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x1e\n\x0cReleaseWrite\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc1\x02\n\x0bIntentWrite\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWriteH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWriteH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.intentd.v1.ProgressWriteH\x00\x12-\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x19.intentd.v1.CompleteWriteH\x00\x12%\n\x04\x66\x61il\x18\x06 \x01(\x0b\x32\x15.intentd.v1.FailWriteH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.intentd.v1.ReleaseWriteH\x00\x42\x04\n\x02op\"O\n\nRevocation\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASE']._serialized_start=66
   _globals['_LEASE']._serialized_end=124
   _globals['_ASSIGNMENT']._serialized_start=127
-  _globals['_ASSIGNMENT']._serialized_end=298
-  _globals['_ACKASSIGNMENT']._serialized_start=300
-  _globals['_ACKASSIGNMENT']._serialized_end=349
-  _globals['_STEPWRITE']._serialized_start=351
-  _globals['_STEPWRITE']._serialized_end=407
-  _globals['_CHECKPOINTWRITE']._serialized_start=409
-  _globals['_CHECKPOINTWRITE']._serialized_end=441
-  _globals['_PROGRESSWRITE']._serialized_start=443
-  _globals['_PROGRESSWRITE']._serialized_end=493
-  _globals['_COMPLETEWRITE']._serialized_start=495
-  _globals['_COMPLETEWRITE']._serialized_end=526
-  _globals['_FAILWRITE']._serialized_start=528
-  _globals['_FAILWRITE']._serialized_end=589
-  _globals['_RELEASEWRITE']._serialized_start=591
-  _globals['_RELEASEWRITE']._serialized_end=621
-  _globals['_INTENTWRITE']._serialized_start=624
-  _globals['_INTENTWRITE']._serialized_end=945
-  _globals['_REVOCATION']._serialized_start=947
-  _globals['_REVOCATION']._serialized_end=1026
+  _globals['_ASSIGNMENT']._serialized_end=346
+  _globals['_ACKASSIGNMENT']._serialized_start=348
+  _globals['_ACKASSIGNMENT']._serialized_end=397
+  _globals['_STEPWRITE']._serialized_start=399
+  _globals['_STEPWRITE']._serialized_end=455
+  _globals['_CHECKPOINTWRITE']._serialized_start=457
+  _globals['_CHECKPOINTWRITE']._serialized_end=489
+  _globals['_PROGRESSWRITE']._serialized_start=491
+  _globals['_PROGRESSWRITE']._serialized_end=541
+  _globals['_COMPLETEWRITE']._serialized_start=543
+  _globals['_COMPLETEWRITE']._serialized_end=574
+  _globals['_FAILWRITE']._serialized_start=576
+  _globals['_FAILWRITE']._serialized_end=637
+  _globals['_RELEASEWRITE']._serialized_start=639
+  _globals['_RELEASEWRITE']._serialized_end=669
+  _globals['_INTENTWRITE']._serialized_start=672
+  _globals['_INTENTWRITE']._serialized_end=993
+  _globals['_REVOCATION']._serialized_start=995
+  _globals['_REVOCATION']._serialized_end=1074
 # @@protoc_insertion_point(module_scope)

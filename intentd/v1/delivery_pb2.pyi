@@ -60,17 +60,32 @@ class Assignment(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    RECORDED_STEPS_FIELD_NUMBER: _builtins.int
+    RECORDED_BYTES_FIELD_NUMBER: _builtins.int
     checkpoint: _builtins.bytes
     """The last free-form checkpoint (UTF-8 JSON), empty when none was saved."""
     heartbeat_timeout_ms: _builtins.int
     """The lease is lost when no heartbeat arrives for this long."""
+    recorded_steps: _builtins.int
+    """How many steps earlier attempts recorded (indexes 1..recorded_steps).
+    More than len(steps) when the history did not fit: the sidecar fetches
+    the rest from the control plane (AgentService.ListRecordedSteps), the
+    agent from the sidecar (BeginStep). 0 from a server that sends the
+    whole history in steps.
+    """
+    recorded_bytes: _builtins.int
+    """The size of the recorded results and names, in bytes."""
     @_builtins.property
     def intent(self) -> _intent_pb2.Intent: ...
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[_intent_pb2.StepRecord]:
-        """Steps recorded by earlier attempts, in order: replayed, never re-run."""
+        """Steps recorded by earlier attempts, in order: replayed, never re-run.
+        Only the first of them when the history is large: the steps from index 1
+        up to a byte budget (possibly none). The receiver fetches the others
+        when it needs them; see recorded_steps.
+        """
 
     def __init__(
         self,
@@ -80,10 +95,12 @@ class Assignment(_message.Message):
         steps: _abc.Iterable[_intent_pb2.StepRecord] | None = ...,
         checkpoint: _builtins.bytes = ...,
         heartbeat_timeout_ms: _builtins.int = ...,
+        recorded_steps: _builtins.int = ...,
+        recorded_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent", b"intent", "lease", b"lease", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent", b"intent", "lease", b"lease", "recorded_bytes", b"recorded_bytes", "recorded_steps", b"recorded_steps", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -130,7 +130,8 @@ class IntentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListIntents(self, request, context):
-        """Newest first, keyset pagination.
+        """Newest first, keyset pagination. A page ends at page_size intents or
+        before the intent that would take it past 1 MiB (it always holds one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +145,9 @@ class IntentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListIntentSteps(self, request, context):
-        """The recorded steps of an intent.
+        """The recorded steps of an intent, in order, in pages: a page ends at
+        page_size steps or before the step that would take it past 1 MiB (it
+        always holds one); follow next_page_token for the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

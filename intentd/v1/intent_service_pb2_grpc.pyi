@@ -50,11 +50,16 @@ class IntentServiceStub:
     """Blocks until the intent is terminal or the timeout passes."""
     CancelIntent: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.CancelIntentRequest, _intent_service_pb2.CancelIntentResponse]
     ListIntents: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentsRequest, _intent_service_pb2.ListIntentsResponse]
-    """Newest first, keyset pagination."""
+    """Newest first, keyset pagination. A page ends at page_size intents or
+    before the intent that would take it past 1 MiB (it always holds one).
+    """
     RetryIntent: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.RetryIntentRequest, _intent_service_pb2.RetryIntentResponse]
     """Puts a FAILED intent back to PENDING, keeping its recorded steps."""
     ListIntentSteps: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentStepsRequest, _intent_service_pb2.ListIntentStepsResponse]
-    """The recorded steps of an intent."""
+    """The recorded steps of an intent, in order, in pages: a page ends at
+    page_size steps or before the step that would take it past 1 MiB (it
+    always holds one); follow next_page_token for the rest.
+    """
 
 @_typing.type_check_only
 class IntentServiceAsyncStub(IntentServiceStub):
@@ -78,11 +83,16 @@ class IntentServiceAsyncStub(IntentServiceStub):
     """Blocks until the intent is terminal or the timeout passes."""
     CancelIntent: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.CancelIntentRequest, _intent_service_pb2.CancelIntentResponse]  # type: ignore[assignment]
     ListIntents: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentsRequest, _intent_service_pb2.ListIntentsResponse]  # type: ignore[assignment]
-    """Newest first, keyset pagination."""
+    """Newest first, keyset pagination. A page ends at page_size intents or
+    before the intent that would take it past 1 MiB (it always holds one).
+    """
     RetryIntent: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.RetryIntentRequest, _intent_service_pb2.RetryIntentResponse]  # type: ignore[assignment]
     """Puts a FAILED intent back to PENDING, keeping its recorded steps."""
     ListIntentSteps: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentStepsRequest, _intent_service_pb2.ListIntentStepsResponse]  # type: ignore[assignment]
-    """The recorded steps of an intent."""
+    """The recorded steps of an intent, in order, in pages: a page ends at
+    page_size steps or before the step that would take it past 1 MiB (it
+    always holds one); follow next_page_token for the rest.
+    """
 
 class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing API: send intents, follow them, cancel them."""
@@ -145,7 +155,9 @@ class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _intent_service_pb2.ListIntentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_intent_service_pb2.ListIntentsResponse, _abc.Awaitable[_intent_service_pb2.ListIntentsResponse]]:
-        """Newest first, keyset pagination."""
+        """Newest first, keyset pagination. A page ends at page_size intents or
+        before the intent that would take it past 1 MiB (it always holds one).
+        """
 
     @_abc_1.abstractmethod
     def RetryIntent(
@@ -161,6 +173,9 @@ class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _intent_service_pb2.ListIntentStepsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_intent_service_pb2.ListIntentStepsResponse, _abc.Awaitable[_intent_service_pb2.ListIntentStepsResponse]]:
-        """The recorded steps of an intent."""
+        """The recorded steps of an intent, in order, in pages: a page ends at
+        page_size steps or before the step that would take it past 1 MiB (it
+        always holds one); follow next_page_token for the rest.
+        """
 
 def add_IntentServiceServicer_to_server(servicer: IntentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

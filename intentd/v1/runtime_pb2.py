@@ -27,7 +27,7 @@ from intentd.v1 import delivery_pb2 as intentd_dot_v1_dot_delivery__pb2
 from intentd.v1 import intent_pb2 as intentd_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18intentd/v1/runtime.proto\x12\nintentd.v1\x1a\x1eintentd/v1/agent_service.proto\x1a\x19intentd/v1/delivery.proto\x1a\x17intentd/v1/intent.proto\"\xc5\x01\n\rAttachRequest\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.intentd.v1.AgentHelloH\x00\x12(\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x19.intentd.v1.AckAssignmentH\x00\x12)\n\x05write\x18\x03 \x01(\x0b\x32\x18.intentd.v1.WriteRequestH\x00\x12/\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1e.intentd.v1.AttachRequestBatchH\x00\x42\x05\n\x03msg\"A\n\x12\x41ttachRequestBatch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.intentd.v1.AttachRequest\"\x83\x02\n\x0e\x41ttachResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x16.intentd.v1.AssignmentH\x00\x12,\n\nrevocation\x18\x02 \x01(\x0b\x32\x16.intentd.v1.RevocationH\x00\x12/\n\x0cwrite_result\x18\x03 \x01(\x0b\x32\x17.intentd.v1.WriteResultH\x00\x12+\n\x07welcome\x18\x04 \x01(\x0b\x32\x18.intentd.v1.AgentWelcomeH\x00\x12\x30\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1f.intentd.v1.AttachResponseBatchH\x00\x42\x05\n\x03msg\"C\n\x13\x41ttachResponseBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.intentd.v1.AttachResponse\">\n\x0c\x41gentWelcome\x12\x15\n\rstream_writes\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x02 \x01(\x08\"_\n\nAgentHello\x12\x14\n\x0cintent_types\x18\x01 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\"Q\n\x10\x42\x65ginStepRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\"K\n\x11\x42\x65ginStepResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"Z\n\x11RecordStepRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWrite\":\n\x12RecordStepResponse\x12$\n\x04step\x18\x01 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"j\n\x15SaveCheckpointRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12/\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWrite\"\x18\n\x16SaveCheckpointResponse\"f\n\x15ReportProgressRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x19.intentd.v1.ProgressWrite\"\x18\n\x16ReportProgressResponse\"f\n\x15\x43ompleteIntentRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12+\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x19.intentd.v1.CompleteWrite\"\x18\n\x16\x43ompleteIntentResponse\"Z\n\x11\x46\x61ilIntentRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12#\n\x04\x66\x61il\x18\x02 \x01(\x0b\x32\x15.intentd.v1.FailWrite\"\x14\n\x12\x46\x61ilIntentResponse2\xc9\x04\n\x13\x41gentRuntimeService\x12\x43\n\x06\x41ttach\x12\x19.intentd.v1.AttachRequest\x1a\x1a.intentd.v1.AttachResponse(\x01\x30\x01\x12H\n\tBeginStep\x12\x1c.intentd.v1.BeginStepRequest\x1a\x1d.intentd.v1.BeginStepResponse\x12K\n\nRecordStep\x12\x1d.intentd.v1.RecordStepRequest\x1a\x1e.intentd.v1.RecordStepResponse\x12W\n\x0eSaveCheckpoint\x12!.intentd.v1.SaveCheckpointRequest\x1a\".intentd.v1.SaveCheckpointResponse\x12W\n\x0eReportProgress\x12!.intentd.v1.ReportProgressRequest\x1a\".intentd.v1.ReportProgressResponse\x12W\n\x0e\x43ompleteIntent\x12!.intentd.v1.CompleteIntentRequest\x1a\".intentd.v1.CompleteIntentResponse\x12K\n\nFailIntent\x12\x1d.intentd.v1.FailIntentRequest\x1a\x1e.intentd.v1.FailIntentResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18intentd/v1/runtime.proto\x12\nintentd.v1\x1a\x1eintentd/v1/agent_service.proto\x1a\x19intentd/v1/delivery.proto\x1a\x17intentd/v1/intent.proto\"\xc5\x01\n\rAttachRequest\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.intentd.v1.AgentHelloH\x00\x12(\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x19.intentd.v1.AckAssignmentH\x00\x12)\n\x05write\x18\x03 \x01(\x0b\x32\x18.intentd.v1.WriteRequestH\x00\x12/\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1e.intentd.v1.AttachRequestBatchH\x00\x42\x05\n\x03msg\"A\n\x12\x41ttachRequestBatch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.intentd.v1.AttachRequest\"\x83\x02\n\x0e\x41ttachResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x16.intentd.v1.AssignmentH\x00\x12,\n\nrevocation\x18\x02 \x01(\x0b\x32\x16.intentd.v1.RevocationH\x00\x12/\n\x0cwrite_result\x18\x03 \x01(\x0b\x32\x17.intentd.v1.WriteResultH\x00\x12+\n\x07welcome\x18\x04 \x01(\x0b\x32\x18.intentd.v1.AgentWelcomeH\x00\x12\x30\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1f.intentd.v1.AttachResponseBatchH\x00\x42\x05\n\x03msg\"C\n\x13\x41ttachResponseBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.intentd.v1.AttachResponse\">\n\x0c\x41gentWelcome\x12\x15\n\rstream_writes\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x02 \x01(\x08\"v\n\nAgentHello\x12\x14\n\x0cintent_types\x18\x01 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\x12\x15\n\rfetches_steps\x18\x05 \x01(\x08\"c\n\x10\x42\x65ginStepRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08\x61ny_name\x18\x04 \x01(\x08\"K\n\x11\x42\x65ginStepResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"Z\n\x11RecordStepRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWrite\":\n\x12RecordStepResponse\x12$\n\x04step\x18\x01 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"j\n\x15SaveCheckpointRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12/\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWrite\"\x18\n\x16SaveCheckpointResponse\"f\n\x15ReportProgressRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x19.intentd.v1.ProgressWrite\"\x18\n\x16ReportProgressResponse\"f\n\x15\x43ompleteIntentRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12+\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x19.intentd.v1.CompleteWrite\"\x18\n\x16\x43ompleteIntentResponse\"Z\n\x11\x46\x61ilIntentRequest\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12#\n\x04\x66\x61il\x18\x02 \x01(\x0b\x32\x15.intentd.v1.FailWrite\"\x14\n\x12\x46\x61ilIntentResponse2\xc9\x04\n\x13\x41gentRuntimeService\x12\x43\n\x06\x41ttach\x12\x19.intentd.v1.AttachRequest\x1a\x1a.intentd.v1.AttachResponse(\x01\x30\x01\x12H\n\tBeginStep\x12\x1c.intentd.v1.BeginStepRequest\x1a\x1d.intentd.v1.BeginStepResponse\x12K\n\nRecordStep\x12\x1d.intentd.v1.RecordStepRequest\x1a\x1e.intentd.v1.RecordStepResponse\x12W\n\x0eSaveCheckpoint\x12!.intentd.v1.SaveCheckpointRequest\x1a\".intentd.v1.SaveCheckpointResponse\x12W\n\x0eReportProgress\x12!.intentd.v1.ReportProgressRequest\x1a\".intentd.v1.ReportProgressResponse\x12W\n\x0e\x43ompleteIntent\x12!.intentd.v1.CompleteIntentRequest\x1a\".intentd.v1.CompleteIntentResponse\x12K\n\nFailIntent\x12\x1d.intentd.v1.FailIntentRequest\x1a\x1e.intentd.v1.FailIntentResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTWELCOME']._serialized_start=722
   _globals['_AGENTWELCOME']._serialized_end=784
   _globals['_AGENTHELLO']._serialized_start=786
-  _globals['_AGENTHELLO']._serialized_end=881
-  _globals['_BEGINSTEPREQUEST']._serialized_start=883
-  _globals['_BEGINSTEPREQUEST']._serialized_end=964
-  _globals['_BEGINSTEPRESPONSE']._serialized_start=966
-  _globals['_BEGINSTEPRESPONSE']._serialized_end=1041
-  _globals['_RECORDSTEPREQUEST']._serialized_start=1043
-  _globals['_RECORDSTEPREQUEST']._serialized_end=1133
-  _globals['_RECORDSTEPRESPONSE']._serialized_start=1135
-  _globals['_RECORDSTEPRESPONSE']._serialized_end=1193
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1195
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1301
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1303
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1327
-  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1329
-  _globals['_REPORTPROGRESSREQUEST']._serialized_end=1431
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=1433
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1457
-  _globals['_COMPLETEINTENTREQUEST']._serialized_start=1459
-  _globals['_COMPLETEINTENTREQUEST']._serialized_end=1561
-  _globals['_COMPLETEINTENTRESPONSE']._serialized_start=1563
-  _globals['_COMPLETEINTENTRESPONSE']._serialized_end=1587
-  _globals['_FAILINTENTREQUEST']._serialized_start=1589
-  _globals['_FAILINTENTREQUEST']._serialized_end=1679
-  _globals['_FAILINTENTRESPONSE']._serialized_start=1681
-  _globals['_FAILINTENTRESPONSE']._serialized_end=1701
-  _globals['_AGENTRUNTIMESERVICE']._serialized_start=1704
-  _globals['_AGENTRUNTIMESERVICE']._serialized_end=2289
+  _globals['_AGENTHELLO']._serialized_end=904
+  _globals['_BEGINSTEPREQUEST']._serialized_start=906
+  _globals['_BEGINSTEPREQUEST']._serialized_end=1005
+  _globals['_BEGINSTEPRESPONSE']._serialized_start=1007
+  _globals['_BEGINSTEPRESPONSE']._serialized_end=1082
+  _globals['_RECORDSTEPREQUEST']._serialized_start=1084
+  _globals['_RECORDSTEPREQUEST']._serialized_end=1174
+  _globals['_RECORDSTEPRESPONSE']._serialized_start=1176
+  _globals['_RECORDSTEPRESPONSE']._serialized_end=1234
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1236
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1342
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1344
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1368
+  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1370
+  _globals['_REPORTPROGRESSREQUEST']._serialized_end=1472
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=1474
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1498
+  _globals['_COMPLETEINTENTREQUEST']._serialized_start=1500
+  _globals['_COMPLETEINTENTREQUEST']._serialized_end=1602
+  _globals['_COMPLETEINTENTRESPONSE']._serialized_start=1604
+  _globals['_COMPLETEINTENTRESPONSE']._serialized_end=1628
+  _globals['_FAILINTENTREQUEST']._serialized_start=1630
+  _globals['_FAILINTENTREQUEST']._serialized_end=1720
+  _globals['_FAILINTENTRESPONSE']._serialized_start=1722
+  _globals['_FAILINTENTRESPONSE']._serialized_end=1742
+  _globals['_AGENTRUNTIMESERVICE']._serialized_start=1745
+  _globals['_AGENTRUNTIMESERVICE']._serialized_end=2330
 # @@protoc_insertion_point(module_scope)

@@ -191,11 +191,16 @@ class AgentHello(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
     ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
+    FETCHES_STEPS_FIELD_NUMBER: _builtins.int
     capacity: _builtins.int
     """How many intents it runs at once (at most the sidecar's capacity)."""
     language: _builtins.str
     accepts_batches: _builtins.bool
     """The agent understands AttachResponse.batch."""
+    fetches_steps: _builtins.bool
+    """The agent asks BeginStep for every recorded step (index up to
+    Assignment.recorded_steps) that its assignment does not carry.
+    """
     @_builtins.property
     def intent_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Intent types the agent has handlers for; empty means every type."""
@@ -207,10 +212,11 @@ class AgentHello(_message.Message):
         capacity: _builtins.int = ...,
         language: _builtins.str = ...,
         accepts_batches: _builtins.bool = ...,
+        fetches_steps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "capacity", b"capacity", "intent_types", b"intent_types", "language", b"language"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "capacity", b"capacity", "fetches_steps", b"fetches_steps", "intent_types", b"intent_types", "language", b"language"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,8 +229,13 @@ class BeginStepRequest(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ANY_NAME_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     name: _builtins.str
+    any_name: _builtins.bool
+    """Answer the record whatever its name (the agent compares names itself
+    and fails a divergence with the recorded name in its message).
+    """
     @_builtins.property
     def lease(self) -> _delivery_pb2.Lease: ...
     def __init__(
@@ -233,10 +244,11 @@ class BeginStepRequest(_message.Message):
         lease: _delivery_pb2.Lease | None = ...,
         index: _builtins.int = ...,
         name: _builtins.str = ...,
+        any_name: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "lease", b"lease", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_name", b"any_name", "index", b"index", "lease", b"lease", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

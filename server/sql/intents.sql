@@ -66,8 +66,6 @@ LIMIT $7;
 -- $1 intent id, $2 after seq, $3 limit
 SELECT * FROM intent_events WHERE intent_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
 
--- name: list_steps
-SELECT * FROM intent_steps WHERE intent_id = $1 ORDER BY idx;
 
 -- name: cancel_intent
 -- $1 id, $2 tenant, $3 reason, $4 now, $5 actor

@@ -59,8 +59,39 @@ WHERE state = 'PENDING'
   AND ($2::text[] IS NULL OR intent_type = ANY ($2::text[]));
 
 -- name: steps_of
--- $1 intent ids
-SELECT * FROM intent_steps WHERE intent_id = ANY ($1::text[]) ORDER BY intent_id, idx;
+-- Pages of the steps recorded for intents of one tenant, from index $3 on:
+-- each intent's page ends before the step that would take it past $4 bytes
+-- (the first step is always in it), all pages together before $5 bytes (the
+-- very first step is always in), and at most $6 steps each. A step counts
+-- its size_bytes plus 32 for the rest of its message. Only sizes are read
+-- to cut the pages, never the results of steps left out.
+-- $1 intent ids, $2 tenant, $3 first index, $4 bytes per intent,
+-- $5 bytes in all, $6 steps per intent
+SELECT intent_id, idx, name, result, attempt, record_time, size_bytes
+FROM (
+    SELECT mine.*,
+           sum(size_bytes + 32) OVER (ORDER BY intent_id, idx) AS upto_all,
+           row_number() OVER (ORDER BY intent_id, idx) AS n_all
+    FROM (
+        SELECT s.intent_id, s.idx, s.name, s.result, s.attempt, s.record_time, s.size_bytes,
+               row_number() OVER w AS n, sum(s.size_bytes + 32) OVER w AS upto
+        FROM intent_steps s
+        JOIN intents i ON i.id = s.intent_id AND i.tenant = $2
+        WHERE s.intent_id = ANY ($1::text[]) AND s.idx >= $3 AND s.idx < $3 + $6
+        WINDOW w AS (PARTITION BY s.intent_id ORDER BY s.idx)
+    ) mine
+    WHERE n = 1 OR upto <= $4
+) page
+WHERE n_all = 1 OR upto_all <= $5
+ORDER BY intent_id, idx;
+
+-- name: lease_holder
+-- Whether a stream holds a live lease of an intent of the tenant; the
+-- intent's recorded step count when it does.
+-- $1 id, $2 token, $3 attempt, $4 session, $5 tenant
+SELECT steps_completed FROM intents
+WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND lease_session = $4 AND tenant = $5
+  AND state IN ('DELIVERED', 'IN_PROGRESS');
 
 -- name: ack_assignments
 -- $1 ids, $2 tokens, $3 attempts, $4 nows,
@@ -112,30 +143,38 @@ RETURNING id, last_seq;
 -- name: record_steps
 -- A step row and its event commit together: a step is skipped on replay only
 -- if this statement committed. Writes after the intent's deadline are refused
--- here (not only by the sweeper), so nothing completes late.
+-- here (not only by the sweeper), so nothing completes late. So is a step
+-- that would take the intent's history past its limits (steps, bytes): the
+-- history stays resumable, since the limit is met at the write, never at a
+-- resume.
 -- $1 ids, $2 tokens, $3 attempts, $4 indexes, $5 names, $6 results, $7 nows,
--- $8 the streams that must hold the leases (NULL: any)
+-- $8 the streams that must hold the leases (NULL: any),
+-- $9 history byte limits, $10 history step limits
 WITH w AS (
     SELECT * FROM unnest((SELECT $1::text[]), $2::uuid[], $3::integer[], $4::integer[], $5::text[], $6::text[],
-                         $7::timestamptz[], $8::text[])
-        WITH ORDINALITY AS w (id, token, attempt, idx, name, result, at, session, ord)
+                         $7::timestamptz[], $8::text[], $9::bigint[], $10::integer[])
+        WITH ORDINALITY AS w (id, token, attempt, idx, name, result, at, session, max_bytes, max_steps, ord)
 ), lease AS (
-    SELECT w.id, w.token, w.attempt, w.idx, w.name, w.result, w.at, i.steps_completed
+    SELECT w.id, w.token, w.attempt, w.idx, w.name, w.at, w.max_bytes, w.max_steps, d.doc,
+           octet_length(d.doc::text) + octet_length(w.name) AS size_bytes,
+           i.steps_completed, i.history_bytes
     FROM w JOIN intents i ON i.id = w.id
+    CROSS JOIN LATERAL (SELECT w.result::jsonb AS doc) d
     WHERE i.lease_token = w.token AND i.attempt = w.attempt AND i.state = 'IN_PROGRESS'
       AND (w.session IS NULL OR i.lease_session = w.session)
       AND (i.deadline IS NULL OR i.deadline > coalesce(w.at, now()))
     FOR UPDATE OF i
 ), inserted AS (
-    INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time)
-    SELECT id, idx, name, result::jsonb, attempt, token, coalesce(at, now())
-    FROM lease WHERE steps_completed = idx - 1
+    INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time, size_bytes)
+    SELECT id, idx, name, doc, attempt, token, coalesce(at, now()), size_bytes
+    FROM lease
+    WHERE steps_completed = idx - 1 AND idx <= max_steps AND history_bytes + size_bytes <= max_bytes
     ON CONFLICT (intent_id, idx) DO NOTHING
     RETURNING *
 ), changed AS (
     UPDATE intents i
     SET steps_completed = s.idx, last_step = s.name, update_time = s.record_time,
-        last_seq = i.last_seq + 1
+        last_seq = i.last_seq + 1, history_bytes = i.history_bytes + s.size_bytes
     FROM inserted s
     WHERE i.id = s.intent_id
     RETURNING i.id, i.last_seq, i.state, i.attempt, i.update_time, s.name, s.idx
@@ -152,7 +191,7 @@ SELECT w.ord, s.* FROM inserted s JOIN w ON w.id = s.intent_id;
 SELECT w.ord, i.state::text AS state, i.lease_token = w.token AND i.attempt = w.attempt AS same_lease,
        i.deadline IS NOT NULL AND i.deadline <= coalesce(w.at, now()) AS past_deadline,
        (w.session IS NULL OR i.lease_session = w.session) AS holds,
-       i.steps_completed, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time
+       i.steps_completed, i.history_bytes, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time
 FROM unnest((SELECT $1::text[]), $2::uuid[], $3::integer[], $4::integer[], $5::text[], $6::timestamptz[])
     WITH ORDINALITY AS w (id, token, attempt, idx, session, at, ord)
 JOIN intents i ON i.id = w.id
