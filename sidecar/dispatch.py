@@ -34,6 +34,9 @@ MAX_RELEASE_BACKOFF_S = 5.0
 # A write refused this soon after its lease's ack is retried (see write()).
 ACK_SETTLE_S = 1.0
 FIRST_RETRY_S = 0.05
+# Recorded steps kept per held intent, beyond the page being replayed: the
+# newest this attempt recorded (a BeginStep for an older one fetches it).
+WINDOW_BYTES = 2 * 1024 * 1024
 
 
 def _about(lease: delivery_pb2.Lease) -> contextlib.AbstractContextManager[None]:
@@ -101,17 +104,33 @@ class _History:
     before it."""
 
     recorded: int
-    window: dict[int, intent_pb2.StepRecord]
+    window: dict[int, intent_pb2.StepRecord] = field(default_factory=dict)
+    size: int = 0  # bytes in the window
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def of(cls, assignment: delivery_pb2.Assignment) -> _History:
-        window = {step.index: step for step in assignment.steps}
         # A server that pages says how many there are; an older one sends them all.
-        return cls(max(assignment.recorded_steps, len(window)), window)
+        history = cls(max(assignment.recorded_steps, len(assignment.steps)))
+        history.keep(assignment.steps)
+        return history
 
-    def keep(self, index: int, steps: Iterable[intent_pb2.StepRecord]) -> None:
-        self.window = {step.index: step for step in steps if step.index >= index}
+    def keep(self, steps: Iterable[intent_pb2.StepRecord]) -> None:
+        """A fetched page replaces the window."""
+        self.window = {step.index: step for step in steps}
+        self.size = sum(step.ByteSize() for step in self.window.values())
+
+    def add(self, record: intent_pb2.StepRecord) -> None:
+        """A step this attempt recorded; the oldest ones leave the window
+        when it grows past WINDOW_BYTES."""
+        self.recorded = max(self.recorded, record.index)
+        old = self.window.pop(record.index, None)
+        if old is not None:
+            self.size -= old.ByteSize()
+        self.window[record.index] = record
+        self.size += record.ByteSize()
+        while self.size > WINDOW_BYTES and len(self.window) > 1:
+            self.size -= self.window.pop(min(self.window)).ByteSize()
 
 
 @dataclass(eq=False)
@@ -284,7 +303,7 @@ class Dispatcher:
                 raise LeaseNotHeld(f"{describe(held.lease)}: {exc.message}") from None
             raise
         held.steps.recorded = max(held.steps.recorded, page.recorded_steps)
-        held.steps.keep(index, page.steps)
+        held.steps.keep(page.steps)
         log.debug("fetched steps %d.. of %s: %d steps", index, describe(held.lease), len(page.steps))
         return held.steps.window.get(index)
 
@@ -306,8 +325,8 @@ class Dispatcher:
         op = write.WhichOneof("op")
         held = self._held.get(token)
         if held is not None and result.code == OK and op == "step":
-            # Counted, not kept: a later BeginStep for it fetches it.
-            held.steps.recorded = max(held.steps.recorded, write.step.index)
+            held.steps.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
+                index=write.step.index, name=write.step.name, result=write.step.result))
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
             self._finish(token)

@@ -209,7 +209,7 @@ async def test_one_bad_write_does_not_fail_the_others(db, agent_address) -> None
         def step(ref: LeaseRef, result: str) -> Awaitable[Any]:
             # Straight to the batcher: the store would have refused the bad JSON.
             return batcher.write(STEP, ref.intent_id, (ref.intent_id, ref.token, ref.attempt, 1, "a", result, None,
-                                                        "s1"))
+                                                        "s1", leases.max_history_bytes, leases.max_history_steps))
 
         outcomes = await asyncio.gather(step(refs[0], "{}"), step(refs[1], "{not json"), step(refs[2], "[2]"),
                                         batcher.write(COMPLETE, refs[3].intent_id,
