@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from intentd.framing import MAX_MESSAGE_BYTES
 from intentd.observability import metrics
 from intentd.observability.context import bind_log_context, log_context
 from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
@@ -34,6 +35,9 @@ MAX_RELEASE_BACKOFF_S = 5.0
 # A write refused this soon after its lease's ack is retried (see write()).
 ACK_SETTLE_S = 1.0
 FIRST_RETRY_S = 0.05
+# The most recorded bytes an assignment carries to an agent that does not
+# fetch steps: well inside the agent channel's message limit.
+FILL_BYTES = MAX_MESSAGE_BYTES * 3 // 4
 # Recorded steps kept per held intent, beyond the page being replayed: the
 # newest this attempt recorded (a BeginStep for an older one fetches it).
 WINDOW_BYTES = 2 * 1024 * 1024
@@ -78,6 +82,8 @@ class AgentSession:
     capacity: int
     language: str = ""
     peer: str = ""
+    # It asks BeginStep for recorded steps its assignment does not carry.
+    fetches_steps: bool = False
     leases: set[str] = field(default_factory=set)
     # None ends the stream.
     outbox: asyncio.Queue[runtime_pb2.AttachResponse | None] = field(default_factory=asyncio.Queue)
@@ -158,6 +164,7 @@ class Dispatcher:
         self._held: dict[str, _Held] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fills: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -189,7 +196,7 @@ class Dispatcher:
     # ------------------------------------------------------------ agents
 
     def attach(self, intent_types: Iterable[str], capacity: int, *, language: str = "",
-               peer: str = "") -> AgentSession:
+               peer: str = "", fetches_steps: bool = False) -> AgentSession:
         # An SDK that leaves capacity unset (0) runs one at a time.
         agent = AgentSession(
             id=next(self._ids),
@@ -197,6 +204,7 @@ class Dispatcher:
             capacity=min(max(capacity, 1), self.max_capacity),
             language=language,
             peer=peer,
+            fetches_steps=fetches_steps,
         )
         self.agents[agent.id] = agent
         log.info("agent %d attached (%s, capacity %d, types %s)", agent.id, language or "unknown language",
@@ -392,7 +400,7 @@ class Dispatcher:
         if not await self.wait_releases(deadline):
             log.warning("%d releases unanswered after %.1fs; their leases will lapse", len(self._tasks), deadline)
         self._closing = True
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._fills]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for agent in list(self.agents.values()):
@@ -411,10 +419,54 @@ class Dispatcher:
         if held.expiry is not None:
             held.expiry.cancel()
             held.expiry = None
-        agent.send(runtime_pb2.AttachResponse(assignment=held.assignment))
+        if agent.fetches_steps or held.steps.recorded <= len(held.assignment.steps):
+            self._hand_over(agent, held, held.assignment)
+        else:
+            task = asyncio.get_running_loop().create_task(self._fill(agent, held), name=f"fill-{held.lease.intent_id}")
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
+        return True
+
+    def _hand_over(self, agent: AgentSession, held: _Held, assignment: delivery_pb2.Assignment) -> None:
+        agent.send(runtime_pb2.AttachResponse(assignment=assignment))
         # The window has them; the copy that went out is the agent's.
         del held.assignment.steps[:]
-        return True
+
+    async def _fill(self, agent: AgentSession, held: _Held) -> None:
+        """An agent that does not fetch recorded steps gets them all in its
+        assignment, as before paging, if they fit in one message; otherwise
+        the attempt fails with HISTORY_TOO_LARGE (never a replay that would
+        re-run recorded steps)."""
+        lease = held.lease
+        with _about(lease):
+            if held.assignment.recorded_bytes > FILL_BYTES:
+                log.error("%s: its %d recorded bytes do not fit in one assignment and agent %d (%s) does not "
+                          "fetch recorded steps; failing the attempt", describe(lease),
+                          held.assignment.recorded_bytes, agent.id, agent.language or "unknown language")
+                await self.write(delivery_pb2.IntentWrite(lease=lease, fail=delivery_pb2.FailWrite(
+                    code="HISTORY_TOO_LARGE", retryable=True, message=(
+                        f"the {held.steps.recorded} recorded steps ({held.assignment.recorded_bytes} bytes) do not "
+                        f"fit in one assignment (limit {FILL_BYTES} bytes) and the agent's SDK does not fetch "
+                        "recorded steps (AgentHello.fetches_steps); upgrade the agent SDK"))))
+                return
+            assignment = delivery_pb2.Assignment()
+            assignment.CopyFrom(held.assignment)
+            try:
+                while len(assignment.steps) < held.steps.recorded and self._held.get(lease.token) is held:
+                    page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
+                    if not page.steps:
+                        break
+                    assignment.steps.extend(page.steps)
+            except StepsUnavailable as exc:
+                log.warning("%s: recorded steps could not be fetched for the agent (%s)", describe(lease),
+                            exc.message)
+                if self._held.get(lease.token) is held:
+                    self._finish(lease.token)
+                    if exc.code not in STALE_CODES:  # a stale lease is not ours to give back
+                        self._release_soon(lease, AGENT_DIED)
+                return
+            if self._held.get(lease.token) is held and held.agent is agent:
+                self._hand_over(agent, held, assignment)
 
     def _pump(self) -> None:
         if self.draining:

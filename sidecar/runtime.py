@@ -65,7 +65,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         if hello.capacity < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello.capacity must not be negative")
         agent = self._dispatcher.attach(hello.intent_types, hello.capacity, language=hello.language,
-                                        peer=context.peer())
+                                        peer=context.peer(), fetches_steps=hello.fetches_steps)
         reader = asyncio.create_task(self._read(agent, requests), name=f"agent-{agent.id}-read")
         frames = Framer(agent.outbox, limit=MAX_BATCH_MESSAGES if hello.accepts_batches else 1)
         try:

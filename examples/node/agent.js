@@ -213,7 +213,9 @@ function attach() {
   };
   stream.on('error', (err) => ended(err.details || err.message));
   stream.on('end', () => ended('closed by the sidecar'));
-  stream.write({ hello: { intent_types: INTENT_TYPES, capacity: CAPACITY, language: 'node' } });
+  // fetches_steps: every step asks BeginStep, so recorded steps the
+  // assignment does not carry (large histories come in pages) are found too.
+  stream.write({ hello: { intent_types: INTENT_TYPES, capacity: CAPACITY, language: 'node', fetches_steps: true } });
   log(`attached to ${SIDECAR} for ${INTENT_TYPES.join(', ')}`);
 }
 
