@@ -306,29 +306,27 @@ async def test_step_pages_are_cut_by_bytes_per_intent_and_in_all(pg, agent_addre
     assert await page(11, 10**9, 10**9) == []
 
 
-def test_list_intent_steps_and_list_intents_page_by_bytes(make_server, agent_address) -> None:
+def test_list_intent_steps_pages_by_bytes(make_server, agent_address) -> None:
     """With a 72 KiB message limit a page is at most 18 KiB (a quarter), and
-    the client follows the pages; one response with everything would not fit."""
+    the client follows the pages; one response with all 40 steps (240 KiB)
+    would not fit."""
     from intentd.v1 import intent_service_pb2 as ipb
     from intentd.v1 import intent_service_pb2_grpc
 
     srv = make_server(max_payload_bytes=8 * KIB, max_message_bytes=72 * KIB)
     budget = 72 * KIB // 4
     with IntentClient(srv.address) as client:
-        listed = [client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={"pad": "p" * 6000})
-                  for _ in range(30)]
-        intent_id = listed[-1]
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
         raw = RawSidecar(srv.address, agent_address, capacity=1, ping_every=0.1)
         try:
             lease = _claim(raw)
-            assert lease.intent_id == listed[0]
             for index in range(1, 41):
                 assert _step(raw, index, lease, index, b'"' + b"z" * 6000 + b'"').code == 0
         finally:
             raw.close()
         with grpc.insecure_channel(srv.address) as channel:
             stub = intent_service_pb2_grpc.IntentServiceStub(channel)
-            request = ipb.ListIntentStepsRequest(id=listed[0])
+            request = ipb.ListIntentStepsRequest(id=intent_id)
             pages = []
             while True:
                 response = stub.ListIntentSteps(request, timeout=10)
@@ -339,14 +337,30 @@ def test_list_intent_steps_and_list_intents_page_by_bytes(make_server, agent_add
                 request.page_token = response.next_page_token
             assert [i for p in pages for i in p] == list(range(1, 41))
             assert len(pages) > 10 and all(len(p) >= 1 for p in pages)
-            small = stub.ListIntentSteps(ipb.ListIntentStepsRequest(id=listed[0], page_size=1), timeout=10)
+            small = stub.ListIntentSteps(ipb.ListIntentStepsRequest(id=intent_id, page_size=1), timeout=10)
             assert [s.index for s in small.steps] == [1] and small.next_page_token
-            with pytest.raises(grpc.RpcError) as err:
-                stub.ListIntentSteps(ipb.ListIntentStepsRequest(id=listed[0], page_token="bogus"), timeout=10)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for bad in (ipb.ListIntentStepsRequest(id=intent_id, page_token="bogus"),
+                        ipb.ListIntentStepsRequest(id=intent_id, page_size=1001)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ListIntentSteps(bad, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [s.index for s in client.steps(intent_id)] == list(range(1, 41))
+
+
+def test_list_intents_pages_by_bytes(make_server, agent_address) -> None:
+    """30 intents of 6 KB payloads in one response (180 KB) would not fit a
+    72 KiB message: pages end by bytes, and the client follows them."""
+    from intentd.v1 import intent_service_pb2 as ipb
+    from intentd.v1 import intent_service_pb2_grpc
+
+    srv = make_server(max_payload_bytes=8 * KIB, max_message_bytes=72 * KIB)
+    with IntentClient(srv.address) as client:
+        sent = [client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={"pad": "p" * 6000})
+                for _ in range(30)]
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = intent_service_pb2_grpc.IntentServiceStub(channel)
             first = stub.ListIntents(ipb.ListIntentsRequest(to_agent=agent_address, page_size=1000), timeout=10)
             assert first.next_page_token and 1 <= len(first.intents) < 30
-            assert first.ByteSize() <= budget + 1000
-        assert [s.index for s in client.steps(listed[0])] == list(range(1, 41))
-        assert sorted(i.id for i in client.iter_intents(to_agent=agent_address)) == sorted(listed)
-        assert intent_id in listed
+            assert first.ByteSize() <= 72 * KIB // 4 + 1000
+        listed = [i.id for i in client.iter_intents(to_agent=agent_address)]
+    assert listed == sorted(sent, reverse=True)
