@@ -80,6 +80,9 @@ def resume_after_kill(cluster: Any, server: ServerProcess, steps: int, size: int
         figures = {"resume_s": time.monotonic() - resumed_at,
                    "server_peak_rss_mib": peak_rss_mib(server.pid),
                    "sidecar_peak_rss_mib": peak_rss_mib(sidecar.pid)}
+        children = Path(f"/proc/{sidecar.pid}/task/{sidecar.pid}/children").read_text().split()
+        if children:  # the agent of the resumed attempt
+            figures["agent_peak_rss_mib"] = peak_rss_mib(int(children[0]))
     return intent_id, final, figures
 
 
