@@ -121,12 +121,16 @@ class LeaseStore:
         whole_history: bool = False,
     ) -> tuple[list[Row], dict[str, list[Row]]]:
         """Claims up to ``limit`` claimable intents for a stream; returns them
-        with the first page of the steps recorded by their earlier attempts
-        (``whole_history``: all of them, for a sidecar that cannot fetch)."""
+        with the first page of the steps recorded by their earlier attempts.
+        ``whole_history``: all of them, for a sidecar that cannot fetch; it
+        is only given intents whose history fits in one page, so each of its
+        assignments fits in a message (the others wait for a sidecar that
+        fetches)."""
+        fits = self.page_bytes if whole_history else None
         async with self.db.connection() as conn:
             rows = await conn.fetch(
                 Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
-                limit, now, ack_timeout_ms, tenant,
+                limit, now, ack_timeout_ms, tenant, fits,
             )
             steps: dict[str, list[Row]] = defaultdict(list)
             resumed = [r["id"] for r in rows if r["steps_completed"] > 0]

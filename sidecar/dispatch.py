@@ -144,7 +144,7 @@ class _History:
 @dataclass(eq=False)
 class _Held:
     assignment: delivery_pb2.Assignment
-    steps: _History
+    history: _History
     agent: AgentSession | None = None
     acked: bool = False
     acked_at: float = 0.0
@@ -291,7 +291,7 @@ class Dispatcher:
             # Sent before our SetCapacity(0) arrived: give it straight back.
             self._release_soon(lease, DRAINED)
             return
-        held = _Held(assignment, steps=_History.of(assignment))
+        held = _Held(assignment, history=_History.of(assignment))
         self._held[lease.token] = held
         self._idle.clear()
         if not self._place(held):
@@ -315,7 +315,7 @@ class Dispatcher:
         held = self._held.get(lease.token)
         if held is None:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
-        history = held.steps
+        history = held.history
         record = history.window.get(index)
         if record is None and index <= history.recorded:
             async with history.fetching:
@@ -335,10 +335,10 @@ class Dispatcher:
             if exc.code in STALE_CODES:
                 raise LeaseNotHeld(f"{describe(held.lease)}: {exc.message}") from None
             raise
-        held.steps.recorded = max(held.steps.recorded, page.recorded_steps)
-        held.steps.keep(page.steps)
+        held.history.recorded = max(held.history.recorded, page.recorded_steps)
+        held.history.keep(page.steps)
         log.debug("fetched steps %d.. of %s: %d steps", index, describe(held.lease), len(page.steps))
-        return held.steps.window.get(index)
+        return held.history.window.get(index)
 
     async def write(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
         with _about(write.lease):
@@ -358,7 +358,7 @@ class Dispatcher:
         op = write.WhichOneof("op")
         held = self._held.get(token)
         if held is not None and result.code == OK and op == "step":
-            held.steps.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
+            held.history.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result))
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
@@ -444,7 +444,7 @@ class Dispatcher:
         if held.expiry is not None:
             held.expiry.cancel()
             held.expiry = None
-        if agent.fetches_steps or held.steps.recorded <= len(held.assignment.steps):
+        if agent.fetches_steps or held.history.recorded <= len(held.assignment.steps):
             self._hand_over(agent, held, held.assignment)
         else:
             task = asyncio.get_running_loop().create_task(self._fill(agent, held), name=f"fill-{held.lease.intent_id}")
@@ -470,14 +470,14 @@ class Dispatcher:
                           held.assignment.recorded_bytes, agent.id, agent.language or "unknown language")
                 await self.write(delivery_pb2.IntentWrite(lease=lease, fail=delivery_pb2.FailWrite(
                     code="HISTORY_TOO_LARGE", retryable=True, message=(
-                        f"the {held.steps.recorded} recorded steps ({held.assignment.recorded_bytes} bytes) do not "
+                        f"the {held.history.recorded} recorded steps ({held.assignment.recorded_bytes} bytes) do not "
                         f"fit in one assignment (limit {FILL_BYTES} bytes) and the agent's SDK does not fetch "
                         "recorded steps (AgentHello.fetches_steps); upgrade the agent SDK"))))
                 return
             assignment = delivery_pb2.Assignment()
             assignment.CopyFrom(held.assignment)
             try:
-                while len(assignment.steps) < held.steps.recorded and self._held.get(lease.token) is held:
+                while len(assignment.steps) < held.history.recorded and self._held.get(lease.token) is held:
                     page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
                     if not page.steps:
                         break

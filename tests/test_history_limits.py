@@ -80,6 +80,9 @@ def resume_after_kill(cluster: Any, server: ServerProcess, steps: int, size: int
         figures = {"resume_s": time.monotonic() - resumed_at,
                    "server_peak_rss_mib": peak_rss_mib(server.pid),
                    "sidecar_peak_rss_mib": peak_rss_mib(sidecar.pid)}
+        children = Path(f"/proc/{sidecar.pid}/task/{sidecar.pid}/children").read_text().split()
+        if children:  # the agent of the resumed attempt
+            figures["agent_peak_rss_mib"] = peak_rss_mib(int(children[0]))
     return intent_id, final, figures
 
 
@@ -364,3 +367,48 @@ def test_list_intents_pages_by_bytes(make_server, agent_address) -> None:
             assert first.ByteSize() <= 72 * KIB // 4 + 1000
         listed = [i.id for i in client.iter_intents(to_agent=agent_address)]
     assert listed == sorted(sent, reverse=True)
+
+
+def test_assignments_carry_a_first_page_or_to_an_older_sidecar_the_whole_history(make_server, agent_address) -> None:
+    """A sidecar that fetches gets the first page (18 KiB under a 72 KiB
+    message limit) and the count; one that does not (an older sidecar) gets
+    whole histories only, and an intent whose history does not fit one page
+    waits for a sidecar that fetches instead of a message too large."""
+    from intentd.v1 import agent_service_pb2 as apb
+
+    srv = make_server(max_payload_bytes=8 * KIB, max_message_bytes=72 * KIB)
+    result = b'"' + b"h" * 6000 + b'"'
+    with IntentClient(srv.address) as client:
+        big = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={}, max_attempts=5)
+        small = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={}, max_attempts=5)
+        for intent_id, steps in ((big, 5), (small, 1)):
+            raw = RawSidecar(srv.address, agent_address, capacity=1, ping_every=0.1)
+            try:
+                lease = _claim(raw)
+                assert lease.intent_id == intent_id
+                for index in range(1, steps + 1):
+                    assert _step(raw, index, lease, index, result).code == 0
+                released = raw.write(99, delivery_pb2.IntentWrite(
+                    lease=lease, release=delivery_pb2.ReleaseWrite(reason="AGENT_DIED")))
+                assert released.code == 0
+            finally:
+                raw.close()
+        older = RawSidecar(srv.address, agent_address, capacity=2, ping_every=0.1)
+        try:
+            whole = older.recv("assignment")
+            assert whole.lease.intent_id == small and [s.index for s in whole.steps] == [1]
+            with pytest.raises(Exception):  # noqa: B017 - queue.Empty: nothing else is claimable for it
+                older.recv("assignment", timeout=1.5)
+        finally:
+            older.close()
+        newer = RawSidecar(srv.address, agent_address, capacity=2, ping_every=0.1, fetches_steps=True)
+        try:
+            paged = newer.recv("assignment")
+            assert paged.lease.intent_id == big and paged.recorded_steps == 5
+            assert [s.index for s in paged.steps] == [1, 2, 3]  # 3 x 6,038 bytes fit 18 KiB, 4 do not
+            assert paged.recorded_bytes == 5 * (6002 + len("step-1"))
+            page = _agent_stub(srv.address).ListRecordedSteps(apb.ListRecordedStepsRequest(
+                session_id=newer.registered.session_id, lease=paged.lease, from_index=4), timeout=10)
+            assert [s.index for s in page.steps] == [4, 5] and page.steps[1].result == result
+        finally:
+            newer.close()

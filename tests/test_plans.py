@@ -54,7 +54,7 @@ async def _intents_scans(conn: asyncpg.Connection, query: str, *args: Any) -> li
 # Each query, and the index its rows are found through (None: any index).
 HOT_QUERIES = [
     ("claim_intents", "intents_pending",
-     lambda: (Q.claim_intents, "session", [ADDRESS], None, 50, None, 5000, "default")),
+     lambda: (Q.claim_intents, "session", [ADDRESS], None, 50, None, 5000, "default", None)),
     ("next_available", "intents_pending", lambda: (Q.next_available, [ADDRESS], None, None, "default")),
     ("renew_leases", "intents_leased_by_session", lambda: (Q.renew_leases, "session", None)),
     ("expire_leases", "intents_leased", lambda: (Q.expire_leases, None, 100)),

@@ -20,7 +20,8 @@
 
 -- name: claim_intents
 -- $1 session, $2 addresses, $3 intent types (NULL: all), $4 how many,
--- $5 now, $6 ack timeout ms, $7 tenant
+-- $5 now, $6 ack timeout ms, $7 tenant, $8 the largest history the stream
+-- can be sent whole (NULL: any; it fetches pages)
 WITH candidates AS (
     SELECT id FROM intents
     WHERE state = 'PENDING'
@@ -30,6 +31,7 @@ WITH candidates AS (
       AND ($3::text[] IS NULL OR intent_type = ANY ($3::text[]))
       AND attempt < max_attempts
       AND (deadline IS NULL OR deadline > coalesce($5::timestamptz, now()))
+      AND ($8::bigint IS NULL OR history_bytes <= $8)
     ORDER BY available_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
