@@ -72,10 +72,10 @@ class Session:
     addresses: tuple[str, ...]
     intent_types: tuple[str, ...]
     capacity: int
-    batches: bool = False  # the sidecar takes ConnectResponse.batch
     # Bytes queued toward the sidecar (and promised to writes in flight)
-    # beyond which the stream is not read.
-    buffer_bytes: int = 2 * 1024 * 1024
+    # beyond which the stream is not read (ServerSettings.stream_buffer_bytes).
+    buffer_bytes: int
+    batches: bool = False  # the sidecar takes ConnectResponse.batch
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     held: dict[str, Held] = field(default_factory=dict)
     outbox: Outbox[pb.ConnectResponse] = field(default_factory=lambda: Outbox(maxsize=MAX_OUTBOX))
@@ -289,14 +289,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return not session.closed and await self._check_key(session)
 
     def _admit(self, caller: Caller) -> None:
-        """Counts a new stream against its key's and tenant's caps."""
+        """Counts a new stream against its key's and tenant's caps (with API
+        keys off there is one caller, and no one else to protect)."""
         by_key = self._streams_by_key.get(caller.identity, 0)
-        if by_key >= self.settings.max_streams_per_key:
+        enforced = self.auth.enabled
+        if enforced and by_key >= self.settings.max_streams_per_key:
             raise errors.ResourceExhausted(
                 f"API key {caller.name!r} has {by_key} sidecar streams open on this replica; "
                 f"the limit is {self.settings.max_streams_per_key}", retry_after_ms=1000)
         by_tenant = self._streams_by_tenant.get(caller.tenant, 0)
-        if by_tenant >= self.settings.max_streams_per_tenant:
+        if enforced and by_tenant >= self.settings.max_streams_per_tenant:
             raise errors.ResourceExhausted(
                 f"tenant {caller.tenant!r} has {by_tenant} sidecar streams open on this replica; "
                 f"the limit is {self.settings.max_streams_per_tenant}", retry_after_ms=1000)
