@@ -11,6 +11,7 @@ as soon as it is queued, so batching adds no latency.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -35,6 +36,31 @@ CHANNEL_OPTIONS = [
 # keep), so a frame is never refused where its messages alone would pass.
 MAX_BATCH_MESSAGES = 256
 MAX_BATCH_BYTES = 1024 * 1024
+
+
+class Outbox(asyncio.Queue[M | None]):
+    """A stream's queue of messages to send (``None`` ends it) that knows how
+    many bytes it holds, so a stream can be bounded in bytes, not only in
+    messages: ``bytes``, and ``taken`` (set whenever a message leaves) to
+    wait on for room."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.bytes = 0
+        self._sizes: deque[int] = deque()
+        self.taken = asyncio.Event()
+
+    def _put(self, item: M | None) -> None:
+        size = 0 if item is None else item.ByteSize()
+        self._sizes.append(size)
+        self.bytes += size
+        super()._put(item)
+
+    def _get(self) -> M | None:
+        item = super()._get()
+        self.bytes -= self._sizes.popleft()
+        self.taken.set()
+        return item
 
 
 class Framer(Generic[M]):

@@ -19,14 +19,15 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
+from intentd.framing import MAX_BATCH_MESSAGES, Framer, Outbox, frame
 from intentd.observability import metrics
 from intentd.server import errors, history
-from intentd.server.auth import Authenticator, Caller, current_caller
+from intentd.server.auth import KEY_RECHECK_SECONDS, Authenticator, Caller, current_caller
 from intentd.server.convert import step_to_proto
 from intentd.server.db import Row
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
+from intentd.server.quotas import Bucket
 from intentd.server.rpc import MalformedRequest, to_server_error, unary
 from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
@@ -39,8 +40,8 @@ log = logging.getLogger("intentd.agents")
 REGISTER_TIMEOUT_S = 10.0
 MAX_CAPACITY = 10_000
 MAX_CLAIM_BATCH = 100
-# Writes of one stream processed at once; more wait, which pushes back on the
-# stream through HTTP/2 flow control instead of growing memory.
+# Writes and acks of one stream processed at once; more wait, which pushes
+# back on the stream through HTTP/2 flow control instead of growing memory.
 MAX_CONCURRENT_WRITES = 256
 # A live sidecar is heard at least once a ping interval (its pings, its pongs
 # to ours). One silent for longer than this many intervals may be frozen or
@@ -48,10 +49,12 @@ MAX_CONCURRENT_WRITES = 256
 # until it is heard again (else the delivery waits out the ack timeout, and
 # a lease of its that lapsed could come straight back to it).
 SILENT_STREAM_PINGS = 1.5
-# Open streams re-check their API key this often, so revocation reaches them.
-KEY_RECHECK_SECONDS = 2.0
-# Messages queued for one stream before it counts as a consumer that stopped reading.
+# Messages queued for one stream before it counts as a consumer that stopped
+# reading (its bytes are bounded by ServerSettings.stream_buffer_bytes).
 MAX_OUTBOX = 10_000
+# What a write's answer adds to what its request weighs (ids, times, codes):
+# the room a write reserves in its stream's buffer before it is taken.
+ANSWER_OVERHEAD_BYTES = 1024
 
 
 @dataclass
@@ -74,13 +77,22 @@ class Session:
     addresses: tuple[str, ...]
     intent_types: tuple[str, ...]
     capacity: int
+    # Bytes queued toward the sidecar (and promised to writes in flight)
+    # beyond which the stream is not read (ServerSettings.stream_buffer_bytes).
+    buffer_bytes: int
     batches: bool = False  # the sidecar takes ConnectResponse.batch
     fetches_steps: bool = False  # the sidecar fetches recorded steps past an assignment's first page
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     held: dict[str, Held] = field(default_factory=dict)
-    outbox: asyncio.Queue[pb.ConnectResponse | None] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=MAX_OUTBOX))
+    outbox: Outbox[pb.ConnectResponse] = field(default_factory=lambda: Outbox(maxsize=MAX_OUTBOX))
+    # Room in the buffer promised to the answers of writes in flight.
+    reserved: int = 0
+    # Since when the reader waits for the sidecar to drain its buffer.
+    paused_since: float | None = None
+    # Writes per second of this stream (None: unlimited).
+    bucket: Bucket | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set by close()
     # Whether intents waiting out a retry backoff may have appeared since the
     # dispatcher last asked when the next one becomes claimable. Only a
     # change to PENDING (which notifies) or a lost notification (the catch-up
@@ -100,6 +112,27 @@ class Session:
     def free(self) -> int:
         return max(0, self.capacity - len(self.held))
 
+    @property
+    def queued_bytes(self) -> int:
+        return self.outbox.bytes + self.reserved
+
+    async def room(self) -> None:
+        """Waits while the stream's buffer is full; a message larger than
+        the whole buffer still passes once the buffer is empty."""
+        while not self.closed and self.queued_bytes >= self.buffer_bytes and self.queued_bytes > 0:
+            if self.paused_since is None:
+                self.paused_since = time.monotonic()
+            self.outbox.taken.clear()
+            await self.outbox.taken.wait()
+        self.paused_since = None
+
+    def reserve(self, size: int) -> None:
+        self.reserved += size
+
+    def unreserve(self, size: int) -> None:
+        self.reserved -= size
+        self.outbox.taken.set()
+
     def send(self, message: pb.ConnectResponse) -> None:
         if self.closed:
             return
@@ -108,12 +141,16 @@ class Session:
         except asyncio.QueueFull:
             log.warning("sidecar %s is not reading its stream (%d messages queued); closing it",
                         self.sidecar_id, self.outbox.qsize())
+            self.failure = errors.ResourceExhausted(
+                f"the sidecar does not read its stream ({self.outbox.qsize()} messages queued)")
             self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.wake.set()
+            self.ended.set()
+            self.outbox.taken.set()
             while True:
                 try:
                     self.outbox.put_nowait(None)
@@ -181,8 +218,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._holders: dict[str, Session] = {}
         self._closing = False
         self.assignments_sent = 0
+        # Streams open on this replica per API key and per tenant (the caps),
+        # and each tenant's write budget, shared by its streams here.
+        self._streams_by_key: dict[str, int] = {}
+        self._streams_by_tenant: dict[str, int] = {}
+        self._tenant_buckets: dict[str, Bucket] = {}
+        self._key_checks: set[asyncio.Future[bool]] = set()
         hub.on_pending(self._on_pending)
         hub.on_event(self._on_event)
+        auth.on_change(self._on_key_change)
 
     # ------------------------------------------------------------ wake-ups
 
@@ -227,22 +271,120 @@ class AgentService(pb_grpc.AgentServiceServicer):
         session.held[lease.intent_id] = Held(lease, time.monotonic(), seq=seq)
         self._holders[lease.intent_id] = session
 
+    def _on_key_change(self, key_id: str) -> None:
+        """A key changed (or changes may have been missed: ``key_id`` empty):
+        its streams re-check it now rather than at their next poll."""
+        for session in list(self.sessions):
+            if not key_id or session.caller.key_id == key_id:
+                check = asyncio.ensure_future(self._check_key(session))
+                self._key_checks.add(check)
+                check.add_done_callback(self._key_checks.discard)
+
+    async def _check_key(self, session: Session) -> bool:
+        """False (and the stream ends UNAUTHENTICATED) when its key was
+        revoked or expired."""
+        if not self.auth.enabled or session.closed:
+            return not session.closed
+        try:
+            valid = await self.auth.still_valid(session.caller)
+        except Exception:
+            return True  # the database is away; the key is judged when it is back
+        if not valid and not session.closed:
+            log.warning("API key %r of sidecar %s was revoked or expired; closing its stream",
+                        session.caller.name, session.sidecar_id)
+            session.failure = errors.Unauthenticated("the API key of this stream was revoked or expired")
+            session.close()
+        return valid
+
+    async def _may_claim(self, session: Session) -> bool:
+        """Before a claim: waits for room in the stream's buffer (what is
+        claimed is sent at once), and checks that the key is still good."""
+        await session.room()
+        return not session.closed and await self._check_key(session)
+
+    def _admit(self, caller: Caller) -> None:
+        """Counts a new stream against its key's and tenant's caps (with API
+        keys off there is one caller, and no one else to protect)."""
+        by_key = self._streams_by_key.get(caller.identity, 0)
+        enforced = self.auth.enabled
+        if enforced and by_key >= self.settings.max_streams_per_key:
+            raise errors.ResourceExhausted(
+                f"API key {caller.name!r} has {by_key} sidecar streams open on this replica; "
+                f"the limit is {self.settings.max_streams_per_key}", retry_after_ms=1000)
+        by_tenant = self._streams_by_tenant.get(caller.tenant, 0)
+        if enforced and by_tenant >= self.settings.max_streams_per_tenant:
+            raise errors.ResourceExhausted(
+                f"tenant {caller.tenant!r} has {by_tenant} sidecar streams open on this replica; "
+                f"the limit is {self.settings.max_streams_per_tenant}", retry_after_ms=1000)
+        self._streams_by_key[caller.identity] = by_key + 1
+        self._streams_by_tenant[caller.tenant] = by_tenant + 1
+
+    def _leave(self, caller: Caller) -> None:
+        for counts, name in ((self._streams_by_key, caller.identity), (self._streams_by_tenant, caller.tenant)):
+            left = counts.get(name, 1) - 1
+            if left > 0:
+                counts[name] = left
+            else:
+                counts.pop(name, None)
+        if caller.tenant not in self._streams_by_tenant:
+            self._tenant_buckets.pop(caller.tenant, None)
+
+    async def _pace(self, session: Session) -> None:
+        """Waits for the stream's and its tenant's write budgets: a flood is
+        read only as fast as its budget, and HTTP/2 pushes back on it."""
+        rate = self.settings.tenant_writes_per_second
+        tenant = None
+        if rate > 0:
+            tenant = self._tenant_buckets.get(session.caller.tenant)
+            if tenant is None:
+                tenant = self._tenant_buckets[session.caller.tenant] = Bucket(rate, max(rate, 1.0), time.monotonic())
+        for bucket in (session.bucket, tenant):
+            if bucket is not None:
+                while True:
+                    wait = bucket.take(1, time.monotonic())
+                    if wait <= 0:
+                        break
+                    # Not refused: the reader waits, so the sidecar is slowed.
+                    await asyncio.sleep(wait)
+
     # ------------------------------------------------------------ the stream
 
     async def Connect(  # type: ignore[override]  # grpc.aio also takes a coroutine that writes via context
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        caller: Caller | None = None
         try:
-            session = await self._register(request_iterator, context)
-        except grpc.aio.AbortError:
-            raise
+            # Before anything is read: a stream without a good key ends at once.
+            caller = await self.auth.authenticate(context, "agent")
+            self._admit(caller)
         except Exception as exc:
-            mapped = to_server_error(exc)
-            if mapped is None:
-                log.exception("registration failed")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error during registration")
-            else:
-                await context.abort(mapped.code, mapped.message)
+            await self._refuse(context, exc)
+            return
+        try:
+            await self._serve(caller, request_iterator, context)
+        finally:
+            self._leave(caller)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        mapped = to_server_error(exc)
+        if mapped is None:
+            log.exception("registration failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error during registration")
+        else:
+            retry_after = getattr(mapped, "retry_after_ms", None)
+            if retry_after is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(retry_after)),))
+            await context.abort(mapped.code, mapped.message)
+
+    async def _serve(
+        self, caller: Caller, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            session = await self._register(caller, request_iterator, context)
+        except Exception as exc:
+            await self._refuse(context, exc)
             return
         if session is None:
             return
@@ -255,10 +397,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
             asyncio.create_task(self._ping(session), name=f"ping-{session.id}"),
         ]
         frames = Framer(session.outbox, limit=MAX_BATCH_MESSAGES if session.batches else 1)
+        ended = asyncio.ensure_future(session.ended.wait())
         try:
             while (messages := await frames.next()) is not None:
-                await context.write(frame(messages, _response_batch))
+                # A write waits for the sidecar to take it (HTTP/2 flow
+                # control); one that does not read would hold the stream open
+                # for ever, so the end of the session ends the wait.
+                write = asyncio.ensure_future(context.write(frame(messages, _response_batch)))
+                await asyncio.wait((write, ended), return_when=asyncio.FIRST_COMPLETED)
+                if not write.done():
+                    write.cancel()
+                    break
+                write.result()
         finally:
+            ended.cancel()
             session.close()
             for task in tasks:
                 task.cancel()
@@ -276,7 +428,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await context.abort(session.failure.code, session.failure.message)
 
     async def _register(
-        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+        self, caller: Caller, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> Session | None:
         try:
             first = await asyncio.wait_for(anext(aiter(request_iterator)), REGISTER_TIMEOUT_S)
@@ -290,7 +442,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise ValidationError("register", "the first message of a Connect stream must be register")
         if self._closing:
             raise errors.Unavailable("server is shutting down; connect to another replica")
-        caller = await self.auth.authenticate(context, "agent")
         reg = first.register
         _validate_register(reg)
         for address in reg.addresses:
@@ -306,7 +457,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             capacity=reg.capacity,
             batches=reg.accepts_batches,
             fetches_steps=reg.fetches_steps,
+            buffer_bytes=self.settings.stream_buffer_bytes,
         )
+        rate = self.settings.stream_writes_per_second
+        if rate > 0:
+            session.bucket = Bucket(rate, max(rate, 1.0), time.monotonic())
         kept: list[delivery_pb2.Lease] = []
         lost: list[delivery_pb2.Lease] = []
         for msg in reg.held:
@@ -315,7 +470,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             except ValidationError:
                 lost.append(msg)
                 continue
-            seq = await self.leases.rebind(lease, session.id, tenant=caller.tenant)
+            # Only for an address this stream may serve (checked against the
+            # key above): the database refuses a lease of any other.
+            seq = await self.leases.rebind(lease, session.id, session.addresses, tenant=caller.tenant)
             if seq is not None:
                 self._hold(session, lease, seq)
                 kept.append(msg)
@@ -351,15 +508,24 @@ class AgentService(pb_grpc.AgentServiceServicer):
             elif kind == "pong":
                 pass
             elif kind == "ack":
-                ack = asyncio.create_task(self._ack(session, request.ack.lease))
+                # Bounded like writes: an ack for a lease nobody holds costs a
+                # database diagnosis too.
+                await self._pace(session)
+                await writes.acquire()
+                ack = asyncio.create_task(self._ack(session, request.ack.lease, writes))
                 background.add(ack)
                 ack.add_done_callback(background.discard)
                 held_now = session.held.get(request.ack.lease.intent_id)
                 if held_now is not None:
                     held_now.acked = ack
             elif kind == "write":
+                await self._pace(session)
                 await writes.acquire()
-                spawn(self._write(session, request.write, writes))
+                # Its answer (mostly the size of the request: a step's answer
+                # is the recorded step) is promised room in the buffer now.
+                promised = request.write.ByteSize() + ANSWER_OVERHEAD_BYTES
+                session.reserve(promised)
+                spawn(self._write(session, request.write, writes, promised))
             elif kind == "set_capacity":
                 if not 0 <= request.set_capacity.capacity <= MAX_CAPACITY:
                     log.warning("sidecar %s sent capacity %d; ignored", session.sidecar_id,
@@ -404,7 +570,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 # Where a message ends the stream, the rest of its batch is not handled.
                 ended = False
                 for message in messages:
-                    if not await handle(message):
+                    # Not read on while the sidecar leaves its answers unread.
+                    await session.room()
+                    if session.closed or not await handle(message):
                         ended = True
                         break
                 if ended:
@@ -441,7 +609,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 except Exception as exc:
                     log.warning("releasing orphaned lease of %s failed: %s", intent_id, exc)
 
-    async def _ack(self, session: Session, msg: delivery_pb2.Lease) -> None:
+    async def _ack(self, session: Session, msg: delivery_pb2.Lease, slots: asyncio.Semaphore) -> None:
+        try:
+            await self._acknowledge(session, msg)
+        finally:
+            slots.release()
+
+    async def _acknowledge(self, session: Session, msg: delivery_pb2.Lease) -> None:
         # The sidecar sends an ack once; a database hiccup must not waste the
         # attempt, so an unavailable database is retried until the stream ends
         # or the ack timeout would have taken the delivery back anyway.
@@ -456,6 +630,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 if held is not None and str(held.lease.token) == msg.token:
                     self._revoke(session, held, "LEASE_LOST", exc.message)
                 return
+            except errors.NotFound as exc:
+                # Nothing to take back; a flood of these must not flood the log.
+                log.debug("ack of %s refused: %s", msg.intent_id, exc)
+                return
             except errors.Unavailable as exc:
                 if session.closed or time.monotonic() + delay > deadline:
                     log.warning("ack of %s failed: %s", msg.intent_id, exc)
@@ -466,7 +644,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 log.warning("ack of %s failed: %s", msg.intent_id, exc)
                 return
 
-    async def _write(self, session: Session, request: pb.WriteRequest, slots: asyncio.Semaphore) -> None:
+    async def _write(
+        self, session: Session, request: pb.WriteRequest, slots: asyncio.Semaphore, promised: int = 0
+    ) -> None:
         result = pb.WriteResult(request_id=request.request_id)
         write = request.write
         op = write.WhichOneof("op")
@@ -519,6 +699,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 held.finishing = False
         finally:
             slots.release()
+            session.unreserve(promised)
         metrics.record_write(op, result.code)
         session.send(pb.ConnectResponse(write_result=result))
 
@@ -563,6 +744,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if free > 0 and not self._closing and self._silent(session):
                 timeout = None  # _read wakes us when the stream is heard again
             elif free > 0 and not self._closing:
+                if not await self._may_claim(session):
+                    break
                 want = min(free, MAX_CLAIM_BATCH)
                 try:
                     rows, steps = await self.leases.claim(
@@ -612,23 +795,24 @@ class AgentService(pb_grpc.AgentServiceServicer):
         nonce = 0
         while not session.closed:
             await asyncio.sleep(interval)
-            if time.monotonic() - session.last_heard > MISSED_PINGS_BEFORE_CLOSE * interval:
-                log.warning("sidecar %s silent for %.1fs; closing its stream", session.sidecar_id,
-                            time.monotonic() - session.last_heard)
+            silent = time.monotonic() - session.last_heard
+            if silent > MISSED_PINGS_BEFORE_CLOSE * interval:
+                paused = session.paused_since
+                if paused is not None and time.monotonic() - paused > MISSED_PINGS_BEFORE_CLOSE * interval:
+                    # Not read because it does not read: the same as silent.
+                    log.warning("sidecar %s has not read its stream for %.1fs (%d bytes queued); closing it",
+                                session.sidecar_id, time.monotonic() - paused, session.queued_bytes)
+                    session.failure = errors.ResourceExhausted(
+                        f"the sidecar does not read its stream: {session.queued_bytes} bytes queued for it, "
+                        f"the limit is {session.buffer_bytes}")
+                else:
+                    log.warning("sidecar %s silent for %.1fs; closing its stream", session.sidecar_id, silent)
                 session.close()
                 return
             nonce += 1
             session.send(pb.ConnectResponse(ping=pb.Ping(nonce=nonce)))
             if self.auth.enabled and nonce % max(1, round(KEY_RECHECK_SECONDS / interval)) == 0:
-                try:
-                    valid = await self.auth.still_valid(session.caller)
-                except Exception:
-                    valid = True  # the database is away; the key is judged when it is back
-                if not valid:
-                    log.warning("API key %r of sidecar %s was revoked or expired; closing its stream",
-                                session.caller.name, session.sidecar_id)
-                    session.failure = errors.Unauthenticated("the API key of this stream was revoked or expired")
-                    session.close()
+                if not await self._check_key(session):
                     return
 
     @unary("agent")

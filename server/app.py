@@ -88,6 +88,9 @@ class ControlPlane:
         store = IntentStore(self.db, default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms,
                             batcher=self.batcher)
         self.auth = Authenticator(self.db, enabled=self.settings.auth_enabled, default_tenant=self.settings.tenant)
+        # A key's change is announced by the database: dropped from the cache
+        # before the calls and streams using it are woken to re-check it.
+        self.hub.on_key(self.auth.key_changed)
         quotas = Quotas(self.db, default_max_payload_bytes=self.settings.max_payload_bytes)
         leases = LeaseStore(self.db, max_payload_bytes=self.settings.max_payload_bytes, batcher=self.batcher,
                             max_history_bytes=self.settings.max_history_bytes,
@@ -142,7 +145,13 @@ class ControlPlane:
         metrics.CONNECTED_SIDECARS.set_function(lambda: len(agents.sessions))
         metrics.ASSIGNMENTS_IN_FLIGHT.set_function(lambda: sum(len(s.held) for s in agents.sessions))
         if self.settings.metrics_listen:
-            self.metrics_server = metrics.start_metrics_server(self.settings.metrics_listen, metrics.SERVER_REGISTRY)
+            token_file = self.settings.metrics_token_file
+            token = token_file.read_text().strip() if token_file is not None else None
+            if token is None and self.auth.enabled:
+                log.warning("/metrics refuses every scrape: API keys are on and INTENTD_METRICS_TOKEN_FILE is not "
+                            "set (the series span every tenant)")
+            self.metrics_server = metrics.start_metrics_server(
+                self.settings.metrics_listen, metrics.SERVER_REGISTRY, token=token, require_token=self.auth.enabled)
             log.info("metrics on %s", self.metrics_server.url)
         self.services = [
             IntentCounter(self.db, interval=max(0.5, 5 * self.settings.sweep_interval_s)),

@@ -1,11 +1,15 @@
 """LISTEN/NOTIFY fan-out inside one control-plane replica.
 
 One dedicated connection listens on the intentd channels. Watchers and
-waiters subscribe to an intent id; dispatchers subscribe to addresses. A
-notification is only a wake-up: subscribers always read the truth from the
-database, and wait with a timeout, so a notification lost while the
-listener reconnects delays them but never strands them. After a reconnect
-every subscriber is woken to re-read.
+waiters subscribe to an intent id (and the API key they call with);
+dispatchers subscribe to addresses. A notification is only a wake-up:
+subscribers always read the truth from the database. An idle subscriber
+costs the database nothing: it sleeps until woken, by a notification about
+its intent or key, by a reconnect of the listener (after which everybody
+re-reads, since notifications may have been missed), or by the catch-up,
+one query per CATCHUP_SECONDS for all subscriptions of the replica, which
+wakes those whose intent moved past what they saw (a notification lost
+while connected, which PostgreSQL does not do short of its queue filling).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ log = logging.getLogger("intentd.hub")
 
 EVENTS_CHANNEL = "intentd_events"
 PENDING_CHANNEL = "intentd_pending"
+KEYS_CHANNEL = "intentd_keys"
+CATCHUP_SECONDS = 10.0
+_CATCHUP_CHUNK = 5000
 
 
 def parse_events(payload: str) -> Iterator[tuple[str, int | None, str]]:
@@ -46,8 +53,12 @@ def parse_events(payload: str) -> Iterator[tuple[str, int | None, str]]:
 
 
 class Subscription:
-    def __init__(self) -> None:
+    def __init__(self, key_id: str | None = None) -> None:
         self._event = asyncio.Event()
+        self.key_id = key_id
+        # The intent's newest event seq the subscriber has seen; the
+        # catch-up wakes it when the database has a newer one.
+        self.seen = 0
 
     def notify(self) -> None:
         self._event.set()
@@ -72,6 +83,10 @@ class NotificationHub:
         self._application_name = application_name
         self._reconnect_delay = reconnect_delay
         self._intents: dict[str, set[Subscription]] = defaultdict(set)
+        self._by_key: dict[str, set[Subscription]] = defaultdict(set)
+        self._key_listeners: list[Callable[[str], None]] = []
+        self._catchup: asyncio.Task[None] | None = None
+        self._conn_lock = asyncio.Lock()
         self._pending_listeners: list[Callable[[str], None]] = []
         self._event_listeners: list[Callable[[str, int, str], None]] = []
         self._conn: asyncpg.Connection | None = None
@@ -86,6 +101,7 @@ class NotificationHub:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="notification-hub")
+        self._catchup = asyncio.create_task(self._catch_up(), name="notification-hub-catchup")
         # Do not serve before we listen, or the first sends' wake-ups are lost
         # (they would still be found by the catch-up, only later).
         with contextlib.suppress(TimeoutError):
@@ -94,26 +110,40 @@ class NotificationHub:
     async def close(self) -> None:
         self._closing = True
         self._wake_all()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._catchup):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._conn.close(), 2)
 
     @contextlib.contextmanager
-    def subscribe_intent(self, intent_id: str) -> Iterator[Subscription]:
-        sub = Subscription()
+    def subscribe_intent(self, intent_id: str, key_id: str | None = None) -> Iterator[Subscription]:
+        """Wake-ups for changes of the intent and, with ``key_id``, of that
+        API key (so a revocation ends the call at once)."""
+        sub = Subscription(key_id)
         self._intents[intent_id].add(sub)
+        if key_id:
+            self._by_key[key_id].add(sub)
         try:
             yield sub
         finally:
-            subs = self._intents.get(intent_id)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._intents[intent_id]
+            for index, name in ((self._intents, intent_id), (self._by_key, key_id)):
+                if not name:
+                    continue
+                subs = index.get(name)
+                if subs is not None:
+                    subs.discard(sub)
+                    if not subs:
+                        del index[name]
+
+    def on_key(self, callback: Callable[[str], None]) -> None:
+        """Calls ``callback(key_id)`` when an API key changed, and
+        ``callback("")`` when changes may have been missed (a reconnect).
+        Called before the key's subscribers are woken."""
+        self._key_listeners.append(callback)
 
     def on_pending(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Calls ``callback(address)`` when an intent becomes PENDING; returns
@@ -129,6 +159,8 @@ class NotificationHub:
         return lambda: self._event_listeners.remove(callback)
 
     def _wake_all(self) -> None:
+        for callback in list(self._key_listeners):
+            callback("")
         for subs in list(self._intents.values()):
             for sub in list(subs):
                 sub.notify()
@@ -148,6 +180,39 @@ class NotificationHub:
                 for listener in listeners:
                     listener(intent_id, seq, state)
 
+    def _on_key(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        metrics.NOTIFICATIONS.labels(channel="keys").inc()
+        for callback in list(self._key_listeners):
+            callback(payload)
+        for sub in list(self._by_key.get(payload, ())):
+            sub.notify()
+
+    async def _catch_up(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(CATCHUP_SECONDS)
+            conn = self._conn
+            if conn is None or not self._intents:
+                continue
+            ids = list(self._intents)
+            try:
+                newest: dict[str, int] = {}
+                for start in range(0, len(ids), _CATCHUP_CHUNK):
+                    async with self._conn_lock:  # one query at a time on the listener's connection
+                        rows = await asyncio.wait_for(
+                            conn.fetch(Q.intents_last_seq, ids[start:start + _CATCHUP_CHUNK]), 5)
+                    newest.update((row["id"], row["last_seq"]) for row in rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("catch-up read failed (%s); the reconnect wakes everyone", type(exc).__name__)
+                continue
+            for intent_id in ids:
+                seq = newest.get(intent_id)
+                for sub in list(self._intents.get(intent_id, ())):
+                    if seq is None or seq > sub.seen:
+                        sub.notify()
+
     def _on_pending(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.labels(channel="pending").inc()
@@ -162,6 +227,7 @@ class NotificationHub:
                 self._conn = conn
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(PENDING_CHANNEL, self._on_pending)
+                await conn.add_listener(KEYS_CHANNEL, self._on_key)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self.connected.set()
@@ -172,7 +238,8 @@ class NotificationHub:
                         await asyncio.wait_for(lost.wait(), 5)
                     if not lost.is_set():
                         # Detects a half-open connection the socket did not report.
-                        await asyncio.wait_for(conn.execute(Q.ping), 5)
+                        async with self._conn_lock:
+                            await asyncio.wait_for(conn.execute(Q.ping), 5)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -12,7 +13,7 @@ import grpc
 from intentd.observability import metrics
 from intentd.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
 from intentd.server import errors, history
-from intentd.server.auth import Authenticator, current_caller
+from intentd.server.auth import Authenticator, Caller, current_caller
 from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
 from intentd.server.hub import NotificationHub
 from intentd.server.ids import looks_like_id
@@ -37,11 +38,6 @@ from intentd.validation import (
 )
 
 MAX_ATTEMPTS_LIMIT = 1000
-# Subscribers re-read the database at least this often even without a
-# notification, so a lost NOTIFY delays them by at most this much.
-CATCHUP_SECONDS = 5.0
-# Open watch streams re-check their API key this often (revocation).
-KEY_RECHECK_SECONDS = 2.0
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
@@ -94,9 +90,43 @@ class IntentService(pb_grpc.IntentServiceServicer):
         self.settings = settings
         self.auth = auth
         self.quotas = quotas
+        self._watches: dict[str, int] = {}
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return current_caller().tenant
+
+    @contextlib.contextmanager
+    def _watch_slot(self, caller: Caller) -> Iterator[None]:
+        """Counts an open WatchIntent or WaitIntent against its key's cap
+        (with API keys off there is one caller, and no one else to protect)."""
+        open_now = self._watches.get(caller.identity, 0)
+        if self.auth.enabled and open_now >= self.settings.max_watches_per_key:
+            raise errors.ResourceExhausted(
+                f"API key {caller.name!r} has {open_now} WatchIntent/WaitIntent calls open on this replica; "
+                f"the limit is {self.settings.max_watches_per_key}", retry_after_ms=1000)
+        self._watches[caller.identity] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._watches[caller.identity] - 1
+            if left:
+                self._watches[caller.identity] = left
+            else:
+                del self._watches[caller.identity]
+
+    async def _check_key(self, caller: Caller) -> None:
+        if not await self.auth.still_valid(caller):
+            raise errors.Unauthenticated("the API key of this call was revoked or expired")
+
+    @staticmethod
+    def _idle(caller: Caller, left: float | None = None) -> float | None:
+        """How long an idle watcher or waiter sleeps with nothing to wake it:
+        until its own deadline or its key's expiry. Everything else (events,
+        key changes, a reconnect of the listener, the hub's catch-up) wakes it."""
+        limits = [] if left is None else [left]
+        if caller.expire_time is not None:
+            limits.append(max(0.0, (caller.expire_time - datetime.now(UTC)).total_seconds()) + 0.05)
+        return min(limits) if limits else None
 
     def _new_intent(
         self, spec: pb.IntentSpec, prefix: str, now: datetime, max_payload: int, trace: str | None
@@ -190,10 +220,11 @@ class IntentService(pb_grpc.IntentServiceServicer):
         if request.after_seq < 0:
             raise ValidationError("after_seq", "must not be negative")
         tenant = self._tenant(context)
+        caller = current_caller()
         after = request.after_seq
         # Subscribe before the first read: a change committed between the read
         # and the subscription would otherwise be missed until the catch-up.
-        with self.hub.subscribe_intent(intent_id) as sub:
+        with self._watch_slot(caller), self.hub.subscribe_intent(intent_id, caller.key_id) as sub:
             await self.store.get(tenant, intent_id)
             while True:
                 events = await self.store.events(tenant, intent_id, after)
@@ -210,9 +241,10 @@ class IntentService(pb_grpc.IntentServiceServicer):
                     return
                 if self.hub.closing:
                     raise errors.Unavailable("server is shutting down; reconnect with after_seq")
-                if not await self.auth.still_valid(current_caller()):
-                    raise errors.Unauthenticated("the API key of this stream was revoked or expired")
-                await sub.wait(KEY_RECHECK_SECONDS if self.auth.enabled else CATCHUP_SECONDS)
+                await self._check_key(caller)
+                sub.seen = after
+                await sub.wait(self._idle(caller))
+                await self._check_key(caller)
 
     @unary("client")
     async def WaitIntent(self, request: pb.WaitIntentRequest, context: Ctx) -> pb.WaitIntentResponse:
@@ -226,9 +258,13 @@ class IntentService(pb_grpc.IntentServiceServicer):
             # Answer just before the caller's own deadline rather than after it.
             call_deadline = time.monotonic() + max(0.0, remaining_call - 0.05)
             loop_deadline = call_deadline if loop_deadline is None else min(loop_deadline, call_deadline)
-        with self.hub.subscribe_intent(intent_id) as sub:
+        caller = current_caller()
+        with self._watch_slot(caller), self.hub.subscribe_intent(intent_id, caller.key_id) as sub:
             while True:
+                # Before every answer too: a revoked key gets no result.
+                await self._check_key(caller)
                 row = await self.store.get(tenant, intent_id)
+                await self._check_key(caller)
                 if IntentState(row["state"]).terminal:
                     return pb.WaitIntentResponse(intent=intent_to_proto(row), terminal=True)
                 if self.hub.closing:
@@ -236,7 +272,8 @@ class IntentService(pb_grpc.IntentServiceServicer):
                 left = None if loop_deadline is None else loop_deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return pb.WaitIntentResponse(intent=intent_to_proto(row), terminal=False)
-                await sub.wait(CATCHUP_SECONDS if left is None else min(left, CATCHUP_SECONDS))
+                sub.seen = row["last_seq"]
+                await sub.wait(self._idle(caller, left))
 
     @unary("client")
     async def CancelIntent(self, request: pb.CancelIntentRequest, context: Ctx) -> pb.CancelIntentResponse:

@@ -190,13 +190,15 @@ class LeaseStore:
         return {(r["id"], r["lease_token"]) for r in rows}
 
     async def rebind(
-        self, lease: LeaseRef, session: str, now: datetime | None = None, tenant: str = "default"
+        self, lease: LeaseRef, session: str, addresses: Sequence[str], now: datetime | None = None,
+        tenant: str = "default",
     ) -> int | None:
-        """Re-binds a lease to a new stream; returns the intent's event seq, or
-        None when the lease is no longer live."""
+        """Re-binds a lease to a new stream serving ``addresses``; returns the
+        intent's event seq, or None when the lease is no longer live or is
+        for an address the stream does not serve."""
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
-                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant)
+                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant, list(addresses))
         return None if row is None else int(row["last_seq"])
 
     async def record_step(

@@ -92,6 +92,24 @@ class ServerSettings:
     # Prometheus /metrics on HOST:PORT; empty: off (several processes on one
     # host would fight over a fixed default port). The Helm chart sets it.
     metrics_listen: str | None = None
+    # A file holding the bearer token /metrics requires when authentication
+    # is on (its series span every tenant); without one /metrics refuses.
+    metrics_token_file: Path | None = None
+    # Bytes one sidecar stream may have queued toward it (answers,
+    # assignments, pings) before the server stops reading it: HTTP/2 flow
+    # control then slows the sidecar. A stream that stays that full for
+    # three ping intervals is closed as not reading.
+    stream_buffer_bytes: int = 2 * 1024 * 1024
+    # Sidecar streams open at once on this replica, per API key and per tenant.
+    max_streams_per_key: int = 100
+    max_streams_per_tenant: int = 500
+    # WatchIntent and WaitIntent calls open at once on this replica, per API key.
+    max_watches_per_key: int = 1000
+    # Database writes (acks and fenced writes) per second a sidecar stream,
+    # and all streams of one tenant together, get on this replica; more wait
+    # (the stream is read more slowly), none is refused. 0: unlimited.
+    stream_writes_per_second: float = 2000.0
+    tenant_writes_per_second: float = 10000.0
 
     @property
     def loopback_only(self) -> bool:
@@ -131,6 +149,19 @@ class ServerSettings:
             parse_host_port(self.metrics_listen, "metrics_listen")
         if self.health_listen:
             parse_host_port(self.health_listen, "health_listen")
+        if self.metrics_token_file is not None:
+            path = Path(self.metrics_token_file)
+            require(path.is_file(), "metrics_token_file", f"{path} is not a readable file")
+            require(len(path.read_text().strip()) >= 16, "metrics_token_file",
+                    f"{path} must hold a token of at least 16 characters")
+        require(64 * 1024 <= self.stream_buffer_bytes <= 1024 * 1024 * 1024, "stream_buffer_bytes",
+                "must be between 64 KiB and 1 GiB")
+        require(1 <= self.max_streams_per_key <= 100_000, "max_streams_per_key", "must be 1..100000")
+        require(self.max_streams_per_key <= self.max_streams_per_tenant <= 1_000_000, "max_streams_per_tenant",
+                "must be at least INTENTD_MAX_STREAMS_PER_KEY and at most 1000000")
+        require(1 <= self.max_watches_per_key <= 1_000_000, "max_watches_per_key", "must be 1..1000000")
+        for name in ("stream_writes_per_second", "tenant_writes_per_second"):
+            require(0 <= getattr(self, name) <= 10_000_000, name, "must be 0 (unlimited) to 10000000")
         if self.database_url is not None:
             require(
                 self.database_url.startswith(("postgres://", "postgresql://")),

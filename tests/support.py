@@ -209,11 +209,11 @@ class RawSidecar:
 
     def __init__(self, address: str, agent_address: str, capacity: int = 1, sidecar_id: str = "raw",
                  metadata: list[tuple[str, str]] | None = None, ping_every: float | None = None,
-                 batches: bool = False, fetches_steps: bool = False) -> None:
+                 batches: bool = False, fetches_steps: bool = False, held: list[Any] | None = None) -> None:
         """``ping_every``: also ping on that period (every ping renews the
         stream's leases), as a live sidecar does. ``batches``: announce that
         it takes batch frames (they are unpacked into ``received``; ``frames``
-        counts what arrived as such)."""
+        counts what arrived as such). ``held``: leases to re-announce."""
         import queue
 
         from intentd.v1 import agent_service_pb2 as apb
@@ -225,7 +225,7 @@ class RawSidecar:
         self._channel = grpc.insecure_channel(address)
         self._requests.put(apb.ConnectRequest(register=apb.Register(
             sidecar_id=sidecar_id, addresses=[agent_address], capacity=capacity, accepts_batches=batches,
-            fetches_steps=fetches_steps)))
+            fetches_steps=fetches_steps, held=held or [])))
 
         def requests() -> Iterator[Any]:
             while True:

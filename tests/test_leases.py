@@ -169,8 +169,8 @@ async def test_rebind_keeps_a_lease_only_for_its_token(stores, agent_address) ->
     await send(store, agent_address)
     lease = await deliver(leases, agent_address, "old-stream")
     forged = LeaseRef(lease.intent_id, lease.attempt, uuid.uuid4())
-    assert not await leases.rebind(forged, "thief")
-    assert await leases.rebind(lease, "new-stream")
+    assert not await leases.rebind(forged, "thief", [agent_address])
+    assert await leases.rebind(lease, "new-stream", [agent_address])
     assert {i for i, _ in await leases.renew("new-stream")} == {lease.intent_id}
     assert await leases.renew("old-stream") == set()
 

@@ -81,8 +81,8 @@ its ``intentd_writes_total`` code).
     returns (``self.rounds += 1`` in ``BackgroundService._loop``). Only the
     control plane's sweepers should call these (the sidecar's pinger is a
     BackgroundService too): pass the server's sweepers' names.
-``NOTIFICATIONS`` -- ``intentd_notifications_total{channel="events"|"pending"}``
-    ``NotificationHub._on_event`` / ``_on_pending`` (next to ``self.notifications += 1``).
+``NOTIFICATIONS`` -- ``intentd_notifications_total{channel="events"|"pending"|"keys"}``
+    ``NotificationHub._on_event`` / ``_on_pending`` / ``_on_key`` (next to ``self.notifications += 1``).
 
 Sidecar (``SIDECAR_REGISTRY``), wired in ``intentd.sidecar``
 ============================================================
@@ -97,13 +97,16 @@ plane connection, by its final answer), ``intentd_sidecar_releases_total{reason}
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import prometheus_client
 from prometheus_client import (
@@ -117,6 +120,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from intentd import __version__
 from intentd.config import parse_host_port
@@ -281,7 +285,7 @@ for _op in WRITE_OPS:
     WRITES.labels(op=_op, code="OK")
 for _state in TERMINAL_STATES:
     END_TO_END_LATENCY.labels(state=_state)
-for _channel in ("events", "pending"):
+for _channel in ("events", "pending", "keys"):
     NOTIFICATIONS.labels(channel=_channel)
 
 
@@ -417,22 +421,59 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(listen: str, registry: CollectorRegistry) -> MetricsServer:
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _guarded(app: Any, token: str | None, require_token: bool) -> Any:
+    """``app`` behind ``Authorization: Bearer <token>``: with ``token`` every
+    request must carry it; without one, ``require_token`` refuses them all
+    (the server's series span every tenant: with API keys on, nobody may
+    read them without the operator's token)."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if expected is not None or require_token:
+            presented = str(environ.get("HTTP_AUTHORIZATION", "")).encode()
+            if expected is None or not hmac.compare_digest(presented, expected):
+                body = (b"/metrics needs 'Authorization: Bearer <token>' (INTENTD_METRICS_TOKEN_FILE)\n"
+                        if expected is not None else
+                        b"/metrics is off while API keys are on and INTENTD_METRICS_TOKEN_FILE is not set\n")
+                start_response("401 Unauthorized" if expected is not None else "403 Forbidden",
+                               [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+                return [body]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def start_metrics_server(listen: str, registry: CollectorRegistry, *, token: str | None = None,
+                         require_token: bool = False) -> MetricsServer:
     """Serves ``registry`` over HTTP on ``listen`` (HOST:PORT; port 0 picks a
     free one) at ``/metrics``, in a daemon thread. Raises OSError naming the
     address when it cannot bind, so a misconfigured port fails the start.
     Also turns off the ``*_created`` series for the whole process.
 
-    Not authenticated and not TLS: bind it to a pod/loopback address, or
-    restrict who reaches it (NetworkPolicy ``metricsFrom``)."""
+    With ``token``, requests must carry ``Authorization: Bearer <token>``;
+    with ``require_token`` and no token, every request is refused. Not TLS:
+    bind it to a pod/loopback address, or restrict who reaches it
+    (NetworkPolicy ``metricsFrom``)."""
     host, port = parse_host_port(listen, "metrics_listen")
     # The text format's ``*_created`` series double the series count and no
     # dashboard uses them; this is process-wide, hence here and not at import.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call,unused-ignore]
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    app = _guarded(prometheus_client.make_wsgi_app(registry), token, require_token)
     try:
-        server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics")
+    thread.start()
     bound = int(server.server_address[1])
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return MetricsServer(host, bound, server, thread)

@@ -131,8 +131,10 @@ WHERE lease_session = $1 AND state IN ('DELIVERED', 'IN_PROGRESS')
 RETURNING id, lease_token, attempt;
 
 -- name: rebind_lease
--- A reconnecting sidecar keeps a lease only if nobody took it over.
--- $1 id, $2 token, $3 attempt, $4 new session, $5 now, $6 tenant
+-- A reconnecting sidecar keeps a lease only if nobody took it over, and only
+-- for an address the new stream serves (its addresses were checked against
+-- its key's patterns): a key scoped to dev cannot take over a prod lease.
+-- $1 id, $2 token, $3 attempt, $4 new session, $5 now, $6 tenant, $7 the stream's addresses
 UPDATE intents
 SET lease_session = $4,
     lease_expires_at = CASE
@@ -140,7 +142,7 @@ SET lease_session = $4,
         THEN coalesce($5::timestamptz, now()) + heartbeat_timeout_ms * interval '1 millisecond'
         ELSE lease_expires_at END
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
-  AND tenant = $6
+  AND tenant = $6 AND to_agent = ANY($7::text[])
 RETURNING id, last_seq;
 
 -- name: record_steps
