@@ -299,12 +299,15 @@ def test_api_key_file_settings_are_checked_at_start(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- finding 10
 
 
-def test_fail_and_release_after_the_deadline_end_timed_out(make_server: Any, agent_address: str) -> None:
+def test_fail_and_release_after_the_deadline_end_timed_out(
+        make_server: Any, databases: Any, agent_address: str) -> None:
     """Finding 10: fail_intents and release_intents had no deadline guard, so
     an agent's failure (or a release) landing after the deadline but before the
     deadline sweeper ran made the intent FAILED (or PENDING again) instead of
     TIMED_OUT."""
-    srv = make_server(sweep_interval_s=30)  # a legal setting: sweeps are rare
+    # A database of its own: the run's shared one is swept often by the
+    # session's server, which would time the intents out before the late writes.
+    srv = make_server(database_url=databases.create(), sweep_interval_s=30)  # sweeps are rare
     raw = RawSidecar(srv.address, agent_address, capacity=2, ping_every=0.1)
     try:
         with IntentClient(srv.address) as client:
