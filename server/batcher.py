@@ -271,8 +271,10 @@ class WriteBatcher:
                 return
             # The COMMIT was in doubt: the writes it held are applied again.
             self._fail([w for w in batch if w.error is not None], None)
-            self.redone += 1
-            await self._commit([w for w in batch if w.error is None], in_doubt_retry=False)
+            rest = [w for w in batch if w.error is None]
+            if rest:
+                self.redone += 1
+                await self._commit(rest, in_doubt_retry=False)
             return
         self._fail([w for w in batch if w.error is not None], None)
         self._answer([w for w in batch if w.error is None], len(steps))

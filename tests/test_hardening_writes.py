@@ -306,6 +306,45 @@ async def test_a_committed_fail_or_release_repeated_is_answered_as_it_was(db, ag
         await leases.release(failing, "AGENT_DIED", session="s1")
 
 
+async def test_fenced_writes_whose_batch_lost_its_connection_after_the_commit_are_answered_as_committed(
+    db, agent_address
+) -> None:
+    """A one-statement batch of fails, then one of releases, each losing its
+    connection right after it committed: every attempt ended once, and every
+    caller is told so (not that its lease was stale)."""
+    store = IntentStore(db)
+    plain = LeaseStore(db, max_payload_bytes=128 * 1024)
+    await store.send("default", [NewIntent(TYPE, agent_address, "{}", "test") for _ in range(16)])
+    rows, _ = await plain.claim("s1", [agent_address], None, 16, 60_000)
+    refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
+    for ref in refs:
+        await plain.ack(ref, session="s1")
+    batcher = WriteBatcher(db, workers=1)
+    killed: list[str] = []  # the kinds whose first batch of several lost its connection
+
+    async def kill_after_commit(conn: asyncpg.Connection, batch: list[_Write]) -> None:
+        kinds = {w.kind.name for w in batch}
+        if len(batch) >= 2 and len(kinds) == 1 and not kinds & set(killed):
+            killed.extend(kinds)
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    batcher.after_statements = kill_after_commit
+    batcher.start()
+    grouped = LeaseStore(db, max_payload_bytes=128 * 1024, batcher=batcher)
+    try:
+        failed = await asyncio.gather(*(grouped.fail(ref, "E", "boom", True, session="s1") for ref in refs[:8]))
+        released = await asyncio.gather(*(grouped.release(ref, "AGENT_DIED", session="s1") for ref in refs[8:]))
+    finally:
+        await batcher.close()
+    assert killed == ["fail", "release"] and batcher.redone == 2, killed
+    assert all(r["state"] == "PENDING" for r in [*failed, *released])
+    async with db.connection() as conn:
+        ended = await conn.fetch("SELECT intent_id, count(*) AS n FROM intent_events WHERE type IN"
+                                 " ('RELEASED', 'FAILED') AND intent_id = ANY($1) GROUP BY intent_id",
+                                 [r.intent_id for r in refs])
+    assert sorted(r["n"] for r in ended) == [1] * 16
+
+
 # ------------------------------------------------------- finding 6: live quota
 
 
