@@ -331,6 +331,33 @@ def test_revoked_keys_get_no_result_no_event_and_no_assignment(secure, database_
         sidecar.close()
 
 
+def test_without_the_announcement_a_revoked_stream_still_ends_within_about_two_seconds(databases) -> None:
+    """The README's figure when the revocation is not announced (a replica's
+    listener was away): the one-second cache and the one-second re-check."""
+    url = databases.create()
+    sql(url, "ALTER TABLE api_keys DISABLE TRIGGER api_keys_notify")
+    srv = ServerThread(server_settings(url, auth="on")).start()
+    try:
+        keys = Keys(url)
+        tenant = tenant_name("quiet")
+        name = f"agent-{uuid.uuid4().hex[:6]}"
+        key = keys.create(tenant, name, ["agent"], (f"agent://{tenant}/prod/*",))
+        sidecar = RawSidecar(srv.address, f"agent://{tenant}/prod/x", metadata=bearer(key), ping_every=0.1)
+        try:
+            keys.revoke(tenant, name)
+            revoked = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                sidecar.recv("never", timeout=30)
+            took = time.monotonic() - revoked
+            print(f"a revoked key's stream ended {took:.2f}s after the revocation, unannounced")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert took < 3.5  # 2 s and the time to read the key and end the stream, generously
+        finally:
+            sidecar.close()
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- finding 9: rebind scope
 
 
