@@ -11,9 +11,10 @@ its answers, so it is never ended for not reading). Everything on loopback,
 with API keys on, on a fresh database.
 
 For each server setting of the write rates (off, the defaults, and a tighter
-tenant budget), on one server: A alone and A under the flood, alternating,
-``reps`` times; reported are the medians and the cost (1 - flooded / alone),
-each against its same-run baseline.
+tenant budget, which like every setting applies to both tenants), on one
+server: A alone and A under the flood, alternating, ``reps`` times; reported
+are the medians and the cost (1 - flooded / alone), each against its same-run
+baseline.
 """
 
 from __future__ import annotations

@@ -352,7 +352,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def Connect(  # type: ignore[override]  # grpc.aio also takes a coroutine that writes via context
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        caller: Caller | None = None
         try:
             # Before anything is read: a stream without a good key ends at once.
             caller = await self.auth.authenticate(context, "agent")

@@ -134,8 +134,10 @@ def test_a_sidecar_that_never_reads_is_pushed_back_and_the_server_stays_bounded(
         while "has not read its stream" not in server.log() and attack.taken < 3150 and time.monotonic() < deadline:
             peak = max(peak, rss_mib(server.pid))
             time.sleep(0.05)
-        time.sleep(0.5)  # what it would take after the end, were it still reading
-        peak = max(peak, rss_mib(server.pid))
+        settle = time.monotonic() + 3  # what it takes on after that
+        while time.monotonic() < settle:
+            peak = max(peak, rss_mib(server.pid))
+            time.sleep(0.05)
         print(f"server RSS {before:.0f} MiB -> peak {peak:.0f} MiB; the stream sent {attack.taken} of 3150")
         assert attack.taken < 1000, "the server kept reading a stream that does not read"
         assert peak - before < 150, f"the server grew by {peak - before:.0f} MiB"
@@ -166,9 +168,9 @@ def test_a_sidecar_that_never_reads_is_pushed_back_and_the_server_stays_bounded(
 def test_stream_caps_per_key_and_per_tenant(secure, database_url) -> None:
     keys = Keys(database_url)
     tenant, other = tenant_name("cap"), tenant_name("cap")
-    one = keys.create(tenant, "one", ["agent"], (f"agent://{tenant}/**",))
-    two = keys.create(tenant, "two", ["agent"], (f"agent://{tenant}/**",))
-    elsewhere = keys.create(other, "one", ["agent"], (f"agent://{other}/**",))
+    one = keys.create(tenant, "one", ["agent"], (f"agent://{tenant}/*",))
+    two = keys.create(tenant, "two", ["agent"], (f"agent://{tenant}/*",))
+    elsewhere = keys.create(other, "one", ["agent"], (f"agent://{other}/*",))
     address = f"agent://{tenant}/prod/x"
     streams = [RawSidecar(secure.address, address, metadata=bearer(one), ping_every=0.1) for _ in range(2)]
     try:
@@ -199,7 +201,7 @@ def test_acks_for_unknown_leases_are_bounded_like_writes(secure, database_url) -
     slots, and the reader waits for one."""
     keys = Keys(database_url)
     tenant = tenant_name("ack")
-    key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/**",))
+    key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/*",))
     stream = RawSidecar(secure.address, f"agent://{tenant}/prod/x", metadata=bearer(key), batches=True,
                         ping_every=0.1)
 
@@ -232,8 +234,8 @@ def test_write_rates_per_stream_and_per_tenant_push_back_and_refuse_nothing(data
                                        tenant_writes_per_second=60)).start()
     keys = Keys(database_url)
     tenant, other = tenant_name("rate"), tenant_name("rate")
-    key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/**",))
-    other_key = keys.create(other, "agent", ["agent"], (f"agent://{other}/**",))
+    key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/*",))
+    other_key = keys.create(other, "agent", ["agent"], (f"agent://{other}/*",))
     try:
         a = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
         b = RawSidecar(srv.address, f"agent://{tenant}/prod/b", metadata=bearer(key), ping_every=0.1)
@@ -327,6 +329,33 @@ def test_revoked_keys_get_no_result_no_event_and_no_assignment(secure, database_
             assert at - revoked < 6
     finally:
         sidecar.close()
+
+
+def test_without_the_announcement_a_revoked_stream_still_ends_within_about_two_seconds(databases) -> None:
+    """The README's figure when the revocation is not announced (a replica's
+    listener was away): the one-second cache and the one-second re-check."""
+    url = databases.create()
+    sql(url, "ALTER TABLE api_keys DISABLE TRIGGER api_keys_notify")
+    srv = ServerThread(server_settings(url, auth="on")).start()
+    try:
+        keys = Keys(url)
+        tenant = tenant_name("quiet")
+        name = f"agent-{uuid.uuid4().hex[:6]}"
+        key = keys.create(tenant, name, ["agent"], (f"agent://{tenant}/prod/*",))
+        sidecar = RawSidecar(srv.address, f"agent://{tenant}/prod/x", metadata=bearer(key), ping_every=0.1)
+        try:
+            keys.revoke(tenant, name)
+            revoked = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                sidecar.recv("never", timeout=30)
+            took = time.monotonic() - revoked
+            print(f"a revoked key's stream ended {took:.2f}s after the revocation, unannounced")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert took < 3.5  # 2 s and the time to read the key and end the stream, generously
+        finally:
+            sidecar.close()
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------- finding 9: rebind scope
@@ -540,7 +569,7 @@ def test_idle_watchers_cost_no_transactions_and_are_capped_per_key(databases, tm
         # Each still reads once more after its first event before it sleeps:
         # on a busy machine that takes a while. Settled, nothing is read.
         settle_until = time.monotonic() + 30
-        while time.monotonic() < settle_until and await first_seconds(2) > baseline + 25:
+        while time.monotonic() < settle_until and await first_seconds(2) > baseline + 10:
             pass
         watching = await first_seconds(5)
         for call in calls:
