@@ -39,7 +39,7 @@ ROLES = ("client", "agent", "admin")
 KEY_PREFIX = "intentd_"
 # How long what was read about a key id (its row, or that there is none) is
 # trusted before it is read again. A key change is also announced
-# (intentd_keys, migration 0009) and drops the entry at once; this bounds
+# (intentd_keys, migration 0007) and drops the entry at once; this bounds
 # the delay when that notification is lost. Open streams re-check their key
 # every KEY_RECHECK_SECONDS, so a revocation ends them within the sum, 2 s.
 KEY_CACHE_SECONDS = 1.0
