@@ -99,6 +99,10 @@ class Session:
     # timer) can add one, so a completion's wake-up need not ask again.
     recheck_delayed: bool = True
     last_heard: float = field(default_factory=time.monotonic)
+    # Messages the reader holds while it waits for this server's own write
+    # budgets or write slots: the sidecar was heard, and is not read on
+    # because of us, so that time never counts as its silence.
+    held_back: int = 0
     # The dispatcher waits for the stream to be heard again (see SILENT_STREAM_PINGS).
     quiet: bool = False
     closed: bool = False
@@ -115,6 +119,21 @@ class Session:
     @property
     def queued_bytes(self) -> int:
         return self.outbox.bytes + self.reserved
+
+    def silent_for(self) -> float:
+        """Seconds since the sidecar was last heard, none while the reader
+        holds one of its messages back."""
+        return 0.0 if self.held_back else time.monotonic() - self.last_heard
+
+    @contextlib.asynccontextmanager
+    async def holding_back(self) -> AsyncIterator[None]:
+        """Around a wait of the reader for this server's own budgets."""
+        self.held_back += 1
+        try:
+            yield
+        finally:
+            self.held_back -= 1
+            self.last_heard = time.monotonic()
 
     async def room(self) -> None:
         """Waits while the stream's buffer is full; a message larger than
@@ -509,8 +528,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             elif kind == "ack":
                 # Bounded like writes: an ack for a lease nobody holds costs a
                 # database diagnosis too.
-                await self._pace(session)
-                await writes.acquire()
+                async with session.holding_back():
+                    await self._pace(session)
+                    await writes.acquire()
                 ack = asyncio.create_task(self._ack(session, request.ack.lease, writes))
                 background.add(ack)
                 ack.add_done_callback(background.discard)
@@ -518,8 +538,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 if held_now is not None:
                     held_now.acked = ack
             elif kind == "write":
-                await self._pace(session)
-                await writes.acquire()
+                async with session.holding_back():
+                    await self._pace(session)
+                    await writes.acquire()
                 # Its answer (mostly the size of the request: a step's answer
                 # is the recorded step) is promised room in the buffer now.
                 promised = request.write.ByteSize() + ANSWER_OVERHEAD_BYTES
@@ -705,7 +726,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     def _silent(self, session: Session) -> bool:
         """True (and the stream marked to wake its dispatcher when heard) if
         it was silent for longer than a live sidecar ever is."""
-        silent = time.monotonic() - session.last_heard > SILENT_STREAM_PINGS * self.settings.ping_interval_ms / 1000
+        silent = session.silent_for() > SILENT_STREAM_PINGS * self.settings.ping_interval_ms / 1000
         session.quiet = silent
         return silent
 
@@ -794,7 +815,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         nonce = 0
         while not session.closed:
             await asyncio.sleep(interval)
-            silent = time.monotonic() - session.last_heard
+            silent = session.silent_for()
             if silent > MISSED_PINGS_BEFORE_CLOSE * interval:
                 paused = session.paused_since
                 if paused is not None and time.monotonic() - paused > MISSED_PINGS_BEFORE_CLOSE * interval:

@@ -266,6 +266,28 @@ def test_write_rates_per_stream_and_per_tenant_push_back_and_refuse_nothing(data
         srv.stop()
 
 
+def test_a_stream_held_back_by_its_write_budget_is_not_closed_as_silent(database_url) -> None:
+    """While the reader waits for a stream's write budget it reads nothing,
+    not even the sidecar's pings behind the writes: that wait is the
+    server's doing and must never count as the sidecar's silence (the stream
+    was closed after three ping intervals, and its leases redelivered)."""
+    srv = ServerThread(server_settings(database_url, stream_writes_per_second=1)).start()
+    address = f"agent://{tenant_name('held')}/prod/a"
+    try:
+        raw = RawSidecar(srv.address, address, ping_every=0.1)
+        lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
+        for n in range(3):  # one a second: the reader waits about 1 s, over 3 pings of 200 ms, twice
+            raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+        # A stream closed meanwhile raises here instead of answering.
+        answers = [raw.recv("write_result", 30) for _ in range(3)]
+        assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
+        assert raw.write(4, progress, timeout=30).code == grpc.StatusCode.NOT_FOUND.value[0]  # still open
+        raw.close()
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- finding 7: revocation
 
 
