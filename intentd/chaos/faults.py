@@ -129,20 +129,7 @@ class FaultInjector:
     def tend(self) -> None:
         """Resumes frozen sidecars whose time is up; restarts processes that
         died without being killed (and records that)."""
-        now = time.monotonic()
-        for due in [e for e in self.scheduled if e[0] <= now]:
-            self.scheduled.remove(due)
-            try:
-                due[1]()
-            except Exception as exc:
-                self.errors.append(f"scheduled {due[1]}: {type(exc).__name__}: {exc}")
-        if now - self._rss_at >= 1.0:
-            self._rss_at = now
-            self.sample_rss()
-        for entry in list(self.stopped):
-            if now >= entry.until:
-                entry.sidecar.killpg(signal.SIGCONT)
-                self.stopped.remove(entry)
+        self.tend_without_db()
         procs: list[Replica | Sidecar] = [*self.replicas, *self.sidecars]
         for proc in procs:
             if proc.popen is not None and not proc.alive() and not proc.killed:
@@ -298,6 +285,8 @@ class FaultInjector:
         return Fault("pg_outage", at, "postgres", f"stop -m {mode}, down {down:.1f}s")
 
     def tend_without_db(self) -> None:
+        """Runs what is scheduled, samples memory and resumes frozen sidecars
+        whose time is up: what tending may do while PostgreSQL is down."""
         now = time.monotonic()
         for due in [e for e in self.scheduled if e[0] <= now]:
             self.scheduled.remove(due)
