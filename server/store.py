@@ -219,14 +219,18 @@ class IntentStore:
                 raise errors.NotFound(f"intent {intent_id!r} not found")
             extra = extra_attempts or current["max_attempts"]
             row = await conn.fetchrow(Q.retry_intent, intent_id, tenant, extra, now, actor)
-        if row is None:
-            current = await self.get(tenant, intent_id)
-            if current["state"] == IntentState.FAILED:
-                raise errors.FailedPrecondition(f"intent {intent_id} is past its deadline; it cannot be retried")
-            raise errors.FailedPrecondition(
-                f"intent {intent_id} is {current['state']}; only FAILED intents can be retried"
-            )
-        return row
+            if row is not None:
+                return row
+            why = await conn.fetchrow(Q.retry_refusal, intent_id, tenant, now)
+        if why is None:
+            raise errors.NotFound(f"intent {intent_id!r} not found")
+        if why["state"] != IntentState.FAILED:
+            raise errors.FailedPrecondition(f"intent {intent_id} is {why['state']}; only FAILED intents can be retried")
+        if why["past_deadline"]:
+            raise errors.FailedPrecondition(f"intent {intent_id} is past its deadline; it cannot be retried")
+        raise errors.ResourceExhausted(
+            f"tenant {tenant!r} is at its quota of live intents (max_live_intents); retry intent {intent_id} "
+            "when fewer are live", retry_after_ms=1000)
 
     async def delete_finished(self, retention_s: float, now: datetime | None = None, batch: int = 500) -> int:
         async with self.db.connection() as conn:

@@ -18,6 +18,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from intentd.client import IntentClient
+from intentd.client.errors import ResourceExhausted
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, _Write
 from intentd.server.db import Database
@@ -419,3 +421,31 @@ def test_a_tenant_without_quota_is_not_limited(make_server, databases) -> None:
     assert set(_send_all([srv.address], specs)) == {grpc.StatusCode.OK}
     assert _live(url) == 30
 
+
+
+def test_a_retry_is_admitted_by_the_live_quota_like_a_send(databases, make_server) -> None:
+    """RetryIntent brings a dead letter back to live: it skipped the quota,
+    so a tenant at max_live_intents could go past it one retry at a time."""
+    url = databases.create()
+    srv = make_server(database_url=url)
+    address = f"agent://quota/r{uuid.uuid4().hex[:6]}/x"
+    raw = RawSidecar(srv.address, address, ping_every=0.1)
+    try:
+        with IntentClient(srv.address) as client:
+            dead = client.send_intent(intent_type=TYPE, to_agent=address, payload={}, max_attempts=1)
+            assignment = raw.recv("assignment")
+            raw.send(ack=delivery_pb2.AckAssignment(lease=assignment.lease))
+            failed = raw.write(1, delivery_pb2.IntentWrite(lease=assignment.lease, fail=delivery_pb2.FailWrite(
+                code="BAD_INPUT", message="no", retryable=False)))
+            assert failed.code == 0 and client.get(dead).state.name == "FAILED"
+            raw.close()
+            live = client.send_intent(intent_type=TYPE, to_agent=address, payload={})
+            _sql(url, "UPDATE tenants SET max_live_intents = 1 WHERE name = 'default'")
+            with pytest.raises(ResourceExhausted):
+                client.retry(dead)
+            assert client.get(dead).state.name == "FAILED" and _live(url) == 1
+            client.cancel(live, reason="room for the retry")
+            assert client.retry(dead).state.name == "PENDING"
+            assert _live(url) == 1
+    finally:
+        raw.close()

@@ -124,21 +124,33 @@ SELECT * FROM changed;
 
 -- name: retry_intent
 -- Puts a FAILED intent (the dead letter) back to PENDING. Its recorded steps
--- stay, so the next attempt resumes where the last one stopped.
+-- stay, so the next attempt resumes where the last one stopped. A retried
+-- intent is live again, so it is admitted like a send: by intentd_live_room,
+-- only for a tenant with a quota (room NULL: none).
 -- $1 id, $2 tenant, $3 extra attempts, $4 now, $5 actor
-WITH changed AS (
+WITH room AS (
+    SELECT CASE WHEN t.max_live_intents IS NOT NULL THEN intentd_live_room($2) END AS room
+    FROM (SELECT 1) one LEFT JOIN tenants t ON t.name = $2
+), changed AS (
     UPDATE intents
     SET state = 'PENDING', max_attempts = attempt + $3, error_code = NULL, error_message = NULL,
         finish_time = NULL, available_at = coalesce($4::timestamptz, now()),
         update_time = coalesce($4::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND tenant = $2 AND state = 'FAILED'
       AND (deadline IS NULL OR deadline > coalesce($4::timestamptz, now()))
+      AND coalesce((SELECT room FROM room), 1) > 0
     RETURNING *
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt, actor)
     SELECT id, last_seq, 'RETRIED', update_time, state, attempt, $5 FROM changed
 )
 SELECT * FROM changed;
+
+-- name: retry_refusal
+-- Why retry_intent changed nothing. $1 id, $2 tenant, $3 now
+SELECT state::text AS state,
+       deadline IS NOT NULL AND deadline <= coalesce($3::timestamptz, now()) AS past_deadline
+FROM intents WHERE id = $1 AND tenant = $2;
 
 -- name: expire_deadlines
 -- Moves every live intent past its deadline to TIMED_OUT. Safe in several
