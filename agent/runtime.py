@@ -39,6 +39,8 @@ log = logging.getLogger("intentd.agent")
 
 ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
 MAX_FAIL_MESSAGE = 2000
+# The failure code of an intent whose next step would cross its history limit.
+HISTORY_LIMIT_EXCEEDED = "HISTORY_LIMIT_EXCEEDED"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 WRITE_BACKOFF = Backoff(0.05, 2.0)
 _TRANSIENT = frozenset({
@@ -566,6 +568,11 @@ class Agent:
                 div = ctx._divergence
                 log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, div)
                 return _Outcome(code=div.code, message=div.message, retryable=False)
+            if isinstance(exc, WriteError) and exc.method == "RecordStep" and exc.code == "RESOURCE_EXHAUSTED":
+                # The intent's history limit: a history only grows, so every
+                # later attempt would replay to this step and be refused again.
+                log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, exc)
+                return _Outcome(code=HISTORY_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE], retryable=False)
             log.warning("%s: handler raised; failing the attempt (retryable)", ctx._log_prefix,
                         exc_info=exc)
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -430,6 +430,30 @@ async def test_non_json_step_result_names_the_step_and_records_nothing(
     assert method == "FailIntent" and req.fail.retryable is True and "step 2 'bad'" in req.fail.message
 
 
+async def test_a_step_refused_by_the_history_limit_fails_the_intent_non_retryably(
+    sidecar: tuple[FakeSidecar, str],
+) -> None:
+    """RESOURCE_EXHAUSTED on a step is the intent's history limit: a history
+    only grows, so a retry would replay to the same step and be refused again
+    (it used to fail retryably, and every attempt was spent the same way)."""
+    fake, address = sidecar
+    agent = make_agent(address)
+    fake.errors["RecordStep"] = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+    @agent.handler(TYPE)
+    async def process(ctx: Context, payload: Any) -> Any:
+        await ctx.step("one", lambda: 1)
+        return None
+
+    async with running(agent, fake):
+        fake.push(assignment("j1"))
+        await fake.wait_for(lambda: fake.final("j1"))
+
+    method, req = fake.final("j1")  # type: ignore[misc]
+    assert (method, req.fail.code, req.fail.retryable) == ("FailIntent", "HISTORY_LIMIT_EXCEEDED", False)
+    assert "RecordStep" in req.fail.message
+
+
 async def test_failed_step_keeps_its_index_and_concurrent_steps_are_refused(
     sidecar: tuple[FakeSidecar, str],
 ) -> None:
