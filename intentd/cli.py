@@ -132,12 +132,13 @@ def cmd_tenants(args: argparse.Namespace) -> int:
         async with db.connection() as conn:
             if args.action == "put":
                 await conn.fetchrow(Q.put_tenant, args.name, args.max_live_intents, args.max_sends_per_second,
-                                    args.max_payload_bytes)
+                                    args.max_payload_bytes, args.max_writes_per_second)
             rows = await conn.fetch(Q.list_tenants)
         for row in rows:
             print(f"{row['name']:<16} max_live_intents={row['max_live_intents'] or '-'} "
                   f"max_sends_per_second={row['max_sends_per_second'] or '-'} "
-                  f"max_payload_bytes={row['max_payload_bytes'] or '-'}")
+                  f"max_payload_bytes={row['max_payload_bytes'] or '-'} "
+                  f"max_writes_per_second={row['max_writes_per_second'] or '-'}")
         return 0
 
     return int(_with_database(args, work))
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-live-intents", type=int)
     p.add_argument("--max-sends-per-second", type=float)
     p.add_argument("--max-payload-bytes", type=int)
+    p.add_argument("--max-writes-per-second", type=float,
+                   help="its sidecars' writes per second per replica (default: INTENTD_TENANT_WRITES_PER_SECOND)")
     p.add_argument("--database-url")
     p.add_argument("--data-dir")
 

@@ -27,7 +27,7 @@ from intentd.server.convert import step_to_proto
 from intentd.server.db import Row
 from intentd.server.hub import NotificationHub
 from intentd.server.leases import LeaseRef, LeaseStore
-from intentd.server.quotas import Bucket
+from intentd.server.quotas import Bucket, Quotas
 from intentd.server.rpc import MalformedRequest, to_server_error, unary
 from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
 from intentd.v1 import agent_service_pb2 as pb
@@ -227,9 +227,11 @@ def _validate_types(intent_types: Sequence[str], field: str) -> None:
 
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
-        self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator
+        self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
+        quotas: Quotas,
     ) -> None:
         self.leases = leases
+        self.quotas = quotas
         self.auth = auth
         self.hub = hub
         self.settings = settings
@@ -351,12 +353,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def _pace(self, session: Session) -> None:
         """Waits for the stream's and its tenant's write budgets: a flood is
         read only as fast as its budget, and HTTP/2 pushes back on it."""
-        rate = self.settings.tenant_writes_per_second
+        name = session.caller.tenant
+        rate = await self.quotas.writes_per_second(name, self.settings.tenant_writes_per_second)
         tenant = None
         if rate > 0:
-            tenant = self._tenant_buckets.get(session.caller.tenant)
-            if tenant is None:
-                tenant = self._tenant_buckets[session.caller.tenant] = Bucket(rate, max(rate, 1.0), time.monotonic())
+            tenant = self._tenant_buckets.get(name)
+            if tenant is None or tenant.rate != rate:
+                tenant = self._tenant_buckets[name] = Bucket(rate, max(rate, 1.0), time.monotonic())
         for bucket in (session.bucket, tenant):
             if bucket is not None:
                 while True:

@@ -110,7 +110,7 @@ class ControlPlane:
         self.server = grpc.aio.server(options=options)
         add_service(IntentService(store, self.hub, self.settings, self.auth, quotas), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
-        self.agents = AgentService(leases, self.hub, self.settings, self.auth)
+        self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
         add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])

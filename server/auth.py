@@ -321,7 +321,7 @@ class KeyStore:
         key_id, key, digest = new_key()
         async with self.db.transaction() as conn:
             if await conn.fetchrow(Q.get_tenant, tenant) is None:
-                await conn.fetchrow(Q.put_tenant, tenant, None, None, None)
+                await conn.fetchrow(Q.put_tenant, tenant, None, None, None, None)
             row = await conn.fetchrow(Q.create_api_key, key_id, tenant, name, digest, list(roles), list(patterns),
                                       expire_time, max_sends_per_second)
             await conn.execute(Q.audit, tenant, "intentd keys", "key.create", name,

@@ -58,6 +58,20 @@ class Quotas:
             return min(int(tenant["max_payload_bytes"]), self.default_max_payload_bytes)
         return self.default_max_payload_bytes
 
+    async def writes_per_second(self, tenant_name: str, default: float) -> float:
+        """The tenant's budget of sidecar writes per second on this replica:
+        its own ``max_writes_per_second``, else ``default`` (0: unlimited).
+        Asked before every write a stream reads, so it never fails: with the
+        database away it answers from what it last read."""
+        try:
+            tenant = await self._tenant(tenant_name)
+        except errors.ServerError:
+            hit = self._tenants.get(tenant_name)
+            tenant = hit[0] if hit is not None else None
+        if tenant is not None and tenant["max_writes_per_second"] is not None:
+            return float(tenant["max_writes_per_second"])
+        return default
+
     async def admit_sends(self, caller: Caller, count: int) -> None:
         """Raises ResourceExhausted (with a retry-after) when ``count`` more
         sends would break a rate limit (live intents: see the module doc)."""

@@ -266,6 +266,40 @@ def test_write_rates_per_stream_and_per_tenant_push_back_and_refuse_nothing(data
         srv.stop()
 
 
+def test_a_tenant_of_its_own_write_budget_is_held_to_it(database_url) -> None:
+    """tenants.max_writes_per_second overrides the server's tenant budget for
+    that tenant alone, so one flooder can be held down without the others."""
+    srv = ServerThread(server_settings(database_url, auth="on", stream_writes_per_second=0,
+                                       tenant_writes_per_second=10_000)).start()
+    keys = Keys(database_url)
+    tenant = tenant_name("budget")
+    key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/*",))
+    asyncio.run(_execute(database_url, "UPDATE tenants SET max_writes_per_second = 20 WHERE name = $1", tenant))
+    try:
+        raw = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
+        lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
+        started = time.monotonic()
+        for n in range(60):
+            raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+        answers = [raw.recv("write_result", 30) for _ in range(60)]
+        took = time.monotonic() - started
+        assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
+        # 60 writes at 20/s with one second of burst: at least 2 s (10,000/s would take none).
+        assert took >= 1.9, took
+        raw.close()
+    finally:
+        srv.stop()
+
+
+async def _execute(url: str, query: str, *args: Any) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(query, *args)
+    finally:
+        await conn.close()
+
+
 def test_a_stream_held_back_by_its_write_budget_is_not_closed_as_silent(database_url) -> None:
     """While the reader waits for a stream's write budget it reads nothing,
     not even the sidecar's pings behind the writes: that wait is the

@@ -1,12 +1,14 @@
 -- Named queries for tenants, API keys, quotas and audit.
 
 -- name: put_tenant
--- $1 name, $2 max live intents, $3 max sends/s, $4 max payload bytes
-INSERT INTO tenants (name, max_live_intents, max_sends_per_second, max_payload_bytes)
-VALUES ($1, $2, $3, $4)
+-- $1 name, $2 max live intents, $3 max sends/s, $4 max payload bytes,
+-- $5 max writes/s (each NULL: unlimited, or the server's default)
+INSERT INTO tenants (name, max_live_intents, max_sends_per_second, max_payload_bytes, max_writes_per_second)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (name) DO UPDATE
 SET max_live_intents = EXCLUDED.max_live_intents, max_sends_per_second = EXCLUDED.max_sends_per_second,
-    max_payload_bytes = EXCLUDED.max_payload_bytes, update_time = now()
+    max_payload_bytes = EXCLUDED.max_payload_bytes, max_writes_per_second = EXCLUDED.max_writes_per_second,
+    update_time = now()
 RETURNING *;
 
 -- name: get_tenant
