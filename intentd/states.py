@@ -2,7 +2,8 @@
 
 The proto enum (proto/intentd/v1/intent.proto) is the contract; the SQL enum
 and the transition table (server/migrations) enforce it. This module mirrors
-both and tests/test_states.py fails when any of the three drift apart.
+both, and tests/test_migrations.py::test_proto_sql_and_python_states_agree
+fails when any of the three drift apart.
 """
 
 from __future__ import annotations

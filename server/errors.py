@@ -1,5 +1,6 @@
 """Errors of the control plane. Each carries the gRPC status it maps to, so
-handlers raise and one place (``grpc_errors``) turns them into statuses."""
+handlers raise and one place (``intentd.server.rpc``: ``to_server_error``
+and the ``unary`` wrapper) turns them into statuses."""
 
 from __future__ import annotations
 
