@@ -193,17 +193,24 @@ def steps_of(fake: FakeSidecar, intent_id: str) -> list[tuple[int, str, Any]]:
     ]
 
 
-@pytest.fixture
-async def sidecar() -> AsyncIterator[tuple[FakeSidecar, str]]:
-    fake = FakeSidecar()
+@contextlib.asynccontextmanager
+async def serving(fake: FakeSidecar) -> AsyncIterator[str]:
+    """A real gRPC server on loopback answering as ``fake``; yields its address."""
     server = grpc.aio.server()
     runtime_pb2_grpc.add_AgentRuntimeServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield fake, f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+@pytest.fixture
+async def sidecar() -> AsyncIterator[tuple[FakeSidecar, str]]:
+    fake = FakeSidecar()
+    async with serving(fake) as address:
+        yield fake, address
 
 
 def make_agent(address: str | None, capacity: int = 4) -> Agent:

@@ -9,12 +9,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
 
 from intentd.agent import Context, SyncContext
-from intentd.v1 import intent_pb2, runtime_pb2, runtime_pb2_grpc
-from tests.test_agent_unit import TYPE, FakeSidecar, assignment, make_agent, running, steps_of
+from intentd.v1 import intent_pb2, runtime_pb2
+from tests.test_agent_unit import TYPE, FakeSidecar, assignment, make_agent, running, serving, steps_of
 
 RECORDED = 4
 
@@ -39,14 +38,8 @@ class PagingSidecar(FakeSidecar):
 @pytest.fixture
 async def sidecar() -> AsyncIterator[tuple[PagingSidecar, str]]:
     fake = PagingSidecar()
-    server = grpc.aio.server()
-    runtime_pb2_grpc.add_AgentRuntimeServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield fake, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with serving(fake) as address:
+        yield fake, address
 
 
 def first_page(intent_id: str) -> runtime_pb2.AttachResponse:
