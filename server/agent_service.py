@@ -350,17 +350,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if caller.tenant not in self._streams_by_tenant:
             self._tenant_buckets.pop(caller.tenant, None)
 
-    async def _pace(self, session: Session) -> None:
-        """Waits for the stream's and its tenant's write budgets: a flood is
+    async def _pace(self, name: str, stream: Bucket | None) -> None:
+        """Waits for a stream's and its tenant's write budgets: a flood is
         read only as fast as its budget, and HTTP/2 pushes back on it."""
-        name = session.caller.tenant
         rate = await self.quotas.writes_per_second(name, self.settings.tenant_writes_per_second)
         tenant = None
         if rate > 0:
             tenant = self._tenant_buckets.get(name)
             if tenant is None or tenant.rate != rate:
                 tenant = self._tenant_buckets[name] = Bucket(rate, max(rate, 1.0), time.monotonic())
-        for bucket in (session.bucket, tenant):
+        for bucket in (stream, tenant):
             if bucket is not None:
                 while True:
                     wait = bucket.take(1, time.monotonic())
@@ -532,7 +531,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 # Bounded like writes: an ack for a lease nobody holds costs a
                 # database diagnosis too.
                 async with session.holding_back():
-                    await self._pace(session)
+                    await self._pace(session.caller.tenant, session.bucket)
                     await writes.acquire()
                 ack = asyncio.create_task(self._ack(session, request.ack.lease, writes))
                 background.add(ack)
@@ -542,7 +541,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     held_now.acked = ack
             elif kind == "write":
                 async with session.holding_back():
-                    await self._pace(session)
+                    await self._pace(session.caller.tenant, session.bucket)
                     await writes.acquire()
                 # Its answer (mostly the size of the request: a step's answer
                 # is the recorded step) is promised room in the buffer now.
@@ -847,9 +846,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
         it: the database checks lease, stream and tenant."""
         if not request.session_id or len(request.session_id) > 100:
             raise ValidationError("session_id", "must be the Registered.session_id of the stream")
+        # Each page is a database read: paced like the stream's writes (its
+        # own budget too when the stream is on this replica).
+        caller = current_caller()
+        stream = next((s for s in self.sessions if s.id == request.session_id and s.caller.tenant == caller.tenant),
+                      None)
+        await self._pace(caller.tenant, stream.bucket if stream is not None else None)
         recorded, rows = await self.leases.recorded_steps(
             _lease_ref(request.lease), request.session_id, request.from_index, request.max_bytes,
-            tenant=current_caller().tenant)
+            tenant=caller.tenant)
         return pb.ListRecordedStepsResponse(steps=[step_to_proto(r) for r in rows], recorded_steps=recorded)
 
     async def close_all(self) -> None:

@@ -412,3 +412,29 @@ def test_assignments_carry_a_first_page_or_to_an_older_sidecar_the_whole_history
             assert [s.index for s in page.steps] == [4, 5] and page.steps[1].result == result
         finally:
             newer.close()
+
+
+def test_page_reads_are_paced_like_the_streams_writes(make_server, agent_address) -> None:
+    """Each ListRecordedSteps is a database read: a sidecar calling it in a
+    loop is held to its stream's write budget, like its writes, instead of
+    costing the database as fast as it can ask."""
+    from intentd.v1 import agent_service_pb2 as apb
+
+    srv = make_server(stream_writes_per_second=2)
+    raw = RawSidecar(srv.address, agent_address, ping_every=0.1, fetches_steps=True)
+    stub = _agent_stub(srv.address)
+    lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+    try:
+        started = time.monotonic()
+        codes = []
+        for _ in range(6):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListRecordedSteps(apb.ListRecordedStepsRequest(
+                    session_id=raw.registered.session_id, lease=lease, from_index=1), timeout=30)
+            codes.append(err.value.code())
+        took = time.monotonic() - started
+    finally:
+        raw.close()
+    assert set(codes) == {grpc.StatusCode.FAILED_PRECONDITION}  # not its lease
+    # 6 reads at 2/s with a burst of 2: at least 2 s.
+    assert took >= 1.9, took
