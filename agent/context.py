@@ -25,8 +25,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from intentd.observability import tracing
-from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2
+from intentd.core.observability import tracing
+from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2
 
 from .errors import LeaseLost, StepDivergence, WriteError
 from .session import SidecarSession, WriteRefused, method_of

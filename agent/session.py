@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, Framer, frame
-from intentd.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
+from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, frame
+from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
     from .context import _BaseContext

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from intentd.v1 import agent_service_pb2 as pb
+from intentd.generated.v1 import agent_service_pb2 as pb
 
 SERVICE = "bench.Echo"
 

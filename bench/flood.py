@@ -34,11 +34,11 @@ import grpc
 
 from bench.harness import Proc, Server, Sidecar, fresh_database, kill_all, median
 from intentd.client import AsyncIntentClient, IntentState
+from intentd.generated.v1 import agent_service_pb2 as apb
+from intentd.generated.v1 import agent_service_pb2_grpc as apb_grpc
+from intentd.generated.v1 import delivery_pb2
 from intentd.server.auth import KeyStore
 from intentd.server.db import Database
-from intentd.v1 import agent_service_pb2 as apb
-from intentd.v1 import agent_service_pb2_grpc as apb_grpc
-from intentd.v1 import delivery_pb2
 
 TYPE = "bench.steps.v1"
 WINDOW = ("SELECT count(*) AS n, extract(epoch FROM max(record_time) - min(record_time))::float8 AS seconds"

@@ -413,7 +413,7 @@ async def start_cluster(db_url: str, address: str, sidecars: int, capacity: int,
 
 
 async def put_intent_type(server: str, intent_type: str, *, max_attempts: int, heartbeat_timeout_ms: int) -> None:
-    from intentd.v1 import admin_service_pb2, admin_service_pb2_grpc
+    from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 
     async with grpc.aio.insecure_channel(server) as channel:
         await admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(

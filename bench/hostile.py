@@ -31,9 +31,9 @@ import grpc
 
 from bench.harness import fresh_database, kill_all, median, percentile, start_cluster
 from intentd.client import AsyncIntentClient, IntentState
-from intentd.v1 import agent_service_pb2 as apb
-from intentd.v1 import agent_service_pb2_grpc as apb_grpc
-from intentd.v1 import delivery_pb2
+from intentd.generated.v1 import agent_service_pb2 as apb
+from intentd.generated.v1 import agent_service_pb2_grpc as apb_grpc
+from intentd.generated.v1 import delivery_pb2
 
 VICTIM = "agent://victim/prod/steps"
 ATTACKER = "agent://attacker/prod/nothing"

@@ -19,7 +19,7 @@ import grpc
 
 from bench.harness import CommitMeter, Proc, free_port, fresh_database, median, percentile
 from bench.suite import Run
-from intentd.v1 import agent_service_pb2 as pb
+from intentd.generated.v1 import agent_service_pb2 as pb
 
 TABLE = "CREATE TABLE bench_rows (id bigserial PRIMARY KEY, v integer NOT NULL, updated timestamptz)"
 INSERT = "INSERT INTO bench_rows (v) VALUES ($1) RETURNING id"

@@ -24,8 +24,8 @@ import grpc
 from bench.harness import cpu_seconds, fresh_database, rss_kib, start_cluster
 from bench.latency import percentiles, sample
 from bench.suite import Run
-from intentd.v1 import agent_service_pb2 as pb
-from intentd.v1 import agent_service_pb2_grpc as pb_grpc
+from intentd.generated.v1 import agent_service_pb2 as pb
+from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 
 ADDRESS = "agent://bench/scale/noop"
 TERMINAL = """

@@ -15,7 +15,7 @@
 ``iter_intents`` as async iterators).
 """
 
-from intentd.states import IntentState
+from intentd.core.states import IntentState
 
 from ._async import AsyncIntentClient
 from ._sync import IntentClient

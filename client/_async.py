@@ -11,8 +11,8 @@ from typing import Any, Self
 import grpc
 import grpc.aio
 
-from intentd.v1 import intent_service_pb2 as pb
-from intentd.v1 import intent_service_pb2_grpc as pb_grpc
+from intentd.generated.v1 import intent_service_pb2 as pb
+from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
 from ._common import (
     DEFAULT_TARGET,

@@ -13,9 +13,9 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from intentd.observability import tracing
-from intentd.states import IntentState
-from intentd.v1 import intent_service_pb2 as pb
+from intentd.core.observability import tracing
+from intentd.core.states import IntentState
+from intentd.generated.v1 import intent_service_pb2 as pb
 
 from .errors import (
     IntentCanceled,

@@ -10,8 +10,8 @@ from typing import Any, Self
 
 import grpc
 
-from intentd.v1 import intent_service_pb2 as pb
-from intentd.v1 import intent_service_pb2_grpc as pb_grpc
+from intentd.generated.v1 import intent_service_pb2 as pb
+from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
 from ._common import (
     DEFAULT_TARGET,

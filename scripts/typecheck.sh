@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# mypy over the one import name. The layout keeps server/, client/, sidecar/
-# and agent/ at the top level and maps them into `intentd` at install time;
-# mypy does not read that mapping, so we show it the same tree through links.
+# mypy over the one import name. Each top-level folder F is the package
+# intentd.F (see the README's Layout table); mypy does not read setuptools'
+# package-dir, so we show it the same tree through links.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tree="$(mktemp -d)"
 trap 'rm -rf "$tree"' EXIT
 mkdir "$tree/intentd"
-for entry in "$root"/intentd/*; do ln -s "$entry" "$tree/intentd/"; done
-for pkg in server client sidecar agent; do ln -s "$root/$pkg" "$tree/intentd/$pkg"; done
+for pkg in core generated client agent sidecar server testing commands; do ln -s "$root/$pkg" "$tree/intentd/$pkg"; done
 cd "$tree"
-python -m mypy --config-file "$root/pyproject.toml" -p intentd "$@" 2>&1 | sed "s#$tree/##g"
+python -m mypy --config-file "$root/pyproject.toml" --namespace-packages --explicit-package-bases -p intentd "$@" 2>&1 | sed "s#$tree/##g"
 exit "${PIPESTATUS[0]}"

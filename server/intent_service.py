@@ -10,21 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from intentd.observability import metrics
-from intentd.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
-from intentd.server import errors, history
-from intentd.server.auth import Authenticator, Caller, current_caller
-from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
-from intentd.server.hub import NotificationHub
-from intentd.server.ids import looks_like_id
-from intentd.server.quotas import Quotas
-from intentd.server.rpc import Ctx, server_stream, unary
-from intentd.server.settings import ServerSettings
-from intentd.server.store import IntentStore, NewIntent
-from intentd.states import IntentState
-from intentd.v1 import intent_service_pb2 as pb
-from intentd.v1 import intent_service_pb2_grpc as pb_grpc
-from intentd.validation import (
+from intentd.core.observability import metrics
+from intentd.core.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
+from intentd.core.states import IntentState
+from intentd.core.validation import (
     MAX_HORIZON_MS,
     MAX_REASON_LEN,
     MAX_SENDER_LEN,
@@ -36,6 +25,17 @@ from intentd.validation import (
     check_text,
     parse_json,
 )
+from intentd.generated.v1 import intent_service_pb2 as pb
+from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
+from intentd.server import errors, history
+from intentd.server.auth import Authenticator, Caller, current_caller
+from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
+from intentd.server.hub import NotificationHub
+from intentd.server.ids import looks_like_id
+from intentd.server.quotas import Quotas
+from intentd.server.rpc import Ctx, server_stream, unary
+from intentd.server.settings import ServerSettings
+from intentd.server.store import IntentStore, NewIntent
 
 MAX_ATTEMPTS_LIMIT = 1000
 

@@ -10,12 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
 
-from intentd.server import errors, history
-from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
-from intentd.server.db import Database, Row
-from intentd.server.ids import looks_like_id
-from intentd.server.queries import Q
-from intentd.validation import (
+from intentd.core.validation import (
     MAX_FAIL_CODE_LEN,
     MAX_FAIL_MESSAGE_LEN,
     MAX_PROGRESS_MESSAGE_LEN,
@@ -24,6 +19,11 @@ from intentd.validation import (
     check_text,
     parse_json,
 )
+from intentd.server import errors, history
+from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
+from intentd.server.db import Database, Row
+from intentd.server.ids import looks_like_id
+from intentd.server.queries import Q
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 # No byte bound (PostgreSQL bigint).

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from intentd.config import parse_host_port, require
+from intentd.core.config import parse_host_port, require
 
 # A stream silent for this many ping intervals is closed by the server. A
 # heartbeat timeout must be at least as long: a lease that lapses sooner goes

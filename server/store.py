@@ -15,12 +15,12 @@ from typing import Any
 
 import asyncpg
 
+from intentd.core.states import IntentState
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row
 from intentd.server.ids import new_id
 from intentd.server.queries import Q
-from intentd.states import IntentState
 
 # New intents through the group commit: they touch no intent another write
 # of the batch touches, so their rank among the kinds does not matter.

@@ -7,12 +7,12 @@ import logging
 import time
 from datetime import datetime
 
-from intentd.observability import metrics
+from intentd.core.background import BackgroundService
+from intentd.core.observability import metrics
 from intentd.server.db import Database
 from intentd.server.leases import LeaseStore
 from intentd.server.queries import Q
 from intentd.server.store import IntentStore
-from intentd.service import BackgroundService
 
 log = logging.getLogger("intentd.sweeper")
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 
-from intentd.aio import run
-from intentd.config import SettingsError, load_settings
-from intentd.logs import setup_logging
-from intentd.observability import metrics, set_process_fields
-from intentd.v1 import delivery_pb2
+from intentd.core.aio import run
+from intentd.core.config import SettingsError, load_settings
+from intentd.core.logs import setup_logging
+from intentd.core.observability import metrics, set_process_fields
+from intentd.generated.v1 import delivery_pb2
 
 from .dispatch import DRAINED, Dispatcher
 from .runtime import RuntimeServer

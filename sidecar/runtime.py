@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
-from intentd.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
-from intentd.validation import MAX_INTENT_TYPES, ValidationError, check_intent_type
+from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
+from intentd.core.validation import MAX_INTENT_TYPES, ValidationError, check_intent_type
+from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
 from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
 from .settings import unix_socket_path

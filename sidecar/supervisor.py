@@ -16,7 +16,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
-from intentd.observability import metrics
+from intentd.core.observability import metrics
 
 from .settings import WITHHELD_FROM_AGENT
 

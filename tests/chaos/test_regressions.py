@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from intentd.client import IntentClient, IntentState, Internal, Unavailable
-from intentd.v1 import agent_service_pb2, delivery_pb2
+from intentd.generated.v1 import agent_service_pb2, delivery_pb2
 from tests.support import RawSidecar, run_sync, wait_until
 
 TYPE = "test.chaos.regression.v1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from intentd.chaos import FAULT_KINDS, SoakConfig, run_soak
+from intentd.commands.chaos import FAULT_KINDS, SoakConfig, run_soak
 
 # Two minutes on two cores; the hard deadline inside the harness is longer,
 # this only stops pytest from waiting forever on a harness bug.

@@ -1,0 +1,5 @@
+import sys
+
+from intentd.commands.cli import main
+
+sys.exit(main())

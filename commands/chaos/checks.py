@@ -1,0 +1,396 @@
+"""The invariants, checked at the end of a run against what the database
+holds (intents, events, step records, the agents' ledger) and what every
+client call answered."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from intentd.commands.chaos.config import INTENT_KINDS, SoakConfig
+from intentd.commands.chaos.db import SyncDb
+from intentd.commands.chaos.faults import Fault
+from intentd.commands.chaos.model import FAIL_CODE, expected_result, step_name, step_value
+from intentd.commands.chaos.report import Invariant, Latency, Report
+from intentd.commands.chaos.workload import Outcome
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "TIMED_OUT"}
+# finish_time is the database's now() (a transaction's start) and the
+# deadline the client's clock: one machine, so only this much apart.
+CLOCK_SLACK = timedelta(seconds=0.05)
+
+
+@dataclass
+class Snapshot:
+    intents: dict[str, dict[str, Any]]
+    events: dict[str, list[dict[str, Any]]]
+    steps: dict[str, list[dict[str, Any]]]
+    ledger: dict[str, list[dict[str, Any]]]
+    attempts: dict[str, list[dict[str, Any]]]
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        out[row["intent_id"]].append(row)
+    return out
+
+
+def snapshot(db: SyncDb, tenant: str) -> Snapshot:
+    """The normal tenant's intents (a hostile tenant's are not the workload's)."""
+    intents = {r["id"]: r for r in db.fetch(
+        "SELECT id, state::text AS state, attempt, max_attempts, steps_completed, result::text AS result,"
+        " error_code, error_message, deadline, finish_time, create_time, last_seq, idempotency_key, sender"
+        " FROM intents WHERE tenant = $1", tenant, timeout=120)}
+    events = _group(db.fetch(
+        "SELECT intent_id, seq, type, time, state::text AS state, attempt, message, step_index"
+        " FROM intent_events WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1)"
+        " ORDER BY intent_id, seq", tenant, timeout=120))
+    steps = _group(db.fetch(
+        "SELECT intent_id, idx, name, result::text AS result, attempt, lease_token::text AS lease_token,"
+        " record_time FROM intent_steps WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1)"
+        " ORDER BY intent_id, idx", tenant, timeout=120))
+    ledger = _group(db.fetch(
+        "SELECT intent_id, step, attempt, lease_token::text AS lease_token, pid, began, at"
+        " FROM chaos_ledger ORDER BY id", timeout=120))
+    attempts = _group(db.fetch(
+        "SELECT intent_id, attempt, lease_token::text AS lease_token, pid, at FROM chaos_attempts ORDER BY at",
+        timeout=120))
+    return Snapshot(intents, events, steps, ledger, attempts)
+
+
+def _expected_states(outcome: Outcome) -> set[str]:
+    kind = outcome.plan.kind
+    if kind in ("plain", "idem"):
+        return {"COMPLETED"}
+    if kind == "fail":
+        return {"FAILED"}
+    if kind == "deadline":
+        return {"TIMED_OUT", "COMPLETED"}
+    # cancel
+    if outcome.cancel == "canceled":
+        return {"CANCELED"}
+    if outcome.cancel is None or outcome.cancel == "too_late":
+        return {"COMPLETED"}
+    return {"CANCELED", "COMPLETED"}  # the cancel call itself failed: either
+
+
+def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list[Fault], report: Report,
+          extra: dict[str, list[str]]) -> None:
+    m = cfg.steps
+    inv = {name: Invariant(name) for name in (
+        "every intent terminal",
+        "final state as expected",
+        "no intent lost",
+        "one intent per idempotency key",
+        "recorded steps exact (1..n, once, in order)",
+        "no COMPLETED intent with incomplete steps",
+        "no step run after it was recorded",
+        "recorded steps ran under their lease",
+        "attempts counted right",
+        "event log gapless, ends in the intent's state",
+        "wait_for returned the right terminal state",
+        "no process died on its own",
+        "harness ran cleanly",
+        *(["hostile tenant attacked, answered only with client errors"] if cfg.hostile else []),
+    )}
+
+    # ---------------------------------------------------------------- sends
+    lost = inv["no intent lost"]
+    by_id: dict[str, Outcome] = {}
+    by_key = {r["idempotency_key"]: r["id"] for r in snap.intents.values() if r["idempotency_key"]}
+    refused_late = 0
+    for outcome in outcomes:
+        lost.checked += 1
+        plan = outcome.plan
+        if not outcome.ids:
+            created = by_key.get(plan.key)
+            if created is not None:
+                by_id[created] = outcome
+                lost.fail(f"#{plan.index} ({plan.kind}): every send failed ({'; '.join(outcome.send_errors)}),"
+                          f" yet intent {created} was created under its key")
+            elif plan.kind == "deadline" and outcome.send_errors and all(
+                    "is in the past" in e for e in outcome.send_errors[-1:]):
+                # Nothing was promised: the deadline passed while the client
+                # retried through an outage, and nothing was created.
+                refused_late += 1
+            else:
+                lost.fail(f"#{plan.index} ({plan.kind}) was never acknowledged: {'; '.join(outcome.send_errors)}")
+            continue
+        for intent_id in outcome.ids:
+            if intent_id not in snap.intents:
+                lost.fail(f"#{plan.index}: send answered {intent_id}, which is not in the database")
+        by_id[outcome.ids[0]] = outcome
+    for intent_id in snap.intents:
+        if intent_id not in by_id:
+            lost.fail(f"{intent_id} is in the database but no send answered it")
+    report.sends_refused = refused_late
+    if refused_late:
+        lost.note = (f"{refused_late} deadline sends refused (deadline passed while retrying through an outage;"
+                     " nothing created)")
+
+    idem = inv["one intent per idempotency key"]
+    keys = Counter((r["sender"], r["idempotency_key"]) for r in snap.intents.values() if r["idempotency_key"])
+    for outcome in outcomes:
+        idem.checked += 1
+        plan = outcome.plan
+        if len(set(outcome.ids)) > 1:
+            idem.fail(f"#{plan.index}: key {plan.key} answered {sorted(set(outcome.ids))}")
+        if plan.kind == "idem" and len(outcome.ids) == 2 and outcome.created.count(True) > 1:
+            idem.fail(f"#{plan.index}: both sends of key {plan.key} say they created the intent")
+    for (sender, key), count in keys.items():
+        if count > 1:
+            idem.fail(f"key {key} of {sender} has {count} intents")
+
+    # ---------------------------------------------------------------- per intent
+    terminal = inv["every intent terminal"]
+    expected = inv["final state as expected"]
+    exact = inv["recorded steps exact (1..n, once, in order)"]
+    incomplete = inv["no COMPLETED intent with incomplete steps"]
+    rerun = inv["no step run after it was recorded"]
+    provenance = inv["recorded steps ran under their lease"]
+    attempts = inv["attempts counted right"]
+    log = inv["event log gapless, ends in the intent's state"]
+    waited = inv["wait_for returned the right terminal state"]
+    released: Counter[str] = Counter()
+    extra_deliveries = 0
+    step_runs = 0
+    reruns = 0
+    late_writes = 0
+
+    for intent_id, row in snap.intents.items():
+        state = row["state"]
+        found = by_id.get(intent_id)
+        events = snap.events.get(intent_id, [])
+        steps = snap.steps.get(intent_id, [])
+        ledger = snap.ledger.get(intent_id, [])
+        starts = snap.attempts.get(intent_id, [])
+
+        terminal.checked += 1
+        if state not in TERMINAL:
+            terminal.fail(f"{intent_id} is {state} (attempt {row['attempt']}, {row['steps_completed']} steps)")
+
+        # Final state.
+        if found is not None:
+            outcome = found
+            expected.checked += 1
+            plan = outcome.plan
+            want = _expected_states(outcome)
+            if state not in want:
+                expected.fail(f"#{plan.index} {intent_id} ({plan.kind}) is {state} ({row['error_code']}:"
+                              f" {row['error_message']}), expected {'/'.join(sorted(want))}")
+            elif state == "COMPLETED":
+                result = json.loads(row["result"]) if row["result"] else None
+                want_result = expected_result(intent_id, m)
+                if result != want_result:
+                    expected.fail(f"#{plan.index} {intent_id}: result {result}, expected {want_result}")
+            if state == "FAILED" and plan.kind == "fail":
+                if row["error_code"] != FAIL_CODE:
+                    expected.fail(f"#{plan.index} {intent_id}: FAILED with {row['error_code']}, expected {FAIL_CODE}")
+                elif row["steps_completed"] != (plan.fail_at or 0) - 1:
+                    expected.fail(f"#{plan.index} {intent_id}: failed at step {plan.fail_at} but "
+                                  f"{row['steps_completed']} steps are recorded")
+            if plan.kind == "deadline" and row["deadline"] is not None and row["finish_time"] is not None:
+                if state == "COMPLETED" and row["finish_time"] > row["deadline"] + CLOCK_SLACK:
+                    expected.fail(f"#{plan.index} {intent_id}: COMPLETED at {row['finish_time']:%T.%f},"
+                                  f" after its deadline {row['deadline']:%T.%f}")
+                if state == "TIMED_OUT" and row["finish_time"] < row["deadline"] - CLOCK_SLACK:
+                    expected.fail(f"#{plan.index} {intent_id}: TIMED_OUT at {row['finish_time']:%T.%f},"
+                                  f" before its deadline {row['deadline']:%T.%f}")
+
+            waited.checked += 1
+            if outcome.wait_error is not None:
+                waited.fail(f"#{plan.index} {intent_id}: wait_for raised {outcome.wait_error}")
+            elif outcome.waited is None:
+                waited.fail(f"#{plan.index} {intent_id}: wait_for never returned")
+            elif outcome.waited.state.value != state or not outcome.waited.terminal:
+                waited.fail(f"#{plan.index} {intent_id}: wait_for returned {outcome.waited.state.value},"
+                            f" the intent is {state}")
+
+        # Recorded steps: 1..k, once each, with the names and values the agent makes.
+        exact.checked += 1
+        indexes = [s["idx"] for s in steps]
+        if indexes != list(range(1, len(steps) + 1)):
+            exact.fail(f"{intent_id}: recorded step indexes {indexes}")
+        elif len(steps) != row["steps_completed"]:
+            exact.fail(f"{intent_id}: {len(steps)} step records but steps_completed = {row['steps_completed']}")
+        else:
+            for s in steps:
+                value = json.loads(s["result"])
+                if s["name"] != step_name(s["idx"]) or value != {"i": s["idx"], "v": step_value(intent_id, s["idx"])}:
+                    exact.fail(f"{intent_id}: step {s['idx']} recorded as {s['name']} = {value}")
+                    break
+        if len(steps) > m:
+            exact.fail(f"{intent_id}: {len(steps)} steps recorded, the intent has {m}")
+
+        if state == "COMPLETED":
+            incomplete.checked += 1
+            if len(steps) != m or row["steps_completed"] != m:
+                incomplete.fail(f"{intent_id}: COMPLETED with {len(steps)} step records"
+                                f" (steps_completed {row['steps_completed']}) of {m}")
+
+        # Side effects against step records.
+        record = {s["idx"]: s for s in steps}
+        per_step: Counter[int] = Counter()
+        for entry in ledger:
+            step_runs += 1
+            per_step[entry["step"]] += 1
+            rec = record.get(entry["step"])
+            rerun.checked += 1
+            if rec is None:
+                continue
+            if entry["began"] > rec["record_time"]:
+                rerun.fail(
+                    f"{intent_id} step {entry['step']}: run by attempt {entry['attempt']} (pid {entry['pid']})"
+                    f" began {_ms(entry['began'] - rec['record_time'])} after attempt {rec['attempt']}"
+                    f" recorded it")
+            elif entry["at"] > rec["record_time"] and entry["lease_token"] != rec["lease_token"]:
+                late_writes += 1
+        reruns += sum(c - 1 for c in per_step.values() if c > 1)
+        for s in steps:
+            provenance.checked += 1
+            if not any(e["step"] == s["idx"] and e["lease_token"] == s["lease_token"] for e in ledger):
+                provenance.fail(f"{intent_id} step {s['idx']}: recorded by attempt {s['attempt']}, whose lease"
+                                " never ran it")
+
+        # Attempts.
+        attempts.checked += 1
+        delivered = [e for e in events if e["type"] == "DELIVERED"]
+        if row["attempt"] > row["max_attempts"]:
+            attempts.fail(f"{intent_id}: attempt {row['attempt']} > max_attempts {row['max_attempts']}")
+        if [e["attempt"] for e in delivered] != list(range(1, len(delivered) + 1)):
+            attempts.fail(f"{intent_id}: DELIVERED events carry attempts {[e['attempt'] for e in delivered]}")
+        elif len(delivered) != row["attempt"]:
+            attempts.fail(f"{intent_id}: {len(delivered)} deliveries but attempt = {row['attempt']}")
+        too_new = [x["attempt"] for x in [*ledger, *starts, *steps] if x["attempt"] > row["attempt"]]
+        if too_new:
+            attempts.fail(f"{intent_id}: work of attempt {max(too_new)} but the intent counts {row['attempt']}")
+        extra_deliveries += max(0, len(delivered) - 1)
+
+        # Event log.
+        log.checked += 1
+        seqs = [e["seq"] for e in events]
+        if seqs != list(range(1, len(events) + 1)):
+            log.fail(f"{intent_id}: event seqs {_runs(seqs)}")
+        elif row["last_seq"] != len(events):
+            log.fail(f"{intent_id}: last_seq {row['last_seq']} but {len(events)} events")
+        elif not events or events[-1]["state"] != state:
+            last = events[-1]["state"] if events else None
+            log.fail(f"{intent_id}: last event state {last}, intent state {state}")
+        elif events[0]["type"] != "CREATED":
+            log.fail(f"{intent_id}: first event is {events[0]['type']}")
+        for e in events:
+            if e["type"] == "RELEASED":
+                released[e["message"] or "retryable failure"] += 1
+            elif e["type"] == "FAILED" and e["message"] == "LEASE_EXPIRED":
+                released["LEASE_EXPIRED (attempts spent: FAILED)"] += 1
+
+    # ---------------------------------------------------------------- processes and harness
+    procs = inv["no process died on its own"]
+    procs.checked = 1
+    for message in extra.get("unexpected_exits", []):
+        procs.fail(message)
+    harness = inv["harness ran cleanly"]
+    harness.checked = 1
+    for message in extra.get("harness_errors", []):
+        harness.fail(message)
+
+    if cfg.hostile:
+        _check_hostile(report, inv["hostile tenant attacked, answered only with client errors"])
+    report.invariants = list(inv.values())
+    report.intents_in_db = len(snap.intents)
+    report.states = dict(Counter(r["state"] for r in snap.intents.values()))
+    report.kinds = {k: sum(1 for o in outcomes if o.plan.kind == k) for k in INTENT_KINDS}
+    report.redeliveries = sum(released.values())
+    report.extra_deliveries = extra_deliveries
+    report.released = dict(released)
+    report.step_runs = step_runs
+    report.step_reruns = reruns
+    report.late_ledger_writes = late_writes
+    report.latencies = latencies(snap, faults) + step_write_latencies(snap, by_id, report.hostile_started_at)
+
+
+def latencies(snap: Snapshot, faults: list[Fault]) -> list[Latency]:
+    """From each death (or freeze) to the next delivery of every intent the
+    victim was working on."""
+    names = {
+        "agent_kill": "agent death -> next DELIVERED",
+        "sidecar_kill": "sidecar death -> reassignment (next DELIVERED)",
+        "sidecar_stop": "sidecar freeze -> reassignment (next DELIVERED)",
+    }
+    out = {kind: Latency(name) for kind, name in names.items()}
+    for fault in faults:
+        if fault.kind not in out:
+            continue
+        for intent_id, attempt in fault.affected:
+            for e in snap.events.get(intent_id, []):
+                if e["type"] == "DELIVERED" and e["attempt"] > attempt:
+                    out[fault.kind].samples.append(max(0.0, e["time"].timestamp() - fault.at))
+                    break
+    return list(out.values())
+
+
+# What a hostile write may be answered with: the caller's fault, said so.
+CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED",
+                           "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "OUT_OF_RANGE"})
+
+
+def _check_hostile(report: Report, inv: Invariant) -> None:
+    """Every actor really attacked (sent writes), and the server answered
+    them as the caller's errors (or UNAVAILABLE during a database fault):
+    never INTERNAL or UNKNOWN, and no stream of
+    theirs ended that way. (Harm to the normal tenant is what every other
+    invariant and the step latencies show.)"""
+    for actor in report.hostile:
+        inv.checked += 1
+        mode = actor.get("mode")
+        sent = sum(dict(actor.get("sent") or {}).values())
+        if actor.get("missing") or sent == 0:
+            inv.fail(f"{mode}: sent no writes ({actor.get('notes')})")
+            continue
+        answers: dict[str, int] = dict(actor.get("answers") or {})
+        ends: dict[str, int] = dict(actor.get("stream_ends") or {})
+        # UNAVAILABLE is the truth while PostgreSQL is restarted or away (a fault).
+        bad = {k: v for k, v in answers.items() if k not in ("OK", "UNAVAILABLE") and k not in CLIENT_ERRORS}
+        bad_ends = {k: v for k, v in ends.items() if k in ("INTERNAL", "UNKNOWN")}
+        if bad or bad_ends:
+            inv.fail(f"{mode}: answers {bad or '-'}, stream ends {bad_ends or '-'} ({actor.get('notes')})")
+        if mode == "poison" and answers.get("OK"):
+            inv.fail(f"poison: {answers['OK']} malformed or foreign writes answered OK")
+
+
+def step_write_latencies(snap: Snapshot, by_id: dict[str, Outcome], hostile_at: float | None) -> list[Latency]:
+    """The normal tenant's step writes: record_time - (the recorded run's
+    start + the step's work), i.e. from the step's end to its commit; split
+    at the hostile tenant's start when there was one (before it: this run's
+    own baseline)."""
+    before = Latency("normal tenant step write (step end -> committed)"
+                     + (", before the hostile tenant" if hostile_at else ""))
+    during = Latency("normal tenant step write, with the hostile tenant")
+    for intent_id, steps in snap.steps.items():
+        outcome = by_id.get(intent_id)
+        if outcome is None:
+            continue
+        work = outcome.plan.step_ms / 1000
+        runs = {(e["step"], e["lease_token"]): e for e in snap.ledger.get(intent_id, [])}
+        for s in steps:
+            run = runs.get((s["idx"], s["lease_token"]))
+            if run is None:
+                continue
+            sample = max(0.0, (s["record_time"] - run["began"]).total_seconds() - work)
+            (during if hostile_at is not None and run["began"].timestamp() >= hostile_at else before).samples.append(
+                sample)
+    return [before, during] if hostile_at is not None else [before]
+
+
+def _ms(delta: timedelta) -> str:
+    return f"{delta.total_seconds() * 1000:.0f}ms"
+
+
+def _runs(seqs: list[int]) -> str:
+    if len(seqs) <= 12:
+        return str(seqs)
+    return f"{seqs[:6]}...{seqs[-6:]}"

@@ -1,0 +1,219 @@
+"""The client side of a soak: a seeded plan of intents, sent by client
+threads at paced times, each then waited for (and some cancelled) through
+the client SDK, with what every call answered kept for the checker."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from queue import Empty, Queue
+from typing import Any
+
+from intentd.client import FailedPrecondition, IntentClient, IntentdError
+from intentd.client.models import Intent
+from intentd.commands.chaos.config import INTENT_KINDS, SoakConfig
+from intentd.commands.chaos.model import INTENT_TYPE
+
+
+@dataclass
+class Plan:
+    index: int
+    kind: str
+    address: str
+    key: str
+    steps: int
+    step_ms: int
+    send_at: float  # seconds after the workload starts
+    fail_at: int | None = None
+    deadline_s: float | None = None
+    cancel_after: int | None = None  # cancel once this many steps are recorded
+
+    def payload(self) -> dict[str, Any]:
+        return {"steps": self.steps, "step_ms": self.step_ms, "fail_at": self.fail_at}
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    ids: list[str] = field(default_factory=list)  # one per send (two for "idem")
+    created: list[bool] = field(default_factory=list)
+    send_errors: list[str] = field(default_factory=list)
+    sent_at: float | None = None  # wall clock
+    deadline: datetime | None = None
+    cancel: str | None = None  # "canceled", "too_late", or an error
+    cancel_at: float | None = None
+    waited: Intent | None = None
+    wait_error: str | None = None
+
+    @property
+    def intent_id(self) -> str | None:
+        return self.ids[0] if self.ids else None
+
+
+def make_plans(cfg: SoakConfig, addresses: list[str], run_tag: str) -> list[Plan]:
+    rng = random.Random(f"{cfg.seed}:workload")
+    kinds = [k for k in INTENT_KINDS if cfg.mix.get(k, 0) > 0]
+    weights = [cfg.mix[k] for k in kinds]
+    # Every kind at least once when there is room, then drawn by weight.
+    chosen = list(kinds) if cfg.intents >= len(kinds) else []
+    chosen += rng.choices(kinds, weights, k=cfg.intents - len(chosen))
+    rng.shuffle(chosen)
+    spacing = cfg.window / max(1, cfg.intents)
+    plans = []
+    for i, kind in enumerate(chosen):
+        step_ms = rng.randint(*cfg.step_ms)
+        plan = Plan(index=i, kind=kind, address=addresses[i % len(addresses)], key=f"chaos-{run_tag}-{i}",
+                    steps=cfg.steps, step_ms=step_ms, send_at=i * spacing + rng.uniform(0, spacing))
+        work = cfg.steps * step_ms / 1000
+        if kind == "fail":
+            plan.fail_at = rng.randint(1, cfg.steps)
+        elif kind == "deadline":
+            # Usually shorter than the work, so most time out; a few finish first.
+            plan.deadline_s = max(0.3, rng.uniform(0.2, 1.1) * work)
+        elif kind == "cancel":
+            plan.step_ms = max(step_ms, 200)
+            plan.cancel_after = rng.randint(1, max(1, cfg.steps - 1))
+        plans.append(plan)
+    return plans
+
+
+class Workload:
+    def __init__(self, cfg: SoakConfig, target: str, plans: list[Plan], sender: str, wait_deadline: float,
+                 metadata: list[tuple[str, str]] | None = None) -> None:
+        self.cfg = cfg
+        self.metadata = metadata or []
+        self.target = target
+        self.plans = plans
+        self.sender = sender
+        # Monotonic time after which waits give up (the harness's drain deadline).
+        self.wait_deadline = wait_deadline
+        self.outcomes = [Outcome(p) for p in plans]
+        self._queue: Queue[Outcome] = Queue()
+        for outcome in self.outcomes:
+            self._queue.put(outcome)
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.started = 0.0
+        self.finished = 0
+        self._lock = threading.Lock()
+        self.errors: list[str] = []
+
+    def client(self) -> IntentClient:
+        return IntentClient(
+            self.target, sender=self.sender, max_retries=60, initial_backoff=0.05, max_backoff=1.0, timeout=30.0,
+            channel_options=[("grpc.lb_policy_name", "round_robin")], metadata=self.metadata,
+        )
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        for n in range(min(self.cfg.client_threads, len(self.plans))):
+            thread = threading.Thread(target=self._worker, name=f"chaos-client-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def done(self) -> bool:
+        return self.finished >= len(self.outcomes)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _worker(self) -> None:
+        with self.client() as client, self.client() as other:
+            while not self._stop.is_set():
+                try:
+                    outcome = self._queue.get_nowait()
+                except Empty:
+                    return
+                delay = self.started + outcome.plan.send_at - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    return
+                try:
+                    self._run(client, other, outcome)
+                except Exception as exc:  # recorded: the checker reports it
+                    with self._lock:
+                        self.errors.append(f"intent #{outcome.plan.index}: {type(exc).__name__}: {exc}")
+                finally:
+                    with self._lock:
+                        self.finished += 1
+
+    def _send(self, client: IntentClient, outcome: Outcome) -> None:
+        plan = outcome.plan
+        deadline = timedelta(seconds=plan.deadline_s) if plan.deadline_s is not None else None
+        try:
+            intent, created = client.send(
+                intent_type=INTENT_TYPE, to_agent=plan.address, payload=plan.payload(),
+                idempotency_key=plan.key, deadline=deadline, max_attempts=self.cfg.max_attempts,
+                labels={"chaos_kind": plan.kind, "chaos_index": str(plan.index)},
+            )
+        except IntentdError as exc:
+            with self._lock:
+                outcome.send_errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            outcome.ids.append(intent.id)
+            outcome.created.append(created)
+            if intent.deadline is not None:
+                outcome.deadline = intent.deadline
+
+    def _run(self, client: IntentClient, other: IntentClient, outcome: Outcome) -> None:
+        plan = outcome.plan
+        outcome.sent_at = time.time()
+        if plan.kind == "idem":
+            # The same key twice at once, on two channels (often two replicas).
+            twin = threading.Thread(target=self._send, args=(other, outcome), daemon=True)
+            twin.start()
+            self._send(client, outcome)
+            twin.join(120)
+        else:
+            self._send(client, outcome)
+        intent_id = outcome.intent_id
+        if intent_id is None:
+            return
+        if plan.cancel_after is not None:
+            self._cancel_mid_run(client, outcome, intent_id, plan.cancel_after)
+        remaining = self.wait_deadline - time.monotonic()
+        try:
+            outcome.waited = client.wait_for(intent_id, timeout=max(1.0, remaining))
+        except IntentdError as exc:
+            outcome.wait_error = f"{type(exc).__name__}: {exc}"
+
+    def _cancel_mid_run(self, client: IntentClient, outcome: Outcome, intent_id: str, after: int) -> None:
+        while not self._stop.is_set() and time.monotonic() < self.wait_deadline:
+            try:
+                current = client.get(intent_id)
+            except IntentdError:
+                time.sleep(0.1)
+                continue
+            if current.terminal:
+                return  # finished before we got to cancel it
+            if current.steps_completed >= after:
+                break
+            time.sleep(0.05)
+        outcome.cancel_at = time.time()
+        try:
+            final = client.cancel(intent_id, reason=f"chaos: cancel after {after} steps")
+            outcome.cancel = "canceled" if final.state.value == "CANCELED" else f"answered {final.state.value}"
+        except FailedPrecondition:
+            # Terminal already: it finished first, or our first try committed
+            # and only its answer was lost (the retry then finds it CANCELED).
+            try:
+                state = client.get(intent_id).state.value
+            except IntentdError as exc:
+                outcome.cancel = f"error: {type(exc).__name__}: {exc}"
+                return
+            outcome.cancel = "canceled" if state == "CANCELED" else "too_late"
+        except IntentdError as exc:
+            outcome.cancel = f"error: {type(exc).__name__}: {exc}"
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,550 @@
+"""The ``intentd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from intentd.core.aio import run
+from intentd.core.config import SettingsError, load_settings, resolve_api_key
+from intentd.core.logs import setup_logging
+
+DEFAULT_TARGET = "127.0.0.1:7300"
+
+
+_run = run
+
+
+# ---------------------------------------------------------------- server side
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from intentd.server.app import serve
+    from intentd.server.settings import ServerSettings
+
+    settings = load_settings(
+        ServerSettings,
+        listen=args.listen,
+        database_url=args.database_url,
+        data_dir=args.data_dir,
+        log_level=args.log_level,
+    )
+    setup_logging(settings.log_level, json=settings.log_format == "json")
+    if settings.database_url is None:
+        print(f"intentd: no INTENTD_DATABASE_URL; embedded PostgreSQL data in {settings.data_dir}",
+              file=sys.stderr)
+    _run(serve(settings))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Migrates as the role of INTENTD_MIGRATION_DATABASE_URL (else
+    INTENTD_DATABASE_URL), and with --grant-to gives the application role
+    exactly the privileges the server needs."""
+    from intentd.server.migrate import current_version, grant_app_role, migrate
+
+    async def work(db: Any) -> None:
+        async with db.connection() as conn:
+            applied = await migrate(conn)
+            version = await current_version(conn)
+            for role in args.grant_to or []:
+                await grant_app_role(conn, role)
+                print(f"granted role {role!r} DML on intentd's tables (nothing more)")
+        print(f"schema at version {version}" + (f" (applied {applied})" if applied else " (already current)"))
+
+    setup_logging("INFO")
+    _with_database(args, work, run_migrations=False, migration=True)
+    return 0
+
+
+def _with_database(args: argparse.Namespace, work: Callable[[Any], Any], *, run_migrations: bool = True,
+                   migration: bool = False) -> Any:
+    """Runs ``work(db)`` against INTENTD_DATABASE_URL (or the embedded default);
+    with ``migration``, against INTENTD_MIGRATION_DATABASE_URL when set."""
+    from intentd.server.db import Database
+    from intentd.server.embedded import EmbeddedPostgres
+    from intentd.server.settings import ServerSettings
+
+    settings = load_settings(ServerSettings, database_url=args.database_url, data_dir=args.data_dir,
+                             migration_database_url=getattr(args, "migration_database_url", None))
+    embedded = None
+    url = (settings.migration_database_url or settings.database_url) if migration else settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+
+    async def go() -> Any:
+        db = Database(url, min_size=1, max_size=2)
+        await db.open(run_migrations=run_migrations, migrate_mode=settings.migrate,
+                      migration_url=settings.migration_database_url)
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    try:
+        return _run(go())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys, administered straight in the database (whoever can reach it
+    is an operator), so the first admin key needs no key."""
+    from datetime import UTC, datetime
+
+    from intentd.server.auth import KeyStore
+
+    async def work(db: Any) -> int:
+        keys = KeyStore(db)
+        if args.action == "create":
+            expire = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+            row, key = await keys.create(args.tenant, args.name, args.role or ["client"], args.address or [],
+                                         expire, args.max_sends_per_second)
+            print(key)
+            print(f"intentd: created key {row['name']!r} ({', '.join(row['roles'])}) for tenant {row['tenant']!r}; "
+                  "it is shown only this once", file=sys.stderr)
+        elif args.action == "revoke":
+            row = await keys.revoke(args.tenant, args.name)
+            print(f"revoked {row['name']!r}")
+        else:
+            for row in await keys.list(args.tenant if args.tenant != "*" else None):
+                state = "revoked" if row["revoke_time"] else (
+                    "expired" if row["expire_time"] and row["expire_time"] < datetime.now(UTC) else "active")
+                print(f"{row['tenant']:<12} {row['name']:<20} {row['id']:<14} {','.join(row['roles']):<20} "
+                      f"{state:<8} {' '.join(row['address_patterns'])}")
+        return 0
+
+    return int(_with_database(args, work))
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from intentd.server.queries import Q
+
+    async def work(db: Any) -> int:
+        async with db.connection() as conn:
+            if args.action == "put":
+                await conn.fetchrow(Q.put_tenant, args.name, args.max_live_intents, args.max_sends_per_second,
+                                    args.max_payload_bytes, args.max_writes_per_second)
+            rows = await conn.fetch(Q.list_tenants)
+        for row in rows:
+            print(f"{row['name']:<16} max_live_intents={row['max_live_intents'] or '-'} "
+                  f"max_sends_per_second={row['max_sends_per_second'] or '-'} "
+                  f"max_payload_bytes={row['max_payload_bytes'] or '-'} "
+                  f"max_writes_per_second={row['max_writes_per_second'] or '-'}")
+        return 0
+
+    return int(_with_database(args, work))
+
+
+# ---------------------------------------------------------------- client side
+
+
+def channel_security(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
+    """gRPC credentials and metadata from --api-key[-file] / --tls-* (or INTENTD_API_KEY[_FILE],
+    INTENTD_TLS_CA_FILE ...)."""
+    import grpc
+
+    if args.api_key:
+        print("intentd: warning: --api-key shows the key in the process list, to every user of this host; "
+              "use --api-key-file or INTENTD_API_KEY_FILE instead", file=sys.stderr)
+    if args.api_key or args.api_key_file:  # flags win over the environment
+        key = resolve_api_key(args.api_key, Path(args.api_key_file) if args.api_key_file else None)
+    else:
+        key_file = os.environ.get("INTENTD_API_KEY_FILE")
+        key = resolve_api_key(os.environ.get("INTENTD_API_KEY"), Path(key_file) if key_file else None)
+    metadata = [("authorization", f"Bearer {key}")] if key else []
+    ca = args.tls_ca_file or os.environ.get("INTENTD_TLS_CA_FILE")
+    cert = args.tls_cert_file or os.environ.get("INTENTD_TLS_CERT_FILE")
+    key_file = args.tls_key_file or os.environ.get("INTENTD_TLS_KEY_FILE")
+    if not (ca or cert):
+        return None, metadata
+
+    def read(path: str | None) -> bytes | None:
+        return open(path, "rb").read() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key_file), read(cert)), metadata
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from intentd.client import IntentClient
+
+    credentials, metadata = channel_security(args)
+    return IntentClient(args.target, sender=args.sender, credentials=credentials, metadata=metadata)
+
+
+def _print_intent(intent: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_intent_dict(intent), indent=2, default=str))
+        return
+    print(f"id:          {intent.id}")
+    print(f"type:        {intent.intent_type}")
+    print(f"to_agent:    {intent.to_agent}")
+    print(f"state:       {intent.state.value}")
+    print(f"attempt:     {intent.attempt}/{intent.max_attempts}")
+    print(f"steps:       {intent.steps_completed}" + (f" (last: {intent.last_step})" if intent.last_step else ""))
+    print(f"created:     {intent.create_time:%Y-%m-%d %H:%M:%S.%f}"[:-3])
+    if intent.deadline:
+        print(f"deadline:    {intent.deadline:%Y-%m-%d %H:%M:%S}")
+    if intent.labels:
+        print("labels:      " + ", ".join(f"{k}={v}" for k, v in sorted(intent.labels.items())))
+    print(f"payload:     {json.dumps(intent.payload)}")
+    if intent.result is not None:
+        print(f"result:      {json.dumps(intent.result)}")
+    if intent.error is not None:
+        print(f"error:       {intent.error.code}: {intent.error.message}")
+    if intent.cancel_reason:
+        print(f"canceled:    {intent.cancel_reason}")
+    if intent.state.value == "PENDING" and intent.attempt == 0:
+        print(f"waiting:     no agent has claimed it yet: a sidecar serving {intent.to_agent} claims only the "
+              f"types its agents handle; is one attached with a handler for {intent.intent_type}?")
+
+
+def _intent_dict(intent: Any) -> dict[str, Any]:
+    return {
+        "id": intent.id,
+        "intent_type": intent.intent_type,
+        "to_agent": intent.to_agent,
+        "state": intent.state.value,
+        "attempt": intent.attempt,
+        "max_attempts": intent.max_attempts,
+        "steps_completed": intent.steps_completed,
+        "last_step": intent.last_step,
+        "payload": intent.payload,
+        "result": intent.result,
+        "error": None if intent.error is None else {"code": intent.error.code, "message": intent.error.message},
+        "labels": intent.labels,
+        "idempotency_key": intent.idempotency_key,
+        "create_time": intent.create_time.isoformat() if intent.create_time else None,
+        "finish_time": intent.finish_time.isoformat() if intent.finish_time else None,
+        "deadline": intent.deadline.isoformat() if intent.deadline else None,
+        "cancel_reason": intent.cancel_reason,
+    }
+
+
+def _labels(values: Sequence[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"intentd: --label expects KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"intentd: --payload is not valid JSON: {exc}") from None
+    with _client(args) as client:
+        intent_id = client.send_intent(
+            intent_type=args.intent_type,
+            to_agent=args.to_agent,
+            payload=payload,
+            idempotency_key=args.idempotency_key,
+            deadline=timedelta(seconds=args.deadline) if args.deadline else None,
+            labels=_labels(args.label),
+            max_attempts=args.max_attempts or 0,
+        )
+    print(json.dumps({"id": intent_id}) if args.json else intent_id)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.get(args.id), args.json)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from intentd.client import WaitTimeout
+
+    with _client(args) as client:
+        try:
+            intent = client.wait_for(args.id, timeout=args.timeout)
+        except WaitTimeout as exc:
+            _print_intent(exc.intent, args.json)
+            print(f"intentd: still {exc.intent.state.value} after {args.timeout}s", file=sys.stderr)
+            return 2
+    _print_intent(intent, args.json)
+    return 0 if intent.state.value == "COMPLETED" else 1
+
+
+def _describe_event(event: Any) -> str:
+    parts = [f"#{event.seq:<4}", f"{event.time:%H:%M:%S.%f}"[:-3], f"{event.type:<16}", f"-> {event.state.value:<11}"]
+    if event.attempt:
+        parts.append(f"attempt {event.attempt}")
+    if event.step_name:
+        parts.append(f"step {event.step_index} {event.step_name}")
+    if event.message:
+        parts.append(event.message)
+    if event.error is not None:
+        parts.append(f"{event.error.code}: {event.error.message}")
+    return "  ".join(parts)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for event in client.watch(args.id, after_seq=args.after_seq):
+            if args.json:
+                print(json.dumps({
+                    "intent_id": event.intent_id, "seq": event.seq, "type": event.type,
+                    "time": event.time.isoformat(), "state": event.state.value, "attempt": event.attempt,
+                    "step_name": event.step_name, "step_index": event.step_index, "message": event.message,
+                    "error": None if event.error is None else {
+                        "code": event.error.code, "message": event.error.message},
+                }), flush=True)
+            else:
+                print(_describe_event(event), flush=True)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.list(
+            states=args.state or None,
+            intent_type=args.intent_type,
+            to_agent=args.to_agent,
+            labels=_labels(args.label) or None,
+            page_size=args.limit,
+            page_token=args.page_token or "",
+        )
+    if args.json:
+        print(json.dumps({"intents": [_intent_dict(i) for i in page.intents],
+                          "next_page_token": page.next_page_token}, indent=2, default=str))
+        return 0
+    rows = [("ID", "STATE", "TYPE", "TO_AGENT", "ATTEMPT", "STEPS", "CREATED")]
+    for i in page.intents:
+        rows.append((i.id, i.state.value, i.intent_type, i.to_agent, f"{i.attempt}/{i.max_attempts}",
+                     str(i.steps_completed), f"{i.create_time:%Y-%m-%d %H:%M:%S}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if page.next_page_token:
+        print(f"(more: --page-token {page.next_page_token})")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.cancel(args.id, reason=args.reason), args.json)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_intent(client.retry(args.id, extra_attempts=args.extra_attempts), args.json)
+    return 0
+
+
+def cmd_types(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from intentd.client.errors import from_rpc_error
+    from intentd.generated.v1 import admin_service_pb2 as pb
+    from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
+
+    credentials, metadata = channel_security(args)
+    channel = grpc.secure_channel(args.target, credentials) if credentials else grpc.insecure_channel(args.target)
+    with channel:
+        stub = pb_grpc.AdminServiceStub(channel)
+        try:
+            if args.action == "put":
+                reply = stub.PutIntentType(pb.PutIntentTypeRequest(intent_type=pb.IntentType(
+                    intent_type=args.intent_type, max_attempts=args.max_attempts or 0,
+                    heartbeat_timeout_ms=args.heartbeat_timeout_ms or 0,
+                    retry_backoff_ms=args.retry_backoff_ms if args.retry_backoff_ms is not None else 100,
+                    retry_backoff_max_ms=args.retry_backoff_max_ms or 0,
+                    default_deadline_ms=args.default_deadline_ms or 0)), timeout=10, metadata=metadata)
+                types = [reply.intent_type]
+            elif args.action == "get":
+                request = pb.GetIntentTypeRequest(intent_type=args.intent_type)
+                types = [stub.GetIntentType(request, timeout=10, metadata=metadata).intent_type]
+            else:
+                listed = stub.ListIntentTypes(pb.ListIntentTypesRequest(), timeout=10, metadata=metadata)
+                types = list(listed.intent_types)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+    for t in types:
+        print(json.dumps(MessageToDict(t, preserving_proto_field_name=True)) if args.json else
+              f"{t.intent_type}: max_attempts={t.max_attempts} heartbeat_timeout_ms={t.heartbeat_timeout_ms} "
+              f"retry_backoff_ms={t.retry_backoff_ms} (max {t.retry_backoff_max_ms}) "
+              f"default_deadline_ms={t.default_deadline_ms or 'none'}")
+    return 0
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from intentd.sidecar.app import cli_main
+
+    return cli_main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from intentd.commands.demo.run import run_demo
+
+    setup_logging("WARNING")
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="intentd", description="Durable execution for agent operations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("server", cmd_server, "Run a control-plane replica (embedded PostgreSQL without INTENTD_DATABASE_URL).")
+    p.add_argument("--listen", help="HOST:PORT (INTENTD_LISTEN, default 127.0.0.1:7300)")
+    p.add_argument("--database-url", help="postgresql:// URL (INTENTD_DATABASE_URL)")
+    p.add_argument("--data-dir", help="embedded PostgreSQL data directory (INTENTD_DATA_DIR)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INTENTD_LOG_LEVEL)")
+
+    p = add("migrate", cmd_migrate, "Apply database migrations and exit.")
+    p.add_argument("--database-url", help="postgresql:// URL (INTENTD_DATABASE_URL)")
+    p.add_argument("--migration-database-url",
+                   help="migrate as this URL's role instead (INTENTD_MIGRATION_DATABASE_URL)")
+    p.add_argument("--data-dir")
+    p.add_argument("--grant-to", action="append", metavar="ROLE",
+                   help="give ROLE exactly the privileges the server needs: USAGE on the schema, DML on intentd's "
+                   "tables (SELECT on the read-only ones), USAGE on their sequences; re-run after every upgrade")
+
+    def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = add(name, fn, help_text)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument("--sender", help="who sends (scopes idempotency keys)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--api-key", help="API key (INTENTD_API_KEY); shows in the process list: prefer --api-key-file")
+        p.add_argument("--api-key-file", help="file holding the API key, one line (INTENTD_API_KEY_FILE)")
+        p.add_argument("--tls-ca-file", help="CA that signed the server's certificate (INTENTD_TLS_CA_FILE)")
+        p.add_argument("--tls-cert-file", help="client certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
+        p.add_argument("--tls-key-file", help="client key, for mutual TLS (INTENTD_TLS_KEY_FILE)")
+        return p
+
+    p = client_command("send", cmd_send, "Send an intent; prints its id.")
+    p.add_argument("intent_type")
+    p.add_argument("to_agent")
+    p.add_argument("--payload", default="{}", help="JSON payload")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--deadline", type=float, help="seconds from now")
+    p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--max-attempts", type=int)
+
+    p = client_command("get", cmd_get, "Show an intent.")
+    p.add_argument("id")
+
+    p = client_command("wait", cmd_wait, "Wait until an intent is terminal (exit 0 if COMPLETED).")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, help="seconds; without it, wait as long as it takes")
+
+    p = client_command("watch", cmd_watch, "Follow an intent's events live until it is terminal.")
+    p.add_argument("id")
+    p.add_argument("--after-seq", type=int, default=0)
+
+    p = client_command("list", cmd_list, "List intents, newest first.")
+    p.add_argument("--state", action="append", help="PENDING, IN_PROGRESS, ... (repeatable)")
+    p.add_argument("--intent-type")
+    p.add_argument("--to-agent")
+    p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--page-token")
+
+    p = client_command("cancel", cmd_cancel, "Cancel an intent.")
+    p.add_argument("id")
+    p.add_argument("--reason", default="canceled from the CLI")
+
+    p = client_command("retry", cmd_retry, "Put a FAILED intent back to PENDING, keeping its recorded steps.")
+    p.add_argument("id")
+    p.add_argument("--extra-attempts", type=int, default=0)
+
+    p = client_command("types", cmd_types, "Show or set per-intent-type delivery settings.")
+    p.add_argument("action", choices=("put", "get", "list"))
+    p.add_argument("intent_type", nargs="?", default="")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--heartbeat-timeout-ms", type=int)
+    p.add_argument("--retry-backoff-ms", type=int)
+    p.add_argument("--retry-backoff-max-ms", type=int)
+    p.add_argument("--default-deadline-ms", type=int)
+
+    p = add("keys", cmd_keys, "Create, list or revoke API keys (straight in the database).")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("name", nargs="?", default="", help="key name (create, revoke)")
+    p.add_argument("--tenant", default="default", help="tenant (list: * for all)")
+    p.add_argument("--role", action="append", choices=("client", "agent", "admin"), help="repeatable")
+    p.add_argument("--address", action="append", help="agent role: address pattern it may serve, e.g. "
+                   "agent://acme/prod/* (repeatable)")
+    p.add_argument("--expires-days", type=float)
+    p.add_argument("--max-sends-per-second", type=float)
+    p.add_argument("--database-url")
+    p.add_argument("--data-dir")
+
+    p = add("tenants", cmd_tenants, "Create tenants and set their quotas (straight in the database).")
+    p.add_argument("action", choices=("put", "list"))
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("--max-live-intents", type=int)
+    p.add_argument("--max-sends-per-second", type=float)
+    p.add_argument("--max-payload-bytes", type=int)
+    p.add_argument("--max-writes-per-second", type=float,
+                   help="its sidecars' writes per second per replica (default: INTENTD_TENANT_WRITES_PER_SECOND)")
+    p.add_argument("--database-url")
+    p.add_argument("--data-dir")
+
+    p = add("sidecar", cmd_sidecar, "Run the sidecar beside an agent (see `intentd sidecar --help`).")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_help = False
+
+    from intentd.commands.demo.run import add_arguments
+
+    p = add("demo", cmd_demo, "The crash-at-step-47 demo on the embedded PostgreSQL.")
+    add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chaos"]:
+        # The soak harness parses its own flags (see docs/chaos.md).
+        from intentd.commands.chaos.__main__ import main as chaos_main
+
+        return chaos_main(argv[1:])
+    if argv[:1] == ["sidecar"]:
+        # The sidecar parses its own flags (including --help).
+        from intentd.sidecar.app import cli_main
+
+        return cli_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except SettingsError as exc:
+        print(f"intentd: bad setting: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from intentd.client import IntentdError
+        from intentd.server.migrate import SchemaError
+
+        if isinstance(exc, IntentdError):
+            print(f"intentd: {exc.code.name}: {exc.details}", file=sys.stderr)
+            return 1
+        if isinstance(exc, SchemaError):
+            print(f"intentd: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

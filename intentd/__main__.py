@@ -1,5 +1,0 @@
-import sys
-
-from intentd.cli import main
-
-sys.exit(main())

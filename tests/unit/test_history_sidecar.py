@@ -1,0 +1,146 @@
+"""The sidecar's side of paged histories, against the scripted fake control
+plane of test_sidecar_unit: it fetches recorded steps past an assignment's
+first page when the agent asks for them, keeps only a window, and gives an
+agent that does not fetch the whole history in its assignment, or a clear
+failure when that cannot fit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from intentd.generated.v1 import agent_service_pb2 as apb
+from intentd.generated.v1 import delivery_pb2, intent_pb2, runtime_pb2
+from intentd.sidecar import Sidecar
+from intentd.sidecar.dispatch import FILL_BYTES
+from tests.unit.test_sidecar_unit import (
+    WAIT,
+    FakeAgent,
+    FakeControlPlane,
+    expect_capacity,
+    make_assignment,
+    make_settings,
+)
+
+RECORDED = 7
+
+
+def record(index: int) -> intent_pb2.StepRecord:
+    return intent_pb2.StepRecord(index=index, name=f"s{index}", result=b'"r%d"' % index, attempt=1)
+
+
+class PagingPlane(FakeControlPlane):
+    """Answers ListRecordedSteps with pages of two steps of a 7-step history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetches: list[apb.ListRecordedStepsRequest] = []
+
+    async def ListRecordedSteps(self, request: apb.ListRecordedStepsRequest,
+                                context: Any) -> apb.ListRecordedStepsResponse:
+        self.fetches.append(request)
+        last = min(RECORDED, request.from_index + 1)
+        return apb.ListRecordedStepsResponse(
+            steps=[record(i) for i in range(request.from_index, last + 1)], recorded_steps=RECORDED)
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[PagingPlane]:
+    fake = PagingPlane()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def sidecar(plane: PagingPlane, tmp_path: Path) -> AsyncIterator[Sidecar]:
+    sc = Sidecar(make_settings(plane.port, tmp_path))
+    await sc.start()
+    yield sc
+    plane.auto_commit = True
+    await sc.stop(grace=0)
+
+
+async def attach(plane: PagingPlane, sidecar: Sidecar, fetches: bool) -> tuple[Any, FakeAgent]:
+    stream = await plane.next_stream()
+    assert stream.register.fetches_steps  # it tells the server it can take first pages
+    agent = FakeAgent(sidecar.address)
+    agent.call = agent.stub.Attach()
+    await agent.call.write(runtime_pb2.AttachRequest(hello=runtime_pb2.AgentHello(
+        capacity=1, language="test", fetches_steps=fetches)))
+    assert (await agent.receive()).HasField("welcome")
+    await expect_capacity(stream, 1)
+    return stream, agent
+
+
+def first_page(recorded_bytes: int = 100) -> delivery_pb2.Assignment:
+    assignment = make_assignment(1)
+    assignment.steps.extend([record(1), record(2)])
+    assignment.recorded_steps = RECORDED
+    assignment.recorded_bytes = recorded_bytes
+    return assignment
+
+
+async def test_a_fetching_agent_gets_the_first_page_and_the_rest_on_demand(plane: PagingPlane,
+                                                                          sidecar: Sidecar) -> None:
+    stream, agent = await attach(plane, sidecar, fetches=True)
+    try:
+        assignment = first_page()
+        stream.assign(assignment)
+        got = (await agent.receive()).assignment
+        assert [s.index for s in got.steps] == [1, 2] and got.recorded_steps == RECORDED
+        assert plane.fetches == []
+
+        async def begin(index: int, name: str = "", any_name: bool = True) -> runtime_pb2.BeginStepResponse:
+            response: runtime_pb2.BeginStepResponse = await agent.stub.BeginStep(runtime_pb2.BeginStepRequest(
+                lease=assignment.lease, index=index, name=name, any_name=any_name), timeout=WAIT)
+            return response
+
+        assert (await begin(1)).step == record(1)  # the first page, kept by the sidecar too
+        assert (await begin(3)).step == record(3)  # fetched with step 4
+        assert (await begin(4)).step == record(4)  # from that page, no call
+        assert [f.from_index for f in plane.fetches] == [3]
+        assert (await begin(5)).step == record(5)
+        assert [f.from_index for f in plane.fetches] == [3, 5]
+        # Fenced: the fetch names the lease and the stream that holds it.
+        assert all(f.lease == assignment.lease and f.session_id for f in plane.fetches)
+        assert not (await begin(8)).recorded  # past the history: run it
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await begin(6, name="other", any_name=False)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "divergence" in err.value.details()
+        # Replays go forward: the window holds the last page fetched only.
+        window = sidecar.dispatcher._held[assignment.lease.token].history.window
+        assert sorted(window) == [5, 6]
+    finally:
+        await agent.close()
+
+
+async def test_an_agent_that_does_not_fetch_gets_the_whole_history(plane: PagingPlane, sidecar: Sidecar) -> None:
+    stream, agent = await attach(plane, sidecar, fetches=False)
+    try:
+        stream.assign(first_page())
+        got = (await agent.receive()).assignment
+        assert [s.index for s in got.steps] == list(range(1, RECORDED + 1))
+        assert got.steps[6] == record(7)
+        assert [f.from_index for f in plane.fetches] == [3, 5, 7]
+    finally:
+        await agent.close()
+
+
+async def test_a_history_too_large_for_an_agent_that_does_not_fetch_fails_the_attempt(
+        plane: PagingPlane, sidecar: Sidecar) -> None:
+    stream, agent = await attach(plane, sidecar, fetches=False)
+    try:
+        assignment = first_page(recorded_bytes=FILL_BYTES + 1)
+        stream.assign(assignment)
+        await stream.expect("ack")  # a fail needs the attempt in progress
+        fail = (await stream.expect("write")).write.write
+        assert fail.lease == assignment.lease and fail.fail.code == "HISTORY_TOO_LARGE" and fail.fail.retryable
+        assert "fetches_steps" in fail.fail.message
+        assert plane.fetches == []
+    finally:
+        await agent.close()
