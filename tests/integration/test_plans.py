@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bench import scale as bulk  # the bulk load of the scale scenario
 from intentd.server.queries import Q
+from intentd.testing import bulk
 
 TERMINAL = 60_000
 PENDING = 3_000
