@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import grpc
 
 from intentd.core.aio import run
+from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS
 from intentd.core.observability import bind_log_context, tracing
-from intentd.core.validation import ValidationError, check_agent_address, check_intent_type
+from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import delivery_pb2, runtime_pb2
 
 from .context import (

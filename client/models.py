@@ -15,14 +15,9 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from intentd.core.errors import ValidationError
 from intentd.core.states import IntentState
-from intentd.core.validation import (
-    ValidationError,
-    check_agent_address,
-    check_idempotency_key,
-    check_intent_type,
-    check_labels,
-)
+from intentd.core.validation import check_agent_address, check_idempotency_key, check_intent_type, check_labels
 from intentd.generated.v1 import intent_pb2
 from intentd.generated.v1 import intent_service_pb2 as pb
 

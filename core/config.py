@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+# Re-exported: settings classes raise it from here.
+from intentd.core.errors import SettingsError as SettingsError
+
 ENV_PREFIX = "INTENTD_"
 
 T = TypeVar("T")
-
-
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names the variable."""
 
 
 def env_name(field: str) -> str:

@@ -7,45 +7,23 @@ import json
 import re
 from typing import Any
 
+from intentd.core.errors import ValidationError
+from intentd.core.limits import (
+    MAX_ADDRESS_LEN,
+    MAX_HORIZON_MS,
+    MAX_JSON_DEPTH,
+    MAX_KEY_LEN,
+    MAX_LABEL_KEY_LEN,
+    MAX_LABEL_VALUE_LEN,
+    MAX_LABELS,
+    MAX_TYPE_LEN,
+)
+
 INTENT_TYPE_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+\.v[0-9]+$")
 # agent://<org>/<env>/<name>; each part a DNS-label-like token.
 _PART = r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 AGENT_ADDRESS_RE = re.compile(rf"^agent://({_PART})/({_PART})/({_PART})$")
 # A sidecar may serve a pattern: a trailing * matches any name.
-
-# The limits on what clients and agents send, in one place: the server checks
-# them before a write joins a batch, so a bad value is refused alone, with the
-# field named, instead of failing a statement shared with other tenants.
-MAX_TYPE_LEN = 200
-MAX_ADDRESS_LEN = 300
-# Intent types one agent, or one sidecar stream, may name.
-MAX_INTENT_TYPES = 1000
-MAX_KEY_LEN = 200
-MAX_SENDER_LEN = 200
-MAX_LABELS = 64
-MAX_LABEL_KEY_LEN = 63
-MAX_LABEL_VALUE_LEN = 256
-MAX_JSON_DEPTH = 64
-MAX_REASON_LEN = 1000  # a cancel reason
-MAX_STEP_NAME_LEN = 200
-MAX_PROGRESS_MESSAGE_LEN = 1000
-MAX_FAIL_CODE_LEN = 100
-MAX_FAIL_MESSAGE_LEN = 4000  # longer failure messages are cut, not refused
-# Deadlines and delays further ahead than this are mistakes (and past year
-# 9999 a timestamp cannot be read back into Python or protobuf at all); the
-# database holds the same bound as a CHECK (migration 0006).
-MAX_HORIZON_MS = 100 * 366 * 86_400_000
-MAX_RETRY_BACKOFF_MS = 3_600_000
-MAX_RETRY_BACKOFF_MAX_MS = 86_400_000
-
-
-class ValidationError(ValueError):
-    """A field failed a check; ``field`` names it as the API spells it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
 
 def check_text(value: str, field: str, max_len: int, *, required: bool = False) -> str:
     """Text bound for a PostgreSQL text column: at most ``max_len``

@@ -7,13 +7,9 @@ from typing import Any
 
 import grpc
 
-from intentd.core.validation import (
-    MAX_RETRY_BACKOFF_MAX_MS,
-    MAX_RETRY_BACKOFF_MS,
-    ValidationError,
-    check_horizon_ms,
-    check_intent_type,
-)
+from intentd.core.errors import ValidationError
+from intentd.core.limits import MAX_RETRY_BACKOFF_MAX_MS, MAX_RETRY_BACKOFF_MS
+from intentd.core.validation import check_horizon_ms, check_intent_type
 from intentd.generated.v1 import admin_service_pb2 as pb
 from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
 from intentd.server import errors

@@ -19,9 +19,11 @@ from typing import Any
 
 import grpc
 
+from intentd.core.errors import ValidationError
 from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, Outbox, frame
+from intentd.core.limits import MAX_INTENT_TYPES
 from intentd.core.observability import metrics
-from intentd.core.validation import MAX_INTENT_TYPES, ValidationError, check_agent_address, check_intent_type
+from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.generated.v1 import delivery_pb2

@@ -14,7 +14,7 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from intentd.core.validation import ValidationError
+from intentd.core.errors import ValidationError
 from intentd.generated.v1 import delivery_pb2
 from intentd.server.convert import intent_to_proto, step_to_proto
 

@@ -10,14 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
+from intentd.core.errors import ValidationError
+from intentd.core.limits import MAX_ATTEMPTS_LIMIT, MAX_HORIZON_MS, MAX_REASON_LEN, MAX_SENDER_LEN
 from intentd.core.observability import metrics
 from intentd.core.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
 from intentd.core.states import IntentState
 from intentd.core.validation import (
-    MAX_HORIZON_MS,
-    MAX_REASON_LEN,
-    MAX_SENDER_LEN,
-    ValidationError,
     check_agent_address,
     check_idempotency_key,
     check_intent_type,
@@ -36,8 +34,6 @@ from intentd.server.quotas import Quotas
 from intentd.server.rpc import Ctx, server_stream, unary
 from intentd.server.settings import ServerSettings
 from intentd.server.store import IntentStore, NewIntent
-
-MAX_ATTEMPTS_LIMIT = 1000
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:

@@ -10,15 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
 
-from intentd.core.validation import (
-    MAX_FAIL_CODE_LEN,
-    MAX_FAIL_MESSAGE_LEN,
-    MAX_PROGRESS_MESSAGE_LEN,
-    MAX_STEP_NAME_LEN,
-    ValidationError,
-    check_text,
-    parse_json,
-)
+from intentd.core.errors import ValidationError
+from intentd.core.limits import MAX_FAIL_CODE_LEN, MAX_FAIL_MESSAGE_LEN, MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
+from intentd.core.validation import check_text, parse_json
 from intentd.server import errors, history
 from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
 from intentd.server.db import Database, Row

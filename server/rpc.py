@@ -12,7 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from intentd.core.validation import ValidationError
+from intentd.core.errors import ValidationError
 from intentd.server import errors
 from intentd.server.auth import CALLER
 from intentd.server.db import convert_error

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from intentd.core.framing import MAX_MESSAGE_BYTES
+from intentd.core.limits import MAX_INTENT_TYPES
 from intentd.core.observability import metrics
 from intentd.core.observability.context import bind_log_context, log_context
-from intentd.core.validation import MAX_INTENT_TYPES
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
 from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, StepsUnavailable, describe

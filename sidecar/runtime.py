@@ -21,8 +21,10 @@ from typing import Any
 
 import grpc
 
+from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
-from intentd.core.validation import MAX_INTENT_TYPES, ValidationError, check_intent_type
+from intentd.core.limits import MAX_INTENT_TYPES
+from intentd.core.validation import check_intent_type
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
 from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from intentd.core.config import env_name, parse_host_port, require, resolve_api_key
-from intentd.core.validation import ValidationError, check_agent_address, check_intent_type
+from intentd.core.errors import ValidationError
+from intentd.core.validation import check_agent_address, check_intent_type
 
 UNIX_PREFIX = "unix://"
 # What the supervised agent does not inherit from the sidecar's environment:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from intentd.core.validation import ValidationError
+from intentd.core.errors import ValidationError
 from intentd.server import errors
 from intentd.server.db import Database
 from intentd.server.leases import LeaseRef, LeaseStore

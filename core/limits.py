@@ -1,0 +1,36 @@
+"""The one table of limits on what clients, agents and sidecars send.
+
+Every layer reads them from here: the client SDK and the agent SDK check early
+(friendlier failures), the server checks again before a write joins a batch,
+so a bad value is refused alone with its field named instead of failing a
+statement shared with other tenants. Text limits are in characters, sizes in
+bytes.
+"""
+
+from __future__ import annotations
+
+MAX_TYPE_LEN = 200
+MAX_ADDRESS_LEN = 300
+# Intent types one agent, or one sidecar stream, may name.
+MAX_INTENT_TYPES = 1000
+MAX_KEY_LEN = 200
+MAX_SENDER_LEN = 200
+MAX_LABELS = 64
+MAX_LABEL_KEY_LEN = 63
+MAX_LABEL_VALUE_LEN = 256
+MAX_JSON_DEPTH = 64
+MAX_REASON_LEN = 1000  # a cancel reason
+MAX_STEP_NAME_LEN = 200
+MAX_PROGRESS_MESSAGE_LEN = 1000
+MAX_FAIL_CODE_LEN = 100
+MAX_FAIL_MESSAGE_LEN = 4000  # longer failure messages are cut, not refused
+# Deadlines and delays further ahead than this are mistakes (and past year
+# 9999 a timestamp cannot be read back into Python or protobuf at all); the
+# database holds the same bound as a CHECK (migration 0006).
+MAX_HORIZON_MS = 100 * 366 * 86_400_000
+MAX_RETRY_BACKOFF_MS = 3_600_000
+MAX_RETRY_BACKOFF_MAX_MS = 86_400_000
+
+
+# Attempts one intent may be given.
+MAX_ATTEMPTS_LIMIT = 1000
