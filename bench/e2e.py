@@ -1,7 +1,7 @@
 """Scenario 2, end-to-end throughput: one-step no-op intents sent to a real
 server and completed by real sidecars and agents.
 
-One server process (``python -m intentd server``, default settings) on a fresh
+One server process (``python -m intentd.commands server``, default settings) on a fresh
 database, 4 sidecars x capacity 50, each supervising ``bench/agents/noop.py``.
 Two send modes: ``SendIntents`` in batches of 500 (sequential calls), and one
 ``SendIntent`` per call with 64 in flight (``AsyncIntentClient``). A pass

@@ -172,11 +172,11 @@ def _health_ok(address: str) -> bool:
 
 
 class Server(Proc):
-    """``python -m intentd server`` on a free loopback port."""
+    """``python -m intentd.commands server`` on a free loopback port."""
 
     def __init__(self, database_url: str, **env: str) -> None:
         self.port = free_port()
-        super().__init__("server", [sys.executable, "-m", "intentd", "server"], {
+        super().__init__("server", [sys.executable, "-m", "intentd.commands", "server"], {
             "INTENTD_DATABASE_URL": database_url,
             "INTENTD_LISTEN": f"127.0.0.1:{self.port}",
             "INTENTD_SHUTDOWN_GRACE_S": "1",
@@ -202,12 +202,12 @@ class Server(Proc):
 
 
 class Sidecar(Proc):
-    """``python -m intentd sidecar``, optionally supervising an agent command."""
+    """``python -m intentd.commands sidecar``, optionally supervising an agent command."""
 
     def __init__(self, server: str, address: str, capacity: int, agent: str | None = NOOP_AGENT,
                  agent_capacity: int | None = None, env: dict[str, str] | None = None) -> None:
         self.socket = f"/tmp/intentd-bench-{uuid.uuid4().hex[:10]}.sock"
-        argv = [sys.executable, "-m", "intentd", "sidecar", "--server", server, "--address", address,
+        argv = [sys.executable, "-m", "intentd.commands", "sidecar", "--server", server, "--address", address,
                 "--capacity", str(capacity), "--listen", f"unix://{self.socket}"]
         if agent:
             argv += ["--exec", agent]

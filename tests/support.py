@@ -127,7 +127,7 @@ class Process:
     def start(self) -> Process:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intentd", *self.args],
+            [sys.executable, "-m", "intentd.commands", *self.args],
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -81,7 +81,7 @@ def with_database(url: str, name: str) -> str:
 
 
 class ManagedProcess:
-    """``python -m intentd <args>`` in a process group of its own."""
+    """``python -m intentd.commands <args>`` in a process group of its own."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path,
                  module: str = "intentd") -> None:

@@ -86,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def spawn(argv: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (work / log_name).open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "intentd", *argv], env={**env, **(extra_env or {})},
+        proc = subprocess.Popen([sys.executable, "-m", "intentd.commands", *argv], env={**env, **(extra_env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         procs.append(proc)

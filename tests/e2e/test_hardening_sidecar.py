@@ -102,7 +102,7 @@ def sidecars(tmp_path: Path) -> Iterator[Any]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intentd", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "intentd.commands", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 

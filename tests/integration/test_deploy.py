@@ -576,7 +576,7 @@ def test_dockerfile_is_multi_stage_wheel_only_non_root_with_healthcheck(role: st
     assert len(stages) >= 2, "multi-stage: a builder and a runtime stage"
     assert all(s.base == "python:3.12-slim" for s in stages), [s.base for s in stages]
     builder, final = stages[0], stages[-1]
-    assert any(re.search(r"\bpip wheel\b.*\s\.$", i.args) for i in builder.all("RUN")), "builder: pip wheel ."
+    assert any(re.search(r"\bpip wheel\b.*\s'?\.(\[server\])?'?$", i.args) for i in builder.all("RUN")), "builder: pip wheel ."
 
     # The runtime stage installs the wheel and nothing else: offline, from the builder, no compilers.
     runs = " ".join(i.args for i in final.all("RUN"))
@@ -619,7 +619,8 @@ def test_dockerfile_copies_only_files_that_exist_and_are_in_the_context(role: st
             assert (ROOT / source).exists(), f"{path.name}:{instruction.line}: COPY {source} does not exist"
             assert source.rstrip("/") in allowed, f"{path.name}:{instruction.line}: {source} is not in the context"
     # The wheel needs the package-data files the build reads (README via pyproject).
-    assert {"pyproject.toml", "README.md", "intentd", "server", "client", "sidecar", "agent"} <= allowed
+    assert {"pyproject.toml", "README.md", "core", "generated", "client", "agent", "sidecar", "server", "testing",
+            "commands"} <= allowed
 
 
 # ---------------------------------------------------------------- the health check script
