@@ -1,6 +1,6 @@
 -- intentd schema, version 1. The state machine below is the one in
--- proto/intentd/v1/intent.proto and docs/state-machine.md; tests/test_states.py
--- keeps the three in agreement.
+-- proto/intentd/v1/intent.proto and docs/state-machine.md; tests/integration/test_migrations.py
+-- (test_proto_sql_and_python_states_agree) keeps the three in agreement.
 
 CREATE TYPE intent_state AS ENUM (
     'PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING',
