@@ -29,6 +29,7 @@ from intentd.agent import (
     StepDivergence,
     SyncContext,
 )
+from intentd.core.limits import MAX_FAIL_MESSAGE_LEN
 from intentd.generated.v1 import delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
 TYPE = "intent.pipeline.process.v1"
@@ -222,8 +223,9 @@ def make_agent(address: str | None, capacity: int = 4) -> Agent:
 
 async def finished(ctx: Context | SyncContext) -> None:
     """Waits until the agent is done with the attempt (reported or not)."""
-    assert ctx._task is not None
-    await asyncio.wait_for(asyncio.shield(ctx._task), WAIT)
+    task = ctx._attempt.task
+    assert task is not None
+    await asyncio.wait_for(asyncio.shield(task), WAIT)
 
 
 @contextlib.asynccontextmanager
@@ -398,7 +400,7 @@ async def test_handler_exceptions_fail_retryably_or_not(sidecar: tuple[FakeSidec
 
     m1, r1 = fake.final("e1")  # type: ignore[misc]
     assert m1 == "FailIntent" and r1.fail.retryable is True and r1.fail.code == "AGENT_ERROR"
-    assert r1.fail.message.startswith("ValueError: boom") and len(r1.fail.message) == 2000
+    assert r1.fail.message.startswith("ValueError: boom") and len(r1.fail.message) == MAX_FAIL_MESSAGE_LEN
     m2, r2 = fake.final("e2")  # type: ignore[misc]
     assert m2 == "FailIntent" and r2.fail.retryable is False
     assert (r2.fail.code, r2.fail.message) == ("BAD_INPUT", "no source given")
