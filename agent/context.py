@@ -14,120 +14,73 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from datetime import datetime, timedelta
-from typing import Any, ParamSpec, TypeVar, overload
-
-from intentd.generated.v1 import delivery_pb2, intent_pb2
+from typing import Any, Generic, Never, NoReturn, ParamSpec, TypeVar, overload
 
 from .attempt import Attempt, StepPlan
 
 P = ParamSpec("P")
 T = TypeVar("T")
+V = TypeVar("V")
+
+
+class _Read(Generic[V]):
+    """A read-only attribute of a context, read from its attempt when asked."""
+
+    def __init__(self, get: Callable[[Attempt], V], doc: str = "") -> None:
+        self._get = get
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, ctx: None, owner: type) -> _Read[V]: ...
+
+    @overload
+    def __get__(self, ctx: _ContextBase, owner: type) -> V: ...
+
+    def __get__(self, ctx: _ContextBase | None, owner: type) -> _Read[V] | V:
+        return self if ctx is None else self._get(ctx._attempt)
+
+    # Never as the value's type: mypy refuses the assignment too.
+    def __set__(self, ctx: _ContextBase, value: Never) -> NoReturn:
+        raise AttributeError(f"ctx.{self._name} is read-only")
 
 
 class _ContextBase:
-    """What both contexts show of the attempt (read-only)."""
+    """What both contexts show of the attempt."""
 
     def __init__(self, attempt: Attempt) -> None:
         self._attempt = attempt
 
-    @property
-    def intent(self) -> intent_pb2.Intent:
-        """The ``intentd.v1.Intent`` proto, as delivered."""
-        return self._attempt.intent
-
-    @property
-    def lease(self) -> delivery_pb2.Lease:
-        return self._attempt.lease
-
-    @property
-    def assignment(self) -> delivery_pb2.Assignment:
-        return self._attempt.assignment
-
-    @property
-    def intent_id(self) -> str:
-        return self._attempt.intent_id
-
-    @property
-    def intent_type(self) -> str:
-        return self._attempt.intent.intent_type
-
-    @property
-    def attempt(self) -> int:
-        """1 on the first delivery."""
-        return self._attempt.number
-
-    @property
-    def max_attempts(self) -> int:
-        """How many attempts the intent may be given (0: the control plane's default)."""
-        return self._attempt.intent.max_attempts
-
-    @property
-    def to_agent(self) -> str:
-        return self._attempt.intent.to_agent
-
-    @property
-    def sender(self) -> str:
-        return self._attempt.intent.sender
-
-    @property
-    def idempotency_key(self) -> str:
-        return self._attempt.intent.idempotency_key
-
-    @property
-    def deadline(self) -> datetime | None:
-        """Aware ``datetime``, or None."""
-        return self._attempt.deadline
-
-    @property
-    def heartbeat_timeout(self) -> timedelta | None:
-        return self._attempt.heartbeat_timeout
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return self._attempt.labels
-
-    @property
-    def payload(self) -> Any:
-        """The decoded payload (also the handler's second argument)."""
-        return self._attempt.payload
-
-    @property
-    def payload_json(self) -> bytes:
-        return self._attempt.intent.payload
-
-    @property
-    def last_checkpoint(self) -> Any:
-        """The last saved checkpoint (decoded JSON), or None."""
-        return self._attempt.last_checkpoint
-
-    @property
-    def recorded_steps(self) -> int:
-        """How many steps earlier attempts recorded."""
-        return self._attempt.recorded_steps
-
-    @property
-    def replayed_steps(self) -> int:
-        """How many of them this attempt replayed so far."""
-        return self._attempt.replayed_steps
-
-    @property
-    def steps_completed(self) -> int:
-        """Steps done so far in this attempt, replayed or run."""
-        return self._attempt.steps_completed
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the attempt must stop: revoked by the sidecar, refused as
-        stale, its sidecar stream dropped, or the agent is stopping."""
-        return self._attempt.stopped
-
-    @property
-    def cancel_reason(self) -> str | None:
-        """``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST`` or ``SHUTDOWN``; None while live."""
-        return self._attempt.stop_reason
+    intent = _Read(lambda a: a.intent, "The ``intentd.v1.Intent`` proto, as delivered.")
+    lease = _Read(lambda a: a.lease, "The ``intentd.v1.Lease`` proto of this attempt.")
+    assignment = _Read(lambda a: a.assignment, "The ``intentd.v1.Assignment`` proto, as delivered.")
+    intent_id = _Read(lambda a: a.intent_id)
+    intent_type = _Read(lambda a: a.intent.intent_type)
+    attempt = _Read(lambda a: a.number, "1 on the first delivery.")
+    max_attempts = _Read(lambda a: a.intent.max_attempts, "How many attempts the intent may be given.")
+    to_agent = _Read(lambda a: a.intent.to_agent, "The address the intent was sent to.")
+    sender = _Read(lambda a: a.intent.sender)
+    idempotency_key = _Read(lambda a: a.intent.idempotency_key)
+    deadline = _Read(lambda a: a.deadline, "An aware ``datetime``, or None.")
+    heartbeat_timeout = _Read(lambda a: a.heartbeat_timeout, "A ``timedelta``, or None.")
+    labels = _Read(lambda a: a.labels)
+    payload = _Read(lambda a: a.payload, "The decoded payload (also the handler's second argument).")
+    payload_json = _Read(lambda a: a.intent.payload, "The payload as sent (UTF-8 JSON).")
+    last_checkpoint = _Read(lambda a: a.last_checkpoint, "The last saved checkpoint (decoded JSON), or None.")
+    recorded_steps = _Read(lambda a: a.recorded_steps, "How many steps earlier attempts recorded.")
+    replayed_steps = _Read(lambda a: a.replayed_steps, "How many of them this attempt replayed so far.")
+    steps_completed = _Read(lambda a: a.steps_completed, "Steps done so far in this attempt, replayed or run.")
+    cancelled = _Read(
+        lambda a: a.stopped,
+        "True once the attempt must stop: revoked by the sidecar, refused as stale, "
+        "its sidecar stream dropped, or the agent is stopping.",
+    )
+    cancel_reason = _Read(
+        lambda a: a.stop_reason, "``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST`` or ``SHUTDOWN``; None while live."
+    )
 
     def __repr__(self) -> str:
         return (
@@ -339,10 +292,7 @@ class StepScope(_Scope):
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         with self._closing(exc) as plan:
             if plan is not None:
@@ -360,10 +310,7 @@ class SyncStepScope(_Scope):
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         with self._closing(exc) as plan:
             if plan is not None:

@@ -23,6 +23,8 @@ async def handler(ctx: Context, payload: dict[str, str]) -> None:
     reveal_type(await ctx.step("x", fetch_int, "s3://bucket"))  # revealed: int
     reveal_type(await ctx.step("kw", fetch_int, "s3://bucket", retries=5))  # revealed: int
     reveal_type(await ctx.step("rows", count_rows, "s3://bucket"))  # revealed: list[str]
+    reveal_type(ctx.attempt)  # revealed: int
+    reveal_type(ctx.deadline)  # revealed: datetime.datetime | None
     validate = ctx.step_fn("validate")(fetch_int)
     reveal_type(await validate("s3://bucket"))  # revealed: int
 
@@ -37,6 +39,7 @@ async def wrong_arguments(ctx: Context) -> None:
     await ctx.step("x", fetch_int, 42)  # error: call-overload
     await ctx.step("x", fetch_int, "s3://bucket", tries=5)  # error: call-arg
     await ctx.step("x", fetch_int)  # error: call-overload
+    ctx.intent_id = "another"  # error: assignment
 
 
 def wrong_arguments_sync(ctx: SyncContext) -> None:
