@@ -119,9 +119,7 @@ class StepPlan:
     def __enter__(self) -> StepPlan:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.close(exc)
 
     def close(self, error: BaseException | None = None) -> None:

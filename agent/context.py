@@ -15,7 +15,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Generic, Never, NoReturn, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Never, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from .attempt import Attempt, StepPlan
 
@@ -104,6 +104,26 @@ def _step_name(name: str | None, fn: Callable[..., Any]) -> str:
     return name or str(getattr(fn, "__name__", ""))
 
 
+class _AsyncStepDecorator(Protocol):
+    """``Context.step_fn(name)``: the decorated function returns what ``fn`` does, awaited."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+
+class _SyncStepDecorator(Protocol):
+    """``SyncContext.step_fn(name)``: the decorated function returns what ``fn`` does."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Callable[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> Callable[P, T]: ...
+
+
 class Context(_ContextBase):
     """The handle an ``async def`` handler gets for its intent.
 
@@ -156,9 +176,7 @@ class Context(_ContextBase):
         """
         return StepScope(self._attempt, name)
 
-    def step_fn(
-        self, name: str | None = None
-    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
+    def step_fn(self, name: str | None = None) -> _AsyncStepDecorator:
         """Decorator form: each call of the decorated function is one step
         named ``name`` (default: the function's name)::
 
@@ -167,11 +185,11 @@ class Context(_ContextBase):
             ok = await validate(rows)
         """
 
-        def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        def decorate(fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
             step_name = _step_name(name, fn)
 
             @functools.wraps(fn)
-            async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            async def run(*args: P.args, **kwargs: P.kwargs) -> Any:
                 return await self.step(step_name, fn, *args, **kwargs)
 
             return run
@@ -222,14 +240,14 @@ class SyncContext(_ContextBase):
         """``with ctx.step_scope(name) as s:`` -- see ``Context.step_scope``."""
         return SyncStepScope(self._attempt, name)
 
-    def step_fn(self, name: str | None = None) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    def step_fn(self, name: str | None = None) -> _SyncStepDecorator:
         """Decorator form of ``step``: each call of the function is one step."""
 
-        def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+        def decorate(fn: Callable[P, Any]) -> Callable[P, Any]:
             step_name = _step_name(name, fn)
 
             @functools.wraps(fn)
-            def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            def run(*args: P.args, **kwargs: P.kwargs) -> Any:
                 return self.step(step_name, fn, *args, **kwargs)
 
             return run
@@ -291,9 +309,7 @@ class StepScope(_Scope):
         self._resolved()
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         with self._closing(exc) as plan:
             if plan is not None:
                 self.result = await self._attempt.commit(plan, self.result)
@@ -309,9 +325,7 @@ class SyncStepScope(_Scope):
         self._resolved()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         with self._closing(exc) as plan:
             if plan is not None:
                 self.result = self._attempt.blocking(self._attempt.commit(plan, self.result))

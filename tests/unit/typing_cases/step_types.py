@@ -27,12 +27,14 @@ async def handler(ctx: Context, payload: dict[str, str]) -> None:
     reveal_type(ctx.deadline)  # revealed: datetime.datetime | None
     validate = ctx.step_fn("validate")(fetch_int)
     reveal_type(await validate("s3://bucket"))  # revealed: int
+    reveal_type(await ctx.step_fn()(count_rows)("s3://bucket"))  # revealed: list[str]
 
 
 def sync_handler(ctx: SyncContext, payload: dict[str, str]) -> None:
     reveal_type(ctx.step("x", fetch_int, "s3://bucket"))  # revealed: int
     reveal_type(ctx.step("rows", count_rows, "s3://bucket"))  # revealed: list[str]
     reveal_type(ctx.step_fn()(count_rows)("s3://bucket"))  # revealed: list[str]
+    reveal_type(ctx.step_fn("x")(fetch_int)("s3://bucket"))  # revealed: int
 
 
 async def wrong_arguments(ctx: Context) -> None:
@@ -40,6 +42,7 @@ async def wrong_arguments(ctx: Context) -> None:
     await ctx.step("x", fetch_int, "s3://bucket", tries=5)  # error: call-arg
     await ctx.step("x", fetch_int)  # error: call-overload
     ctx.intent_id = "another"  # error: assignment
+    await ctx.step_fn()(fetch_int)(42)  # error: arg-type
 
 
 def wrong_arguments_sync(ctx: SyncContext) -> None:
