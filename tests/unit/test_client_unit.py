@@ -17,6 +17,7 @@ from intentd.client import (
     AlreadyExists,
     AsyncIntentClient,
     Cancelled,
+    ClientError,
     DeadlineExceeded,
     FailedPrecondition,
     Intent,
@@ -45,7 +46,6 @@ from intentd.client._common import (
     Settings,
     WaitLoop,
     WatchCursor,
-    backoff_delay,
     batch_request,
     list_request,
     send_request,
@@ -374,7 +374,7 @@ class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no stubs
         (grpc.StatusCode.CANCELLED, Cancelled),
     ],
 )
-def test_error_mapping(code: grpc.StatusCode, cls: type[IntentdError]) -> None:
+def test_error_mapping(code: grpc.StatusCode, cls: type[ClientError]) -> None:
     err = from_rpc_error(FakeRpcError(code, "why"))
     assert type(err) is cls
     assert err.code == code
@@ -384,7 +384,9 @@ def test_error_mapping(code: grpc.StatusCode, cls: type[IntentdError]) -> None:
 
 def test_error_mapping_fallback_and_aio() -> None:
     err = from_rpc_error(FakeRpcError(grpc.StatusCode.ABORTED, "x"))
-    assert type(err) is IntentdError
+    # The client's root (was the client's own IntentdError, now under intentd's root).
+    assert type(err) is ClientError
+    assert isinstance(err, IntentdError)
     assert err.code == grpc.StatusCode.ABORTED
     aio = grpc.aio.AioRpcError(
         grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), details="gone"
@@ -427,13 +429,20 @@ def test_completed_does_not_raise() -> None:
 # ---------------------------------------------------------------- backoff and loops
 
 
-def test_backoff_bounds() -> None:
+def test_backoff_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The retry delays are intentd.core.backoff's one rule.
+    import intentd.core.backoff as backoff
+
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.1, max_backoff=3.0)
     for attempt in range(30):
         cap = min(3.0, 0.1 * 2**attempt)
-        assert backoff_delay(attempt, 0.1, 3.0, rand=lambda: 0.0) == pytest.approx(cap / 2)
-        assert backoff_delay(attempt, 0.1, 3.0, rand=lambda: 1.0) == pytest.approx(cap)
-        assert cap / 2 <= backoff_delay(attempt, 0.1, 3.0) <= cap
-    assert backoff_delay(10_000, 0.1, 3.0) <= 3.0
+        monkeypatch.setattr(backoff.random, "random", lambda: 0.0)
+        assert policy.delay(attempt) == pytest.approx(cap / 2)
+        monkeypatch.setattr(backoff.random, "random", lambda: 1.0)
+        assert policy.delay(attempt) == pytest.approx(cap)
+        monkeypatch.undo()
+        assert cap / 2 <= policy.delay(attempt) <= cap
+    assert policy.delay(10_000) <= 3.0
     policy = RetryPolicy(max_retries=3, initial_backoff=0.2, max_backoff=1.0)
     assert 0.1 <= policy.delay(0) <= 0.2
     assert 0.5 <= policy.delay(5) <= 1.0
@@ -618,9 +627,9 @@ U = grpc.StatusCode.UNAVAILABLE
 
 
 def test_sync_client_retries_unavailable_with_the_same_key() -> None:
-    send = FakeUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [U, U])
+    send = FakeAsyncUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [U, U])
     with IntentClient("127.0.0.1:1", sender="svc", timeout=7, **FAST) as client:
-        client._stub = fake_stub(SendIntent=send)
+        client._aio._stub_instance = fake_stub(SendIntent=send)
         intent, created = client.send(base())
     assert intent.id == ID and created
     assert len(send.calls) == 3
@@ -632,13 +641,13 @@ def test_sync_client_retries_unavailable_with_the_same_key() -> None:
 
 def test_sync_client_gives_up_and_does_not_retry_other_codes() -> None:
     with IntentClient("127.0.0.1:1", max_retries=3, **FAST) as client:
-        get = FakeUnary(pb.GetIntentResponse(intent=make_intent()), [U] * 10)
-        client._stub = fake_stub(GetIntent=get)
+        get = FakeAsyncUnary(pb.GetIntentResponse(intent=make_intent()), [U] * 10)
+        client._aio._stub_instance = fake_stub(GetIntent=get)
         with pytest.raises(Unavailable):
             client.get(ID)
         assert len(get.calls) == 4
-        missing = FakeUnary(None, [grpc.StatusCode.NOT_FOUND])
-        client._stub = fake_stub(GetIntent=missing)
+        missing = FakeAsyncUnary(None, [grpc.StatusCode.NOT_FOUND])
+        client._aio._stub_instance = fake_stub(GetIntent=missing)
         with pytest.raises(NotFound) as info:
             client.get(ID)
         assert len(missing.calls) == 1
@@ -656,7 +665,7 @@ def test_sync_watch_reconnects_after_the_last_seq() -> None:
     )
     streams = list(watch.streams)
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WatchIntent=watch)
+        client._aio._stub_instance = fake_stub(WatchIntent=watch)
         events = list(client.watch(ID))
     assert [e.seq for e in events] == [1, 2, 3]
     assert watch.after == [0, 2, 2]
@@ -666,7 +675,7 @@ def test_sync_watch_reconnects_after_the_last_seq() -> None:
 def test_sync_watch_raises_other_errors() -> None:
     watch = FakeWatch([FakeStream([event_msg(1)], grpc.StatusCode.NOT_FOUND)])
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WatchIntent=watch)
+        client._aio._stub_instance = fake_stub(WatchIntent=watch)
         seen = []
         with pytest.raises(NotFound):
             for event in client.watch(ID):
@@ -683,12 +692,12 @@ def test_sync_wait_for_chains_calls() -> None:
     wait = FakeUnary(None, [])
     answers = [pending, done]
 
-    def wait_intent(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    async def wait_intent(request: Any, *, timeout: float | None, metadata: Any) -> Any:
         wait.calls.append((request, timeout))
         return answers.pop(0)
 
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WaitIntent=wait_intent)
+        client._aio._stub_instance = fake_stub(WaitIntent=wait_intent)
         with pytest.raises(IntentCanceled, match="stop"):
             client.wait_for(ID, raise_on_failure=True)
     assert len(wait.calls) == 2
@@ -702,12 +711,12 @@ def test_sync_iter_intents_follows_pages() -> None:
     ]
     tokens: list[str] = []
 
-    def list_intents(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    async def list_intents(request: Any, *, timeout: float | None, metadata: Any) -> Any:
         tokens.append(request.page_token)
         return pages.pop(0)
 
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(ListIntents=list_intents)
+        client._aio._stub_instance = fake_stub(ListIntents=list_intents)
         ids = [i.id for i in client.iter_intents(states="FAILED", page_size=1)]
     assert ids == ["a" * 26, "b" * 26]
     assert tokens == ["", "p2"]
@@ -715,7 +724,7 @@ def test_sync_iter_intents_follows_pages() -> None:
 
 def test_empty_batch_makes_no_call() -> None:
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub()
+        client._aio._stub_instance = fake_stub()
         assert client.send_intents([]) == []
 
 
