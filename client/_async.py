@@ -21,6 +21,7 @@ from ._common import (
     DEFAULT_TIMEOUT,
     CallTimeout,
     ClientBase,
+    HandleBase,
     ListQuery,
     Settings,
     WaitLoop,
@@ -46,18 +47,8 @@ from .models import (
 )
 
 
-class AsyncIntentHandle:
+class AsyncIntentHandle(HandleBase["AsyncIntentClient"]):
     """One intent, as ``AsyncIntentClient.start`` or ``.handle`` gives it."""
-
-    def __init__(self, client: AsyncIntentClient, intent_id: str, *, created: bool | None = None) -> None:
-        self.client = client
-        self.id = intent_id
-        # Whether the start created the intent (False: an earlier send with the
-        # same idempotency key was matched); None for a handle made from an id.
-        self.created = created
-
-    def __repr__(self) -> str:
-        return f"AsyncIntentHandle({self.id!r})"
 
     async def get(self) -> Intent:
         return await self.client.get(self.id)

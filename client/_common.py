@@ -9,7 +9,7 @@ import enum
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Self, TypedDict, Unpack
+from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack
 
 import grpc
 
@@ -180,6 +180,23 @@ class Settings:
         control plane keeps it with the intent, so the agent's spans join the
         sender's trace); the same as ``call_metadata`` outside a span."""
         return tracing.inject(self.metadata) or None
+
+
+C = TypeVar("C")
+
+
+class HandleBase(Generic[C]):
+    """What both intent handles hold: their client and the intent's id."""
+
+    def __init__(self, client: C, intent_id: str, *, created: bool | None = None) -> None:
+        self.client = client
+        self.id = intent_id
+        # Whether the start created the intent (False: an earlier send with the
+        # same idempotency key was matched); None for a handle made from an id.
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r})"
 
 
 class ClientBase:

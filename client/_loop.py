@@ -4,6 +4,8 @@ the asyncio client, so the client's logic exists once."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -54,11 +56,15 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking intentd client cannot be called from its own event loop")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        # Made here rather than by run_coroutine_threadsafe, so that an
+        # interrupt landing at any point after this line still reaches the task.
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
-            return future.result()
+            # The handle captures the caller's context, and the task is made in it.
+            loop.call_soon_threadsafe(_start, loop, coro, outcome)
+            return outcome.result()
         except BaseException:
-            future.cancel()
+            outcome.cancel()
             raise
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
@@ -97,6 +103,32 @@ class LoopThread:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
+
+
+def _start(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], outcome: concurrent.futures.Future[T]
+) -> None:
+    if outcome.cancelled():
+        coro.close()
+        return
+    task = loop.create_task(coro)
+
+    def caller_gave_up(_: concurrent.futures.Future[T]) -> None:
+        if outcome.cancelled():
+            loop.call_soon_threadsafe(task.cancel)
+
+    def report(_: asyncio.Task[T]) -> None:
+        # The caller may have cancelled ``outcome`` meanwhile; then nobody waits.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if task.cancelled():
+                outcome.cancel()
+            elif task.exception() is not None:
+                outcome.set_exception(task.exception())
+            else:
+                outcome.set_result(task.result())
+
+    outcome.add_done_callback(caller_gave_up)
+    task.add_done_callback(report)
 
 
 async def _shut_down(last: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -9,25 +9,15 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 from ._async import AsyncIntentClient
-from ._common import ClientBase, ListQuery
+from ._common import ClientBase, HandleBase, ListQuery
 from ._loop import LoopThread
 from .models import Event, Intent, IntentFields, IntentInput, IntentType, Page, Step
 
 T = TypeVar("T")
 
 
-class IntentHandle:
+class IntentHandle(HandleBase["IntentClient"]):
     """One intent, as ``IntentClient.start`` or ``.handle`` gives it."""
-
-    def __init__(self, client: IntentClient, intent_id: str, *, created: bool | None = None) -> None:
-        self.client = client
-        self.id = intent_id
-        # Whether the start created the intent (False: an earlier send with the
-        # same idempotency key was matched); None for a handle made from an id.
-        self.created = created
-
-    def __repr__(self) -> str:
-        return f"IntentHandle({self.id!r})"
 
     def get(self) -> Intent:
         return self.client.get(self.id)
