@@ -10,6 +10,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from .errors import Cancelled
+
 T = TypeVar("T")
 
 
@@ -121,7 +123,9 @@ def _start(
         # The caller may have cancelled ``outcome`` meanwhile; then nobody waits.
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             if task.cancelled():
-                outcome.cancel()
+                # Only close() cancels a task the caller still waits for; the
+                # call ends as a channel closed under it does.
+                outcome.set_exception(Cancelled("the client was closed during the call"))
             elif task.exception() is not None:
                 outcome.set_exception(task.exception())
             else:

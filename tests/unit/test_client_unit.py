@@ -849,7 +849,7 @@ def test_close_ends_calls_of_other_threads() -> None:
     caller.join(5)
     assert not caller.is_alive()
     assert blocking.cancelled.is_set()
-    assert len(errors) == 1
+    assert len(errors) == 1 and isinstance(errors[0], Cancelled), errors
 
 
 def test_interrupting_a_blocking_call_cancels_it() -> None:
