@@ -44,28 +44,22 @@ def check_horizon_ms(value: int, field: str) -> int:
     return value
 
 
-def check_intent_type(value: str, field: str = "intent_type") -> str:
+def _check_pattern(value: str, field: str, max_len: int, pattern: re.Pattern[str], mismatch: str) -> str:
     if not value:
         raise ValidationError(field, "is required")
-    if len(value) > MAX_TYPE_LEN or not INTENT_TYPE_RE.match(value):
-        raise ValidationError(
-            field,
-            f"{_show(value)} does not match {INTENT_TYPE_RE.pattern} "
-            "(for example intent.pipeline.process.v1)",
-        )
+    if len(value) > max_len or not pattern.match(value):
+        raise ValidationError(field, f"{_show(value)} {mismatch}")
     return value
+
+
+def check_intent_type(value: str, field: str = "intent_type") -> str:
+    return _check_pattern(value, field, MAX_TYPE_LEN, INTENT_TYPE_RE,
+                          f"does not match {INTENT_TYPE_RE.pattern} (for example intent.pipeline.process.v1)")
 
 
 def check_agent_address(value: str, field: str = "to_agent") -> str:
-    if not value:
-        raise ValidationError(field, "is required")
-    if len(value) > MAX_ADDRESS_LEN or not AGENT_ADDRESS_RE.match(value):
-        raise ValidationError(
-            field,
-            f"{_show(value)} is not an agent address agent://<org>/<env>/<name> "
-            "(lowercase letters, digits, '-' and '_')",
-        )
-    return value
+    return _check_pattern(value, field, MAX_ADDRESS_LEN, AGENT_ADDRESS_RE,
+                          "is not an agent address agent://<org>/<env>/<name> (lowercase letters, digits, '-' and '_')")
 
 
 def check_idempotency_key(value: str, field: str = "idempotency_key") -> str:

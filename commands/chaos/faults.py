@@ -48,35 +48,36 @@ class Stopped:
     until: float  # monotonic
 
 
+@dataclass(eq=False)
 class FaultInjector:
-    def __init__(self, cfg: SoakConfig, pg: Postgres, replicas: list[Replica], sidecars: list[Sidecar],
-                 db: SyncDb, say: Callable[[str], None], abort: Callable[[], bool]) -> None:
-        self.cfg = cfg
-        self.pg = pg
-        self.replicas = replicas
-        self.sidecars = sidecars
-        self.db = db
-        self.say = say
-        self.abort = abort
-        self.rng = random.Random(cfg.seed)
-        self.kinds = cfg.enabled_kinds(pg.restartable)
-        self.weights = [cfg.weights[k] for k in self.kinds]
-        forced = list(self.kinds) if cfg.force_all_kinds else []
+    cfg: SoakConfig
+    pg: Postgres
+    replicas: list[Replica]
+    sidecars: list[Sidecar]
+    db: SyncDb
+    say: Callable[[str], None]
+    abort: Callable[[], bool]
+    faults: list[Fault] = field(default_factory=list, init=False)
+    stopped: list[Stopped] = field(default_factory=list, init=False)
+    pg_down: bool = field(default=False, init=False)
+    # Processes that exited without being killed by us: (name, exit code, log tail).
+    unexpected_exits: list[tuple[str, int | None, str]] = field(default_factory=list, init=False)
+    errors: list[str] = field(default_factory=list, init=False)
+    # (monotonic time, what to do): run by tend() on the harness's thread,
+    # the one every process must be spawned from (PR_SET_PDEATHSIG).
+    scheduled: list[tuple[float, Callable[[], None]]] = field(default_factory=list, init=False)
+    # Resident memory of each replica slot: first sample and peak, in bytes.
+    rss: dict[str, tuple[int, int]] = field(default_factory=dict, init=False)
+    _rss_at: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.cfg.seed)
+        self.kinds = self.cfg.enabled_kinds(self.pg.restartable)
+        self.weights = [self.cfg.weights[k] for k in self.kinds]
+        forced = list(self.kinds) if self.cfg.force_all_kinds else []
         self.rng.shuffle(forced)
         self.forced = forced
-        self.faults: list[Fault] = []
         self.skipped: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
-        self.stopped: list[Stopped] = []
-        self.pg_down = False
-        # Processes that exited without being killed by us: (name, exit code, log tail).
-        self.unexpected_exits: list[tuple[str, int | None, str]] = []
-        self.errors: list[str] = []
-        # (monotonic time, what to do): run by tend() on the harness's thread,
-        # the one every process must be spawned from (PR_SET_PDEATHSIG).
-        self.scheduled: list[tuple[float, Callable[[], None]]] = []
-        # Resident memory of each replica slot: first sample and peak, in bytes.
-        self.rss: dict[str, tuple[int, int]] = {}
-        self._rss_at = 0.0
 
     # ------------------------------------------------------------ the loop
 
