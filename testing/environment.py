@@ -31,7 +31,10 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
+try:
+    import asyncpg
+except ImportError as exc:  # the plain install is the SDK only
+    raise ImportError("intentd.testing starts a control plane: pip install 'intentd[testing]'") from exc
 
 from intentd.client import AsyncIntentClient, Intent, IntentError, IntentState, Step, WaitTimeout
 from intentd.server.app import ControlPlane
@@ -62,32 +65,22 @@ class Run:
     """One intent run to its end: what the control plane recorded and what
     the agent really executed."""
 
+    intent_id: str
+    state: IntentState
+    # Deliveries the intent took (1 when nothing failed or died).
+    attempts: int
+    result: Any
+    error: IntentError | None
+    # The final intent, as the client reads it.
     intent: Intent
     # The recorded steps, by index, as ListIntentSteps returns them.
     steps: list[Step]
     # Every call of a step function, in order, over all attempts.
     executions: list[StepRun]
 
-    @property
-    def intent_id(self) -> str:
-        return self.intent.id
-
-    @property
-    def state(self) -> IntentState:
-        return self.intent.state
-
-    @property
-    def attempts(self) -> int:
-        """Deliveries the intent took (1 when nothing failed or died)."""
-        return self.intent.attempt
-
-    @property
-    def result(self) -> Any:
-        return self.intent.result
-
-    @property
-    def error(self) -> IntentError | None:
-        return self.intent.error
+    @classmethod
+    def of(cls, intent: Intent, steps: list[Step], executions: list[StepRun]) -> Run:
+        return cls(intent.id, intent.state, intent.attempt, intent.result, intent.error, intent, steps, executions)
 
     @property
     def recorded_steps(self) -> list[str]:
@@ -307,7 +300,7 @@ class IntentdEnvironment:
             except WaitTimeout:
                 raise TimeoutError(f"intent {intent_id} was not terminal after {timeout}s:\n{self.logs()}") from None
             steps = await client.steps(intent_id)
-        return Run(final, steps, read_steps(self.folder, intent_id))
+        return Run.of(final, steps, read_steps(self.folder, intent_id))
 
     def close(self) -> None:
         for sidecar in self._sidecars.values():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from intentd.core.errors import SettingsError
-from intentd.server.embedded import check_root_layout, make_data_dir, private_ancestors
+from intentd.server.embedded import check_major_version, check_root_layout, make_data_dir, private_ancestors
 
 
 @pytest.fixture
@@ -75,3 +75,12 @@ def test_missing_parents_are_made_traversable_whatever_the_umask(base: Path) -> 
     assert (base / "a").stat().st_mode & 0o777 == 0o755
     assert (base / "a" / "b").stat().st_mode & 0o777 == 0o755
     assert (base / "a" / "b" / "data").is_dir()
+
+
+def test_data_of_another_major_version_is_refused(base: Path) -> None:
+    (base / "PG_VERSION").write_text("16\n")
+    with pytest.raises(SettingsError, match="holds PostgreSQL 16 data and the embedded PostgreSQL is 18"):
+        check_major_version(base, "18")
+    check_major_version(base / "new", "18")
+    (base / "PG_VERSION").write_text("18\n")
+    check_major_version(base, "18")
