@@ -65,18 +65,11 @@ handlers run in a worker thread; on revocation they are abandoned, not stopped.
 Logs go to the ``intentd.agent`` logger, each line naming intent and attempt.
 """
 
-from .context import (
-    CANCELED,
-    LEASE_LOST,
-    SHUTDOWN,
-    TIMED_OUT,
-    Backoff,
-    Context,
-    StepScope,
-    SyncContext,
-    SyncStepScope,
-)
-from .errors import LeaseLost, NonRetryableError, StepDivergence, WriteError
+from intentd.core.backoff import Backoff
+
+from .attempt import CANCELED, LEASE_LOST, SHUTDOWN, TIMED_OUT
+from .context import Context, StepScope, SyncContext, SyncStepScope
+from .errors import AgentError, LeaseLost, NonRetryableError, StepDivergence, WriteError
 from .runtime import ADDRESS_ENV, Agent
 
 __all__ = [
@@ -86,6 +79,7 @@ __all__ = [
     "SHUTDOWN",
     "TIMED_OUT",
     "Agent",
+    "AgentError",
     "Backoff",
     "Context",
     "LeaseLost",

@@ -1,13 +1,23 @@
-"""Exceptions of the agent SDK."""
+"""Exceptions of the agent SDK: all under ``AgentError`` (itself under
+``intentd.core.errors.IntentdError``), except ``LeaseLost``."""
 
 from __future__ import annotations
 
 import re
 
-_CODE_RE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
+import grpc
+
+from intentd.core.errors import IntentdError
+from intentd.core.limits import MAX_FAIL_CODE_LEN
+
+_CODE_RE = re.compile(rf"^[A-Za-z0-9_.]{{1,{MAX_FAIL_CODE_LEN}}}$")
 
 
-class NonRetryableError(Exception):
+class AgentError(IntentdError):
+    """Root of the agent SDK's exceptions (``LeaseLost`` excepted: see there)."""
+
+
+class NonRetryableError(AgentError):
     """Raise from a handler to fail the intent at once, without further attempts.
 
     ``code`` is machine-readable (1-100 characters of ``[A-Za-z0-9_.]``, e.g.
@@ -17,7 +27,7 @@ class NonRetryableError(Exception):
 
     def __init__(self, code: str, message: str = "") -> None:
         if not _CODE_RE.match(code):
-            raise ValueError(f"error code {code!r} must be 1-100 characters of [A-Za-z0-9_.]")
+            raise ValueError(f"error code {code!r} must be 1-{MAX_FAIL_CODE_LEN} characters of [A-Za-z0-9_.]")
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
@@ -50,8 +60,10 @@ class LeaseLost(BaseException):
     stopping.
 
     Raised by ``ctx`` calls of such an attempt. It derives from
-    ``BaseException`` so that ``except Exception`` in a handler does not swallow
-    it; even if it is swallowed, nothing more is reported for the attempt.
+    ``BaseException``, not from ``AgentError``, on purpose: fencing must not be
+    swallowed by ``except Exception`` (or ``except IntentdError``) in a handler,
+    which would go on working for an intent another attempt now owns. Even if it
+    is swallowed, nothing more is reported for the attempt.
     """
 
     def __init__(self, reason: str, message: str = "") -> None:
@@ -60,7 +72,7 @@ class LeaseLost(BaseException):
         self.message = message
 
 
-class WriteError(Exception):
+class WriteError(AgentError):
     """The sidecar refused a write for another reason than a stale lease or a
     passing outage (for example ``INVALID_ARGUMENT``: a result over the size
     limit). Raised into the handler from the ``ctx`` call that made the write."""
@@ -68,5 +80,15 @@ class WriteError(Exception):
     def __init__(self, method: str, code: str, details: str) -> None:
         super().__init__(f"{method} refused: {code}: {details}")
         self.method = method
+        self.code = code
+        self.details = details
+
+
+class WriteRefused(AgentError):
+    """A write the sidecar answered with a status other than OK (inside the
+    SDK: the attempt engine retries it, stops, or turns it into ``WriteError``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details

@@ -10,36 +10,30 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import grpc
 
 from intentd.core.aio import run
+from intentd.core.backoff import Backoff
 from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS
+from intentd.core.limits import MAX_FAIL_MESSAGE_LEN
 from intentd.core.observability import bind_log_context, tracing
 from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import delivery_pb2, runtime_pb2
 
-from .context import (
-    LEASE_LOST,
-    SHUTDOWN,
-    Backoff,
-    Context,
-    SyncContext,
-    _BaseContext,
-    decode_json,
-    encode_json,
-)
-from .errors import LeaseLost, NonRetryableError, WriteError
-from .session import SidecarSession, WriteRefused
+from .attempt import LEASE_LOST, SHUTDOWN, Attempt, decode_json, encode_json
+from .context import Context, SyncContext
+from .errors import LeaseLost, NonRetryableError, WriteError, WriteRefused
+from .session import SidecarSession
 
 log = logging.getLogger("intentd.agent")
 
 ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
-MAX_FAIL_MESSAGE = 2000
 # The failure code of an intent whose next step would cross its history limit.
 HISTORY_LIMIT_EXCEEDED = "HISTORY_LIMIT_EXCEEDED"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
@@ -131,7 +125,7 @@ class Agent:
         self._wakeup: asyncio.Event | None = None
         self._cut_grace: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
-        self._session: SidecarSession | None = None
+        self._session: SidecarSession[Attempt] | None = None
 
     # -- registration ----------------------------------------------------------
 
@@ -164,10 +158,15 @@ class Agent:
         return sorted(self._handlers)
 
     @property
+    def handlers(self) -> Mapping[str, Callable[..., Any]]:
+        """The registered handler functions by intent type, in registration order (read-only)."""
+        return MappingProxyType({intent_type: h.fn for intent_type, h in self._handlers.items()})
+
+    @property
     def running_intents(self) -> list[str]:
         """Intent ids of the attempts currently held (started or waiting for a slot)."""
         session = self._session
-        return [ctx.intent_id for ctx in session.running.values()] if session else []
+        return [attempt.intent_id for attempt in session.running.values()] if session else []
 
     # -- running ---------------------------------------------------------------
 
@@ -282,7 +281,7 @@ class Agent:
         reconnect backoff). Raises the stream's error."""
         assert self._wakeup is not None and self._cut_grace is not None
         async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-            session = SidecarSession(channel, self.capacity)
+            session: SidecarSession[Attempt] = SidecarSession(channel, self.capacity)
             self._session = session
             reader: asyncio.Task[None] | None = None
             writer: asyncio.Task[None] | None = None
@@ -322,7 +321,7 @@ class Agent:
                 await session.close(SHUTDOWN if self._stopping else LEASE_LOST)
             return session.heard
 
-    async def _drain(self, session: SidecarSession, reader: asyncio.Task[None]) -> None:
+    async def _drain(self, session: SidecarSession[Attempt], reader: asyncio.Task[None]) -> None:
         """Graceful stop: running handlers get up to the grace period (cut short
         by the stream dropping or a second signal)."""
         assert self._cut_grace is not None
@@ -345,7 +344,7 @@ class Agent:
         finally:
             cut.cancel()
 
-    async def _read(self, session: SidecarSession) -> None:
+    async def _read(self, session: SidecarSession[Attempt]) -> None:
         while True:
             response = await session.call.read()
             if response is grpc.aio.EOF:
@@ -357,7 +356,7 @@ class Agent:
             else:
                 self._handle(session, response)
 
-    def _handle(self, session: SidecarSession, response: runtime_pb2.AttachResponse) -> None:
+    def _handle(self, session: SidecarSession[Attempt], response: runtime_pb2.AttachResponse) -> None:
         kind = response.WhichOneof("msg")
         try:
             if kind == "assignment":
@@ -375,7 +374,7 @@ class Agent:
 
     # -- assignments -----------------------------------------------------------
 
-    def _on_assignment(self, session: SidecarSession, assignment: delivery_pb2.Assignment) -> None:
+    def _on_assignment(self, session: SidecarSession[Attempt], assignment: delivery_pb2.Assignment) -> None:
         lease = assignment.lease
         if not lease.token or not lease.intent_id:
             log.error("ignoring an assignment without a lease (intent %s)", assignment.intent.id)
@@ -390,18 +389,15 @@ class Agent:
         for other in list(session.running.values()):
             if other.intent_id == lease.intent_id:
                 # The newer delivery fences the older one: stop it quietly.
-                log.warning("%s: supersedes attempt %d still running here", prefix, other.attempt)
-                if other._stop(LEASE_LOST, f"superseded by attempt {lease.attempt}"):
-                    if other._task is not None:
-                        other._task.cancel()
+                log.warning("%s: supersedes attempt %d still running here", prefix, other.number)
+                other.revoke(LEASE_LOST, f"superseded by attempt {lease.attempt}")
         if assignment.intent.to_agent and assignment.intent.to_agent != self.name:
             log.warning(
                 "%s: addressed to %s, not to this agent (%s)",
                 prefix, assignment.intent.to_agent, self.name,
             )
         handler = self._handlers.get(assignment.intent.intent_type)
-        kind = SyncContext if handler is not None and not handler.is_async else Context
-        ctx = kind(
+        attempt = Attempt(
             assignment,
             session,
             loop=asyncio.get_running_loop(),
@@ -413,62 +409,58 @@ class Agent:
                 "%s: the sidecar assigned more than the agent's capacity (%d); it waits for a slot",
                 prefix, self.capacity,
             )
-        session.running[lease.token] = ctx
-        ctx._task = asyncio.create_task(
-            self._run_attempt(session, ctx, handler), name=f"intentd-agent {prefix}"
-        )
+        session.running[lease.token] = attempt
+        attempt.start(self._run_attempt(session, attempt, handler))
 
-    def _on_revocation(self, session: SidecarSession, revocation: delivery_pb2.Revocation) -> None:
-        ctx = session.find(revocation.lease)
-        if ctx is None:
+    def _on_revocation(self, session: SidecarSession[Attempt], revocation: delivery_pb2.Revocation) -> None:
+        attempt = session.find(revocation.lease)
+        if attempt is None:
             log.debug("revocation for a lease not held here: %s", revocation.lease.intent_id)
             return
         reason = revocation.reason or LEASE_LOST
-        if ctx._stop(reason, revocation.message):
+        if attempt.revoke(reason, revocation.message):
             log.info(
                 "%s: revoked (%s%s); cancelling the handler",
-                ctx._log_prefix, reason, f": {revocation.message}" if revocation.message else "",
+                attempt.log_prefix, reason, f": {revocation.message}" if revocation.message else "",
             )
-            if ctx._task is not None:
-                ctx._task.cancel()
 
     async def _run_attempt(
-        self, session: SidecarSession, ctx: _BaseContext, handler: _Handler | None
+        self, session: SidecarSession[Attempt], attempt: Attempt, handler: _Handler | None
     ) -> None:
-        token = ctx.lease.token
+        token = attempt.lease.token
         # This task's own context: JSON log lines about the attempt carry these.
-        bind_log_context(intent_id=ctx.intent_id, attempt=ctx.attempt)
+        bind_log_context(intent_id=attempt.intent_id, attempt=attempt.number)
         try:
-            await self._run_traced(session, ctx, handler)
+            await self._run_traced(session, attempt, handler)
         except LeaseLost as exc:
-            log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, exc.reason)
+            log.info("%s: stopped (%s); nothing reported", attempt.log_prefix, exc.reason)
         except asyncio.CancelledError:
-            if not ctx.cancelled:
+            if not attempt.stopped:
                 raise
-            log.info("%s: cancelled (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
+            log.info("%s: cancelled (%s); nothing reported", attempt.log_prefix, attempt.stop_reason)
         except Exception:
             # Nothing else can end this attempt short of closing the stream; the
             # intent stays in progress until the sidecar stream closes.
-            log.exception("%s: could not report the outcome", ctx._log_prefix)
+            log.exception("%s: could not report the outcome", attempt.log_prefix)
         finally:
-            ctx._finished = True
-            if session.running.get(token) is ctx:
+            attempt.finish()
+            if session.running.get(token) is attempt:
                 del session.running[token]
 
-    async def _run_traced(self, session: SidecarSession, ctx: _BaseContext, handler: _Handler | None) -> None:
+    async def _run_traced(self, session: SidecarSession[Attempt], attempt: Attempt, handler: _Handler | None) -> None:
         """Runs and reports the attempt in a span whose parent is the trace
         context the sender's traceparent label carries (a new trace without)."""
         span = tracing.start_span(
             "intentd.handle",
             kind="consumer",
-            traceparent=ctx.labels.get(tracing.TRACEPARENT_LABEL),
-            tracestate=ctx.labels.get(tracing.TRACESTATE),
+            traceparent=attempt.labels.get(tracing.TRACEPARENT_LABEL),
+            tracestate=attempt.labels.get(tracing.TRACESTATE),
             attributes={
-                "intentd.intent_id": ctx.intent_id,
-                "intentd.intent_type": ctx.intent_type,
-                "intentd.attempt": ctx.attempt,
+                "intentd.intent_id": attempt.intent_id,
+                "intentd.intent_type": attempt.intent.intent_type,
+                "intentd.attempt": attempt.number,
                 "intentd.agent": self.name,
-                "intentd.recorded_steps": ctx.recorded_steps,
+                "intentd.recorded_steps": attempt.recorded_steps,
             },
         )
         error: BaseException | None = None
@@ -478,28 +470,28 @@ class Agent:
             # one must already be free, or the sidecar's next assignment
             # would find every slot of ours taken.
             async with session.slots:
-                if ctx.cancelled or self._stopping:
+                if attempt.stopped or self._stopping:
                     span.set_attribute("intentd.outcome", "stopped")
                     return
                 try:
-                    session.send(runtime_pb2.AttachRequest(ack=delivery_pb2.AckAssignment(lease=ctx.lease)))
+                    session.send(runtime_pb2.AttachRequest(ack=delivery_pb2.AckAssignment(lease=attempt.lease)))
                 except WriteRefused as exc:  # the stream is gone; so is the lease
-                    log.warning("%s: could not acknowledge (%s)", ctx._log_prefix, exc)
-                    ctx._stop(LEASE_LOST, "the sidecar stream closed")
+                    log.warning("%s: could not acknowledge (%s)", attempt.log_prefix, exc)
+                    attempt.stop(LEASE_LOST, "the sidecar stream closed")
                     span.set_attribute("intentd.outcome", "stopped")
                     return
                 log.info(
                     "%s: started (%d step(s) recorded by earlier attempts)",
-                    ctx._log_prefix, ctx.recorded_steps,
+                    attempt.log_prefix, attempt.recorded_steps,
                 )
-                outcome = await self._invoke(ctx, handler)
-            if ctx.cancelled:
+                outcome = await self._invoke(attempt, handler)
+            if attempt.stopped:
                 span.set_attribute("intentd.outcome", "stopped")
-                span.set_attribute("intentd.stop_reason", ctx.cancel_reason)
-                log.info("%s: stopped (%s); nothing reported", ctx._log_prefix, ctx.cancel_reason)
+                span.set_attribute("intentd.stop_reason", attempt.stop_reason)
+                log.info("%s: stopped (%s); nothing reported", attempt.log_prefix, attempt.stop_reason)
                 return
-            span.set_attribute("intentd.replayed_steps", ctx.replayed_steps)
-            span.set_attribute("intentd.steps", ctx.steps_completed)
+            span.set_attribute("intentd.replayed_steps", attempt.replayed_steps)
+            span.set_attribute("intentd.steps", attempt.steps_completed)
             if outcome.result is not None:
                 span.set_attribute("intentd.outcome", "completed")
             else:
@@ -507,7 +499,7 @@ class Agent:
                 span.set_attribute("intentd.error_code", outcome.code)
                 span.set_attribute("intentd.retryable", outcome.retryable)
                 span.set_error(f"{outcome.code}: {outcome.message}")
-            await self._report(ctx, outcome)
+            await self._report(attempt, outcome)
         except LeaseLost as exc:
             # Fenced off (another attempt owns the intent): expected, not an error.
             span.set_attribute("intentd.outcome", "stopped")
@@ -519,95 +511,82 @@ class Agent:
         finally:
             span.end(error)
 
-    async def _invoke(self, ctx: _BaseContext, handler: _Handler | None) -> _Outcome:
+    async def _invoke(self, attempt: Attempt, handler: _Handler | None) -> _Outcome:
         """Runs the handler; turns what it returned or raised into an outcome.
         LeaseLost and our own cancellation propagate."""
         try:
             try:
-                ctx.payload = decode_json(ctx.intent.payload)
+                attempt.payload = decode_json(attempt.intent.payload)
             except ValueError as exc:
                 raise NonRetryableError("INVALID_PAYLOAD", f"payload is not JSON: {exc}") from exc
             if handler is None:
                 return _Outcome(
                     code="NO_HANDLER",
-                    message=f"agent {self.name} has no handler for {ctx.intent_type!r} "
+                    message=f"agent {self.name} has no handler for {attempt.intent.intent_type!r} "
                     f"(it handles {', '.join(self.intent_types)})",
                     retryable=True,
                 )
             if handler.is_async:
-                result = await handler.fn(ctx, ctx.payload)
+                result = await handler.fn(Context(attempt), attempt.payload)
             else:
-                result = await _in_thread(handler.fn, ctx, ctx.payload)
+                result = await _in_thread(handler.fn, SyncContext(attempt), attempt.payload)
             if inspect.isawaitable(result):
                 result = await result
-            if ctx._divergence is not None:
-                raise ctx._divergence
-            if ctx.recorded_steps > ctx.replayed_steps:
+            if attempt.divergence is not None:
+                raise attempt.divergence
+            if attempt.recorded_steps > attempt.replayed_steps:
                 log.warning(
                     "%s: finished after replaying %d of %d recorded steps; "
                     "steps should be deterministic in name and order",
-                    ctx._log_prefix, ctx.replayed_steps, ctx.recorded_steps,
+                    attempt.log_prefix, attempt.replayed_steps, attempt.recorded_steps,
                 )
-            data = encode_json(result, f"the result of the {ctx.intent_type} handler")
-            log.info("%s: completed", ctx._log_prefix)
+            data = encode_json(result, f"the result of the {attempt.intent.intent_type} handler")
+            log.info("%s: completed", attempt.log_prefix)
             return _Outcome(result=data)
         except LeaseLost:
             raise
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if ctx.cancelled or (task is not None and task.cancelling()):
+            if attempt.stopped or (task is not None and task.cancelling()):
                 raise  # cancelled by the agent (or the event loop is shutting down)
             log.warning("%s: the handler was cancelled from within; failing the attempt",
-                        ctx._log_prefix)
+                        attempt.log_prefix)
             return _Outcome(code="AGENT_ERROR", message="the handler was cancelled", retryable=True)
         except NonRetryableError as exc:
-            div = ctx._divergence or exc
-            log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, div)
-            return _Outcome(code=div.code, message=div.message[:MAX_FAIL_MESSAGE], retryable=False)
+            div = attempt.divergence or exc
+            log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, div)
+            return _Outcome(code=div.code, message=div.message[:MAX_FAIL_MESSAGE_LEN], retryable=False)
         except Exception as exc:
-            if ctx._divergence is not None:
-                div = ctx._divergence
-                log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, div)
+            if attempt.divergence is not None:
+                div = attempt.divergence
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, div)
                 return _Outcome(code=div.code, message=div.message, retryable=False)
             if isinstance(exc, WriteError) and exc.method == "RecordStep" and exc.code == "RESOURCE_EXHAUSTED":
                 # The intent's history limit: a history only grows, so every
                 # later attempt would replay to this step and be refused again.
-                log.warning("%s: failed (non-retryable): %s", ctx._log_prefix, exc)
-                return _Outcome(code=HISTORY_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE], retryable=False)
-            log.warning("%s: handler raised; failing the attempt (retryable)", ctx._log_prefix,
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
+                return _Outcome(code=HISTORY_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
+            log.warning("%s: handler raised; failing the attempt (retryable)", attempt.log_prefix,
                         exc_info=exc)
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return _Outcome(code="AGENT_ERROR", message=text[:MAX_FAIL_MESSAGE], retryable=True)
+            return _Outcome(code="AGENT_ERROR", message=text[:MAX_FAIL_MESSAGE_LEN], retryable=True)
 
-    async def _report(self, ctx: _BaseContext, outcome: _Outcome) -> None:
+    async def _report(self, attempt: Attempt, outcome: _Outcome) -> None:
         if outcome.result is not None:
             try:
-                await ctx._write(
-                    delivery_pb2.IntentWrite(
-                        lease=ctx.lease, complete=delivery_pb2.CompleteWrite(result=outcome.result)
-                    ),
-                    "the result",
-                )
+                await attempt.complete(outcome.result)
                 return
             except WriteError as exc:
                 # E.g. a result over the size limit: fail the attempt rather than
                 # leave the intent in progress with nobody working on it.
-                log.warning("%s: %s", ctx._log_prefix, exc)
+                log.warning("%s: %s", attempt.log_prefix, exc)
                 outcome = _Outcome(
-                    code="AGENT_ERROR", message=str(exc)[:MAX_FAIL_MESSAGE], retryable=True
+                    code="AGENT_ERROR", message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=True
                 )
-        await ctx._write(
-            delivery_pb2.IntentWrite(
-                lease=ctx.lease,
-                fail=delivery_pb2.FailWrite(
-                    code=outcome.code, message=outcome.message, retryable=outcome.retryable
-                ),
-            ),
-            "the failure",
-        )
+        await attempt.fail(outcome.code, outcome.message, outcome.retryable)
 
 
-async def _in_thread(fn: Callable[..., Any], ctx: _BaseContext, payload: Any) -> Any:
+async def _in_thread(fn: Callable[..., Any], ctx: SyncContext, payload: Any) -> Any:
     """Runs a ``def`` handler in a thread of its own (not a pool: a revoked
     handler cannot be interrupted and must not hold up the next one)."""
     loop = asyncio.get_running_loop()

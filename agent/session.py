@@ -14,22 +14,20 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
+from intentd.core.codes import OK, status_of
 from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
-if TYPE_CHECKING:
-    from .context import _BaseContext
+from .errors import WriteRefused
 
 log = logging.getLogger("intentd.agent")
 
 # How long closing a session waits for cancelled handlers to unwind.
 UNWIND_SECONDS = 5.0
-
-_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 
 # The unary call of each write, for sidecars that take no writes on the stream.
 _UNARY: dict[str, tuple[str, Callable[[delivery_pb2.IntentWrite], Any]]] = {
@@ -47,16 +45,24 @@ def method_of(write: delivery_pb2.IntentWrite) -> str:
     return _UNARY[write.WhichOneof("op") or "step"][0]
 
 
-class WriteRefused(Exception):
-    """A write the sidecar answered with a status other than OK."""
+class Running(Protocol):
+    """What a session needs of the attempts started on it (``attempt.Attempt``;
+    named here as a protocol so that the session does not import the engine
+    that writes through it)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
+    @property
+    def intent_id(self) -> str: ...
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+    def revoke(self, reason: str, message: str = "") -> bool: ...
 
 
-class SidecarSession:
+A = TypeVar("A", bound=Running)
+
+
+class SidecarSession(Generic[A]):
     """One Attach stream and the attempts started on it."""
 
     def __init__(self, channel: grpc.aio.Channel, capacity: int) -> None:
@@ -65,7 +71,7 @@ class SidecarSession:
         )
         self.call: Any = self.stub.Attach()
         self.slots = asyncio.Semaphore(capacity)
-        self.running: dict[str, _BaseContext] = {}  # by lease token
+        self.running: dict[str, A] = {}  # by lease token
         self.heard = False
         # Set by the sidecar's welcome.
         self.stream_writes = False
@@ -109,9 +115,8 @@ class SidecarSession:
                                    f"no answer from the sidecar within {timeout}s") from None
         finally:
             self._pending.pop(request_id, None)
-        if result.code != grpc.StatusCode.OK.value[0]:
-            raise WriteRefused(_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
-                               result.message or "refused by the control plane")
+        if result.code != OK:
+            raise WriteRefused(status_of(result.code), result.message or "refused by the control plane")
         return result
 
     async def _unary(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
@@ -149,25 +154,24 @@ class SidecarSession:
 
     # -- attempts --------------------------------------------------------------
 
-    def find(self, lease: delivery_pb2.Lease) -> _BaseContext | None:
+    def find(self, lease: delivery_pb2.Lease) -> A | None:
         if lease.token:
             return self.running.get(lease.token)
-        for ctx in self.running.values():
-            if ctx.intent_id == lease.intent_id:
-                return ctx
+        for attempt in self.running.values():
+            if attempt.intent_id == lease.intent_id:
+                return attempt
         return None
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [ctx._task for ctx in self.running.values() if ctx._task is not None]
+        return [attempt.task for attempt in self.running.values() if attempt.task is not None]
 
     async def close(self, reason: str) -> None:
         """Stops every attempt of the session (``reason``: why, as the
         attempts see it): their leases go with the stream. Writes still
         waiting are answered UNAVAILABLE; the stopped attempts do not retry them."""
         self._closed = True
-        for ctx in list(self.running.values()):
-            if ctx._stop(reason, "the sidecar stream closed") and ctx._task is not None:
-                ctx._task.cancel()
+        for attempt in list(self.running.values()):
+            attempt.revoke(reason, "the sidecar stream closed")
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(WriteRefused(grpc.StatusCode.UNAVAILABLE, "the sidecar stream closed"))

@@ -2,26 +2,30 @@
 
     from intentd.client import IntentClient
 
-    with IntentClient("127.0.0.1:7300", sender="billing") as client:
-        intent_id = client.send_intent(
+    with IntentClient.from_env() as client:  # INTENTD_TARGET, INTENTD_API_KEY[_FILE], INTENTD_TLS_*
+        handle = client.start(
             intent_type="intent.pipeline.process.v1",
             to_agent="agent://acme/prod/processor",
             payload={"order": 42},
         )
-        intent = client.wait_for(intent_id, timeout=60, raise_on_failure=True)
-        print(intent.result)
+        print(handle.result(timeout=60))
 
 ``AsyncIntentClient`` has the same methods as coroutines (``watch`` and
-``iter_intents`` as async iterators).
+``iter_intents`` as async iterators), and ``start`` gives an
+``AsyncIntentHandle``. Every error the client raises is a ``ClientError``
+(under intentd's root ``IntentdError``) carrying its gRPC status as ``code``.
 """
 
 from intentd.core.states import IntentState
 
-from ._async import AsyncIntentClient
-from ._sync import IntentClient
+from ._async import AsyncIntentClient, AsyncIntentHandle
+from ._common import ListQuery
+from ._sync import IntentClient, IntentHandle
+from .config import ClientSettings
 from .errors import (
     AlreadyExists,
     Cancelled,
+    ClientError,
     DeadlineExceeded,
     FailedPrecondition,
     IntentCanceled,
@@ -39,12 +43,15 @@ from .errors import (
     WaitTimeout,
     from_rpc_error,
 )
-from .models import Event, Intent, IntentError, Page, Step, build_spec
+from .models import Event, Intent, IntentError, IntentFields, IntentType, Page, Step, build_spec
 
 __all__ = [
     "AlreadyExists",
     "AsyncIntentClient",
+    "AsyncIntentHandle",
     "Cancelled",
+    "ClientError",
+    "ClientSettings",
     "DeadlineExceeded",
     "Event",
     "FailedPrecondition",
@@ -53,12 +60,16 @@ __all__ = [
     "IntentClient",
     "IntentError",
     "IntentFailed",
+    "IntentFields",
+    "IntentHandle",
     "IntentNotCompleted",
     "IntentState",
     "IntentTimedOut",
+    "IntentType",
     "IntentdError",
     "Internal",
     "InvalidArgument",
+    "ListQuery",
     "NotFound",
     "Page",
     "PermissionDenied",

@@ -1,26 +1,29 @@
-"""The asyncio client."""
+"""The asyncio client: the one implementation of the client's calls (the
+blocking client runs it on a private event loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 import grpc.aio
 
+from intentd.generated.v1 import admin_service_pb2 as admin_pb
+from intentd.generated.v1 import admin_service_pb2_grpc as admin_grpc
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
 from ._common import (
-    DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     CallTimeout,
-    ChannelOptions,
+    ClientBase,
+    HandleBase,
+    ListQuery,
     Settings,
-    StateFilter,
     WaitLoop,
     WatchCursor,
     batch_request,
@@ -32,58 +35,71 @@ from .errors import Unavailable
 from .models import (
     Event,
     Intent,
+    IntentFields,
     IntentInput,
+    IntentType,
     Page,
     Step,
     intent_from_proto,
+    intent_type_from_proto,
     page_from_proto,
     step_from_proto,
 )
 
 
-class AsyncIntentClient:
-    """An asyncio client of the IntentService; the same API as IntentClient
-    with coroutines and async iterators.
+class AsyncIntentHandle(HandleBase["AsyncIntentClient"]):
+    """One intent, as ``AsyncIntentClient.start`` or ``.handle`` gives it."""
 
-    The channel is opened on first use, so the client may be built outside the
-    event loop that will use it.
+    async def get(self) -> Intent:
+        return await self.client.get(self.id)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Waits until the intent is terminal and returns its result. Raises
+        IntentFailed / IntentCanceled / IntentTimedOut for those outcomes and
+        WaitTimeout when ``timeout`` seconds pass first."""
+        return (await self.client.wait_for(self.id, timeout, raise_on_failure=True)).result
+
+    async def wait(self, timeout: float | None = None, *, raise_on_failure: bool = False) -> Intent:
+        return await self.client.wait_for(self.id, timeout, raise_on_failure=raise_on_failure)
+
+    def watch(self, after_seq: int = 0) -> AsyncIterator[Event]:
+        return self.client.watch(self.id, after_seq)
+
+    async def cancel(self, reason: str = "") -> Intent:
+        return await self.client.cancel(self.id, reason)
+
+    async def retry(self, extra_attempts: int = 0) -> Intent:
+        return await self.client.retry(self.id, extra_attempts)
+
+    async def steps(self) -> builtins.list[Step]:
+        return await self.client.steps(self.id)
+
+
+class AsyncIntentClient(ClientBase):
+    """An asyncio client of the IntentService (and the AdminService's intent
+    types); the same API as IntentClient with coroutines and async iterators.
+
+    Unary calls are retried on UNAVAILABLE with exponential backoff; every
+    other failure is raised as the matching ``ClientError``. The channel is
+    opened on first use, so the client may be built outside the event loop
+    that will use it.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        sender: str | None = None,
-        max_retries: int = 8,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 3.0,
-        timeout: float | None = 30.0,
-        channel_options: ChannelOptions | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self._settings = Settings.make(
-            target,
-            sender=sender,
-            max_retries=max_retries,
-            initial_backoff=initial_backoff,
-            max_backoff=max_backoff,
-            timeout=timeout,
-            channel_options=channel_options,
-            credentials=credentials,
-            metadata=metadata,
-        )
+    def _open(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._stub_instance: Any = None
+        self._admin_instance: Any = None
         self._closed = False
 
-    @property
-    def target(self) -> str:
-        return self._settings.target
+    @classmethod
+    def _from_settings(cls, settings: Settings) -> AsyncIntentClient:
+        client = cls.__new__(cls)
+        client._settings = settings
+        client._open()
+        return client
 
-    @property
-    def _stub(self) -> Any:
-        if self._stub_instance is None:
+    def _connect(self) -> grpc.aio.Channel:
+        if self._channel is None:
             if self._closed:
                 raise RuntimeError("the client is closed")
             s = self._settings
@@ -92,13 +108,25 @@ class AsyncIntentClient:
                 self._channel = grpc.aio.insecure_channel(s.target, options=options)
             else:
                 self._channel = grpc.aio.secure_channel(s.target, s.credentials, options=options)
-            self._stub_instance = pb_grpc.IntentServiceStub(self._channel)
+        return self._channel
+
+    @property
+    def _stub(self) -> Any:
+        if self._stub_instance is None:
+            self._stub_instance = pb_grpc.IntentServiceStub(self._connect())
         return self._stub_instance
+
+    @property
+    def _admin(self) -> Any:
+        if self._admin_instance is None:
+            self._admin_instance = admin_grpc.AdminServiceStub(self._connect())
+        return self._admin_instance
 
     async def close(self, grace: float | None = None) -> None:
         """Closes the channel; calls in flight are cancelled after ``grace``."""
         self._closed = True
-        channel, self._channel, self._stub_instance = self._channel, None, None
+        channel, self._channel = self._channel, None
+        self._stub_instance = self._admin_instance = None
         if channel is not None:
             await channel.close(grace)
 
@@ -133,15 +161,26 @@ class AsyncIntentClient:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def send_intent(self, intent: IntentInput | None = None, **kw: Any) -> str:
-        """Sends one intent and returns its id. Takes what ``build_spec`` takes."""
-        sent, _ = await self.send(intent, **kw)
+    async def send_intent(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> str:
+        """Sends one intent and returns its id: ``intent`` is a dict of the
+        keyword names (or an IntentSpec), and keywords given override it."""
+        sent, _ = await self.send(intent, **fields)
         return sent.id
 
-    async def send(self, intent: IntentInput | None = None, **kw: Any) -> tuple[Intent, bool]:
+    async def start(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> AsyncIntentHandle:
+        """Sends one intent and returns its handle (``result()``, ``watch()``,
+        ``cancel()`` ...); takes what ``send_intent`` takes."""
+        sent, created = await self.send(intent, **fields)
+        return AsyncIntentHandle(self, sent.id, created=created)
+
+    def handle(self, intent_id: str) -> AsyncIntentHandle:
+        """The handle of an intent sent before (no call is made)."""
+        return AsyncIntentHandle(self, intent_id)
+
+    async def send(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> tuple[Intent, bool]:
         """Sends one intent; returns it and whether this call created it (False
         when an earlier send with the same idempotency key was matched)."""
-        request = send_request(intent, kw, self._settings.sender)
+        request = send_request(intent, fields, self._settings.sender)
         span = send_span(request)
         try:
             resp: pb.SendIntentResponse = await self._call(
@@ -232,47 +271,15 @@ class AsyncIntentClient:
         )
         return intent_from_proto(resp.intent)
 
-    async def list(
-        self,
-        *,
-        states: StateFilter = None,
-        intent_type: str | None = None,
-        to_agent: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-    ) -> Page:
+    async def list(self, **query: Unpack[ListQuery]) -> Page:
         """One page of intents, newest first."""
-        request = list_request(
-            states=states,
-            intent_type=intent_type,
-            to_agent=to_agent,
-            labels=labels,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = list_request(**query)
         resp: pb.ListIntentsResponse = await self._call(self._stub.ListIntents, request)
         return page_from_proto(resp)
 
-    async def iter_intents(
-        self,
-        *,
-        states: StateFilter = None,
-        intent_type: str | None = None,
-        to_agent: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-    ) -> AsyncIterator[Intent]:
+    async def iter_intents(self, **query: Unpack[ListQuery]) -> AsyncIterator[Intent]:
         """Every matching intent, newest first, following the pages."""
-        request = list_request(
-            states=states,
-            intent_type=intent_type,
-            to_agent=to_agent,
-            labels=labels,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = list_request(**query)
         while True:
             resp: pb.ListIntentsResponse = await self._call(self._stub.ListIntents, request)
             page = page_from_proto(resp)
@@ -301,3 +308,25 @@ class AsyncIntentClient:
             if not resp.next_page_token:
                 return steps
             request.page_token = resp.next_page_token
+
+    # ------------------------------------------------------------ AdminService (role admin)
+
+    async def put_intent_type(self, settings: IntentType) -> IntentType:
+        """Creates or replaces an intent type's delivery settings; returns them
+        as stored."""
+        resp: admin_pb.PutIntentTypeResponse = await self._call(
+            self._admin.PutIntentType, admin_pb.PutIntentTypeRequest(intent_type=settings.to_proto())
+        )
+        return intent_type_from_proto(resp.intent_type)
+
+    async def get_intent_type(self, intent_type: str) -> IntentType:
+        resp: admin_pb.GetIntentTypeResponse = await self._call(
+            self._admin.GetIntentType, admin_pb.GetIntentTypeRequest(intent_type=intent_type)
+        )
+        return intent_type_from_proto(resp.intent_type)
+
+    async def list_intent_types(self) -> builtins.list[IntentType]:
+        resp: admin_pb.ListIntentTypesResponse = await self._call(
+            self._admin.ListIntentTypes, admin_pb.ListIntentTypesRequest()
+        )
+        return [intent_type_from_proto(t) for t in resp.intent_types]

@@ -1,22 +1,26 @@
-"""What the sync and async clients share: settings, retry policy, request
-building and the bookkeeping of the wait and watch loops. Nothing here does
-I/O; each client only adds the calls and the sleeping."""
+"""What both clients share: the constructor and its settings, the retry
+policy, request building and the bookkeeping of the wait and watch loops.
+Nothing here does I/O: the asyncio client does it, and the blocking client
+runs the asyncio client on a private event loop."""
 
 from __future__ import annotations
 
 import enum
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack
 
 import grpc
 
+from intentd.core.backoff import Backoff
+from intentd.core.config import load_settings
+from intentd.core.errors import SettingsError
 from intentd.core.observability import tracing
 from intentd.core.states import IntentState
 from intentd.generated.v1 import intent_service_pb2 as pb
 
+from .config import DEFAULT_TARGET, ClientSettings, StrPath, bearer_metadata, tls_credentials
 from .errors import (
     IntentCanceled,
     IntentFailed,
@@ -30,13 +34,13 @@ from .errors import (
 from .models import (
     Event,
     Intent,
+    IntentFields,
     IntentInput,
     build_spec,
     event_from_proto,
     intent_from_proto,
 )
 
-DEFAULT_TARGET = "127.0.0.1:7300"
 # Each WaitIntent call is kept short enough that proxies and load balancers
 # with idle timeouts do not cut it; wait_for chains as many as it needs.
 WAIT_SLICE_SECONDS = 20.0
@@ -57,17 +61,30 @@ CallTimeout = float | None | Literal[_Default.TIMEOUT]
 StateFilter = Iterable[IntentState | str] | IntentState | str | None
 
 
-def backoff_delay(
-    attempt: int,
-    initial: float,
-    maximum: float,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Delay before retry number ``attempt`` (0-based): exponential, capped at
-    ``maximum``, with "equal jitter" -- uniformly in [cap/2, cap] -- so clients
-    that failed together do not retry in lockstep, yet never retry at once."""
-    cap = min(maximum, initial * 2.0 ** min(attempt, 62))
-    return cap / 2 + rand() * cap / 2
+class ListQuery(TypedDict, total=False):
+    """The filters of ``list`` and ``iter_intents``."""
+
+    # IntentState members or names ("FAILED", "failed", "INTENT_STATE_FAILED").
+    states: StateFilter
+    intent_type: str | None
+    to_agent: str | None
+    # Every label given must match.
+    labels: Mapping[str, str] | None
+    # 0: the server's default.
+    page_size: int
+    page_token: str
+
+
+class ClientOptions(TypedDict, total=False):
+    """The constructor's arguments that ``from_env`` does not read."""
+
+    sender: str | None
+    max_retries: int
+    initial_backoff: float
+    max_backoff: float
+    timeout: float | None
+    channel_options: ChannelOptions | None
+    metadata: Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,7 @@ class RetryPolicy:
     max_retries: int = 8
     initial_backoff: float = 0.1
     max_backoff: float = 3.0
+    _backoff: Backoff = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -83,9 +101,10 @@ class RetryPolicy:
             raise ValueError("initial_backoff must be positive")
         if self.max_backoff < self.initial_backoff:
             raise ValueError("max_backoff must be at least initial_backoff")
+        object.__setattr__(self, "_backoff", Backoff(self.initial_backoff, self.max_backoff))
 
     def delay(self, attempt: int) -> float:
-        return backoff_delay(attempt, self.initial_backoff, self.max_backoff)
+        return self._backoff.delay(attempt)
 
     def after_failure(self, err: grpc.RpcError, attempt: int) -> float:
         """The delay before retrying a call that failed with ``err`` after
@@ -126,10 +145,19 @@ class Settings:
         channel_options: ChannelOptions | None,
         credentials: grpc.ChannelCredentials | None,
         metadata: Sequence[tuple[str, str]],
+        api_key: str | None = None,
+        tls_ca_file: StrPath | None = None,
+        tls_cert_file: StrPath | None = None,
+        tls_key_file: StrPath | None = None,
     ) -> Settings:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive or None")
         retry = RetryPolicy(max_retries, initial_backoff, max_backoff)
+        tls = tls_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        if tls is not None:
+            if credentials is not None:
+                raise SettingsError("give credentials or tls_* files, not both")
+            credentials = tls
         return cls(
             target=target,
             sender=sender or None,
@@ -137,7 +165,7 @@ class Settings:
             timeout=timeout,
             channel_options=merge_channel_options(retry, channel_options),
             credentials=credentials,
-            metadata=tuple(metadata),
+            metadata=(*metadata, *bearer_metadata(api_key)),
         )
 
     def call_timeout(self, timeout: CallTimeout) -> float | None:
@@ -152,6 +180,86 @@ class Settings:
         control plane keeps it with the intent, so the agent's spans join the
         sender's trace); the same as ``call_metadata`` outside a span."""
         return tracing.inject(self.metadata) or None
+
+
+C = TypeVar("C")
+
+
+class HandleBase(Generic[C]):
+    """What both intent handles hold: their client and the intent's id."""
+
+    def __init__(self, client: C, intent_id: str, *, created: bool | None = None) -> None:
+        self.client = client
+        self.id = intent_id
+        # Whether the start created the intent (False: an earlier send with the
+        # same idempotency key was matched); None for a handle made from an id.
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r})"
+
+
+class ClientBase:
+    """The constructor both clients share; each sets up its I/O in ``_open``."""
+
+    _settings: Settings
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        sender: str | None = None,
+        max_retries: int = 8,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 3.0,
+        timeout: float | None = 30.0,
+        channel_options: ChannelOptions | None = None,
+        api_key: str | None = None,
+        tls_ca_file: StrPath | None = None,
+        tls_cert_file: StrPath | None = None,
+        tls_key_file: StrPath | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """``api_key`` is sent as ``authorization: Bearer <key>``; the
+        ``tls_*`` files (PEM) turn TLS on (``credentials`` for any other
+        channel credentials). ``timeout`` is each call's deadline in seconds;
+        calls failing with UNAVAILABLE are retried ``max_retries`` times,
+        with jittered exponential backoff from ``initial_backoff`` to
+        ``max_backoff`` seconds. ``sender`` scopes idempotency keys."""
+        self._settings = Settings.make(
+            target,
+            sender=sender,
+            max_retries=max_retries,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            timeout=timeout,
+            channel_options=channel_options,
+            credentials=credentials,
+            metadata=metadata,
+            api_key=api_key,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+        )
+        self._open()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Unpack[ClientOptions]) -> Self:
+        """A client configured by ``INTENTD_TARGET``, ``INTENTD_API_KEY`` or
+        ``INTENTD_API_KEY_FILE``, and ``INTENTD_TLS_CA_FILE`` /
+        ``INTENTD_TLS_CERT_FILE`` / ``INTENTD_TLS_KEY_FILE`` (from
+        ``os.environ`` unless ``environ`` is given). A bad value raises
+        ``SettingsError`` naming the variable."""
+        env = load_settings(ClientSettings, environ)
+        return cls(env.target, api_key=env.bearer_key(), credentials=env.credentials(), **options)
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def target(self) -> str:
+        return self._settings.target
 
 
 def send_span(request: pb.SendIntentRequest | pb.SendIntentsRequest) -> tracing.SpanHandle:
@@ -181,18 +289,14 @@ def merge_channel_options(
     return tuple(options.items())
 
 
-def _checked_spec(
-    item: IntentInput | None, kw: Mapping[str, Any], sender: str | None
-) -> pb.IntentSpec:
+def _checked_spec(item: IntentInput | None, kw: IntentFields, sender: str | None) -> pb.IntentSpec:
     spec = build_spec(item, **kw)
     if not spec.sender and sender:
         spec.sender = sender
     return spec
 
 
-def send_request(
-    intent: IntentInput | None, kw: Mapping[str, Any], sender: str | None
-) -> pb.SendIntentRequest:
+def send_request(intent: IntentInput | None, kw: IntentFields, sender: str | None) -> pb.SendIntentRequest:
     try:
         spec = _checked_spec(intent, kw, sender)
     except InvalidArgument as exc:
@@ -233,22 +337,14 @@ def state_values(states: StateFilter) -> list[int]:
     return values
 
 
-def list_request(
-    *,
-    states: StateFilter,
-    intent_type: str | None,
-    to_agent: str | None,
-    labels: Mapping[str, str] | None,
-    page_size: int,
-    page_token: str,
-) -> pb.ListIntentsRequest:
+def list_request(**query: Unpack[ListQuery]) -> pb.ListIntentsRequest:
     return pb.ListIntentsRequest(
-        states=state_values(states),  # type: ignore[arg-type]
-        intent_type=intent_type or "",
-        to_agent=to_agent or "",
-        labels=dict(labels or {}),
-        page_size=page_size,
-        page_token=page_token,
+        states=state_values(query.get("states")),  # type: ignore[arg-type]
+        intent_type=query.get("intent_type") or "",
+        to_agent=query.get("to_agent") or "",
+        labels=dict(query.get("labels") or {}),
+        page_size=query.get("page_size", 0),
+        page_token=query.get("page_token", ""),
     )
 
 

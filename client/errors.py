@@ -1,9 +1,10 @@
 """Typed errors of the client SDK.
 
-Every gRPC failure reaches the caller as an ``IntentdError`` subclass chosen by
+Every gRPC failure reaches the caller as a ``ClientError`` subclass chosen by
 its status code, so callers can write ``except NotFound`` instead of comparing
 ``err.code()``. The original ``grpc.RpcError`` stays available as
-``__cause__``.
+``__cause__``. ``ClientError`` sits under intentd's one root,
+``intentd.core.errors.IntentdError``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from intentd.core.errors import IntentdError
+
 if TYPE_CHECKING:
     from .models import Intent
 
 
-class IntentdError(Exception):
-    """Base of every error the client raises on purpose."""
+class ClientError(IntentdError):
+    """Root of every error the client raises on purpose; ``code`` is the
+    gRPC status the call ended with (or the one closest in meaning)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
@@ -30,49 +34,49 @@ class IntentdError(Exception):
         super().__init__(f"{self.code.name}: {details}" if details else self.code.name)
 
 
-class InvalidArgument(IntentdError, ValueError):
+class InvalidArgument(ClientError, ValueError):
     """Also a ValueError: client-side checks raise it before any call is made."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class NotFound(IntentdError):
+class NotFound(ClientError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class AlreadyExists(IntentdError):
+class AlreadyExists(ClientError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class FailedPrecondition(IntentdError):
+class FailedPrecondition(ClientError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class ResourceExhausted(IntentdError):
+class ResourceExhausted(ClientError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(IntentdError):
+class Unavailable(ClientError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(IntentdError):
+class DeadlineExceeded(ClientError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class PermissionDenied(IntentdError):
+class PermissionDenied(ClientError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class Unauthenticated(IntentdError):
+class Unauthenticated(ClientError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-class Internal(IntentdError):
+class Internal(ClientError):
     code = grpc.StatusCode.INTERNAL
 
 
-class Cancelled(IntentdError):
+class Cancelled(ClientError):
     code = grpc.StatusCode.CANCELLED
 
 
@@ -85,7 +89,7 @@ class WaitTimeout(DeadlineExceeded):
         self.intent = intent
 
 
-class IntentNotCompleted(IntentdError):
+class IntentNotCompleted(ClientError):
     """The intent reached a terminal state other than COMPLETED.
 
     Raised by ``wait_for(raise_on_failure=True)``; ``intent`` is the final
@@ -119,7 +123,7 @@ def _outcome_details(intent: Intent) -> str:
     return text
 
 
-_BY_CODE: dict[grpc.StatusCode, type[IntentdError]] = {
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument,
@@ -148,19 +152,20 @@ def rpc_code(err: Any) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def from_rpc_error(err: grpc.RpcError) -> IntentdError:
+def from_rpc_error(err: grpc.RpcError) -> ClientError:
     code = rpc_code(err)
     details_fn = getattr(err, "details", None)
     details = (details_fn() if callable(details_fn) else None) or ""
     cls = _BY_CODE.get(code)
     if cls is None:
-        return IntentdError(details, code)
+        return ClientError(details, code)
     return cls(details)
 
 
 __all__ = [
     "AlreadyExists",
     "Cancelled",
+    "ClientError",
     "DeadlineExceeded",
     "FailedPrecondition",
     "IntentCanceled",

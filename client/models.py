@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from google.protobuf.message import Message
 
 from intentd.core.errors import ValidationError
 from intentd.core.states import IntentState
 from intentd.core.validation import check_agent_address, check_idempotency_key, check_intent_type, check_labels
-from intentd.generated.v1 import intent_pb2
+from intentd.generated.v1 import admin_service_pb2, intent_pb2
 from intentd.generated.v1 import intent_service_pb2 as pb
 
 from .errors import InvalidArgument
@@ -26,18 +26,28 @@ from .errors import InvalidArgument
 Deadline = datetime | timedelta | None
 IntentInput = Mapping[str, Any] | pb.IntentSpec
 
-_SPEC_FIELDS = frozenset(
-    {
-        "intent_type",
-        "to_agent",
-        "payload",
-        "idempotency_key",
-        "deadline",
-        "labels",
-        "max_attempts",
-        "sender",
-    }
-)
+
+class IntentFields(TypedDict, total=False):
+    """The keyword parameters of ``send_intent``, ``send``, ``start`` and
+    ``build_spec``, and the keys of the dict form. None (and max_attempts 0)
+    means "not given"."""
+
+    intent_type: str
+    to_agent: str
+    # Anything JSON-serialisable, or bytes already holding JSON.
+    payload: Any
+    # Made up when not given, so the client's own retries never send twice.
+    idempotency_key: str | None
+    # Absolute (naive means UTC) or from now.
+    deadline: Deadline
+    labels: Mapping[str, str] | None
+    # 0: the intent type's setting (3 by default).
+    max_attempts: int
+    # Scopes idempotency keys; defaults to the client's sender.
+    sender: str | None
+
+
+_SPEC_FIELDS = IntentFields.__optional_keys__
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +118,38 @@ class Step:
     result: Any
     attempt: int
     record_time: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntentType:
+    """Delivery settings of one intent type (AdminService). A 0 means the
+    server's default: 3 attempts, a 10 s heartbeat timeout, no deadline, and
+    a backoff ceiling of 60 s."""
+
+    intent_type: str
+    max_attempts: int = 0
+    heartbeat_timeout_ms: int = 0
+    # Redelivery after a failed attempt waits retry_backoff_ms * 2**(attempt-1),
+    # capped at retry_backoff_max_ms; 0 redelivers at once.
+    retry_backoff_ms: int = 100
+    retry_backoff_max_ms: int = 0
+    # Deadline of intents of this type sent without one.
+    default_deadline_ms: int = 0
+    # Set by the server.
+    update_time: datetime | None = None
+    proto: admin_service_pb2.IntentType = field(
+        default_factory=admin_service_pb2.IntentType, compare=False, repr=False
+    )
+
+    def to_proto(self) -> admin_service_pb2.IntentType:
+        return admin_service_pb2.IntentType(
+            intent_type=self.intent_type,
+            max_attempts=self.max_attempts,
+            heartbeat_timeout_ms=self.heartbeat_timeout_ms,
+            retry_backoff_ms=self.retry_backoff_ms,
+            retry_backoff_max_ms=self.retry_backoff_max_ms,
+            default_deadline_ms=self.default_deadline_ms,
+        )
 
 
 @dataclass(frozen=True)
@@ -216,6 +258,19 @@ def step_from_proto(msg: intent_pb2.StepRecord) -> Step:
     )
 
 
+def intent_type_from_proto(msg: admin_service_pb2.IntentType) -> IntentType:
+    return IntentType(
+        intent_type=msg.intent_type,
+        max_attempts=msg.max_attempts,
+        heartbeat_timeout_ms=msg.heartbeat_timeout_ms,
+        retry_backoff_ms=msg.retry_backoff_ms,
+        retry_backoff_max_ms=msg.retry_backoff_max_ms,
+        default_deadline_ms=msg.default_deadline_ms,
+        update_time=_time(msg, "update_time"),
+        proto=msg,
+    )
+
+
 def page_from_proto(msg: pb.ListIntentsResponse) -> Page:
     return Page(
         intents=[intent_from_proto(i) for i in msg.intents],
@@ -237,18 +292,7 @@ def deadline_datetime(value: Deadline, now: datetime | None = None) -> datetime 
     raise InvalidArgument(f"deadline: expected a datetime or timedelta, got {type(value).__name__}")
 
 
-def build_spec(
-    intent: IntentInput | None = None,
-    *,
-    intent_type: str | None = None,
-    to_agent: str | None = None,
-    payload: Any = None,
-    idempotency_key: str | None = None,
-    deadline: Deadline = None,
-    labels: Mapping[str, str] | None = None,
-    max_attempts: int = 0,
-    sender: str | None = None,
-) -> pb.IntentSpec:
+def build_spec(intent: IntentInput | None = None, **overrides: Unpack[IntentFields]) -> pb.IntentSpec:
     """Builds the IntentSpec to send.
 
     ``intent`` may be a dict using the keyword names, or an IntentSpec; keyword
@@ -259,21 +303,16 @@ def build_spec(
     Raises InvalidArgument (a ValueError) for fields the server would refuse.
     """
     try:
-        return _build_spec(
-            intent,
-            {
-                "intent_type": intent_type,
-                "to_agent": to_agent,
-                "payload": payload,
-                "idempotency_key": idempotency_key,
-                "deadline": deadline,
-                "labels": labels,
-                "max_attempts": max_attempts or None,
-                "sender": sender,
-            },
-        )
+        return _build_spec(intent, overrides)
     except ValidationError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def _known(fields: Mapping[str, Any], what: str) -> dict[str, Any]:
+    unknown = set(fields) - _SPEC_FIELDS
+    if unknown:
+        raise TypeError(f"unknown {what}: {', '.join(sorted(unknown))}")
+    return dict(fields)
 
 
 def _build_spec(intent: IntentInput | None, overrides: Mapping[str, Any]) -> pb.IntentSpec:
@@ -284,13 +323,13 @@ def _build_spec(intent: IntentInput | None, overrides: Mapping[str, Any]) -> pb.
     elif intent is None:
         fields = {}
     elif isinstance(intent, Mapping):
-        unknown = set(intent) - _SPEC_FIELDS
-        if unknown:
-            raise TypeError(f"unknown intent fields: {', '.join(sorted(unknown))}")
-        fields = dict(intent)
+        fields = _known(intent, "intent fields")
     else:
         raise TypeError(f"intent must be a dict or an IntentSpec, not {type(intent).__name__}")
-    fields.update({k: v for k, v in overrides.items() if v is not None})
+    given = _known(overrides, "keyword arguments")
+    # max_attempts 0 is "not given" too, so it cannot reset the dict's value.
+    given["max_attempts"] = given.get("max_attempts") or None
+    fields.update({k: v for k, v in given.items() if v is not None})
 
     if "intent_type" in fields:
         spec.intent_type = fields["intent_type"]
@@ -325,6 +364,8 @@ __all__ = [
     "Event",
     "Intent",
     "IntentError",
+    "IntentFields",
+    "IntentType",
     "Page",
     "Step",
     "build_spec",
@@ -333,6 +374,7 @@ __all__ = [
     "encode_json",
     "event_from_proto",
     "intent_from_proto",
+    "intent_type_from_proto",
     "page_from_proto",
     "step_from_proto",
 ]

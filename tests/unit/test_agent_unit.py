@@ -15,6 +15,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -22,13 +23,18 @@ import pytest
 
 from intentd.agent import (
     Agent,
+    AgentError,
     Backoff,
     Context,
     LeaseLost,
     NonRetryableError,
     StepDivergence,
     SyncContext,
+    WriteError,
 )
+from intentd.agent.errors import WriteRefused
+from intentd.core.errors import IntentdError
+from intentd.core.limits import MAX_FAIL_MESSAGE_LEN
 from intentd.generated.v1 import delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
 TYPE = "intent.pipeline.process.v1"
@@ -222,8 +228,9 @@ def make_agent(address: str | None, capacity: int = 4) -> Agent:
 
 async def finished(ctx: Context | SyncContext) -> None:
     """Waits until the agent is done with the attempt (reported or not)."""
-    assert ctx._task is not None
-    await asyncio.wait_for(asyncio.shield(ctx._task), WAIT)
+    task = ctx._attempt.task
+    assert task is not None
+    await asyncio.wait_for(asyncio.shield(task), WAIT)
 
 
 @contextlib.asynccontextmanager
@@ -398,7 +405,7 @@ async def test_handler_exceptions_fail_retryably_or_not(sidecar: tuple[FakeSidec
 
     m1, r1 = fake.final("e1")  # type: ignore[misc]
     assert m1 == "FailIntent" and r1.fail.retryable is True and r1.fail.code == "AGENT_ERROR"
-    assert r1.fail.message.startswith("ValueError: boom") and len(r1.fail.message) == 2000
+    assert r1.fail.message.startswith("ValueError: boom") and len(r1.fail.message) == MAX_FAIL_MESSAGE_LEN
     m2, r2 = fake.final("e2")  # type: ignore[misc]
     assert m2 == "FailIntent" and r2.fail.retryable is False
     assert (r2.fail.code, r2.fail.message) == ("BAD_INPUT", "no source given")
@@ -971,6 +978,83 @@ def test_constructor_and_registration_checks() -> None:
     with pytest.raises(ValueError, match="error code"):
         NonRetryableError("not a code!", "x")
     assert NonRetryableError("BAD_INPUT", "m").code == "BAD_INPUT"
+
+
+def test_errors_have_one_root_but_lease_lost() -> None:
+    for error in (NonRetryableError, StepDivergence, WriteError, WriteRefused):
+        assert issubclass(error, AgentError), error
+    assert issubclass(AgentError, IntentdError)
+    # Fencing must get through `except Exception` in a handler.
+    assert not issubclass(LeaseLost, Exception) and issubclass(LeaseLost, BaseException)
+
+
+async def test_handlers_are_readable_and_register_again_on_a_fresh_agent(
+    sidecar: tuple[FakeSidecar, str]
+) -> None:
+    """What intentd.testing does: read an agent's handlers, wrap them, and
+    register the wrappers on a new Agent."""
+    fake, address = sidecar
+    agent = make_agent(address)
+    calls: list[str] = []
+
+    @agent.handler(TYPE)
+    async def process(ctx: Context, payload: Any) -> Any:
+        return await ctx.step("one", lambda: "async")
+
+    @agent.handler("intent.pipeline.sync.v1")
+    def process_sync(ctx: SyncContext, payload: Any) -> Any:
+        return ctx.step("one", lambda: "sync")
+
+    handlers = agent.handlers
+    assert list(handlers) == [TYPE, "intent.pipeline.sync.v1"]  # registration order
+    assert handlers[TYPE] is process and handlers["intent.pipeline.sync.v1"] is process_sync
+    with pytest.raises(TypeError):
+        handlers[TYPE] = process  # type: ignore[index]
+
+    fresh = make_agent(address)
+    for intent_type, fn in handlers.items():
+        if intent_type == TYPE:
+            async def wrapped(ctx: Context, payload: Any, fn: Any = fn) -> Any:
+                calls.append("async")
+                return await fn(ctx, payload)
+
+            fresh.handler(intent_type)(wrapped)
+        else:
+            fresh.handler(intent_type)(fn)  # the user's function itself, unchanged
+    assert list(fresh.handlers) == list(handlers) and agent.handlers[TYPE] is process
+
+    async with running(fresh, fake):
+        fake.push(assignment("w1"), assignment("w2", intent_type="intent.pipeline.sync.v1"))
+        await fake.wait_for(lambda: fake.final("w1") and fake.final("w2"))
+    assert calls == ["async"]
+    assert [json.loads(fake.final(i)[1].complete.result) for i in ("w1", "w2")] == ["async", "sync"]  # type: ignore[index]
+
+
+async def test_context_attributes_are_typed_and_read_only(sidecar: tuple[FakeSidecar, str]) -> None:
+    fake, address = sidecar
+    agent = make_agent(address)
+    seen: dict[str, Any] = {}
+
+    @agent.handler(TYPE)
+    async def process(ctx: Context, payload: Any) -> Any:
+        seen["fields"] = (ctx.intent_id, ctx.intent_type, ctx.attempt, ctx.max_attempts, ctx.to_agent,
+                          ctx.sender, ctx.idempotency_key, ctx.labels, ctx.heartbeat_timeout, ctx.payload_json)
+        seen["protos"] = (ctx.intent.id, ctx.lease.token)
+        with pytest.raises(AttributeError, match="read-only"):
+            ctx.intent_id = "another"  # type: ignore[assignment]
+        return None
+
+    pushed = assignment("r1", {"a": 1}, attempt=2)
+    intent = pushed.assignment.intent
+    intent.max_attempts, intent.sender, intent.idempotency_key = 5, "svc://billing", "order-7"
+    intent.labels["team"] = "data"
+    async with running(agent, fake):
+        fake.push(pushed)
+        await fake.wait_for(lambda: fake.final("r1"))
+    assert fake.final("r1")[0] == "CompleteIntent"  # type: ignore[index]
+    assert seen["fields"] == ("r1", TYPE, 2, 5, AGENT, "svc://billing", "order-7", {"team": "data"},
+                              timedelta(seconds=10), b'{"a": 1}')
+    assert seen["protos"] == ("r1", lease("r1", 2).token)
 
 
 async def test_run_async_needs_an_address_and_handlers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import gc
 import json
 import math
 import re
+import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +23,7 @@ from intentd.client import (
     AlreadyExists,
     AsyncIntentClient,
     Cancelled,
+    ClientError,
     DeadlineExceeded,
     FailedPrecondition,
     Intent,
@@ -27,6 +34,7 @@ from intentd.client import (
     IntentNotCompleted,
     IntentState,
     IntentTimedOut,
+    IntentType,
     Internal,
     InvalidArgument,
     NotFound,
@@ -45,7 +53,6 @@ from intentd.client._common import (
     Settings,
     WaitLoop,
     WatchCursor,
-    backoff_delay,
     batch_request,
     list_request,
     send_request,
@@ -58,6 +65,7 @@ from intentd.client.models import (
     page_from_proto,
     step_from_proto,
 )
+from intentd.core.errors import SettingsError
 from intentd.generated.v1 import intent_pb2
 from intentd.generated.v1 import intent_service_pb2 as pb
 
@@ -374,7 +382,7 @@ class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no stubs
         (grpc.StatusCode.CANCELLED, Cancelled),
     ],
 )
-def test_error_mapping(code: grpc.StatusCode, cls: type[IntentdError]) -> None:
+def test_error_mapping(code: grpc.StatusCode, cls: type[ClientError]) -> None:
     err = from_rpc_error(FakeRpcError(code, "why"))
     assert type(err) is cls
     assert err.code == code
@@ -384,7 +392,9 @@ def test_error_mapping(code: grpc.StatusCode, cls: type[IntentdError]) -> None:
 
 def test_error_mapping_fallback_and_aio() -> None:
     err = from_rpc_error(FakeRpcError(grpc.StatusCode.ABORTED, "x"))
-    assert type(err) is IntentdError
+    # The client's root (was the client's own IntentdError, now under intentd's root).
+    assert type(err) is ClientError
+    assert isinstance(err, IntentdError)
     assert err.code == grpc.StatusCode.ABORTED
     aio = grpc.aio.AioRpcError(
         grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), details="gone"
@@ -427,13 +437,20 @@ def test_completed_does_not_raise() -> None:
 # ---------------------------------------------------------------- backoff and loops
 
 
-def test_backoff_bounds() -> None:
+def test_backoff_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The retry delays are intentd.core.backoff's one rule.
+    import intentd.core.backoff as backoff
+
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.1, max_backoff=3.0)
     for attempt in range(30):
         cap = min(3.0, 0.1 * 2**attempt)
-        assert backoff_delay(attempt, 0.1, 3.0, rand=lambda: 0.0) == pytest.approx(cap / 2)
-        assert backoff_delay(attempt, 0.1, 3.0, rand=lambda: 1.0) == pytest.approx(cap)
-        assert cap / 2 <= backoff_delay(attempt, 0.1, 3.0) <= cap
-    assert backoff_delay(10_000, 0.1, 3.0) <= 3.0
+        monkeypatch.setattr(backoff.random, "random", lambda: 0.0)
+        assert policy.delay(attempt) == pytest.approx(cap / 2)
+        monkeypatch.setattr(backoff.random, "random", lambda: 1.0)
+        assert policy.delay(attempt) == pytest.approx(cap)
+        monkeypatch.undo()
+        assert cap / 2 <= policy.delay(attempt) <= cap
+    assert policy.delay(10_000) <= 3.0
     policy = RetryPolicy(max_retries=3, initial_backoff=0.2, max_backoff=1.0)
     assert 0.1 <= policy.delay(0) <= 0.2
     assert 0.5 <= policy.delay(5) <= 1.0
@@ -618,9 +635,9 @@ U = grpc.StatusCode.UNAVAILABLE
 
 
 def test_sync_client_retries_unavailable_with_the_same_key() -> None:
-    send = FakeUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [U, U])
+    send = FakeAsyncUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [U, U])
     with IntentClient("127.0.0.1:1", sender="svc", timeout=7, **FAST) as client:
-        client._stub = fake_stub(SendIntent=send)
+        client._aio._stub_instance = fake_stub(SendIntent=send)
         intent, created = client.send(base())
     assert intent.id == ID and created
     assert len(send.calls) == 3
@@ -632,13 +649,13 @@ def test_sync_client_retries_unavailable_with_the_same_key() -> None:
 
 def test_sync_client_gives_up_and_does_not_retry_other_codes() -> None:
     with IntentClient("127.0.0.1:1", max_retries=3, **FAST) as client:
-        get = FakeUnary(pb.GetIntentResponse(intent=make_intent()), [U] * 10)
-        client._stub = fake_stub(GetIntent=get)
+        get = FakeAsyncUnary(pb.GetIntentResponse(intent=make_intent()), [U] * 10)
+        client._aio._stub_instance = fake_stub(GetIntent=get)
         with pytest.raises(Unavailable):
             client.get(ID)
         assert len(get.calls) == 4
-        missing = FakeUnary(None, [grpc.StatusCode.NOT_FOUND])
-        client._stub = fake_stub(GetIntent=missing)
+        missing = FakeAsyncUnary(None, [grpc.StatusCode.NOT_FOUND])
+        client._aio._stub_instance = fake_stub(GetIntent=missing)
         with pytest.raises(NotFound) as info:
             client.get(ID)
         assert len(missing.calls) == 1
@@ -656,7 +673,7 @@ def test_sync_watch_reconnects_after_the_last_seq() -> None:
     )
     streams = list(watch.streams)
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WatchIntent=watch)
+        client._aio._stub_instance = fake_stub(WatchIntent=watch)
         events = list(client.watch(ID))
     assert [e.seq for e in events] == [1, 2, 3]
     assert watch.after == [0, 2, 2]
@@ -666,7 +683,7 @@ def test_sync_watch_reconnects_after_the_last_seq() -> None:
 def test_sync_watch_raises_other_errors() -> None:
     watch = FakeWatch([FakeStream([event_msg(1)], grpc.StatusCode.NOT_FOUND)])
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WatchIntent=watch)
+        client._aio._stub_instance = fake_stub(WatchIntent=watch)
         seen = []
         with pytest.raises(NotFound):
             for event in client.watch(ID):
@@ -683,12 +700,12 @@ def test_sync_wait_for_chains_calls() -> None:
     wait = FakeUnary(None, [])
     answers = [pending, done]
 
-    def wait_intent(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    async def wait_intent(request: Any, *, timeout: float | None, metadata: Any) -> Any:
         wait.calls.append((request, timeout))
         return answers.pop(0)
 
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(WaitIntent=wait_intent)
+        client._aio._stub_instance = fake_stub(WaitIntent=wait_intent)
         with pytest.raises(IntentCanceled, match="stop"):
             client.wait_for(ID, raise_on_failure=True)
     assert len(wait.calls) == 2
@@ -702,12 +719,12 @@ def test_sync_iter_intents_follows_pages() -> None:
     ]
     tokens: list[str] = []
 
-    def list_intents(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    async def list_intents(request: Any, *, timeout: float | None, metadata: Any) -> Any:
         tokens.append(request.page_token)
         return pages.pop(0)
 
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub(ListIntents=list_intents)
+        client._aio._stub_instance = fake_stub(ListIntents=list_intents)
         ids = [i.id for i in client.iter_intents(states="FAILED", page_size=1)]
     assert ids == ["a" * 26, "b" * 26]
     assert tokens == ["", "p2"]
@@ -715,7 +732,7 @@ def test_sync_iter_intents_follows_pages() -> None:
 
 def test_empty_batch_makes_no_call() -> None:
     with IntentClient("127.0.0.1:1", **FAST) as client:
-        client._stub = fake_stub()
+        client._aio._stub_instance = fake_stub()
         assert client.send_intents([]) == []
 
 
@@ -764,3 +781,301 @@ async def test_async_wait_for_times_out() -> None:
         with pytest.raises(WaitTimeout) as info:
             await client.wait_for(ID, timeout=0)
     assert isinstance(info.value.intent, Intent)
+
+
+# ---------------------------------------------------------------- one implementation: the loop thread
+
+
+def client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("intentd-client-")]
+
+
+class BlockingUnary:
+    """Never answers; records whether the call was cancelled."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def __call__(self, request: Any, *, timeout: float | None, metadata: Any) -> Any:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def test_sync_client_starts_its_thread_at_first_use_and_stops_it_on_close() -> None:
+    before = client_threads()
+    client = IntentClient("127.0.0.1:1", **FAST)
+    assert client_threads() == before  # built, never used: no thread
+    client._aio._stub_instance = fake_stub(GetIntent=FakeAsyncUnary(pb.GetIntentResponse(intent=make_intent()), []))
+    assert client.get(ID).id == ID
+    assert len(client_threads()) == len(before) + 1
+    client.close()
+    client.close()  # idempotent
+    assert client_threads() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        client.get(ID)
+
+
+def test_an_unclosed_sync_client_is_cleaned_up_when_collected() -> None:
+    before = client_threads()
+    client = IntentClient("127.0.0.1:1", **FAST)
+    client._aio._stub_instance = fake_stub(GetIntent=FakeAsyncUnary(pb.GetIntentResponse(intent=make_intent()), []))
+    client.get(ID)
+    del client
+    gc.collect()
+    assert client_threads() == before
+
+
+def test_close_ends_calls_of_other_threads() -> None:
+    blocking = BlockingUnary()
+    client = IntentClient("127.0.0.1:1", **FAST)
+    client._aio._stub_instance = fake_stub(GetIntent=blocking)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.get(ID)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert blocking.started.wait(5)
+    client.close()
+    caller.join(5)
+    assert not caller.is_alive()
+    assert blocking.cancelled.is_set()
+    assert len(errors) == 1 and isinstance(errors[0], Cancelled), errors
+
+
+def test_interrupting_a_blocking_call_cancels_it() -> None:
+    blocking = BlockingUnary()
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._stub_instance = fake_stub(WaitIntent=blocking)
+
+        def interrupt() -> None:
+            blocking.started.wait(5)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt):
+            client.wait_for(ID)
+        assert blocking.cancelled.wait(5)
+
+
+def test_leaving_a_sync_watch_early_cancels_the_stream() -> None:
+    stream = FakeStream([event_msg(1), event_msg(2)], None)
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._stub_instance = fake_stub(WatchIntent=FakeWatch([stream]))
+        for event in client.watch(ID):
+            assert event.seq == 1
+            break
+        gc.collect()
+        assert stream.cancelled
+
+
+REQUEST_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("request_tag", default="")
+
+
+def test_sync_calls_run_in_the_callers_context() -> None:
+    seen: list[str] = []
+
+    async def get(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+        seen.append(REQUEST_TAG.get())
+        return pb.GetIntentResponse(intent=make_intent())
+
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._stub_instance = fake_stub(GetIntent=get)
+        token = REQUEST_TAG.set("from the caller")
+        try:
+            client.get(ID)
+        finally:
+            REQUEST_TAG.reset(token)
+        client.get(ID)
+    assert seen == ["from the caller", ""]
+
+
+# ---------------------------------------------------------------- typed sends and handles
+
+
+def test_typed_keywords_and_the_dict_form_build_the_same_request() -> None:
+    send = FakeAsyncUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [])
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._stub_instance = fake_stub(SendIntent=send)
+        assert client.send_intent(base(labels={"a": "b"}, max_attempts=4, idempotency_key="k")) == ID
+        assert client.send_intent(intent_type=TYPE, to_agent=AGENT, payload={"n": 1}, labels={"a": "b"},
+                                  max_attempts=4, idempotency_key="k") == ID
+    first, second = (request for request, _ in send.calls)
+    assert first == second
+    with pytest.raises(TypeError, match="paylod"):
+        build_spec(base(), paylod=1)  # type: ignore[call-arg]
+
+
+def test_sync_handle() -> None:
+    done = make_intent(state=intent_pb2.INTENT_STATE_COMPLETED, result=b'{"rows":3}')
+    failed = make_intent(state=intent_pb2.INTENT_STATE_FAILED)
+    send = FakeAsyncUnary(pb.SendIntentResponse(intent=make_intent(), created=True), [])
+    waits = [pb.WaitIntentResponse(intent=done, terminal=True), pb.WaitIntentResponse(intent=failed, terminal=True)]
+    cancel = FakeAsyncUnary(pb.CancelIntentResponse(intent=make_intent(state=intent_pb2.INTENT_STATE_CANCELED)), [])
+
+    async def wait_intent(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+        assert request.id == ID
+        return waits.pop(0)
+
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._stub_instance = fake_stub(
+            SendIntent=send,
+            WaitIntent=wait_intent,
+            CancelIntent=cancel,
+            GetIntent=FakeAsyncUnary(pb.GetIntentResponse(intent=done), []),
+            WatchIntent=FakeWatch([FakeStream([event_msg(1, intent_pb2.INTENT_STATE_COMPLETED)], None)]),
+        )
+        handle = client.start(base())
+        assert (handle.id, handle.created) == (ID, True)
+        assert handle.result(timeout=5) == {"rows": 3}
+        with pytest.raises(IntentFailed):
+            handle.result()
+        assert handle.get().state is IntentState.COMPLETED
+        assert [e.seq for e in handle.watch()] == [1]
+        assert handle.cancel("stop").state is IntentState.CANCELED
+        assert cancel.calls[0][0].reason == "stop"
+        assert client.handle("other").id == "other"
+        assert client.handle("other").created is None
+
+
+async def test_async_handle() -> None:
+    done = make_intent(state=intent_pb2.INTENT_STATE_COMPLETED, result=b"7")
+    async with AsyncIntentClient("127.0.0.1:1", **FAST) as client:
+        client._stub_instance = fake_stub(
+            SendIntent=FakeAsyncUnary(pb.SendIntentResponse(intent=make_intent(), created=False), []),
+            WaitIntent=FakeAsyncUnary(pb.WaitIntentResponse(intent=done, terminal=True), []),
+            RetryIntent=FakeAsyncUnary(pb.RetryIntentResponse(intent=make_intent()), []),
+            ListIntentSteps=FakeAsyncUnary(pb.ListIntentStepsResponse(), []),
+        )
+        handle = await client.start(intent_type=TYPE, to_agent=AGENT)
+        assert (handle.id, handle.created) == (ID, False)
+        assert await handle.result() == 7
+        assert (await handle.wait()).state is IntentState.COMPLETED
+        assert (await handle.retry(2)).id == ID
+        assert await handle.steps() == []
+
+
+# ---------------------------------------------------------------- admin calls
+
+
+def test_intent_type_admin_calls() -> None:
+    from intentd.generated.v1 import admin_service_pb2 as admin_pb
+
+    stored = admin_pb.IntentType(intent_type=TYPE, max_attempts=5, retry_backoff_ms=100, update_time=ts(T0))
+    put = FakeAsyncUnary(admin_pb.PutIntentTypeResponse(intent_type=stored), [U])
+    with IntentClient("127.0.0.1:1", **FAST) as client:
+        client._aio._admin_instance = fake_stub(
+            PutIntentType=put,
+            GetIntentType=FakeAsyncUnary(admin_pb.GetIntentTypeResponse(intent_type=stored), []),
+            ListIntentTypes=FakeAsyncUnary(admin_pb.ListIntentTypesResponse(intent_types=[stored, stored]), []),
+        )
+        got = client.put_intent_type(IntentType(intent_type=TYPE, max_attempts=5))
+        assert len(put.calls) == 2  # retried on UNAVAILABLE like every unary call
+        sent = put.calls[0][0].intent_type
+        assert (sent.intent_type, sent.max_attempts, sent.retry_backoff_ms, sent.heartbeat_timeout_ms) == (
+            TYPE, 5, 100, 0)
+        assert got == IntentType(intent_type=TYPE, max_attempts=5, update_time=T0)
+        assert got.proto == stored
+        assert client.get_intent_type(TYPE).max_attempts == 5
+        assert [t.intent_type for t in client.list_intent_types()] == [TYPE, TYPE]
+
+
+# ---------------------------------------------------------------- errors under intentd's root
+
+
+def test_every_client_error_is_a_client_error_with_a_code() -> None:
+    import intentd.client as client_pkg
+    from intentd.core.errors import IntentdError as Root
+
+    assert client_pkg.IntentdError is Root
+    assert issubclass(ClientError, Root)
+    error_classes = [
+        obj for obj in vars(client_pkg).values()
+        if isinstance(obj, type) and issubclass(obj, BaseException) and obj is not Root
+    ]
+    assert len(error_classes) >= 16
+    for cls in error_classes:
+        assert issubclass(cls, ClientError), cls
+        assert isinstance(cls.code, grpc.StatusCode), cls
+
+
+# ---------------------------------------------------------------- api_key, TLS and the environment
+
+
+def test_api_key_goes_into_the_metadata_beside_the_callers() -> None:
+    with IntentClient("127.0.0.1:1", api_key="k1.secret", metadata=[("x-team", "a")]) as client:
+        assert client._settings.call_metadata == (("x-team", "a"), ("authorization", "Bearer k1.secret"))
+    with pytest.raises(SettingsError, match="api_key"):
+        IntentClient("127.0.0.1:1", api_key="two\nlines")
+    with IntentClient("127.0.0.1:1", api_key="") as client:
+        assert client._settings.call_metadata is None
+
+
+def pem_files(tmp_path: Path) -> dict[str, Path]:
+    # grpc reads PEM only when it connects; made-up contents do for the checks here.
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    return files
+
+
+def test_tls_files_make_channel_credentials(tmp_path: Path) -> None:
+    files = pem_files(tmp_path)
+    with IntentClient("h:1", tls_ca_file=files["ca"]) as client:
+        assert isinstance(client._settings.credentials, grpc.ChannelCredentials)
+    mutual = AsyncIntentClient("h:1", tls_ca_file=str(files["ca"]), tls_cert_file=files["cert"],
+                               tls_key_file=files["key"])
+    assert mutual._settings.credentials is not None
+    assert IntentClient("h:1")._settings.credentials is None
+    with pytest.raises(SettingsError, match="tls_cert_file and tls_key_file go together"):
+        IntentClient("h:1", tls_ca_file=files["ca"], tls_cert_file=files["cert"])
+    with pytest.raises(SettingsError, match=r"^tls_ca_file: cannot read .*missing\.pem"):
+        IntentClient("h:1", tls_ca_file=tmp_path / "missing.pem")
+    with pytest.raises(SettingsError, match="not both"):
+        IntentClient("h:1", tls_ca_file=files["ca"], credentials=grpc.ssl_channel_credentials())
+
+
+def test_from_env(tmp_path: Path) -> None:
+    files = pem_files(tmp_path)
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("k2.from-file\n")
+    client = IntentClient.from_env({}, sender="svc")
+    assert client.target == "127.0.0.1:7300"
+    assert client._settings.sender == "svc"
+    assert client._settings.call_metadata is None and client._settings.credentials is None
+    env = {"INTENTD_TARGET": "cp.example:7300", "INTENTD_API_KEY_FILE": str(key_file),
+           "INTENTD_TLS_CA_FILE": str(files["ca"]), "INTENTD_TLS_CERT_FILE": str(files["cert"]),
+           "INTENTD_TLS_KEY_FILE": str(files["key"])}
+    aio = AsyncIntentClient.from_env(env, timeout=5)
+    assert isinstance(aio, AsyncIntentClient)
+    assert aio.target == "cp.example:7300"
+    assert aio._settings.timeout == 5
+    assert aio._settings.call_metadata == (("authorization", "Bearer k2.from-file"),)
+    assert aio._settings.credentials is not None
+    assert IntentClient.from_env({"INTENTD_API_KEY": "k3"})._settings.call_metadata == (
+        ("authorization", "Bearer k3"),)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "words"),
+    [
+        ({"INTENTD_TARGET": " "}, "INTENTD_TARGET", "empty"),
+        ({"INTENTD_API_KEY": "a", "INTENTD_API_KEY_FILE": "/x"}, "INTENTD_API_KEY", "not both"),
+        ({"INTENTD_API_KEY_FILE": "/nonexistent/key"}, "INTENTD_API_KEY_FILE", "cannot read"),
+        ({"INTENTD_TLS_CA_FILE": "/nonexistent/ca.pem"}, "INTENTD_TLS_CA_FILE", "cannot read"),
+        ({"INTENTD_TLS_KEY_FILE": "/nonexistent/k.pem"}, "INTENTD_TLS_CERT_FILE", "go together"),
+    ],
+)
+def test_from_env_names_the_bad_variable(env: dict[str, str], variable: str, words: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        IntentClient.from_env(env)
+    assert str(info.value).startswith(variable) and words in str(info.value)

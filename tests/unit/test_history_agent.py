@@ -65,14 +65,14 @@ async def test_steps_past_the_first_page_are_fetched_and_replayed_not_run(
         async def handle(ctx: Context, payload: Any) -> Any:
             values = [await ctx.step(f"s{i}", work, i) for i in range(1, 6)]
             seen["replayed"] = ctx.replayed_steps
-            seen["kept"] = sorted(ctx._recorded)
+            seen["kept"] = sorted(ctx._attempt.records)
             return values
     else:
         @agent.handler(TYPE)
         def handle(ctx: SyncContext, payload: Any) -> Any:
             values = [ctx.step(f"s{i}", work, i) for i in range(1, 6)]
             seen["replayed"] = ctx.replayed_steps
-            seen["kept"] = sorted(ctx._recorded)
+            seen["kept"] = sorted(ctx._attempt.records)
             return values
 
     async with running(agent, fake):

@@ -1,0 +1,449 @@
+"""The engine of one attempt: everything an attempt is apart from what its handler sees.
+
+``Attempt`` owns the lease, the handler's task, the stop state, the replay plan
+(the records of earlier attempts, by position), the step positions and the
+fenced writes with their one retry loop. ``Context`` and ``SyncContext``
+(``context.py``) are facades over it for handlers; ``runtime.py`` starts,
+revokes and reports attempts through it; ``session.py`` carries its writes and
+revokes it when the stream closes.
+
+Every durable operation of a handler goes down one path:
+
+1. ``open_step(name)`` takes the next *position* (1, 2, 3... in call order) and
+   looks it up in the replay plan: recorded under that name, it is replayed;
+   under another name, ``StepDivergence``; not recorded, it runs. When an
+   earlier attempt recorded the position but the assignment did not carry the
+   record, ``plan.known`` is False and ``fetch(plan)`` asks the sidecar first.
+2. ``commit(plan, value)`` records what ran, through ``write``: the one fenced
+   write, retried through passing outages, stopping the attempt when the lease
+   is stale.
+3. Leaving the plan's ``with`` block closes it; a position that was neither
+   replayed nor recorded is handed back, so the next call takes it again.
+
+The next capabilities plug into that path rather than beside it:
+
+- parallel steps: positions are taken by ``open_step`` in call order, before
+  anything runs, so they are the same in every attempt; ``MAX_IN_FLIGHT`` (1
+  today) bounds how many plans may be open at once.
+- durable waits: a wait takes a position from ``open_step`` like a step, is
+  replayed from its record or written as its own kind of ``IntentWrite``
+  through ``write``; ending the attempt cleanly while it waits is ``stop`` with
+  a reason of its own.
+- child intents: a call takes a position, its record carries the child's
+  outcome, and the send is a write.
+
+Threads: the engine lives on the agent's event loop. A ``def`` handler's
+thread calls the synchronous methods (``open_step``, ``check_live``) directly
+and runs the coroutines through ``blocking``, the one bridge onto the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from intentd.core.backoff import Backoff
+from intentd.core.codes import RETRY_WRITE_CODES
+from intentd.core.limits import MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
+from intentd.core.observability import tracing
+from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2
+
+from .errors import LeaseLost, StepDivergence, WriteError, WriteRefused
+from .session import SidecarSession, method_of
+
+log = logging.getLogger("intentd.agent")
+
+T = TypeVar("T")
+
+# Why an attempt stopped (ctx.cancel_reason). The first three come from the
+# sidecar's Revocation; LEASE_LOST is also used for a write refused as stale and
+# for a dropped sidecar stream; SHUTDOWN when the agent itself stops.
+CANCELED = "CANCELED"
+TIMED_OUT = "TIMED_OUT"
+LEASE_LOST = "LEASE_LOST"
+SHUTDOWN = "SHUTDOWN"
+
+# Steps of one handler open at once. One: the numbering must not depend on
+# which of two concurrent steps reaches the engine first.
+MAX_IN_FLIGHT = 1
+
+
+def encode_json(value: Any, what: str) -> bytes:
+    """UTF-8 JSON as the control plane stores it (jsonb: no NaN, no NUL)."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in text:
+        raise TypeError(f"{what} contains a NUL character, which the control plane cannot store")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(f"{what} is not valid Unicode text ({exc.reason})") from exc
+
+
+def decode_json(data: bytes) -> Any:
+    """Empty means null, as on the server."""
+    return json.loads(data) if data else None
+
+
+class StepPlan:
+    """One position of the attempt, from ``open_step`` until its ``with`` block ends.
+
+    ``replayed``: an earlier attempt recorded it and ``value`` is that result;
+    ``known`` is False until the replay plan says whether it was recorded
+    (``Attempt.fetch``).
+    """
+
+    __slots__ = ("_attempt", "done", "index", "known", "name", "replayed", "span", "value")
+
+    def __init__(self, attempt: Attempt, index: int, name: str) -> None:
+        self._attempt = attempt
+        self.index = index
+        self.name = name
+        self.known = False
+        self.replayed = False
+        self.done = False  # replayed or recorded: the position is used up
+        self.value: Any = None
+        self.span: tracing.SpanHandle | None = None
+
+    def __enter__(self) -> StepPlan:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Ends the plan (``error``: what ended it, for its span); again, does nothing."""
+        self._attempt._close(self, error)
+
+
+class Attempt:
+    """One attempt at an intent: its lease, task, stop state, replay plan and writes.
+
+    The package's interface (runtime.py, session.py, context.py):
+
+    - ``start(run)``: runs the attempt's coroutine as its task (``task``).
+    - ``stop(reason, message)``: the attempt may write no more (``stopped``,
+      ``stop_reason``); first reason wins.
+    - ``revoke(reason, message)``: ``stop``, and cancels the task.
+    - ``finish()``: the agent is done with the attempt; its context is unusable.
+    - ``check_live()``: raises ``LeaseLost`` once stopped.
+    - ``open_step(name)`` / ``fetch(plan)`` / ``commit(plan, value)``: a step's
+      position, its replay, its record (see the module docstring).
+    - ``write(write, what)``: one fenced write, retried through outages.
+    - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
+      ``complete(result)``, ``fail(code, message, retryable)``: the other writes.
+    - ``blocking(coro)``: runs one of these from a handler thread.
+    """
+
+    def __init__(
+        self,
+        assignment: delivery_pb2.Assignment,
+        session: SidecarSession[Any],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        write_backoff: Backoff,
+        write_timeout: float | None,
+    ) -> None:
+        intent = assignment.intent
+        self.assignment = assignment
+        self.intent: intent_pb2.Intent = intent
+        self.lease: delivery_pb2.Lease = assignment.lease
+        self.intent_id: str = assignment.lease.intent_id or intent.id
+        self.number: int = assignment.lease.attempt
+        self.deadline: datetime | None = (
+            intent.deadline.ToDatetime(tzinfo=UTC) if intent.HasField("deadline") else None
+        )
+        self.heartbeat_timeout: timedelta | None = (
+            timedelta(milliseconds=assignment.heartbeat_timeout_ms)
+            if assignment.heartbeat_timeout_ms > 0
+            else None
+        )
+        self.labels: dict[str, str] = dict(intent.labels)
+        # The decoded payload (also the handler's second argument); set by the agent.
+        self.payload: Any = None
+        self.log_prefix = f"intent {self.intent_id} attempt {self.number}"
+        self.task: asyncio.Task[None] | None = None
+        # The records of earlier attempts, by position: those the assignment
+        # carried; the others are asked for one by one as the replay reaches
+        # them (fetch), and each is dropped once replayed, so a large history
+        # never sits in memory whole.
+        self.records: dict[int, intent_pb2.StepRecord] = {s.index: s for s in assignment.steps}
+        self.recorded_steps: int = max(assignment.recorded_steps, len(self.records))
+        self.replayed_steps = 0
+        self.steps_completed = 0
+        self.last_checkpoint: Any = decode_json(assignment.checkpoint)
+        self._progress_fraction = intent.checkpoint.progress_fraction
+        self._next_position = 1
+        self._open: dict[int, StepPlan] = {}
+        self._divergence: StepDivergence | None = None
+        self._stop_reason: str | None = None
+        self._stop_message = ""
+        self._finished = False
+        self._session = session
+        self._loop = loop
+        self._write_backoff = write_backoff
+        self._write_timeout = write_timeout
+        # The futures of coroutines a handler thread waits on (blocking):
+        # stopping cancels them so that the thread gets LeaseLost at once.
+        self._pending_lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """True once the attempt may write no more (see ``stop``)."""
+        return self._stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the attempt stopped (``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST``, ``SHUTDOWN``); None while live."""
+        return self._stop_reason
+
+    @property
+    def divergence(self) -> StepDivergence | None:
+        """Set once the handler called a step under another name than was recorded:
+        the intent then fails with it, whatever the handler did next."""
+        return self._divergence
+
+    def start(self, run: Coroutine[Any, Any, None]) -> None:
+        self.task = asyncio.create_task(run, name=f"intentd-agent {self.log_prefix}")
+
+    def stop(self, reason: str, message: str = "") -> bool:
+        """Marks the attempt stopped (first reason wins) and cancels what a
+        handler thread waits on. Loop thread only. Returns whether this call
+        stopped it."""
+        if self._stop_reason is not None:
+            return False
+        self._stop_reason = reason
+        self._stop_message = message
+        with self._pending_lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+        return True
+
+    def revoke(self, reason: str, message: str = "") -> bool:
+        """``stop``, and cancels the handler's task; returns whether this call stopped it."""
+        if not self.stop(reason, message):
+            return False
+        if self.task is not None:
+            self.task.cancel()
+        return True
+
+    def finish(self) -> None:
+        self._finished = True
+
+    def check_live(self) -> None:
+        if self._stop_reason is not None:
+            raise LeaseLost(self._stop_reason, self._stop_message)
+        if self._finished:
+            raise RuntimeError(f"{self.log_prefix} is over; this context can no longer be used")
+
+    # -- positions and the replay plan -----------------------------------------
+
+    def open_step(self, name: str) -> StepPlan:
+        """Takes the next position for a step called ``name`` and resolves it
+        from the replay plan when the record is at hand (else ``plan.known`` is
+        False: ``fetch`` it). Use the plan as a context manager."""
+        self.check_live()
+        if self._divergence is not None:
+            raise self._divergence
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_STEP_NAME_LEN:
+            raise ValueError(f"step names are 1 to {MAX_STEP_NAME_LEN} characters, got {name!r}")
+        if len(self._open) >= MAX_IN_FLIGHT:
+            other = next(iter(self._open.values()))
+            raise RuntimeError(
+                f"step {name!r} was started while step {other.index} "
+                f"{other.name!r} is still running; steps of one handler must run "
+                "one at a time (not concurrently, not nested), so that their numbering is "
+                "the same in every attempt"
+            )
+        plan = StepPlan(self, self._next_position, name)
+        if plan.index > self.recorded_steps or plan.index in self.records:
+            self._resolve(plan, self.records.get(plan.index))
+        self._next_position += 1
+        self._open[plan.index] = plan
+        return plan
+
+    async def fetch(self, plan: StepPlan) -> None:
+        """Resolves a plan whose record an earlier attempt wrote but the
+        assignment did not carry: the sidecar fetches it. A plan it could not
+        resolve is closed."""
+        try:
+            record = await self._retrying(
+                lambda: self._session.recorded_step(self.lease, plan.index, "", self._write_timeout),
+                "BeginStep", f"the record of step {plan.index}",
+            )
+            if record is None:
+                # The sidecar knows better than the count we were given (none recorded there).
+                self.recorded_steps = plan.index - 1
+            self._resolve(plan, record)
+        except BaseException as exc:
+            plan.close(exc)
+            raise
+
+    def _resolve(self, plan: StepPlan, record: intent_pb2.StepRecord | None) -> None:
+        if record is not None:
+            if record.name != plan.name:
+                self._divergence = StepDivergence(plan.index, record.name, plan.name)
+                log.error("%s: %s", self.log_prefix, self._divergence.message)
+                raise self._divergence
+            plan.replayed = plan.done = True
+            plan.value = decode_json(record.result)
+            self.records.pop(plan.index, None)
+            self.replayed_steps += 1
+            self.steps_completed += 1
+            log.debug("%s: step %d %r replayed", self.log_prefix, plan.index, plan.name)
+        plan.known = True
+        # A child of the handler's span; current while the step runs, so the
+        # step function's own spans nest under it.
+        plan.span = tracing.start_span("intentd.step", attributes={
+            "intentd.intent_id": self.intent_id,
+            "intentd.attempt": self.number,
+            "intentd.step.index": plan.index,
+            "intentd.step.name": plan.name,
+            "intentd.step.replayed": plan.replayed,
+        })
+
+    def _close(self, plan: StepPlan, error: BaseException | None) -> None:
+        if self._open.get(plan.index) is not plan:
+            return  # closed already
+        del self._open[plan.index]
+        if not plan.done:
+            # Not recorded: the next step takes this position again.
+            self._next_position = plan.index
+        if plan.span is not None:
+            plan.span.end(error)
+
+    async def commit(self, plan: StepPlan, value: Any) -> Any:
+        """Records what a step returned; returns it as replays will see it."""
+        data = encode_json(value, f"the result of step {plan.index} {plan.name!r}")
+        response = await self.write(
+            delivery_pb2.IntentWrite(
+                lease=self.lease, step=delivery_pb2.StepWrite(index=plan.index, name=plan.name, result=data)),
+            f"step {plan.index} {plan.name!r}",
+        )
+        plan.done = True
+        self.steps_completed += 1
+        log.debug("%s: step %d %r recorded", self.log_prefix, plan.index, plan.name)
+        # The stored record is the answer (a retried write gets the first one back).
+        return decode_json(response.step.result or data)
+
+    # -- writes ----------------------------------------------------------------
+
+    async def write(self, write: delivery_pb2.IntentWrite, what: str) -> agent_service_pb2.WriteResult:
+        """One write through the sidecar, answered after the control plane
+        committed it. Retries passing outages; a stale lease stops the attempt."""
+        return await self._retrying(
+            lambda: self._session.write(write, self._write_timeout), method_of(write), what
+        )
+
+    async def _retrying(self, send: Callable[[], Awaitable[T]], method: str, what: str) -> T:
+        """The retry loop of every call the attempt makes to the sidecar."""
+        retry = 0
+        while True:
+            self.check_live()
+            try:
+                return await send()
+            except WriteRefused as exc:
+                code = exc.code
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.warning(
+                        "%s: %s refused as stale (%s); stopping the handler",
+                        self.log_prefix, method, exc.details,
+                    )
+                    self.stop(LEASE_LOST, exc.details)
+                    self.check_live()
+                if code not in RETRY_WRITE_CODES:
+                    raise WriteError(method, code.name, exc.details) from None
+                delay = self._write_backoff.delay(retry)
+                retry += 1
+                log.warning(
+                    "%s: %s for %s not committed (%s: %s); retry %d in %.2fs",
+                    self.log_prefix, method, what, code.name, exc.details, retry, delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def save_checkpoint(self, state: Any) -> None:
+        data = encode_json(state, "the checkpoint state")
+        await self.write(
+            delivery_pb2.IntentWrite(lease=self.lease, checkpoint=delivery_pb2.CheckpointWrite(state=data)),
+            "checkpoint",
+        )
+        self.last_checkpoint = decode_json(data)
+
+    async def report_progress(self, message: str, fraction: float | None) -> None:
+        if fraction is None:
+            fraction = self._progress_fraction
+        if not isinstance(fraction, int | float) or not math.isfinite(fraction) or not (
+            0.0 <= fraction <= 1.0
+        ):
+            raise ValueError(f"progress fraction must be between 0 and 1, got {fraction!r}")
+        if len(message) > MAX_PROGRESS_MESSAGE_LEN:
+            raise ValueError(f"progress messages are at most {MAX_PROGRESS_MESSAGE_LEN} characters")
+        self.check_live()
+        await self.write(
+            delivery_pb2.IntentWrite(
+                lease=self.lease, progress=delivery_pb2.ProgressWrite(message=message, fraction=float(fraction))),
+            "progress",
+        )
+        self._progress_fraction = float(fraction)
+
+    async def complete(self, result: bytes) -> None:
+        await self.write(
+            delivery_pb2.IntentWrite(lease=self.lease, complete=delivery_pb2.CompleteWrite(result=result)),
+            "the result",
+        )
+
+    async def fail(self, code: str, message: str, retryable: bool) -> None:
+        await self.write(
+            delivery_pb2.IntentWrite(
+                lease=self.lease,
+                fail=delivery_pb2.FailWrite(code=code, message=message, retryable=retryable),
+            ),
+            "the failure",
+        )
+
+    # -- the bridge for handler threads ------------------------------------------
+
+    def blocking(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs ``coro`` on the agent's loop and waits for it, from a handler
+        thread; raises ``LeaseLost`` as soon as the attempt stops."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            coro.close()
+            raise RuntimeError(
+                "SyncContext methods block; call them from the handler's thread, "
+                "not from the event loop (use an async def handler and Context there)"
+            )
+        if self._stop_reason is not None:
+            coro.close()
+            self.check_live()
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._pending_lock:
+            self._pending.add(fut)
+        try:
+            # The attempt may have stopped between the check and the add.
+            if self._stop_reason is not None:
+                fut.cancel()
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise LeaseLost(self._stop_reason or LEASE_LOST, self._stop_message) from None
+        finally:
+            with self._pending_lock:
+                self._pending.discard(fut)
