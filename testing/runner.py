@@ -45,15 +45,6 @@ def load_agent(spec: str) -> Agent:
     return agent
 
 
-def registered_handlers(agent: Agent) -> dict[str, Handler]:
-    """The agent's handlers by intent type.
-
-    Reads how agent/runtime.py stores them today; replace the body with
-    ``dict(agent.handlers)`` once the read-only ``Agent.handlers`` mapping lands.
-    """
-    return {intent_type: handler.fn for intent_type, handler in agent._handlers.items()}
-
-
 def is_async(fn: Handler) -> bool:
     # As the agent SDK decides between Context and SyncContext.
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
@@ -211,7 +202,7 @@ def track(handler: Handler, folder: Path) -> Handler:
 
 def tracked_agent(agent: Agent, folder: Path) -> Agent:
     runner = Agent(agent.name, capacity=agent.capacity)
-    for intent_type, handler in registered_handlers(agent).items():
+    for intent_type, handler in agent.handlers.items():
         runner.add_handler(intent_type, track(handler, folder))
     return runner
 
