@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 import grpc
 
 from intentd.core.background import BackgroundService
+from intentd.core.backoff import Backoff
+from intentd.core.codes import FAILED_PRECONDITION, NOT_FOUND, OK, RETRY_WRITE_CODES, UNAVAILABLE, number_of
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.core.observability import metrics
 from intentd.core.observability.context import log_context
@@ -36,13 +37,9 @@ from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.generated.v1 import delivery_pb2
 
-log = logging.getLogger("intentd.sidecar.upstream")
+from .errors import ConnectError, StepsUnavailable
 
-# google.rpc.Code numbers used on the wire.
-OK = 0
-NOT_FOUND = 5
-FAILED_PRECONDITION = 9
-UNAVAILABLE = 14
+log = logging.getLogger("intentd.sidecar.upstream")
 
 # Ops that end the attempt: once answered, the lease is no longer held.
 TERMINAL_OPS = frozenset({"complete", "fail", "release"})
@@ -59,6 +56,11 @@ GONE_MEMORY = 4096
 # A session must last this long before reconnect backoff starts over, so a
 # server that accepts and then drops us at once is not hammered.
 HEALTHY_SESSION_S = 5.0
+# Retries of a page of recorded steps while the stream is between replicas.
+FETCH_BACKOFF = Backoff(0.05, 1.0)
+# Reconnects after a stream that did not last wait up to 0.1 s * 2**failures,
+# up to the reconnect_max_backoff_s setting.
+FIRST_RECONNECT_S = 0.1
 
 AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
 RevocationHandler = Callable[[delivery_pb2.Revocation], None]
@@ -75,19 +77,6 @@ def describe(lease: delivery_pb2.Lease) -> str:
 def local_result(code: int, message: str, request_id: int = 0) -> pb.WriteResult:
     """A result made by the sidecar itself (the control plane never saw the write)."""
     return pb.WriteResult(request_id=request_id, code=code, message=message)
-
-
-class StepsUnavailable(Exception):
-    """Recorded steps could not be fetched; ``code`` is the google.rpc.Code why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class ConnectError(Exception):
-    """The stream could not be set up (no ``Registered``)."""
 
 
 @dataclass
@@ -191,7 +180,7 @@ class Upstream:
         self.intent_types = list(intent_types)
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
-        self._max_backoff = reconnect_max_backoff_s
+        self._reconnect = Backoff(FIRST_RECONNECT_S, reconnect_max_backoff_s)
         self._register_timeout = register_timeout_s
         self._capacity = 0
         self._ids = itertools.count(1)
@@ -306,7 +295,7 @@ class Upstream:
         """A page of the steps earlier attempts recorded for a held lease,
         asked on the current stream's channel as that stream. Waits out a
         reconnect; raises ``StepsUnavailable`` with the final answer."""
-        delay = 0.05
+        retries = 0
         while True:
             session = self._session
             if self._closing:
@@ -324,12 +313,11 @@ class Upstream:
                     session.channel).ListRecordedSteps(request, metadata=self._metadata or None, timeout=30.0)
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      grpc.StatusCode.CANCELLED):
-                    raise StepsUnavailable(exc.code().value[0], exc.details() or exc.code().name) from None
+                if exc.code() not in RETRY_WRITE_CODES:
+                    raise StepsUnavailable(number_of(exc.code()), exc.details() or exc.code().name) from None
                 log.info("fetching steps of %s: %s; retrying", describe(lease), exc.code().name)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(FETCH_BACKOFF.delay(retries))
+            retries += 1
 
     async def close(self, deadline: float = 5.0) -> None:
         """Ends the stream; leases still held lapse on the server. Pending
@@ -384,7 +372,7 @@ class Upstream:
                 break
             healthy = registered and loop.time() - began >= HEALTHY_SESSION_S
             failures = 0 if healthy else failures + 1
-            delay = min(self._max_backoff, 0.1 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.0)
+            delay = self._reconnect.delay(failures)
             log.debug("reconnecting in %.2fs", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), delay)
