@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
 
@@ -14,49 +13,16 @@ from intentd.core.errors import ValidationError
 from intentd.core.limits import MAX_FAIL_CODE_LEN, MAX_FAIL_MESSAGE_LEN, MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
 from intentd.core.validation import check_text, parse_json
 from intentd.server import errors, history
-from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
+from intentd.server.batcher import Outcome, WriteBatcher, apply_group
 from intentd.server.db import Database, Row
-from intentd.server.ids import looks_like_id
+from intentd.server.fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
 from intentd.server.queries import Q
+
+__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore"]
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 # No byte bound (PostgreSQL bigint).
 UNBOUNDED = 2**62
-
-# The fenced writes of an attempt, each one set-based statement for a group
-# of writes (see WriteBatcher), ranked in the order an attempt makes them.
-ACK = WriteKind("ack", Q.ack_assignments, 0, Q.write_diagnoses)
-STEP = WriteKind("step", Q.record_steps, 1, Q.write_diagnoses)
-CHECKPOINT = WriteKind("checkpoint", Q.save_checkpoints, 2, Q.write_diagnoses)
-PROGRESS = WriteKind("progress", Q.report_progresses, 3, Q.write_diagnoses)
-COMPLETE = WriteKind("complete", Q.complete_intents, 4, Q.write_diagnoses)
-FAIL = WriteKind("fail", Q.fail_intents, 5, Q.write_diagnoses)
-RELEASE = WriteKind("release", Q.release_intents, 6, Q.write_diagnoses)
-
-
-@dataclass(frozen=True)
-class LeaseRef:
-    intent_id: str
-    attempt: int
-    token: uuid.UUID
-
-    @classmethod
-    def parse(cls, intent_id: str, attempt: int, token: str) -> LeaseRef:
-        if not intent_id:
-            raise ValidationError("lease.intent_id", "is required")
-        if not looks_like_id(intent_id):
-            # Checked here, before the write joins a batch: an id PostgreSQL
-            # cannot even store (a NUL) would fail the statement shared with
-            # other tenants' writes.
-            raise ValidationError("lease.intent_id", f"{intent_id[:40]!r} is not an intent id")
-        if attempt < 1:
-            raise ValidationError("lease.attempt", "must be at least 1")
-        try:
-            parsed = uuid.UUID(token)
-        except ValueError:
-            raise ValidationError("lease.token", "is not a lease token") from None
-        return cls(intent_id, attempt, parsed)
-
 
 def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.StaleLease:
     if past_deadline and state in ("DELIVERED", "IN_PROGRESS"):
@@ -87,20 +53,14 @@ class LeaseStore:
         self.max_history_steps = max_history_steps
         self.page_bytes = page_bytes
 
-    async def _write(
-        self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None, index: int = 0,
-        session: str | None = None,
-    ) -> Outcome:
+    async def _write(self, write: FencedWrite) -> Outcome:
         """A fenced write, through the group commit when there is one: its
-        row, or None and the write's diagnosis (``write_diagnoses`` at
-        ``now``, for step ``index`` and checking that ``session`` holds the
-        lease), read right after the write."""
-        write_args = (lease.intent_id, lease.token, lease.attempt, *args)
-        explain_args = (lease.intent_id, lease.token, lease.attempt, index, session, now)
+        row, or None and the write's diagnosis (``write_diagnoses``), read
+        right after the write."""
         if self.batcher is not None:
-            return await self.batcher.write(kind, lease.intent_id, write_args, explain_args)
+            return await self.batcher.write(write)
         async with self.db.connection() as conn:
-            (outcome,) = await apply_group(conn, kind, [write_args], [explain_args])
+            (outcome,) = await apply_group(conn, write.kind, [write])
         return outcome
 
     async def claim(
@@ -171,7 +131,7 @@ class LeaseStore:
         return value
 
     async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
-        row, why = await self._write(ACK, lease, now, session, now=now, session=session)
+        row, why = await self._write(Ack(lease, now, session))
         if row is not None:
             return
         if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
@@ -203,9 +163,9 @@ class LeaseStore:
             raise ValidationError("step.index", "must be at least 1")
         check_text(name, "step.name", MAX_STEP_NAME_LEN, required=True)
         text = parse_json(result, "step.result", self.max_payload_bytes)
-        row, why = await self._write(
-            STEP, lease, index, name, text, now, session, self.max_history_bytes, self.max_history_steps,
-            now=now, index=index, session=session)
+        row, why = await self._write(Step(
+            lease, now, session, index=index, name=name, result=text, max_history_bytes=self.max_history_bytes,
+            max_history_steps=self.max_history_steps))
         if row is not None:
             return row
         if why is None:
@@ -246,7 +206,7 @@ class LeaseStore:
         self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None
     ) -> None:
         text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
-        await self._guarded(CHECKPOINT, lease, text, now, session, now=now)
+        await self._guarded(Checkpoint(lease, now, session, state=text))
 
     async def report_progress(
         self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
@@ -255,14 +215,14 @@ class LeaseStore:
         check_text(message, "progress.message", MAX_PROGRESS_MESSAGE_LEN)
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
-        await self._guarded(PROGRESS, lease, message, fraction, now, session, now=now)
+        await self._guarded(Progress(lease, now, session, message=message, fraction=fraction))
 
     async def complete(
         self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
     ) -> float | None:
         """Returns the intent's age at completion, or None for a repeat."""
         text = parse_json(result, "complete.result", self.max_payload_bytes)
-        row, why = await self._write(COMPLETE, lease, text, now, session, now=now)
+        row, why = await self._write(Complete(lease, now, session, result=text))
         if row is not None:
             return float(row["age_s"])
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
@@ -277,7 +237,7 @@ class LeaseStore:
         if len(code) > MAX_FAIL_CODE_LEN or not code.isascii() or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", f"must be up to {MAX_FAIL_CODE_LEN} characters of [A-Za-z0-9_.]")
         message = check_text(message[:MAX_FAIL_MESSAGE_LEN], "fail.message", MAX_FAIL_MESSAGE_LEN)
-        row, why = await self._write(FAIL, lease, code, message, retryable, now, session, now=now)
+        row, why = await self._write(Fail(lease, now, session, code=code, message=message, retryable=retryable))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == "fail":
@@ -289,7 +249,7 @@ class LeaseStore:
     ) -> Row:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
-        row, why = await self._write(RELEASE, lease, reason, now, session, now=now)
+        row, why = await self._write(Release(lease, now, session, reason=reason))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == reason:
@@ -304,10 +264,10 @@ class LeaseStore:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.expire_leases, now, batch))
 
-    async def _guarded(self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None) -> None:
-        row, why = await self._write(kind, lease, *args, now=now)
+    async def _guarded(self, write: FencedWrite) -> None:
+        row, why = await self._write(write)
         if row is None:
-            self._refuse(lease, why)
+            self._refuse(write.lease, why)
 
     @staticmethod
     def _refuse(lease: LeaseRef, why: Row | None) -> NoReturn:

@@ -15,7 +15,8 @@ import pytest
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, WriteKind, _Write, plan
 from intentd.server.db import Database
-from intentd.server.leases import ACK, COMPLETE, STEP, LeaseRef, LeaseStore
+from intentd.server.fenced import ACK, COMPLETE, STEP, Complete, Step
+from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 
 TYPE = "intent.pipeline.process.v1"
@@ -33,12 +34,17 @@ async def db(database_url):
 # ----------------------------------------------------------------- planning
 
 
-INSERT = WriteKind("insert", "", -1)
+INSERT = WriteKind("insert", "", -1, ())
+
+
+class _Params:
+    def __init__(self, kind: WriteKind, key: str) -> None:
+        self.kind, self.key = kind, key
 
 
 def _w(kind: WriteKind, key: str) -> _Write:
     write = _Write.__new__(_Write)
-    write.kind, write.key, write.args, write.explain_args = kind, key, (), None
+    write.params = _Params(kind, key)
     return write
 
 
@@ -208,13 +214,12 @@ async def test_one_bad_write_does_not_fail_the_others(db, agent_address) -> None
     try:
         def step(ref: LeaseRef, result: str) -> Awaitable[Any]:
             # Straight to the batcher: the store would have refused the bad JSON.
-            return batcher.write(STEP, ref.intent_id, (ref.intent_id, ref.token, ref.attempt, 1, "a", result, None,
-                                                        "s1", leases.max_history_bytes, leases.max_history_steps))
+            return batcher.write(Step(ref, None, "s1", index=1, name="a", result=result,
+                                      max_history_bytes=leases.max_history_bytes,
+                                      max_history_steps=leases.max_history_steps))
 
         outcomes = await asyncio.gather(step(refs[0], "{}"), step(refs[1], "{not json"), step(refs[2], "[2]"),
-                                        batcher.write(COMPLETE, refs[3].intent_id,
-                                                      (refs[3].intent_id, refs[3].token, refs[3].attempt, "{}", None,
-                                                       "s1")),
+                                        batcher.write(Complete(refs[3], None, "s1", result="{}")),
                                         return_exceptions=True)
         assert isinstance(outcomes[1], errors.InvalidArgument)
         for outcome in (outcomes[0], outcomes[2], outcomes[3]):

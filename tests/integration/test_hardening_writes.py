@@ -28,7 +28,8 @@ from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, _Write
 from intentd.server.db import Database
-from intentd.server.leases import PROGRESS, LeaseRef, LeaseStore
+from intentd.server.fenced import Progress
+from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 from tests.support import RawSidecar, ServerThread, run_sync
 
@@ -268,8 +269,7 @@ async def test_a_refused_write_is_isolated_and_the_rest_of_its_batch_commits_onc
     batcher.start()
     try:
         def progress(ref: LeaseRef, message: str) -> Any:
-            return batcher.write(PROGRESS, ref.intent_id, (ref.intent_id, ref.token, ref.attempt, message, 0.5,
-                                                           None, "s1"))
+            return batcher.write(Progress(ref, None, "s1", message=message, fraction=0.5))
 
         outcomes = await asyncio.gather(*(progress(ref, "poison\x00" if i == 7 else f"m{i}")
                                           for i, ref in enumerate(refs)), return_exceptions=True)
