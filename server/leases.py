@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
 
@@ -18,11 +19,20 @@ from intentd.server.db import Database, Row
 from intentd.server.fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
 from intentd.server.queries import Q
 
-__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore"]
+__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore", "Rebound"]
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 # No byte bound (PostgreSQL bigint).
 UNBOUNDED = 2**62
+
+@dataclass(frozen=True)
+class Rebound:
+    """A lease moved to a new stream: the intent's event seq, and whether
+    the lease was acknowledged already."""
+
+    seq: int
+    acked: bool
+
 
 def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.StaleLease:
     if past_deadline and state in ("DELIVERED", "IN_PROGRESS"):
@@ -146,14 +156,14 @@ class LeaseStore:
     async def rebind(
         self, lease: LeaseRef, session: str, addresses: Sequence[str], now: datetime | None = None,
         tenant: str = "default",
-    ) -> int | None:
-        """Re-binds a lease to a new stream serving ``addresses``; returns the
-        intent's event seq, or None when the lease is no longer live or is
-        for an address the stream does not serve."""
+    ) -> Rebound | None:
+        """Re-binds a lease to a new stream serving ``addresses``; None when
+        the lease is no longer live or is for an address the stream does not
+        serve."""
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
                 Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant, list(addresses))
-        return None if row is None else int(row["last_seq"])
+        return None if row is None else Rebound(int(row["last_seq"]), row["state"] == "IN_PROGRESS")
 
     async def record_step(
         self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None,

@@ -143,7 +143,7 @@ SET lease_session = $4,
         ELSE lease_expires_at END
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
   AND tenant = $6 AND to_agent = ANY($7::text[])
-RETURNING id, last_seq;
+RETURNING id, last_seq, state::text AS state;
 
 -- name: record_steps
 -- A step row and its event commit together: a step is skipped on replay only
