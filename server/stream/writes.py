@@ -28,6 +28,9 @@ log = logging.getLogger("intentd.agents")
 # An ack whose database is away is retried this way, within the ack timeout.
 ACK_RETRY = Backoff(0.05, 1.0)
 FINAL_OPS = ("complete", "fail", "release")
+# Writes that need their lease acknowledged (IN_PROGRESS); a release also
+# gives back a delivery that was never acknowledged.
+AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail")
 
 
 def count_attempt_end(row: Row, cause: str) -> None:
@@ -100,9 +103,10 @@ class WriteRouter:
         held = stream.leases.get(write.lease.intent_id, write.lease.token)
         final = op in FINAL_OPS
         if held is not None:
-            # Ack before writes: a write that overtook its lease's ack (or ran
-            # beside it) would find the intent still DELIVERED.
-            await held.ack_settled(self.ack_wait_s)
+            if op in AFTER_ACK_OPS:
+                # Ack before writes: a write that overtook its lease's ack (or
+                # ran beside it) would find the intent still DELIVERED.
+                await held.ack_settled(self.ack_wait_s)
             if final:
                 held.finishing = True
         try:
