@@ -75,7 +75,7 @@ class LeaseStore:
 
     async def claim(
         self,
-        session: str,
+        stream: str,
         addresses: Sequence[str],
         intent_types: Sequence[str] | None,
         limit: int,
@@ -93,7 +93,7 @@ class LeaseStore:
         fits = self.page_bytes if whole_history else None
         async with self.db.connection() as conn:
             rows = await conn.fetch(
-                Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
+                Q.claim_intents, stream, list(addresses), list(intent_types) if intent_types else None,
                 limit, now, ack_timeout_ms, tenant, fits,
             )
             steps: dict[str, list[Row]] = defaultdict(list)
@@ -108,10 +108,10 @@ class LeaseStore:
         return list(rows), steps
 
     async def recorded_steps(
-        self, lease: LeaseRef, session: str, from_index: int, max_bytes: int, tenant: str = "default",
+        self, lease: LeaseRef, stream: str, from_index: int, max_bytes: int, tenant: str = "default",
     ) -> tuple[int, list[Row]]:
         """A page of the steps recorded for the intent of a live lease held
-        by ``session``: the intent's step count and the steps from
+        by ``stream``: the intent's step count and the steps from
         ``from_index`` on. FAILED_PRECONDITION when the stream does not hold
         the lease (stale, or never its own)."""
         if from_index < 1:
@@ -120,7 +120,7 @@ class LeaseStore:
             raise ValidationError("max_bytes", "must not be negative")
         budget = min(max_bytes or self.page_bytes, self.page_bytes)
         async with self.db.connection() as conn:
-            recorded = await conn.fetchval(Q.lease_holder, lease.intent_id, lease.token, lease.attempt, session,
+            recorded = await conn.fetchval(Q.lease_holder, lease.intent_id, lease.token, lease.attempt, stream,
                                            tenant)
             if recorded is None:
                 raise errors.StaleLease(
@@ -140,21 +140,21 @@ class LeaseStore:
             )
         return value
 
-    async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
-        row, why = await self._write(Ack(lease, now, session))
+    async def ack(self, lease: LeaseRef, now: datetime | None = None, stream: str | None = None) -> None:
+        row, why = await self._write(Ack(lease, now, stream))
         if row is not None:
             return
         if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
             return  # a repeated acknowledgement
         self._refuse(lease, why)
 
-    async def renew(self, session: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
+    async def renew(self, stream: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
         async with self.db.connection() as conn:
-            rows = await conn.fetch(Q.renew_leases, session, now)
+            rows = await conn.fetch(Q.renew_leases, stream, now)
         return {(r["id"], r["lease_token"]) for r in rows}
 
     async def rebind(
-        self, lease: LeaseRef, session: str, addresses: Sequence[str], now: datetime | None = None,
+        self, lease: LeaseRef, stream: str, addresses: Sequence[str], now: datetime | None = None,
         tenant: str = "default",
     ) -> Rebound | None:
         """Re-binds a lease to a new stream serving ``addresses``; None when
@@ -162,19 +162,19 @@ class LeaseStore:
         serve."""
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
-                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant, list(addresses))
+                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, stream, now, tenant, list(addresses))
         return None if row is None else Rebound(int(row["last_seq"]), row["state"] == "IN_PROGRESS")
 
     async def record_step(
         self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> Row:
         if index < 1:
             raise ValidationError("step.index", "must be at least 1")
         check_text(name, "step.name", MAX_STEP_NAME_LEN, required=True)
         text = parse_json(result, "step.result", self.max_payload_bytes)
         row, why = await self._write(Step(
-            lease, now, session, index=index, name=name, result=text, max_history_bytes=self.max_history_bytes,
+            lease, now, stream, index=index, name=name, result=text, max_history_bytes=self.max_history_bytes,
             max_history_steps=self.max_history_steps))
         if row is not None:
             return row
@@ -213,26 +213,26 @@ class LeaseStore:
             f"the {index - 1} steps recorded are kept")
 
     async def save_checkpoint(
-        self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, state: bytes, now: datetime | None = None, stream: str | None = None
     ) -> None:
         text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
-        await self._guarded(Checkpoint(lease, now, session, state=text))
+        await self._guarded(Checkpoint(lease, now, stream, state=text))
 
     async def report_progress(
         self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> None:
         check_text(message, "progress.message", MAX_PROGRESS_MESSAGE_LEN)
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
-        await self._guarded(Progress(lease, now, session, message=message, fraction=fraction))
+        await self._guarded(Progress(lease, now, stream, message=message, fraction=fraction))
 
     async def complete(
-        self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, result: bytes, now: datetime | None = None, stream: str | None = None
     ) -> float | None:
         """Returns the intent's age at completion, or None for a repeat."""
         text = parse_json(result, "complete.result", self.max_payload_bytes)
-        row, why = await self._write(Complete(lease, now, session, result=text))
+        row, why = await self._write(Complete(lease, now, stream, result=text))
         if row is not None:
             return float(row["age_s"])
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
@@ -241,13 +241,13 @@ class LeaseStore:
 
     async def fail(
         self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> Row:
         code = code or "AGENT_ERROR"
         if len(code) > MAX_FAIL_CODE_LEN or not code.isascii() or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", f"must be up to {MAX_FAIL_CODE_LEN} characters of [A-Za-z0-9_.]")
         message = check_text(message[:MAX_FAIL_MESSAGE_LEN], "fail.message", MAX_FAIL_MESSAGE_LEN)
-        row, why = await self._write(Fail(lease, now, session, code=code, message=message, retryable=retryable))
+        row, why = await self._write(Fail(lease, now, stream, code=code, message=message, retryable=retryable))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == "fail":
@@ -255,11 +255,11 @@ class LeaseStore:
         self._refuse(lease, why)
 
     async def release(
-        self, lease: LeaseRef, reason: str, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, reason: str, now: datetime | None = None, stream: str | None = None
     ) -> Row:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
-        row, why = await self._write(Release(lease, now, session, reason=reason))
+        row, why = await self._write(Release(lease, now, stream, reason=reason))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == reason:

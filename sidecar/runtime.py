@@ -3,7 +3,7 @@ loopback port.
 
 Every write is forwarded upstream and answered only after the control plane
 committed it; a refusal comes back as the same gRPC status. ``Attach`` is the
-agent's session: when it ends, whatever the agent held is released at once.
+agent's stream: when it ends, whatever the agent held is released at once.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The usual way a killed agent shows up; its session ends below.
+            # The usual way a killed agent shows up; its stream ends below.
             log.info("agent %d stream broke: %r", agent.id, exc)
         finally:
             agent.close()

@@ -68,7 +68,7 @@ class ClaimLoop:
         for row in rows:
             with contextlib.suppress(Exception):
                 await self.store.release(LeaseRef(row["id"], row["attempt"], row["lease_token"]), "DRAINED",
-                                         session=stream.id)
+                                         stream=stream.id)
         if cancelled:
             raise asyncio.CancelledError
         return False

@@ -144,7 +144,7 @@ class StreamLeases:
             elif intent_id not in self._held:
                 del self._dropped[intent_id]
                 try:
-                    await store.release(lease, "SIDECAR_STOPPED", session=self.stream_id)
+                    await store.release(lease, "SIDECAR_STOPPED", stream=self.stream_id)
                     log.warning("released %s: its stream %s had dropped it but still held it", intent_id,
                                 self.stream_id)
                 except Exception as exc:

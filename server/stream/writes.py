@@ -73,7 +73,7 @@ class WriteRouter:
         retries = 0
         while True:
             try:
-                await self.store.ack(lease_ref(msg), session=stream.id)
+                await self.store.ack(lease_ref(msg), stream=stream.id)
                 return
             except errors.FailedPrecondition as exc:
                 held = stream.leases.get(msg.intent_id, msg.token)
@@ -115,23 +115,23 @@ class WriteRouter:
             mine = stream.id
             if op == "step":
                 row = await self.store.record_step(
-                    lease, write.step.index, write.step.name, write.step.result, session=mine)
+                    lease, write.step.index, write.step.name, write.step.result, stream=mine)
                 result.step.CopyFrom(step_to_proto(row))
                 metrics.STEPS_RECORDED.inc()
             elif op == "checkpoint":
-                await self.store.save_checkpoint(lease, write.checkpoint.state, session=mine)
+                await self.store.save_checkpoint(lease, write.checkpoint.state, stream=mine)
             elif op == "progress":
-                await self.store.report_progress(lease, write.progress.message, write.progress.fraction, session=mine)
+                await self.store.report_progress(lease, write.progress.message, write.progress.fraction, stream=mine)
             elif op == "complete":
-                age = await self.store.complete(lease, write.complete.result, session=mine)
+                age = await self.store.complete(lease, write.complete.result, stream=mine)
                 if age is not None:
                     metrics.observe_end_to_end("COMPLETED", age)
             elif op == "fail":
                 ended = await self.store.fail(
-                    lease, write.fail.code, write.fail.message, write.fail.retryable, session=mine)
+                    lease, write.fail.code, write.fail.message, write.fail.retryable, stream=mine)
                 count_attempt_end(ended, metrics.FAILED_RETRYABLE)
             elif op == "release":
-                ended = await self.store.release(lease, write.release.reason, session=mine)
+                ended = await self.store.release(lease, write.release.reason, stream=mine)
                 count_attempt_end(ended, metrics.release_cause(write.release.reason))
             else:
                 raise ValidationError("write.op", "is required")

@@ -83,9 +83,9 @@ async def _prepare(store: IntentStore, leases: LeaseStore, address: str, roles: 
     refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
     for ref, role in zip(refs, roles, strict=True):
         if role != "delivered":
-            await leases.ack(ref, session="s1")
+            await leases.ack(ref, stream="s1")
         if role == "stepped":
-            await leases.record_step(ref, 1, "a", b'{"n": 1}', session="s1")
+            await leases.record_step(ref, 1, "a", b'{"n": 1}', stream="s1")
     return refs
 
 
@@ -98,41 +98,41 @@ Op = Callable[[LeaseStore, list[LeaseRef]], Awaitable[Any]]
 def _ops() -> list[Op]:
     late = datetime.now(UTC) + timedelta(hours=2)
     ops: list[Op] = [
-        lambda s, r: s.ack(r[0], session="s1"),
-        lambda s, r: s.record_step(r[2], 1, "a", b'{"n": 1}', session="s1"),
-        lambda s, r: s.ack(r[1], session="s1"),
+        lambda s, r: s.ack(r[0], stream="s1"),
+        lambda s, r: s.record_step(r[2], 1, "a", b'{"n": 1}', stream="s1"),
+        lambda s, r: s.ack(r[1], stream="s1"),
         # A second write of intent 0, right behind its ack.
-        lambda s, r: s.record_step(r[0], 1, "a", b"[1]", session="s1"),
+        lambda s, r: s.record_step(r[0], 1, "a", b"[1]", stream="s1"),
         # Steps of one intent in index order.
-        lambda s, r: s.record_step(r[2], 2, "b", b'{"n": 2}', session="s1"),
-        lambda s, r: s.record_step(r[3], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.complete(r[4], b'{"done": 4}', session="s1"),
+        lambda s, r: s.record_step(r[2], 2, "b", b'{"n": 2}', stream="s1"),
+        lambda s, r: s.record_step(r[3], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.complete(r[4], b'{"done": 4}', stream="s1"),
         # Fenced: a token that is not the lease's, and a stream that does not hold it.
-        lambda s, r: s.record_step(LeaseRef(r[5].intent_id, 1, uuid.uuid4()), 1, "a", b"{}", session="s1"),
-        lambda s, r: s.record_step(r[6], 1, "a", b"{}", session="s2"),
+        lambda s, r: s.record_step(LeaseRef(r[5].intent_id, 1, uuid.uuid4()), 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.record_step(r[6], 1, "a", b"{}", stream="s2"),
         # A repeat of a step that committed, then a divergent one.
-        lambda s, r: s.record_step(r[7], 1, "a", b'{"other": 1}', session="s1"),
-        lambda s, r: s.record_step(r[7], 1, "x", b"{}", session="s1"),
+        lambda s, r: s.record_step(r[7], 1, "a", b'{"other": 1}', stream="s1"),
+        lambda s, r: s.record_step(r[7], 1, "x", b"{}", stream="s1"),
         # A repeat of a completion in the same batch.
-        lambda s, r: s.complete(r[4], b'{"done": 4}', session="s1"),
-        lambda s, r: s.save_checkpoint(r[8], b'{"at": 8}', session="s1"),
-        lambda s, r: s.report_progress(r[8], "half", 0.5, session="s1"),
-        lambda s, r: s.fail(r[8], "BOOM", "it broke", True, session="s1"),
-        lambda s, r: s.complete(r[8], b"{}", session="s1"),  # after the failure: stale
-        lambda s, r: s.release(r[9], "DRAINED", session="s1"),
+        lambda s, r: s.complete(r[4], b'{"done": 4}', stream="s1"),
+        lambda s, r: s.save_checkpoint(r[8], b'{"at": 8}', stream="s1"),
+        lambda s, r: s.report_progress(r[8], "half", 0.5, stream="s1"),
+        lambda s, r: s.fail(r[8], "BOOM", "it broke", True, stream="s1"),
+        lambda s, r: s.complete(r[8], b"{}", stream="s1"),  # after the failure: stale
+        lambda s, r: s.release(r[9], "DRAINED", stream="s1"),
         # A step before the ack of its delivery is refused; the ack then applies.
-        lambda s, r: s.record_step(r[10], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.ack(r[10], session="s1"),
-        lambda s, r: s.complete(r[3], b'{"done": 3}', session="s1"),
-        lambda s, r: s.record_step(r[11], 1, "a", b"{}", now=late, session="s1"),  # past the deadline
-        lambda s, r: s.record_step(r[5], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.ack(r[2], session="s1"),  # a repeated acknowledgement
+        lambda s, r: s.record_step(r[10], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.ack(r[10], stream="s1"),
+        lambda s, r: s.complete(r[3], b'{"done": 3}', stream="s1"),
+        lambda s, r: s.record_step(r[11], 1, "a", b"{}", now=late, stream="s1"),  # past the deadline
+        lambda s, r: s.record_step(r[5], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.ack(r[2], stream="s1"),  # a repeated acknowledgement
     ]
     # Wide: many intents' steps among the writes above, their completions after.
     for i in range(12, 12 + EXTRA):
-        ops.insert(i - 12, lambda s, r, i=i: s.record_step(r[i], 1, "e", b'{"e": 1}', session="s1"))
+        ops.insert(i - 12, lambda s, r, i=i: s.record_step(r[i], 1, "e", b'{"e": 1}', stream="s1"))
     for i in range(12, 12 + EXTRA):
-        ops.append(lambda s, r, i=i: s.complete(r[i], b"{}", session="s1"))
+        ops.append(lambda s, r, i=i: s.complete(r[i], b"{}", stream="s1"))
     return ops
 
 
@@ -245,14 +245,14 @@ async def test_a_write_that_matches_nothing_is_explained_in_its_transaction(db, 
         grouped = LeaseStore(db, max_payload_bytes=128 * 1024, batcher=batcher)
         # Alone, the step would find the delivery not yet acknowledged: stale,
         # even though the ack behind it in the same batch then applies.
-        step, ack = await asyncio.gather(grouped.record_step(ref, 1, "a", b"{}", session="s1"),
-                                         grouped.ack(ref, session="s1"), return_exceptions=True)
+        step, ack = await asyncio.gather(grouped.record_step(ref, 1, "a", b"{}", stream="s1"),
+                                         grouped.ack(ref, stream="s1"), return_exceptions=True)
         assert isinstance(step, errors.StaleLease) and "DELIVERED" in str(step)
         assert ack is None
         assert batcher.batches == 1
         # A repeat of a committed step is answered with the stored record.
-        first = await grouped.record_step(ref, 1, "a", b'{"v": 1}', session="s1")
-        again = await grouped.record_step(ref, 1, "a", b'{"v": 2}', session="s1")
+        first = await grouped.record_step(ref, 1, "a", b'{"v": 1}', stream="s1")
+        again = await grouped.record_step(ref, 1, "a", b'{"v": 2}', stream="s1")
         assert {k: again[k] for k in ("idx", "name", "result", "attempt", "record_time")} == \
                {k: first[k] for k in ("idx", "name", "result", "attempt", "record_time")}
     finally:
@@ -283,9 +283,9 @@ async def test_set_based_writes_are_prepared_once_and_planned_once(databases, ag
         leases = LeaseStore(db, max_payload_bytes=1024)
         refs = await _prepare(store, leases, agent_address, ["delivered"] * 12)
         for ref in refs:
-            await leases.ack(ref, session="s1")
-            await leases.record_step(ref, 1, "a", b"{}", session="s1")
-            await leases.complete(ref, b"{}", session="s1")
+            await leases.ack(ref, stream="s1")
+            await leases.record_step(ref, 1, "a", b"{}", stream="s1")
+            await leases.complete(ref, b"{}", stream="s1")
         async with db.connection() as conn:
             plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await conn.fetch(
                 "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")}
