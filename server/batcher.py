@@ -50,7 +50,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from operator import attrgetter
+from typing import Any, Protocol, TypeAlias
 
 import asyncpg
 
@@ -72,12 +73,19 @@ class WriteKind:
     # ranked in lifecycle order (ack before step before complete), the
     # writes of one intent usually all fit in the first round.
     rank: int
-    # The attributes of a write that are the statement's arrays, in order.
+    # The attributes of a write (dotted paths) that are the statement's
+    # arrays, in order.
     columns: tuple[str, ...]
     # A set-based query (same conventions) reading why writes matched
     # nothing, from the attributes ``explain_columns``.
     explain: str | None = None
     explain_columns: tuple[str, ...] = ()
+    getters: tuple[Callable[[Any], Any], ...] = field(init=False)
+    explain_getters: tuple[Callable[[Any], Any], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "getters", tuple(map(attrgetter, self.columns)))
+        object.__setattr__(self, "explain_getters", tuple(map(attrgetter, self.explain_columns)))
 
 
 class Params(Protocol):
@@ -97,11 +105,11 @@ Outcome: TypeAlias = tuple[Row | None, Row | None]
 
 
 async def _set_based(
-    conn: asyncpg.Connection, query: str, columns: Sequence[str], writes: Sequence[Params]
+    conn: asyncpg.Connection, query: str, getters: Sequence[Callable[[Any], Any]], writes: Sequence[Params]
 ) -> list[Row | None]:
     if not writes:
         return []  # no arrays to send, and nothing to do
-    arrays = [[getattr(write, column) for write in writes] for column in columns]
+    arrays = [list(map(getter, writes)) for getter in getters]
     results: list[Row | None] = [None] * len(writes)
     for row in await conn.fetch(query, *arrays):
         results[row["ord"] - 1] = row
@@ -111,12 +119,12 @@ async def _set_based(
 async def apply_group(conn: asyncpg.Connection, kind: WriteKind, writes: Sequence[Params]) -> list[Outcome]:
     """Runs a group of writes of one kind (at most one per intent) as one
     statement, then explains the writes that matched nothing."""
-    rows = await _set_based(conn, kind.query, kind.columns, writes)
+    rows = await _set_based(conn, kind.query, kind.getters, writes)
     whys: list[Row | None] = [None] * len(writes)
     if kind.explain is not None:
         missed = [i for i, row in enumerate(rows) if row is None]
         if missed:
-            found = await _set_based(conn, kind.explain, kind.explain_columns, [writes[i] for i in missed])
+            found = await _set_based(conn, kind.explain, kind.explain_getters, [writes[i] for i in missed])
             for i, why in zip(missed, found, strict=True):
                 whys[i] = why
     return list(zip(rows, whys, strict=True))

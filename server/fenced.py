@@ -21,13 +21,14 @@ from intentd.server.batcher import WriteKind
 from intentd.server.ids import looks_like_id
 from intentd.server.queries import Q
 
+# Every fenced statement starts with the lease, in this order.
+_LEASE = ("lease.intent_id", "lease.token", "lease.attempt")
 # What every fenced write's diagnosis reads (write_diagnoses, in its order).
-_DIAGNOSIS = ("intent_id", "token", "attempt", "step_index", "stream", "at")
+_DIAGNOSIS = (*_LEASE, "step_index", "stream", "at")
 
 
 def _kind(name: str, query: str, rank: int, *columns: str) -> WriteKind:
-    # Every fenced statement starts with the lease, in this order.
-    return WriteKind(name, query, rank, ("intent_id", "token", "attempt", *columns), Q.write_diagnoses, _DIAGNOSIS)
+    return WriteKind(name, query, rank, (*_LEASE, *columns), Q.write_diagnoses, _DIAGNOSIS)
 
 
 @dataclass(frozen=True)
@@ -69,18 +70,6 @@ class FencedWrite:
         return self.lease.intent_id
 
     @property
-    def intent_id(self) -> str:
-        return self.lease.intent_id
-
-    @property
-    def token(self) -> uuid.UUID:
-        return self.lease.token
-
-    @property
-    def attempt(self) -> int:
-        return self.lease.attempt
-
-    @property
     def step_index(self) -> int:
         """The step whose record the diagnosis reads (0: none)."""
         return 0
@@ -88,11 +77,17 @@ class FencedWrite:
 
 @dataclass(frozen=True)
 class Ack(FencedWrite):
+    """The sidecar took the delivery: DELIVERED to IN_PROGRESS, the lease
+    now renewed by the heartbeat timeout."""
+
     kind = _kind("ack", Q.ack_assignments, 0, "at", "stream")
 
 
 @dataclass(frozen=True)
 class Step(FencedWrite):
+    """A step's result, recorded once and in order, within the intent's
+    history limits (steps and bytes)."""
+
     kind = _kind("step", Q.record_steps, 1, "index", "name", "result", "at", "stream", "max_history_bytes",
                  "max_history_steps")
 
@@ -109,6 +104,9 @@ class Step(FencedWrite):
 
 @dataclass(frozen=True)
 class Checkpoint(FencedWrite):
+    """The attempt's free-form state, replacing the last one; a later
+    attempt of the intent gets it in its assignment."""
+
     kind = _kind("checkpoint", Q.save_checkpoints, 2, "state", "at", "stream")
 
     state: str  # JSON text
@@ -116,6 +114,8 @@ class Checkpoint(FencedWrite):
 
 @dataclass(frozen=True)
 class Progress(FencedWrite):
+    """A message and the fraction done (0 to 1), kept and sent as an event."""
+
     kind = _kind("progress", Q.report_progresses, 3, "message", "fraction", "at", "stream")
 
     message: str
@@ -124,6 +124,8 @@ class Progress(FencedWrite):
 
 @dataclass(frozen=True)
 class Complete(FencedWrite):
+    """The attempt's result: the intent is COMPLETED."""
+
     kind = _kind("complete", Q.complete_intents, 4, "result", "at", "stream")
 
     result: str  # JSON text
@@ -131,6 +133,10 @@ class Complete(FencedWrite):
 
 @dataclass(frozen=True)
 class Fail(FencedWrite):
+    """The attempt failed: another attempt follows after the backoff when
+    ``retryable`` and attempts are left (intentd_attempt_end decides),
+    else the intent is FAILED."""
+
     kind = _kind("fail", Q.fail_intents, 5, "code", "message", "retryable", "at", "stream")
 
     code: str
@@ -140,6 +146,10 @@ class Fail(FencedWrite):
 
 @dataclass(frozen=True)
 class Release(FencedWrite):
+    """The intent given back without a result for redelivery at once
+    (``reason``: one of leases.RELEASE_REASONS; intentd_attempt_end decides
+    whether an attempt is left)."""
+
     kind = _kind("release", Q.release_intents, 6, "reason", "at", "stream")
 
     reason: str
