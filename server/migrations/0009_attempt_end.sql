@@ -9,9 +9,10 @@
 -- (a release redelivers at once).
 CREATE FUNCTION intentd_attempt_end(
     retry boolean, attempt integer, max_attempts integer, backoff boolean,
-    retry_backoff_ms integer, retry_backoff_max_ms integer, at timestamptz,
-    OUT state intent_state, OUT available_at timestamptz, OUT finish_time timestamptz, OUT exhausted boolean
-) LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    retry_backoff_ms integer, retry_backoff_max_ms integer, at timestamptz
+) RETURNS TABLE (state intent_state, available_at timestamptz, finish_time timestamptz, exhausted boolean)
+-- A set of one row, so that the planner inlines it into each statement.
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN again THEN 'PENDING' ELSE 'FAILED' END::intent_state,
            at + CASE WHEN backoff
                      THEN least(retry_backoff_max_ms, retry_backoff_ms * power(2, greatest(attempt - 1, 0)))
