@@ -15,7 +15,7 @@ import pytest
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, WriteKind, _Write, plan
 from intentd.server.db import Database
-from intentd.server.fenced import ACK, COMPLETE, STEP, Complete, Step
+from intentd.server.fenced import ACK, CHECKPOINT, COMPLETE, FAIL, PROGRESS, RELEASE, STEP, Complete, Step
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 
@@ -294,3 +294,15 @@ async def test_set_based_writes_are_prepared_once_and_planned_once(databases, ag
             assert generic + custom >= 12 and custom <= 5, (kind.name, generic, custom)
     finally:
         await db.close()
+
+
+def test_each_write_kind_names_one_column_per_parameter_of_its_statements() -> None:
+    from intentd.server.store import INSERT as INSERT_INTENTS
+
+    def parameters(query: str) -> int:
+        return max(int(n) for n in re.findall(r"\$(\d+)", query))
+
+    for kind in (ACK, STEP, CHECKPOINT, PROGRESS, COMPLETE, FAIL, RELEASE, INSERT_INTENTS):
+        assert parameters(kind.query) == len(kind.columns), kind.name
+        if kind.explain is not None:
+            assert parameters(kind.explain) == len(kind.explain_columns), kind.name
