@@ -47,9 +47,8 @@ class StreamLease:
     async def ack_settled(self, within: float) -> None:
         """Waits, at most ``within`` seconds, until the lease's ack was
         handled; after that a write goes ahead and the database judges it."""
-        if not self.acked.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.acked), within)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.acked), within)
 
     def settle_ack(self) -> None:
         if not self.acked.done():

@@ -103,7 +103,7 @@ class WriteRouter:
         held = stream.leases.get(write.lease.intent_id, write.lease.token)
         final = op in FINAL_OPS
         if held is not None:
-            if op in AFTER_ACK_OPS:
+            if op in AFTER_ACK_OPS and not held.acked.done():
                 # Ack before writes: a write that overtook its lease's ack (or
                 # ran beside it) would find the intent still DELIVERED.
                 await held.ack_settled(self.ack_wait_s)
