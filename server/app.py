@@ -142,8 +142,8 @@ class ControlPlane:
 
         metrics.bind_pool(self.db.pool)
         agents = self.agents
-        metrics.CONNECTED_SIDECARS.set_function(lambda: len(agents.sessions))
-        metrics.ASSIGNMENTS_IN_FLIGHT.set_function(lambda: sum(len(s.held) for s in agents.sessions))
+        metrics.CONNECTED_SIDECARS.set_function(lambda: len(agents.streams))
+        metrics.ASSIGNMENTS_IN_FLIGHT.set_function(lambda: sum(len(s.leases) for s in agents.streams))
         if self.settings.metrics_listen:
             token_file = self.settings.metrics_token_file
             token = token_file.read_text().strip() if token_file is not None else None

@@ -10,7 +10,8 @@ holding its write has committed: nothing is acknowledged early.
 Inside a transaction the writes are set-based: the writes of one kind (all
 the acks, all the steps...) go to PostgreSQL as one statement over arrays
 (``WriteKind``; the statements are in ``sql/leases.sql`` and, for new
-intents, ``sql/intents.sql``), so a batch costs
+intents, ``sql/intents.sql``), one array per column of the kind, read by name
+from each write's typed parameter object (``Params``), so a batch costs
 one round trip, one plan and one event notification per kind instead of one
 of each per write. A statement can change a row only once, so a group holds
 at most one write per intent; a later write of an intent already in the
@@ -49,7 +50,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from operator import attrgetter
+from typing import Any, Protocol, TypeAlias
 
 import asyncpg
 
@@ -62,7 +64,7 @@ log = logging.getLogger("intentd.batcher")
 @dataclass(frozen=True, eq=False)
 class WriteKind:
     """A kind of write whose statement applies a group of them at once: it
-    takes one array per argument and returns a row, carrying the write's
+    takes one array per column and returns a row, carrying the write's
     1-based position in the arrays as ``ord``, for each write that applied."""
 
     name: str
@@ -71,9 +73,30 @@ class WriteKind:
     # ranked in lifecycle order (ack before step before complete), the
     # writes of one intent usually all fit in the first round.
     rank: int
+    # The attributes of a write (dotted paths) that are the statement's
+    # arrays, in order.
+    columns: tuple[str, ...]
     # A set-based query (same conventions) reading why writes matched
-    # nothing; each write brings its own arguments for it.
+    # nothing, from the attributes ``explain_columns``.
     explain: str | None = None
+    explain_columns: tuple[str, ...] = ()
+    getters: tuple[Callable[[Any], Any], ...] = field(init=False)
+    explain_getters: tuple[Callable[[Any], Any], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "getters", tuple(map(attrgetter, self.columns)))
+        object.__setattr__(self, "explain_getters", tuple(map(attrgetter, self.explain_columns)))
+
+
+class Params(Protocol):
+    """A write's typed parameter object: its kind, the intent it writes
+    (which orders the writes of one intent) and an attribute per column."""
+
+    @property
+    def kind(self) -> WriteKind: ...
+
+    @property
+    def key(self) -> str: ...
 
 
 # What a write got: its row, or None and what explains that (None when the
@@ -81,28 +104,27 @@ class WriteKind:
 Outcome: TypeAlias = tuple[Row | None, Row | None]
 
 
-async def _set_based(conn: asyncpg.Connection, query: str, args: Sequence[Sequence[Any]]) -> list[Row | None]:
-    if not args:
-        return []  # no arrays to send (zip of nothing), and nothing to do
-    columns = [list(column) for column in zip(*args, strict=True)]
-    results: list[Row | None] = [None] * len(args)
-    for row in await conn.fetch(query, *columns):
+async def _set_based(
+    conn: asyncpg.Connection, query: str, getters: Sequence[Callable[[Any], Any]], writes: Sequence[Params]
+) -> list[Row | None]:
+    if not writes:
+        return []  # no arrays to send, and nothing to do
+    arrays = [list(map(getter, writes)) for getter in getters]
+    results: list[Row | None] = [None] * len(writes)
+    for row in await conn.fetch(query, *arrays):
         results[row["ord"] - 1] = row
     return results
 
 
-async def apply_group(
-    conn: asyncpg.Connection, kind: WriteKind, args: Sequence[Sequence[Any]],
-    explain_args: Sequence[Sequence[Any] | None] | None = None,
-) -> list[Outcome]:
+async def apply_group(conn: asyncpg.Connection, kind: WriteKind, writes: Sequence[Params]) -> list[Outcome]:
     """Runs a group of writes of one kind (at most one per intent) as one
     statement, then explains the writes that matched nothing."""
-    rows = await _set_based(conn, kind.query, args)
-    whys: list[Row | None] = [None] * len(args)
-    if kind.explain is not None and explain_args is not None:
-        missed = [i for i, row in enumerate(rows) if row is None and explain_args[i] is not None]
+    rows = await _set_based(conn, kind.query, kind.getters, writes)
+    whys: list[Row | None] = [None] * len(writes)
+    if kind.explain is not None:
+        missed = [i for i, row in enumerate(rows) if row is None]
         if missed:
-            found = await _set_based(conn, kind.explain, [explain_args[i] or () for i in missed])
+            found = await _set_based(conn, kind.explain, kind.explain_getters, [writes[i] for i in missed])
             for i, why in zip(missed, found, strict=True):
                 whys[i] = why
     return list(zip(rows, whys, strict=True))
@@ -110,13 +132,18 @@ async def apply_group(
 
 @dataclass(eq=False)
 class _Write:
-    kind: WriteKind
-    key: str  # the intent written; orders the writes of one intent
-    args: Sequence[Any]
-    explain_args: Sequence[Any] | None = None
+    params: Params
     done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     result: Outcome = (None, None)
     error: BaseException | None = None  # what PostgreSQL refused this write with, in isolation
+
+    @property
+    def kind(self) -> WriteKind:
+        return self.params.kind
+
+    @property
+    def key(self) -> str:
+        return self.params.key
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -194,16 +221,14 @@ class WriteBatcher:
                 write.done.set_exception(convert_error(ConnectionError("server shutting down")) or RuntimeError())
         self._queue.clear()
 
-    async def write(
-        self, kind: WriteKind, intent_id: str, args: Sequence[Any], explain_args: Sequence[Any] | None = None
-    ) -> Outcome:
-        """Applies one write of ``kind`` to an intent in the next group
-        commit; returns its row, or None and why."""
+    async def write(self, params: Params) -> Outcome:
+        """Applies one write in the next group commit; returns its row, or
+        None and why."""
         if self._closed or not self._tasks:
             async with self.db.connection() as conn:
-                (outcome,) = await apply_group(conn, kind, [args], [explain_args])
+                (outcome,) = await apply_group(conn, params.kind, [params])
                 return outcome
-        write = _Write(kind, intent_id, args, explain_args)
+        write = _Write(params)
         self._queue.append(write)
         self._wake.set()
         return await write.done
@@ -322,6 +347,6 @@ class WriteBatcher:
 
     @staticmethod
     async def _apply(conn: asyncpg.Connection, step: list[_Write]) -> None:
-        outcomes = await apply_group(conn, step[0].kind, [w.args for w in step], [w.explain_args for w in step])
+        outcomes = await apply_group(conn, step[0].kind, [w.params for w in step])
         for write, outcome in zip(step, outcomes, strict=True):
             write.result = outcome

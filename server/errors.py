@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import grpc
 
+from intentd.core.errors import IntentdError
 
-class ServerError(Exception):
+
+class ServerError(IntentdError):
     """Base of every error the control plane raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -58,7 +60,3 @@ class Unauthenticated(ServerError):
 
 class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class ConfigError(ServerError):
-    """A setting is invalid; the message names it."""

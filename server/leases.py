@@ -14,48 +14,24 @@ from intentd.core.errors import ValidationError
 from intentd.core.limits import MAX_FAIL_CODE_LEN, MAX_FAIL_MESSAGE_LEN, MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
 from intentd.core.validation import check_text, parse_json
 from intentd.server import errors, history
-from intentd.server.batcher import Outcome, WriteBatcher, WriteKind, apply_group
+from intentd.server.batcher import Outcome, WriteBatcher, apply_group
 from intentd.server.db import Database, Row
-from intentd.server.ids import looks_like_id
+from intentd.server.fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
 from intentd.server.queries import Q
+
+__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore", "Rebound"]
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 # No byte bound (PostgreSQL bigint).
 UNBOUNDED = 2**62
 
-# The fenced writes of an attempt, each one set-based statement for a group
-# of writes (see WriteBatcher), ranked in the order an attempt makes them.
-ACK = WriteKind("ack", Q.ack_assignments, 0, Q.write_diagnoses)
-STEP = WriteKind("step", Q.record_steps, 1, Q.write_diagnoses)
-CHECKPOINT = WriteKind("checkpoint", Q.save_checkpoints, 2, Q.write_diagnoses)
-PROGRESS = WriteKind("progress", Q.report_progresses, 3, Q.write_diagnoses)
-COMPLETE = WriteKind("complete", Q.complete_intents, 4, Q.write_diagnoses)
-FAIL = WriteKind("fail", Q.fail_intents, 5, Q.write_diagnoses)
-RELEASE = WriteKind("release", Q.release_intents, 6, Q.write_diagnoses)
-
-
 @dataclass(frozen=True)
-class LeaseRef:
-    intent_id: str
-    attempt: int
-    token: uuid.UUID
+class Rebound:
+    """A lease moved to a new stream: the intent's event seq, and whether
+    the lease was acknowledged already."""
 
-    @classmethod
-    def parse(cls, intent_id: str, attempt: int, token: str) -> LeaseRef:
-        if not intent_id:
-            raise ValidationError("lease.intent_id", "is required")
-        if not looks_like_id(intent_id):
-            # Checked here, before the write joins a batch: an id PostgreSQL
-            # cannot even store (a NUL) would fail the statement shared with
-            # other tenants' writes.
-            raise ValidationError("lease.intent_id", f"{intent_id[:40]!r} is not an intent id")
-        if attempt < 1:
-            raise ValidationError("lease.attempt", "must be at least 1")
-        try:
-            parsed = uuid.UUID(token)
-        except ValueError:
-            raise ValidationError("lease.token", "is not a lease token") from None
-        return cls(intent_id, attempt, parsed)
+    seq: int
+    acked: bool
 
 
 def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.StaleLease:
@@ -87,25 +63,19 @@ class LeaseStore:
         self.max_history_steps = max_history_steps
         self.page_bytes = page_bytes
 
-    async def _write(
-        self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None, index: int = 0,
-        session: str | None = None,
-    ) -> Outcome:
+    async def _write(self, write: FencedWrite) -> Outcome:
         """A fenced write, through the group commit when there is one: its
-        row, or None and the write's diagnosis (``write_diagnoses`` at
-        ``now``, for step ``index`` and checking that ``session`` holds the
-        lease), read right after the write."""
-        write_args = (lease.intent_id, lease.token, lease.attempt, *args)
-        explain_args = (lease.intent_id, lease.token, lease.attempt, index, session, now)
+        row, or None and the write's diagnosis (``write_diagnoses``), read
+        right after the write."""
         if self.batcher is not None:
-            return await self.batcher.write(kind, lease.intent_id, write_args, explain_args)
+            return await self.batcher.write(write)
         async with self.db.connection() as conn:
-            (outcome,) = await apply_group(conn, kind, [write_args], [explain_args])
+            (outcome,) = await apply_group(conn, write.kind, [write])
         return outcome
 
     async def claim(
         self,
-        session: str,
+        stream: str,
         addresses: Sequence[str],
         intent_types: Sequence[str] | None,
         limit: int,
@@ -123,7 +93,7 @@ class LeaseStore:
         fits = self.page_bytes if whole_history else None
         async with self.db.connection() as conn:
             rows = await conn.fetch(
-                Q.claim_intents, session, list(addresses), list(intent_types) if intent_types else None,
+                Q.claim_intents, stream, list(addresses), list(intent_types) if intent_types else None,
                 limit, now, ack_timeout_ms, tenant, fits,
             )
             steps: dict[str, list[Row]] = defaultdict(list)
@@ -138,10 +108,10 @@ class LeaseStore:
         return list(rows), steps
 
     async def recorded_steps(
-        self, lease: LeaseRef, session: str, from_index: int, max_bytes: int, tenant: str = "default",
+        self, lease: LeaseRef, stream: str, from_index: int, max_bytes: int, tenant: str = "default",
     ) -> tuple[int, list[Row]]:
         """A page of the steps recorded for the intent of a live lease held
-        by ``session``: the intent's step count and the steps from
+        by ``stream``: the intent's step count and the steps from
         ``from_index`` on. FAILED_PRECONDITION when the stream does not hold
         the lease (stale, or never its own)."""
         if from_index < 1:
@@ -150,7 +120,7 @@ class LeaseStore:
             raise ValidationError("max_bytes", "must not be negative")
         budget = min(max_bytes or self.page_bytes, self.page_bytes)
         async with self.db.connection() as conn:
-            recorded = await conn.fetchval(Q.lease_holder, lease.intent_id, lease.token, lease.attempt, session,
+            recorded = await conn.fetchval(Q.lease_holder, lease.intent_id, lease.token, lease.attempt, stream,
                                            tenant)
             if recorded is None:
                 raise errors.StaleLease(
@@ -170,42 +140,42 @@ class LeaseStore:
             )
         return value
 
-    async def ack(self, lease: LeaseRef, now: datetime | None = None, session: str | None = None) -> None:
-        row, why = await self._write(ACK, lease, now, session, now=now, session=session)
+    async def ack(self, lease: LeaseRef, now: datetime | None = None, stream: str | None = None) -> None:
+        row, why = await self._write(Ack(lease, now, stream))
         if row is not None:
             return
         if why is not None and why["same_lease"] and why["holds"] and why["state"] == "IN_PROGRESS":
             return  # a repeated acknowledgement
         self._refuse(lease, why)
 
-    async def renew(self, session: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
+    async def renew(self, stream: str, now: datetime | None = None) -> set[tuple[str, uuid.UUID]]:
         async with self.db.connection() as conn:
-            rows = await conn.fetch(Q.renew_leases, session, now)
+            rows = await conn.fetch(Q.renew_leases, stream, now)
         return {(r["id"], r["lease_token"]) for r in rows}
 
     async def rebind(
-        self, lease: LeaseRef, session: str, addresses: Sequence[str], now: datetime | None = None,
+        self, lease: LeaseRef, stream: str, addresses: Sequence[str], now: datetime | None = None,
         tenant: str = "default",
-    ) -> int | None:
-        """Re-binds a lease to a new stream serving ``addresses``; returns the
-        intent's event seq, or None when the lease is no longer live or is
-        for an address the stream does not serve."""
+    ) -> Rebound | None:
+        """Re-binds a lease to a new stream serving ``addresses``; None when
+        the lease is no longer live or is for an address the stream does not
+        serve."""
         async with self.db.connection() as conn:
             row = await conn.fetchrow(
-                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, session, now, tenant, list(addresses))
-        return None if row is None else int(row["last_seq"])
+                Q.rebind_lease, lease.intent_id, lease.token, lease.attempt, stream, now, tenant, list(addresses))
+        return None if row is None else Rebound(int(row["last_seq"]), row["state"] == "IN_PROGRESS")
 
     async def record_step(
         self, lease: LeaseRef, index: int, name: str, result: bytes, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> Row:
         if index < 1:
             raise ValidationError("step.index", "must be at least 1")
         check_text(name, "step.name", MAX_STEP_NAME_LEN, required=True)
         text = parse_json(result, "step.result", self.max_payload_bytes)
-        row, why = await self._write(
-            STEP, lease, index, name, text, now, session, self.max_history_bytes, self.max_history_steps,
-            now=now, index=index, session=session)
+        row, why = await self._write(Step(
+            lease, now, stream, index=index, name=name, result=text, max_history_bytes=self.max_history_bytes,
+            max_history_steps=self.max_history_steps))
         if row is not None:
             return row
         if why is None:
@@ -243,26 +213,26 @@ class LeaseStore:
             f"the {index - 1} steps recorded are kept")
 
     async def save_checkpoint(
-        self, lease: LeaseRef, state: bytes, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, state: bytes, now: datetime | None = None, stream: str | None = None
     ) -> None:
         text = parse_json(state, "checkpoint.state", self.max_payload_bytes)
-        await self._guarded(CHECKPOINT, lease, text, now, session, now=now)
+        await self._guarded(Checkpoint(lease, now, stream, state=text))
 
     async def report_progress(
         self, lease: LeaseRef, message: str, fraction: float, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> None:
         check_text(message, "progress.message", MAX_PROGRESS_MESSAGE_LEN)
         if not 0.0 <= fraction <= 1.0:
             raise ValidationError("progress.fraction", "must be between 0 and 1")
-        await self._guarded(PROGRESS, lease, message, fraction, now, session, now=now)
+        await self._guarded(Progress(lease, now, stream, message=message, fraction=fraction))
 
     async def complete(
-        self, lease: LeaseRef, result: bytes, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, result: bytes, now: datetime | None = None, stream: str | None = None
     ) -> float | None:
         """Returns the intent's age at completion, or None for a repeat."""
         text = parse_json(result, "complete.result", self.max_payload_bytes)
-        row, why = await self._write(COMPLETE, lease, text, now, session, now=now)
+        row, why = await self._write(Complete(lease, now, stream, result=text))
         if row is not None:
             return float(row["age_s"])
         if why is not None and why["same_lease"] and why["state"] == "COMPLETED":
@@ -271,13 +241,13 @@ class LeaseStore:
 
     async def fail(
         self, lease: LeaseRef, code: str, message: str, retryable: bool, now: datetime | None = None,
-        session: str | None = None,
+        stream: str | None = None,
     ) -> Row:
         code = code or "AGENT_ERROR"
         if len(code) > MAX_FAIL_CODE_LEN or not code.isascii() or not code.replace("_", "").replace(".", "").isalnum():
             raise ValidationError("fail.code", f"must be up to {MAX_FAIL_CODE_LEN} characters of [A-Za-z0-9_.]")
         message = check_text(message[:MAX_FAIL_MESSAGE_LEN], "fail.message", MAX_FAIL_MESSAGE_LEN)
-        row, why = await self._write(FAIL, lease, code, message, retryable, now, session, now=now)
+        row, why = await self._write(Fail(lease, now, stream, code=code, message=message, retryable=retryable))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == "fail":
@@ -285,11 +255,11 @@ class LeaseStore:
         self._refuse(lease, why)
 
     async def release(
-        self, lease: LeaseRef, reason: str, now: datetime | None = None, session: str | None = None
+        self, lease: LeaseRef, reason: str, now: datetime | None = None, stream: str | None = None
     ) -> Row:
         if reason not in RELEASE_REASONS:
             raise ValidationError("release.reason", f"must be one of {', '.join(RELEASE_REASONS)}")
-        row, why = await self._write(RELEASE, lease, reason, now, session, now=now)
+        row, why = await self._write(Release(lease, now, stream, reason=reason))
         if row is not None:
             return row
         if why is not None and why["ended_by"] == reason:
@@ -304,10 +274,10 @@ class LeaseStore:
         async with self.db.connection() as conn:
             return list(await conn.fetch(Q.expire_leases, now, batch))
 
-    async def _guarded(self, kind: WriteKind, lease: LeaseRef, *args: object, now: datetime | None) -> None:
-        row, why = await self._write(kind, lease, *args, now=now)
+    async def _guarded(self, write: FencedWrite) -> None:
+        row, why = await self._write(write)
         if row is None:
-            self._refuse(lease, why)
+            self._refuse(write.lease, why)
 
     @staticmethod
     def _refuse(lease: LeaseRef, why: Row | None) -> NoReturn:

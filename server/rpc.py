@@ -30,7 +30,9 @@ def to_server_error(exc: Exception) -> errors.ServerError | None:
     return convert_error(exc)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    """Ends the call with the status ``exc`` maps to (INTERNAL, logged, for
+    one that maps to none)."""
     mapped = to_server_error(exc)
     if mapped is None:
         log.exception("unexpected error in %s", method, exc_info=exc)
@@ -57,7 +59,7 @@ def unary(role: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[...,
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, exc, fn.__name__)
+                await abort(context, exc, fn.__name__)
                 raise AssertionError("unreachable") from exc
 
         return wrapper
@@ -78,7 +80,7 @@ def server_stream(role: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], C
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, exc, fn.__name__)
+                await abort(context, exc, fn.__name__)
 
         return wrapper
 

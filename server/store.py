@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 
@@ -24,7 +24,9 @@ from intentd.server.queries import Q
 
 # New intents through the group commit: they touch no intent another write
 # of the batch touches, so their rank among the kinds does not matter.
-INSERT = WriteKind("insert", Q.insert_intents, -1)
+INSERT = WriteKind("insert", Q.insert_intents, -1, (
+    "id", "tenant", "intent_type", "to_agent", "sender", "payload", "idempotency_key", "labels", "max_attempts",
+    "deadline", "heartbeat_timeout_ms", "at"))
 
 
 # Rows a listing reads from PostgreSQL at a time.
@@ -56,6 +58,30 @@ class NewIntent:
 
 
 @dataclass(frozen=True)
+class Insert:
+    """One intent's row for insert_intents: a NewIntent with its new id."""
+
+    kind: ClassVar[WriteKind] = INSERT
+
+    id: str
+    tenant: str
+    intent_type: str
+    to_agent: str
+    sender: str
+    payload: str
+    idempotency_key: str | None
+    labels: str  # JSON text
+    max_attempts: int | None
+    deadline: datetime | None
+    heartbeat_timeout_ms: int
+    at: datetime | None
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True)
 class Sent:
     row: Row
     created: bool
@@ -75,14 +101,14 @@ class IntentStore:
         if len(intents) == 1 and self.batcher is not None and intents[0].refuse_if_new is None:
             spec = intents[0]
             # Single sends from many callers share one INSERT and its commit (group commit).
-            args = self._insert_args(tenant, spec, now)
-            row, _ = await self.batcher.write(INSERT, args[0], args)
+            insert = self._insert(tenant, spec, now)
+            row, _ = await self.batcher.write(insert)
             if row is not None:
                 return [self._created(tenant, row)]
             # Its own row from an insert whose answer was lost, or the earlier
             # send holding the key: read back, never inserted again.
             async with self.db.connection() as conn:
-                return [await self._match_existing(conn, tenant, spec, args[0])]
+                return [await self._match_existing(conn, tenant, spec, insert.id)]
         async with self.db.transaction() as conn:
             return await self._send_many(conn, tenant, intents, now)
 
@@ -92,11 +118,11 @@ class IntentStore:
         """One INSERT for the batch; the rows it did not insert (key taken) are
         matched to the earlier sends one by one, in send order."""
         fresh = [i for i, spec in enumerate(intents) if spec.refuse_if_new is None]
-        args = {i: self._insert_args(tenant, intents[i], now) for i in fresh}
-        outcomes = await apply_group(conn, INSERT, [args[i] for i in fresh])
+        inserts = {i: self._insert(tenant, intents[i], now) for i in fresh}
+        outcomes = await apply_group(conn, INSERT, [inserts[i] for i in fresh])
         inserted = {i: row for i, (row, _) in zip(fresh, outcomes, strict=True) if row is not None}
         return [self._created(tenant, inserted[i]) if i in inserted
-                else await self._match_existing(conn, tenant, spec, args[i][0] if i in args else None)
+                else await self._match_existing(conn, tenant, spec, inserts[i].id if i in inserts else None)
                 for i, spec in enumerate(intents)]
 
     @staticmethod
@@ -137,11 +163,12 @@ class IntentStore:
             )
         return Sent(existing, bool(existing["own"]))
 
-    def _insert_args(self, tenant: str, spec: NewIntent, now: datetime | None) -> tuple[Any, ...]:
-        """One intent's elements of the insert_intents arrays; the new id first."""
-        return (
-            new_id(), tenant, spec.intent_type, spec.to_agent, spec.sender, spec.payload, spec.idempotency_key,
-            json.dumps(spec.labels), spec.max_attempts, spec.deadline, self.default_heartbeat_timeout_ms, now,
+    def _insert(self, tenant: str, spec: NewIntent, now: datetime | None) -> Insert:
+        return Insert(
+            id=new_id(), tenant=tenant, intent_type=spec.intent_type, to_agent=spec.to_agent, sender=spec.sender,
+            payload=spec.payload, idempotency_key=spec.idempotency_key, labels=json.dumps(spec.labels),
+            max_attempts=spec.max_attempts, deadline=spec.deadline,
+            heartbeat_timeout_ms=self.default_heartbeat_timeout_ms, at=now,
         )
 
     async def get(self, tenant: str, intent_id: str) -> Row:

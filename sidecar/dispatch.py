@@ -4,7 +4,7 @@ Assignments from the control plane are placed on an attached agent that
 handles the type and has a free slot, or queued briefly until one has.
 Capacity and intent types announced upstream follow the attached agents (so
 the control plane never claims an intent no agent here handles). When an agent's
-session ends, everything it held is released at once (``AGENT_DIED``) so the
+Attach stream ends, everything it held is released at once (``AGENT_DIED``) so the
 control plane redelivers now instead of after a lease timeout.
 """
 
@@ -18,13 +18,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from intentd.core.backoff import Backoff
+from intentd.core.codes import OK
 from intentd.core.framing import MAX_MESSAGE_BYTES
 from intentd.core.limits import MAX_INTENT_TYPES
 from intentd.core.observability import metrics
 from intentd.core.observability.context import bind_log_context, log_context
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
-from .upstream import FAILED_PRECONDITION, OK, STALE_CODES, TERMINAL_OPS, StepsUnavailable, describe
+from .errors import LeaseNotHeld, RecordedStepMismatch, StepsUnavailable
+from .upstream import STALE_CODES, TERMINAL_OPS, describe
 
 log = logging.getLogger("intentd.sidecar.dispatch")
 
@@ -33,10 +36,8 @@ DRAINED = "DRAINED"
 # Shorter than the control plane's ack timeout (5 s): an assignment no agent
 # could take is given back (attempt not charged) before it would time out.
 PLACEMENT_TIMEOUT_S = 2.0
-MAX_RELEASE_BACKOFF_S = 5.0
-# A write refused this soon after its lease's ack is retried (see write()).
-ACK_SETTLE_S = 1.0
-FIRST_RETRY_S = 0.05
+# Releases are retried until their answer is final.
+RELEASE_BACKOFF = Backoff(0.2, 5.0)
 # The most recorded bytes an assignment carries to an agent that does not
 # fetch steps: well inside the agent channel's message limit.
 FILL_BYTES = MAX_MESSAGE_BYTES * 3 // 4
@@ -63,20 +64,8 @@ class Link(Protocol):
                                   max_bytes: int = 0) -> agent_service_pb2.ListRecordedStepsResponse: ...
 
 
-class LeaseNotHeld(Exception):
-    """The lease is not (or no longer) held by this sidecar."""
-
-
-class StepDivergence(Exception):
-    def __init__(self, index: int, recorded: str, name: str) -> None:
-        super().__init__(
-            f"step divergence: step {index} was recorded as {recorded!r} by an earlier attempt, "
-            f"but this attempt calls it {name!r}"
-        )
-
-
 @dataclass(eq=False)
-class AgentSession:
+class AttachedAgent:
     """One attached agent (one open Attach stream)."""
 
     id: int
@@ -142,12 +131,14 @@ class _History:
 
 
 @dataclass(eq=False)
-class _Held:
+class _Placement:
+    """A lease this sidecar holds, and the agent it is placed on (None:
+    queued until one is free)."""
+
     assignment: delivery_pb2.Assignment
     history: _History
-    agent: AgentSession | None = None
+    agent: AttachedAgent | None = None
     acked: bool = False
-    acked_at: float = 0.0
     expiry: asyncio.TimerHandle | None = None
 
     @property
@@ -163,9 +154,8 @@ class Dispatcher:
         # The sidecar's own limit (--intent-type); empty: whatever its agents handle.
         self.intent_types = frozenset(intent_types)
         self.placement_timeout_s = placement_timeout_s
-        self.ack_settle_s = ACK_SETTLE_S
-        self.agents: dict[int, AgentSession] = {}
-        self._held: dict[str, _Held] = {}
+        self.agents: dict[int, AttachedAgent] = {}
+        self._placements: dict[str, _Placement] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._fills: set[asyncio.Task[None]] = set()
@@ -206,13 +196,13 @@ class Dispatcher:
 
     @property
     def held_count(self) -> int:
-        return len(self._held)
+        return len(self._placements)
 
     def health(self) -> dict[str, object]:
         return {
             "agents": len(self.agents),
-            "held": len(self._held),
-            "queued": sum(1 for held in self._held.values() if held.agent is None),
+            "held": len(self._placements),
+            "queued": sum(1 for held in self._placements.values() if held.agent is None),
             "capacity": self.capacity,
             "draining": self.draining,
             "releases_in_flight": len(self._tasks),
@@ -221,9 +211,9 @@ class Dispatcher:
     # ------------------------------------------------------------ agents
 
     def attach(self, intent_types: Iterable[str], capacity: int, *, language: str = "",
-               peer: str = "", fetches_steps: bool = False) -> AgentSession:
+               peer: str = "", fetches_steps: bool = False) -> AttachedAgent:
         # An SDK that leaves capacity unset (0) runs one at a time.
-        agent = AgentSession(
+        agent = AttachedAgent(
             id=next(self._ids),
             intent_types=frozenset(intent_types),
             capacity=min(max(capacity, 1), self.max_capacity),
@@ -238,7 +228,7 @@ class Dispatcher:
         self._pump()
         return agent
 
-    def detach(self, agent: AgentSession) -> None:
+    def detach(self, agent: AttachedAgent) -> None:
         """The agent's stream ended: give back all it held, now. Synchronous so
         it completes even from a cancelled stream handler."""
         if self.agents.pop(agent.id, None) is None:
@@ -251,7 +241,7 @@ class Dispatcher:
         else:
             log.info("agent %d detached", agent.id)
         for token in tokens:
-            held = self._held.pop(token, None)
+            held = self._placements.pop(token, None)
             if held is not None:
                 self._release_soon(held.lease, AGENT_DIED)
         agent.close()
@@ -259,8 +249,8 @@ class Dispatcher:
         self._pump()
         self._check_idle()
 
-    def ack(self, agent: AgentSession, lease: delivery_pb2.Lease) -> bool:
-        held = self._held.get(lease.token)
+    def ack(self, agent: AttachedAgent, lease: delivery_pb2.Lease) -> bool:
+        held = self._placements.get(lease.token)
         if held is None or held.agent is not agent:
             with _about(lease):
                 log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
@@ -268,12 +258,11 @@ class Dispatcher:
         self._acknowledge(held)
         return True
 
-    def _acknowledge(self, held: _Held) -> None:
+    def _acknowledge(self, held: _Placement) -> None:
         # Once only: the control plane takes a second ack of an IN_PROGRESS
         # lease for a stale one and revokes it.
         if not held.acked:
             held.acked = True
-            held.acked_at = asyncio.get_running_loop().time()
             self._link.ack(held.lease)
 
     # ------------------------------------------------------------ from the control plane
@@ -284,15 +273,15 @@ class Dispatcher:
 
     def _take(self, assignment: delivery_pb2.Assignment) -> None:
         lease = assignment.lease
-        if lease.token in self._held:
+        if lease.token in self._placements:
             log.warning("duplicate assignment of %s ignored", describe(lease))
             return
         if self.draining:
             # Sent before our SetCapacity(0) arrived: give it straight back.
             self._release_soon(lease, DRAINED)
             return
-        held = _Held(assignment, history=_History.of(assignment))
-        self._held[lease.token] = held
+        held = _Placement(assignment, history=_History.of(assignment))
+        self._placements[lease.token] = held
         self._idle.clear()
         if not self._place(held):
             log.info("no agent free for %s (%s); holding it up to %.1fs",
@@ -312,7 +301,7 @@ class Dispatcher:
         """The recorded step at ``index``, or None when it is still to run.
         A step past the window is fetched from the control plane with the
         page that follows it. ``any_name``: no divergence check here."""
-        held = self._held.get(lease.token)
+        held = self._placements.get(lease.token)
         if held is None:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
         history = held.history
@@ -325,10 +314,10 @@ class Dispatcher:
         if record is None:
             return None
         if record.name != name and not any_name:
-            raise StepDivergence(index, record.name, name)
+            raise RecordedStepMismatch(index, record.name, name)
         return record
 
-    async def _fetch(self, held: _Held, index: int) -> intent_pb2.StepRecord | None:
+    async def _fetch(self, held: _Placement, index: int) -> intent_pb2.StepRecord | None:
         try:
             page = await self._link.list_recorded_steps(held.lease, index)
         except StepsUnavailable as exc:
@@ -345,40 +334,23 @@ class Dispatcher:
             return await self._forward(write)
 
     async def _forward(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
-        held = self._held.get(write.lease.token)
+        held = self._placements.get(write.lease.token)
         if held is not None and held.agent is not None and not held.acked:
             # The ack travels on the Attach stream, this write on its own call,
             # so it can overtake the ack; but a write proves the handler
-            # started, so acknowledge first (the outbox keeps the order).
+            # started, so acknowledge first (the outbox keeps the order, and
+            # the control plane holds a lease's writes until its ack committed).
             self._acknowledge(held)
         result = await self._link.write(write)
-        if held is not None and held.acked:
-            result = await self._retry_unsettled(held, write, result)
         token = write.lease.token
         op = write.WhichOneof("op")
-        held = self._held.get(token)
+        held = self._placements.get(token)
         if held is not None and result.code == OK and op == "step":
             held.history.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result))
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
             self._finish(token)
-        return result
-
-    async def _retry_unsettled(self, held: _Held, write: delivery_pb2.IntentWrite,
-                               result: agent_service_pb2.WriteResult) -> agent_service_pb2.WriteResult:
-        """The control plane may run a stream's ack and the write right behind
-        it concurrently, so the write can find the intent still DELIVERED and
-        be refused as stale. A refused write did not commit, so sending it
-        again is always safe; do so while the ack may still be settling."""
-        loop = asyncio.get_running_loop()
-        delay = FIRST_RETRY_S
-        while (result.code == FAILED_PRECONDITION and self._held.get(held.lease.token) is held
-               and loop.time() - held.acked_at < self.ack_settle_s):
-            log.debug("%s refused right after its ack (%s); retrying", describe(held.lease), result.message)
-            await asyncio.sleep(delay)
-            delay *= 2
-            result = await self._link.write(write)
         return result
 
     # ------------------------------------------------------------ draining
@@ -388,7 +360,7 @@ class Dispatcher:
             return
         self.draining = True
         self._update_capacity()
-        for held in [h for h in self._held.values() if h.agent is None]:
+        for held in [h for h in self._placements.values() if h.agent is None]:
             self._finish(held.lease.token)
             self._release_soon(held.lease, DRAINED)
 
@@ -406,7 +378,7 @@ class Dispatcher:
 
     async def release_all(self, reason: str, deadline: float) -> None:
         """Stops every held intent on its agent and gives it back upstream."""
-        for held in list(self._held.values()):
+        for held in list(self._placements.values()):
             self._finish(held.lease.token)
             if held.agent is not None:
                 held.agent.send(runtime_pb2.AttachResponse(revocation=delivery_pb2.Revocation(
@@ -433,7 +405,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------ internals
 
-    def _place(self, held: _Held) -> bool:
+    def _place(self, held: _Placement) -> bool:
         intent_type = held.assignment.intent.intent_type
         candidates = [a for a in self.agents.values() if a.free > 0 and a.handles(intent_type)]
         if not candidates:
@@ -452,12 +424,12 @@ class Dispatcher:
             task.add_done_callback(self._fills.discard)
         return True
 
-    def _hand_over(self, agent: AgentSession, held: _Held, assignment: delivery_pb2.Assignment) -> None:
+    def _hand_over(self, agent: AttachedAgent, held: _Placement, assignment: delivery_pb2.Assignment) -> None:
         agent.send(runtime_pb2.AttachResponse(assignment=assignment))
         # The window has them; the copy that went out is the agent's.
         del held.assignment.steps[:]
 
-    async def _fill(self, agent: AgentSession, held: _Held) -> None:
+    async def _fill(self, agent: AttachedAgent, held: _Placement) -> None:
         """An agent that does not fetch recorded steps gets them all in its
         assignment, as before paging, if they fit in one message; otherwise
         the attempt fails with HISTORY_TOO_LARGE (never a replay that would
@@ -477,7 +449,7 @@ class Dispatcher:
             assignment = delivery_pb2.Assignment()
             assignment.CopyFrom(held.assignment)
             try:
-                while len(assignment.steps) < held.history.recorded and self._held.get(lease.token) is held:
+                while len(assignment.steps) < held.history.recorded and self._placements.get(lease.token) is held:
                     page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
                     if not page.steps:
                         break
@@ -485,23 +457,23 @@ class Dispatcher:
             except StepsUnavailable as exc:
                 log.warning("%s: recorded steps could not be fetched for the agent (%s)", describe(lease),
                             exc.message)
-                if self._held.get(lease.token) is held:
+                if self._placements.get(lease.token) is held:
                     self._finish(lease.token)
                     if exc.code not in STALE_CODES:  # a stale lease is not ours to give back
                         self._release_soon(lease, AGENT_DIED)
                 return
-            if self._held.get(lease.token) is held and held.agent is agent:
+            if self._placements.get(lease.token) is held and held.agent is agent:
                 self._hand_over(agent, held, assignment)
 
     def _pump(self) -> None:
         if self.draining:
             return
-        for held in list(self._held.values()):
+        for held in list(self._placements.values()):
             if held.agent is None:
                 self._place(held)
 
     def _expire(self, token: str) -> None:
-        held = self._held.get(token)
+        held = self._placements.get(token)
         if held is None or held.agent is not None:
             return
         with _about(held.lease):
@@ -510,8 +482,8 @@ class Dispatcher:
         self._finish(token)
         self._release_soon(held.lease, DRAINED)
 
-    def _finish(self, token: str) -> _Held | None:
-        held = self._held.pop(token, None)
+    def _finish(self, token: str) -> _Placement | None:
+        held = self._placements.pop(token, None)
         if held is None:
             return None
         if held.expiry is not None:
@@ -523,7 +495,7 @@ class Dispatcher:
         return held
 
     def _check_idle(self) -> None:
-        if not self._held:
+        if not self._placements:
             self._idle.set()
 
     def _update_capacity(self) -> None:
@@ -539,7 +511,7 @@ class Dispatcher:
         # every ping of our stream: retry until the answer is final. (Its own
         # task, so the binding ends with it.)
         bind_log_context(intent_id=lease.intent_id, attempt=lease.attempt)
-        delay = 0.2
+        retries = 0
         write = delivery_pb2.IntentWrite(lease=lease, release=delivery_pb2.ReleaseWrite(reason=reason))
         while not self._closing:
             result = await self._link.write(write)
@@ -551,7 +523,8 @@ class Dispatcher:
             if result.code in STALE_CODES:
                 log.info("%s was no longer ours to release (%s)", describe(lease), result.message)
                 return
+            delay = RELEASE_BACKOFF.delay(retries)
+            retries += 1
             log.warning("releasing %s failed (code %d: %s); retrying in %.1fs",
                         describe(lease), result.code, result.message, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RELEASE_BACKOFF_S)

@@ -3,7 +3,7 @@ loopback port.
 
 Every write is forwarded upstream and answered only after the control plane
 committed it; a refusal comes back as the same gRPC status. ``Attach`` is the
-agent's session: when it ends, whatever the agent held is released at once.
+agent's stream: when it ends, whatever the agent held is released at once.
 """
 
 from __future__ import annotations
@@ -21,27 +21,21 @@ from typing import Any
 
 import grpc
 
+from intentd.core.codes import INVALID_ARGUMENT, status_of
 from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.core.limits import MAX_INTENT_TYPES
 from intentd.core.validation import check_intent_type
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
-from .dispatch import AgentSession, Dispatcher, LeaseNotHeld, StepDivergence
+from .dispatch import AttachedAgent, Dispatcher
+from .errors import LeaseNotHeld, RecordedStepMismatch, StepsUnavailable
 from .settings import unix_socket_path
-from .upstream import StepsUnavailable
 
 log = logging.getLogger("intentd.sidecar.runtime")
 
-_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
-INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # The writes an agent may make (release is the sidecar's own).
 AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail"})
-
-
-def status_for(code: int) -> Any:
-    """The grpc.StatusCode of a google.rpc.Code number."""
-    return _STATUS_BY_CODE.get(code, grpc.StatusCode.UNKNOWN)
 
 
 class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
@@ -82,7 +76,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             # Also runs when the agent vanished (the handler is cancelled then).
             self._dispatcher.detach(agent)
 
-    async def _read(self, agent: AgentSession, requests: AsyncIterator[runtime_pb2.AttachRequest]) -> None:
+    async def _read(self, agent: AttachedAgent, requests: AsyncIterator[runtime_pb2.AttachRequest]) -> None:
         # Writes run to their answer even if the stream ends meanwhile; kept
         # here so they are not garbage-collected mid-flight.
         writes: set[asyncio.Task[None]] = set()
@@ -98,12 +92,12 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The usual way a killed agent shows up; its session ends below.
+            # The usual way a killed agent shows up; its stream ends below.
             log.info("agent %d stream broke: %r", agent.id, exc)
         finally:
             agent.close()
 
-    def _handle(self, agent: AgentSession, request: runtime_pb2.AttachRequest, kind: str | None,
+    def _handle(self, agent: AttachedAgent, request: runtime_pb2.AttachRequest, kind: str | None,
                 writes: set[asyncio.Task[None]]) -> None:
         if kind == "ack":
             self._dispatcher.ack(agent, request.ack.lease)
@@ -114,7 +108,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         else:
             log.warning("agent %d sent %s after hello; ignored", agent.id, kind)
 
-    async def _stream_write(self, agent: AgentSession, request: agent_service_pb2.WriteRequest) -> None:
+    async def _stream_write(self, agent: AttachedAgent, request: agent_service_pb2.WriteRequest) -> None:
         result = await self._forward(request.write)
         result.request_id = request.request_id
         agent.send(runtime_pb2.AttachResponse(write_result=result))
@@ -140,10 +134,10 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             _check_lease(request.lease)
             record = await self._dispatcher.begin_step(request.lease, request.index, request.name,
                                                        any_name=request.any_name)
-        except (StepDivergence, LeaseNotHeld) as exc:
+        except (RecordedStepMismatch, LeaseNotHeld) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except StepsUnavailable as exc:
-            await context.abort(status_for(exc.code), f"recorded steps could not be fetched: {exc.message}")
+            await context.abort(status_of(exc.code), f"recorded steps could not be fetched: {exc.message}")
         if record is None:
             return runtime_pb2.BeginStepResponse(recorded=False)
         return runtime_pb2.BeginStepResponse(recorded=True, step=record)
@@ -177,7 +171,7 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         """The unary calls: the same writes, a refusal as the call's status."""
         result = await self._forward(write)
         if result.code != 0:
-            await context.abort(status_for(result.code), result.message or "refused by the control plane")
+            await context.abort(status_of(result.code), result.message or "refused by the control plane")
         return result
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from intentd.core.config import env_name, parse_host_port, require, resolve_api_key
 from intentd.core.errors import ValidationError
+from intentd.core.limits import MAX_SIDECAR_ID_LEN
 from intentd.core.validation import check_agent_address, check_intent_type
 
 UNIX_PREFIX = "unix://"
@@ -139,8 +140,8 @@ class SidecarSettings:
         require(0.05 <= self.reconnect_max_backoff_s <= 300, "reconnect_max_backoff_s",
                 "must be 0.05..300 seconds")
         require(0 <= self.agent_stop_grace_s <= 3600, "agent_stop_grace_s", "must be 0..3600 seconds")
-        require(bool(self.sidecar_id.strip()) and len(self.sidecar_id) <= 200, "sidecar_id",
-                "must be 1..200 characters")
+        require(bool(self.sidecar_id.strip()) and len(self.sidecar_id) <= MAX_SIDECAR_ID_LEN, "sidecar_id",
+                f"must be 1..{MAX_SIDECAR_ID_LEN} characters")
         require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                 "must be DEBUG, INFO, WARNING or ERROR")
         require(self.log_format in ("text", "json"), "log_format", f"must be text or json, got {self.log_format!r}")

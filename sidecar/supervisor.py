@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
+from intentd.core.backoff import Backoff
 from intentd.core.observability import metrics
 
 from .settings import WITHHELD_FROM_AGENT
@@ -43,8 +44,7 @@ class AgentSupervisor:
         inherited = os.environ if env is None else env
         self.env = {**{k: v for k, v in inherited.items() if k not in WITHHELD_FROM_AGENT}, ADDRESS_ENV: address}
         self.stop_grace_s = stop_grace_s
-        self.min_backoff_s = min_backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.backoff = Backoff(min_backoff_s, max_backoff_s)
         self.reset_after_s = reset_after_s
         self.restarts = 0
         self.starts = 0
@@ -69,20 +69,22 @@ class AgentSupervisor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        backoff = self.min_backoff_s
+        crashes = 0
         while not self._stopping.is_set():
             began = loop.time()
             await self._run_once()
             if self._stopping.is_set():
                 return
             if loop.time() - began >= self.reset_after_s:
-                backoff = self.min_backoff_s
+                crashes = 0
+            # One process to bring back, no crowd to spread: no jitter.
+            backoff = self.backoff.ceiling(crashes)
             log.warning("agent exited (%s); restarting in %.1fs", _describe_exit(self.last_exit), backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             if self._stopping.is_set():
                 return
-            backoff = min(backoff * 2, self.max_backoff_s)
+            crashes += 1
             self.restarts += 1
             metrics.SIDECAR_AGENT_RESTARTS.inc()
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 import grpc
 
 from intentd.core.background import BackgroundService
+from intentd.core.backoff import Backoff
+from intentd.core.codes import FAILED_PRECONDITION, NOT_FOUND, OK, RETRY_WRITE_CODES, UNAVAILABLE, number_of
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.core.observability import metrics
 from intentd.core.observability.context import log_context
@@ -36,13 +37,9 @@ from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.generated.v1 import delivery_pb2
 
-log = logging.getLogger("intentd.sidecar.upstream")
+from .errors import ConnectError, StepsUnavailable
 
-# google.rpc.Code numbers used on the wire.
-OK = 0
-NOT_FOUND = 5
-FAILED_PRECONDITION = 9
-UNAVAILABLE = 14
+log = logging.getLogger("intentd.sidecar.upstream")
 
 # Ops that end the attempt: once answered, the lease is no longer held.
 TERMINAL_OPS = frozenset({"complete", "fail", "release"})
@@ -56,9 +53,14 @@ SILENCE_LIMIT_PINGS = 3
 MIN_PING_INTERVAL_S = 0.02
 # Lost or revoked lease tokens remembered to refuse late writes locally.
 GONE_MEMORY = 4096
-# A session must last this long before reconnect backoff starts over, so a
+# A stream must last this long before reconnect backoff starts over, so a
 # server that accepts and then drops us at once is not hammered.
-HEALTHY_SESSION_S = 5.0
+HEALTHY_STREAM_S = 5.0
+# Retries of a page of recorded steps while the stream is between replicas.
+FETCH_BACKOFF = Backoff(0.05, 1.0)
+# Reconnects after a stream that did not last wait up to 0.1 s * 2**failures,
+# up to the reconnect_max_backoff_s setting.
+FIRST_RECONNECT_S = 0.1
 
 AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
 RevocationHandler = Callable[[delivery_pb2.Revocation], None]
@@ -75,19 +77,6 @@ def describe(lease: delivery_pb2.Lease) -> str:
 def local_result(code: int, message: str, request_id: int = 0) -> pb.WriteResult:
     """A result made by the sidecar itself (the control plane never saw the write)."""
     return pb.WriteResult(request_id=request_id, code=code, message=message)
-
-
-class StepsUnavailable(Exception):
-    """Recorded steps could not be fetched; ``code`` is the google.rpc.Code why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class ConnectError(Exception):
-    """The stream could not be set up (no ``Registered``)."""
 
 
 @dataclass
@@ -120,7 +109,7 @@ class _HeldLease:
 
 
 @dataclass
-class _Session:
+class _Stream:
     """One registered stream; everything in it dies with the stream."""
 
     call: Any
@@ -151,17 +140,17 @@ class _Pinger(BackgroundService):
 
     name = "sidecar-pinger"
 
-    def __init__(self, session: _Session) -> None:
-        super().__init__(session.ping_interval_s)
-        self._session = session
+    def __init__(self, stream: _Stream) -> None:
+        super().__init__(stream.ping_interval_s)
+        self._stream = stream
         self._nonces = itertools.count(1)
 
     async def run_once(self) -> None:
-        silent = asyncio.get_running_loop().time() - self._session.last_heard
+        silent = asyncio.get_running_loop().time() - self._stream.last_heard
         if silent > SILENCE_LIMIT_PINGS * self.interval:
-            self._session.kill(f"nothing heard for {silent:.1f}s (ping interval {self.interval:.2f}s)")
+            self._stream.kill(f"nothing heard for {silent:.1f}s (ping interval {self.interval:.2f}s)")
             return
-        self._session.send(pb.ConnectRequest(ping=pb.Ping(nonce=next(self._nonces))))
+        self._stream.send(pb.ConnectRequest(ping=pb.Ping(nonce=next(self._nonces))))
 
 
 class Upstream:
@@ -191,14 +180,14 @@ class Upstream:
         self.intent_types = list(intent_types)
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
-        self._max_backoff = reconnect_max_backoff_s
+        self._reconnect = Backoff(FIRST_RECONNECT_S, reconnect_max_backoff_s)
         self._register_timeout = register_timeout_s
         self._capacity = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _PendingWrite] = {}
         self._held: dict[str, _HeldLease] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
-        self._session: _Session | None = None
+        self._stream: _Stream | None = None
         self._rotation = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -214,7 +203,7 @@ class Upstream:
 
     @property
     def session_id(self) -> str | None:
-        return self._session.session_id if self._session is not None else None
+        return self._stream.session_id if self._stream is not None else None
 
     @property
     def pending_writes(self) -> int:
@@ -225,11 +214,11 @@ class Upstream:
         return [held.lease for held in self._held.values()]
 
     def health(self) -> dict[str, Any]:
-        session = self._session
+        stream = self._stream
         return {
-            "connected": session is not None,
-            "server": session.target if session else None,
-            "session_id": session.session_id if session else None,
+            "connected": stream is not None,
+            "server": stream.target if stream else None,
+            "session_id": stream.session_id if stream else None,
             "registrations": self.registrations,
             "held": len(self._held),
             "pending_writes": len(self._pending),
@@ -253,11 +242,11 @@ class Upstream:
         self._capacity = max(0, capacity)
         if intent_types is not None:
             self.intent_types = list(intent_types)
-        session = self._session
-        if session is not None and (session.sent_capacity, session.sent_types) != (self._capacity, self.intent_types):
-            session.sent_capacity = self._capacity
-            session.sent_types = list(self.intent_types)
-            session.send(pb.ConnectRequest(set_capacity=pb.SetCapacity(
+        stream = self._stream
+        if stream is not None and (stream.sent_capacity, stream.sent_types) != (self._capacity, self.intent_types):
+            stream.sent_capacity = self._capacity
+            stream.sent_types = list(self.intent_types)
+            stream.send(pb.ConnectRequest(set_capacity=pb.SetCapacity(
                 capacity=self._capacity, intent_types=pb.IntentTypeSet(intent_types=self.intent_types))))
 
     def ack(self, lease: delivery_pb2.Lease) -> None:
@@ -268,8 +257,8 @@ class Upstream:
         else:
             held.acked = True
         # Without a stream it goes out after re-registration if the lease is kept.
-        if self._session is not None:
-            self._session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
+        if self._stream is not None:
+            self._stream.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
 
     async def write(self, write: delivery_pb2.IntentWrite) -> pb.WriteResult:
         """Sends a write and returns the control plane's answer after its commit.
@@ -293,8 +282,8 @@ class Upstream:
         request_id = next(self._ids)
         pending = _PendingWrite(request_id, write, asyncio.get_running_loop().create_future())
         self._pending[request_id] = pending
-        if self._session is not None:
-            self._session.send(self._write_request(pending))
+        if self._stream is not None:
+            self._stream.send(self._write_request(pending))
         try:
             return await pending.future
         finally:
@@ -306,30 +295,29 @@ class Upstream:
         """A page of the steps earlier attempts recorded for a held lease,
         asked on the current stream's channel as that stream. Waits out a
         reconnect; raises ``StepsUnavailable`` with the final answer."""
-        delay = 0.05
+        retries = 0
         while True:
-            session = self._session
+            stream = self._stream
             if self._closing:
                 raise StepsUnavailable(UNAVAILABLE, "the sidecar is shutting down")
             reason = self._gone.get(lease.token)
             if reason is not None:
                 raise StepsUnavailable(FAILED_PRECONDITION, f"{describe(lease)} is no longer held ({reason})")
-            if session is None or session.channel is None:
+            if stream is None or stream.channel is None:
                 await self.wait_connected(1.0)
                 continue
-            request = pb.ListRecordedStepsRequest(session_id=session.session_id, lease=lease,
+            request = pb.ListRecordedStepsRequest(session_id=stream.session_id, lease=lease,
                                                   from_index=from_index, max_bytes=max_bytes)
             try:
                 response: pb.ListRecordedStepsResponse = await pb_grpc.AgentServiceStub(
-                    session.channel).ListRecordedSteps(request, metadata=self._metadata or None, timeout=30.0)
+                    stream.channel).ListRecordedSteps(request, metadata=self._metadata or None, timeout=30.0)
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      grpc.StatusCode.CANCELLED):
-                    raise StepsUnavailable(exc.code().value[0], exc.details() or exc.code().name) from None
+                if exc.code() not in RETRY_WRITE_CODES:
+                    raise StepsUnavailable(number_of(exc.code()), exc.details() or exc.code().name) from None
                 log.info("fetching steps of %s: %s; retrying", describe(lease), exc.code().name)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(FETCH_BACKOFF.delay(retries))
+            retries += 1
 
     async def close(self, deadline: float = 5.0) -> None:
         """Ends the stream; leases still held lapse on the server. Pending
@@ -339,7 +327,7 @@ class Upstream:
         self._closing = True
         self._closed.set()
         task = self._task
-        if task is not None and self._session is None:
+        if task is not None and self._stream is None:
             # Between streams (or stuck connecting) there is nothing to finish.
             task.cancel()
         if task is not None:
@@ -371,7 +359,7 @@ class Upstream:
             began = loop.time()
             registered = False
             try:
-                registered = await self._run_session(target)
+                registered = await self._run_stream(target)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -382,14 +370,14 @@ class Upstream:
                 log.exception("stream to control plane %s failed", target)
             if self._closing:
                 break
-            healthy = registered and loop.time() - began >= HEALTHY_SESSION_S
+            healthy = registered and loop.time() - began >= HEALTHY_STREAM_S
             failures = 0 if healthy else failures + 1
-            delay = min(self._max_backoff, 0.1 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.0)
+            delay = self._reconnect.delay(failures)
             log.debug("reconnecting in %.2fs", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), delay)
 
-    async def _run_session(self, target: str) -> bool:
+    async def _run_stream(self, target: str) -> bool:
         """One stream, from Register to its end. True if it got registered."""
         loop = asyncio.get_running_loop()
         channel = (
@@ -398,7 +386,7 @@ class Upstream:
             else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         call: Any = None
-        session: _Session | None = None
+        stream: _Stream | None = None
         pinger: _Pinger | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -416,7 +404,7 @@ class Upstream:
                 raise ConnectError(f"expected Registered first, got {reply.WhichOneof('msg')}")
             registered = reply.registered
             interval = registered.ping_interval_ms / 1000 or DEFAULT_PING_INTERVAL_S
-            session = _Session(
+            stream = _Stream(
                 call=call,
                 target=target,
                 session_id=registered.session_id,
@@ -427,27 +415,27 @@ class Upstream:
                 sent_types=list(register.intent_types),
                 channel=channel,
             )
-            self._activate(session, registered)
-            pinger = _Pinger(session)
+            self._activate(stream, registered)
+            pinger = _Pinger(stream)
             pinger.start()
             tasks = [
-                asyncio.create_task(self._read_loop(session), name="sidecar-upstream-read"),
-                asyncio.create_task(self._write_loop(session), name="sidecar-upstream-write"),
-                asyncio.create_task(session.dead.wait()),
+                asyncio.create_task(self._read_loop(stream), name="sidecar-upstream-read"),
+                asyncio.create_task(self._write_loop(stream), name="sidecar-upstream-write"),
+                asyncio.create_task(stream.dead.wait()),
                 asyncio.create_task(self._closed.wait()),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
-                    session.kill(f"{task.get_name()}: {task.exception()!r}")
+                    stream.kill(f"{task.get_name()}: {task.exception()!r}")
             if self._closing:
                 log.info("closing the stream to %s", target)
             else:
-                log.warning("stream to %s ended: %s", target, session.dead_reason or "unknown reason")
+                log.warning("stream to %s ended: %s", target, stream.dead_reason or "unknown reason")
             return True
         finally:
-            if session is not None:
-                self._deactivate(session)
+            if stream is not None:
+                self._deactivate(stream)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -468,8 +456,8 @@ class Upstream:
             fetches_steps=True,
         )
 
-    def _activate(self, session: _Session, registered: pb.Registered) -> None:
-        """Applies Registered and makes the session current. Synchronous on
+    def _activate(self, stream: _Stream, registered: pb.Registered) -> None:
+        """Applies Registered and makes the stream current. Synchronous on
         purpose: no write can slip between the re-send and going live."""
         kept = {lease.token for lease in registered.kept}
         lost = {lease.token for lease in registered.lost}
@@ -480,24 +468,24 @@ class Upstream:
                 log.warning("Registered did not list %s as kept or lost; treating it as lost",
                             describe(held.lease))
             self._lose(held.lease, "LEASE_LOST", "the lease was lost while the sidecar reconnected")
-        self._session = session
+        self._stream = stream
         self.registrations += 1
         self.connected.set()
         log.info(
-            "registered with %s (session %s, ping every %.2fs, %d leases kept, %d lost)",
-            session.target, session.session_id, session.ping_interval_s, len(kept), len(lost),
+            "registered with %s (stream %s, ping every %.2fs, %d leases kept, %d lost)",
+            stream.target, stream.session_id, stream.ping_interval_s, len(kept), len(lost),
         )
         # Acks before writes: a kept lease's writes need it IN_PROGRESS.
         for held in self._held.values():
             if held.acked and not held.ack_sent:
-                session.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=held.lease)))
+                stream.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=held.lease)))
         for request_id in sorted(self._pending):
-            session.send(self._write_request(self._pending[request_id]))
+            stream.send(self._write_request(self._pending[request_id]))
         self.set_capacity(self._capacity)
 
-    def _deactivate(self, session: _Session) -> None:
-        if self._session is session:
-            self._session = None
+    def _deactivate(self, stream: _Stream) -> None:
+        if self._stream is stream:
+            self._stream = None
             self.connected.clear()
 
     def _lose(self, lease: delivery_pb2.Lease, reason: str, message: str) -> None:
@@ -532,12 +520,12 @@ class Upstream:
 
     # ------------------------------------------------------------ stream tasks
 
-    async def _write_loop(self, session: _Session) -> None:
-        frames = Framer(session.outbox, limit=MAX_BATCH_MESSAGES if session.batches else 1)
+    async def _write_loop(self, stream: _Stream) -> None:
+        frames = Framer(stream.outbox, limit=MAX_BATCH_MESSAGES if stream.batches else 1)
         while (queued := await frames.next()) is not None:
             messages = [message for message in queued if self._still_to_send(message)]
             if messages:
-                await session.call.write(frame(messages, _request_batch))
+                await stream.call.write(frame(messages, _request_batch))
 
     def _still_to_send(self, message: pb.ConnectRequest) -> bool:
         """Marks a write or ack as sent (before the await: a message
@@ -556,50 +544,50 @@ class Upstream:
                 held.ack_sent = True
         return True
 
-    async def _read_loop(self, session: _Session) -> None:
+    async def _read_loop(self, stream: _Stream) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                message = await session.call.read()
+                message = await stream.call.read()
             except grpc.aio.AioRpcError as exc:
-                session.kill(f"{exc.code().name}: {exc.details()}")
+                stream.kill(f"{exc.code().name}: {exc.details()}")
                 return
             if message is grpc.aio.EOF:
-                code = await session.call.code()
-                session.kill(f"the server ended the stream ({code.name}: {await session.call.details()})")
+                code = await stream.call.code()
+                stream.kill(f"the server ended the stream ({code.name}: {await stream.call.details()})")
                 return
             now = loop.time()
-            if now - session.last_heard > self._silence_limit(session):
+            if now - stream.last_heard > self._silence_limit(stream):
                 # We were frozen (SIGSTOP, a stalled host) or the network was:
                 # our leases may have lapsed and moved on meanwhile. Nothing
                 # read after such a gap may reach the agent (an OK for a step
                 # would let a zombie start the next one); the re-registration
                 # tells which leases are still ours.
-                session.kill(f"a message arrived after {now - session.last_heard:.1f}s of silence")
+                stream.kill(f"a message arrived after {now - stream.last_heard:.1f}s of silence")
                 return
-            session.last_heard = now
-            self._handle(session, message)
+            stream.last_heard = now
+            self._handle(stream, message)
 
-    def _silence_limit(self, session: _Session) -> float:
+    def _silence_limit(self, stream: _Stream) -> float:
         """How long this stream may have been silent before what it says next
         cannot be trusted: three ping intervals, and less than any held
         lease's heartbeat timeout (past half of it, the lease may have lapsed
         on the server before our next ping lands)."""
-        limit = SILENCE_LIMIT_PINGS * session.ping_interval_s
+        limit = SILENCE_LIMIT_PINGS * stream.ping_interval_s
         for held in self._held.values():
             limit = min(limit, held.heartbeat_timeout_s / 2)
         return limit
 
-    def _handle(self, session: _Session, message: pb.ConnectResponse) -> None:
+    def _handle(self, stream: _Stream, message: pb.ConnectResponse) -> None:
         kind = message.WhichOneof("msg")
         if kind == "batch":
             for inner in message.batch.messages:
                 if inner.WhichOneof("msg") == "batch":
                     log.warning("ignoring a batch nested in a batch from the control plane")
                 else:
-                    self._handle(session, inner)
+                    self._handle(stream, inner)
         elif kind == "ping":
-            session.send(pb.ConnectRequest(pong=pb.Pong(nonce=message.ping.nonce)))
+            stream.send(pb.ConnectRequest(pong=pb.Pong(nonce=message.ping.nonce)))
         elif kind == "pong":
             pass  # hearing it was the point
         elif kind == "assignment":
@@ -618,7 +606,7 @@ class Upstream:
             self._remember_gone(lease.token, message.revocation.reason or "revoked")
             self._notify(self._on_revocation, message.revocation)
         elif kind == "registered":
-            log.warning("ignoring a second Registered on session %s", session.session_id)
+            log.warning("ignoring a second Registered on stream %s", stream.session_id)
         else:
             log.warning("ignoring an unknown message from the control plane: %s", kind)
 

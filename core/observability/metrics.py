@@ -28,14 +28,14 @@ its ``intentd_writes_total`` code).
     ``IntentService.SendIntent``/``SendIntents``: once per intent after
     ``store.send`` returned, ``record_send(sent.created)``.
 ``DELIVERIES`` -- ``intentd_deliveries_total``
-    ``AgentService._dispatch``: once per assignment put on a stream (where
-    ``assignments_sent`` is incremented).
+    ``ClaimLoop.run`` (``intentd.server.stream.claims``): once per assignment
+    put on a stream.
 ``REDELIVERIES`` -- ``intentd_redeliveries_total{cause}``
     Every time an attempt ends and the intent goes back to PENDING for
     another one, with ``record_redelivery(cause)``:
 
     - ``agent_died`` / ``sidecar_stopped`` / ``drained``: a ``release`` write
-      that committed with state PENDING (``AgentService._write``, op
+      that committed with state PENDING (``WriteRouter.write``, op
       ``release``; the cause is ``release_cause(write.release.reason)``);
     - ``lease_expired``: ``LeaseSweeper.run_once``, each expired row whose
       state is PENDING;
@@ -45,16 +45,16 @@ its ``intentd_writes_total`` code).
     ``ATTEMPTS_EXHAUSTED`` (a release of the last attempt, an expiry of the
     last attempt, a retryable fail of the last attempt): the dead letter.
 ``STEPS_RECORDED`` -- ``intentd_steps_recorded_total``
-    ``AgentService._write``, op ``step``, after ``leases.record_step`` returned
+    ``WriteRouter.write``, op ``step``, after ``leases.record_step`` returned
     (a repeated write of a committed step returns the stored record and also
     counts; that is rare: a lost answer).
 ``WRITES`` -- ``intentd_writes_total{op, code}``
-    ``AgentService._write``, once per write, after ``result.code`` is final:
+    ``WriteRouter.write`` (``intentd.server.stream.writes``), once per write, after ``result.code`` is final:
     ``record_write(op, result.code)``; op is step, checkpoint, progress,
     complete, fail, release (or "none"), code the ``google.rpc.Code`` name
     (OK, FAILED_PRECONDITION, ...).
 ``DISPATCH_LATENCY`` -- ``intentd_dispatch_latency_seconds`` (histogram)
-    ``AgentService._dispatch``, per claimed row:
+    ``ClaimLoop.run``, per claimed row:
     ``observe_dispatch_latency((row["update_time"] - row["available_at"]).total_seconds())``
     (both from the database clock: the claim stamps ``update_time``;
     ``available_at`` is when the intent became claimable, after any backoff).

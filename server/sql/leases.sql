@@ -143,7 +143,7 @@ SET lease_session = $4,
         ELSE lease_expires_at END
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND state IN ('DELIVERED', 'IN_PROGRESS')
   AND tenant = $6 AND to_agent = ANY($7::text[])
-RETURNING id, last_seq;
+RETURNING id, last_seq, state::text AS state;
 
 -- name: record_steps
 -- A step row and its event commit together: a step is skipped on replay only
@@ -280,7 +280,7 @@ SELECT ord, id, extract(epoch FROM finish_time - create_time)::float8 AS age_s F
 
 -- name: fail_intents
 -- Retryable with attempts left: back to PENDING after the backoff; otherwise
--- FAILED. After the deadline it matches nothing (the sweeper ends it TIMED_OUT).
+-- FAILED (intentd_attempt_end, migration 0009, decides). After the deadline it matches nothing (the sweeper ends it TIMED_OUT).
 -- $1 ids, $2 tokens, $3 attempts, $4 codes, $5 messages, $6 retryable, $7 nows,
 -- $8 the streams that must hold the leases (NULL: any)
 WITH w AS (
@@ -289,17 +289,15 @@ WITH w AS (
         WITH ORDINALITY AS w (id, token, attempt, code, message, retryable, at, session, ord)
 ), changed AS (
     UPDATE intents i
-    SET state = CASE WHEN w.retryable AND i.attempt < i.max_attempts THEN 'PENDING' ELSE 'FAILED' END::intent_state,
-        error_code = CASE WHEN w.retryable AND i.attempt >= i.max_attempts THEN 'ATTEMPTS_EXHAUSTED' ELSE w.code END,
-        error_message = CASE WHEN w.retryable AND i.attempt >= i.max_attempts
-                             THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' failed: '
-                                  || w.code || ': ' || w.message
-                             ELSE w.message END,
-        available_at = coalesce(w.at, now())
-            + least(i.retry_backoff_max_ms, i.retry_backoff_ms * power(2, greatest(i.attempt - 1, 0)))
-              * interval '1 millisecond',
-        finish_time = CASE WHEN w.retryable AND i.attempt < i.max_attempts THEN NULL
-                           ELSE coalesce(w.at, now()) END,
+    SET (state, available_at, finish_time, error_code, error_message) = (
+            SELECT e.state, e.available_at, e.finish_time,
+                   CASE WHEN e.exhausted THEN 'ATTEMPTS_EXHAUSTED' ELSE w.code END,
+                   CASE WHEN e.exhausted
+                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' failed: '
+                             || w.code || ': ' || w.message
+                        ELSE w.message END
+            FROM intentd_attempt_end(w.retryable, i.attempt, i.max_attempts, true, i.retry_backoff_ms,
+                                     i.retry_backoff_max_ms, coalesce(w.at, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce(w.at, now()), last_seq = i.last_seq + 1
     FROM w
@@ -337,19 +335,17 @@ WITH w AS (
     FROM w
 ), changed AS (
     UPDATE intents i
-    SET max_attempts = CASE WHEN w.granted THEN i.max_attempts + 1 ELSE i.max_attempts END,
-        state = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN 'PENDING'
-                     ELSE 'FAILED' END::intent_state,
-        error_code = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN i.error_code
-                          ELSE 'ATTEMPTS_EXHAUSTED' END,
-        error_message = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN i.error_message
-                             ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' ended: ' || w.reason
-                                  || CASE WHEN w.reason = 'DRAINED'
-                                          THEN ' (drains of this intent no longer give the attempt back)' ELSE '' END
-                             END,
-        finish_time = CASE WHEN w.granted OR i.attempt < i.max_attempts THEN NULL
-                           ELSE coalesce(w.at, now()) END,
-        available_at = coalesce(w.at, now()),
+    SET max_attempts = i.max_attempts + w.granted::integer,
+        (state, available_at, finish_time, error_code, error_message) = (
+            SELECT e.state, e.available_at, e.finish_time,
+                   CASE WHEN e.exhausted THEN 'ATTEMPTS_EXHAUSTED' ELSE i.error_code END,
+                   CASE WHEN e.exhausted
+                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' ended: ' || w.reason
+                             || CASE WHEN w.reason = 'DRAINED'
+                                     THEN ' (drains of this intent no longer give the attempt back)' ELSE '' END
+                        ELSE i.error_message END
+            FROM intentd_attempt_end(true, i.attempt, i.max_attempts + w.granted::integer, false,
+                                     i.retry_backoff_ms, i.retry_backoff_max_ms, coalesce(w.at, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce(w.at, now()), last_seq = i.last_seq + 1
     FROM judged w
@@ -385,20 +381,18 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), changed AS (
     UPDATE intents i
-    SET state = CASE WHEN i.attempt < i.max_attempts THEN 'PENDING' ELSE 'FAILED' END::intent_state,
-        error_code = CASE WHEN i.attempt < i.max_attempts THEN i.error_code ELSE 'ATTEMPTS_EXHAUSTED' END,
-        error_message = CASE WHEN i.attempt < i.max_attempts THEN i.error_message
-                             WHEN i.state = 'DELIVERED'
-                             THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts
-                                  || ' was not acknowledged within the ack timeout (its sidecar never confirmed'
-                                  || ' the delivery)'
-                             ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts
-                                  || ' lost its lease (no heartbeat)' END,
-        finish_time = CASE WHEN i.attempt < i.max_attempts THEN NULL
-                           ELSE coalesce($1::timestamptz, now()) END,
-        available_at = coalesce($1::timestamptz, now())
-            + least(i.retry_backoff_max_ms, i.retry_backoff_ms * power(2, greatest(i.attempt - 1, 0)))
-              * interval '1 millisecond',
+    SET (state, available_at, finish_time, error_code, error_message) = (
+            SELECT e.state, e.available_at, e.finish_time,
+                   CASE WHEN NOT e.exhausted THEN i.error_code ELSE 'ATTEMPTS_EXHAUSTED' END,
+                   CASE WHEN NOT e.exhausted THEN i.error_message
+                        WHEN i.state = 'DELIVERED'
+                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts
+                             || ' was not acknowledged within the ack timeout (its sidecar never confirmed'
+                             || ' the delivery)'
+                        ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts
+                             || ' lost its lease (no heartbeat)' END
+            FROM intentd_attempt_end(true, i.attempt, i.max_attempts, true, i.retry_backoff_ms,
+                                     i.retry_backoff_max_ms, coalesce($1::timestamptz, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce($1::timestamptz, now()), last_seq = i.last_seq + 1
     FROM due

@@ -276,7 +276,7 @@ def test_supervised_agent_gets_no_api_key_and_the_key_can_come_from_a_file(
 
 
 async def _streams(srv: Any, address: str) -> list[str]:
-    return [s.sidecar_id for s in srv.plane.agents.sessions if address in s.addresses and not s.closed]
+    return [s.sidecar_id for s in srv.plane.agents.streams if address in s.addresses and not s.closed]
 
 
 def test_api_key_file_settings_are_checked_at_start(tmp_path: Path) -> None:
@@ -408,7 +408,7 @@ class SilentSidecar:
 
 async def _silent_for(srv: Any, sidecar_id: str, seconds: float) -> bool:
     now = time.monotonic()
-    return any(s.sidecar_id == sidecar_id and now - s.last_heard > seconds for s in srv.plane.agents.sessions)
+    return any(s.sidecar_id == sidecar_id and now - s.last_heard > seconds for s in srv.plane.agents.streams)
 
 
 def test_nothing_is_claimed_for_a_silent_stream(make_server: Any, database_url: str, agent_address: str) -> None:
@@ -470,7 +470,7 @@ def _put_type(address: str, intent_type: str, heartbeat_ms: int, max_attempts: i
 async def _live_stream(srv: Any, sidecar_id: str, fresh_s: float) -> bool:
     now = time.monotonic()
     return any(s.sidecar_id == sidecar_id and not s.closed and s.free > 0 and now - s.last_heard < fresh_s
-               for s in srv.plane.agents.sessions)
+               for s in srv.plane.agents.streams)
 
 
 def test_frozen_sidecar_never_gets_its_lapsed_intent_back(

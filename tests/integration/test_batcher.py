@@ -15,7 +15,8 @@ import pytest
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, WriteKind, _Write, plan
 from intentd.server.db import Database
-from intentd.server.leases import ACK, COMPLETE, STEP, LeaseRef, LeaseStore
+from intentd.server.fenced import ACK, CHECKPOINT, COMPLETE, FAIL, PROGRESS, RELEASE, STEP, Complete, Step
+from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 
 TYPE = "intent.pipeline.process.v1"
@@ -33,12 +34,17 @@ async def db(database_url):
 # ----------------------------------------------------------------- planning
 
 
-INSERT = WriteKind("insert", "", -1)
+INSERT = WriteKind("insert", "", -1, ())
+
+
+class _Params:
+    def __init__(self, kind: WriteKind, key: str) -> None:
+        self.kind, self.key = kind, key
 
 
 def _w(kind: WriteKind, key: str) -> _Write:
     write = _Write.__new__(_Write)
-    write.kind, write.key, write.args, write.explain_args = kind, key, (), None
+    write.params = _Params(kind, key)
     return write
 
 
@@ -77,9 +83,9 @@ async def _prepare(store: IntentStore, leases: LeaseStore, address: str, roles: 
     refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
     for ref, role in zip(refs, roles, strict=True):
         if role != "delivered":
-            await leases.ack(ref, session="s1")
+            await leases.ack(ref, stream="s1")
         if role == "stepped":
-            await leases.record_step(ref, 1, "a", b'{"n": 1}', session="s1")
+            await leases.record_step(ref, 1, "a", b'{"n": 1}', stream="s1")
     return refs
 
 
@@ -92,41 +98,41 @@ Op = Callable[[LeaseStore, list[LeaseRef]], Awaitable[Any]]
 def _ops() -> list[Op]:
     late = datetime.now(UTC) + timedelta(hours=2)
     ops: list[Op] = [
-        lambda s, r: s.ack(r[0], session="s1"),
-        lambda s, r: s.record_step(r[2], 1, "a", b'{"n": 1}', session="s1"),
-        lambda s, r: s.ack(r[1], session="s1"),
+        lambda s, r: s.ack(r[0], stream="s1"),
+        lambda s, r: s.record_step(r[2], 1, "a", b'{"n": 1}', stream="s1"),
+        lambda s, r: s.ack(r[1], stream="s1"),
         # A second write of intent 0, right behind its ack.
-        lambda s, r: s.record_step(r[0], 1, "a", b"[1]", session="s1"),
+        lambda s, r: s.record_step(r[0], 1, "a", b"[1]", stream="s1"),
         # Steps of one intent in index order.
-        lambda s, r: s.record_step(r[2], 2, "b", b'{"n": 2}', session="s1"),
-        lambda s, r: s.record_step(r[3], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.complete(r[4], b'{"done": 4}', session="s1"),
+        lambda s, r: s.record_step(r[2], 2, "b", b'{"n": 2}', stream="s1"),
+        lambda s, r: s.record_step(r[3], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.complete(r[4], b'{"done": 4}', stream="s1"),
         # Fenced: a token that is not the lease's, and a stream that does not hold it.
-        lambda s, r: s.record_step(LeaseRef(r[5].intent_id, 1, uuid.uuid4()), 1, "a", b"{}", session="s1"),
-        lambda s, r: s.record_step(r[6], 1, "a", b"{}", session="s2"),
+        lambda s, r: s.record_step(LeaseRef(r[5].intent_id, 1, uuid.uuid4()), 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.record_step(r[6], 1, "a", b"{}", stream="s2"),
         # A repeat of a step that committed, then a divergent one.
-        lambda s, r: s.record_step(r[7], 1, "a", b'{"other": 1}', session="s1"),
-        lambda s, r: s.record_step(r[7], 1, "x", b"{}", session="s1"),
+        lambda s, r: s.record_step(r[7], 1, "a", b'{"other": 1}', stream="s1"),
+        lambda s, r: s.record_step(r[7], 1, "x", b"{}", stream="s1"),
         # A repeat of a completion in the same batch.
-        lambda s, r: s.complete(r[4], b'{"done": 4}', session="s1"),
-        lambda s, r: s.save_checkpoint(r[8], b'{"at": 8}', session="s1"),
-        lambda s, r: s.report_progress(r[8], "half", 0.5, session="s1"),
-        lambda s, r: s.fail(r[8], "BOOM", "it broke", True, session="s1"),
-        lambda s, r: s.complete(r[8], b"{}", session="s1"),  # after the failure: stale
-        lambda s, r: s.release(r[9], "DRAINED", session="s1"),
+        lambda s, r: s.complete(r[4], b'{"done": 4}', stream="s1"),
+        lambda s, r: s.save_checkpoint(r[8], b'{"at": 8}', stream="s1"),
+        lambda s, r: s.report_progress(r[8], "half", 0.5, stream="s1"),
+        lambda s, r: s.fail(r[8], "BOOM", "it broke", True, stream="s1"),
+        lambda s, r: s.complete(r[8], b"{}", stream="s1"),  # after the failure: stale
+        lambda s, r: s.release(r[9], "DRAINED", stream="s1"),
         # A step before the ack of its delivery is refused; the ack then applies.
-        lambda s, r: s.record_step(r[10], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.ack(r[10], session="s1"),
-        lambda s, r: s.complete(r[3], b'{"done": 3}', session="s1"),
-        lambda s, r: s.record_step(r[11], 1, "a", b"{}", now=late, session="s1"),  # past the deadline
-        lambda s, r: s.record_step(r[5], 1, "a", b"{}", session="s1"),
-        lambda s, r: s.ack(r[2], session="s1"),  # a repeated acknowledgement
+        lambda s, r: s.record_step(r[10], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.ack(r[10], stream="s1"),
+        lambda s, r: s.complete(r[3], b'{"done": 3}', stream="s1"),
+        lambda s, r: s.record_step(r[11], 1, "a", b"{}", now=late, stream="s1"),  # past the deadline
+        lambda s, r: s.record_step(r[5], 1, "a", b"{}", stream="s1"),
+        lambda s, r: s.ack(r[2], stream="s1"),  # a repeated acknowledgement
     ]
     # Wide: many intents' steps among the writes above, their completions after.
     for i in range(12, 12 + EXTRA):
-        ops.insert(i - 12, lambda s, r, i=i: s.record_step(r[i], 1, "e", b'{"e": 1}', session="s1"))
+        ops.insert(i - 12, lambda s, r, i=i: s.record_step(r[i], 1, "e", b'{"e": 1}', stream="s1"))
     for i in range(12, 12 + EXTRA):
-        ops.append(lambda s, r, i=i: s.complete(r[i], b"{}", session="s1"))
+        ops.append(lambda s, r, i=i: s.complete(r[i], b"{}", stream="s1"))
     return ops
 
 
@@ -208,13 +214,12 @@ async def test_one_bad_write_does_not_fail_the_others(db, agent_address) -> None
     try:
         def step(ref: LeaseRef, result: str) -> Awaitable[Any]:
             # Straight to the batcher: the store would have refused the bad JSON.
-            return batcher.write(STEP, ref.intent_id, (ref.intent_id, ref.token, ref.attempt, 1, "a", result, None,
-                                                        "s1", leases.max_history_bytes, leases.max_history_steps))
+            return batcher.write(Step(ref, None, "s1", index=1, name="a", result=result,
+                                      max_history_bytes=leases.max_history_bytes,
+                                      max_history_steps=leases.max_history_steps))
 
         outcomes = await asyncio.gather(step(refs[0], "{}"), step(refs[1], "{not json"), step(refs[2], "[2]"),
-                                        batcher.write(COMPLETE, refs[3].intent_id,
-                                                      (refs[3].intent_id, refs[3].token, refs[3].attempt, "{}", None,
-                                                       "s1")),
+                                        batcher.write(Complete(refs[3], None, "s1", result="{}")),
                                         return_exceptions=True)
         assert isinstance(outcomes[1], errors.InvalidArgument)
         for outcome in (outcomes[0], outcomes[2], outcomes[3]):
@@ -240,14 +245,14 @@ async def test_a_write_that_matches_nothing_is_explained_in_its_transaction(db, 
         grouped = LeaseStore(db, max_payload_bytes=128 * 1024, batcher=batcher)
         # Alone, the step would find the delivery not yet acknowledged: stale,
         # even though the ack behind it in the same batch then applies.
-        step, ack = await asyncio.gather(grouped.record_step(ref, 1, "a", b"{}", session="s1"),
-                                         grouped.ack(ref, session="s1"), return_exceptions=True)
+        step, ack = await asyncio.gather(grouped.record_step(ref, 1, "a", b"{}", stream="s1"),
+                                         grouped.ack(ref, stream="s1"), return_exceptions=True)
         assert isinstance(step, errors.StaleLease) and "DELIVERED" in str(step)
         assert ack is None
         assert batcher.batches == 1
         # A repeat of a committed step is answered with the stored record.
-        first = await grouped.record_step(ref, 1, "a", b'{"v": 1}', session="s1")
-        again = await grouped.record_step(ref, 1, "a", b'{"v": 2}', session="s1")
+        first = await grouped.record_step(ref, 1, "a", b'{"v": 1}', stream="s1")
+        again = await grouped.record_step(ref, 1, "a", b'{"v": 2}', stream="s1")
         assert {k: again[k] for k in ("idx", "name", "result", "attempt", "record_time")} == \
                {k: first[k] for k in ("idx", "name", "result", "attempt", "record_time")}
     finally:
@@ -278,9 +283,9 @@ async def test_set_based_writes_are_prepared_once_and_planned_once(databases, ag
         leases = LeaseStore(db, max_payload_bytes=1024)
         refs = await _prepare(store, leases, agent_address, ["delivered"] * 12)
         for ref in refs:
-            await leases.ack(ref, session="s1")
-            await leases.record_step(ref, 1, "a", b"{}", session="s1")
-            await leases.complete(ref, b"{}", session="s1")
+            await leases.ack(ref, stream="s1")
+            await leases.record_step(ref, 1, "a", b"{}", stream="s1")
+            await leases.complete(ref, b"{}", stream="s1")
         async with db.connection() as conn:
             plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await conn.fetch(
                 "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")}
@@ -289,3 +294,15 @@ async def test_set_based_writes_are_prepared_once_and_planned_once(databases, ag
             assert generic + custom >= 12 and custom <= 5, (kind.name, generic, custom)
     finally:
         await db.close()
+
+
+def test_each_write_kind_names_one_column_per_parameter_of_its_statements() -> None:
+    from intentd.server.store import INSERT as INSERT_INTENTS
+
+    def parameters(query: str) -> int:
+        return max(int(n) for n in re.findall(r"\$(\d+)", query))
+
+    for kind in (ACK, STEP, CHECKPOINT, PROGRESS, COMPLETE, FAIL, RELEASE, INSERT_INTENTS):
+        assert parameters(kind.query) == len(kind.columns), kind.name
+        if kind.explain is not None:
+            assert parameters(kind.explain) == len(kind.explain_columns), kind.name

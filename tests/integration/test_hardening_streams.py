@@ -187,7 +187,7 @@ def test_stream_caps_per_key_and_per_tenant(secure, database_url) -> None:
         streams.append(RawSidecar(secure.address, f"agent://{other}/prod/x", metadata=bearer(elsewhere)))
         # A closed stream frees its place.
         streams.pop(0).close()
-        wait_until(lambda: sum(s.caller.key_id == one.split("_")[1] for s in secure.plane.agents.sessions) == 1,
+        wait_until(lambda: sum(s.caller.key_id == one.split("_")[1] for s in secure.plane.agents.streams) == 1,
                    what="the closed stream to be gone")
         streams.append(RawSidecar(secure.address, address, metadata=bearer(one)))
     finally:

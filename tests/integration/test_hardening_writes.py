@@ -28,7 +28,8 @@ from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, _Write
 from intentd.server.db import Database
-from intentd.server.leases import PROGRESS, LeaseRef, LeaseStore
+from intentd.server.fenced import Progress
+from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 from tests.support import RawSidecar, ServerThread, run_sync
 
@@ -263,13 +264,12 @@ async def test_a_refused_write_is_isolated_and_the_rest_of_its_batch_commits_onc
     rows, _ = await leases.claim("s1", [agent_address], None, 20, 60_000)
     refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
     for ref in refs:
-        await leases.ack(ref, session="s1")
+        await leases.ack(ref, stream="s1")
     batcher = WriteBatcher(db, workers=1)
     batcher.start()
     try:
         def progress(ref: LeaseRef, message: str) -> Any:
-            return batcher.write(PROGRESS, ref.intent_id, (ref.intent_id, ref.token, ref.attempt, message, 0.5,
-                                                           None, "s1"))
+            return batcher.write(Progress(ref, None, "s1", message=message, fraction=0.5))
 
         outcomes = await asyncio.gather(*(progress(ref, "poison\x00" if i == 7 else f"m{i}")
                                           for i, ref in enumerate(refs)), return_exceptions=True)
@@ -296,16 +296,16 @@ async def test_a_committed_fail_or_release_repeated_is_answered_as_it_was(db, ag
     rows, _ = await leases.claim("s1", [agent_address], None, 2, 60_000)
     failing, releasing = (LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows)
     for ref in (failing, releasing):
-        await leases.ack(ref, session="s1")
-    first = await leases.fail(failing, "E", "boom", True, session="s1")
-    again = await leases.fail(failing, "E", "boom", True, session="s1")
+        await leases.ack(ref, stream="s1")
+    first = await leases.fail(failing, "E", "boom", True, stream="s1")
+    again = await leases.fail(failing, "E", "boom", True, stream="s1")
     assert (again["state"], again["error_code"]) == (first["state"], first["error_code"]) == ("PENDING", "E")
-    first = await leases.release(releasing, "AGENT_DIED", session="s1")
-    again = await leases.release(releasing, "AGENT_DIED", session="s1")
+    first = await leases.release(releasing, "AGENT_DIED", stream="s1")
+    again = await leases.release(releasing, "AGENT_DIED", stream="s1")
     assert again["state"] == first["state"] == "PENDING"
     # A different write under the ended lease is still refused.
     with pytest.raises(errors.StaleLease):
-        await leases.release(failing, "AGENT_DIED", session="s1")
+        await leases.release(failing, "AGENT_DIED", stream="s1")
 
 
 async def test_fenced_writes_whose_batch_lost_its_connection_after_the_commit_are_answered_as_committed(
@@ -320,7 +320,7 @@ async def test_fenced_writes_whose_batch_lost_its_connection_after_the_commit_ar
     rows, _ = await plain.claim("s1", [agent_address], None, 16, 60_000)
     refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
     for ref in refs:
-        await plain.ack(ref, session="s1")
+        await plain.ack(ref, stream="s1")
     batcher = WriteBatcher(db, workers=1)
     killed: list[str] = []  # the kinds whose first batch of several lost its connection
 
@@ -334,8 +334,8 @@ async def test_fenced_writes_whose_batch_lost_its_connection_after_the_commit_ar
     batcher.start()
     grouped = LeaseStore(db, max_payload_bytes=128 * 1024, batcher=batcher)
     try:
-        failed = await asyncio.gather(*(grouped.fail(ref, "E", "boom", True, session="s1") for ref in refs[:8]))
-        released = await asyncio.gather(*(grouped.release(ref, "AGENT_DIED", session="s1") for ref in refs[8:]))
+        failed = await asyncio.gather(*(grouped.fail(ref, "E", "boom", True, stream="s1") for ref in refs[:8]))
+        released = await asyncio.gather(*(grouped.release(ref, "AGENT_DIED", stream="s1") for ref in refs[8:]))
     finally:
         await batcher.close()
     assert killed == ["fail", "release"] and batcher.redone == 2, killed

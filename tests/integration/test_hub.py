@@ -77,7 +77,7 @@ async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, da
         # One batch of acks: one statement, its events together too.
         payloads.clear()
         with hub.subscribe_intent(rows[0]["id"]) as sub:
-            await asyncio.gather(*(leases.ack(LeaseRef(r["id"], r["attempt"], r["lease_token"]), session="s1")
+            await asyncio.gather(*(leases.ack(LeaseRef(r["id"], r["attempt"], r["lease_token"]), stream="s1")
                                    for r in rows))
             assert batcher.statements == 1
             acked = {(r["id"], 3, "IN_PROGRESS") for r in rows}

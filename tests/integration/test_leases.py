@@ -3,16 +3,21 @@ instead of waited for."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from intentd.client import IntentClient
 from intentd.core.errors import ValidationError
+from intentd.generated.v1 import agent_service_pb2 as apb
+from intentd.generated.v1 import delivery_pb2
 from intentd.server import errors
 from intentd.server.db import Database
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
+from tests.support import RawSidecar
 
 TYPE = "intent.pipeline.process.v1"
 
@@ -190,3 +195,51 @@ async def test_retention_deletes_old_terminal_intents_with_their_events_and_step
     assert await pg.fetchval("SELECT count(*) FROM intent_events WHERE intent_id = $1", done) == 0
     assert await pg.fetchval("SELECT count(*) FROM intent_steps WHERE intent_id = $1", done) == 0
     assert await pg.fetchval("SELECT count(*) FROM intents WHERE id = $1", live) == 1  # live intents never go
+
+
+# ----------------------------------------------------------------- ack before writes, on a stream
+
+
+def _step(lease: delivery_pb2.Lease, index: int) -> delivery_pb2.IntentWrite:
+    return delivery_pb2.IntentWrite(lease=lease, step=delivery_pb2.StepWrite(index=index, name=f"s{index}",
+                                                                           result=b"1"))
+
+
+def test_a_write_sent_before_its_ack_waits_for_the_ack_and_is_accepted(server, agent_address) -> None:
+    """The one rule that orders a lease's ack before its writes is the
+    server's: a write that overtakes the ack waits for it (bounded by the ack
+    timeout), so the sidecar never has to send a refused write again."""
+    with IntentClient(server.address) as client:
+        client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+    raw = RawSidecar(server.address, agent_address, ping_every=0.2)
+    try:
+        lease = raw.recv("assignment").lease
+        raw.send(write=apb.WriteRequest(request_id=1, write=_step(lease, 1)))
+        time.sleep(0.5)  # read and waiting, its ack not sent yet
+        assert not raw.of("write_result")
+        raw.send(ack=delivery_pb2.AckAssignment(lease=lease))
+        result = raw.recv("write_result")
+        assert (result.request_id, result.code, result.message) == (1, 0, "")
+        assert (result.step.index, result.step.name) == (1, "s1")
+    finally:
+        raw.close()
+
+
+def test_a_lease_acknowledged_on_an_earlier_stream_is_written_at_once(server, agent_address) -> None:
+    """A reconnecting sidecar re-announces an acknowledged lease and sends no
+    second ack: its writes must not wait for one."""
+    with IntentClient(server.address) as client:
+        client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+    first = RawSidecar(server.address, agent_address, ping_every=0.2)
+    lease = first.recv("assignment").lease
+    first.send(ack=delivery_pb2.AckAssignment(lease=lease))
+    assert first.write(1, _step(lease, 1)).code == 0
+    first.close()
+    second = RawSidecar(server.address, agent_address, ping_every=0.2, held=[lease])
+    try:
+        assert [kept.token for kept in second.registered.kept] == [lease.token]
+        began = time.monotonic()
+        assert second.write(2, _step(lease, 2)).code == 0
+        assert time.monotonic() - began < server.settings.ack_timeout_ms / 1000 / 2
+    finally:
+        second.close()

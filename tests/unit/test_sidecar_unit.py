@@ -332,7 +332,6 @@ async def test_stream_writes_are_answered_after_the_commit_by_request_id(
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
     lease = assignment.lease
-    sidecar.dispatcher.ack_settle_s = 0  # no retry of refusals right after the ack
     # Two writes in one batch frame, then answered out of order upstream.
     await agent.call.write(runtime_pb2.AttachRequest(batch=runtime_pb2.AttachRequestBatch(messages=[
         runtime_pb2.AttachRequest(write=apb.WriteRequest(request_id=7, write=delivery_pb2.IntentWrite(
@@ -391,18 +390,22 @@ async def test_write_overtaking_the_ack_acknowledges_first(
     assert not stream.has("ack")
 
 
-async def test_write_refused_while_the_ack_settles_is_retried(
+async def test_write_refused_right_after_the_ack_is_not_sent_again(
     plane: FakeControlPlane, sidecar: Sidecar, agent: FakeAgent
 ) -> None:
+    # The control plane orders a lease's ack before its writes
+    # (tests/integration/test_leases.py: test_write_before_the_ack_waits_for_it),
+    # so a refusal right after the ack is final, and the agent gets it as it is.
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
     call = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
         lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
-    # The fake ran the write before the ack committed; the retry finds it acked.
     stream.answer(await stream.expect("write"), code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
                   message="the intent is DELIVERED")
-    stream.answer(await stream.expect("write"))
-    assert (await asyncio.wait_for(call, WAIT)).step.name == "fetch"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call, WAIT)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not stream.has("write")
 
 
 async def test_refused_write_comes_back_as_the_same_status(
@@ -410,7 +413,6 @@ async def test_refused_write_comes_back_as_the_same_status(
 ) -> None:
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
-    sidecar.dispatcher.ack_settle_s = 0  # no retry of refusals right after the ack
     first = asyncio.ensure_future(agent.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
         lease=assignment.lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
     second = asyncio.ensure_future(agent.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
