@@ -4,11 +4,10 @@ the asyncio client, so the client's logic exists once."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .errors import Cancelled
 
@@ -58,16 +57,24 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking intentd client cannot be called from its own event loop")
-        # Made here rather than by run_coroutine_threadsafe, so that an
-        # interrupt landing at any point after this line still reaches the task.
-        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        # The answer comes through a SimpleQueue rather than a
+        # concurrent.futures.Future: once, in the full suite, a Ctrl-C landing
+        # inside the Future's Condition.wait left the caller blocked for good
+        # re-taking the condition's lock in its `finally`. SimpleQueue.get is
+        # one C call with no such step: an interrupt just leaves it.
+        call = _Call(coro)
         try:
-            # The handle captures the caller's context, and the task is made in it.
-            loop.call_soon_threadsafe(_start, loop, coro, outcome)
-            return outcome.result()
+            # Inside the try: an interrupt may land while this very call wakes
+            # the loop, after the task has started. The handle captures the
+            # caller's context, and the task is made in it.
+            loop.call_soon_threadsafe(call.start, loop)
+            ok, value = call.answer.get()
         except BaseException:
-            outcome.cancel()
+            loop.call_soon_threadsafe(call.give_up)
             raise
+        if ok:
+            return cast(T, value)
+        raise cast(BaseException, value)
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
         """``items`` as a blocking iterator; closing it (or leaving a ``for``
@@ -107,32 +114,41 @@ class LoopThread:
             loop.close()
 
 
-def _start(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], outcome: concurrent.futures.Future[T]
-) -> None:
-    if outcome.cancelled():
-        coro.close()
-        return
-    task = loop.create_task(coro)
+class _Call:
+    """One coroutine run for a caller on another thread: started on the loop,
+    answered through ``answer`` as (True, result) or (False, exception)."""
 
-    def caller_gave_up(_: concurrent.futures.Future[T]) -> None:
-        if outcome.cancelled():
-            loop.call_soon_threadsafe(task.cancel)
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+        self._task: asyncio.Task[Any] | None = None
+        self._given_up = False
+        self.answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
 
-    def report(_: asyncio.Task[T]) -> None:
-        # The caller may have cancelled ``outcome`` meanwhile; then nobody waits.
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            if task.cancelled():
-                # Only close() cancels a task the caller still waits for; the
-                # call ends as a channel closed under it does.
-                outcome.set_exception(Cancelled("the client was closed during the call"))
-            elif task.exception() is not None:
-                outcome.set_exception(task.exception())
-            else:
-                outcome.set_result(task.result())
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._given_up:
+            self._coro.close()
+            return
+        self._task = loop.create_task(self._coro)
+        self._task.add_done_callback(self._report)
 
-    outcome.add_done_callback(caller_gave_up)
-    task.add_done_callback(report)
+    def give_up(self) -> None:
+        """The caller stopped waiting (interrupted): the task is cancelled."""
+        self._given_up = True
+        if self._task is not None:
+            self._task.cancel()
+        else:
+            # Interrupted before ``start`` was even scheduled: it never will be.
+            self._coro.close()
+
+    def _report(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            # Only close() cancels a task the caller still waits for; the
+            # call ends as a channel closed under it does.
+            self.answer.put((False, Cancelled("the client was closed during the call")))
+        elif task.exception() is not None:
+            self.answer.put((False, task.exception()))
+        else:
+            self.answer.put((True, task.result()))
 
 
 async def _shut_down(last: Callable[[], Coroutine[Any, Any, None]]) -> None:
