@@ -27,7 +27,6 @@ from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, _Write
-from intentd.server.db import Database
 from intentd.server.fenced import Progress
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
@@ -244,14 +243,6 @@ def test_nul_in_any_fenced_write_is_invalid_argument_and_never_reaches_a_batch(s
     finally:
         owner.close()
         hostile.close()
-
-
-@pytest.fixture
-async def db(database_url: str) -> Any:
-    database = Database(database_url, min_size=1, max_size=4)
-    await database.open(run_migrations=False)
-    yield database
-    await database.close()
 
 
 async def test_a_refused_write_is_isolated_and_the_rest_of_its_batch_commits_once(db, agent_address) -> None:

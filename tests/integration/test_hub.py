@@ -9,10 +9,8 @@ import uuid
 from collections.abc import Callable
 
 import asyncpg
-import pytest
 
 from intentd.server.batcher import WriteBatcher
-from intentd.server.db import Database
 from intentd.server.hub import EVENTS_CHANNEL, NotificationHub, parse_events
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
@@ -34,14 +32,6 @@ def test_parse_events_reads_aggregated_and_single_payloads() -> None:
         ("a1", 3, "IN_PROGRESS"), ("b2", 7, "COMPLETED"), ("c3", 1, "PENDING")]
     # A line without a usable seq still wakes the intent's subscribers.
     assert list(parse_events("a1:x:PENDING\n\nb2:2:FAILED")) == [("a1", None, "PENDING"), ("b2", 2, "FAILED")]
-
-
-@pytest.fixture
-async def db(database_url):
-    db = Database(database_url, min_size=1, max_size=4)
-    await db.open(run_migrations=False)
-    yield db
-    await db.close()
 
 
 async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, database_url, agent_address) -> None:
