@@ -15,7 +15,7 @@ from typing import Any, Self
 from intentd.server.app import ControlPlane
 from intentd.server.settings import ServerSettings
 
-from .database import connection, with_database
+from .database import execute, with_database
 
 
 class ControlPlaneThread:
@@ -77,7 +77,7 @@ class ControlPlaneThread:
         name = f"intentd_testing_{uuid.uuid4().hex[:12]}"
         try:
             if self._admin_url is not None:
-                await _admin(self._admin_url, f'CREATE DATABASE "{name}"')
+                await execute(self._admin_url, f'CREATE DATABASE "{name}"')
                 self.settings = replace(self.settings, database_url=with_database(self._admin_url, name))
             plane = ControlPlane(self.settings)
             await plane.start()
@@ -92,9 +92,4 @@ class ControlPlaneThread:
         finally:
             await plane.stop(grace=1.0)
             if self._admin_url is not None:
-                await _admin(self._admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-async def _admin(url: str, statement: str) -> None:
-    async with connection(url) as conn:
-        await conn.execute(statement)
+                await execute(self._admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -24,3 +24,9 @@ async def connection(url: str, timeout: float = 10.0) -> AsyncIterator[asyncpg.C
         yield conn
     finally:
         await conn.close()
+
+
+async def execute(url: str, statement: str) -> None:
+    """One statement on a connection of its own (CREATE / DROP DATABASE)."""
+    async with connection(url) as conn:
+        await conn.execute(statement)
