@@ -9,19 +9,24 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from intentd.core.aio import serving
+from intentd.server.auth import KeyStore
+from intentd.server.db import Database
 from intentd.server.settings import ServerSettings
 from intentd.testing.control_plane import ControlPlaneThread
+from intentd.testing.database import connection
 from intentd.testing.processes import ChildProcess
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def run_sync(coro: Any, timeout: float = 60) -> Any:
@@ -152,6 +157,44 @@ def running(*processes: Process) -> Iterator[None]:
         for p in processes:
             if p.alive():
                 p.kill()
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+class Keys:
+    """API keys made and revoked in the database directly, as ``intentd keys`` does."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+
+    def create(self, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = (),
+               expire: datetime | None = None, rate: float | None = None) -> str:
+        _, key = self._on_store(lambda store: store.create(tenant, name, roles, patterns, expire, rate))
+        return key
+
+    def revoke(self, tenant: str, name: str) -> None:
+        self._on_store(lambda store: store.revoke(tenant, name))
+
+    def sql(self, query: str, *args: Any) -> Any:
+        async def go() -> Any:
+            async with connection(self.url) as conn:
+                return await conn.fetch(query, *args)
+
+        return run_sync(go())
+
+    def _on_store(self, work: Callable[[KeyStore], Awaitable[T]]) -> T:
+        async def go() -> T:
+            db = Database(self.url, min_size=1, max_size=1)
+            await db.open(run_migrations=False)
+            try:
+                return await work(KeyStore(db))
+            finally:
+                await db.close()
+
+        result: T = run_sync(go())
+        return result
 
 
 class RawSidecar:

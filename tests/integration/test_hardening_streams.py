@@ -30,8 +30,7 @@ from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import auth as auth_module
 from intentd.server.auth import Caller, check_patterns
 from intentd.server.errors import InvalidArgument, Unauthenticated
-from tests.integration.test_security import Keys, bearer
-from tests.support import RawSidecar, ServerProcess, ServerThread, run_sync, server_settings, wait_until
+from tests.support import Keys, RawSidecar, ServerProcess, ServerThread, bearer, run_sync, server_settings, wait_until
 
 TYPE = "intent.hardening.work.v1"
 STEP_BYTES = 120 * 1024

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 
@@ -28,57 +27,11 @@ from intentd.generated.v1 import admin_service_pb2_grpc as admin_grpc
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import auth as auth_module
-from intentd.server.auth import KeyStore
-from intentd.server.db import Database
 from intentd.server.settings import ServerSettings
 from tests.certs import make_pki
-from tests.support import RawSidecar, run_sync
+from tests.support import Keys, RawSidecar, bearer
 
 TYPE = "intent.secure.work.v1"
-
-
-def bearer(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
-
-
-class Keys:
-    def __init__(self, database_url: str) -> None:
-        self.url = database_url
-
-    def create(self, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = (),
-               expire: datetime | None = None, rate: float | None = None) -> str:
-        async def go() -> str:
-            db = Database(self.url, min_size=1, max_size=1)
-            await db.open(run_migrations=False)
-            try:
-                _, key = await KeyStore(db).create(tenant, name, roles, patterns, expire, rate)
-                return key
-            finally:
-                await db.close()
-
-        key: str = run_sync(go())
-        return key
-
-    def revoke(self, tenant: str, name: str) -> None:
-        async def go() -> None:
-            db = Database(self.url, min_size=1, max_size=1)
-            await db.open(run_migrations=False)
-            try:
-                await KeyStore(db).revoke(tenant, name)
-            finally:
-                await db.close()
-
-        run_sync(go())
-
-    def sql(self, query: str, *args: Any) -> Any:
-        async def go() -> Any:
-            conn = await asyncpg.connect(self.url)
-            try:
-                return await conn.fetch(query, *args)
-            finally:
-                await conn.close()
-
-        return run_sync(go())
 
 
 @pytest.fixture(scope="module")
