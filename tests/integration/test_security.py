@@ -269,29 +269,24 @@ def test_plaintext_off_loopback_needs_an_explicit_yes_and_auth_defaults(tmp_path
                                                "INTENTD_TLS_KEY_FILE": str(tmp_path / "missing.key")})
 
 
-def test_sidecar_with_a_scoped_key_over_mutual_tls_runs_intents(cluster, database_url, tmp_path) -> None:
+def test_sidecar_with_a_scoped_key_over_mutual_tls_runs_intents(cluster, database_url, tmp_path, make_server) -> None:
     from tests.stack import begins, ledger
-    from tests.support import ServerThread, server_settings
 
     pki = make_pki(tmp_path)
-    srv = ServerThread(server_settings(database_url, auth="on", tls_cert_file=pki.server_cert,
-                                       tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)).start()
-    try:
-        keys = Keys(database_url)
-        tenant = f"mtls{uuid.uuid4().hex[:6]}"
-        org = cluster.address.split("/")[2]
-        agent_key = keys.create(tenant, "sidecar", ["agent"], (f"agent://{org}/*",))
-        client_key = keys.create(tenant, "client", ["client"])
-        cluster.sidecar(srv.address, INTENTD_API_KEY=agent_key, INTENTD_TLS_CA_FILE=str(pki.ca),
-                        INTENTD_TLS_CERT_FILE=str(pki.client_cert), INTENTD_TLS_KEY_FILE=str(pki.client_key))
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
-                                                   pki.client_cert.read_bytes())
-        with IntentClient(srv.address, credentials=credentials, metadata=bearer(client_key)) as client:
-            intent_id = client.send_intent(intent_type="test.ledger.run.v1", to_agent=cluster.address,
-                                           payload={"steps": 3})
-            final = client.wait_for(intent_id, timeout=60)
-        assert final.state is IntentState.COMPLETED, cluster.logs()
-        assert final.tenant == tenant
-        assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
-    finally:
-        srv.stop()
+    srv = make_server(auth="on", tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)
+    keys = Keys(database_url)
+    tenant = f"mtls{uuid.uuid4().hex[:6]}"
+    org = cluster.address.split("/")[2]
+    agent_key = keys.create(tenant, "sidecar", ["agent"], (f"agent://{org}/*",))
+    client_key = keys.create(tenant, "client", ["client"])
+    cluster.sidecar(srv.address, INTENTD_API_KEY=agent_key, INTENTD_TLS_CA_FILE=str(pki.ca),
+                    INTENTD_TLS_CERT_FILE=str(pki.client_cert), INTENTD_TLS_KEY_FILE=str(pki.client_key))
+    credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
+                                               pki.client_cert.read_bytes())
+    with IntentClient(srv.address, credentials=credentials, metadata=bearer(client_key)) as client:
+        intent_id = client.send_intent(intent_type="test.ledger.run.v1", to_agent=cluster.address,
+                                       payload={"steps": 3})
+        final = client.wait_for(intent_id, timeout=60)
+    assert final.state is IntentState.COMPLETED, cluster.logs()
+    assert final.tenant == tenant
+    assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
