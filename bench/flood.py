@@ -147,7 +147,7 @@ async def one_setting(name: str, env: dict[str, str], args: argparse.Namespace) 
                 await client.close()
         finally:
             for proc in reversed(procs):
-                proc.kill()
+                proc.kill_group()
     cost = 1 - median(flooded) / median(alone)
     return {"setting": name, "alone_steps_per_s": round(median(alone)), "flooded_steps_per_s": round(median(flooded)),
             "cost": round(cost, 3), "flood_writes_per_s": round(median(flood_rates)),

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,11 +22,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from intentd.core.aio import serving
+from intentd.testing.database import connection, with_database
+from intentd.testing.processes import ChildProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -64,56 +64,24 @@ def iqr(values: Sequence[float]) -> tuple[float, float]:
 _LIVE: set[Proc] = set()
 
 
-class Proc:
-    """A child process in its own process group, output to a log file."""
+class Proc(ChildProcess):
+    """A child process in its own process group, output to a log file, killed
+    by :func:`kill_all` if the scenario did not."""
 
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        super().__init__(LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log")
         self.name = name
         self.argv = list(argv)
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
+        self.env = {"PYTHONPATH": str(ROOT), **(env or {})}
 
     def start(self) -> Self:
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-            )
+        self.launch(self.argv, self.env, cwd=ROOT)
         _LIVE.add(self)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def signal_group(self, sig: int) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILLs the whole process group (the process and its children)."""
-        self.signal_group(signal.SIGKILL)
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(10)
+    def kill_group(self) -> None:
+        super().kill_group()
         _LIVE.discard(self)
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM to the group, SIGKILL after ``grace``."""
-        if self.alive():
-            self.signal_group(signal.SIGTERM)
-            assert self.popen is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(grace)
-        self.kill()
 
     async def wait_log(self, *needles: str, count: int = 1, timeout: float = 60.0) -> None:
         """Waits until every needle appears ``count`` times in the log."""
@@ -131,7 +99,7 @@ class Proc:
 
 def kill_all() -> None:
     for proc in list(_LIVE):
-        proc.kill()
+        proc.kill_group()
 
 
 def free_port() -> int:
@@ -162,15 +130,6 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- intentd processes
 
 
-def _health_ok(address: str) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
-
-
 class Server(Proc):
     """``python -m intentd.commands server`` on a free loopback port."""
 
@@ -192,11 +151,11 @@ class Server(Proc):
 
     async def ready(self, timeout: float = 60.0) -> Server:
         deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(_health_ok, self.address):
+        while not await asyncio.to_thread(serving, self.address):
             if not self.alive():
-                raise RuntimeError(f"server exited:\n{self.log()[-3000:]}")
+                raise RuntimeError(f"server exited:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {timeout}s:\n{self.log()[-3000:]}")
+                raise RuntimeError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
         return self
 
@@ -229,8 +188,8 @@ class Sidecar(Proc):
             await self.wait_log("attached (python", count=agents, timeout=timeout)
         return self
 
-    def kill(self) -> None:
-        super().kill()
+    def kill_group(self) -> None:
+        super().kill_group()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
 
@@ -248,38 +207,25 @@ def agent_proc(sidecar: Sidecar, address: str, capacity: int, **env: str) -> Pro
 # ---------------------------------------------------------------- databases
 
 
-def database_url(name: str, base: str = ADMIN_URL) -> str:
-    return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-
-
 @contextlib.asynccontextmanager
 async def fresh_database(tag: str) -> AsyncIterator[str]:
     """A new, empty database ``bench_<tag>_<random>``, dropped afterwards."""
     name = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
+    async with connection(ADMIN_URL) as admin:
         await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
     try:
-        yield database_url(name)
+        yield with_database(ADMIN_URL, name)
     finally:
-        admin = await asyncpg.connect(ADMIN_URL)
-        try:
+        async with connection(ADMIN_URL) as admin:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def xact_commits(url: str) -> int:
     """pg_stat_database.xact_commit of the database named by ``url``, read
     from the admin database so that the read itself is not counted."""
     name = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
+    async with connection(ADMIN_URL) as admin:
         value = await admin.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", name)
-    finally:
-        await admin.close()
     return int(value or 0)
 
 
@@ -310,11 +256,8 @@ class CommitMeter:
 
 async def backend_pids(url: str) -> list[int]:
     name = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
+    async with connection(ADMIN_URL) as admin:
         rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", name)
-    finally:
-        await admin.close()
     return [int(r["pid"]) for r in rows]
 
 
@@ -394,7 +337,7 @@ class Cluster:
 
     def close(self) -> None:
         for proc in [*self.others, *self.sidecars]:
-            proc.kill()
+            proc.kill_group()
         self.server.stop(grace=3.0)
 
 

@@ -107,7 +107,7 @@ async def grpc_limits(run: Run) -> None:
                 unary_rates.append(await _unary_rate(unary, 64, cfg.limit_seconds))
                 rtt.append(median(await _unary_rtts(unary, min(cfg.limit_seconds, 1.0))))
     finally:
-        echo.kill()
+        echo.kill_group()
     run.figure("limits.grpc_stream", "gRPC msgs/s, one server stream", "msgs/s", stream_rates,
                baseline="limits.grpc_stream")
     run.figure("limits.grpc_unary64", "gRPC unary calls/s, 64 in flight", "calls/s", unary_rates,

@@ -53,7 +53,7 @@ class Profiler:
             if not self.proc.alive():
                 break
             await asyncio.sleep(0.1)
-        self.proc.kill()
+        self.proc.kill_group()
         return summarize(self.path)
 
 

@@ -114,6 +114,19 @@ async def _settle_attempt_two(client: AsyncIntentClient, state: Path, intent_id:
     return None
 
 
+async def _first_attempt(client: AsyncIntentClient, conn: asyncpg.Connection, state: Path,
+                         kills: Kills) -> tuple[str, int]:
+    """Sends an intent and times its first delivery; returns its id and the
+    pid of the agent running its attempt 1."""
+    sent = time.time()
+    intent_id = await client.send_intent(intent_type=TYPE, to_agent=ADDRESS, payload={})
+    pid = _pid(await _wait_file(state / f"{intent_id}.1"))
+    if pid is None:
+        raise RuntimeError(f"intent {intent_id} never started")
+    kills.first.append((await _wait_delivered(conn, intent_id, 1) - sent) * 1000)
+    return intent_id, pid
+
+
 async def agent_kills(run: Run, url: str, state: Path) -> Kills:
     kills = Kills()
     server = Server(url).start()
@@ -132,12 +145,7 @@ async def agent_kills(run: Run, url: str, state: Path) -> Kills:
         client = AsyncIntentClient(server.address)
         try:
             for _ in range(run.config.kills):
-                sent = time.time()
-                intent_id = await client.send_intent(intent_type=TYPE, to_agent=ADDRESS, payload={})
-                pid = _pid(await _wait_file(state / f"{intent_id}.1"))
-                if pid is None:
-                    raise RuntimeError(f"intent {intent_id} never started")
-                kills.first.append((await _wait_delivered(conn, intent_id, 1) - sent) * 1000)
+                intent_id, pid = await _first_attempt(client, conn, state, kills)
                 os.kill(pid, signal.SIGKILL)
                 killed = time.time()
                 kills.redelivered.append((await _wait_delivered(conn, intent_id, 2) - killed) * 1000)
@@ -151,7 +159,7 @@ async def agent_kills(run: Run, url: str, state: Path) -> Kills:
                     stuck = -1  # attempt 2 never ran: some agent's slot may be held; replace all
                 victims = [a for a in agents if a.pid == pid or a.pid == stuck or stuck == -1]
                 for victim in victims:
-                    victim.kill()
+                    victim.kill_group()
                     agents.remove(victim)
                     agents.append(agent_proc(sidecar, ADDRESS, 1, **env).start())
                     started += 1
@@ -161,7 +169,7 @@ async def agent_kills(run: Run, url: str, state: Path) -> Kills:
             await conn.close()
     finally:
         for proc in [*agents, *([sidecar] if sidecar else [])]:
-            proc.kill()
+            proc.kill_group()
         kills.lease_lost_revocations = server.log().count(": LEASE_LOST")
         server.stop(grace=3.0)
     return kills
@@ -174,7 +182,7 @@ async def sidecar_kills(run: Run, url: str, state: Path) -> Kills:
     sidecars: list[Sidecar] = []
 
     def replace(victim: Sidecar) -> Sidecar:
-        victim.kill()
+        victim.kill_group()
         sidecars.remove(victim)
         fresh = Sidecar(server.address, ADDRESS, capacity=1, env=env).start()
         sidecars.append(fresh)
@@ -190,12 +198,7 @@ async def sidecar_kills(run: Run, url: str, state: Path) -> Kills:
         try:
             for _ in range(run.config.kills):
                 await asyncio.sleep(random.uniform(0.0, 1.0))
-                sent = time.time()
-                intent_id = await client.send_intent(intent_type=TYPE, to_agent=ADDRESS, payload={})
-                pid = _pid(await _wait_file(state / f"{intent_id}.1"))
-                if pid is None:
-                    raise RuntimeError(f"intent {intent_id} never started")
-                kills.first.append((await _wait_delivered(conn, intent_id, 1) - sent) * 1000)
+                intent_id, pid = await _first_attempt(client, conn, state, kills)
                 holder = next(s for s in sidecars if s.pid == _parent(pid))
                 fresh = [replace(holder)]  # SIGKILLs the sidecar's process group
                 killed = time.time()
@@ -211,7 +214,7 @@ async def sidecar_kills(run: Run, url: str, state: Path) -> Kills:
             await conn.close()
     finally:
         for proc in sidecars:
-            proc.kill()
+            proc.kill_group()
         kills.lease_lost_revocations = server.log().count(": LEASE_LOST")
         server.stop(grace=3.0)
     return kills

@@ -14,12 +14,10 @@ module:attribute"``); it restarts the agent when it dies, as in production.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import importlib.util
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,17 +27,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
-try:
-    import asyncpg
-except ImportError as exc:  # the plain install is the SDK only
-    raise ImportError("intentd.testing starts a control plane: pip install 'intentd[testing]'") from exc
+if importlib.util.find_spec("asyncpg") is None:  # the plain install is the SDK only
+    raise ImportError("intentd.testing starts a control plane: pip install 'intentd[testing]'")
 
 from intentd.client import AsyncIntentClient, Intent, IntentError, IntentState, Step, WaitTimeout
-from intentd.server.app import ControlPlane
 from intentd.server.settings import ServerSettings
 
+from .control_plane import ControlPlaneThread
+from .processes import ChildProcess
 from .report import DIR_ENV, RUN_LABEL, StepRun, read_steps, write_kill_plan
 from .runner import load_agent
 
@@ -94,112 +90,27 @@ class Run:
                    if (name is None or e.name == name) and (attempt is None or e.attempt == attempt))
 
 
-class _Sidecar:
+class _Sidecar(ChildProcess):
     """A real sidecar process supervising the runner of one agent."""
 
     def __init__(self, spec: str, folder: Path, server: str, number: int) -> None:
+        super().__init__(folder / f"sidecar-{number}.log")
         agent = load_agent(spec)
         self.address = agent.name
-        self.log_path = folder / f"sidecar-{number}.log"
         runner = shlex.join([sys.executable, "-m", "intentd.testing.runner", spec])
         command = [sys.executable, "-m", "intentd.commands", "sidecar", "--server", server,
                    "--address", self.address, "--capacity", str(agent.capacity), "--drain-grace", "1",
                    "--listen", f"unix://{folder}/sidecar-{number}.sock", "--exec", runner]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=_child_environment(folder), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM to the sidecar and its agent, then SIGKILL for whatever of
-        the two outlived 10 seconds."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+        self.launch(command, _child_environment(folder))
 
 
 def _child_environment(folder: Path) -> dict[str, str]:
-    """The test process's environment, with its own import path (not the
+    """Added to the test process's environment: its own import path (not the
     interpreter's) so the runner imports the user's modules as the test does."""
     interpreter = (sys.prefix, sys.base_prefix, sys.exec_prefix)
     own = [p for p in (os.getcwd(), *sys.path) if p and not p.startswith(interpreter) and Path(p).is_dir()]
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, DIR_ENV: str(folder), "PYTHONPATH": os.pathsep.join(dict.fromkeys(own + inherited))}
-
-
-class _ControlPlaneThread:
-    """The control plane on an event loop of its own; with ``admin_url`` it
-    runs on a fresh database made there, dropped when it stops."""
-
-    def __init__(self, settings: ServerSettings, admin_url: str | None) -> None:
-        settings.validate()
-        self._settings = settings
-        self._admin_url = admin_url
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.address = ""
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
-                                        name="intentd-testing-control-plane")
-
-    def start(self, timeout: float) -> str:
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the control plane did not start within {timeout}s")
-        if self._error is not None:
-            raise self._error
-        return self.address
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # its loop ended meanwhile
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        name = f"intentd_testing_{uuid.uuid4().hex[:12]}"
-        try:
-            settings = self._settings
-            if self._admin_url is not None:
-                await _admin(self._admin_url, f'CREATE DATABASE "{name}"')
-                settings = replace(settings, database_url=_with_database(self._admin_url, name))
-            plane = ControlPlane(settings)
-            await plane.start()
-        except BaseException as exc:  # handed to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self.address = plane.address
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await plane.stop(grace=1.0)
-            if self._admin_url is not None:
-                await _admin(self._admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    return {DIR_ENV: str(folder), "PYTHONPATH": os.pathsep.join(dict.fromkeys(own + inherited))}
 
 
 class IntentdEnvironment:
@@ -207,7 +118,7 @@ class IntentdEnvironment:
     processes. Start it with ``async with IntentdEnvironment.start() as env``
     (or ``with``), then ``await env.run(...)``."""
 
-    def __init__(self, folder: Path, data_dir: Path, plane: _ControlPlaneThread) -> None:
+    def __init__(self, folder: Path, data_dir: Path, plane: ControlPlaneThread) -> None:
         self.folder = folder
         self._data_dir = data_dir
         self._plane = plane
@@ -236,7 +147,7 @@ class IntentdEnvironment:
         # Its own temporary folder: as root the embedded PostgreSQL owns it, and
         # its parent (the temporary folder) is world-traversable already.
         data_dir = Path(tempfile.mkdtemp(prefix="intentd-testing-pg-"))
-        env = cls(folder, data_dir, _ControlPlaneThread(
+        env = cls(folder, data_dir, ControlPlaneThread(
             replace(ServerSettings(data_dir=data_dir), **{**_FAST, **options}), admin_url))
         try:
             env._plane.start(startup_timeout)
@@ -304,7 +215,7 @@ class IntentdEnvironment:
 
     def close(self) -> None:
         for sidecar in self._sidecars.values():
-            sidecar.stop()
+            sidecar.stop(grace=10)
         self._plane.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
         shutil.rmtree(self._data_dir, ignore_errors=True)

@@ -14,20 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from intentd.server.db import Database
 from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.migrate import migrate
+from intentd.testing.database import connection, with_database
 from tests.stack import cluster, ledger_db  # noqa: F401 - fixtures shared by the stack tests
 from tests.support import ServerThread, run_sync, server_settings
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")
@@ -55,31 +51,24 @@ class DatabaseFactory:
     def create(self, migrated: bool = True) -> str:
         name = f"intentd_test_{uuid.uuid4().hex[:10]}"
 
+        url = with_database(self.admin_url, name)
+
         async def go() -> None:
-            conn = await asyncpg.connect(self.admin_url)
-            try:
+            async with connection(self.admin_url) as conn:
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
             if migrated:
-                conn = await asyncpg.connect(_with_database(self.admin_url, name))
-                try:
+                async with connection(url) as conn:
                     await migrate(conn)
-                finally:
-                    await conn.close()
 
         run_sync(go())
         self.created.append(name)
-        return _with_database(self.admin_url, name)
+        return url
 
     def drop_all(self) -> None:
         async def go() -> None:
-            conn = await asyncpg.connect(self.admin_url)
-            try:
+            async with connection(self.admin_url) as conn:
                 for name in self.created:
                     await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()
 
         run_sync(go())
 
@@ -112,6 +101,16 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.set_type_codec(name, encoder=str, decoder=str, schema="pg_catalog", format="text")
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The server's own database layer on the shared database, for tests of
+    the stores and the batcher below the gRPC services."""
+    database = Database(database_url, min_size=1, max_size=4)
+    await database.open(run_migrations=False)
+    yield database
+    await database.close()
 
 
 @pytest.fixture

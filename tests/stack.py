@@ -4,8 +4,6 @@ what really ran."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import uuid
 from collections import Counter
@@ -13,10 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from intentd.client import IntentClient
+from intentd.testing.database import connection
 from tests.support import ROOT, Process, ServerProcess, run_sync
 
 TYPE = "test.ledger.run.v1"
@@ -29,14 +27,11 @@ def ledger_db(database_url: str) -> str:
 
 def create_ledger(database_url: str) -> str:
     async def create() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
+        async with connection(database_url) as conn:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS test_ledger (id bigserial PRIMARY KEY, intent_id text, step int,"
                 " attempt int, phase text, pid int, at timestamptz DEFAULT clock_timestamp())"
             )
-        finally:
-            await conn.close()
 
     run_sync(create())
     return database_url
@@ -44,13 +39,10 @@ def create_ledger(database_url: str) -> str:
 
 def ledger(database_url: str, intent_id: str) -> list[dict[str, Any]]:
     async def read() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(database_url)
-        try:
+        async with connection(database_url) as conn:
             rows = await conn.fetch("SELECT step, attempt, phase, pid FROM test_ledger WHERE intent_id=$1 ORDER BY id",
                                     intent_id)
-            return [dict(r) for r in rows]
-        finally:
-            await conn.close()
+        return [dict(r) for r in rows]
 
     return list(run_sync(read()))
 
@@ -70,15 +62,6 @@ class Sidecar(Process):
              "INTENTD_LOG_LEVEL": "INFO", **env},
             log_path,
         )
-
-    def kill_group(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
 
 @pytest.fixture
 def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Callable[..., Any]]:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from intentd.core.aio import serving
-from intentd.server.app import ControlPlane
+from intentd.server.auth import KeyStore
+from intentd.server.db import Database
 from intentd.server.settings import ServerSettings
+from intentd.testing.control_plane import ControlPlaneThread
+from intentd.testing.database import connection
+from intentd.testing.processes import ChildProcess
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def run_sync(coro: Any, timeout: float = 60) -> Any:
@@ -82,74 +86,28 @@ def server_settings(database_url: str, **overrides: Any) -> ServerSettings:
     return base
 
 
-class ServerThread:
-    """A control plane on its own event loop in a thread, so both the sync
-    and the async clients can call it from the test's thread."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
-        self.plane = ControlPlane(settings)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.plane.start(), self.loop).result(60)
-        return self
-
-    @property
-    def address(self) -> str:
-        return self.plane.address
-
-    def call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call(self.plane.stop(grace=1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+# Our suite runs on the harness's control plane.
+ServerThread = ControlPlaneThread
 
 
 health_ok = serving
 
 
-class Process:
-    """A real intentd process (server or sidecar) with its output in a file."""
+class Process(ChildProcess):
+    """A real intentd process (``python -m intentd.commands ARGS``: server or
+    sidecar) with its output in a file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        super().__init__(log_path)
         self.args = args
         self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intentd.commands", *self.args],
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        self.launch([sys.executable, "-m", "intentd.commands", *self.args], self.env)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, sig)
-
     def kill(self) -> None:
+        """SIGKILLs the process alone (a sidecar's agent lives on) and reaps it."""
         self.signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(10)
@@ -158,9 +116,6 @@ class Process:
         assert self.proc is not None
         self.signal(signal.SIGTERM)
         return self.proc.wait(timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class ServerProcess(Process):
@@ -202,6 +157,44 @@ def running(*processes: Process) -> Iterator[None]:
         for p in processes:
             if p.alive():
                 p.kill()
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+class Keys:
+    """API keys made and revoked in the database directly, as ``intentd keys`` does."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+
+    def create(self, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = (),
+               expire: datetime | None = None, rate: float | None = None) -> str:
+        _, key = self._on_store(lambda store: store.create(tenant, name, roles, patterns, expire, rate))
+        return key
+
+    def revoke(self, tenant: str, name: str) -> None:
+        self._on_store(lambda store: store.revoke(tenant, name))
+
+    def sql(self, query: str, *args: Any) -> Any:
+        async def go() -> Any:
+            async with connection(self.url) as conn:
+                return await conn.fetch(query, *args)
+
+        return run_sync(go())
+
+    def _on_store(self, work: Callable[[KeyStore], Awaitable[T]]) -> T:
+        async def go() -> T:
+            db = Database(self.url, min_size=1, max_size=1)
+            await db.open(run_migrations=False)
+            try:
+                return await work(KeyStore(db))
+            finally:
+                await db.close()
+
+        result: T = run_sync(go())
+        return result
 
 
 class RawSidecar:

@@ -12,7 +12,6 @@ import os
 import pwd
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +19,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from intentd.core.aio import serving
+from intentd.testing.database import with_database
+from intentd.testing.processes import ChildProcess
 
 # Runs ``python -m <module> args`` after asking the kernel to SIGKILL it when
 # the harness dies. The harness spawns every process from one thread (the
@@ -75,22 +75,17 @@ def free_port() -> int:
 health_ok = serving
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-class ManagedProcess:
-    """``python -m intentd.commands <args>`` in a process group of its own."""
+class ManagedProcess(ChildProcess):
+    """``python -m <module> <args>`` (``intentd.commands`` by default) in a
+    process group of its own, started from a clean interpreter by ``_LAUNCH``."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path,
                  module: str = "intentd.commands") -> None:
+        super().__init__(log_path)
         self.name = name
         self.module = module
         self.args = args
         self.env = env
-        self.log_path = log_path
-        self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         # Set when the harness kills it on purpose.
         self.killed = False
@@ -99,54 +94,13 @@ class ManagedProcess:
         self.killed = False
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {time.strftime('%H:%M:%S')} start {self.name}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, str(os.getpid()), self.module, *self.args],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.launch([sys.executable, "-c", _LAUNCH, str(os.getpid()), self.module, *self.args], self.env)
         self.started_at = time.time()
 
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def returncode(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
-
-    def send_signal(self, sig: int) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, sig)
-
-    def killpg(self, sig: int = signal.SIGKILL) -> None:
-        """Signals the whole group (a sidecar and its agent)."""
-        if self.popen is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, sig)
-
     def kill(self) -> None:
-        """SIGKILL the group and reap the leader."""
+        """SIGKILL the group on purpose and reap the leader."""
         self.killed = True
-        self.killpg(signal.SIGKILL)
-        # A stopped group member would keep the group alive until continued.
-        self.killpg(signal.SIGCONT)
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(10)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        self.kill_group()
 
 
 class Replica(ManagedProcess):

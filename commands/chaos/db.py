@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from intentd.testing.database import execute
+
 T = TypeVar("T")
 APPLICATION_NAME = "intentd-chaos-harness"
 _RETRYABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
@@ -75,14 +77,6 @@ class SyncDb:
                 self._loop.close()
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 def admin_execute(url: str, statement: str) -> None:
     """One statement on a fresh connection (CREATE / DROP DATABASE)."""
-    asyncio.run(_admin(url, statement))
+    asyncio.run(execute(url, statement))

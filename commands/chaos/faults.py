@@ -133,8 +133,8 @@ class FaultInjector:
         self.tend_without_db()
         procs: list[Replica | Sidecar] = [*self.replicas, *self.sidecars]
         for proc in procs:
-            if proc.popen is not None and not proc.alive() and not proc.killed:
-                code = proc.returncode()
+            code = proc.returncode()
+            if code is not None and not proc.killed:
                 self.unexpected_exits.append((proc.name, code, proc.log_tail()))
                 self.say(f"  ! {proc.name} exited on its own (code {code}); restarting it")
                 proc.killed = True
@@ -156,7 +156,7 @@ class FaultInjector:
     def heal(self) -> None:
         """After the fault window: everything running again."""
         for entry in self.stopped:
-            entry.sidecar.killpg(signal.SIGCONT)
+            entry.sidecar.signal_group(signal.SIGCONT)
         self.stopped.clear()
         self._pg(self.pg.ensure_running)
         self.pg_down = False
@@ -232,7 +232,7 @@ class FaultInjector:
         held = self._held(sidecar.agent_pid())
         seconds = self.cfg.heartbeat_ms / 1000 * self.rng.uniform(1.3, 2.0)
         at = time.time()
-        sidecar.send_signal(signal.SIGSTOP)  # the sidecar only: its agent runs on, its writes hang
+        sidecar.signal(signal.SIGSTOP)  # the sidecar only: its agent runs on, its writes hang
         self.stopped.append(Stopped(sidecar, time.monotonic() + seconds))
         return Fault("sidecar_stop", at, sidecar.name, f"SIGSTOP for {seconds:.1f}s holding {len(held)}", held)
 
@@ -300,7 +300,7 @@ class FaultInjector:
             self.sample_rss()
         for entry in list(self.stopped):
             if now >= entry.until:
-                entry.sidecar.killpg(signal.SIGCONT)
+                entry.sidecar.signal_group(signal.SIGCONT)
                 self.stopped.remove(entry)
 
     @staticmethod

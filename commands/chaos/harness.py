@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -113,7 +114,7 @@ class _Watchdog:
         self.fired.set()
         self._say(f"! hard deadline of {seconds:.0f}s passed: killing everything")
         for proc in self._procs():
-            proc.killpg()
+            proc.signal_group(signal.SIGKILL)
 
     def cancel(self) -> None:
         self._done.set()

@@ -24,7 +24,7 @@ from intentd.server.queries import Q
 from intentd.server.settings import ServerSettings
 from tests.agents.history_agent import step_result
 from tests.stack import begins, ledger
-from tests.support import ROOT, Process, RawSidecar, ServerProcess, run_sync
+from tests.support import ROOT, Keys, Process, RawSidecar, ServerProcess, run_sync
 
 TYPE = "test.history.run.v1"
 KIB = 1024
@@ -189,23 +189,6 @@ def _agent_stub(address: str) -> Any:
     return agent_service_pb2_grpc.AgentServiceStub(grpc.insecure_channel(address))
 
 
-def _key(database_url: str, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = ()) -> str:
-    from intentd.server.auth import KeyStore
-    from intentd.server.db import Database
-
-    async def go() -> str:
-        db = Database(database_url, min_size=1, max_size=1)
-        await db.open(run_migrations=False)
-        try:
-            _, key = await KeyStore(db).create(tenant, name, roles, patterns, None, None)
-            return key
-        finally:
-            await db.close()
-
-    key: str = run_sync(go())
-    return key
-
-
 def test_recorded_steps_are_read_only_by_the_stream_holding_the_lease_in_its_tenant(
         make_server, database_url) -> None:
     from intentd.generated.v1 import agent_service_pb2 as apb
@@ -213,11 +196,12 @@ def test_recorded_steps_are_read_only_by_the_stream_holding_the_lease_in_its_ten
 
     srv = make_server(auth="on")
     a, b = f"hista{uuid.uuid4().hex[:6]}", f"histb{uuid.uuid4().hex[:6]}"
+    made = Keys(database_url)
     keys = {
-        "a_client": _key(database_url, a, "client", ["client"]),
-        "a_agent": _key(database_url, a, "agent", ["agent"], (f"agent://{a}/prod/*",)),
-        "b_client": _key(database_url, b, "client", ["client"]),
-        "b_agent": _key(database_url, b, "agent", ["agent"], ("agent://*",)),
+        "a_client": made.create(a, "client", ["client"]),
+        "a_agent": made.create(a, "agent", ["agent"], (f"agent://{a}/prod/*",)),
+        "b_client": made.create(b, "client", ["client"]),
+        "b_agent": made.create(b, "agent", ["agent"], ("agent://*",)),
     }
     address = f"agent://{a}/prod/x"
     with IntentClient(srv.address, metadata=[("authorization", f"Bearer {keys['a_client']}")]) as client:

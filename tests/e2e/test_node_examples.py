@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import uuid
 from collections import Counter
@@ -47,23 +46,12 @@ def node() -> str:
     return node
 
 
-class Sidecar(Process):
-    """`intentd sidecar` supervising the Node agent; its own process group, so
-    killing it takes the agent along."""
-
-    def kill_group(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
-
 @dataclass
 class Stack:
     server: ServerProcess
-    sidecar: Sidecar
+    # `intentd sidecar` supervising the Node agent; its own process group, so
+    # killing the group takes the agent along.
+    sidecar: Process
     address: str
     node: str
     tmp: Path
@@ -88,7 +76,7 @@ def stack(node: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
     server = ServerProcess(database_url, tmp / "server.log").start()
     # Short, so it fits sockaddr_un on any TMPDIR.
     socket_path = f"/tmp/intentd-node-{uuid.uuid4().hex[:10]}.sock"
-    sidecar = Sidecar(
+    sidecar = Process(
         ["sidecar", "--server", server.address, "--address", address, "--listen", f"unix://{socket_path}",
          "--exec", f"{shlex.quote(node)} {shlex.quote(str(AGENT_JS))}"],
         {"INTENTD_LOG_LEVEL": "INFO"},

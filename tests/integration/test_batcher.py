@@ -10,8 +10,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from intentd.server import errors
 from intentd.server.batcher import WriteBatcher, WriteKind, _Write, plan
 from intentd.server.db import Database
@@ -21,14 +19,6 @@ from intentd.server.store import IntentStore, NewIntent
 
 TYPE = "intent.pipeline.process.v1"
 EXTRA = 40  # intents that only step and complete, to make the batch wide
-
-
-@pytest.fixture
-async def db(database_url):
-    db = Database(database_url, min_size=1, max_size=4)
-    await db.open(run_migrations=False)
-    yield db
-    await db.close()
 
 
 # ----------------------------------------------------------------- planning

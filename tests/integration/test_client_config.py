@@ -21,8 +21,7 @@ from intentd.client import (
     Unauthenticated,
 )
 from tests.certs import Pki, make_pki
-from tests.integration.test_security import Keys
-from tests.support import ServerThread, server_settings
+from tests.support import Keys, ServerThread, server_settings
 
 AGENT = "agent://acme/prod/config-test"
 

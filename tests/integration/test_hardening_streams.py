@@ -30,8 +30,8 @@ from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import auth as auth_module
 from intentd.server.auth import Caller, check_patterns
 from intentd.server.errors import InvalidArgument, Unauthenticated
-from tests.integration.test_security import Keys, bearer
-from tests.support import RawSidecar, ServerProcess, ServerThread, run_sync, server_settings, wait_until
+from intentd.testing.database import connection
+from tests.support import Keys, RawSidecar, ServerProcess, ServerThread, bearer, run_sync, server_settings, wait_until
 
 TYPE = "intent.hardening.work.v1"
 STEP_BYTES = 120 * 1024
@@ -229,97 +229,83 @@ def test_acks_for_unknown_leases_are_bounded_like_writes(secure, database_url) -
 # ---------------------------------------------------------------- finding 4: write rates
 
 
-def test_write_rates_per_stream_and_per_tenant_push_back_and_refuse_nothing(database_url) -> None:
-    srv = ServerThread(server_settings(database_url, auth="on", stream_writes_per_second=40,
-                                       tenant_writes_per_second=60)).start()
+def test_write_rates_per_stream_and_per_tenant_push_back_and_refuse_nothing(database_url, make_server) -> None:
+    srv = make_server(auth="on", stream_writes_per_second=40, tenant_writes_per_second=60)
     keys = Keys(database_url)
     tenant, other = tenant_name("rate"), tenant_name("rate")
     key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/*",))
     other_key = keys.create(other, "agent", ["agent"], (f"agent://{other}/*",))
-    try:
-        a = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
-        b = RawSidecar(srv.address, f"agent://{tenant}/prod/b", metadata=bearer(key), ping_every=0.1)
-        c = RawSidecar(srv.address, f"agent://{other}/prod/c", metadata=bearer(other_key), ping_every=0.1)
-        lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
-        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
-        started = time.monotonic()
-        for stream in (a, b):
-            for n in range(90):
-                stream.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
-        # The other tenant's budget is its own: 30 writes in its first second.
-        for n in range(30):
-            c.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
-        other_done = [c.recv("write_result", 30) for _ in range(30)]
-        other_took = time.monotonic() - started
-        answers = [stream.recv("write_result", 30) for stream in (a, b) for _ in range(90)]
-        took = time.monotonic() - started
-        print(f"180 writes of one tenant at 60/s took {took:.2f}s; the other tenant's 30 {other_took:.2f}s")
-        # Every write was answered on its own merits (the lease is unknown),
-        # none refused for the rate: the reader waited instead.
-        assert {r.code for r in answers + other_done} == {grpc.StatusCode.NOT_FOUND.value[0]}
-        # 180 writes at 60/s with one second of burst: at least 2 s. The
-        # streams' own 40/s would allow 90 each in about 1.25 s.
-        assert took >= 1.9
-        for stream in (a, b, c):
-            stream.close()
-    finally:
-        srv.stop()
+    a = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
+    b = RawSidecar(srv.address, f"agent://{tenant}/prod/b", metadata=bearer(key), ping_every=0.1)
+    c = RawSidecar(srv.address, f"agent://{other}/prod/c", metadata=bearer(other_key), ping_every=0.1)
+    lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+    progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
+    started = time.monotonic()
+    for stream in (a, b):
+        for n in range(90):
+            stream.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+    # The other tenant's budget is its own: 30 writes in its first second.
+    for n in range(30):
+        c.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+    other_done = [c.recv("write_result", 30) for _ in range(30)]
+    other_took = time.monotonic() - started
+    answers = [stream.recv("write_result", 30) for stream in (a, b) for _ in range(90)]
+    took = time.monotonic() - started
+    print(f"180 writes of one tenant at 60/s took {took:.2f}s; the other tenant's 30 {other_took:.2f}s")
+    # Every write was answered on its own merits (the lease is unknown),
+    # none refused for the rate: the reader waited instead.
+    assert {r.code for r in answers + other_done} == {grpc.StatusCode.NOT_FOUND.value[0]}
+    # 180 writes at 60/s with one second of burst: at least 2 s. The
+    # streams' own 40/s would allow 90 each in about 1.25 s.
+    assert took >= 1.9
+    for stream in (a, b, c):
+        stream.close()
 
 
-def test_a_tenant_of_its_own_write_budget_is_held_to_it(database_url) -> None:
+def test_a_tenant_of_its_own_write_budget_is_held_to_it(database_url, make_server) -> None:
     """tenants.max_writes_per_second overrides the server's tenant budget for
     that tenant alone, so one flooder can be held down without the others."""
-    srv = ServerThread(server_settings(database_url, auth="on", stream_writes_per_second=0,
-                                       tenant_writes_per_second=10_000)).start()
+    srv = make_server(auth="on", stream_writes_per_second=0, tenant_writes_per_second=10_000)
     keys = Keys(database_url)
     tenant = tenant_name("budget")
     key = keys.create(tenant, "agent", ["agent"], (f"agent://{tenant}/*",))
     asyncio.run(_execute(database_url, "UPDATE tenants SET max_writes_per_second = 20 WHERE name = $1", tenant))
-    try:
-        raw = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
-        lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
-        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
-        started = time.monotonic()
-        for n in range(60):
-            raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
-        answers = [raw.recv("write_result", 30) for _ in range(60)]
-        took = time.monotonic() - started
-        assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
-        # 60 writes at 20/s with one second of burst: at least 2 s (10,000/s would take none).
-        assert took >= 1.9, took
-        raw.close()
-    finally:
-        srv.stop()
+    raw = RawSidecar(srv.address, f"agent://{tenant}/prod/a", metadata=bearer(key), ping_every=0.1)
+    lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+    progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
+    started = time.monotonic()
+    for n in range(60):
+        raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+    answers = [raw.recv("write_result", 30) for _ in range(60)]
+    took = time.monotonic() - started
+    assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
+    # 60 writes at 20/s with one second of burst: at least 2 s (10,000/s would take none).
+    assert took >= 1.9, took
+    raw.close()
 
 
 async def _execute(url: str, query: str, *args: Any) -> None:
-    conn = await asyncpg.connect(url)
-    try:
+    async with connection(url) as conn:
         await conn.execute(query, *args)
-    finally:
-        await conn.close()
 
 
-def test_a_stream_held_back_by_its_write_budget_is_not_closed_as_silent(database_url) -> None:
+def test_a_stream_held_back_by_its_write_budget_is_not_closed_as_silent(make_server) -> None:
     """While the reader waits for a stream's write budget it reads nothing,
     not even the sidecar's pings behind the writes: that wait is the
     server's doing and must never count as the sidecar's silence (the stream
     was closed after three ping intervals, and its leases redelivered)."""
-    srv = ServerThread(server_settings(database_url, stream_writes_per_second=1)).start()
+    srv = make_server(stream_writes_per_second=1)
     address = f"agent://{tenant_name('held')}/prod/a"
-    try:
-        raw = RawSidecar(srv.address, address, ping_every=0.1)
-        lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
-        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
-        for n in range(3):  # one a second: the reader waits about 1 s, over 3 pings of 200 ms, twice
-            raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
-        # A stream closed meanwhile raises here instead of answering.
-        answers = [raw.recv("write_result", 30) for _ in range(3)]
-        assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
-        assert raw.write(4, progress, timeout=30).code == grpc.StatusCode.NOT_FOUND.value[0]  # still open
-        raw.close()
-    finally:
-        srv.stop()
+    raw = RawSidecar(srv.address, address, ping_every=0.1)
+    lease = delivery_pb2.Lease(intent_id="01m8dsnxs4vrf409wync0kdayv", attempt=1, token=str(uuid.uuid4()))
+    progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="x"))
+    for n in range(3):  # one a second: the reader waits about 1 s, over 3 pings of 200 ms, twice
+        raw.send(write=apb.WriteRequest(request_id=n + 1, write=progress))
+    # A stream closed meanwhile raises here instead of answering.
+    answers = [raw.recv("write_result", 30) for _ in range(3)]
+    assert {r.code for r in answers} == {grpc.StatusCode.NOT_FOUND.value[0]}
+    assert raw.write(4, progress, timeout=30).code == grpc.StatusCode.NOT_FOUND.value[0]  # still open
+    raw.close()
 
 
 # ---------------------------------------------------------------- finding 7: revocation
@@ -387,31 +373,29 @@ def test_revoked_keys_get_no_result_no_event_and_no_assignment(secure, database_
         sidecar.close()
 
 
-def test_without_the_announcement_a_revoked_stream_still_ends_within_about_two_seconds(databases) -> None:
+def test_without_the_announcement_a_revoked_stream_still_ends_within_about_two_seconds(
+        databases, make_server) -> None:
     """The README's figure when the revocation is not announced (a replica's
     listener was away): the one-second cache and the one-second re-check."""
     url = databases.create()
     sql(url, "ALTER TABLE api_keys DISABLE TRIGGER api_keys_notify")
-    srv = ServerThread(server_settings(url, auth="on")).start()
+    srv = make_server(database_url=url, auth="on")
+    keys = Keys(url)
+    tenant = tenant_name("quiet")
+    name = f"agent-{uuid.uuid4().hex[:6]}"
+    key = keys.create(tenant, name, ["agent"], (f"agent://{tenant}/prod/*",))
+    sidecar = RawSidecar(srv.address, f"agent://{tenant}/prod/x", metadata=bearer(key), ping_every=0.1)
     try:
-        keys = Keys(url)
-        tenant = tenant_name("quiet")
-        name = f"agent-{uuid.uuid4().hex[:6]}"
-        key = keys.create(tenant, name, ["agent"], (f"agent://{tenant}/prod/*",))
-        sidecar = RawSidecar(srv.address, f"agent://{tenant}/prod/x", metadata=bearer(key), ping_every=0.1)
-        try:
-            keys.revoke(tenant, name)
-            revoked = time.monotonic()
-            with pytest.raises(grpc.RpcError) as err:
-                sidecar.recv("never", timeout=30)
-            took = time.monotonic() - revoked
-            print(f"a revoked key's stream ended {took:.2f}s after the revocation, unannounced")
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert took < 3.5  # 2 s and the time to read the key and end the stream, generously
-        finally:
-            sidecar.close()
+        keys.revoke(tenant, name)
+        revoked = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            sidecar.recv("never", timeout=30)
+        took = time.monotonic() - revoked
+        print(f"a revoked key's stream ended {took:.2f}s after the revocation, unannounced")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert took < 3.5  # 2 s and the time to read the key and end the stream, generously
     finally:
-        srv.stop()
+        sidecar.close()
 
 
 # ---------------------------------------------------------------- finding 9: rebind scope
@@ -554,29 +538,24 @@ def test_key_creation_refuses_a_bad_pattern(database_url) -> None:
 # ---------------------------------------------------------------- finding 13: metrics and watchers
 
 
-def test_metrics_need_the_token_when_keys_are_on(database_url, tmp_path) -> None:
+def test_metrics_need_the_token_when_keys_are_on(tmp_path, make_server) -> None:
     token_file = tmp_path / "metrics-token"
     token_file.write_text("s3cret-metrics-token-0123456789\n")
-    with_token = ServerThread(server_settings(database_url, auth="on", metrics_listen="127.0.0.1:0",
-                                              metrics_token_file=token_file)).start()
-    without = ServerThread(server_settings(database_url, auth="on", metrics_listen="127.0.0.1:0")).start()
-    try:
-        assert with_token.plane.metrics_server is not None and without.plane.metrics_server is not None
-        url = with_token.plane.metrics_server.url
-        for headers, code in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
-                              ({"Authorization": "Bearer s3cret-metrics-token-012345678"}, 401)):
-            with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
-            assert err.value.code == code
-        ok = urllib.request.urlopen(urllib.request.Request(
-            url, headers={"Authorization": "Bearer s3cret-metrics-token-0123456789"}), timeout=10)
-        assert b"intentd_connected_sidecars" in ok.read()
+    with_token = make_server(auth="on", metrics_listen="127.0.0.1:0", metrics_token_file=token_file)
+    without = make_server(auth="on", metrics_listen="127.0.0.1:0")
+    assert with_token.plane.metrics_server is not None and without.plane.metrics_server is not None
+    url = with_token.plane.metrics_server.url
+    for headers, code in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                          ({"Authorization": "Bearer s3cret-metrics-token-012345678"}, 401)):
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(without.plane.metrics_server.url, timeout=10)
-        assert err.value.code == 403
-    finally:
-        with_token.stop()
-        without.stop()
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert err.value.code == code
+    ok = urllib.request.urlopen(urllib.request.Request(
+        url, headers={"Authorization": "Bearer s3cret-metrics-token-0123456789"}), timeout=10)
+    assert b"intentd_connected_sidecars" in ok.read()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(without.plane.metrics_server.url, timeout=10)
+    assert err.value.code == 403
 
 
 def xact_commit(url: str) -> int:

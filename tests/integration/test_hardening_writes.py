@@ -246,25 +246,23 @@ def test_nul_in_any_fenced_write_is_invalid_argument_and_never_reaches_a_batch(s
         hostile.close()
 
 
-@pytest.fixture
-async def db(database_url: str) -> Any:
-    database = Database(database_url, min_size=1, max_size=4)
-    await database.open(run_migrations=False)
-    yield database
-    await database.close()
+async def _acked_leases(db: Database, address: str, n: int) -> tuple[LeaseStore, list[LeaseRef]]:
+    """``n`` intents sent to ``address``, claimed and acked on the stream
+    "s1": a lease store without a batcher, and their leases."""
+    leases = LeaseStore(db, max_payload_bytes=128 * 1024)
+    await IntentStore(db).send("default", [NewIntent(TYPE, address, "{}", "test") for _ in range(n)])
+    rows, _ = await leases.claim("s1", [address], None, n, 60_000)
+    refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
+    for ref in refs:
+        await leases.ack(ref, stream="s1")
+    return leases, refs
 
 
 async def test_a_refused_write_is_isolated_and_the_rest_of_its_batch_commits_once(db, agent_address) -> None:
     """A write PostgreSQL refuses (here a NUL, sent past the validation) in a
     batch of 20: it alone is refused, the 19 others are applied exactly once,
     in one commit, not retried one by one."""
-    store = IntentStore(db)
-    leases = LeaseStore(db, max_payload_bytes=128 * 1024)
-    await store.send("default", [NewIntent(TYPE, agent_address, "{}", "test") for _ in range(20)])
-    rows, _ = await leases.claim("s1", [agent_address], None, 20, 60_000)
-    refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
-    for ref in refs:
-        await leases.ack(ref, stream="s1")
+    _, refs = await _acked_leases(db, agent_address, 20)
     batcher = WriteBatcher(db, workers=1)
     batcher.start()
     try:
@@ -290,13 +288,7 @@ async def test_a_refused_write_is_isolated_and_the_rest_of_its_batch_commits_onc
 async def test_a_committed_fail_or_release_repeated_is_answered_as_it_was(db, agent_address) -> None:
     """What resolves an in-doubt batch: applying a committed fail or release
     again is recognised from the attempt's own event, never refused."""
-    store = IntentStore(db)
-    leases = LeaseStore(db, max_payload_bytes=128 * 1024)
-    await store.send("default", [NewIntent(TYPE, agent_address, "{}", "test") for _ in range(2)])
-    rows, _ = await leases.claim("s1", [agent_address], None, 2, 60_000)
-    failing, releasing = (LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows)
-    for ref in (failing, releasing):
-        await leases.ack(ref, stream="s1")
+    leases, (failing, releasing) = await _acked_leases(db, agent_address, 2)
     first = await leases.fail(failing, "E", "boom", True, stream="s1")
     again = await leases.fail(failing, "E", "boom", True, stream="s1")
     assert (again["state"], again["error_code"]) == (first["state"], first["error_code"]) == ("PENDING", "E")
@@ -314,13 +306,7 @@ async def test_fenced_writes_whose_batch_lost_its_connection_after_the_commit_ar
     """A one-statement batch of fails, then one of releases, each losing its
     connection right after it committed: every attempt ended once, and every
     caller is told so (not that its lease was stale)."""
-    store = IntentStore(db)
-    plain = LeaseStore(db, max_payload_bytes=128 * 1024)
-    await store.send("default", [NewIntent(TYPE, agent_address, "{}", "test") for _ in range(16)])
-    rows, _ = await plain.claim("s1", [agent_address], None, 16, 60_000)
-    refs = [LeaseRef(r["id"], r["attempt"], r["lease_token"]) for r in rows]
-    for ref in refs:
-        await plain.ack(ref, stream="s1")
+    _, refs = await _acked_leases(db, agent_address, 16)
     batcher = WriteBatcher(db, workers=1)
     killed: list[str] = []  # the kinds whose first batch of several lost its connection
 

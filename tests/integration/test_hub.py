@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
 from intentd.server.batcher import WriteBatcher
-from intentd.server.db import Database
 from intentd.server.hub import EVENTS_CHANNEL, NotificationHub, parse_events
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
@@ -28,6 +28,32 @@ async def eventually(predicate: Callable[[], object], what: str, within: float =
         await asyncio.sleep(0.01)
 
 
+@dataclass
+class Heard:
+    hub: NotificationHub
+    # What the hub fanned out, per event.
+    seen: list[tuple[str, int | None, str]]
+    # The raw notifications on the events channel.
+    payloads: list[str]
+
+
+@pytest.fixture
+async def heard(database_url: str) -> AsyncIterator[Heard]:
+    """A started hub recording every event it fans out, and a plain listener
+    of the channel beside it."""
+    hub = NotificationHub(database_url)
+    await hub.start()
+    heard = Heard(hub, [], [])
+    hub.on_event(lambda intent_id, seq, state: heard.seen.append((intent_id, seq, state)))
+    raw = await asyncpg.connect(database_url)
+    await raw.add_listener(EVENTS_CHANNEL, lambda _c, _p, _ch, payload: heard.payloads.append(payload))
+    try:
+        yield heard
+    finally:
+        await raw.close()
+        await hub.close()
+
+
 def test_parse_events_reads_aggregated_and_single_payloads() -> None:
     assert list(parse_events("a1:3:IN_PROGRESS")) == [("a1", 3, "IN_PROGRESS")]
     assert list(parse_events("a1:3:IN_PROGRESS\nb2:7:COMPLETED\nc3:1:PENDING")) == [
@@ -36,22 +62,8 @@ def test_parse_events_reads_aggregated_and_single_payloads() -> None:
     assert list(parse_events("a1:x:PENDING\n\nb2:2:FAILED")) == [("a1", None, "PENDING"), ("b2", 2, "FAILED")]
 
 
-@pytest.fixture
-async def db(database_url):
-    db = Database(database_url, min_size=1, max_size=4)
-    await db.open(run_migrations=False)
-    yield db
-    await db.close()
-
-
-async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, database_url, agent_address) -> None:
-    hub = NotificationHub(database_url)
-    await hub.start()
-    seen: list[tuple[str, int, str]] = []
-    hub.on_event(lambda intent_id, seq, state: seen.append((intent_id, seq, state)))
-    raw = await asyncpg.connect(database_url)
-    payloads: list[str] = []
-    await raw.add_listener(EVENTS_CHANNEL, lambda _c, _p, _ch, payload: payloads.append(payload))
+async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, heard, agent_address) -> None:
+    hub, seen, payloads = heard.hub, heard.seen, heard.payloads
     batcher = WriteBatcher(db, workers=1, max_batch=N)
     batcher.start()
     try:
@@ -88,30 +100,18 @@ async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, da
         assert hub.notifications >= len(payloads)
     finally:
         await batcher.close()
-        await raw.close()
-        await hub.close()
 
 
-async def test_single_event_payloads_keep_the_old_format(db, database_url, pg) -> None:
+async def test_single_event_payloads_keep_the_old_format(db, heard, pg) -> None:
     """A replica that predates aggregation reads a single event as before, and
     this hub still reads the old format (sent by a database before 0003)."""
-    hub = NotificationHub(database_url)
-    await hub.start()
-    seen: list[tuple[str, int, str]] = []
-    hub.on_event(lambda intent_id, seq, state: seen.append((intent_id, seq, state)))
-    raw = await asyncpg.connect(database_url)
-    payloads: list[str] = []
-    await raw.add_listener(EVENTS_CHANNEL, lambda _c, _p, _ch, payload: payloads.append(payload))
-    try:
-        intent_id = uuid.uuid4().hex[:26]
-        with hub.subscribe_intent(intent_id) as sub:
-            await pg.execute("SELECT pg_notify('intentd_events', $1)", f"{intent_id}:7:CANCELED")
-            assert await sub.wait(5)
-        await eventually(lambda: (intent_id, 7, "CANCELED") in seen, what="old-format event")
+    hub, seen, payloads = heard.hub, heard.seen, heard.payloads
+    intent_id = uuid.uuid4().hex[:26]
+    with hub.subscribe_intent(intent_id) as sub:
+        await pg.execute("SELECT pg_notify('intentd_events', $1)", f"{intent_id}:7:CANCELED")
+        assert await sub.wait(5)
+    await eventually(lambda: (intent_id, 7, "CANCELED") in seen, what="old-format event")
 
-        (sent,) = await IntentStore(db).send("default", [NewIntent(TYPE, "agent://test/hub/one", "{}", "test")])
-        created = f"{sent.row['id']}:1:PENDING"
-        await eventually(lambda: created in payloads, what="the CREATED notification")
-    finally:
-        await raw.close()
-        await hub.close()
+    (sent,) = await IntentStore(db).send("default", [NewIntent(TYPE, "agent://test/hub/one", "{}", "test")])
+    created = f"{sent.row['id']}:1:PENDING"
+    await eventually(lambda: created in payloads, what="the CREATED notification")

@@ -14,7 +14,6 @@ from intentd.core.errors import ValidationError
 from intentd.generated.v1 import agent_service_pb2 as apb
 from intentd.generated.v1 import delivery_pb2
 from intentd.server import errors
-from intentd.server.db import Database
 from intentd.server.leases import LeaseRef, LeaseStore
 from intentd.server.store import IntentStore, NewIntent
 from tests.support import RawSidecar
@@ -23,11 +22,8 @@ TYPE = "intent.pipeline.process.v1"
 
 
 @pytest.fixture
-async def stores(database_url):
-    db = Database(database_url, min_size=1, max_size=4)
-    await db.open(run_migrations=False)
-    yield IntentStore(db), LeaseStore(db, max_payload_bytes=128 * 1024)
-    await db.close()
+def stores(db):
+    return IntentStore(db), LeaseStore(db, max_payload_bytes=128 * 1024)
 
 
 async def send(store: IntentStore, address: str, **kw) -> str:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 
@@ -28,57 +27,11 @@ from intentd.generated.v1 import admin_service_pb2_grpc as admin_grpc
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 from intentd.server import auth as auth_module
-from intentd.server.auth import KeyStore
-from intentd.server.db import Database
 from intentd.server.settings import ServerSettings
 from tests.certs import make_pki
-from tests.support import RawSidecar, run_sync
+from tests.support import Keys, RawSidecar, bearer
 
 TYPE = "intent.secure.work.v1"
-
-
-def bearer(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
-
-
-class Keys:
-    def __init__(self, database_url: str) -> None:
-        self.url = database_url
-
-    def create(self, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = (),
-               expire: datetime | None = None, rate: float | None = None) -> str:
-        async def go() -> str:
-            db = Database(self.url, min_size=1, max_size=1)
-            await db.open(run_migrations=False)
-            try:
-                _, key = await KeyStore(db).create(tenant, name, roles, patterns, expire, rate)
-                return key
-            finally:
-                await db.close()
-
-        key: str = run_sync(go())
-        return key
-
-    def revoke(self, tenant: str, name: str) -> None:
-        async def go() -> None:
-            db = Database(self.url, min_size=1, max_size=1)
-            await db.open(run_migrations=False)
-            try:
-                await KeyStore(db).revoke(tenant, name)
-            finally:
-                await db.close()
-
-        run_sync(go())
-
-    def sql(self, query: str, *args: Any) -> Any:
-        async def go() -> Any:
-            conn = await asyncpg.connect(self.url)
-            try:
-                return await conn.fetch(query, *args)
-            finally:
-                await conn.close()
-
-        return run_sync(go())
 
 
 @pytest.fixture(scope="module")
@@ -316,29 +269,24 @@ def test_plaintext_off_loopback_needs_an_explicit_yes_and_auth_defaults(tmp_path
                                                "INTENTD_TLS_KEY_FILE": str(tmp_path / "missing.key")})
 
 
-def test_sidecar_with_a_scoped_key_over_mutual_tls_runs_intents(cluster, database_url, tmp_path) -> None:
+def test_sidecar_with_a_scoped_key_over_mutual_tls_runs_intents(cluster, database_url, tmp_path, make_server) -> None:
     from tests.stack import begins, ledger
-    from tests.support import ServerThread, server_settings
 
     pki = make_pki(tmp_path)
-    srv = ServerThread(server_settings(database_url, auth="on", tls_cert_file=pki.server_cert,
-                                       tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)).start()
-    try:
-        keys = Keys(database_url)
-        tenant = f"mtls{uuid.uuid4().hex[:6]}"
-        org = cluster.address.split("/")[2]
-        agent_key = keys.create(tenant, "sidecar", ["agent"], (f"agent://{org}/*",))
-        client_key = keys.create(tenant, "client", ["client"])
-        cluster.sidecar(srv.address, INTENTD_API_KEY=agent_key, INTENTD_TLS_CA_FILE=str(pki.ca),
-                        INTENTD_TLS_CERT_FILE=str(pki.client_cert), INTENTD_TLS_KEY_FILE=str(pki.client_key))
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
-                                                   pki.client_cert.read_bytes())
-        with IntentClient(srv.address, credentials=credentials, metadata=bearer(client_key)) as client:
-            intent_id = client.send_intent(intent_type="test.ledger.run.v1", to_agent=cluster.address,
-                                           payload={"steps": 3})
-            final = client.wait_for(intent_id, timeout=60)
-        assert final.state is IntentState.COMPLETED, cluster.logs()
-        assert final.tenant == tenant
-        assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
-    finally:
-        srv.stop()
+    srv = make_server(auth="on", tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)
+    keys = Keys(database_url)
+    tenant = f"mtls{uuid.uuid4().hex[:6]}"
+    org = cluster.address.split("/")[2]
+    agent_key = keys.create(tenant, "sidecar", ["agent"], (f"agent://{org}/*",))
+    client_key = keys.create(tenant, "client", ["client"])
+    cluster.sidecar(srv.address, INTENTD_API_KEY=agent_key, INTENTD_TLS_CA_FILE=str(pki.ca),
+                    INTENTD_TLS_CERT_FILE=str(pki.client_cert), INTENTD_TLS_KEY_FILE=str(pki.client_key))
+    credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
+                                               pki.client_cert.read_bytes())
+    with IntentClient(srv.address, credentials=credentials, metadata=bearer(client_key)) as client:
+        intent_id = client.send_intent(intent_type="test.ledger.run.v1", to_agent=cluster.address,
+                                       payload={"steps": 3})
+        final = client.wait_for(intent_id, timeout=60)
+    assert final.state is IntentState.COMPLETED, cluster.logs()
+    assert final.tenant == tenant
+    assert set(begins(ledger(cluster.db, intent_id)).values()) == {1}
