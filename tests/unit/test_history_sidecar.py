@@ -113,7 +113,9 @@ async def test_a_fetching_agent_gets_the_first_page_and_the_rest_on_demand(plane
             await begin(6, name="other", any_name=False)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "divergence" in err.value.details()
         # Replays go forward: the window holds the last page fetched only.
-        window = sidecar.dispatcher._placements[assignment.lease.token].history.window
+        held = sidecar.leases.get(assignment.lease.token)
+        assert held is not None
+        window = held.history.window
         assert sorted(window) == [5, 6]
     finally:
         await agent.close()
