@@ -1,7 +1,8 @@
-"""The local half of the sidecar: which attached agent holds which intent.
+"""The local half of the sidecar: which attached agent runs which intent.
 
 Assignments from the control plane are placed on an attached agent that
-handles the type and has a free slot, or queued briefly until one has.
+handles the type and has a free slot, or queued briefly until one has (the
+placement is recorded on the lease, in ``SidecarLeases``: sidecar/leases.py).
 Capacity and intent types announced upstream follow the attached agents (so
 the control plane never claims an intent no agent here handles). When an agent's
 Attach stream ends, everything it held is released at once (``AGENT_DIED``) so the
@@ -199,8 +200,7 @@ class Dispatcher:
     def _acknowledge(self, held: HeldLease) -> None:
         # Once only: the control plane takes a second ack of an IN_PROGRESS
         # lease for a stale one and revokes it.
-        if not held.acked:
-            held.acked = True
+        if self._leases.ack(held):
             self._link.ack(held.lease)
 
     # ------------------------------------------------------------ from the control plane

@@ -106,6 +106,8 @@ class History:
 
 @dataclass(eq=False)
 class HeldLease:
+    """One lease this sidecar holds: its stage in the life above."""
+
     assignment: delivery_pb2.Assignment
     history: History
     # The server lets the lease lapse after this long without a ping from us.
@@ -175,6 +177,11 @@ class SidecarLeases:
 
     def count_on(self, agent_id: int) -> int:
         return len(self._by_agent.get(agent_id, ()))
+
+    def ack(self, held: HeldLease) -> bool:
+        """The agent took it; False if it already had (its ack went out then)."""
+        first, held.acked = not held.acked, True
+        return first
 
     def wait(self, held: HeldLease) -> None:
         held.place = Place.WAITING

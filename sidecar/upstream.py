@@ -12,6 +12,9 @@ sure nothing the agent asked for is lost across a reconnect:
   revoked locally and their pending writes refused with FAILED_PRECONDITION;
 - acknowledgements made while no stream was up are sent once one is (never
   twice: the server treats a repeated ack as a stale lease).
+
+What it knows of each lease (bound to our stream, acked, ack sent, gone) is
+in the ``SidecarLeases`` it shares with the dispatcher (sidecar/leases.py).
 """
 
 from __future__ import annotations
@@ -236,12 +239,10 @@ class Upstream:
                 capacity=self._capacity, intent_types=pb.IntentTypeSet(intent_types=self.intent_types))))
 
     def ack(self, lease: delivery_pb2.Lease) -> None:
-        held = self._leases.get(lease.token)
-        if held is None:
+        """Sends the ack of a lease the dispatcher marked acked."""
+        if self._leases.get(lease.token) is None:
             with log_context(intent_id=lease.intent_id, attempt=lease.attempt):
                 log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
-        else:
-            held.acked = True
         # Without a stream it goes out after re-registration if the lease is kept.
         if self._stream is not None:
             self._stream.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
