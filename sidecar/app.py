@@ -20,6 +20,7 @@ from intentd.core.observability import metrics, set_process_fields
 from intentd.generated.v1 import delivery_pb2
 
 from .dispatch import DRAINED, Dispatcher
+from .leases import HeldLease, SidecarLeases
 from .runtime import RuntimeServer
 from .settings import SidecarSettings
 from .supervisor import AgentSupervisor
@@ -47,6 +48,8 @@ class Sidecar:
 
     def __init__(self, settings: SidecarSettings) -> None:
         self.settings = settings
+        # Shared: the upstream and the dispatcher keep no lease state of their own.
+        self.leases = SidecarLeases()
         self.upstream = Upstream(
             servers=settings.servers,
             sidecar_id=settings.sidecar_id,
@@ -57,8 +60,10 @@ class Sidecar:
             reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
             credentials=channel_credentials(settings),
             metadata=[("authorization", f"Bearer {key}")] if (key := settings.bearer_key()) else (),
+            leases=self.leases,
         )
-        self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity, intent_types=settings.intent_types)
+        self.dispatcher = Dispatcher(self.upstream, capacity=settings.capacity, intent_types=settings.intent_types,
+                                     leases=self.leases)
         self.runtime = RuntimeServer(self.dispatcher, settings.agent_listen)
         self.supervisor: AgentSupervisor | None = None
         self.metrics_server: metrics.MetricsServer | None = None
@@ -144,8 +149,8 @@ class Sidecar:
                 self.metrics_server = None
             self._stopped.set()
 
-    def _on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
-        self.dispatcher.on_assignment(assignment)
+    def _on_assignment(self, held: HeldLease) -> None:
+        self.dispatcher.on_assignment(held)
 
     def _on_revocation(self, revocation: delivery_pb2.Revocation) -> None:
         self.dispatcher.on_revocation(revocation)

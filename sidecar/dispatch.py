@@ -1,7 +1,8 @@
-"""The local half of the sidecar: which attached agent holds which intent.
+"""The local half of the sidecar: which attached agent runs which intent.
 
 Assignments from the control plane are placed on an attached agent that
-handles the type and has a free slot, or queued briefly until one has.
+handles the type and has a free slot, or queued briefly until one has (the
+placement is recorded on the lease, in ``SidecarLeases``: sidecar/leases.py).
 Capacity and intent types announced upstream follow the attached agents (so
 the control plane never claims an intent no agent here handles). When an agent's
 Attach stream ends, everything it held is released at once (``AGENT_DIED``) so the
@@ -27,6 +28,7 @@ from intentd.core.observability.context import bind_log_context, log_context
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2
 
 from .errors import LeaseNotHeld, RecordedStepMismatch, StepsUnavailable
+from .leases import HeldLease, Place, SidecarLeases
 from .upstream import STALE_CODES, TERMINAL_OPS, describe
 
 log = logging.getLogger("intentd.sidecar.dispatch")
@@ -41,9 +43,6 @@ RELEASE_BACKOFF = Backoff(0.2, 5.0)
 # The most recorded bytes an assignment carries to an agent that does not
 # fetch steps: well inside the agent channel's message limit.
 FILL_BYTES = MAX_MESSAGE_BYTES * 3 // 4
-# Recorded steps kept per held intent, beyond the page being replayed: the
-# newest this attempt recorded (a BeginStep for an older one fetches it).
-WINDOW_BYTES = 2 * 1024 * 1024
 
 
 def _about(lease: delivery_pb2.Lease) -> contextlib.AbstractContextManager[None]:
@@ -75,13 +74,8 @@ class AttachedAgent:
     peer: str = ""
     # It asks BeginStep for recorded steps its assignment does not carry.
     fetches_steps: bool = False
-    leases: set[str] = field(default_factory=set)
     # None ends the stream.
     outbox: asyncio.Queue[runtime_pb2.AttachResponse | None] = field(default_factory=asyncio.Queue)
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self.leases)
 
     def handles(self, intent_type: str) -> bool:
         return not self.intent_types or intent_type in self.intent_types
@@ -93,69 +87,16 @@ class AttachedAgent:
         self.outbox.put_nowait(None)
 
 
-@dataclass(eq=False)
-class _History:
-    """What the sidecar keeps of an attempt's recorded steps: how many there
-    are and a window of them (the page the agent replays from), never the
-    whole history. Replays go forward, so a fetched page replaces the steps
-    before it."""
-
-    recorded: int
-    window: dict[int, intent_pb2.StepRecord] = field(default_factory=dict)
-    size: int = 0  # bytes in the window
-    fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @classmethod
-    def of(cls, assignment: delivery_pb2.Assignment) -> _History:
-        # A server that pages says how many there are; an older one sends them all.
-        history = cls(max(assignment.recorded_steps, len(assignment.steps)))
-        history.keep(assignment.steps)
-        return history
-
-    def keep(self, steps: Iterable[intent_pb2.StepRecord]) -> None:
-        """A fetched page replaces the window."""
-        self.window = {step.index: step for step in steps}
-        self.size = sum(step.ByteSize() for step in self.window.values())
-
-    def add(self, record: intent_pb2.StepRecord) -> None:
-        """A step this attempt recorded; the oldest ones leave the window
-        when it grows past WINDOW_BYTES."""
-        self.recorded = max(self.recorded, record.index)
-        old = self.window.pop(record.index, None)
-        if old is not None:
-            self.size -= old.ByteSize()
-        self.window[record.index] = record
-        self.size += record.ByteSize()
-        while self.size > WINDOW_BYTES and len(self.window) > 1:
-            self.size -= self.window.pop(min(self.window)).ByteSize()
-
-
-@dataclass(eq=False)
-class _Placement:
-    """A lease this sidecar holds, and the agent it is placed on (None:
-    queued until one is free)."""
-
-    assignment: delivery_pb2.Assignment
-    history: _History
-    agent: AttachedAgent | None = None
-    acked: bool = False
-    expiry: asyncio.TimerHandle | None = None
-
-    @property
-    def lease(self) -> delivery_pb2.Lease:
-        return self.assignment.lease
-
-
 class Dispatcher:
     def __init__(self, link: Link, capacity: int, *, intent_types: Iterable[str] = (),
-                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S, leases: SidecarLeases | None = None) -> None:
         self._link = link
         self.max_capacity = capacity
         # The sidecar's own limit (--intent-type); empty: whatever its agents handle.
         self.intent_types = frozenset(intent_types)
         self.placement_timeout_s = placement_timeout_s
         self.agents: dict[int, AttachedAgent] = {}
-        self._placements: dict[str, _Placement] = {}
+        self._leases = SidecarLeases() if leases is None else leases
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._fills: set[asyncio.Task[None]] = set()
@@ -196,13 +137,13 @@ class Dispatcher:
 
     @property
     def held_count(self) -> int:
-        return len(self._placements)
+        return len(self._leases.local())
 
     def health(self) -> dict[str, object]:
         return {
             "agents": len(self.agents),
-            "held": len(self._placements),
-            "queued": sum(1 for held in self._placements.values() if held.agent is None),
+            "held": self.held_count,
+            "queued": len(self._leases.waiting()),
             "capacity": self.capacity,
             "draining": self.draining,
             "releases_in_flight": len(self._tasks),
@@ -233,66 +174,59 @@ class Dispatcher:
         it completes even from a cancelled stream handler."""
         if self.agents.pop(agent.id, None) is None:
             return
-        tokens = list(agent.leases)
-        agent.leases.clear()
-        if tokens:
+        orphans = self._leases.on_agent(agent.id)
+        if orphans:
             log.warning("agent %d went away holding %d intents; releasing them (%s)",
-                        agent.id, len(tokens), AGENT_DIED)
+                        agent.id, len(orphans), AGENT_DIED)
         else:
             log.info("agent %d detached", agent.id)
-        for token in tokens:
-            held = self._placements.pop(token, None)
-            if held is not None:
-                self._release_soon(held.lease, AGENT_DIED)
+        for held in orphans:
+            self._leases.finish(held)
+            self._release_soon(held.lease, AGENT_DIED)
         agent.close()
         self._update_capacity()
         self._pump()
         self._check_idle()
 
     def ack(self, agent: AttachedAgent, lease: delivery_pb2.Lease) -> bool:
-        held = self._placements.get(lease.token)
-        if held is None or held.agent is not agent:
+        held = self._leases.placed(lease.token)
+        if held is None or held.agent_id != agent.id:
             with _about(lease):
                 log.warning("agent %d acknowledged %s, which it does not hold; ignored", agent.id, describe(lease))
             return False
         self._acknowledge(held)
         return True
 
-    def _acknowledge(self, held: _Placement) -> None:
+    def _acknowledge(self, held: HeldLease) -> None:
         # Once only: the control plane takes a second ack of an IN_PROGRESS
         # lease for a stale one and revokes it.
-        if not held.acked:
-            held.acked = True
+        if self._leases.ack(held):
             self._link.ack(held.lease)
 
     # ------------------------------------------------------------ from the control plane
 
-    def on_assignment(self, assignment: delivery_pb2.Assignment) -> None:
-        with _about(assignment.lease):
-            self._take(assignment)
+    def on_assignment(self, held: HeldLease) -> None:
+        with _about(held.lease):
+            self._take(held)
 
-    def _take(self, assignment: delivery_pb2.Assignment) -> None:
-        lease = assignment.lease
-        if lease.token in self._placements:
-            log.warning("duplicate assignment of %s ignored", describe(lease))
-            return
+    def _take(self, held: HeldLease) -> None:
         if self.draining:
             # Sent before our SetCapacity(0) arrived: give it straight back.
-            self._release_soon(lease, DRAINED)
+            self._leases.finish(held)
+            self._release_soon(held.lease, DRAINED)
             return
-        held = _Placement(assignment, history=_History.of(assignment))
-        self._placements[lease.token] = held
+        self._leases.wait(held)
         self._idle.clear()
         if not self._place(held):
             log.info("no agent free for %s (%s); holding it up to %.1fs",
-                     describe(lease), assignment.intent.intent_type, self.placement_timeout_s)
-            held.expiry = asyncio.get_running_loop().call_later(
-                self.placement_timeout_s, self._expire, lease.token)
+                     describe(held.lease), held.assignment.intent.intent_type, self.placement_timeout_s)
+            held.expiry = asyncio.get_running_loop().call_later(self.placement_timeout_s, self._expire, held)
 
     def on_revocation(self, revocation: delivery_pb2.Revocation) -> None:
-        held = self._finish(revocation.lease.token)
-        if held is not None and held.agent is not None:
-            held.agent.send(runtime_pb2.AttachResponse(revocation=revocation))
+        held = self._leases.placed(revocation.lease.token)
+        agent = self._finish(held) if held is not None else None
+        if agent is not None:
+            agent.send(runtime_pb2.AttachResponse(revocation=revocation))
 
     # ------------------------------------------------------------ from the agent
 
@@ -301,7 +235,7 @@ class Dispatcher:
         """The recorded step at ``index``, or None when it is still to run.
         A step past the window is fetched from the control plane with the
         page that follows it. ``any_name``: no divergence check here."""
-        held = self._placements.get(lease.token)
+        held = self._leases.placed(lease.token)
         if held is None:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
         history = held.history
@@ -317,7 +251,7 @@ class Dispatcher:
             raise RecordedStepMismatch(index, record.name, name)
         return record
 
-    async def _fetch(self, held: _Placement, index: int) -> intent_pb2.StepRecord | None:
+    async def _fetch(self, held: HeldLease, index: int) -> intent_pb2.StepRecord | None:
         try:
             page = await self._link.list_recorded_steps(held.lease, index)
         except StepsUnavailable as exc:
@@ -334,8 +268,8 @@ class Dispatcher:
             return await self._forward(write)
 
     async def _forward(self, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
-        held = self._placements.get(write.lease.token)
-        if held is not None and held.agent is not None and not held.acked:
+        held = self._leases.placed(write.lease.token)
+        if held is not None and held.place is Place.AGENT and not held.acked:
             # The ack travels on the Attach stream, this write on its own call,
             # so it can overtake the ack; but a write proves the handler
             # started, so acknowledge first (the outbox keeps the order, and
@@ -344,13 +278,15 @@ class Dispatcher:
         result = await self._link.write(write)
         token = write.lease.token
         op = write.WhichOneof("op")
-        held = self._placements.get(token)
-        if held is not None and result.code == OK and op == "step":
+        held = self._leases.placed(token)
+        if held is None:
+            return result
+        if result.code == OK and op == "step":
             held.history.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result))
         if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
             # Done, or refused as stale: either way the agent stops, so free its slot.
-            self._finish(token)
+            self._finish(held)
         return result
 
     # ------------------------------------------------------------ draining
@@ -360,8 +296,8 @@ class Dispatcher:
             return
         self.draining = True
         self._update_capacity()
-        for held in [h for h in self._placements.values() if h.agent is None]:
-            self._finish(held.lease.token)
+        for held in self._leases.waiting():
+            self._finish(held)
             self._release_soon(held.lease, DRAINED)
 
     async def wait_idle(self, deadline: float, interrupt: asyncio.Event | None = None) -> bool:
@@ -378,10 +314,10 @@ class Dispatcher:
 
     async def release_all(self, reason: str, deadline: float) -> None:
         """Stops every held intent on its agent and gives it back upstream."""
-        for held in list(self._placements.values()):
-            self._finish(held.lease.token)
-            if held.agent is not None:
-                held.agent.send(runtime_pb2.AttachResponse(revocation=delivery_pb2.Revocation(
+        for held in self._leases.local():
+            agent = self._finish(held)
+            if agent is not None:
+                agent.send(runtime_pb2.AttachResponse(revocation=delivery_pb2.Revocation(
                     lease=held.lease, reason="LEASE_LOST", message=f"released by the sidecar: {reason}")))
             self._release_soon(held.lease, reason)
         await self.wait_releases(deadline)
@@ -405,17 +341,16 @@ class Dispatcher:
 
     # ------------------------------------------------------------ internals
 
-    def _place(self, held: _Placement) -> bool:
+    def _free(self, agent: AttachedAgent) -> int:
+        return agent.capacity - self._leases.count_on(agent.id)
+
+    def _place(self, held: HeldLease) -> bool:
         intent_type = held.assignment.intent.intent_type
-        candidates = [a for a in self.agents.values() if a.free > 0 and a.handles(intent_type)]
+        candidates = [a for a in self.agents.values() if self._free(a) > 0 and a.handles(intent_type)]
         if not candidates:
             return False
-        agent = max(candidates, key=lambda a: a.free)
-        held.agent = agent
-        agent.leases.add(held.lease.token)
-        if held.expiry is not None:
-            held.expiry.cancel()
-            held.expiry = None
+        agent = max(candidates, key=self._free)
+        self._leases.place(held, agent.id)
         if agent.fetches_steps or held.history.recorded <= len(held.assignment.steps):
             self._hand_over(agent, held, held.assignment)
         else:
@@ -424,12 +359,12 @@ class Dispatcher:
             task.add_done_callback(self._fills.discard)
         return True
 
-    def _hand_over(self, agent: AttachedAgent, held: _Placement, assignment: delivery_pb2.Assignment) -> None:
+    def _hand_over(self, agent: AttachedAgent, held: HeldLease, assignment: delivery_pb2.Assignment) -> None:
         agent.send(runtime_pb2.AttachResponse(assignment=assignment))
         # The window has them; the copy that went out is the agent's.
         del held.assignment.steps[:]
 
-    async def _fill(self, agent: AttachedAgent, held: _Placement) -> None:
+    async def _fill(self, agent: AttachedAgent, held: HeldLease) -> None:
         """An agent that does not fetch recorded steps gets them all in its
         assignment, as before paging, if they fit in one message; otherwise
         the attempt fails with HISTORY_TOO_LARGE (never a replay that would
@@ -449,7 +384,7 @@ class Dispatcher:
             assignment = delivery_pb2.Assignment()
             assignment.CopyFrom(held.assignment)
             try:
-                while len(assignment.steps) < held.history.recorded and self._placements.get(lease.token) is held:
+                while len(assignment.steps) < held.history.recorded and held.local:
                     page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
                     if not page.steps:
                         break
@@ -457,45 +392,40 @@ class Dispatcher:
             except StepsUnavailable as exc:
                 log.warning("%s: recorded steps could not be fetched for the agent (%s)", describe(lease),
                             exc.message)
-                if self._placements.get(lease.token) is held:
-                    self._finish(lease.token)
+                if held.local:
+                    self._finish(held)
                     if exc.code not in STALE_CODES:  # a stale lease is not ours to give back
                         self._release_soon(lease, AGENT_DIED)
                 return
-            if self._placements.get(lease.token) is held and held.agent is agent:
+            if held.place is Place.AGENT and held.agent_id == agent.id:
                 self._hand_over(agent, held, assignment)
 
     def _pump(self) -> None:
         if self.draining:
             return
-        for held in list(self._placements.values()):
-            if held.agent is None:
-                self._place(held)
+        for held in self._leases.waiting():
+            self._place(held)
 
-    def _expire(self, token: str) -> None:
-        held = self._placements.get(token)
-        if held is None or held.agent is not None:
+    def _expire(self, held: HeldLease) -> None:
+        if held.place is not Place.WAITING:
             return
         with _about(held.lease):
             log.warning("no attached agent took %s (%s) within %.1fs; giving it back",
                         describe(held.lease), held.assignment.intent.intent_type, self.placement_timeout_s)
-        self._finish(token)
+        self._finish(held)
         self._release_soon(held.lease, DRAINED)
 
-    def _finish(self, token: str) -> _Placement | None:
-        held = self._placements.pop(token, None)
-        if held is None:
+    def _finish(self, held: HeldLease) -> AttachedAgent | None:
+        """Frees the lease's slot here; the agent it ran on, if any."""
+        agent = self.agents.get(held.agent_id) if held.agent_id is not None else None
+        if not self._leases.finish(held):
             return None
-        if held.expiry is not None:
-            held.expiry.cancel()
-        if held.agent is not None:
-            held.agent.leases.discard(token)
         self._pump()
         self._check_idle()
-        return held
+        return agent
 
     def _check_idle(self) -> None:
-        if not self._placements:
+        if not self._leases.local():
             self._idle.set()
 
     def _update_capacity(self) -> None:

@@ -17,7 +17,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -36,6 +36,13 @@ log = logging.getLogger("intentd.sidecar.runtime")
 
 # The writes an agent may make (release is the sidecar's own).
 AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail"})
+
+
+class _UnaryWrite(Protocol):
+    """A unary write request: the lease, and the write in the field its op names."""
+
+    @property
+    def lease(self) -> delivery_pb2.Lease: ...
 
 
 class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
@@ -144,32 +151,33 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
 
     async def RecordStep(self, request: runtime_pb2.RecordStepRequest,
                          context: Any) -> runtime_pb2.RecordStepResponse:
-        result = await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, step=request.step))
+        result = await self._write(context, request, "step")
         return runtime_pb2.RecordStepResponse(step=result.step)
 
     async def SaveCheckpoint(self, request: runtime_pb2.SaveCheckpointRequest,
                              context: Any) -> runtime_pb2.SaveCheckpointResponse:
-        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, checkpoint=request.checkpoint))
+        await self._write(context, request, "checkpoint")
         return runtime_pb2.SaveCheckpointResponse()
 
     async def ReportProgress(self, request: runtime_pb2.ReportProgressRequest,
                              context: Any) -> runtime_pb2.ReportProgressResponse:
-        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, progress=request.progress))
+        await self._write(context, request, "progress")
         return runtime_pb2.ReportProgressResponse()
 
     async def CompleteIntent(self, request: runtime_pb2.CompleteIntentRequest,
                              context: Any) -> runtime_pb2.CompleteIntentResponse:
-        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, complete=request.complete))
+        await self._write(context, request, "complete")
         return runtime_pb2.CompleteIntentResponse()
 
     async def FailIntent(self, request: runtime_pb2.FailIntentRequest,
                          context: Any) -> runtime_pb2.FailIntentResponse:
-        await self._write(context, delivery_pb2.IntentWrite(lease=request.lease, fail=request.fail))
+        await self._write(context, request, "fail")
         return runtime_pb2.FailIntentResponse()
 
-    async def _write(self, context: Any, write: delivery_pb2.IntentWrite) -> agent_service_pb2.WriteResult:
-        """The unary calls: the same writes, a refusal as the call's status."""
-        result = await self._forward(write)
+    async def _write(self, context: Any, request: _UnaryWrite, op: str) -> agent_service_pb2.WriteResult:
+        """The unary calls: each is the stream's write of one op (a field of
+        the same name on request and IntentWrite), a refusal as the call's status."""
+        result = await self._forward(delivery_pb2.IntentWrite(lease=request.lease, **{op: getattr(request, op)}))
         if result.code != 0:
             await context.abort(status_of(result.code), result.message or "refused by the control plane")
         return result

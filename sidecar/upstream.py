@@ -12,6 +12,9 @@ sure nothing the agent asked for is lost across a reconnect:
   revoked locally and their pending writes refused with FAILED_PRECONDITION;
 - acknowledgements made while no stream was up are sent once one is (never
   twice: the server treats a repeated ack as a stale lease).
+
+What it knows of each lease (bound to our stream, acked, ack sent, gone) is
+in the ``SidecarLeases`` it shares with the dispatcher (sidecar/leases.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,7 @@ from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 from intentd.generated.v1 import delivery_pb2
 
 from .errors import ConnectError, StepsUnavailable
+from .leases import HeldLease, SidecarLeases
 
 log = logging.getLogger("intentd.sidecar.upstream")
 
@@ -51,8 +54,6 @@ DEFAULT_PING_INTERVAL_S = 5.0
 # A stream silent for this many ping intervals is dead.
 SILENCE_LIMIT_PINGS = 3
 MIN_PING_INTERVAL_S = 0.02
-# Lost or revoked lease tokens remembered to refuse late writes locally.
-GONE_MEMORY = 4096
 # A stream must last this long before reconnect backoff starts over, so a
 # server that accepts and then drops us at once is not hammered.
 HEALTHY_STREAM_S = 5.0
@@ -62,7 +63,7 @@ FETCH_BACKOFF = Backoff(0.05, 1.0)
 # up to the reconnect_max_backoff_s setting.
 FIRST_RECONNECT_S = 0.1
 
-AssignmentHandler = Callable[[delivery_pb2.Assignment], None]
+AssignmentHandler = Callable[[HeldLease], None]
 RevocationHandler = Callable[[delivery_pb2.Revocation], None]
 
 
@@ -94,18 +95,6 @@ class _PendingWrite:
     def resolve(self, result: pb.WriteResult) -> None:
         if not self.future.done():
             self.future.set_result(result)
-
-
-@dataclass
-class _HeldLease:
-    lease: delivery_pb2.Lease
-    # The agent took it.
-    acked: bool = False
-    # The ack was handed to a stream. It is never sent twice: a second ack of
-    # an IN_PROGRESS lease is refused, and the server revokes the lease then.
-    ack_sent: bool = False
-    # The server lets the lease lapse after this long without a ping from us.
-    heartbeat_timeout_s: float = 10.0
 
 
 @dataclass
@@ -169,6 +158,7 @@ class Upstream:
         register_timeout_s: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        leases: SidecarLeases | None = None,
     ) -> None:
         self._credentials = credentials
         self._metadata = tuple(metadata)
@@ -185,8 +175,7 @@ class Upstream:
         self._capacity = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _PendingWrite] = {}
-        self._held: dict[str, _HeldLease] = {}
-        self._gone: OrderedDict[str, str] = OrderedDict()
+        self._leases = SidecarLeases() if leases is None else leases
         self._stream: _Stream | None = None
         self._rotation = 0
         self._task: asyncio.Task[None] | None = None
@@ -211,7 +200,7 @@ class Upstream:
         return len(self._pending)
 
     def held_leases(self) -> list[delivery_pb2.Lease]:
-        return [held.lease for held in self._held.values()]
+        return [held.lease for held in self._leases.bound()]
 
     def health(self) -> dict[str, Any]:
         stream = self._stream
@@ -220,7 +209,7 @@ class Upstream:
             "server": stream.target if stream else None,
             "session_id": stream.session_id if stream else None,
             "registrations": self.registrations,
-            "held": len(self._held),
+            "held": len(self._leases.bound()),
             "pending_writes": len(self._pending),
             "capacity": self._capacity,
         }
@@ -250,12 +239,10 @@ class Upstream:
                 capacity=self._capacity, intent_types=pb.IntentTypeSet(intent_types=self.intent_types))))
 
     def ack(self, lease: delivery_pb2.Lease) -> None:
-        held = self._held.get(lease.token)
-        if held is None:
+        """Sends the ack of a lease the dispatcher marked acked."""
+        if self._leases.get(lease.token) is None:
             with log_context(intent_id=lease.intent_id, attempt=lease.attempt):
                 log.warning("acknowledging %s, which this sidecar does not hold", describe(lease))
-        else:
-            held.acked = True
         # Without a stream it goes out after re-registration if the lease is kept.
         if self._stream is not None:
             self._stream.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
@@ -274,7 +261,7 @@ class Upstream:
     async def _write(self, write: delivery_pb2.IntentWrite) -> pb.WriteResult:
         if self._closing:
             return local_result(UNAVAILABLE, "the sidecar is shutting down; the write was not sent")
-        reason = self._gone.get(write.lease.token)
+        reason = self._leases.gone(write.lease.token)
         if reason is not None:
             return local_result(
                 FAILED_PRECONDITION, f"{describe(write.lease)} is no longer held by this sidecar ({reason})"
@@ -300,7 +287,7 @@ class Upstream:
             stream = self._stream
             if self._closing:
                 raise StepsUnavailable(UNAVAILABLE, "the sidecar is shutting down")
-            reason = self._gone.get(lease.token)
+            reason = self._leases.gone(lease.token)
             if reason is not None:
                 raise StepsUnavailable(FAILED_PRECONDITION, f"{describe(lease)} is no longer held ({reason})")
             if stream is None or stream.channel is None:
@@ -461,10 +448,10 @@ class Upstream:
         purpose: no write can slip between the re-send and going live."""
         kept = {lease.token for lease in registered.kept}
         lost = {lease.token for lease in registered.lost}
-        for token, held in list(self._held.items()):
-            if token in kept:
+        for held in self._leases.bound():
+            if held.lease.token in kept:
                 continue
-            if token not in lost:
+            if held.lease.token not in lost:
                 log.warning("Registered did not list %s as kept or lost; treating it as lost",
                             describe(held.lease))
             self._lose(held.lease, "LEASE_LOST", "the lease was lost while the sidecar reconnected")
@@ -476,7 +463,7 @@ class Upstream:
             stream.target, stream.session_id, stream.ping_interval_s, len(kept), len(lost),
         )
         # Acks before writes: a kept lease's writes need it IN_PROGRESS.
-        for held in self._held.values():
+        for held in self._leases.bound():
             if held.acked and not held.ack_sent:
                 stream.send(pb.ConnectRequest(ack=delivery_pb2.AckAssignment(lease=held.lease)))
         for request_id in sorted(self._pending):
@@ -489,8 +476,7 @@ class Upstream:
             self.connected.clear()
 
     def _lose(self, lease: delivery_pb2.Lease, reason: str, message: str) -> None:
-        self._held.pop(lease.token, None)
-        self._remember_gone(lease.token, reason)
+        self._leases.unbind(lease.token, gone=reason)
         completing = False
         for pending in list(self._pending.values()):
             if pending.write.lease.token != lease.token:
@@ -507,12 +493,6 @@ class Upstream:
             # The agent learns the outcome from its CompleteIntent call.
             return
         self._notify(self._on_revocation, delivery_pb2.Revocation(lease=lease, reason=reason, message=message))
-
-    def _remember_gone(self, token: str, reason: str) -> None:
-        self._gone[token] = reason
-        self._gone.move_to_end(token)
-        while len(self._gone) > GONE_MEMORY:
-            self._gone.popitem(last=False)
 
     @staticmethod
     def _write_request(pending: _PendingWrite) -> pb.ConnectRequest:
@@ -537,7 +517,7 @@ class Upstream:
                 return False  # answered locally or its caller gave up meanwhile
             pending.sent = True
         elif kind == "ack":
-            held = self._held.get(message.ack.lease.token)
+            held = self._leases.get(message.ack.lease.token)
             if held is not None:
                 if held.ack_sent:
                     return False
@@ -574,7 +554,7 @@ class Upstream:
         lease's heartbeat timeout (past half of it, the lease may have lapsed
         on the server before our next ping lands)."""
         limit = SILENCE_LIMIT_PINGS * stream.ping_interval_s
-        for held in self._held.values():
+        for held in self._leases.bound():
             limit = min(limit, held.heartbeat_timeout_s / 2)
         return limit
 
@@ -591,19 +571,18 @@ class Upstream:
         elif kind == "pong":
             pass  # hearing it was the point
         elif kind == "assignment":
-            lease = message.assignment.lease
-            self._held[lease.token] = _HeldLease(
-                lease, heartbeat_timeout_s=(message.assignment.heartbeat_timeout_ms or 10_000) / 1000)
-            self._gone.pop(lease.token, None)
-            self._notify(self._on_assignment, message.assignment)
+            held = self._leases.arrive(message.assignment)
+            if held is None:
+                log.warning("duplicate assignment of %s ignored", describe(message.assignment.lease))
+            else:
+                self._notify(self._on_assignment, held)
         elif kind == "write_result":
             self._on_write_result(message.write_result)
         elif kind == "revocation":
             lease = message.revocation.lease
             log.info("%s revoked: %s %s", describe(lease), message.revocation.reason,
                      message.revocation.message)
-            self._held.pop(lease.token, None)
-            self._remember_gone(lease.token, message.revocation.reason or "revoked")
+            self._leases.unbind(lease.token, gone=message.revocation.reason or "revoked")
             self._notify(self._on_revocation, message.revocation)
         elif kind == "registered":
             log.warning("ignoring a second Registered on stream %s", stream.session_id)
@@ -617,7 +596,7 @@ class Upstream:
             return
         if pending.op in TERMINAL_OPS and result.code in FINAL_CODES:
             # Answered for good: the attempt is over (or was not ours anyway).
-            self._held.pop(pending.write.lease.token, None)
+            self._leases.unbind(pending.write.lease.token)
         pending.resolve(result)
 
     @staticmethod

@@ -6,8 +6,6 @@ failure when that cannot fit."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,13 +15,14 @@ from intentd.generated.v1 import agent_service_pb2 as apb
 from intentd.generated.v1 import delivery_pb2, intent_pb2, runtime_pb2
 from intentd.sidecar import Sidecar
 from intentd.sidecar.dispatch import FILL_BYTES
-from tests.unit.test_sidecar_unit import (
+from tests.unit.test_sidecar_unit import (  # noqa: F401 - the plane and sidecar fixtures, over plane_type below
     WAIT,
     FakeAgent,
     FakeControlPlane,
     expect_capacity,
     make_assignment,
-    make_settings,
+    plane_fixture,
+    sidecar_fixture,
 )
 
 RECORDED = 7
@@ -49,20 +48,8 @@ class PagingPlane(FakeControlPlane):
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[PagingPlane]:
-    fake = PagingPlane()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def sidecar(plane: PagingPlane, tmp_path: Path) -> AsyncIterator[Sidecar]:
-    sc = Sidecar(make_settings(plane.port, tmp_path))
-    await sc.start()
-    yield sc
-    plane.auto_commit = True
-    await sc.stop(grace=0)
+def plane_type() -> type[PagingPlane]:
+    return PagingPlane
 
 
 async def attach(plane: PagingPlane, sidecar: Sidecar, fetches: bool) -> tuple[Any, FakeAgent]:
@@ -113,7 +100,9 @@ async def test_a_fetching_agent_gets_the_first_page_and_the_rest_on_demand(plane
             await begin(6, name="other", any_name=False)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "divergence" in err.value.details()
         # Replays go forward: the window holds the last page fetched only.
-        window = sidecar.dispatcher._placements[assignment.lease.token].history.window
+        held = sidecar.leases.get(assignment.lease.token)
+        assert held is not None
+        window = held.history.window
         assert sorted(window) == [5, 6]
     finally:
         await agent.close()

@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,24 @@ class FakeAgent:
     async def ack(self, lease: delivery_pb2.Lease) -> None:
         await self.call.write(runtime_pb2.AttachRequest(ack=delivery_pb2.AckAssignment(lease=lease)))
 
+    # The unary writes, under way (each answers once the control plane did).
+
+    def record_step(self, lease: delivery_pb2.Lease, result: bytes = b"1") -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.stub.RecordStep(runtime_pb2.RecordStepRequest(
+            lease=lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=result))))
+
+    def checkpoint(self, lease: delivery_pb2.Lease) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
+            lease=lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
+
+    def progress(self, lease: delivery_pb2.Lease, message: str, fraction: float = 0.0) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
+            lease=lease, progress=delivery_pb2.ProgressWrite(message=message, fraction=fraction))))
+
+    def complete(self, lease: delivery_pb2.Lease, result: bytes = b"{}") -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.stub.CompleteIntent(runtime_pb2.CompleteIntentRequest(
+            lease=lease, complete=delivery_pb2.CompleteWrite(result=result))))
+
     async def close(self) -> None:
         if self.call is not None:
             self.call.cancel()
@@ -217,19 +235,36 @@ async def expect_capacity(stream: FakeStream, capacity: int) -> None:
             return
 
 
+async def refusal(call: Awaitable[Any],
+                  code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> grpc.aio.AioRpcError:
+    """The error a call to the sidecar ends with, once its code is checked."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call, WAIT)
+    assert info.value.code() == code
+    return info.value
+
+
 # ---------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[FakeControlPlane]:
-    fake = FakeControlPlane()
+def plane_type() -> type[FakeControlPlane]:
+    """What ``plane`` starts: a module overrides it with a fake of its own."""
+    return FakeControlPlane
+
+
+# Named apart from the fixture, so another module imports it without
+# shadowing the name its tests take it by.
+@pytest.fixture(name="plane")
+async def plane_fixture(plane_type: type[FakeControlPlane]) -> AsyncIterator[FakeControlPlane]:
+    fake = plane_type()
     await fake.start()
     yield fake
     await fake.stop()
 
 
-@pytest.fixture
-async def sidecar(plane: FakeControlPlane, tmp_path: Path) -> AsyncIterator[Sidecar]:
+@pytest.fixture(name="sidecar")
+async def sidecar_fixture(plane: FakeControlPlane, tmp_path: Path) -> AsyncIterator[Sidecar]:
     sc = Sidecar(make_settings(plane.port, tmp_path))
     await sc.start()
     yield sc
@@ -293,10 +328,8 @@ async def test_assignment_goes_to_the_agent_and_its_ack_upstream(
 async def test_attach_must_start_with_a_valid_hello(sidecar: Sidecar, agent: FakeAgent) -> None:
     call = agent.stub.Attach()
     await call.write(runtime_pb2.AttachRequest(hello=runtime_pb2.AgentHello(intent_types=["Not A Type"])))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await asyncio.wait_for(call.read(), WAIT)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "hello.intent_types" in (info.value.details() or "")
+    refused = await refusal(call.read(), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "hello.intent_types" in (refused.details() or "")
     assert not sidecar.dispatcher.agents
 
 
@@ -311,8 +344,7 @@ async def test_record_step_returns_only_after_the_commit(
 ) -> None:
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
-    call = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
-        lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b'{"n": 1}'))))
+    call = agent.record_step(assignment.lease, result=b'{"n": 1}')
     request = await stream.expect("write")
     write = request.write.write
     assert write.lease == assignment.lease and write.step.name == "fetch"
@@ -379,8 +411,7 @@ async def test_write_overtaking_the_ack_acknowledges_first(
     stream.assign(assignment)
     await agent.receive()
     # The handler's first write races its ack (they travel on different calls).
-    call = asyncio.ensure_future(agent.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
-        lease=assignment.lease, progress=delivery_pb2.ProgressWrite(message="started"))))
+    call = agent.progress(assignment.lease, "started")
     assert (await stream.expect("ack")).ack.lease == assignment.lease
     stream.answer(await stream.expect("write"))
     await asyncio.wait_for(call, WAIT)
@@ -398,13 +429,10 @@ async def test_write_refused_right_after_the_ack_is_not_sent_again(
     # so a refusal right after the ack is final, and the agent gets it as it is.
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
-    call = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
-        lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
+    call = agent.record_step(assignment.lease)
     stream.answer(await stream.expect("write"), code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
                   message="the intent is DELIVERED")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await asyncio.wait_for(call, WAIT)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await refusal(call)
     assert not stream.has("write")
 
 
@@ -413,10 +441,8 @@ async def test_refused_write_comes_back_as_the_same_status(
 ) -> None:
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
-    first = asyncio.ensure_future(agent.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
-        lease=assignment.lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
-    second = asyncio.ensure_future(agent.stub.ReportProgress(runtime_pb2.ReportProgressRequest(
-        lease=assignment.lease, progress=delivery_pb2.ProgressWrite(message="half", fraction=0.5))))
+    first = agent.checkpoint(assignment.lease)
+    second = agent.progress(assignment.lease, "half", fraction=0.5)
     writes = {w.write.write.WhichOneof("op"): w for w in [await stream.expect("write") for _ in range(2)]}
     checkpoint, progress = writes["checkpoint"], writes["progress"]
     # Out of order: results are matched by request_id.
@@ -424,10 +450,7 @@ async def test_refused_write_comes_back_as_the_same_status(
     await asyncio.wait_for(second, WAIT)
     assert not first.done()
     stream.answer(checkpoint, code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="stale lease")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await asyncio.wait_for(first, WAIT)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert info.value.details() == "stale lease"
+    assert (await refusal(first)).details() == "stale lease"
 
 
 async def test_begin_step_replays_and_detects_divergence(
@@ -440,10 +463,8 @@ async def test_begin_step_replays_and_detects_divergence(
     assert hit.recorded and hit.step.name == "parse" and hit.step.result == b'"r"'
     miss = await agent.stub.BeginStep(runtime_pb2.BeginStepRequest(lease=lease, index=3, name="write"))
     assert not miss.recorded
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await agent.stub.BeginStep(runtime_pb2.BeginStepRequest(lease=lease, index=1, name="download"))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "step divergence" in (info.value.details() or "")
+    refused = await refusal(agent.stub.BeginStep(runtime_pb2.BeginStepRequest(lease=lease, index=1, name="download")))
+    assert "step divergence" in (refused.details() or "")
 
 
 async def test_agent_stream_end_releases_its_intents_at_once(
@@ -478,10 +499,8 @@ async def test_reconnect_reannounces_held_and_revokes_lost(
 
     # Writes while the stream is down wait for the next one.
     await agent.ack(late.lease)
-    step = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
-        lease=kept.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
-    doomed = asyncio.ensure_future(agent.stub.SaveCheckpoint(runtime_pb2.SaveCheckpointRequest(
-        lease=lost.lease, checkpoint=delivery_pb2.CheckpointWrite(state=b"{}"))))
+    step = agent.record_step(kept.lease)
+    doomed = agent.checkpoint(lost.lease)
     await wait_until(lambda: sidecar.upstream.health()["pending_writes"] == 2)
 
     plane.decide = lambda register: ([kept.lease, late.lease], [lost.lease])
@@ -494,9 +513,7 @@ async def test_reconnect_reannounces_held_and_revokes_lost(
     revocation = await agent.receive()
     assert revocation.revocation.lease == lost.lease
     assert revocation.revocation.reason == "LEASE_LOST"
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await asyncio.wait_for(doomed, WAIT)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await refusal(doomed)
 
     # The ack made offline goes out now; the one already sent is not repeated
     # (a second ack of an IN_PROGRESS lease reads as stale to the server).
@@ -508,10 +525,7 @@ async def test_reconnect_reannounces_held_and_revokes_lost(
     assert not stream.has("ack")
     assert {lease.token for lease in sidecar.upstream.held_leases()} == {kept.lease.token, late.lease.token}
     # A lost lease is never written to again.
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await agent.stub.CompleteIntent(runtime_pb2.CompleteIntentRequest(
-            lease=lost.lease, complete=delivery_pb2.CompleteWrite(result=b"{}")))
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await refusal(agent.complete(lost.lease))
     assert not stream.has("write")
 
 
@@ -520,8 +534,7 @@ async def test_sent_complete_is_resent_to_learn_its_outcome(
 ) -> None:
     stream = await attached(plane, agent)
     assignment = await assign_and_ack(stream, agent)
-    complete = asyncio.ensure_future(agent.stub.CompleteIntent(runtime_pb2.CompleteIntentRequest(
-        lease=assignment.lease, complete=delivery_pb2.CompleteWrite(result=b'{"ok": true}'))))
+    complete = agent.complete(assignment.lease, result=b'{"ok": true}')
     await stream.expect("write")  # committed, but the answer dies with the stream
     await plane.stop()
     # The intent is COMPLETED, so the lease reads as lost at re-register.
@@ -568,8 +581,7 @@ async def test_drain_stops_taking_work_then_releases_leftovers(
         stopping = asyncio.ensure_future(sc.stop(grace=0.5))
         await expect_capacity(stream, 0)
         # One finishes within the grace...
-        complete = asyncio.ensure_future(client.stub.CompleteIntent(runtime_pb2.CompleteIntentRequest(
-            lease=finishing.lease, complete=delivery_pb2.CompleteWrite(result=b"{}"))))
+        complete = client.complete(finishing.lease)
         stream.answer(await stream.expect("write"))
         await asyncio.wait_for(complete, WAIT)
         # ...the other is released when it runs out, and its agent told to stop.
@@ -749,8 +761,7 @@ async def test_metrics_endpoint_shows_held_intents_agents_and_reconnects(
         before = await asyncio.to_thread(scrape_metrics, url)
         stream = await attached(plane, agent, capacity=2)
         assignment = await assign_and_ack(stream, agent)
-        step = asyncio.ensure_future(agent.stub.RecordStep(runtime_pb2.RecordStepRequest(
-            lease=assignment.lease, step=delivery_pb2.StepWrite(index=1, name="fetch", result=b"1"))))
+        step = agent.record_step(assignment.lease)
         stream.answer(await stream.expect("write"))
         await asyncio.wait_for(step, WAIT)
 
