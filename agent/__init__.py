@@ -2,7 +2,7 @@
 
 ::
 
-    from intentd.agent import Agent, Context
+    from . import Agent, Context
 
     agent = Agent("agent://acme/prod/data-pipeline", capacity=4)
 

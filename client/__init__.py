@@ -1,6 +1,6 @@
 """The intentd client SDK: send intents, follow them, cancel them.
 
-    from intentd.client import IntentClient
+    from . import IntentClient
 
     with IntentClient.from_env() as client:  # INTENTD_TARGET, INTENTD_API_KEY[_FILE], INTENTD_TLS_*
         handle = client.start(

@@ -373,7 +373,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from intentd.commands.demo.run import run_demo
+    from .demo.run import run_demo
 
     setup_logging("WARNING")
     return run_demo(args)
@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.add_help = False
 
-    from intentd.commands.demo.run import add_arguments
+    from .demo.run import add_arguments
 
     p = add("demo", cmd_demo, "The crash-at-step-47 demo on the embedded PostgreSQL.")
     add_arguments(p)
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv[:1] == ["chaos"]:
         # The soak harness parses its own flags (see docs/chaos.md).
-        from intentd.commands.chaos.__main__ import main as chaos_main
+        from .chaos.__main__ import main as chaos_main
 
         return chaos_main(argv[1:])
     if argv[:1] == ["sidecar"]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # Re-exported: settings classes raise it from here.
-from intentd.core.errors import SettingsError as SettingsError
+from .errors import SettingsError as SettingsError
 
 ENV_PREFIX = "INTENTD_"
 

@@ -31,8 +31,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from intentd.core.observability import tracing
-from intentd.core.observability.context import KNOWN_FIELDS, current_log_context
+from .observability import tracing
+from .observability.context import KNOWN_FIELDS, current_log_context
 
 REDACTED = "[REDACTED]"
 PAYLOADS_ENV = "INTENTD_LOG_PAYLOADS"

@@ -7,8 +7,8 @@ import json
 import re
 from typing import Any
 
-from intentd.core.errors import ValidationError
-from intentd.core.limits import (
+from .errors import ValidationError
+from .limits import (
     MAX_ADDRESS_LEN,
     MAX_HORIZON_MS,
     MAX_JSON_DEPTH,

@@ -12,12 +12,13 @@ from intentd.core.limits import MAX_RETRY_BACKOFF_MAX_MS, MAX_RETRY_BACKOFF_MS
 from intentd.core.validation import check_horizon_ms, check_intent_type
 from intentd.generated.v1 import admin_service_pb2 as pb
 from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
-from intentd.server import errors
-from intentd.server.auth import Authenticator, current_caller
-from intentd.server.convert import timestamp
-from intentd.server.rpc import Ctx, unary
-from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
-from intentd.server.store import IntentStore
+
+from . import errors
+from .auth import Authenticator, current_caller
+from .convert import timestamp
+from .rpc import Ctx, unary
+from .settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
+from .store import IntentStore
 
 
 def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:

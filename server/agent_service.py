@@ -12,21 +12,22 @@ import grpc
 from intentd.core.errors import ValidationError
 from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
-from intentd.server.auth import Authenticator, Caller, current_caller
-from intentd.server.convert import step_to_proto
-from intentd.server.hub import NotificationHub
-from intentd.server.leases import LeaseStore
-from intentd.server.quotas import Quotas
-from intentd.server.rpc import abort, unary
-from intentd.server.settings import ServerSettings
-from intentd.server.stream.admission import Admission
-from intentd.server.stream.claims import ClaimLoop
-from intentd.server.stream.leases import StreamLeases, lease_ref
-from intentd.server.stream.lifecycle import run_stream
-from intentd.server.stream.liveness import Liveness
-from intentd.server.stream.registration import Registration
-from intentd.server.stream.state import Stream
-from intentd.server.stream.writes import WriteRouter
+
+from .auth import Authenticator, Caller, current_caller
+from .convert import step_to_proto
+from .hub import NotificationHub
+from .leases import LeaseStore
+from .quotas import Quotas
+from .rpc import abort, unary
+from .settings import ServerSettings
+from .stream.admission import Admission
+from .stream.claims import ClaimLoop
+from .stream.leases import StreamLeases, lease_ref
+from .stream.lifecycle import run_stream
+from .stream.liveness import Liveness
+from .stream.registration import Registration
+from .stream.state import Stream
+from .stream.writes import WriteRouter
 
 MAX_STREAM_ID_LEN = 100
 

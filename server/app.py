@@ -18,21 +18,22 @@ from intentd.generated.v1 import (
     agent_service_pb2,
     intent_service_pb2,
 )
-from intentd.server.admin_service import AdminService
-from intentd.server.agent_service import AgentService
-from intentd.server.auth import Authenticator
-from intentd.server.batcher import WriteBatcher
-from intentd.server.db import Database
-from intentd.server.embedded import EmbeddedPostgres
-from intentd.server.history import page_bytes
-from intentd.server.hub import NotificationHub
-from intentd.server.intent_service import IntentService
-from intentd.server.leases import LeaseStore
-from intentd.server.quotas import Quotas
-from intentd.server.rpc import add_service
-from intentd.server.settings import ServerSettings
-from intentd.server.store import IntentStore
-from intentd.server.sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper
+
+from .admin_service import AdminService
+from .agent_service import AgentService
+from .auth import Authenticator
+from .batcher import WriteBatcher
+from .db import Database
+from .embedded import EmbeddedPostgres
+from .history import page_bytes
+from .hub import NotificationHub
+from .intent_service import IntentService
+from .leases import LeaseStore
+from .quotas import Quotas
+from .rpc import add_service
+from .settings import ServerSettings
+from .store import IntentStore
+from .sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper
 
 log = logging.getLogger("intentd.server")
 

@@ -29,9 +29,9 @@ from datetime import datetime, timedelta
 
 import grpc
 
-from intentd.server import errors
-from intentd.server.db import Database, Row
-from intentd.server.queries import Q
+from . import errors
+from .db import Database, Row
+from .queries import Q
 
 log = logging.getLogger("intentd.auth")
 

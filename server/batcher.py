@@ -55,8 +55,8 @@ from typing import Any, Protocol, TypeAlias
 
 import asyncpg
 
-from intentd.server import errors
-from intentd.server.db import Database, Row, convert_error
+from . import errors
+from .db import Database, Row, convert_error
 
 log = logging.getLogger("intentd.batcher")
 

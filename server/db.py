@@ -11,8 +11,8 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from intentd.server import errors
-from intentd.server.migrate import ensure_schema
+from . import errors
+from .migrate import ensure_schema
 
 log = logging.getLogger("intentd.db")
 

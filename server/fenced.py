@@ -17,9 +17,10 @@ from datetime import datetime
 from typing import ClassVar
 
 from intentd.core.errors import ValidationError
-from intentd.server.batcher import WriteKind
-from intentd.server.ids import looks_like_id
-from intentd.server.queries import Q
+
+from .batcher import WriteKind
+from .ids import looks_like_id
+from .queries import Q
 
 # Every fenced statement starts with the lease, in this order.
 _LEASE = ("lease.intent_id", "lease.token", "lease.attempt")

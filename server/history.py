@@ -16,7 +16,8 @@ from typing import Any
 
 from intentd.core.errors import ValidationError
 from intentd.generated.v1 import delivery_pb2
-from intentd.server.convert import intent_to_proto, step_to_proto
+
+from .convert import intent_to_proto, step_to_proto
 
 # One page of steps: the first page of an assignment, a ListRecordedSteps
 # answer, a ListIntentSteps page. Far below gRPC's default 4 MiB limit, which

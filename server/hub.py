@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 import asyncpg
 
 from intentd.core.observability import metrics
-from intentd.server.queries import Q
+
+from .queries import Q
 
 log = logging.getLogger("intentd.hub")
 

@@ -25,15 +25,16 @@ from intentd.core.validation import (
 )
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
-from intentd.server import errors, history
-from intentd.server.auth import Authenticator, Caller, current_caller
-from intentd.server.convert import event_to_proto, intent_to_proto, step_to_proto
-from intentd.server.hub import NotificationHub
-from intentd.server.ids import looks_like_id
-from intentd.server.quotas import Quotas
-from intentd.server.rpc import Ctx, server_stream, unary
-from intentd.server.settings import ServerSettings
-from intentd.server.store import IntentStore, NewIntent
+
+from . import errors, history
+from .auth import Authenticator, Caller, current_caller
+from .convert import event_to_proto, intent_to_proto, step_to_proto
+from .hub import NotificationHub
+from .ids import looks_like_id
+from .quotas import Quotas
+from .rpc import Ctx, server_stream, unary
+from .settings import ServerSettings
+from .store import IntentStore, NewIntent
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:

@@ -13,11 +13,12 @@ from typing import NoReturn
 from intentd.core.errors import ValidationError
 from intentd.core.limits import MAX_FAIL_CODE_LEN, MAX_FAIL_MESSAGE_LEN, MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
 from intentd.core.validation import check_text, parse_json
-from intentd.server import errors, history
-from intentd.server.batcher import Outcome, WriteBatcher, apply_group
-from intentd.server.db import Database, Row
-from intentd.server.fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
-from intentd.server.queries import Q
+
+from . import errors, history
+from .batcher import Outcome, WriteBatcher, apply_group
+from .db import Database, Row
+from .fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
+from .queries import Q
 
 __all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore", "Rebound"]
 

@@ -11,7 +11,7 @@ from importlib import resources
 
 import asyncpg
 
-from intentd.server.queries import Q
+from .queries import Q
 
 log = logging.getLogger("intentd.migrate")
 

@@ -10,10 +10,10 @@ import math
 import time
 from dataclasses import dataclass
 
-from intentd.server import errors
-from intentd.server.auth import Caller
-from intentd.server.db import Database, Row
-from intentd.server.queries import Q
+from . import errors
+from .auth import Caller
+from .db import Database, Row
+from .queries import Q
 
 TENANT_CACHE_SECONDS = 5.0
 

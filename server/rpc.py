@@ -13,9 +13,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from intentd.core.errors import ValidationError
-from intentd.server import errors
-from intentd.server.auth import CALLER
-from intentd.server.db import convert_error
+
+from . import errors
+from .auth import CALLER
+from .db import convert_error
 
 log = logging.getLogger("intentd.rpc")
 

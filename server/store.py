@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import asyncpg
 
 from intentd.core.states import IntentState
-from intentd.server import errors
-from intentd.server.batcher import WriteBatcher, WriteKind, apply_group
-from intentd.server.db import Database, Row
-from intentd.server.ids import new_id
-from intentd.server.queries import Q
+
+from . import errors
+from .batcher import WriteBatcher, WriteKind, apply_group
+from .db import Database, Row
+from .ids import new_id
+from .queries import Q
 
 # New intents through the group commit: they touch no intent another write
 # of the batch touches, so their rank among the kinds does not matter.

@@ -9,10 +9,11 @@ from datetime import datetime
 
 from intentd.core.background import BackgroundService
 from intentd.core.observability import metrics
-from intentd.server.db import Database
-from intentd.server.leases import LeaseStore
-from intentd.server.queries import Q
-from intentd.server.store import IntentStore
+
+from .db import Database
+from .leases import LeaseStore
+from .queries import Q
+from .store import IntentStore
 
 log = logging.getLogger("intentd.sweeper")
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from intentd.commands.chaos.config import FAULT_KINDS, INTENT_KINDS, SoakConfig
+from .config import FAULT_KINDS, INTENT_KINDS, SoakConfig
 
 if TYPE_CHECKING:
-    from intentd.commands.chaos.report import Report
+    from .report import Report
 
 __all__ = ["FAULT_KINDS", "INTENT_KINDS", "SoakConfig", "run_soak"]
 
 
 def run_soak(config: SoakConfig) -> Report:
     """Runs one soak and returns its report (``report.ok``, ``report.format()``)."""
-    from intentd.commands.chaos.harness import run_soak as run
+    from .harness import run_soak as run
 
     return run(config)

@@ -7,8 +7,8 @@ import signal
 import sys
 from types import FrameType
 
-from intentd.commands.chaos import run_soak
-from intentd.commands.chaos.config import config_from_args
+from . import run_soak
+from .config import config_from_args
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

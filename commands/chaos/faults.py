@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from intentd.commands.chaos.cluster import Postgres, Replica, Sidecar
-from intentd.commands.chaos.config import FAULT_KINDS, SoakConfig
-from intentd.commands.chaos.db import SyncDb
+from .cluster import Postgres, Replica, Sidecar
+from .config import FAULT_KINDS, SoakConfig
+from .db import SyncDb
 
 # The intents an agent process works on (its current lease started there).
 HELD_BY_PID = """

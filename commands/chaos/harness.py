@@ -29,14 +29,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from intentd.commands.chaos.checks import check, snapshot
-from intentd.commands.chaos.cluster import ManagedProcess, Postgres, Replica, Sidecar, free_port, start_reaper
-from intentd.commands.chaos.config import FAULT_KINDS, SoakConfig
-from intentd.commands.chaos.db import SyncDb
-from intentd.commands.chaos.faults import FaultInjector
-from intentd.commands.chaos.model import LEDGER_DDL
-from intentd.commands.chaos.report import Report
-from intentd.commands.chaos.workload import Workload, make_plans
+from .checks import check, snapshot
+from .cluster import ManagedProcess, Postgres, Replica, Sidecar, free_port, start_reaper
+from .config import FAULT_KINDS, SoakConfig
+from .db import SyncDb
+from .faults import FaultInjector
+from .model import LEDGER_DDL
+from .report import Report
+from .workload import Workload, make_plans
 
 STARTUP_TIMEOUT_S = 90.0
 NORMAL_TENANT = "default"
@@ -273,7 +273,7 @@ def run_soak(cfg: SoakConfig) -> Report:
         if cfg.verbose:
             traceback.print_exc()
         if not report.invariants:
-            from intentd.commands.chaos.report import Invariant
+            from .report import Invariant
 
             failed = Invariant("harness ran cleanly", checked=1)
             for message in harness_errors:

@@ -14,8 +14,9 @@ from typing import Any
 
 from intentd.client import FailedPrecondition, IntentClient, IntentdError
 from intentd.client.models import Intent
-from intentd.commands.chaos.config import INTENT_KINDS, SoakConfig
-from intentd.commands.chaos.model import INTENT_TYPE
+
+from .config import INTENT_KINDS, SoakConfig
+from .model import INTENT_TYPE
 
 
 @dataclass

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from intentd.client import IntentClient, IntentState
-from intentd.commands.demo.etl_agent import ADDRESS, INTENT_TYPE, STAGES
 from intentd.core.aio import serving
+
+from .etl_agent import ADDRESS, INTENT_TYPE, STAGES
 
 BATCHES = 10
 TOTAL_STEPS = BATCHES * len(STAGES)

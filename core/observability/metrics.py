@@ -122,8 +122,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from intentd.core import __version__
-from intentd.core.config import parse_host_port
+from .. import __version__
+from ..config import parse_host_port
 
 log = logging.getLogger("intentd.metrics")
 

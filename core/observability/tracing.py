@@ -40,7 +40,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from intentd.core import __version__
+from .. import __version__
 
 log = logging.getLogger("intentd.tracing")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from intentd.server import errors
-from intentd.server.auth import Caller
-from intentd.server.quotas import Bucket, Quotas
-from intentd.server.settings import ServerSettings
+from .. import errors
+from ..auth import Caller
+from ..quotas import Bucket, Quotas
+from ..settings import ServerSettings
 
 
 class Admission:

@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 
 from intentd.core.observability import metrics
 from intentd.generated.v1 import agent_service_pb2 as pb
-from intentd.server import history
-from intentd.server.db import Row
-from intentd.server.leases import LeaseRef, LeaseStore
-from intentd.server.settings import ServerSettings
-from intentd.server.stream.leases import lease_message
-from intentd.server.stream.liveness import Liveness
-from intentd.server.stream.state import Stream
+
+from .. import history
+from ..db import Row
+from ..leases import LeaseRef, LeaseStore
+from ..settings import ServerSettings
+from .leases import lease_message
+from .liveness import Liveness
+from .state import Stream
 
 log = logging.getLogger("intentd.agents")
 

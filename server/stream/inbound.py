@@ -13,13 +13,14 @@ import grpc
 
 from intentd.core.errors import ValidationError
 from intentd.generated.v1 import agent_service_pb2 as pb
-from intentd.server import errors
-from intentd.server.leases import LeaseStore
-from intentd.server.rpc import MalformedRequest
-from intentd.server.stream.admission import Admission
-from intentd.server.stream.registration import MAX_CAPACITY, validate_types
-from intentd.server.stream.state import Stream
-from intentd.server.stream.writes import WriteRouter
+
+from .. import errors
+from ..leases import LeaseStore
+from ..rpc import MalformedRequest
+from .admission import Admission
+from .registration import MAX_CAPACITY, validate_types
+from .state import Stream
+from .writes import WriteRouter
 
 log = logging.getLogger("intentd.agents")
 

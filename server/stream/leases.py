@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import delivery_pb2
-from intentd.server.leases import LeaseRef, LeaseStore
+
+from ..leases import LeaseRef, LeaseStore
 
 log = logging.getLogger("intentd.agents")
 

@@ -13,13 +13,14 @@ import grpc
 
 from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.generated.v1 import agent_service_pb2 as pb
-from intentd.server.leases import LeaseStore
-from intentd.server.stream.admission import Admission
-from intentd.server.stream.claims import ClaimLoop
-from intentd.server.stream.inbound import Inbound
-from intentd.server.stream.liveness import Liveness
-from intentd.server.stream.state import Stream
-from intentd.server.stream.writes import WriteRouter
+
+from ..leases import LeaseStore
+from .admission import Admission
+from .claims import ClaimLoop
+from .inbound import Inbound
+from .liveness import Liveness
+from .state import Stream
+from .writes import WriteRouter
 
 log = logging.getLogger("intentd.agents")
 

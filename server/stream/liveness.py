@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterable
 
 from intentd.generated.v1 import agent_service_pb2 as pb
-from intentd.server import errors
-from intentd.server.auth import KEY_RECHECK_SECONDS, Authenticator
-from intentd.server.settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
-from intentd.server.stream.state import Stream
+
+from .. import errors
+from ..auth import KEY_RECHECK_SECONDS, Authenticator
+from ..settings import MISSED_PINGS_BEFORE_CLOSE, ServerSettings
+from .state import Stream
 
 log = logging.getLogger("intentd.agents")
 

@@ -15,14 +15,15 @@ from intentd.core.limits import MAX_INTENT_TYPES, MAX_SIDECAR_ID_LEN
 from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import delivery_pb2
-from intentd.server import errors
-from intentd.server.auth import Caller
-from intentd.server.leases import LeaseStore
-from intentd.server.rpc import MalformedRequest
-from intentd.server.settings import ServerSettings
-from intentd.server.stream.admission import Admission
-from intentd.server.stream.leases import StreamLeases, lease_ref
-from intentd.server.stream.state import Stream
+
+from .. import errors
+from ..auth import Caller
+from ..leases import LeaseStore
+from ..rpc import MalformedRequest
+from ..settings import ServerSettings
+from .admission import Admission
+from .leases import StreamLeases, lease_ref
+from .state import Stream
 
 log = logging.getLogger("intentd.agents")
 

@@ -13,10 +13,11 @@ from dataclasses import InitVar, dataclass, field
 
 from intentd.core.framing import Outbox
 from intentd.generated.v1 import agent_service_pb2 as pb
-from intentd.server import errors
-from intentd.server.auth import Caller
-from intentd.server.quotas import Bucket
-from intentd.server.stream.leases import StreamLeases
+
+from .. import errors
+from ..auth import Caller
+from ..quotas import Bucket
+from .leases import StreamLeases
 
 log = logging.getLogger("intentd.agents")
 

@@ -14,14 +14,15 @@ from intentd.core.errors import ValidationError
 from intentd.core.observability import metrics
 from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import delivery_pb2
-from intentd.server import errors
-from intentd.server.convert import step_to_proto
-from intentd.server.db import Row
-from intentd.server.leases import LeaseStore
-from intentd.server.rpc import to_server_error
-from intentd.server.settings import ServerSettings
-from intentd.server.stream.leases import lease_ref
-from intentd.server.stream.state import Stream
+
+from .. import errors
+from ..convert import step_to_proto
+from ..db import Row
+from ..leases import LeaseStore
+from ..rpc import to_server_error
+from ..settings import ServerSettings
+from .leases import lease_ref
+from .state import Stream
 
 log = logging.getLogger("intentd.agents")
 
