@@ -49,19 +49,13 @@ ALTER TABLE intent_events ALTER COLUMN tenant SET DEFAULT current_setting('inten
 ALTER TABLE intent_steps ADD COLUMN tenant text;
 ALTER TABLE intent_steps ALTER COLUMN tenant SET DEFAULT current_setting('intentd.tenant'),
                          ALTER COLUMN tenant SET NOT NULL;
-ALTER TABLE intents ENABLE ROW LEVEL SECURITY;
-ALTER TABLE intents FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON intents USING (tenant = current_setting('intentd.tenant'));
-ALTER TABLE intent_types ENABLE ROW LEVEL SECURITY;
-ALTER TABLE intent_types FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON intent_types USING (tenant = current_setting('intentd.tenant'));
-ALTER TABLE intent_events ENABLE ROW LEVEL SECURITY;
-ALTER TABLE intent_events FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON intent_events USING (tenant = current_setting('intentd.tenant'));
-ALTER TABLE intent_steps ENABLE ROW LEVEL SECURITY;
-ALTER TABLE intent_steps FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON intent_steps USING (tenant = current_setting('intentd.tenant'));
-ANALYZE;
+""" + "".join(
+    f"""ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {table} FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON {table} USING (tenant = current_setting('intentd.tenant'));
+"""
+    for table in ("intents", "intent_types", "intent_events", "intent_steps")
+) + """ANALYZE;
 """
 
 SEED = """
