@@ -164,14 +164,14 @@ class AsyncIntentClient(ClientBase):
     async def send_intent(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> str:
         """Sends one intent and returns its id: ``intent`` is a dict of the
         keyword names (or an IntentSpec), and keywords given override it."""
-        sent, _ = await self.send(intent, **fields)
-        return sent.id
+        resp = await self._send(intent, fields)
+        return resp.intent.id
 
     async def start(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> AsyncIntentHandle:
         """Sends one intent and returns its handle (``result()``, ``watch()``,
         ``cancel()`` ...); takes what ``send_intent`` takes."""
-        sent, created = await self.send(intent, **fields)
-        return AsyncIntentHandle(self, sent.id, created=created)
+        resp = await self._send(intent, fields)
+        return AsyncIntentHandle(self, resp.intent.id, created=resp.created)
 
     def handle(self, intent_id: str) -> AsyncIntentHandle:
         """The handle of an intent sent before (no call is made)."""
@@ -180,6 +180,12 @@ class AsyncIntentClient(ClientBase):
     async def send(self, intent: IntentInput | None = None, **fields: Unpack[IntentFields]) -> tuple[Intent, bool]:
         """Sends one intent; returns it and whether this call created it (False
         when an earlier send with the same idempotency key was matched)."""
+        resp = await self._send(intent, fields)
+        return intent_from_proto(resp.intent), resp.created
+
+    async def _send(self, intent: IntentInput | None, fields: IntentFields) -> pb.SendIntentResponse:
+        # send_intent and start need only the id: the hot path converts no
+        # Intent model it would throw away.
         request = send_request(intent, fields, self._settings.sender)
         span = send_span(request)
         try:
@@ -192,7 +198,7 @@ class AsyncIntentClient(ClientBase):
         span.set_attribute("intentd.intent_id", resp.intent.id)
         span.set_attribute("intentd.created", resp.created)
         span.end()
-        return intent_from_proto(resp.intent), resp.created
+        return resp
 
     async def send_intents(self, intents: Iterable[IntentInput]) -> builtins.list[str]:
         """Sends a batch, all or nothing; returns the ids in order."""
