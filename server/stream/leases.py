@@ -48,8 +48,13 @@ class StreamLease:
     async def ack_settled(self, within: float) -> None:
         """Waits, at most ``within`` seconds, until the lease's ack was
         handled; after that a write goes ahead and the database judges it."""
+        if self.acked.done():
+            return
+        # asyncio.timeout, not wait_for: one timer handle, no extra future
+        # and task per write (this runs for most writes of a fresh lease).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.acked), within)
+            async with asyncio.timeout(within):
+                await asyncio.shield(self.acked)
 
     def settle_ack(self) -> None:
         if not self.acked.done():
