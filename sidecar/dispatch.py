@@ -137,7 +137,7 @@ class Dispatcher:
 
     @property
     def held_count(self) -> int:
-        return len(self._leases.local())
+        return self._leases.local_count()
 
     def health(self) -> dict[str, object]:
         return {
@@ -425,7 +425,7 @@ class Dispatcher:
         return agent
 
     def _check_idle(self) -> None:
-        if not self._leases.local():
+        if not self._leases.local_count():
             self._idle.set()
 
     def _update_capacity(self) -> None:

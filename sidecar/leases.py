@@ -142,6 +142,10 @@ class SidecarLeases:
         # Which leases each agent runs: derived from the records' placements,
         # kept so an agent's free slots are counted without a scan.
         self._by_agent: dict[int, set[str]] = {}
+        # The same for the queue (in arrival order) and for every lease the
+        # dispatcher has: each finished intent asks both, so neither is a scan.
+        self._waiting: dict[str, HeldLease] = {}
+        self._local = 0
         self._gone: OrderedDict[str, str] = OrderedDict()
 
     def arrive(self, assignment: delivery_pb2.Assignment) -> HeldLease | None:
@@ -169,8 +173,11 @@ class SidecarLeases:
     def local(self) -> list[HeldLease]:
         return [held for held in self._leases.values() if held.local]
 
+    def local_count(self) -> int:
+        return self._local
+
     def waiting(self) -> list[HeldLease]:
-        return [held for held in self._leases.values() if held.place is Place.WAITING]
+        return list(self._waiting.values())
 
     def on_agent(self, agent_id: int) -> list[HeldLease]:
         return [self._leases[token] for token in self._by_agent.get(agent_id, ())]
@@ -184,9 +191,13 @@ class SidecarLeases:
         return first
 
     def wait(self, held: HeldLease) -> None:
+        self._local += not held.local
         held.place = Place.WAITING
+        self._waiting[held.lease.token] = held
 
     def place(self, held: HeldLease, agent_id: int) -> None:
+        self._local += not held.local
+        self._waiting.pop(held.lease.token, None)
         held.place, held.agent_id = Place.AGENT, agent_id
         self._by_agent.setdefault(agent_id, set()).add(held.lease.token)
         self._cancel_expiry(held)
@@ -194,6 +205,8 @@ class SidecarLeases:
     def finish(self, held: HeldLease) -> bool:
         """No agent here runs it any more; False if none did."""
         was_local = held.local
+        self._local -= was_local
+        self._waiting.pop(held.lease.token, None)
         self._cancel_expiry(held)
         if held.agent_id is not None:
             on_agent = self._by_agent.get(held.agent_id, set())

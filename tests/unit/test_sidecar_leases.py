@@ -82,3 +82,22 @@ def test_revoked_and_lost_tokens_are_remembered_up_to_a_limit() -> None:
     for n in range(GONE_MEMORY + 1):
         leases.unbind(f"old{n}", gone="revoked")
     assert leases.gone("old0") is None and leases.gone(f"old{GONE_MEMORY}") == "revoked"
+
+
+def test_the_queue_and_the_local_count_follow_every_move() -> None:
+    leases = SidecarLeases()
+    first, second, third = (leases.arrive(assignment(100 + i)) for i in range(3))
+    assert first is not None and second is not None and third is not None
+    for held in (first, second, third):
+        leases.wait(held)
+    leases.wait(second)  # waiting again is no second count
+    assert leases.waiting() == [first, second, third] and leases.local_count() == 3
+    leases.place(second, 1)
+    assert leases.waiting() == [first, third] and leases.local_count() == 3
+    leases.finish(second)
+    leases.finish(first)
+    assert leases.waiting() == [third] and leases.local_count() == 1
+    leases.finish(first)  # finished twice: counted once
+    assert leases.local_count() == 1 == len(leases.local())
+    leases.finish(third)
+    assert leases.waiting() == [] and leases.local_count() == 0 == len(leases.local())
