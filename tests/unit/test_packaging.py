@@ -36,7 +36,7 @@ def test_the_installed_metadata_has_the_database_only_under_the_server_extra() -
 def test_the_extras_built_on_the_server_reach_it_through_intentd_server() -> None:
     through = {extra for req in _installed() if req.name == "intentd" and "server" in req.extras
                for extra in _extras_needing(req)}
-    assert through == {"test", "testing"}
+    assert through == {"test", "testing", "bench"}
 
 
 def test_pyproject_agrees_with_the_installed_metadata() -> None:
