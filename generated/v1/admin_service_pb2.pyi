@@ -34,6 +34,7 @@ class IntentType(_message.Message):
     RETRY_BACKOFF_MAX_MS_FIELD_NUMBER: _builtins.int
     DEFAULT_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    WAIT_HOLD_MS_FIELD_NUMBER: _builtins.int
     intent_type: _builtins.str
     max_attempts: _builtins.int
     """Deliveries before the intent is FAILED / ATTEMPTS_EXHAUSTED; default 3."""
@@ -46,6 +47,12 @@ class IntentType(_message.Message):
     retry_backoff_max_ms: _builtins.int
     default_deadline_ms: _builtins.int
     """Deadline of intents sent without one; 0 means none."""
+    wait_hold_ms: _builtins.int
+    """How long an attempt that reached an unsatisfied wait keeps its lease and
+    its agent, so that a signal, decision or timer arriving in that window is
+    handed to it without a redelivery; then it parks (WAITING). Unset: 2000;
+    0: park at once; at most 30000.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -58,12 +65,15 @@ class IntentType(_message.Message):
         retry_backoff_max_ms: _builtins.int = ...,
         default_deadline_ms: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        wait_hold_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_deadline_ms", b"default_deadline_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent_type", b"intent_type", "max_attempts", b"max_attempts", "retry_backoff_max_ms", b"retry_backoff_max_ms", "retry_backoff_ms", b"retry_backoff_ms", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms", "default_deadline_ms", b"default_deadline_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent_type", b"intent_type", "max_attempts", b"max_attempts", "retry_backoff_max_ms", b"retry_backoff_max_ms", "retry_backoff_ms", b"retry_backoff_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__wait_hold_ms: _TypeAlias = _typing.Literal["wait_hold_ms"]  # noqa: Y015
+    _WhichOneofArgType__wait_hold_ms: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_hold_ms) -> _WhichOneofReturnType__wait_hold_ms | None: ...
 
 Global___IntentType: _TypeAlias = IntentType  # noqa: Y015
 

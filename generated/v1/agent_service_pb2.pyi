@@ -442,6 +442,7 @@ class WriteResult(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value; 0 (OK) means committed."""
@@ -450,6 +451,10 @@ class WriteResult(_message.Message):
     def step(self) -> _intent_pb2.StepRecord:
         """For a step write: the stored record (the earlier one for a repeat)."""
 
+    @_builtins.property
+    def wait(self) -> _delivery_pb2.WaitOutcome:
+        """For a wait write: resolved (with its record) or parked."""
+
     def __init__(
         self,
         *,
@@ -457,10 +462,11 @@ class WriteResult(_message.Message):
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         step: _intent_pb2.StepRecord | None = ...,
+        wait: _delivery_pb2.WaitOutcome | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from intentd.generated.v1 import intent_pb2 as _intent_pb2
 import builtins as _builtins
@@ -274,6 +275,123 @@ class ReleaseWrite(_message.Message):
 Global___ReleaseWrite: _TypeAlias = ReleaseWrite  # noqa: Y015
 
 @_typing.final
+class WaitWrite(_message.Message):
+    """The handler reached a durable wait at position index: the wait takes
+    that position in the step sequence like a step, and its value is recorded
+    there like a step's result (so a replay returns it without waiting again).
+
+    Answered (WriteResult.wait) in one of two ways:
+    - resolved: the value is recorded (a signal from the inbox, a decision, a
+      timer due, a timeout) and WaitOutcome.step is the record;
+    - parked: nothing satisfied it within the intent type's hold window
+      (wait_hold_ms); the intent is WAITING, the lease is gone and the attempt
+      is over: the agent ends the handler without another write. What the
+      wait waits for moves the intent back to PENDING, and the next delivery
+      replays the wait's record.
+    Idempotent per (intent, index): reaching the same wait again (a retried
+    write, a later attempt) keeps its first registration, so its timeout and
+    its human task are made once. The record's name is fixed by the kind:
+    "@signal:<signal_name>", "@sleep", "@human:<title>" (cut to the step name
+    limit); step names starting with "@" are reserved for waits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SIGNAL_NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    step_name: _builtins.str
+    """The record's name, as above."""
+    kind: _intent_pb2.WaitKind.ValueType
+    signal_name: _builtins.str
+    """SIGNAL: the name of the signal waited for."""
+    timeout_ms: _builtins.int
+    """SIGNAL and HUMAN: time out after this long (0: never); TIME: sleep this
+    long. Counted from the first time the wait is reached.
+    """
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """TIME: sleep until then (instead of timeout_ms)."""
+
+    @_builtins.property
+    def task(self) -> Global___HumanTaskSpec:
+        """HUMAN: the task to create."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        step_name: _builtins.str = ...,
+        kind: _intent_pb2.WaitKind.ValueType = ...,
+        signal_name: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        task: Global___HumanTaskSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "kind", b"kind", "signal_name", b"signal_name", "step_name", b"step_name", "task", b"task", "timeout_ms", b"timeout_ms", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitWrite: _TypeAlias = WaitWrite  # noqa: Y015
+
+@_typing.final
+class HumanTaskSpec(_message.Message):
+    """A task for a human, made by WaitWrite (kind HUMAN)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TITLE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    ASSIGNEES_FIELD_NUMBER: _builtins.int
+    FORM_SCHEMA_FIELD_NUMBER: _builtins.int
+    REMIND_AFTER_MS_FIELD_NUMBER: _builtins.int
+    title: _builtins.str
+    description: _builtins.str
+    form_schema: _builtins.bytes
+    """A JSON Schema (UTF-8 JSON) the decision's form data must satisfy; empty:
+    no form.
+    """
+    remind_after_ms: _builtins.int
+    """A TASK_REMINDED event is sent when the task is still open this long
+    after it was made (0: never).
+    """
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The allowed outcomes; empty means ["approve", "reject"]."""
+
+    @_builtins.property
+    def assignees(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The API key names that may decide; empty: any client key of the tenant.
+        A key with the admin role may always decide.
+        """
+
+    def __init__(
+        self,
+        *,
+        title: _builtins.str = ...,
+        description: _builtins.str = ...,
+        outcomes: _abc.Iterable[_builtins.str] | None = ...,
+        assignees: _abc.Iterable[_builtins.str] | None = ...,
+        form_schema: _builtins.bytes = ...,
+        remind_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignees", b"assignees", "description", b"description", "form_schema", b"form_schema", "outcomes", b"outcomes", "remind_after_ms", b"remind_after_ms", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HumanTaskSpec: _TypeAlias = HumanTaskSpec  # noqa: Y015
+
+@_typing.final
 class IntentWrite(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -284,6 +402,7 @@ class IntentWrite(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
@@ -298,6 +417,8 @@ class IntentWrite(_message.Message):
     def fail(self) -> Global___FailWrite: ...
     @_builtins.property
     def release(self) -> Global___ReleaseWrite: ...
+    @_builtins.property
+    def wait(self) -> Global___WaitWrite: ...
     def __init__(
         self,
         *,
@@ -308,16 +429,47 @@ class IntentWrite(_message.Message):
         complete: Global___CompleteWrite | None = ...,
         fail: Global___FailWrite | None = ...,
         release: Global___ReleaseWrite | None = ...,
+        wait: Global___WaitWrite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release", "wait"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
 Global___IntentWrite: _TypeAlias = IntentWrite  # noqa: Y015
+
+@_typing.final
+class WaitOutcome(_message.Message):
+    """The answer to a WaitWrite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARKED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    parked: _builtins.bool
+    """The intent parked (WAITING): the attempt is over."""
+    @_builtins.property
+    def step(self) -> _intent_pb2.StepRecord:
+        """When not parked: the wait's record (its result is the wait's value, see
+        docs/protocol.md for its shape per kind).
+        """
+
+    def __init__(
+        self,
+        *,
+        parked: _builtins.bool = ...,
+        step: _intent_pb2.StepRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parked", b"parked", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitOutcome: _TypeAlias = WaitOutcome  # noqa: Y015
 
 @_typing.final
 class Revocation(_message.Message):

@@ -40,7 +40,12 @@ class _IntentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntentSta
     waiting, cancel, deadline.
     """
     INTENT_STATE_WAITING: _IntentState.ValueType  # 4
-    """Parked on an external signal; holds no lease."""
+    """Parked on a durable wait (a signal, a human decision, a timer); holds no
+    lease and no agent (Intent.waiting says on what). Left by what it waits
+    for (PENDING, for a new delivery that replays the recorded steps and
+    returns the wait's value; the parked attempt is not counted against
+    max_attempts), cancel, deadline.
+    """
     INTENT_STATE_COMPLETED: _IntentState.ValueType  # 5
     """Terminal: the agent completed it; result is set."""
     INTENT_STATE_FAILED: _IntentState.ValueType  # 6
@@ -73,7 +78,12 @@ INTENT_STATE_IN_PROGRESS: IntentState.ValueType  # 3
 waiting, cancel, deadline.
 """
 INTENT_STATE_WAITING: IntentState.ValueType  # 4
-"""Parked on an external signal; holds no lease."""
+"""Parked on a durable wait (a signal, a human decision, a timer); holds no
+lease and no agent (Intent.waiting says on what). Left by what it waits
+for (PENDING, for a new delivery that replays the recorded steps and
+returns the wait's value; the parked attempt is not counted against
+max_attempts), cancel, deadline.
+"""
 INTENT_STATE_COMPLETED: IntentState.ValueType  # 5
 """Terminal: the agent completed it; result is set."""
 INTENT_STATE_FAILED: IntentState.ValueType  # 6
@@ -85,6 +95,32 @@ INTENT_STATE_CANCELED: IntentState.ValueType  # 7
 INTENT_STATE_TIMED_OUT: IntentState.ValueType  # 8
 """Terminal: its deadline passed before it finished."""
 Global___IntentState: _TypeAlias = IntentState  # noqa: Y015
+
+class _WaitKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAIT_KIND_UNSPECIFIED: _WaitKind.ValueType  # 0
+    WAIT_KIND_SIGNAL: _WaitKind.ValueType  # 1
+    """A named signal (IntentService.SignalIntent)."""
+    WAIT_KIND_HUMAN: _WaitKind.ValueType  # 2
+    """A human decision on a task (HumanTaskService.DecideHumanTask)."""
+    WAIT_KIND_TIME: _WaitKind.ValueType  # 3
+    """A durable timer (sleep, sleep_until)."""
+
+class WaitKind(_WaitKind, metaclass=_WaitKindEnumTypeWrapper):
+    """What a durable wait waits for."""
+
+WAIT_KIND_UNSPECIFIED: WaitKind.ValueType  # 0
+WAIT_KIND_SIGNAL: WaitKind.ValueType  # 1
+"""A named signal (IntentService.SignalIntent)."""
+WAIT_KIND_HUMAN: WaitKind.ValueType  # 2
+"""A human decision on a task (HumanTaskService.DecideHumanTask)."""
+WAIT_KIND_TIME: WaitKind.ValueType  # 3
+"""A durable timer (sleep, sleep_until)."""
+Global___WaitKind: _TypeAlias = WaitKind  # noqa: Y015
 
 class _EventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -110,6 +146,24 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_RETRIED: _EventType.ValueType  # 12
     """A failed intent was put back to PENDING by RetryIntent."""
     EVENT_TYPE_WAITING: _EventType.ValueType  # 13
+    """The attempt parked on a wait (wait_kind, wait_name, step_index); the
+    intent is WAITING and holds no lease.
+    """
+    EVENT_TYPE_SIGNALED: _EventType.ValueType  # 14
+    """A signal arrived (signal_id, wait_name is its name, actor its sender).
+    step_index is set when it satisfied an open wait at once; otherwise it
+    is kept in the intent's inbox for the wait that asks for it.
+    """
+    EVENT_TYPE_TASK_CREATED: _EventType.ValueType  # 15
+    """A handler asked a human (task_id, wait_name is the task's title)."""
+    EVENT_TYPE_TASK_DECIDED: _EventType.ValueType  # 16
+    """A human decided (task_id, message is the outcome, actor the decider)."""
+    EVENT_TYPE_TIMER_FIRED: _EventType.ValueType  # 17
+    """A durable timer fired: a sleep ended, or a wait timed out (message
+    TIMEOUT).
+    """
+    EVENT_TYPE_TASK_REMINDED: _EventType.ValueType  # 18
+    """An open human task passed its remind_after time (task_id)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -131,6 +185,24 @@ drained); the intent is back to PENDING for the next attempt.
 EVENT_TYPE_RETRIED: EventType.ValueType  # 12
 """A failed intent was put back to PENDING by RetryIntent."""
 EVENT_TYPE_WAITING: EventType.ValueType  # 13
+"""The attempt parked on a wait (wait_kind, wait_name, step_index); the
+intent is WAITING and holds no lease.
+"""
+EVENT_TYPE_SIGNALED: EventType.ValueType  # 14
+"""A signal arrived (signal_id, wait_name is its name, actor its sender).
+step_index is set when it satisfied an open wait at once; otherwise it
+is kept in the intent's inbox for the wait that asks for it.
+"""
+EVENT_TYPE_TASK_CREATED: EventType.ValueType  # 15
+"""A handler asked a human (task_id, wait_name is the task's title)."""
+EVENT_TYPE_TASK_DECIDED: EventType.ValueType  # 16
+"""A human decided (task_id, message is the outcome, actor the decider)."""
+EVENT_TYPE_TIMER_FIRED: EventType.ValueType  # 17
+"""A durable timer fired: a sleep ended, or a wait timed out (message
+TIMEOUT).
+"""
+EVENT_TYPE_TASK_REMINDED: EventType.ValueType  # 18
+"""An open human task passed its remind_after time (task_id)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -248,6 +320,8 @@ class Intent(_message.Message):
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    PARKED_ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-made, URL-safe, roughly time ordered (26 lowercase base32 chars)."""
     intent_type: _builtins.str
@@ -273,6 +347,10 @@ class Intent(_message.Message):
     last_event_seq: _builtins.int
     """Sequence number of the newest event (events are numbered 1..n)."""
     tenant: _builtins.str
+    parked_attempts: _builtins.int
+    """Deliveries that ended by parking on a wait. They are not failures and do
+    not count against max_attempts: attempts used = attempt - parked_attempts.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -289,6 +367,12 @@ class Intent(_message.Message):
 
     @_builtins.property
     def checkpoint(self) -> Global___CheckpointSummary: ...
+    @_builtins.property
+    def waiting(self) -> Global___WaitInfo:
+        """What the intent waits for: set while WAITING, and while a live attempt
+        holds an open wait (the hold window); unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -312,14 +396,61 @@ class Intent(_message.Message):
         cancel_reason: _builtins.str = ...,
         last_event_seq: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        waiting: Global___WaitInfo | None = ...,
+        parked_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "update_time", b"update_time", "waiting", b"waiting"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "intent_type", b"intent_type", "labels", b"labels", "last_event_seq", b"last_event_seq", "max_attempts", b"max_attempts", "payload", b"payload", "result", b"result", "sender", b"sender", "state", b"state", "tenant", b"tenant", "to_agent", b"to_agent", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "intent_type", b"intent_type", "labels", b"labels", "last_event_seq", b"last_event_seq", "max_attempts", b"max_attempts", "parked_attempts", b"parked_attempts", "payload", b"payload", "result", b"result", "sender", b"sender", "state", b"state", "tenant", b"tenant", "to_agent", b"to_agent", "update_time", b"update_time", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Intent: _TypeAlias = Intent  # noqa: Y015
+
+@_typing.final
+class WaitInfo(_message.Message):
+    """An open wait of an intent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    DUE_TIME_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    kind: Global___WaitKind.ValueType
+    name: _builtins.str
+    """SIGNAL: the signal's name; HUMAN: the task's title; TIME: empty."""
+    step_index: _builtins.int
+    """The wait's position in the intent's step sequence (1-based)."""
+    task_id: _builtins.str
+    """HUMAN: the task to decide."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When it was first reached (kept across attempts)."""
+
+    @_builtins.property
+    def due_time(self) -> _timestamp_pb2.Timestamp:
+        """TIME: when it fires; SIGNAL and HUMAN: when it times out. Unset: never."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___WaitKind.ValueType = ...,
+        name: _builtins.str = ...,
+        step_index: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        due_time: _timestamp_pb2.Timestamp | None = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_time", b"due_time", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_time", b"due_time", "kind", b"kind", "name", b"name", "since", b"since", "step_index", b"step_index", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitInfo: _TypeAlias = WaitInfo  # noqa: Y015
 
 @_typing.final
 class IntentEvent(_message.Message):
@@ -336,6 +467,11 @@ class IntentEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PROGRESS_FRACTION_FIELD_NUMBER: _builtins.int
+    WAIT_KIND_FIELD_NUMBER: _builtins.int
+    WAIT_NAME_FIELD_NUMBER: _builtins.int
+    SIGNAL_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     intent_id: _builtins.str
     seq: _builtins.int
     """Strictly increasing from 1 per intent, with no gaps."""
@@ -347,6 +483,15 @@ class IntentEvent(_message.Message):
     step_index: _builtins.int
     message: _builtins.str
     progress_fraction: _builtins.float
+    wait_kind: Global___WaitKind.ValueType
+    """Waits and signals (see EventType)."""
+    wait_name: _builtins.str
+    signal_id: _builtins.str
+    task_id: _builtins.str
+    actor: _builtins.str
+    """Who caused it (the API key's name), for cancels, retries, signals and
+    decisions.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -365,10 +510,15 @@ class IntentEvent(_message.Message):
         message: _builtins.str = ...,
         error: Global___IntentError | None = ...,
         progress_fraction: _builtins.float = ...,
+        wait_kind: Global___WaitKind.ValueType = ...,
+        wait_name: _builtins.str = ...,
+        signal_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "intent_id", b"intent_id", "message", b"message", "progress_fraction", b"progress_fraction", "seq", b"seq", "state", b"state", "step_index", b"step_index", "step_name", b"step_name", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "error", b"error", "intent_id", b"intent_id", "message", b"message", "progress_fraction", b"progress_fraction", "seq", b"seq", "signal_id", b"signal_id", "state", b"state", "step_index", b"step_index", "step_name", b"step_name", "task_id", b"task_id", "time", b"time", "type", b"type", "wait_kind", b"wait_kind", "wait_name", b"wait_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,6 +21,105 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SignalIntentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNAL_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    """1..128 characters of [A-Za-z0-9_.:-]."""
+    payload: _builtins.bytes
+    """UTF-8 JSON; empty means null."""
+    signal_id: _builtins.str
+    """Deduplicates retried sends (1..128 characters of [A-Za-z0-9_.:-]);
+    empty: the server makes one.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        signal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "payload", b"payload", "signal_id", b"signal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalIntentRequest: _TypeAlias = SignalIntentRequest  # noqa: Y015
+
+@_typing.final
+class Signal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CONSUMED_BY_STEP_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    payload: _builtins.bytes
+    """UTF-8 JSON."""
+    sender: _builtins.str
+    """The sending key's name."""
+    consumed_by_step: _builtins.int
+    """The position of the wait that took it; 0 while in the inbox."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        sender: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        consumed_by_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed_by_step", b"consumed_by_step", "create_time", b"create_time", "id", b"id", "name", b"name", "payload", b"payload", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Signal: _TypeAlias = Signal  # noqa: Y015
+
+@_typing.final
+class SignalIntentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTENT_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when an earlier send with the same signal_id was matched."""
+    @_builtins.property
+    def intent(self) -> _intent_pb2.Intent: ...
+    @_builtins.property
+    def signal(self) -> Global___Signal: ...
+    def __init__(
+        self,
+        *,
+        intent: _intent_pb2.Intent | None = ...,
+        signal: Global___Signal | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "signal", b"signal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "intent", b"intent", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalIntentResponse: _TypeAlias = SignalIntentResponse  # noqa: Y015
+
+@_typing.final
 class IntentSpec(_message.Message):
     """What a client sends."""
 

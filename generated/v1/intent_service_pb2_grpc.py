@@ -80,6 +80,11 @@ class IntentServiceStub:
                 request_serializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsRequest.SerializeToString,
                 response_deserializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsResponse.FromString,
                 _registered_method=True)
+        self.SignalIntent = channel.unary_unary(
+                '/intentd.v1.IntentService/SignalIntent',
+                request_serializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.FromString,
+                _registered_method=True)
 
 
 class IntentServiceServicer:
@@ -153,6 +158,19 @@ class IntentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalIntent(self, request, context):
+        """Sends a named signal to a live intent. It satisfies the intent's open
+        wait for that name at once (waking it when WAITING), or waits in the
+        intent's inbox, in order per name, for the wait that asks for it. A
+        repeat with the same signal_id is matched, never delivered twice.
+        NOT_FOUND: no such intent in the caller's tenant; FAILED_PRECONDITION:
+        the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
+        RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +218,11 @@ def add_IntentServiceServicer_to_server(servicer, server):
                     servicer.ListIntentSteps,
                     request_deserializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsRequest.FromString,
                     response_serializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsResponse.SerializeToString,
+            ),
+            'SignalIntent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalIntent,
+                    request_deserializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +469,33 @@ class IntentService:
             '/intentd.v1.IntentService/ListIntentSteps',
             intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsRequest.SerializeToString,
             intentd_dot_v1_dot_intent__service__pb2.ListIntentStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalIntent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intentd.v1.IntentService/SignalIntent',
+            intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.SerializeToString,
+            intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,15 @@ class IntentServiceStub:
     page_size steps or before the step that would take it past 1 MiB (it
     always holds one); follow next_page_token for the rest.
     """
+    SignalIntent: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.SignalIntentRequest, _intent_service_pb2.SignalIntentResponse]
+    """Sends a named signal to a live intent. It satisfies the intent's open
+    wait for that name at once (waking it when WAITING), or waits in the
+    intent's inbox, in order per name, for the wait that asks for it. A
+    repeat with the same signal_id is matched, never delivered twice.
+    NOT_FOUND: no such intent in the caller's tenant; FAILED_PRECONDITION:
+    the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
+    RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
+    """
 
 @_typing.type_check_only
 class IntentServiceAsyncStub(IntentServiceStub):
@@ -92,6 +101,15 @@ class IntentServiceAsyncStub(IntentServiceStub):
     """The recorded steps of an intent, in order, in pages: a page ends at
     page_size steps or before the step that would take it past 1 MiB (it
     always holds one); follow next_page_token for the rest.
+    """
+    SignalIntent: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.SignalIntentRequest, _intent_service_pb2.SignalIntentResponse]  # type: ignore[assignment]
+    """Sends a named signal to a live intent. It satisfies the intent's open
+    wait for that name at once (waking it when WAITING), or waits in the
+    intent's inbox, in order per name, for the wait that asks for it. A
+    repeat with the same signal_id is matched, never delivered twice.
+    NOT_FOUND: no such intent in the caller's tenant; FAILED_PRECONDITION:
+    the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
+    RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
     """
 
 class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -176,6 +194,21 @@ class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
         """The recorded steps of an intent, in order, in pages: a page ends at
         page_size steps or before the step that would take it past 1 MiB (it
         always holds one); follow next_page_token for the rest.
+        """
+
+    @_abc_1.abstractmethod
+    def SignalIntent(
+        self,
+        request: _intent_service_pb2.SignalIntentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_intent_service_pb2.SignalIntentResponse, _abc.Awaitable[_intent_service_pb2.SignalIntentResponse]]:
+        """Sends a named signal to a live intent. It satisfies the intent's open
+        wait for that name at once (waking it when WAITING), or waits in the
+        intent's inbox, in order per name, for the wait that asks for it. A
+        repeat with the same signal_id is matched, never delivered twice.
+        NOT_FOUND: no such intent in the caller's tenant; FAILED_PRECONDITION:
+        the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
+        RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
         """
 
 def add_IntentServiceServicer_to_server(servicer: IntentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,6 +72,11 @@ class AgentRuntimeServiceStub:
                 request_serializer=intentd_dot_v1_dot_runtime__pb2.FailIntentRequest.SerializeToString,
                 response_deserializer=intentd_dot_v1_dot_runtime__pb2.FailIntentResponse.FromString,
                 _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/intentd.v1.AgentRuntimeService/Wait',
+                request_serializer=intentd_dot_v1_dot_runtime__pb2.WaitRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_runtime__pb2.WaitResponse.FromString,
+                _registered_method=True)
 
 
 class AgentRuntimeServiceServicer:
@@ -128,6 +133,15 @@ class AgentRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wait(self, request, context):
+        """A durable wait (see WaitWrite): answered resolved, with the wait's
+        record, or parked, after which the agent ends the handler without
+        writing anything more. May take up to the intent type's hold window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentRuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_AgentRuntimeServiceServicer_to_server(servicer, server):
                     servicer.FailIntent,
                     request_deserializer=intentd_dot_v1_dot_runtime__pb2.FailIntentRequest.FromString,
                     response_serializer=intentd_dot_v1_dot_runtime__pb2.FailIntentResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=intentd_dot_v1_dot_runtime__pb2.WaitRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_runtime__pb2.WaitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +378,33 @@ class AgentRuntimeService:
             '/intentd.v1.AgentRuntimeService/FailIntent',
             intentd_dot_v1_dot_runtime__pb2.FailIntentRequest.SerializeToString,
             intentd_dot_v1_dot_runtime__pb2.FailIntentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intentd.v1.AgentRuntimeService/Wait',
+            intentd_dot_v1_dot_runtime__pb2.WaitRequest.SerializeToString,
+            intentd_dot_v1_dot_runtime__pb2.WaitResponse.FromString,
             options,
             channel_credentials,
             insecure,

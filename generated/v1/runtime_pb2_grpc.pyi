@@ -51,6 +51,11 @@ class AgentRuntimeServiceStub:
     ReportProgress: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.ReportProgressRequest, _runtime_pb2.ReportProgressResponse]
     CompleteIntent: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.CompleteIntentRequest, _runtime_pb2.CompleteIntentResponse]
     FailIntent: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.FailIntentRequest, _runtime_pb2.FailIntentResponse]
+    Wait: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.WaitRequest, _runtime_pb2.WaitResponse]
+    """A durable wait (see WaitWrite): answered resolved, with the wait's
+    record, or parked, after which the agent ends the handler without
+    writing anything more. May take up to the intent type's hold window.
+    """
 
 @_typing.type_check_only
 class AgentRuntimeServiceAsyncStub(AgentRuntimeServiceStub):
@@ -75,6 +80,11 @@ class AgentRuntimeServiceAsyncStub(AgentRuntimeServiceStub):
     ReportProgress: _aio.UnaryUnaryMultiCallable[_runtime_pb2.ReportProgressRequest, _runtime_pb2.ReportProgressResponse]  # type: ignore[assignment]
     CompleteIntent: _aio.UnaryUnaryMultiCallable[_runtime_pb2.CompleteIntentRequest, _runtime_pb2.CompleteIntentResponse]  # type: ignore[assignment]
     FailIntent: _aio.UnaryUnaryMultiCallable[_runtime_pb2.FailIntentRequest, _runtime_pb2.FailIntentResponse]  # type: ignore[assignment]
+    Wait: _aio.UnaryUnaryMultiCallable[_runtime_pb2.WaitRequest, _runtime_pb2.WaitResponse]  # type: ignore[assignment]
+    """A durable wait (see WaitWrite): answered resolved, with the wait's
+    record, or parked, after which the agent ends the handler without
+    writing anything more. May take up to the intent type's hold window.
+    """
 
 class AgentRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     """The agent-facing API served by the sidecar on a unix socket or a loopback
@@ -138,5 +148,16 @@ class AgentRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _runtime_pb2.FailIntentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.FailIntentResponse, _abc.Awaitable[_runtime_pb2.FailIntentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Wait(
+        self,
+        request: _runtime_pb2.WaitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.WaitResponse, _abc.Awaitable[_runtime_pb2.WaitResponse]]:
+        """A durable wait (see WaitWrite): answered resolved, with the wait's
+        record, or parked, after which the agent ends the handler without
+        writing anything more. May take up to the intent type's hold window.
+        """
 
 def add_AgentRuntimeServiceServicer_to_server(servicer: AgentRuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
