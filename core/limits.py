@@ -35,3 +35,20 @@ MAX_RETRY_BACKOFF_MAX_MS = 86_400_000
 
 # Attempts one intent may be given.
 MAX_ATTEMPTS_LIMIT = 1000
+
+# Durable waits (docs/waits.md).
+# Signal names and signal ids: 1..128 characters of [A-Za-z0-9_.:-].
+MAX_SIGNAL_NAME_LEN = 128
+MAX_SIGNAL_ID_LEN = 128
+# Signals kept in one intent's inbox, not yet taken by a wait.
+MAX_INBOX_SIGNALS = 1000
+MAX_TASK_TITLE_LEN = 200
+MAX_TASK_DESCRIPTION_LEN = 10_000
+MAX_TASK_OUTCOMES = 20
+MAX_TASK_OUTCOME_LEN = 64
+MAX_TASK_ASSIGNEES = 100
+MAX_TASK_FORM_SCHEMA_BYTES = 64 * 1024
+MAX_TASK_COMMENT_LEN = 4096
+# The hold window of an attempt that reached an unsatisfied wait.
+DEFAULT_WAIT_HOLD_MS = 2000
+MAX_WAIT_HOLD_MS = 30_000
