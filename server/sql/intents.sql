@@ -47,12 +47,12 @@ WITH input AS (
 ), inserted AS (
     INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
                          labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
-                         retry_backoff_max_ms, deadline, available_at, create_time,
+                         retry_backoff_max_ms, wait_hold_ms, deadline, available_at, create_time,
                          update_time, last_seq)
     SELECT u.id, u.tenant, u.intent_type, u.to_agent, u.sender, u.payload::jsonb, u.idempotency_key,
            u.labels::jsonb, coalesce(u.max_attempts, t.max_attempts, 3),
            coalesce(t.heartbeat_timeout_ms, u.heartbeat_timeout_ms), coalesce(t.retry_backoff_ms, 100),
-           coalesce(t.retry_backoff_max_ms, 60000),
+           coalesce(t.retry_backoff_max_ms, 60000), coalesce(t.wait_hold_ms, 2000),
            coalesce(u.deadline, coalesce(u.at, now()) + t.default_deadline_ms * interval '1 millisecond'),
            coalesce(u.at, now()), coalesce(u.at, now()), coalesce(u.at, now()), 1
     FROM input u
@@ -84,20 +84,43 @@ ORDER BY coalesce(i.id = $7, false) DESC
 LIMIT 1;
 
 -- name: get_intent
-SELECT * FROM intents WHERE id = $1 AND tenant = $2;
+-- With its open wait (the unresolved one of the smallest position, if any)
+-- as wait_kind, wait_name, wait_idx, wait_since, wait_due_at, wait_task_id:
+-- looked up by the primary key's prefix, and only for intents that ever
+-- registered a wait.
+SELECT i.*, w.kind AS wait_kind, w.name AS wait_name, w.idx AS wait_idx, w.create_time AS wait_since,
+       w.due_at AS wait_due_at, w.task_id AS wait_task_id
+FROM intents i
+LEFT JOIN LATERAL (
+    SELECT * FROM intent_waits w
+    WHERE w.intent_id = i.id AND i.has_waits AND w.resolved_time IS NULL
+    ORDER BY w.idx LIMIT 1
+) w ON true
+WHERE i.id = $1 AND i.tenant = $2;
 
 -- name: list_intents
 -- $1 tenant, $2 states (NULL: all), $3 intent_type, $4 to_agent, $5 labels
--- (containment), $6 cursor (ids below it), $7 limit
-SELECT * FROM intents
-WHERE tenant = $1
-  AND ($2::intent_state[] IS NULL OR state = ANY ($2::intent_state[]))
-  AND ($3::text IS NULL OR intent_type = $3)
-  AND ($4::text IS NULL OR to_agent = $4)
-  AND ($5::jsonb IS NULL OR labels @> $5::jsonb)
-  AND ($6::text IS NULL OR id < $6)
-ORDER BY tenant, id DESC
-LIMIT $7;
+-- (containment), $6 cursor (ids below it), $7 limit. Each with its open
+-- wait, as get_intent.
+SELECT i.*, w.kind AS wait_kind, w.name AS wait_name, w.idx AS wait_idx, w.create_time AS wait_since,
+       w.due_at AS wait_due_at, w.task_id AS wait_task_id
+FROM (
+    SELECT * FROM intents
+    WHERE tenant = $1
+      AND ($2::intent_state[] IS NULL OR state = ANY ($2::intent_state[]))
+      AND ($3::text IS NULL OR intent_type = $3)
+      AND ($4::text IS NULL OR to_agent = $4)
+      AND ($5::jsonb IS NULL OR labels @> $5::jsonb)
+      AND ($6::text IS NULL OR id < $6)
+    ORDER BY tenant, id DESC
+    LIMIT $7
+) i
+LEFT JOIN LATERAL (
+    SELECT * FROM intent_waits w
+    WHERE w.intent_id = i.id AND i.has_waits AND w.resolved_time IS NULL
+    ORDER BY w.idx LIMIT 1
+) w ON true
+ORDER BY i.tenant, i.id DESC;
 
 -- name: list_events
 -- $1 intent id, $2 tenant, $3 after seq, $4 limit. Tenant-scoped like every
@@ -133,7 +156,7 @@ WITH room AS (
     FROM (SELECT 1) one LEFT JOIN tenants t ON t.name = $2
 ), changed AS (
     UPDATE intents
-    SET state = 'PENDING', max_attempts = attempt + $3, error_code = NULL, error_message = NULL,
+    SET state = 'PENDING', max_attempts = attempt - parked_attempts + $3, error_code = NULL, error_message = NULL,
         finish_time = NULL, available_at = coalesce($4::timestamptz, now()),
         update_time = coalesce($4::timestamptz, now()), last_seq = last_seq + 1
     WHERE id = $1 AND tenant = $2 AND state = 'FAILED'

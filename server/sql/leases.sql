@@ -29,7 +29,7 @@ WITH candidates AS (
       AND tenant = $7
       AND available_at <= coalesce($5::timestamptz, now())
       AND ($3::text[] IS NULL OR intent_type = ANY ($3::text[]))
-      AND attempt < max_attempts
+      AND attempt - parked_attempts < max_attempts
       AND (deadline IS NULL OR deadline > coalesce($5::timestamptz, now()))
       AND ($8::bigint IS NULL OR history_bytes <= $8)
     ORDER BY available_at, id
@@ -293,10 +293,10 @@ WITH w AS (
             SELECT e.state, e.available_at, e.finish_time,
                    CASE WHEN e.exhausted THEN 'ATTEMPTS_EXHAUSTED' ELSE w.code END,
                    CASE WHEN e.exhausted
-                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' failed: '
+                        THEN 'attempt ' || (i.attempt - i.parked_attempts) || ' of ' || i.max_attempts || ' failed: '
                              || w.code || ': ' || w.message
                         ELSE w.message END
-            FROM intentd_attempt_end(w.retryable, i.attempt, i.max_attempts, true, i.retry_backoff_ms,
+            FROM intentd_attempt_end(w.retryable, i.attempt - i.parked_attempts, i.max_attempts, true, i.retry_backoff_ms,
                                      i.retry_backoff_max_ms, coalesce(w.at, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce(w.at, now()), last_seq = i.last_seq + 1
@@ -340,11 +340,11 @@ WITH w AS (
             SELECT e.state, e.available_at, e.finish_time,
                    CASE WHEN e.exhausted THEN 'ATTEMPTS_EXHAUSTED' ELSE i.error_code END,
                    CASE WHEN e.exhausted
-                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts || ' ended: ' || w.reason
+                        THEN 'attempt ' || (i.attempt - i.parked_attempts) || ' of ' || i.max_attempts || ' ended: ' || w.reason
                              || CASE WHEN w.reason = 'DRAINED'
                                      THEN ' (drains of this intent no longer give the attempt back)' ELSE '' END
                         ELSE i.error_message END
-            FROM intentd_attempt_end(true, i.attempt, i.max_attempts + w.granted::integer, false,
+            FROM intentd_attempt_end(true, i.attempt - i.parked_attempts, i.max_attempts + w.granted::integer, false,
                                      i.retry_backoff_ms, i.retry_backoff_max_ms, coalesce(w.at, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce(w.at, now()), last_seq = i.last_seq + 1
@@ -386,12 +386,12 @@ WITH due AS (
                    CASE WHEN NOT e.exhausted THEN i.error_code ELSE 'ATTEMPTS_EXHAUSTED' END,
                    CASE WHEN NOT e.exhausted THEN i.error_message
                         WHEN i.state = 'DELIVERED'
-                        THEN 'attempt ' || i.attempt || ' of ' || i.max_attempts
+                        THEN 'attempt ' || (i.attempt - i.parked_attempts) || ' of ' || i.max_attempts
                              || ' was not acknowledged within the ack timeout (its sidecar never confirmed'
                              || ' the delivery)'
-                        ELSE 'attempt ' || i.attempt || ' of ' || i.max_attempts
+                        ELSE 'attempt ' || (i.attempt - i.parked_attempts) || ' of ' || i.max_attempts
                              || ' lost its lease (no heartbeat)' END
-            FROM intentd_attempt_end(true, i.attempt, i.max_attempts, true, i.retry_backoff_ms,
+            FROM intentd_attempt_end(true, i.attempt - i.parked_attempts, i.max_attempts, true, i.retry_backoff_ms,
                                      i.retry_backoff_max_ms, coalesce($1::timestamptz, now())) e),
         lease_session = NULL, lease_expires_at = NULL,
         update_time = coalesce($1::timestamptz, now()), last_seq = i.last_seq + 1
