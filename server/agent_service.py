@@ -28,6 +28,7 @@ from .stream.liveness import Liveness
 from .stream.registration import Registration
 from .stream.state import Stream
 from .stream.writes import WriteRouter
+from .waits import WaitStore
 
 MAX_STREAM_ID_LEN = 100
 
@@ -35,7 +36,7 @@ MAX_STREAM_ID_LEN = 100
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
         self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
-        quotas: Quotas,
+        quotas: Quotas, waits: WaitStore | None = None,
     ) -> None:
         self.leases = leases
         self.auth = auth
@@ -47,7 +48,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self.admission = Admission(settings, quotas, enforced=auth.enabled)
         self.liveness = Liveness(auth, settings)
         self.registration = Registration(leases, settings, self.admission, self._holders)
-        self.router = WriteRouter(leases, settings)
+        self.router = WriteRouter(leases, settings, waits, hub)
         self.claims = ClaimLoop(leases, settings, self.liveness, lambda: self._closing)
         hub.on_pending(self._on_pending)
         hub.on_event(self._on_event)

@@ -33,7 +33,8 @@ from .quotas import Quotas
 from .rpc import add_service
 from .settings import ServerSettings
 from .store import IntentStore
-from .sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper
+from .sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper, WaitSweeper
+from .waits import WaitStore
 
 log = logging.getLogger("intentd.server")
 
@@ -111,7 +112,8 @@ class ControlPlane:
         self.server = grpc.aio.server(options=options)
         add_service(IntentService(store, self.hub, self.settings, self.auth, quotas), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
-        self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas)
+        self.waits = WaitStore(self.db)
+        self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas, waits=self.waits)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
         add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
@@ -159,6 +161,7 @@ class ControlPlane:
             DeadlineSweeper(store, self.settings.sweep_interval_s),
             LeaseSweeper(leases, self.settings.sweep_interval_s,
                          hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
+            WaitSweeper(self.waits, self.settings.wait_sweep_interval_s),
         ]
         if self.settings.retention_days > 0:
             self.services.append(RetentionSweeper(store, self.settings.retention_days * 86400))

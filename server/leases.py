@@ -13,6 +13,7 @@ from typing import NoReturn
 from intentd.core.errors import ValidationError
 from intentd.core.limits import MAX_FAIL_CODE_LEN, MAX_FAIL_MESSAGE_LEN, MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
 from intentd.core.validation import check_text, parse_json
+from intentd.core.waits import RESERVED_PREFIX
 
 from . import errors, history
 from .batcher import Outcome, WriteBatcher, apply_group
@@ -173,6 +174,8 @@ class LeaseStore:
         if index < 1:
             raise ValidationError("step.index", "must be at least 1")
         check_text(name, "step.name", MAX_STEP_NAME_LEN, required=True)
+        if name.startswith(RESERVED_PREFIX):
+            raise ValidationError("step.name", f"must not start with {RESERVED_PREFIX!r} (the records of waits do)")
         text = parse_json(result, "step.result", self.max_payload_bytes)
         row, why = await self._write(Step(
             lease, now, stream, index=index, name=name, result=text, max_history_bytes=self.max_history_bytes,

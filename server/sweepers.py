@@ -14,6 +14,7 @@ from .db import Database
 from .leases import LeaseStore
 from .queries import Q
 from .store import IntentStore
+from .waits import WaitStore
 
 log = logging.getLogger("intentd.sweeper")
 
@@ -123,3 +124,29 @@ class RetentionSweeper(BackgroundService):
         if deleted:
             log.info("retention: deleted %d finished intents", deleted)
         return deleted == self.batch
+
+
+class WaitSweeper(BackgroundService):
+    """Fires the due waits of parked intents (a sleep ended, a wait timed
+    out: the intent is PENDING again) and reminds open human tasks past
+    their reminder. Its first round runs at start, so a timer that came due
+    while no replica ran fires at once."""
+
+    name = "wait-sweeper"
+
+    def __init__(self, waits: WaitStore, interval: float, batch: int = 500) -> None:
+        super().__init__(interval)
+        self.waits = waits
+        self.batch = batch
+        self.fired = 0
+        self.reminded = 0
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        fired = await self.waits.fire_due(now, self.batch)
+        reminded = await self.waits.remind_due(now, self.batch)
+        metrics.sweeper_succeeded(self.name)
+        self.fired += len(fired)
+        self.reminded += len(reminded)
+        if fired:
+            log.info("fired %d durable timers", len(fired))
+        return len(fired) == self.batch or len(reminded) == self.batch

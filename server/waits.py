@@ -165,8 +165,8 @@ class WaitStore:
         task_id = new_id() if spec.kind == HUMAN else None
         await conn.fetchrow(
             Q.register_wait, intent["id"], spec.index, spec.kind, spec.name, spec.step_name, spec.until,
-            intent["attempt"], now, task_id, spec.name, spec.description, list(spec.outcomes or DEFAULT_OUTCOMES), list(spec.assignees),
-            spec.form_schema, spec.remind_after_ms, spec.timeout_ms)
+            intent["attempt"], now, task_id, spec.name, spec.description, list(spec.outcomes or DEFAULT_OUTCOMES),
+            list(spec.assignees), spec.form_schema, spec.remind_after_ms, spec.timeout_ms)
 
     @staticmethod
     async def _satisfy(conn: asyncpg.Connection, wait: Row, now: datetime | None) -> Row | None:

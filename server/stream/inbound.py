@@ -63,10 +63,19 @@ class Inbound:
             self._slots.release()
 
     async def _write(self, request: pb.WriteRequest, promised: int) -> None:
+        released = False
+
+        def release() -> None:
+            # Once: a held wait gives its slot back when it starts waiting.
+            nonlocal released
+            if not released:
+                released = True
+                self._slots.release()
+
         try:
-            await self.router.write(self.stream, request)
+            await self.router.write(self.stream, request, on_hold=release)
         finally:
-            self._slots.release()
+            release()
             self.stream.unreserve(promised)
 
     async def handle(self, request: pb.ConnectRequest) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from intentd.core.backoff import Backoff
 from intentd.core.codes import number_of
@@ -18,9 +19,12 @@ from intentd.generated.v1 import delivery_pb2
 from .. import errors
 from ..convert import step_to_proto
 from ..db import Row
+from ..hub import NotificationHub
 from ..leases import LeaseStore
 from ..rpc import to_server_error
 from ..settings import ServerSettings
+from ..waits import WaitStore
+from .holds import hold_wait, wait_spec
 from .leases import lease_ref
 from .state import Stream
 
@@ -31,7 +35,7 @@ ACK_RETRY = Backoff(0.05, 1.0)
 FINAL_OPS = ("complete", "fail", "release")
 # Writes that need their lease acknowledged (IN_PROGRESS); a release also
 # gives back a delivery that was never acknowledged.
-AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail")
+AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail", "wait")
 
 
 def count_attempt_end(row: Row, cause: str) -> None:
@@ -47,9 +51,12 @@ def count_attempt_end(row: Row, cause: str) -> None:
 
 
 class WriteRouter:
-    def __init__(self, store: LeaseStore, settings: ServerSettings) -> None:
+    def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore | None = None,
+                 hub: NotificationHub | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.waits = waits
+        self.hub = hub
 
     @property
     def ack_wait_s(self) -> float:
@@ -96,8 +103,9 @@ class WriteRouter:
                 log.warning("ack of %s failed: %s", msg.intent_id, exc)
                 return
 
-    async def write(self, stream: Stream, request: pb.WriteRequest) -> None:
-        """Runs a fenced write and sends its answer on the stream."""
+    async def write(self, stream: Stream, request: pb.WriteRequest, on_hold: Callable[[], None] | None = None) -> None:
+        """Runs a fenced write and sends its answer on the stream. A wait
+        write calls ``on_hold`` when it starts holding."""
         result = pb.WriteResult(request_id=request.request_id)
         write = request.write
         op = write.WhichOneof("op")
@@ -134,6 +142,20 @@ class WriteRouter:
             elif op == "release":
                 ended = await self.store.release(lease, write.release.reason, stream=mine)
                 count_attempt_end(ended, metrics.release_cause(write.release.reason))
+            elif op == "wait":
+                if self.waits is None:
+                    raise errors.FailedPrecondition("this control plane does not serve durable waits")
+                spec = wait_spec(write.wait)
+                reached = await hold_wait(self.waits, self.hub, stream, held, lease, spec, on_hold)
+                if reached is None:
+                    return  # the stream ended while the wait was held: nobody to answer
+                if reached.parked:
+                    result.wait.parked = True
+                    # The attempt is over: the stream neither renews it nor expects its writes.
+                    stream.leases.forget(lease.intent_id, lease.token)
+                else:
+                    assert reached.record is not None
+                    result.wait.step.CopyFrom(step_to_proto(reached.record))
             else:
                 raise ValidationError("write.op", "is required")
             if final:

@@ -1,0 +1,159 @@
+"""A WaitWrite on a stream: validated, then registered and tried in the
+database, held for up to the intent's hold window while hub notifications
+(any replica's signal or decision commits an event) or its due time may
+satisfy it, and parked when the window ends unsatisfied (docs/waits.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
+
+from intentd.core import limits
+from intentd.core.errors import ValidationError
+from intentd.core.validation import check_horizon_ms, check_text, parse_json
+from intentd.core.waits import DEFAULT_OUTCOMES, HUMAN, KINDS, SIGNAL, TIME, record_name, signal_name_problem
+from intentd.generated.v1 import delivery_pb2, intent_pb2
+
+from ..hub import NotificationHub, Subscription
+from ..leases import LeaseRef
+from ..waits import Reached, WaitSpec, WaitStore
+from .leases import StreamLease
+from .state import Stream
+
+# A due time is checked this long after the holder's clock says it passed,
+# so the database's clock (which judges it) agrees.
+DUE_SLACK_S = 0.005
+
+
+def _kind(value: intent_pb2.WaitKind.ValueType) -> str:
+    try:
+        kind = intent_pb2.WaitKind.Name(value).removeprefix("WAIT_KIND_")
+    except ValueError:
+        kind = ""
+
+    if kind not in KINDS:
+        raise ValidationError("wait.kind", "must be SIGNAL, HUMAN or TIME")
+    return kind
+
+
+def _form_schema(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    text = parse_json(raw, "wait.task.form_schema", limits.MAX_TASK_FORM_SCHEMA_BYTES)
+    schema = json.loads(text)
+    if not isinstance(schema, dict | bool):
+        raise ValidationError("wait.task.form_schema", "must be a JSON Schema (an object)")
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise ValidationError("wait.task.form_schema", f"is not a valid JSON Schema: {exc.message}") from None
+    return text
+
+
+def wait_spec(msg: delivery_pb2.WaitWrite, now: datetime | None = None) -> WaitSpec:
+    """The checked WaitWrite (ValidationError names the bad field)."""
+    kind = _kind(msg.kind)
+    if msg.index < 1:
+        raise ValidationError("wait.index", "must be at least 1")
+    check_horizon_ms(msg.timeout_ms, "wait.timeout_ms")
+    until: datetime | None = None
+    if msg.HasField("until"):
+        if kind != TIME:
+            raise ValidationError("wait.until", "is only for TIME waits")
+        until = msg.until.ToDatetime(tzinfo=UTC)
+        if until - (now or datetime.now(UTC)) > timedelta(milliseconds=limits.MAX_HORIZON_MS):
+            raise ValidationError("wait.until", "is more than 100 years ahead")
+    name, task = "", msg.task
+    if kind == SIGNAL:
+        problem = signal_name_problem(msg.signal_name)
+        if problem is not None:
+            raise ValidationError("wait.signal_name", problem)
+        name = msg.signal_name
+    elif msg.signal_name:
+        raise ValidationError("wait.signal_name", "is only for SIGNAL waits")
+    if kind != HUMAN:
+        if msg.HasField("task"):
+            raise ValidationError("wait.task", "is only for HUMAN waits")
+        expected = record_name(kind, name)
+        if msg.step_name != expected:
+            raise ValidationError("wait.step_name", f"must be {expected!r} for this wait")
+        return WaitSpec(index=msg.index, step_name=msg.step_name, kind=kind, name=name, timeout_ms=msg.timeout_ms,
+                        until=until)
+    check_text(task.title, "wait.task.title", limits.MAX_TASK_TITLE_LEN, required=True)
+    check_text(task.description, "wait.task.description", limits.MAX_TASK_DESCRIPTION_LEN)
+    outcomes = tuple(task.outcomes) or DEFAULT_OUTCOMES
+    if len(outcomes) > limits.MAX_TASK_OUTCOMES:
+        raise ValidationError("wait.task.outcomes", f"has {len(outcomes)}; at most {limits.MAX_TASK_OUTCOMES}")
+    if len(set(outcomes)) != len(outcomes):
+        raise ValidationError("wait.task.outcomes", "must not repeat an outcome")
+    for outcome in outcomes:
+        check_text(outcome, "wait.task.outcomes", limits.MAX_TASK_OUTCOME_LEN, required=True)
+    if len(task.assignees) > limits.MAX_TASK_ASSIGNEES:
+        raise ValidationError("wait.task.assignees", f"has {len(task.assignees)}; at most {limits.MAX_TASK_ASSIGNEES}")
+    for assignee in task.assignees:
+        check_text(assignee, "wait.task.assignees", limits.MAX_KEY_LEN, required=True)
+    check_horizon_ms(task.remind_after_ms, "wait.task.remind_after_ms")
+    expected = record_name(HUMAN, task.title)
+    if msg.step_name != expected:
+        raise ValidationError("wait.step_name", f"must be {expected!r} for this wait")
+    return WaitSpec(
+        index=msg.index, step_name=msg.step_name, kind=kind, name=task.title, timeout_ms=msg.timeout_ms,
+        description=task.description, outcomes=outcomes, assignees=tuple(dict.fromkeys(task.assignees)),
+        form_schema=_form_schema(task.form_schema), remind_after_ms=task.remind_after_ms)
+
+
+async def _woken(sub: Subscription | None, ended: asyncio.Event, timeout: float) -> None:
+    """Until a notification of the intent, the stream's end or ``timeout``."""
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(ended.wait())]
+    if sub is not None:
+        waits.append(asyncio.ensure_future(sub.wait(timeout)))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in waits:
+            future.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def hold_wait(
+    waits: WaitStore, hub: NotificationHub | None, stream: Stream, held: StreamLease | None, lease: LeaseRef,
+    spec: WaitSpec, on_hold: Callable[[], None] | None = None,
+) -> Reached | None:
+    """The answer to a WaitWrite: resolved or parked; None when the stream
+    ended during the hold (nobody to answer; the lease stays the sidecar's
+    to re-announce, and its resent write is held again wherever it lands).
+    ``on_hold`` is called when the write starts waiting, so the stream's
+    other writes are not kept from their slots by a held one."""
+    loop = asyncio.get_running_loop()
+    subscribed = hub.subscribe_intent(lease.intent_id) if hub is not None else contextlib.nullcontext(None)
+    with subscribed as sub:
+        # Subscribed before the first try: a signal committing after it wakes us.
+        reached = await waits.reach(lease, stream.id, spec)
+        if reached.record is not None or reached.parked:
+            return reached
+        if on_hold is not None:
+            on_hold()
+        hold_end = loop.time() + reached.hold_ms / 1000
+        while True:
+            left = hold_end - loop.time()
+            if reached.due_in_s is not None:
+                left = min(left, max(reached.due_in_s, 0.0) + DUE_SLACK_S)
+            if left > 0:
+                await _woken(sub, stream.ended, left)
+            if stream.closed or (hub is not None and hub.closing):
+                return None
+            park = loop.time() >= hold_end
+            if park and held is not None:
+                # Its own WAITING event, and the renewal that no longer finds
+                # the lease, must not revoke what it is parking.
+                held.finishing = True
+            reached = await waits.retry(lease, stream.id, spec.index, park=park)
+            if reached.record is not None or reached.parked:
+                return reached
