@@ -154,6 +154,10 @@ async def hold_wait(
                 # Its own WAITING event, and the renewal that no longer finds
                 # the lease, must not revoke what it is parking.
                 held.finishing = True
-            reached = await waits.retry(lease, stream.id, spec.index, park=park)
+            try:
+                reached = await waits.retry(lease, stream.id, spec.index, park=park)
+            finally:
+                if held is not None and not reached.parked:
+                    held.finishing = False
             if reached.record is not None or reached.parked:
                 return reached

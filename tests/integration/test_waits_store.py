@@ -198,7 +198,7 @@ async def test_waits_are_fenced_ordered_and_deterministic(stores: Stores, agent_
     await stores.leases.record_step(lease, 1, "build", b"{}", stream="s1")
     with pytest.raises(errors.FailedPrecondition, match="divergence"):
         await stores.waits.reach(lease, "s1", signal_wait(1))
-    with pytest.raises(ValidationError, match="step.name"):
+    with pytest.raises(ValidationError, match=r"step\.name"):
         await stores.leases.record_step(lease, 2, "@signal:go", b"{}", stream="s1")
 
 
@@ -351,7 +351,7 @@ async def test_reminders_are_sent_once(fresh) -> None:
 
 
 async def test_the_sweep_finds_due_waits_through_their_index(fresh) -> None:
-    stores, pg = fresh
+    _, pg = fresh
     await pg.execute("""
         INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, state, max_attempts,
                              heartbeat_timeout_ms, available_at, create_time, update_time, has_waits,
@@ -462,5 +462,32 @@ def test_a_held_wait_parks_when_nothing_comes(server, database_url, agent_addres
         bad = raw.write(2, delivery_pb2.IntentWrite(lease=again.lease, step=delivery_pb2.StepWrite(
             index=2, name="@sneaky", result=b"{}")))
         assert bad.code == 3  # INVALID_ARGUMENT
+    finally:
+        raw.close()
+
+
+def test_a_stopping_server_ends_its_holds_at_once(make_server, database_url, agent_address) -> None:
+    """A hold far longer than the shutdown grace does not keep the server
+    from stopping; the attempt is left to its lease (not parked), for the
+    sidecar to re-announce on another replica."""
+    srv = make_server()
+    with IntentClient(srv.address) as client:
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+    _sql(database_url, "UPDATE intents SET wait_hold_ms = 30000 WHERE id = $1", intent_id)
+    raw = RawSidecar(srv.address, agent_address, ping_every=0.2)
+    try:
+        lease = raw.recv("assignment").lease
+        raw.send(ack=delivery_pb2.AckAssignment(lease=lease))
+        raw.send(write=raw.apb.WriteRequest(request_id=1, write=_wait_write(lease, 1, "go")))
+        deadline = time.monotonic() + 10
+        while not _sql(database_url, "SELECT 1 FROM intent_waits WHERE intent_id = $1", intent_id):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        began = time.monotonic()
+        srv.stop()
+        # Far below the 30 s hold: the hold ended with its stream.
+        assert time.monotonic() - began < 20
+        (row,) = _sql(database_url, "SELECT state::text, parked_attempts FROM intents WHERE id = $1", intent_id)
+        assert tuple(row) == ("IN_PROGRESS", 0)
     finally:
         raw.close()
