@@ -251,6 +251,21 @@ async def test_cancel_of_a_waiting_intent_closes_its_wait_and_task(stores: Store
     assert (await stores.intents.get("default", intent_id))["wait_kind"] is None
 
 
+async def test_a_retried_intent_reopens_the_wait_its_end_closed(stores: Stores, agent_address: str, pg) -> None:
+    intent_id = await stores.send(agent_address, max_attempts=1)
+    lease, _ = await stores.deliver(agent_address)
+    assert not (await stores.waits.reach(lease, "s1", human_wait(1))).parked  # held
+    await stores.leases.fail(lease, "BOOM", "no", False, stream="s1")
+    task_id = await pg.fetchval("SELECT id FROM human_tasks WHERE intent_id=$1", intent_id)
+    assert await pg.fetchval("SELECT state FROM human_tasks WHERE id=$1", task_id) == "CANCELED"
+    await stores.intents.retry("default", intent_id, 1)
+    lease, _ = await stores.deliver(agent_address)
+    assert (await stores.waits.reach(lease, "s1", human_wait(1), park=True)).parked
+    assert await pg.fetchval("SELECT state FROM human_tasks WHERE id=$1", task_id) == "OPEN"
+    await stores.waits.decide_task("default", task_id, "reject", "", None, "alice")
+    assert (await intent(pg, intent_id))["state"] == "PENDING"
+
+
 # ---------------------------------------------------------------- attempts
 
 
