@@ -60,3 +60,7 @@ class Unauthenticated(ServerError):
 
 class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unimplemented(ServerError):
+    code = grpc.StatusCode.UNIMPLEMENTED
