@@ -149,7 +149,8 @@ class HumanTaskService(pb_grpc.HumanTaskServiceServicer):
 
     @unary("client")
     async def GetHumanTask(self, request: pb.GetHumanTaskRequest, context: Ctx) -> pb.GetHumanTaskResponse:
-        row = await self.waits.get_task(current_caller().tenant, require_task_id(request.id))
+        task_id = require_task_id(request.id)
+        row = await self.waits.get_task(current_caller().tenant, task_id)
         return pb.GetHumanTaskResponse(task=human_task_to_proto(row))
 
     @unary("client")
