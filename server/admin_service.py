@@ -8,7 +8,12 @@ from typing import Any
 import grpc
 
 from intentd.core.errors import ValidationError
-from intentd.core.limits import MAX_RETRY_BACKOFF_MAX_MS, MAX_RETRY_BACKOFF_MS
+from intentd.core.limits import (
+    DEFAULT_WAIT_HOLD_MS,
+    MAX_RETRY_BACKOFF_MAX_MS,
+    MAX_RETRY_BACKOFF_MS,
+    MAX_WAIT_HOLD_MS,
+)
 from intentd.core.validation import check_horizon_ms, check_intent_type
 from intentd.generated.v1 import admin_service_pb2 as pb
 from intentd.generated.v1 import admin_service_pb2_grpc as pb_grpc
@@ -22,7 +27,7 @@ from .store import IntentStore
 
 
 def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
-    return pb.IntentType(
+    msg = pb.IntentType(
         intent_type=row["intent_type"],
         max_attempts=row["max_attempts"],
         heartbeat_timeout_ms=row["heartbeat_timeout_ms"],
@@ -31,6 +36,9 @@ def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
         default_deadline_ms=row["default_deadline_ms"] or 0,
         update_time=timestamp(row["update_time"]),
     )
+    if row.get("wait_hold_ms") is not None:
+        msg.wait_hold_ms = row["wait_hold_ms"]
+    return msg
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -67,6 +75,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         # Refused here, not by the database: a deadline past year 9999 could
         # be stored but never read back.
         check_horizon_ms(spec.default_deadline_ms, "intent_type.default_deadline_ms")
+        # Optional: unset keeps the type's hold window (the default for a new type).
+        wait_hold_ms = spec.wait_hold_ms if spec.HasField("wait_hold_ms") else None
+        if wait_hold_ms is not None and not 0 <= wait_hold_ms <= MAX_WAIT_HOLD_MS:
+            raise ValidationError(
+                "intent_type.wait_hold_ms",
+                f"must be 0 (park at once) to {MAX_WAIT_HOLD_MS} (unset: keep, default {DEFAULT_WAIT_HOLD_MS})")
         row = await self.store.put_intent_type(
             self._tenant(context),
             spec.intent_type,
@@ -75,9 +89,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
             retry_backoff_ms=backoff,
             retry_backoff_max_ms=backoff_max,
             default_deadline_ms=spec.default_deadline_ms or None,
+            wait_hold_ms=wait_hold_ms,
         )
         await self.store.audit(self._tenant(context), current_caller().name, "intent_type.put", spec.intent_type,
-                               {"max_attempts": max_attempts, "heartbeat_timeout_ms": heartbeat})
+                               {"max_attempts": max_attempts, "heartbeat_timeout_ms": heartbeat,
+                                "wait_hold_ms": row["wait_hold_ms"]})
         return pb.PutIntentTypeResponse(intent_type=_type_to_proto(row))
 
     @unary("admin")

@@ -16,6 +16,7 @@ from intentd.core.observability import metrics
 from intentd.generated.v1 import (
     admin_service_pb2,
     agent_service_pb2,
+    human_task_pb2,
     intent_service_pb2,
 )
 
@@ -27,6 +28,7 @@ from .db import Database
 from .embedded import EmbeddedPostgres
 from .history import page_bytes
 from .hub import NotificationHub
+from .human_task_service import HumanTaskService
 from .intent_service import IntentService
 from .leases import LeaseStore
 from .quotas import Quotas
@@ -42,6 +44,7 @@ SERVICE_NAMES = (
     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"].full_name,
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    human_task_pb2.DESCRIPTOR.services_by_name["HumanTaskService"].full_name,
 )
 
 
@@ -99,6 +102,8 @@ class ControlPlane:
                             max_history_steps=self.settings.max_history_steps,
                             page_bytes=page_bytes(self.settings.max_message_bytes))
 
+        self.waits = waits = WaitStore(self.db)
+
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
@@ -110,13 +115,14 @@ class ControlPlane:
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         self.server = grpc.aio.server(options=options)
-        add_service(IntentService(store, self.hub, self.settings, self.auth, quotas), self.server,
+        add_service(IntentService(store, self.hub, self.settings, self.auth, quotas, waits), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
-        self.waits = WaitStore(self.db)
         self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas, waits=self.waits)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
         add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
+        add_service(HumanTaskService(waits, store, self.settings, self.auth, quotas), self.server,
+                    human_task_pb2.DESCRIPTOR.services_by_name["HumanTaskService"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

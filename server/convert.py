@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from intentd.core.states import IntentState
-from intentd.generated.v1 import intent_pb2
+from intentd.generated.v1 import human_task_pb2, intent_pb2, intent_service_pb2
 
 _EVENT_TYPES = {
     name.removeprefix("EVENT_TYPE_"): value
@@ -18,6 +18,17 @@ _EVENT_TYPES = {
     if name != "EVENT_TYPE_UNSPECIFIED"
 }
 
+_WAIT_KINDS = {
+    name.removeprefix("WAIT_KIND_"): value
+    for name, value in intent_pb2.WaitKind.items()
+    if name != "WAIT_KIND_UNSPECIFIED"
+}
+_TASK_STATES = {
+    name.removeprefix("HUMAN_TASK_STATE_"): value
+    for name, value in human_task_pb2.HumanTaskState.items()
+    if name != "HUMAN_TASK_STATE_UNSPECIFIED"
+}
+TASK_STATE_NAMES = {value: name for name, value in _TASK_STATES.items()}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -42,6 +53,14 @@ def _labels(text: str) -> dict[str, str]:
 
 def event_type_value(name: str) -> intent_pb2.EventType.ValueType:
     return _EVENT_TYPES[name]
+
+
+def wait_kind_value(name: str | None) -> intent_pb2.WaitKind.ValueType:
+    return _WAIT_KINDS[name] if name else intent_pb2.WAIT_KIND_UNSPECIFIED
+
+
+def task_state_value(name: str) -> human_task_pb2.HumanTaskState.ValueType:
+    return _TASK_STATES[name]
 
 
 def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
@@ -71,7 +90,21 @@ def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
         update_time=timestamp(row["update_time"]),
         finish_time=timestamp(row["finish_time"]),
         deadline=timestamp(row["deadline"]),
+        # .get: rows written by RETURNING (claims, writes) have the intent's
+        # own columns only; the open wait is joined in by get_intent and
+        # list_intents.
+        parked_attempts=row.get("parked_attempts") or 0,
     )
+    wait_kind = row.get("wait_kind")
+    if wait_kind is not None:
+        msg.waiting.CopyFrom(intent_pb2.WaitInfo(
+            kind=wait_kind_value(wait_kind),
+            name=row["wait_name"] or "",
+            step_index=row["wait_idx"],
+            since=timestamp(row["wait_since"]),
+            due_time=timestamp(row["wait_due_at"]),
+            task_id=row["wait_task_id"] or "",
+        ))
     if row["result"] is not None:
         msg.result = row["result"].encode()
     if row["error_code"] is not None:
@@ -93,6 +126,11 @@ def event_to_proto(row: Mapping[str, Any]) -> intent_pb2.IntentEvent:
         step_index=row["step_index"] or 0,
         message=row["message"] or "",
         progress_fraction=row["progress_fraction"] or 0.0,
+        wait_kind=wait_kind_value(row.get("wait_kind")),
+        wait_name=row.get("wait_name") or "",
+        signal_id=row.get("signal_id") or "",
+        task_id=row.get("task_id") or "",
+        actor=row.get("actor") or "",
     )
     if row["error_code"] is not None:
         msg.error.CopyFrom(
@@ -109,3 +147,42 @@ def step_to_proto(row: Mapping[str, Any]) -> intent_pb2.StepRecord:
         attempt=row["attempt"],
         record_time=timestamp(row["record_time"]),
     )
+
+
+def signal_to_proto(row: Mapping[str, Any]) -> intent_service_pb2.Signal:
+    return intent_service_pb2.Signal(
+        id=row["signal_id"],
+        name=row["name"],
+        payload=row["payload"].encode(),
+        sender=row["sender"],
+        create_time=timestamp(row["create_time"]),
+        consumed_by_step=row["consumed_idx"] or 0,
+    )
+
+
+def human_task_to_proto(row: Mapping[str, Any]) -> human_task_pb2.HumanTask:
+    msg = human_task_pb2.HumanTask(
+        id=row["id"],
+        intent_id=row["intent_id"],
+        intent_type=row["intent_type"],
+        to_agent=row["to_agent"],
+        step_index=row["idx"],
+        title=row["title"],
+        description=row["description"] or "",
+        outcomes=row["outcomes"],
+        assignees=row["assignees"] or (),
+        form_schema=row["form_schema"].encode() if row["form_schema"] is not None else b"",
+        state=task_state_value(row["state"]),
+        create_time=timestamp(row["create_time"]),
+        due_time=timestamp(row["due_at"]),
+        remind_time=timestamp(row["remind_at"]),
+    )
+    if row["state"] == "DECIDED":
+        msg.decision.CopyFrom(human_task_pb2.HumanDecision(
+            outcome=row["outcome"] or "",
+            decided_by=row["decided_by"] or "",
+            decide_time=timestamp(row["decide_time"]),
+            comment=row["comment"] or "",
+            form_data=row["form_data"].encode() if row["form_data"] is not None else b"",
+        ))
+    return msg

@@ -60,3 +60,4 @@ class Unauthenticated(ServerError):
 
 class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
+

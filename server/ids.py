@@ -7,9 +7,12 @@ use the primary key alone.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
+
+from intentd.core.errors import ValidationError
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
 
@@ -38,3 +41,22 @@ def new_id(now_ms: int | None = None) -> str:
 
 def looks_like_id(value: str) -> bool:
     return len(value) == 26 and all(c in _ALPHABET for c in value)
+
+
+def page_token(last_id: str) -> str:
+    """The keyset token of a page of a list ordered by id (intents, human
+    tasks): the next page starts below ``last_id``."""
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("page_token", "is not a token this server issued") from None
+    version, _, last_id = raw.partition(":")
+    if version != "v1" or not looks_like_id(last_id):
+        raise ValidationError("page_token", "is not a token this server issued")
+    return last_id

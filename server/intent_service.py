@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,20 +20,21 @@ from intentd.core.validation import (
     check_intent_type,
     check_labels,
     check_text,
-    parse_json,
 )
+from intentd.core.waits import signal_id_problem, signal_name_problem
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
 from . import errors, history
 from .auth import Authenticator, Caller, current_caller
-from .convert import event_to_proto, intent_to_proto, step_to_proto
+from .convert import event_to_proto, intent_to_proto, signal_to_proto, step_to_proto
 from .hub import NotificationHub
-from .ids import looks_like_id
-from .quotas import Quotas
+from .ids import looks_like_id, page_token, parse_page_token
+from .quotas import Quotas, payload_json
 from .rpc import Ctx, server_stream, unary
 from .settings import ServerSettings
 from .store import IntentStore, NewIntent
+from .waits import WaitStore
 
 
 def _timestamp_field(msg: object, field: str, path: str) -> datetime | None:
@@ -51,23 +51,6 @@ def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
     return traceparent_from_metadata(context.invocation_metadata() or ())
 
 
-def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
-
-
-def _parse_page_token(token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("page_token", "is not a token this server issued") from None
-    version, _, last_id = raw.partition(":")
-    if version != "v1" or not looks_like_id(last_id):
-        raise ValidationError("page_token", "is not a token this server issued")
-    return last_id
-
-
 def _require_id(value: str, field: str = "id") -> str:
     if not value:
         raise ValidationError(field, "is required")
@@ -80,9 +63,10 @@ def _require_id(value: str, field: str = "id") -> str:
 class IntentService(pb_grpc.IntentServiceServicer):
     def __init__(
         self, store: IntentStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
-        quotas: Quotas,
+        quotas: Quotas, waits: WaitStore,
     ) -> None:
         self.store = store
+        self.waits = waits
         self.hub = hub
         self.settings = settings
         self.auth = auth
@@ -130,11 +114,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
     ) -> NewIntent:
         check_intent_type(spec.intent_type, f"{prefix}intent_type")
         check_agent_address(spec.to_agent, f"{prefix}to_agent")
-        if len(spec.payload) > max_payload:
-            raise errors.ResourceExhausted(
-                f"{prefix}payload: is {len(spec.payload)} bytes; the limit is {max_payload}"
-            )
-        payload = parse_json(spec.payload, f"{prefix}payload")
+        payload = payload_json(spec.payload, f"{prefix}payload", max_payload)
         check_idempotency_key(spec.idempotency_key, f"{prefix}idempotency_key")
         labels = check_labels(dict(spec.labels), f"{prefix}labels")
         if trace and TRACEPARENT_LABEL not in labels:
@@ -303,14 +283,34 @@ class IntentService(pb_grpc.IntentServiceServicer):
             intent_type=request.intent_type or None,
             to_agent=request.to_agent or None,
             labels=labels,
-            before_id=_parse_page_token(request.page_token),
+            before_id=parse_page_token(request.page_token),
             limit=limit,
             max_bytes=history.page_bytes(self.settings.max_message_bytes),
         )
         return pb.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in rows],
-            next_page_token=_page_token(rows[-1]["id"]) if more else "",
+            next_page_token=page_token(rows[-1]["id"]) if more else "",
         )
+
+    @unary("client")
+    async def SignalIntent(self, request: pb.SignalIntentRequest, context: Ctx) -> pb.SignalIntentResponse:
+        intent_id = _require_id(request.id)
+        problem = signal_name_problem(request.name)
+        if problem is not None:
+            raise ValidationError("name", problem)
+        problem = signal_id_problem(request.signal_id)
+        if problem is not None:
+            raise ValidationError("signal_id", problem)
+        caller = current_caller()
+        payload = payload_json(request.payload, "payload", await self.quotas.max_payload_bytes(caller))
+        sent = await self.waits.signal(caller.tenant, intent_id, request.name, payload, request.signal_id or None,
+                                       caller.name)
+        if sent.created:
+            # A matched repeat changed nothing: one audit row per signal.
+            await self.store.audit(caller.tenant, caller.name, "intent.signal", intent_id,
+                                   {"name": request.name, "signal_id": sent.signal["signal_id"]})
+        return pb.SignalIntentResponse(intent=intent_to_proto(sent.intent), signal=signal_to_proto(sent.signal),
+                                       created=sent.created)
 
     @unary("admin")
     async def RetryIntent(self, request: pb.RetryIntentRequest, context: Ctx) -> pb.RetryIntentResponse:

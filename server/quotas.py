@@ -10,6 +10,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from intentd.core.validation import parse_json
+
 from . import errors
 from .auth import Caller
 from .db import Database, Row
@@ -33,6 +35,15 @@ class Bucket:
             self.tokens -= n
             return 0.0
         return (n - self.tokens) / self.rate
+
+
+def payload_json(raw: bytes, field: str, max_bytes: int) -> str:
+    """The JSON text of a payload a client sends (an intent's, a signal's, a
+    decision's form data): past the tenant's payload limit it is
+    RESOURCE_EXHAUSTED (a quota), not valid JSON INVALID_ARGUMENT."""
+    if len(raw) > max_bytes:
+        raise errors.ResourceExhausted(f"{field}: is {len(raw)} bytes; the limit is {max_bytes}")
+    return parse_json(raw, field)
 
 
 class Quotas:

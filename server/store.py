@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
+from intentd.core.limits import DEFAULT_WAIT_HOLD_MS
 from intentd.core.states import IntentState
 
 from . import errors
@@ -279,6 +280,8 @@ class IntentStore:
                 settings["retry_backoff_ms"],
                 settings["retry_backoff_max_ms"],
                 settings["default_deadline_ms"],
+                settings.get("wait_hold_ms"),
+                DEFAULT_WAIT_HOLD_MS,
             )
         assert row is not None
         return row
