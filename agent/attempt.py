@@ -260,8 +260,9 @@ class Attempt:
         Stops it and cancels its task (an ``async def`` handler ends at its
         await; a ``def`` handler's blocking call raises ``LeaseLost``, and the
         slot is free even if that thread goes on). Called by the session as
-        soon as the answer arrives, and by ``wait`` when it reads it."""
-        if self.stop(PARKED, message) and self.task is not None:
+        soon as the answer arrives, and by ``wait`` when it reads it (then,
+        in the task itself, ``LeaseLost`` ends the handler instead)."""
+        if self.stop(PARKED, message) and self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
     def finish(self) -> None:
