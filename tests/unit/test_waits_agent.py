@@ -566,3 +566,32 @@ async def test_a_wait_write_may_take_the_hold_window_on_top_of_the_write_timeout
         await fake.wait_for(lambda: fake.final("h1"))
 
     assert seen == [WAIT, WAIT + limits.MAX_WAIT_HOLD_MS / 1000]
+
+
+async def test_the_testing_runner_counts_waits_as_positions(tmp_path: Any) -> None:
+    from intentd.testing.runner import AsyncTrackedContext, SyncTrackedContext, Tracker
+
+    class Fake:
+        intent_id, attempt, labels = "i", 2, {}
+
+        def wait_for_signal(self, name: str, timeout: float | None = None) -> Any:
+            if timeout is not None:
+                raise WaitTimedOut("SIGNAL", name, 1)
+            return "payload"
+
+        async def sleep(self, seconds: float) -> None:
+            return None
+
+        def elsewhere(self) -> str:
+            return "read through"
+
+    sync_tracker = Tracker(Fake(), tmp_path)
+    sync_ctx = SyncTrackedContext(Fake(), sync_tracker)
+    assert sync_ctx.wait_for_signal("go") == "payload"
+    with pytest.raises(WaitTimedOut):
+        sync_ctx.wait_for_signal("go", timeout=1)
+    assert sync_ctx.elsewhere() == "read through"
+    assert sync_tracker.done == 2
+    async_tracker = Tracker(Fake(), tmp_path)
+    await AsyncTrackedContext(Fake(), async_tracker).sleep(1)
+    assert async_tracker.done == 1
