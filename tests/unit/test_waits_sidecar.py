@@ -8,8 +8,13 @@ that ``BeginStep`` answers from."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +29,8 @@ from tests.unit.test_sidecar_unit import (  # noqa: F401 - the fixtures: plane, 
     FakeStream,
     assign_and_ack,
     attached,
+    expect_capacity,
+    make_settings,
     plane_fixture,
     plane_type,
     refusal,
@@ -166,3 +173,81 @@ async def test_a_pending_wait_is_sent_again_after_a_reconnect(
     assert (await asyncio.wait_for(call, WAIT)).outcome.parked
     assert sidecar.leases.get(assignment.lease.token) is None
 
+
+
+# ---------------------------------------------------------------- the Node example agent
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
+NODE_TYPE = "example.node.steps.v1"
+
+
+def node_assignment(intent_id: str, attempt: int, steps: list[intent_pb2.StepRecord]) -> delivery_pb2.Assignment:
+    payload = {"steps": 1, "step_ms": 0, "wait_for_signal": "go"}
+    return delivery_pb2.Assignment(
+        intent=intent_pb2.Intent(id=intent_id, intent_type=NODE_TYPE, payload=json.dumps(payload).encode()),
+        lease=delivery_pb2.Lease(intent_id=intent_id, attempt=attempt, token=uuid.uuid4().hex),
+        steps=steps, recorded_steps=len(steps), heartbeat_timeout_ms=10_000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def node_agent(plane: FakeControlPlane, tmp_path: Path) -> AsyncIterator[Sidecar]:
+    """A sidecar for the Node example's intent type, and the Node agent attached to it."""
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip("needs node and `npm ci` in examples/node")
+    sidecar = Sidecar(make_settings(plane.port, tmp_path, intent_types=[NODE_TYPE]))
+    await sidecar.start()
+    env = {**os.environ, "INTENTD_SIDECAR_ADDRESS": str(sidecar.address), "AGENT_CAPACITY": "1"}
+    process = await asyncio.create_subprocess_exec(node, str(NODE_DIR / "agent.js"), env=env)
+    try:
+        yield sidecar
+    finally:
+        process.kill()
+        await process.wait()
+        plane.auto_commit = True
+        await sidecar.stop(grace=0)
+
+
+async def test_the_node_agent_parks_replays_and_takes_resolved_waits(plane: FakeControlPlane,
+                                                                     tmp_path: Path) -> None:
+    async with node_agent(plane, tmp_path):
+        stream = await plane.next_stream()
+        await expect_capacity(stream, 1)
+        step = intent_pb2.StepRecord(index=1, name="step-1", result=b"10", attempt=1)
+        signal = intent_pb2.StepRecord(index=2, name="@signal:go", result=SIGNAL_RECORD, attempt=1)
+
+        # Attempt 1 runs its step, then waits: parked, it writes nothing more.
+        first = node_assignment("node-a", 1, [])
+        stream.assign(first)
+        await stream.expect("ack")
+        recorded = await stream.expect("write")
+        assert recorded.write.write.step.name == "step-1"
+        stream.answer(recorded)
+        waited = await stream.expect("write")
+        assert waited.write.write.wait == delivery_pb2.WaitWrite(
+            index=2, step_name="@signal:go", kind=intent_pb2.WAIT_KIND_SIGNAL, signal_name="go")
+        answer_wait(stream, waited, delivery_pb2.WaitOutcome(parked=True))
+
+        # Its one slot is free at once; this attempt's wait is answered resolved.
+        second = node_assignment("node-b", 1, [step])
+        stream.assign(second)
+        await stream.expect("ack")
+        waited = await stream.expect("write")
+        assert waited.write.write.lease == second.lease and waited.write.write.wait.index == 2
+        answer_wait(stream, waited, delivery_pb2.WaitOutcome(step=signal))
+        completed = await stream.expect("write")
+        assert completed.write.write.lease == second.lease
+        assert json.loads(completed.write.write.complete.result)["signal"] == 7
+        stream.answer(completed)
+
+        # Woken, the first intent's next delivery replays the step and the wait's record.
+        third = node_assignment("node-a", 2, [step, signal])
+        stream.assign(third)
+        await stream.expect("ack")
+        completed = await stream.expect("write")
+        assert completed.write.write.lease == third.lease
+        result = json.loads(completed.write.write.complete.result)
+        assert (result["signal"], result["replayed"], result["total"]) == (7, 1, 10)
+        stream.answer(completed)
+        assert not stream.has("write")
