@@ -57,6 +57,17 @@ reported for it; a write the control plane refuses as stale stops the handler
 the same way (``LeaseLost``). Writes the sidecar could not commit
 (``UNAVAILABLE``) are retried with backoff: every write is idempotent per lease.
 
+Durable waits (docs/waits.md): ``await ctx.wait_for_signal(name, timeout=)``
+returns a signal's payload, ``ctx.sleep(seconds)`` / ``ctx.sleep_until(when)``
+sleep on the control plane's clock, ``ctx.ask_human(title, ...)`` returns a
+``HumanDecision``. A wait takes the next position like a step and its value is
+recorded there. While nothing satisfies it the intent parks (``WAITING``):
+the attempt ends (``cancel_reason`` ``PARKED``, the handler is stopped as on a
+revocation, nothing is reported, the agent's slot is free) and the next
+delivery replays to the wait, which returns at once. A timeout raises
+``WaitTimedOut`` at the wait in every attempt that reaches it. Step names
+starting with ``@`` are reserved for waits.
+
 ``def`` handlers run in a thread of their own and get a ``SyncContext`` whose
 methods block; a revoked ``def`` handler cannot be interrupted, but its next
 ``ctx`` call raises ``LeaseLost``. Plain-function steps of ``async def``
@@ -67,26 +78,30 @@ Logs go to the ``intentd.agent`` logger, each line naming intent and attempt.
 
 from intentd.core.backoff import Backoff
 
-from .attempt import CANCELED, LEASE_LOST, SHUTDOWN, TIMED_OUT
+from .attempt import CANCELED, LEASE_LOST, PARKED, SHUTDOWN, TIMED_OUT
 from .context import Context, StepScope, SyncContext, SyncStepScope
-from .errors import AgentError, LeaseLost, NonRetryableError, StepDivergence, WriteError
+from .errors import AgentError, LeaseLost, NonRetryableError, StepDivergence, WaitTimedOut, WriteError
 from .runtime import ADDRESS_ENV, Agent
+from .waits import HumanDecision
 
 __all__ = [
     "ADDRESS_ENV",
     "CANCELED",
     "LEASE_LOST",
+    "PARKED",
     "SHUTDOWN",
     "TIMED_OUT",
     "Agent",
     "AgentError",
     "Backoff",
     "Context",
+    "HumanDecision",
     "LeaseLost",
     "NonRetryableError",
     "StepDivergence",
     "StepScope",
     "SyncContext",
     "SyncStepScope",
+    "WaitTimedOut",
     "WriteError",
 ]

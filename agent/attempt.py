@@ -25,10 +25,11 @@ The next capabilities plug into that path rather than beside it:
 - parallel steps: positions are taken by ``open_step`` in call order, before
   anything runs, so they are the same in every attempt; ``MAX_IN_FLIGHT`` (1
   today) bounds how many plans may be open at once.
-- durable waits: a wait takes a position from ``open_step`` like a step, is
-  replayed from its record or written as its own kind of ``IntentWrite``
-  through ``write``; ending the attempt cleanly while it waits is ``stop`` with
-  a reason of its own.
+- durable waits (``wait``, with ``waits.py``): a wait takes a position from
+  ``open_step`` like a step, is replayed from its record or written as its own
+  kind of ``IntentWrite`` through ``write``; answered resolved, the record is
+  its value; answered parked, the attempt is over: ``park`` stops it (reason
+  ``PARKED``) and cancels its task, and nothing more is written for it.
 - child intents: a call takes a position, its record carries the child's
   outcome, and the send is a write.
 
@@ -47,18 +48,22 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from intentd.core.backoff import Backoff
 from intentd.core.codes import RETRY_WRITE_CODES
-from intentd.core.limits import MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN
+from intentd.core.limits import MAX_PROGRESS_MESSAGE_LEN, MAX_STEP_NAME_LEN, MAX_WAIT_HOLD_MS
 from intentd.core.observability import tracing
+from intentd.core.waits import RESERVED_PREFIX
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2
 
 from .errors import LeaseLost, StepDivergence, WriteError, WriteRefused
 from .session import SidecarSession, method_of
+
+if TYPE_CHECKING:
+    from .waits import WaitCall
 
 log = logging.getLogger("intentd.agent")
 
@@ -66,11 +71,13 @@ T = TypeVar("T")
 
 # Why an attempt stopped (ctx.cancel_reason). The first three come from the
 # sidecar's Revocation; LEASE_LOST is also used for a write refused as stale and
-# for a dropped sidecar stream; SHUTDOWN when the agent itself stops.
+# for a dropped sidecar stream; SHUTDOWN when the agent itself stops; PARKED
+# when the intent parked on a durable wait (the attempt is over, not failed).
 CANCELED = "CANCELED"
 TIMED_OUT = "TIMED_OUT"
 LEASE_LOST = "LEASE_LOST"
 SHUTDOWN = "SHUTDOWN"
+PARKED = "PARKED"
 
 # Steps of one handler open at once. One: the numbering must not depend on
 # which of two concurrent steps reaches the engine first.
@@ -140,6 +147,8 @@ class Attempt:
     - ``check_live()``: raises ``LeaseLost`` once stopped.
     - ``open_step(name)`` / ``fetch(plan)`` / ``commit(plan, value)``: a step's
       position, its replay, its record (see the module docstring).
+    - ``wait(call)``: a durable wait at the next position (replayed, resolved
+      or parked); ``park(message)``: the attempt parked.
     - ``write(write, what)``: one fenced write, retried through outages.
     - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
       ``complete(result)``, ``fail(code, message, retryable)``: the other writes.
@@ -194,6 +203,9 @@ class Attempt:
         self._loop = loop
         self._write_backoff = write_backoff
         self._write_timeout = write_timeout
+        # A wait's write may be held by the control plane for the intent
+        # type's hold window before it is answered.
+        self._wait_timeout = None if write_timeout is None else write_timeout + MAX_WAIT_HOLD_MS / 1000
         # The futures of coroutines a handler thread waits on (blocking):
         # stopping cancels them so that the thread gets LeaseLost at once.
         self._pending_lock = threading.Lock()
@@ -208,7 +220,8 @@ class Attempt:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why the attempt stopped (``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST``, ``SHUTDOWN``); None while live."""
+        """Why the attempt stopped (``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST``, ``SHUTDOWN``,
+        ``PARKED``); None while live."""
         return self._stop_reason
 
     @property
@@ -242,6 +255,16 @@ class Attempt:
             self.task.cancel()
         return True
 
+    def park(self, message: str) -> None:
+        """The intent parked on a wait: the lease is gone, the attempt over.
+        Stops it and cancels its task (an ``async def`` handler ends at its
+        await; a ``def`` handler's blocking call raises ``LeaseLost``, and the
+        slot is free even if that thread goes on). Called by the session as
+        soon as the answer arrives, and by ``wait`` when it reads it (then,
+        in the task itself, ``LeaseLost`` ends the handler instead)."""
+        if self.stop(PARKED, message) and self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
     def finish(self) -> None:
         self._finished = True
 
@@ -253,15 +276,19 @@ class Attempt:
 
     # -- positions and the replay plan -----------------------------------------
 
-    def open_step(self, name: str) -> StepPlan:
-        """Takes the next position for a step called ``name`` and resolves it
-        from the replay plan when the record is at hand (else ``plan.known`` is
-        False: ``fetch`` it). Use the plan as a context manager."""
+    def open_step(self, name: str, *, wait: bool = False) -> StepPlan:
+        """Takes the next position for a step called ``name`` (``wait``: the
+        record name of a wait) and resolves it from the replay plan when the
+        record is at hand (else ``plan.known`` is False: ``fetch`` it). Use the
+        plan as a context manager."""
         self.check_live()
         if self._divergence is not None:
             raise self._divergence
         if not isinstance(name, str) or not 1 <= len(name) <= MAX_STEP_NAME_LEN:
             raise ValueError(f"step names are 1 to {MAX_STEP_NAME_LEN} characters, got {name!r}")
+        if name.startswith(RESERVED_PREFIX) != wait:
+            # The control plane refuses them too: they are the records of waits.
+            raise ValueError(f"step names starting with {RESERVED_PREFIX!r} are reserved for waits, got {name!r}")
         if len(self._open) >= MAX_IN_FLIGHT:
             other = next(iter(self._open.values()))
             raise RuntimeError(
@@ -341,14 +368,47 @@ class Attempt:
         # The stored record is the answer (a retried write gets the first one back).
         return decode_json(response.step.result or data)
 
+    # -- durable waits -----------------------------------------------------------
+
+    async def wait(self, call: WaitCall) -> Any:
+        """A durable wait at the next position: its recorded value when an
+        earlier attempt (or the control plane, at once) resolved it; raises
+        ``LeaseLost(PARKED)`` when the intent parked on it."""
+        with self.open_step(call.record_name, wait=True) as plan:
+            if not plan.known:
+                await self.fetch(plan)
+            record = plan.value if plan.replayed else await self._reach(plan, call)
+            return call.value(record, plan.index)
+
+    async def _reach(self, plan: StepPlan, call: WaitCall) -> Any:
+        write = delivery_pb2.IntentWrite(lease=self.lease, wait=call.write)
+        write.wait.index = plan.index
+        write.wait.step_name = plan.name
+        what = f"wait {plan.index} {plan.name!r}"
+        response = await self.write(write, what, timeout=self._wait_timeout)
+        if response.wait.parked:
+            self.park(f"the intent parked on {what}")
+            log.info("%s: parked on %s; the attempt is over", self.log_prefix, what)
+            self.check_live()
+        record = response.wait.step
+        if record.name and record.name != plan.name:
+            self._divergence = StepDivergence(plan.index, record.name, plan.name)
+            log.error("%s: %s", self.log_prefix, self._divergence.message)
+            raise self._divergence
+        plan.done = True
+        self.steps_completed += 1
+        log.debug("%s: %s resolved", self.log_prefix, what)
+        return decode_json(record.result)
+
     # -- writes ----------------------------------------------------------------
 
-    async def write(self, write: delivery_pb2.IntentWrite, what: str) -> agent_service_pb2.WriteResult:
+    async def write(self, write: delivery_pb2.IntentWrite, what: str,
+                    timeout: float | None = None) -> agent_service_pb2.WriteResult:
         """One write through the sidecar, answered after the control plane
-        committed it. Retries passing outages; a stale lease stops the attempt."""
-        return await self._retrying(
-            lambda: self._session.write(write, self._write_timeout), method_of(write), what
-        )
+        committed it (``timeout``: other than the agent's write timeout).
+        Retries passing outages; a stale lease stops the attempt."""
+        limit = self._write_timeout if timeout is None else timeout
+        return await self._retrying(lambda: self._session.write(write, limit), method_of(write), what)
 
     async def _retrying(self, send: Callable[[], Awaitable[T]], method: str, what: str) -> T:
         """The retry loop of every call the attempt makes to the sidecar."""

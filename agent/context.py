@@ -6,6 +6,13 @@ steps 1, 2, 3... in call order, replays the steps an earlier attempt recorded
 and records the others through the sidecar; see the package docstring for the
 guarantees. The two differ only in how they wait: ``Context`` awaits the
 engine, ``SyncContext`` blocks on it through ``Attempt.blocking``.
+
+Durable waits (``wait_for_signal``, ``sleep``, ``sleep_until``, ``ask_human``;
+docs/waits.md) take the next position like a step. When the control plane
+has nothing for the wait within the intent type's hold window the intent
+parks: the attempt is over (``cancel_reason`` ``PARKED``), the handler is
+stopped as on a revocation and nothing more is reported; the next delivery,
+once the signal, decision or timer came, replays to the wait and it returns.
 """
 
 from __future__ import annotations
@@ -14,10 +21,15 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Generic, Never, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
+from intentd.core.waits import DEFAULT_OUTCOMES
+
+from . import waits
 from .attempt import Attempt, StepPlan
+from .waits import HumanDecision, WaitCall
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,7 +91,8 @@ class _ContextBase:
         "its sidecar stream dropped, or the agent is stopping.",
     )
     cancel_reason = _Read(
-        lambda a: a.stop_reason, "``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST`` or ``SHUTDOWN``; None while live."
+        lambda a: a.stop_reason,
+        "``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST``, ``SHUTDOWN`` or ``PARKED``; None while live.",
     )
 
     def __repr__(self) -> str:
@@ -205,6 +218,44 @@ class Context(_ContextBase):
         """Reports progress (``fraction`` in 0..1; None keeps the last one)."""
         await self._attempt.report_progress(message, fraction)
 
+    # -- durable waits (docs/waits.md) ---------------------------------------------
+
+    async def wait_for_signal(self, name: str, *, timeout: float | None = None) -> Any:
+        """Waits, durably, for the next signal called ``name`` sent to this
+        intent (``SignalIntent``); returns its payload. Signals that came
+        before are kept in order; each wait takes one. ``timeout`` (seconds,
+        counted from the first attempt that reached the wait) raises
+        ``WaitTimedOut`` when it passes first."""
+        return await self._attempt.wait(waits.signal_wait(name, timeout))
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleeps durably: counted from the first attempt that reached this
+        sleep, on the control plane's clock; the intent parks meanwhile."""
+        await self._attempt.wait(waits.sleep_wait(seconds))
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Sleeps durably until ``when`` (an aware datetime; naive is refused)."""
+        await self._attempt.wait(waits.sleep_until_wait(when))
+
+    async def ask_human(
+        self,
+        title: str,
+        *,
+        description: str | None = None,
+        outcomes: Sequence[str] = DEFAULT_OUTCOMES,
+        assignees: Sequence[str] | None = None,
+        form: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        remind_after: float | None = None,
+    ) -> HumanDecision:
+        """Makes a task for a human (once per wait, whatever the attempts) and
+        waits, durably, for its decision. ``assignees``: the API key names
+        that may decide (default: any client key of the tenant); ``form``: a
+        JSON Schema the decision's form data must satisfy; ``timeout`` raises
+        ``WaitTimedOut``; ``remind_after`` sends a ``TASK_REMINDED`` event."""
+        return _decision(await self._attempt.wait(_human(
+            title, description, outcomes, assignees, form, timeout, remind_after)))
+
 
 class SyncContext(_ContextBase):
     """The handle a plain ``def`` handler gets; it runs in its own thread and
@@ -259,6 +310,44 @@ class SyncContext(_ContextBase):
 
     def progress(self, message: str, fraction: float | None = None) -> None:
         self._attempt.blocking(self._attempt.report_progress(message, fraction))
+
+    # -- durable waits: as on Context, blocking -------------------------------------
+
+    def wait_for_signal(self, name: str, *, timeout: float | None = None) -> Any:
+        return self._wait(waits.signal_wait(name, timeout))
+
+    def sleep(self, seconds: float) -> None:
+        self._wait(waits.sleep_wait(seconds))
+
+    def sleep_until(self, when: datetime) -> None:
+        self._wait(waits.sleep_until_wait(when))
+
+    def ask_human(
+        self,
+        title: str,
+        *,
+        description: str | None = None,
+        outcomes: Sequence[str] = DEFAULT_OUTCOMES,
+        assignees: Sequence[str] | None = None,
+        form: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        remind_after: float | None = None,
+    ) -> HumanDecision:
+        return _decision(self._wait(_human(title, description, outcomes, assignees, form, timeout, remind_after)))
+
+    def _wait(self, call: WaitCall) -> Any:
+        return self._attempt.blocking(self._attempt.wait(call))
+
+
+def _human(title: str, description: str | None, outcomes: Sequence[str], assignees: Sequence[str] | None,
+           form: Mapping[str, Any] | None, timeout: float | None, remind_after: float | None) -> WaitCall:
+    return waits.human_wait(title, description=description, outcomes=outcomes, assignees=assignees,
+                            form=form, timeout=timeout, remind_after=remind_after)
+
+
+def _decision(value: Any) -> HumanDecision:
+    assert isinstance(value, HumanDecision)  # what a HUMAN wait's record decodes to
+    return value
 
 
 class _Scope:

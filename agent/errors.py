@@ -53,11 +53,36 @@ class StepDivergence(NonRetryableError):
         self.name = name
 
 
+class WaitTimedOut(AgentError):
+    """A durable wait ended by its timeout (``ctx.wait_for_signal(...,
+    timeout=)``, ``ctx.ask_human(..., timeout=)``) before what it waited for came.
+
+    The timeout is recorded at the wait's position, so every attempt that
+    reaches the wait raises it again there without waiting (a replay is as
+    deterministic as a step's result). ``kind`` is ``SIGNAL`` or ``HUMAN``
+    (a sleep never times out), ``name`` the signal's name or the task's title,
+    ``index`` the wait's position, ``task_id`` the human task (HUMAN only).
+    Left uncaught, it fails the intent non-retryably with code
+    ``WAIT_TIMED_OUT``: every later attempt would time out at the same wait.
+    """
+
+    def __init__(self, kind: str, name: str, index: int, task_id: str = "") -> None:
+        what = f"the signal {name!r}" if kind == "SIGNAL" else f"a decision on {name!r}"
+        if task_id:
+            what += f" (task {task_id})"
+        super().__init__(f"wait {index} for {what} timed out")
+        self.kind = kind
+        self.name = name
+        self.index = index
+        self.task_id = task_id
+
+
 class LeaseLost(BaseException):
     """The attempt may not write any more: the sidecar revoked it (canceled,
     timed out, lease lost), the control plane refused a write as stale
-    (``FAILED_PRECONDITION``), the sidecar stream dropped, or the agent is
-    stopping.
+    (``FAILED_PRECONDITION``), the sidecar stream dropped, the agent is
+    stopping, or the intent parked on a durable wait (reason ``PARKED``: the
+    attempt is over, not failed; the next delivery replays to the wait).
 
     Raised by ``ctx`` calls of such an attempt. It derives from
     ``BaseException``, not from ``AgentError``, on purpose: fencing must not be

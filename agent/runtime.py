@@ -26,9 +26,9 @@ from intentd.core.observability import bind_log_context, tracing
 from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import delivery_pb2, runtime_pb2
 
-from .attempt import LEASE_LOST, SHUTDOWN, Attempt, decode_json, encode_json
+from .attempt import LEASE_LOST, PARKED, SHUTDOWN, Attempt, decode_json, encode_json
 from .context import Context, SyncContext
-from .errors import LeaseLost, NonRetryableError, WriteError, WriteRefused
+from .errors import LeaseLost, NonRetryableError, WaitTimedOut, WriteError, WriteRefused
 from .session import SidecarSession
 
 log = logging.getLogger("intentd.agent")
@@ -36,6 +36,8 @@ log = logging.getLogger("intentd.agent")
 ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
 # The failure code of an intent whose next step would cross its history limit.
 HISTORY_LIMIT_EXCEEDED = "HISTORY_LIMIT_EXCEEDED"
+# The failure code of an intent whose handler let a wait's timeout go uncaught.
+WAIT_TIMED_OUT = "WAIT_TIMED_OUT"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 WRITE_BACKOFF = Backoff(0.05, 2.0)
 _TRANSIENT = frozenset({
@@ -404,7 +406,8 @@ class Agent:
             write_backoff=self._write_backoff,
             write_timeout=self._write_timeout,
         )
-        if len(session.running) >= self.capacity:
+        # Parked attempts still unwinding hold no slot of the sidecar's any more.
+        if sum(not other.stopped for other in session.running.values()) >= self.capacity:
             log.warning(
                 "%s: the sidecar assigned more than the agent's capacity (%d); it waits for a slot",
                 prefix, self.capacity,
@@ -437,7 +440,10 @@ class Agent:
         except asyncio.CancelledError:
             if not attempt.stopped:
                 raise
-            log.info("%s: cancelled (%s); nothing reported", attempt.log_prefix, attempt.stop_reason)
+            if attempt.stop_reason == PARKED:
+                log.info("%s: parked on a wait; nothing more reported", attempt.log_prefix)
+            else:
+                log.info("%s: cancelled (%s); nothing reported", attempt.log_prefix, attempt.stop_reason)
         except Exception:
             # Nothing else can end this attempt short of closing the stream; the
             # intent stays in progress until the sidecar stream closes.
@@ -501,12 +507,15 @@ class Agent:
                 span.set_error(f"{outcome.code}: {outcome.message}")
             await self._report(attempt, outcome)
         except LeaseLost as exc:
-            # Fenced off (another attempt owns the intent): expected, not an error.
-            span.set_attribute("intentd.outcome", "stopped")
+            # Fenced off (another attempt owns the intent) or parked: expected, not an error.
+            span.set_attribute("intentd.outcome", "parked" if exc.reason == PARKED else "stopped")
             span.set_attribute("intentd.stop_reason", exc.reason)
             raise
         except BaseException as exc:
-            error = exc
+            if attempt.stop_reason == PARKED:
+                span.set_attribute("intentd.outcome", "parked")
+            else:
+                error = exc
             raise
         finally:
             span.end(error)
@@ -561,7 +570,12 @@ class Agent:
                 div = attempt.divergence
                 log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, div)
                 return _Outcome(code=div.code, message=div.message, retryable=False)
-            if isinstance(exc, WriteError) and exc.method == "RecordStep" and exc.code == "RESOURCE_EXHAUSTED":
+            if isinstance(exc, WaitTimedOut):
+                # Recorded: every later attempt would replay to this wait and time out again.
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
+                return _Outcome(code=WAIT_TIMED_OUT, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
+            if (isinstance(exc, WriteError) and exc.method in ("RecordStep", "Wait")
+                    and exc.code == "RESOURCE_EXHAUSTED"):
                 # The intent's history limit: a history only grows, so every
                 # later attempt would replay to this step and be refused again.
                 log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)

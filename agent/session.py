@@ -37,6 +37,7 @@ _UNARY: dict[str, tuple[str, Callable[[delivery_pb2.IntentWrite], Any]]] = {
     "progress": ("ReportProgress", lambda w: runtime_pb2.ReportProgressRequest(lease=w.lease, progress=w.progress)),
     "complete": ("CompleteIntent", lambda w: runtime_pb2.CompleteIntentRequest(lease=w.lease, complete=w.complete)),
     "fail": ("FailIntent", lambda w: runtime_pb2.FailIntentRequest(lease=w.lease, fail=w.fail)),
+    "wait": ("Wait", lambda w: runtime_pb2.WaitRequest(lease=w.lease, wait=w.wait)),
 }
 
 
@@ -58,6 +59,8 @@ class Running(Protocol):
 
     def revoke(self, reason: str, message: str = "") -> bool: ...
 
+    def park(self, message: str) -> None: ...
+
 
 A = TypeVar("A", bound=Running)
 
@@ -77,7 +80,10 @@ class SidecarSession(Generic[A]):
         self.stream_writes = False
         self.peer_batches = False
         self._outbox: asyncio.Queue[runtime_pb2.AttachRequest | None] = asyncio.Queue()
+        # By request id: the answer's future, and the lease token of a wait
+        # (its attempt is over the moment the answer says parked).
         self._pending: dict[int, asyncio.Future[agent_service_pb2.WriteResult]] = {}
+        self._waits: dict[int, str] = {}
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -105,6 +111,8 @@ class SidecarSession(Generic[A]):
         request_id = next(self._ids)
         future: asyncio.Future[agent_service_pb2.WriteResult] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if write.WhichOneof("op") == "wait":
+            self._waits[request_id] = write.lease.token
         try:
             self.send(runtime_pb2.AttachRequest(write=agent_service_pb2.WriteRequest(
                 request_id=request_id, write=write)))
@@ -115,6 +123,7 @@ class SidecarSession(Generic[A]):
                                    f"no answer from the sidecar within {timeout}s") from None
         finally:
             self._pending.pop(request_id, None)
+            self._waits.pop(request_id, None)
         if result.code != OK:
             raise WriteRefused(status_of(result.code), result.message or "refused by the control plane")
         return result
@@ -127,6 +136,8 @@ class SidecarSession(Generic[A]):
             raise WriteRefused(exc.code(), exc.details() or "") from None
         if isinstance(response, runtime_pb2.RecordStepResponse):
             return agent_service_pb2.WriteResult(step=response.step)
+        if isinstance(response, runtime_pb2.WaitResponse):
+            return agent_service_pb2.WriteResult(wait=response.outcome)
         return agent_service_pb2.WriteResult()
 
     async def recorded_step(self, lease: delivery_pb2.Lease, index: int, name: str,
@@ -151,6 +162,14 @@ class SidecarSession(Generic[A]):
         future = self._pending.get(result.request_id)
         if future is not None and not future.done():
             future.set_result(result)
+        token = self._waits.get(result.request_id)
+        if token is not None and result.code == OK and result.wait.parked:
+            # Stopped here, before the next message is read: the sidecar frees
+            # the slot on this answer and may assign the next intent in the
+            # same frame, which must find this attempt over.
+            attempt = self.running.get(token)
+            if attempt is not None:
+                attempt.park("the intent parked on a wait")
 
     # -- attempts --------------------------------------------------------------
 

@@ -284,8 +284,14 @@ class Dispatcher:
         if result.code == OK and op == "step":
             held.history.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result))
-        if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK):
-            # Done, or refused as stale: either way the agent stops, so free its slot.
+        parked = result.code == OK and op == "wait" and result.wait.parked
+        if result.code == OK and op == "wait" and not parked and result.wait.HasField("step"):
+            # Resolved: its record answers BeginStep like a step's.
+            held.history.add(result.wait.step)
+        if result.code in STALE_CODES or (op in TERMINAL_OPS and result.code == OK) or parked:
+            # Done, parked or refused as stale: either way the agent stops, so
+            # free its slot. A parked lease is not released: the control plane
+            # already took it back (the intent is WAITING).
             self._finish(held)
         return result
 

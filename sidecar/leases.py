@@ -31,12 +31,16 @@ The life of a lease in the sidecar, and the event behind each move:
 5. ``AGENT -> DONE`` when its agent's Attach stream ends (release
    ``AGENT_DIED``), on ``release_all`` at the end of a drain (revoked on the
    agent, released ``DRAINED``), when a write is answered stale or a
-   complete/fail is answered OK, when the control plane revokes it, or when
-   the recorded steps an old agent needs cannot be fetched.
+   complete/fail is answered OK, when a wait is answered parked (the intent
+   is WAITING: nothing is released, the agent ends the handler), when the
+   control plane revokes it, or when the recorded steps an old agent needs
+   cannot be fetched. A wait answered resolved adds its record to the
+   history, as a recorded step does.
 6. Unbound when the control plane revokes it, when re-registration does not
    list it as kept (lost: its pending writes are refused, except a complete
-   that may have committed, and the agent is told), or when a
-   complete/fail/release is answered for good. Revoked and lost tokens are
+   that may have committed, and the agent is told), when a
+   complete/fail/release is answered for good, or when a wait is answered
+   parked (the control plane cleared the lease: gone as ``PARKED``). Revoked and lost tokens are
    remembered (``gone``) so late writes for them are refused locally; a
    release in flight keeps a ``DONE`` record bound until its answer.
 """

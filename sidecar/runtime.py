@@ -4,6 +4,9 @@ loopback port.
 Every write is forwarded upstream and answered only after the control plane
 committed it; a refusal comes back as the same gRPC status. ``Attach`` is the
 agent's stream: when it ends, whatever the agent held is released at once.
+A durable wait (``Wait``, or op ``wait`` on the stream) is a write like the
+others, answered resolved or parked; the dispatcher frees the agent's slot on
+parked (sidecar/dispatch.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.core.limits import MAX_INTENT_TYPES
 from intentd.core.validation import check_intent_type
+from intentd.core.waits import RESERVED_PREFIX
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
 from .dispatch import AttachedAgent, Dispatcher
@@ -35,7 +39,7 @@ from .settings import unix_socket_path
 log = logging.getLogger("intentd.sidecar.runtime")
 
 # The writes an agent may make (release is the sidecar's own).
-AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail"})
+AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait"})
 
 
 class _UnaryWrite(Protocol):
@@ -128,6 +132,11 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             problem = f"write.op must be one of {', '.join(sorted(AGENT_WRITE_OPS))}"
         elif op == "step" and (write.step.index < 1 or not write.step.name):
             problem = "step needs a 1-based index and a name"
+        elif op == "step" and write.step.name.startswith(RESERVED_PREFIX):
+            problem = f"step names starting with {RESERVED_PREFIX!r} are reserved for waits"
+        elif op == "wait" and (write.wait.index < 1 or not write.wait.step_name.startswith(RESERVED_PREFIX)
+                               or not write.wait.kind):
+            problem = f"wait needs a 1-based index, a kind and its record name (starting with {RESERVED_PREFIX!r})"
         elif not write.lease.intent_id or not write.lease.token:
             problem = "lease (intent_id and token) is required"
         else:
@@ -173,6 +182,10 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
                          context: Any) -> runtime_pb2.FailIntentResponse:
         await self._write(context, request, "fail")
         return runtime_pb2.FailIntentResponse()
+
+    async def Wait(self, request: runtime_pb2.WaitRequest, context: Any) -> runtime_pb2.WaitResponse:
+        result = await self._write(context, request, "wait")
+        return runtime_pb2.WaitResponse(outcome=result.wait)
 
     async def _write(self, context: Any, request: _UnaryWrite, op: str) -> agent_service_pb2.WriteResult:
         """The unary calls: each is the stream's write of one op (a field of

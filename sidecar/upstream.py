@@ -7,7 +7,8 @@ keep exactly one healthy stream up, notice quickly when it is not, and make
 sure nothing the agent asked for is lost across a reconnect:
 
 - writes stay pending until their ``WriteResult`` arrives and are re-sent on
-  the next stream (step, checkpoint and complete are idempotent per lease);
+  the next stream (step, checkpoint, complete and wait are idempotent per
+  lease; a wait also per position);
 - held leases are re-announced in ``Register.held``; the ``lost`` ones are
   revoked locally and their pending writes refused with FAILED_PRECONDITION;
 - acknowledgements made while no stream was up are sent once one is (never
@@ -46,6 +47,8 @@ log = logging.getLogger("intentd.sidecar.upstream")
 
 # Ops that end the attempt: once answered, the lease is no longer held.
 TERMINAL_OPS = frozenset({"complete", "fail", "release"})
+# Why a lease is gone after a wait parked its intent.
+PARKED = "PARKED"
 # Answers after which the lease is certainly not ours (any more).
 STALE_CODES = frozenset({FAILED_PRECONDITION, NOT_FOUND})
 FINAL_CODES = STALE_CODES | {OK}
@@ -597,6 +600,10 @@ class Upstream:
         if pending.op in TERMINAL_OPS and result.code in FINAL_CODES:
             # Answered for good: the attempt is over (or was not ours anyway).
             self._leases.unbind(pending.write.lease.token)
+        elif pending.op == "wait" and result.code == OK and result.wait.parked:
+            # The intent is WAITING and its lease cleared: not ours to renew or
+            # announce, and a late write under it is refused here.
+            self._leases.unbind(pending.write.lease.token, gone=PARKED)
         pending.resolve(result)
 
     @staticmethod

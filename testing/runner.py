@@ -9,6 +9,14 @@ result is recorded: steps 1..k-1 are recorded, step k is lost and runs again
 on attempt 2, as when an agent dies at the worst moment. ``ctx.step``,
 ``ctx.step_fn`` and ``ctx.step_scope`` are tracked, in async and sync handlers.
 
+Durable waits (``ctx.wait_for_signal``, ``sleep``, ``sleep_until``,
+``ask_human``) are the SDK's own: they take a position, so the numbering
+counts them (a kill plan's step k is the k-th position, waits included), but
+they are not steps that run and are not reported. They need the real
+control plane the environment starts: a test satisfies them by signalling the
+intent or deciding its task through the client, as production would (there
+is no in-process stand-in for them).
+
 The runner builds a new ``Agent`` with the user's address and capacity and the
 wrapped handlers; other constructor options keep their defaults.
 """
@@ -26,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from intentd.agent import Agent
+from intentd.agent import Agent, WaitTimedOut
 
 from .report import DIR_ENV, RUN_LABEL, StepRun, read_kill_plan, record_step
 
@@ -172,11 +180,31 @@ class TrackedContext:
         raise NotImplementedError
 
 
+# The context's waits: each uses up its position when it returns or times out.
+WAITS = ("wait_for_signal", "sleep", "sleep_until", "ask_human")
+
+
 class AsyncTrackedContext(TrackedContext):
     async def step(self, name: str, fn: Handler, /, *args: Any, **kwargs: Any) -> Any:
         value = await self._ctx.step(name, self._tracker.tracked(name, fn), *args, **kwargs)
         self._tracker.done += 1
         return value
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._ctx, name)
+        if name not in WAITS:
+            return attribute
+
+        async def wait(*args: Any, **kwargs: Any) -> Any:
+            try:
+                value = await attribute(*args, **kwargs)
+            except WaitTimedOut:
+                self._tracker.done += 1
+                raise
+            self._tracker.done += 1
+            return value
+
+        return wait
 
 
 class SyncTrackedContext(TrackedContext):
@@ -184,6 +212,22 @@ class SyncTrackedContext(TrackedContext):
         value = self._ctx.step(name, self._tracker.tracked(name, fn), *args, **kwargs)
         self._tracker.done += 1
         return value
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._ctx, name)
+        if name not in WAITS:
+            return attribute
+
+        def wait(*args: Any, **kwargs: Any) -> Any:
+            try:
+                value = attribute(*args, **kwargs)
+            except WaitTimedOut:
+                self._tracker.done += 1
+                raise
+            self._tracker.done += 1
+            return value
+
+        return wait
 
 
 def track(handler: Handler, folder: Path) -> Handler:

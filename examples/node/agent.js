@@ -27,6 +27,10 @@
 //   crash_attempts ... on these attempts (default [1])
 //   crash_mode     "kill" (SIGKILL itself, default) or "exit" (exit 137)
 //   fail           "retryable" or "nonretryable": fail at step fail_at (default 1)
+//   wait_for_signal after the steps, wait durably for the signal of this name
+//                  (docs/waits.md) and return its payload as "signal"; the
+//                  intent parks (WAITING) until the signal comes
+//   wait_timeout_ms ... giving up after this long (WAIT_TIMED_OUT, for good)
 
 const fs = require('node:fs');
 const { grpc, load, CHANNEL_OPTIONS, toJsonBytes, fromJsonBytes } = require('./protos');
@@ -44,7 +48,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // ------------------------------------------------------------------ runtime calls
 
-class Stopped extends Error {} // the lease was revoked or lost: stop quietly
+class Stopped extends Error {} // the lease was revoked or lost, or the intent parked: stop quietly
 class NonRetryableError extends Error {
   constructor(code, message) {
     super(message);
@@ -77,10 +81,9 @@ async function write(ctx, method, request) {
   }
 }
 
-// One durable step: replayed from the record when an earlier attempt finished
-// it, otherwise run and recorded. Names and order must be the same on every
-// attempt.
-async function step(ctx, name, fn) {
+// Takes the next position and asks whether an earlier attempt recorded it
+// under this name: the record, or null. Another name there is a divergence.
+async function begin(ctx, name) {
   if (ctx.stopped) throw new Stopped(ctx.stopped);
   const index = ++ctx.index;
   let begun;
@@ -93,13 +96,49 @@ async function step(ctx, name, fn) {
     if (err.code === grpc.status.FAILED_PRECONDITION) throw new Stopped(err.details);
     throw err;
   }
-  if (begun.recorded) {
-    ctx.replayed += 1;
-    return fromJsonBytes(begun.step.result);
-  }
+  if (!begun.recorded) return { index, record: null };
+  ctx.replayed += 1;
+  return { index, record: begun.step };
+}
+
+// One durable step: replayed from the record when an earlier attempt finished
+// it, otherwise run and recorded. Names and order must be the same on every
+// attempt. Names starting with "@" are the records of waits: not for steps.
+async function step(ctx, name, fn) {
+  const { index, record } = await begin(ctx, name);
+  if (record) return fromJsonBytes(record.result);
   const value = await fn(index);
   await write(ctx, 'RecordStep', { step: { index, name, result: toJsonBytes(value) } });
   return value;
+}
+
+// A durable wait for the signal `name` (docs/waits.md, docs/protocol.md
+// "Durable waits"). It takes the next position like a step, under the record
+// name "@signal:<name>". Recorded (an earlier attempt got it): its value is
+// the record's. Otherwise Wait: the sidecar answers once the control plane
+// has the signal (resolved, with the record), or when nothing came within the
+// intent type's hold window (parked). Parked, the attempt is over: the intent
+// is WAITING, the lease is gone and the sidecar already freed our slot, so
+// stop the handler and write nothing more; the signal brings a new delivery,
+// which replays to this position and finds the record.
+async function waitForSignal(ctx, name, timeoutMs) {
+  const stepName = `@signal:${name}`;
+  const { index, record } = await begin(ctx, stepName);
+  let result = record && record.result;
+  if (!record) {
+    const reply = await write(ctx, 'Wait', {
+      wait: { index, step_name: stepName, kind: 'WAIT_KIND_SIGNAL', signal_name: name, timeout_ms: String(timeoutMs || 0) },
+    });
+    if (reply.outcome.parked) {
+      ctx.stopped = `parked on ${stepName}`;
+      throw new Stopped(ctx.stopped);
+    }
+    result = reply.outcome.step.result;
+  }
+  const value = fromJsonBytes(result);
+  // Recorded too: every attempt that reaches this wait times out here again.
+  if (value && value.timed_out) throw new NonRetryableError('WAIT_TIMED_OUT', `wait ${index} for the signal ${name} timed out`);
+  return value.signal.payload;
 }
 
 // ------------------------------------------------------------------ the handler
@@ -137,7 +176,11 @@ async function handleSteps(ctx, payload) {
       return index * 10;
     });
   }
-  return { total, steps, language: 'node', replayed: ctx.replayed, attempt: ctx.attempt };
+  const result = { total, steps, language: 'node', replayed: ctx.replayed, attempt: ctx.attempt };
+  if (payload.wait_for_signal) {
+    result.signal = await waitForSignal(ctx, String(payload.wait_for_signal), Number(payload.wait_timeout_ms ?? 0));
+  }
+  return result;
 }
 
 const HANDLERS = { 'example.node.steps.v1': handleSteps };
