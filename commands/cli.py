@@ -564,10 +564,10 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import run_demo
+    from .demo.run import dispatch
 
     setup_logging("WARNING")
-    return run_demo(args)
+    return dispatch(args)
 
 
 # ---------------------------------------------------------------- parser
@@ -724,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo.run import add_arguments
 
-    p = add("demo", cmd_demo, "The crash-at-step-47 demo on the embedded PostgreSQL.")
+    p = add("demo", cmd_demo, "The demos on the embedded PostgreSQL: the crash at step 47 (default), and "
+            "`intentd demo approval`, a deploy that waits for a human.")
     add_arguments(p)
     return parser
 
