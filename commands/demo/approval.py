@@ -28,6 +28,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from intentd.client import Event, HumanTaskState, Intent, IntentClient, IntentState, IntentType, Step
@@ -83,6 +84,9 @@ class EventFeed:
             show(item)
             if done(item):
                 return item
+            if item.state.terminal:
+                why = f" ({item.error.code}: {item.error.message})" if item.error is not None else ""
+                raise Failed(f"the intent ended {item.state.value}{why} before {what}")
 
 
 @dataclass
@@ -106,8 +110,18 @@ class Story:
     task_outcome: str = ""
 
 
+def _zombie(pid: int) -> bool:
+    # The killed agent's parent (its sidecar) died with it, and not every
+    # container's init reaps orphans: a zombie runs nothing.
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("State:") and "Z" in line.split()[1:2] for line in status.splitlines())
+
+
 def _gone(pid: int, timeout: float = 10) -> bool:
-    """True once no process has the pid (an orphaned agent is reaped by init)."""
+    """True once no process runs with the pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -116,6 +130,8 @@ def _gone(pid: int, timeout: float = 10) -> bool:
             return True
         except PermissionError:
             return False
+        if _zombie(pid):
+            return True
         time.sleep(0.05)
     return False
 
