@@ -29,10 +29,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from intentd.client import Event, HumanTaskState, Intent, IntentClient, IntentState, IntentType, Step
 from intentd.core.waits import HUMAN, record_name
+from intentd.testing.processes import ChildProcess
 
 from ..cli import describe_wait_event
 from .common import DemoProcesses, Ledger, default_data_dir, palette
@@ -181,7 +181,7 @@ def run_approval_demo(args: argparse.Namespace) -> int:
         procs.close()
 
 
-def _start_agent(procs: DemoProcesses, ledger: Ledger, number: int) -> Any:
+def _start_agent(procs: DemoProcesses, ledger: Ledger, number: int) -> ChildProcess:
     agent_cmd = f"{shlex.quote(sys.executable)} -m intentd.commands.demo.deploy_agent"
     return procs.spawn(
         ["sidecar", "--server", procs.address, "--address", ADDRESS, "--capacity", "1", "--drain-grace", "1",
