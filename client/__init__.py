@@ -1,4 +1,5 @@
-"""The intentd client SDK: send intents, follow them, cancel them.
+"""The intentd client SDK: send intents, follow them, cancel them, signal
+them and decide their human tasks (docs/waits.md).
 
     from . import IntentClient
 
@@ -43,7 +44,23 @@ from .errors import (
     WaitTimeout,
     from_rpc_error,
 )
-from .models import Event, Intent, IntentError, IntentFields, IntentType, Page, Step, build_spec
+from .models import (
+    Event,
+    HumanDecision,
+    HumanTask,
+    HumanTaskPage,
+    HumanTaskState,
+    Intent,
+    IntentError,
+    IntentFields,
+    IntentType,
+    Page,
+    Signal,
+    SignalResult,
+    Step,
+    WaitInfo,
+    build_spec,
+)
 
 __all__ = [
     "AlreadyExists",
@@ -55,6 +72,10 @@ __all__ = [
     "DeadlineExceeded",
     "Event",
     "FailedPrecondition",
+    "HumanDecision",
+    "HumanTask",
+    "HumanTaskPage",
+    "HumanTaskState",
     "Intent",
     "IntentCanceled",
     "IntentClient",
@@ -74,9 +95,12 @@ __all__ = [
     "Page",
     "PermissionDenied",
     "ResourceExhausted",
+    "Signal",
+    "SignalResult",
     "Step",
     "Unauthenticated",
     "Unavailable",
+    "WaitInfo",
     "WaitTimeout",
     "build_spec",
     "from_rpc_error",

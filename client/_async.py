@@ -14,6 +14,8 @@ import grpc.aio
 
 from intentd.generated.v1 import admin_service_pb2 as admin_pb
 from intentd.generated.v1 import admin_service_pb2_grpc as admin_grpc
+from intentd.generated.v1 import human_task_pb2 as task_pb
+from intentd.generated.v1 import human_task_pb2_grpc as task_grpc
 from intentd.generated.v1 import intent_service_pb2 as pb
 from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
@@ -24,26 +26,36 @@ from ._common import (
     HandleBase,
     ListQuery,
     Settings,
+    TaskStateFilter,
     WaitLoop,
     WatchCursor,
     batch_request,
+    decide_request,
     list_request,
     send_request,
     send_span,
+    signal_request,
+    task_list_request,
 )
 from .errors import Unavailable
 from .models import (
     Event,
+    HumanTask,
+    HumanTaskPage,
     Intent,
     IntentFields,
     IntentInput,
     IntentType,
     Page,
+    SignalResult,
     Step,
     intent_from_proto,
     intent_type_from_proto,
     page_from_proto,
+    signal_result_from_proto,
     step_from_proto,
+    task_from_proto,
+    task_page_from_proto,
 )
 
 
@@ -74,6 +86,13 @@ class AsyncIntentHandle(HandleBase["AsyncIntentClient"]):
     async def steps(self) -> builtins.list[Step]:
         return await self.client.steps(self.id)
 
+    async def signal(self, name: str, payload: Any = None, *, signal_id: str | None = None) -> SignalResult:
+        return await self.client.signal(self.id, name, payload, signal_id=signal_id)
+
+    async def tasks(self, states: TaskStateFilter = None) -> builtins.list[HumanTask]:
+        """The intent's human tasks (OPEN ones unless ``states`` says otherwise)."""
+        return [t async for t in self.client.iter_tasks(states=states, intent_id=self.id)]
+
 
 class AsyncIntentClient(ClientBase):
     """An asyncio client of the IntentService (and the AdminService's intent
@@ -89,6 +108,7 @@ class AsyncIntentClient(ClientBase):
         self._channel: grpc.aio.Channel | None = None
         self._stub_instance: Any = None
         self._admin_instance: Any = None
+        self._tasks_instance: Any = None
         self._closed = False
 
     @classmethod
@@ -122,11 +142,17 @@ class AsyncIntentClient(ClientBase):
             self._admin_instance = admin_grpc.AdminServiceStub(self._connect())
         return self._admin_instance
 
+    @property
+    def _tasks(self) -> Any:
+        if self._tasks_instance is None:
+            self._tasks_instance = task_grpc.HumanTaskServiceStub(self._connect())
+        return self._tasks_instance
+
     async def close(self, grace: float | None = None) -> None:
         """Closes the channel; calls in flight are cancelled after ``grace``."""
         self._closed = True
         channel, self._channel = self._channel, None
-        self._stub_instance = self._admin_instance = None
+        self._stub_instance = self._admin_instance = self._tasks_instance = None
         if channel is not None:
             await channel.close(grace)
 
@@ -314,6 +340,94 @@ class AsyncIntentClient(ClientBase):
             if not resp.next_page_token:
                 return steps
             request.page_token = resp.next_page_token
+
+    # ------------------------------------------------------------ durable waits
+
+    async def signal(
+        self, intent_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> SignalResult:
+        """Sends the signal ``name`` (any JSON-serialisable ``payload``, or bytes
+        holding JSON) to a live intent: it satisfies the intent's open wait for
+        that name at once (waking it when WAITING), or waits in its inbox for
+        the wait that asks for it.
+
+        ``signal_id`` deduplicates: a repeat with the same id is matched
+        (``created`` False), never delivered twice. Without one, an id is made
+        up once per call, so the call is retried on UNAVAILABLE like every
+        unary call and a retry is matched by the server; pass your own id to
+        make repeats of your own (a redelivered webhook) safe as well.
+        Raises InvalidArgument before any call for a bad name or id,
+        FailedPrecondition when the intent is terminal, NotFound."""
+        request = signal_request(intent_id, name, payload, signal_id)
+        resp: pb.SignalIntentResponse = await self._call(self._stub.SignalIntent, request)
+        return signal_result_from_proto(resp)
+
+    async def list_tasks(
+        self,
+        *,
+        states: TaskStateFilter = None,
+        assignee: str | None = None,
+        intent_type: str | None = None,
+        intent_id: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> HumanTaskPage:
+        """One page of human tasks, newest first. ``states`` (HumanTaskState
+        members or names) defaults to OPEN on the server; ``assignee`` keeps
+        the tasks that key name may decide (tasks without assignees too)."""
+        request = task_list_request(states=states, assignee=assignee, intent_type=intent_type,
+                                    intent_id=intent_id, page_size=page_size, page_token=page_token)
+        resp: task_pb.ListHumanTasksResponse = await self._call(self._tasks.ListHumanTasks, request)
+        return task_page_from_proto(resp)
+
+    async def iter_tasks(
+        self,
+        *,
+        states: TaskStateFilter = None,
+        assignee: str | None = None,
+        intent_type: str | None = None,
+        intent_id: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[HumanTask]:
+        """Every matching task, newest first, following the pages."""
+        request = task_list_request(states=states, assignee=assignee, intent_type=intent_type,
+                                    intent_id=intent_id, page_size=page_size)
+        while True:
+            resp: task_pb.ListHumanTasksResponse = await self._call(self._tasks.ListHumanTasks, request)
+            page = task_page_from_proto(resp)
+            for task in page.tasks:
+                yield task
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def get_task(self, task_id: str) -> HumanTask:
+        resp: task_pb.GetHumanTaskResponse = await self._call(
+            self._tasks.GetHumanTask, task_pb.GetHumanTaskRequest(id=task_id)
+        )
+        return task_from_proto(resp.task)
+
+    async def decide_task(
+        self, task_id: str, outcome: str, *, comment: str = "", form_data: Any = None
+    ) -> HumanTask:
+        """Decides an OPEN task with one of its outcomes; the wait that asked
+        returns the decision and the intent wakes. ``form_data`` (JSON) is
+        checked against the task's form schema. Retried on UNAVAILABLE: the
+        server answers a repeat of the decision that closed the task, by the
+        same key, with the task unchanged. Raises InvalidArgument (an outcome
+        not allowed, form data the schema refuses), PermissionDenied (not an
+        assignee), FailedPrecondition (the task is no longer open)."""
+        request = decide_request(task_id, outcome, comment, form_data)
+        resp: task_pb.DecideHumanTaskResponse = await self._call(self._tasks.DecideHumanTask, request)
+        return task_from_proto(resp.task)
+
+    async def approve(self, task_id: str, *, comment: str = "", form_data: Any = None) -> HumanTask:
+        """``decide_task(task_id, "approve", ...)``."""
+        return await self.decide_task(task_id, "approve", comment=comment, form_data=form_data)
+
+    async def reject(self, task_id: str, *, comment: str = "", form_data: Any = None) -> HumanTask:
+        """``decide_task(task_id, "reject", ...)``."""
+        return await self.decide_task(task_id, "reject", comment=comment, form_data=form_data)
 
     # ------------------------------------------------------------ AdminService (role admin)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, Self, TypedDict, TypeVar, Unpack
@@ -16,8 +17,11 @@ import grpc
 from intentd.core.backoff import Backoff
 from intentd.core.config import load_settings
 from intentd.core.errors import SettingsError
+from intentd.core.limits import MAX_TASK_COMMENT_LEN, MAX_TASK_OUTCOME_LEN
 from intentd.core.observability import tracing
 from intentd.core.states import IntentState
+from intentd.core.waits import signal_id_problem, signal_name_problem
+from intentd.generated.v1 import human_task_pb2 as task_pb
 from intentd.generated.v1 import intent_service_pb2 as pb
 
 from .config import DEFAULT_TARGET, ClientSettings, StrPath, bearer_metadata, tls_credentials
@@ -33,10 +37,12 @@ from .errors import (
 )
 from .models import (
     Event,
+    HumanTaskState,
     Intent,
     IntentFields,
     IntentInput,
     build_spec,
+    encode_json,
     event_from_proto,
     intent_from_proto,
 )
@@ -59,6 +65,7 @@ class _Default(enum.Enum):
 DEFAULT_TIMEOUT: Final = _Default.TIMEOUT
 CallTimeout = float | None | Literal[_Default.TIMEOUT]
 StateFilter = Iterable[IntentState | str] | IntentState | str | None
+TaskStateFilter = Iterable[HumanTaskState | str] | HumanTaskState | str | None
 
 
 class ListQuery(TypedDict, total=False):
@@ -346,6 +353,79 @@ def list_request(**query: Unpack[ListQuery]) -> pb.ListIntentsRequest:
         page_size=query.get("page_size", 0),
         page_token=query.get("page_token", ""),
     )
+
+
+def signal_request(intent_id: str, name: str, payload: Any, signal_id: str | None) -> pb.SignalIntentRequest:
+    """The SignalIntent request, checked as the server would check it. Without
+    a ``signal_id`` one is made up here, once, so that the client's retries of
+    this request after UNAVAILABLE are matched by the server, never stored
+    twice."""
+    if not intent_id:
+        raise InvalidArgument("id: is required")
+    problem = signal_name_problem(name)
+    if problem is not None:
+        raise InvalidArgument(f"name: {problem}")
+    signal_id = signal_id or uuid.uuid4().hex
+    problem = signal_id_problem(signal_id)
+    if problem is not None:
+        raise InvalidArgument(f"signal_id: {problem}")
+    return pb.SignalIntentRequest(id=intent_id, name=name, payload=encode_json(payload), signal_id=signal_id)
+
+
+def task_state_values(states: TaskStateFilter) -> list[int]:
+    """Proto values of a task state filter given as HumanTaskState members or
+    names ("OPEN", "open", "HUMAN_TASK_STATE_OPEN")."""
+    if states is None:
+        return []
+    if isinstance(states, str):
+        states = [states]
+    values: list[int] = []
+    for i, state in enumerate(states):
+        if isinstance(state, HumanTaskState):
+            values.append(state.to_proto())
+            continue
+        name = str(state).strip().upper().removeprefix("HUMAN_TASK_STATE_")
+        try:
+            values.append(HumanTaskState(name).to_proto())
+        except ValueError:
+            known = ", ".join(s.value for s in HumanTaskState)
+            raise InvalidArgument(f"states[{i}]: {state!r} is not one of {known}") from None
+    return values
+
+
+def task_list_request(
+    *,
+    states: TaskStateFilter = None,
+    assignee: str | None = None,
+    intent_type: str | None = None,
+    intent_id: str | None = None,
+    page_size: int = 100,
+    page_token: str | None = None,
+) -> task_pb.ListHumanTasksRequest:
+    if not 1 <= page_size <= 1000:
+        raise InvalidArgument("page_size: must be 1 to 1000")
+    return task_pb.ListHumanTasksRequest(
+        states=task_state_values(states),  # type: ignore[arg-type]
+        assignee=assignee or "",
+        intent_type=intent_type or "",
+        intent_id=intent_id or "",
+        page_size=page_size,
+        page_token=page_token or "",
+    )
+
+
+def decide_request(task_id: str, outcome: str, comment: str, form_data: Any) -> task_pb.DecideHumanTaskRequest:
+    if not task_id:
+        raise InvalidArgument("id: is required")
+    if not outcome or len(outcome) > MAX_TASK_OUTCOME_LEN:
+        raise InvalidArgument(f"outcome: must be 1 to {MAX_TASK_OUTCOME_LEN} characters")
+    if len(comment) > MAX_TASK_COMMENT_LEN:
+        raise InvalidArgument(f"comment: must be at most {MAX_TASK_COMMENT_LEN} characters")
+    try:
+        data = encode_json(form_data)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.details.replace("payload:", "form_data:", 1)) from None
+    return task_pb.DecideHumanTaskRequest(id=task_id, outcome=outcome, comment=comment, form_data=data)
 
 
 def outcome_error(intent: Intent) -> IntentNotCompleted | None:

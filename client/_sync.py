@@ -9,9 +9,20 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 from ._async import AsyncIntentClient
-from ._common import ClientBase, HandleBase, ListQuery
+from ._common import ClientBase, HandleBase, ListQuery, TaskStateFilter
 from ._loop import LoopThread
-from .models import Event, Intent, IntentFields, IntentInput, IntentType, Page, Step
+from .models import (
+    Event,
+    HumanTask,
+    HumanTaskPage,
+    Intent,
+    IntentFields,
+    IntentInput,
+    IntentType,
+    Page,
+    SignalResult,
+    Step,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +53,13 @@ class IntentHandle(HandleBase["IntentClient"]):
 
     def steps(self) -> builtins.list[Step]:
         return self.client.steps(self.id)
+
+    def signal(self, name: str, payload: Any = None, *, signal_id: str | None = None) -> SignalResult:
+        return self.client.signal(self.id, name, payload, signal_id=signal_id)
+
+    def tasks(self, states: TaskStateFilter = None) -> builtins.list[HumanTask]:
+        """The intent's human tasks (OPEN ones unless ``states`` says otherwise)."""
+        return builtins.list(self.client.iter_tasks(states=states, intent_id=self.id))
 
 
 class IntentClient(ClientBase):
@@ -143,6 +161,63 @@ class IntentClient(ClientBase):
     def steps(self, intent_id: str) -> builtins.list[Step]:
         """Every recorded step of the intent, in order, following the pages."""
         return self._loop.run(self._aio.steps(intent_id))
+
+    def signal(self, intent_id: str, name: str, payload: Any = None, *, signal_id: str | None = None) -> SignalResult:
+        """Sends the signal ``name`` with ``payload`` (JSON) to a live intent:
+        it satisfies the intent's open wait for that name at once (waking it
+        when WAITING), or waits in its inbox for the wait that asks for it.
+
+        ``signal_id`` deduplicates: a repeat with the same id is matched
+        (``created`` False), never delivered twice. Without one, an id is made
+        up once per call, so the client's retries after UNAVAILABLE are
+        matched by the server; pass your own to make your own repeats safe."""
+        return self._loop.run(self._aio.signal(intent_id, name, payload, signal_id=signal_id))
+
+    def list_tasks(
+        self,
+        *,
+        states: TaskStateFilter = None,
+        assignee: str | None = None,
+        intent_type: str | None = None,
+        intent_id: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> HumanTaskPage:
+        """One page of human tasks, newest first (OPEN ones unless ``states``
+        says otherwise)."""
+        return self._loop.run(self._aio.list_tasks(
+            states=states, assignee=assignee, intent_type=intent_type, intent_id=intent_id,
+            page_size=page_size, page_token=page_token))
+
+    def iter_tasks(
+        self,
+        *,
+        states: TaskStateFilter = None,
+        assignee: str | None = None,
+        intent_type: str | None = None,
+        intent_id: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[HumanTask]:
+        """Every matching task, newest first, following the pages."""
+        return self._iterate(self._aio.iter_tasks(
+            states=states, assignee=assignee, intent_type=intent_type, intent_id=intent_id, page_size=page_size))
+
+    def get_task(self, task_id: str) -> HumanTask:
+        return self._loop.run(self._aio.get_task(task_id))
+
+    def decide_task(self, task_id: str, outcome: str, *, comment: str = "", form_data: Any = None) -> HumanTask:
+        """Decides an OPEN task with one of its outcomes; the wait that asked
+        returns the decision. Retried on UNAVAILABLE (the server answers a
+        repeat of the closing decision, by the same key, unchanged)."""
+        return self._loop.run(self._aio.decide_task(task_id, outcome, comment=comment, form_data=form_data))
+
+    def approve(self, task_id: str, *, comment: str = "", form_data: Any = None) -> HumanTask:
+        """``decide_task(task_id, "approve", ...)``."""
+        return self.decide_task(task_id, "approve", comment=comment, form_data=form_data)
+
+    def reject(self, task_id: str, *, comment: str = "", form_data: Any = None) -> HumanTask:
+        """``decide_task(task_id, "reject", ...)``."""
+        return self.decide_task(task_id, "reject", comment=comment, form_data=form_data)
 
     def put_intent_type(self, settings: IntentType) -> IntentType:
         """Creates or replaces an intent type's delivery settings (role admin)."""

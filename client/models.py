@@ -6,6 +6,7 @@ message for fields this module does not surface.
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from google.protobuf.message import Message
 from intentd.core.errors import ValidationError
 from intentd.core.states import IntentState
 from intentd.core.validation import check_agent_address, check_idempotency_key, check_intent_type, check_labels
-from intentd.generated.v1 import admin_service_pb2, intent_pb2
+from intentd.generated.v1 import admin_service_pb2, human_task_pb2, intent_pb2
 from intentd.generated.v1 import intent_service_pb2 as pb
 
 from .errors import InvalidArgument
@@ -58,6 +59,25 @@ class IntentError:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WaitInfo:
+    """What an intent waits for (docs/waits.md): set while it is WAITING, and
+    while a live attempt holds an open wait."""
+
+    # "SIGNAL", "HUMAN" or "TIME" (intentd.core.waits.KINDS).
+    kind: str
+    # SIGNAL: the signal's name; HUMAN: the task's title; TIME: empty.
+    name: str
+    # The wait's position in the step sequence (1-based).
+    step_index: int
+    # When it was first reached; kept across attempts.
+    since: datetime | None
+    # TIME: when it fires; SIGNAL and HUMAN: when it times out. None: never.
+    due_time: datetime | None
+    # HUMAN: the task to decide.
+    task_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Intent:
     id: str
     intent_type: str
@@ -82,6 +102,10 @@ class Intent:
     tenant: str
     progress_message: str = ""
     progress_fraction: float = 0.0
+    waiting: WaitInfo | None = None
+    # Deliveries that ended by parking on a wait: not failures, and not
+    # counted against max_attempts (attempts used = attempt - parked_attempts).
+    parked_attempts: int = 0
     proto: intent_pb2.Intent = field(
         default_factory=intent_pb2.Intent, compare=False, repr=False
     )
@@ -89,6 +113,11 @@ class Intent:
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+    @property
+    def attempts_used(self) -> int:
+        """The deliveries counted against ``max_attempts``."""
+        return self.attempt - self.parked_attempts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,10 +134,124 @@ class Event:
     message: str
     error: IntentError | None
     progress_fraction: float
+    # Waits and signals (see the event types in docs/waits.md): "SIGNAL",
+    # "HUMAN", "TIME" or "".
+    wait_kind: str = ""
+    wait_name: str = ""
+    signal_id: str = ""
+    task_id: str = ""
+    # Who caused it (the API key's name): cancels, retries, signals, decisions.
+    actor: str = ""
 
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+
+# The event types of durable waits, by their names in Event.type.
+WAIT_EVENT_TYPES = frozenset(
+    {"WAITING", "SIGNALED", "TASK_CREATED", "TASK_DECIDED", "TIMER_FIRED", "TASK_REMINDED"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signal:
+    id: str
+    name: str
+    payload: Any
+    # The sending key's name.
+    sender: str
+    create_time: datetime | None
+    # The position of the wait that took it; 0 while it is in the inbox.
+    consumed_by_step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalResult:
+    """What ``signal`` returns: the intent after the signal, the signal as
+    stored, and whether this call stored it (False: an earlier send with the
+    same signal_id was matched)."""
+
+    intent: Intent
+    signal: Signal
+    created: bool
+
+
+class HumanTaskState(enum.StrEnum):
+    OPEN = "OPEN"
+    DECIDED = "DECIDED"
+    # Its timeout passed first.
+    EXPIRED = "EXPIRED"
+    # Its intent ended before a decision.
+    CANCELED = "CANCELED"
+
+    def to_proto(self) -> human_task_pb2.HumanTaskState.ValueType:
+        return human_task_pb2.HumanTaskState.Value(f"HUMAN_TASK_STATE_{self.value}")
+
+    @classmethod
+    def from_proto(cls, value: int) -> HumanTaskState:
+        """Raises ValueError for UNSPECIFIED and for numbers the enum does not have."""
+        try:
+            name = human_task_pb2.HumanTaskState.Name(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(f"unknown human task state {value}") from None
+        if name == "HUMAN_TASK_STATE_UNSPECIFIED":
+            raise ValueError("human task state must be specified")
+        return cls(name.removeprefix("HUMAN_TASK_STATE_"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HumanDecision:
+    task_id: str
+    outcome: str
+    # The deciding key's name.
+    decided_by: str
+    decide_time: datetime | None
+    comment: str
+    # The decoded form data; None when the task has no form.
+    form_data: Any
+
+    @property
+    def approved(self) -> bool:
+        return self.outcome == "approve"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HumanTask:
+    id: str
+    intent_id: str
+    intent_type: str
+    to_agent: str
+    # The wait's position in the intent's step sequence.
+    step_index: int
+    title: str
+    description: str
+    outcomes: list[str]
+    assignees: list[str]
+    # The decoded JSON Schema of the form; None: no form.
+    form_schema: Any
+    state: HumanTaskState
+    create_time: datetime | None
+    # When the wait times out; None: never.
+    due_time: datetime | None
+    # When a reminder is sent; None: never.
+    remind_time: datetime | None
+    # Set when DECIDED.
+    decision: HumanDecision | None
+    proto: human_task_pb2.HumanTask = field(
+        default_factory=human_task_pb2.HumanTask, compare=False, repr=False
+    )
+
+    @property
+    def open(self) -> bool:
+        return self.state is HumanTaskState.OPEN
+
+
+@dataclass(frozen=True)
+class HumanTaskPage:
+    tasks: list[HumanTask]
+    # Empty on the last page.
+    next_page_token: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +278,9 @@ class IntentType:
     retry_backoff_max_ms: int = 0
     # Deadline of intents of this type sent without one.
     default_deadline_ms: int = 0
+    # How long an attempt at an unsatisfied wait keeps its lease before it
+    # parks: None is the server's default (2000), 0 parks at once.
+    wait_hold_ms: int | None = None
     # Set by the server.
     update_time: datetime | None = None
     proto: admin_service_pb2.IntentType = field(
@@ -149,6 +295,8 @@ class IntentType:
             retry_backoff_ms=self.retry_backoff_ms,
             retry_backoff_max_ms=self.retry_backoff_max_ms,
             default_deadline_ms=self.default_deadline_ms,
+            # An optional field: unset (None) and 0 mean different things.
+            wait_hold_ms=self.wait_hold_ms,
         )
 
 
@@ -193,6 +341,27 @@ def _error(msg: intent_pb2.Intent | intent_pb2.IntentEvent) -> IntentError | Non
     return IntentError(code=err.code, message=err.message, retryable=err.retryable)
 
 
+def wait_kind_name(value: int) -> str:
+    """"SIGNAL", "HUMAN" or "TIME"; "" for UNSPECIFIED; UNKNOWN_<n> for a
+    kind a newer server sends that this client does not know."""
+    try:
+        name = intent_pb2.WaitKind.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"UNKNOWN_{value}"
+    return "" if name == "WAIT_KIND_UNSPECIFIED" else name.removeprefix("WAIT_KIND_")
+
+
+def wait_info_from_proto(msg: intent_pb2.WaitInfo) -> WaitInfo:
+    return WaitInfo(
+        kind=wait_kind_name(msg.kind),
+        name=msg.name,
+        step_index=msg.step_index,
+        since=_time(msg, "since"),
+        due_time=_time(msg, "due_time"),
+        task_id=msg.task_id,
+    )
+
+
 def intent_from_proto(msg: intent_pb2.Intent) -> Intent:
     checkpoint = msg.checkpoint
     return Intent(
@@ -219,6 +388,8 @@ def intent_from_proto(msg: intent_pb2.Intent) -> Intent:
         tenant=msg.tenant,
         progress_message=checkpoint.progress_message,
         progress_fraction=checkpoint.progress_fraction,
+        waiting=wait_info_from_proto(msg.waiting) if msg.HasField("waiting") else None,
+        parked_attempts=msg.parked_attempts,
         proto=msg,
     )
 
@@ -245,7 +416,65 @@ def event_from_proto(msg: intent_pb2.IntentEvent) -> Event:
         message=msg.message,
         error=_error(msg),
         progress_fraction=msg.progress_fraction,
+        wait_kind=wait_kind_name(msg.wait_kind),
+        wait_name=msg.wait_name,
+        signal_id=msg.signal_id,
+        task_id=msg.task_id,
+        actor=msg.actor,
     )
+
+
+def signal_from_proto(msg: pb.Signal) -> Signal:
+    return Signal(
+        id=msg.id,
+        name=msg.name,
+        payload=decode_json(msg.payload),
+        sender=msg.sender,
+        create_time=_time(msg, "create_time"),
+        consumed_by_step=msg.consumed_by_step,
+    )
+
+
+def signal_result_from_proto(msg: pb.SignalIntentResponse) -> SignalResult:
+    return SignalResult(
+        intent=intent_from_proto(msg.intent), signal=signal_from_proto(msg.signal), created=msg.created
+    )
+
+
+def decision_from_proto(msg: human_task_pb2.HumanDecision, task_id: str) -> HumanDecision:
+    return HumanDecision(
+        task_id=task_id,
+        outcome=msg.outcome,
+        decided_by=msg.decided_by,
+        decide_time=_time(msg, "decide_time"),
+        comment=msg.comment,
+        form_data=decode_json(msg.form_data),
+    )
+
+
+def task_from_proto(msg: human_task_pb2.HumanTask) -> HumanTask:
+    return HumanTask(
+        id=msg.id,
+        intent_id=msg.intent_id,
+        intent_type=msg.intent_type,
+        to_agent=msg.to_agent,
+        step_index=msg.step_index,
+        title=msg.title,
+        description=msg.description,
+        outcomes=list(msg.outcomes),
+        assignees=list(msg.assignees),
+        form_schema=decode_json(msg.form_schema),
+        state=HumanTaskState.from_proto(msg.state),
+        create_time=_time(msg, "create_time"),
+        due_time=_time(msg, "due_time"),
+        remind_time=_time(msg, "remind_time"),
+        decision=decision_from_proto(msg.decision, msg.id) if msg.HasField("decision") else None,
+        proto=msg,
+    )
+
+
+def task_page_from_proto(msg: human_task_pb2.ListHumanTasksResponse) -> HumanTaskPage:
+    return HumanTaskPage(tasks=[task_from_proto(t) for t in msg.tasks], next_page_token=msg.next_page_token)
 
 
 def step_from_proto(msg: intent_pb2.StepRecord) -> Step:
@@ -266,6 +495,7 @@ def intent_type_from_proto(msg: admin_service_pb2.IntentType) -> IntentType:
         retry_backoff_ms=msg.retry_backoff_ms,
         retry_backoff_max_ms=msg.retry_backoff_max_ms,
         default_deadline_ms=msg.default_deadline_ms,
+        wait_hold_ms=msg.wait_hold_ms if msg.HasField("wait_hold_ms") else None,
         update_time=_time(msg, "update_time"),
         proto=msg,
     )
@@ -361,20 +591,35 @@ def _build_spec(intent: IntentInput | None, overrides: Mapping[str, Any]) -> pb.
 
 
 __all__ = [
+    "WAIT_EVENT_TYPES",
     "Event",
+    "HumanDecision",
+    "HumanTask",
+    "HumanTaskPage",
+    "HumanTaskState",
     "Intent",
     "IntentError",
     "IntentFields",
     "IntentType",
     "Page",
+    "Signal",
+    "SignalResult",
     "Step",
+    "WaitInfo",
     "build_spec",
     "deadline_datetime",
+    "decision_from_proto",
     "decode_json",
     "encode_json",
     "event_from_proto",
     "intent_from_proto",
     "intent_type_from_proto",
     "page_from_proto",
+    "signal_from_proto",
+    "signal_result_from_proto",
     "step_from_proto",
+    "task_from_proto",
+    "task_page_from_proto",
+    "wait_info_from_proto",
+    "wait_kind_name",
 ]

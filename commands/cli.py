@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from intentd.client import ClientError, IntentClient, IntentType, WaitTimeout
+from intentd.client import ClientError, HumanTask, IntentClient, IntentType, WaitInfo, WaitTimeout
 from intentd.client.config import DEFAULT_TARGET
 from intentd.core.aio import run
 from intentd.core.config import SettingsError, env_name, load_settings
@@ -187,7 +187,11 @@ def _print_intent(intent: Any, as_json: bool) -> None:
     print(f"type:        {intent.intent_type}")
     print(f"to_agent:    {intent.to_agent}")
     print(f"state:       {intent.state.value}")
-    print(f"attempt:     {intent.attempt}/{intent.max_attempts}")
+    attempt = f"attempt:     {intent.attempt}/{intent.max_attempts}"
+    if intent.parked_attempts:
+        attempt += (f" ({intent.parked_attempts} parked on waits, not counted: "
+                    f"{intent.attempt - intent.parked_attempts} used)")
+    print(attempt)
     print(f"steps:       {intent.steps_completed}" + (f" (last: {intent.last_step})" if intent.last_step else ""))
     print(f"created:     {intent.create_time:%Y-%m-%d %H:%M:%S.%f}"[:-3])
     if intent.deadline:
@@ -201,9 +205,46 @@ def _print_intent(intent: Any, as_json: bool) -> None:
         print(f"error:       {intent.error.code}: {intent.error.message}")
     if intent.cancel_reason:
         print(f"canceled:    {intent.cancel_reason}")
+    if intent.waiting is not None:
+        for line in _describe_wait(intent.waiting, intent.state.value):
+            print(line)
     if intent.state.value == "PENDING" and intent.attempt == 0:
         print(f"waiting:     no agent has claimed it yet: a sidecar serving {intent.to_agent} claims only the "
               f"types its agents handle; is one attached with a handler for {intent.intent_type}?")
+
+
+def _time_text(value: Any) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}" if value is not None else "-"
+
+
+def _describe_wait(wait: WaitInfo, state: str) -> list[str]:
+    """What ``get`` says about an open wait: what it waits for, since when,
+    until when, and for a human decision how to give it."""
+    what = {"HUMAN": f"a human decision: {wait.name!r}", "SIGNAL": f"the signal {wait.name!r}",
+            "TIME": "a timer"}.get(wait.kind, f"{wait.kind} {wait.name!r}".strip())
+    holder = "parked, holds no agent" if state == "WAITING" else "held by its attempt"
+    lines = [f"waits for:   {what} at step {wait.step_index} ({holder})",
+             f"  since:     {_time_text(wait.since)}"]
+    if wait.due_time is not None:
+        if wait.kind == "TIME":
+            lines.append(f"  fires:     {_time_text(wait.due_time)}")
+        else:
+            lines.append(f"  due:       {_time_text(wait.due_time)} (then it times out)")
+    if wait.task_id:
+        lines.append(f"  task:      {wait.task_id}  (intentd tasks approve {wait.task_id} | "
+                     f"intentd tasks reject {wait.task_id})")
+    return lines
+
+
+def _wait_dict(wait: WaitInfo | None) -> dict[str, Any] | None:
+    if wait is None:
+        return None
+    return {
+        "kind": wait.kind, "name": wait.name, "step_index": wait.step_index,
+        "since": wait.since.isoformat() if wait.since else None,
+        "due_time": wait.due_time.isoformat() if wait.due_time else None,
+        "task_id": wait.task_id,
+    }
 
 
 def _intent_dict(intent: Any) -> dict[str, Any]:
@@ -225,6 +266,8 @@ def _intent_dict(intent: Any) -> dict[str, Any]:
         "finish_time": intent.finish_time.isoformat() if intent.finish_time else None,
         "deadline": intent.deadline.isoformat() if intent.deadline else None,
         "cancel_reason": intent.cancel_reason,
+        "waiting": _wait_dict(intent.waiting),
+        "parked_attempts": intent.parked_attempts,
     }
 
 
@@ -275,31 +318,71 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0 if intent.state.value == "COMPLETED" else 1
 
 
+def describe_wait_event(event: Any) -> str | None:
+    """The readable line of a durable wait's event (docs/waits.md, Events),
+    e.g. "WAITING human 'Deploy to prod?' at step 6", "SIGNALED ci.passed by
+    alice", "TASK_DECIDED approve by alice"; None for other events."""
+    kind = event.wait_kind.lower()
+    at = f" at step {event.step_index}" if event.step_index else ""
+    by = f" by {event.actor}" if event.actor else ""
+    task = f" (task {event.task_id})" if event.task_id else ""
+    if event.type == "WAITING":
+        what = "sleep" if event.wait_kind == "TIME" else f"{kind} {event.wait_name!r}".strip()
+        return f"WAITING {what}{at}"
+    if event.type == "SIGNALED":
+        taken = f", satisfied the wait{at}" if at else ", kept in the inbox"
+        return f"SIGNALED {event.wait_name}{by} (id {event.signal_id}{taken})"
+    if event.type == "TASK_CREATED":
+        return f"TASK_CREATED {event.wait_name!r}{at}{task}"
+    if event.type == "TASK_DECIDED":
+        return f"TASK_DECIDED {event.message}{by}{task}"
+    if event.type == "TIMER_FIRED":
+        if event.message == "TIMEOUT":
+            what = f"timeout of {kind} {event.wait_name!r}".replace(" ''", "")
+        else:
+            what = "sleep ended"
+        return f"TIMER_FIRED {what}{at}"
+    if event.type == "TASK_REMINDED":
+        return f"TASK_REMINDED{task}"
+    return None
+
+
 def _describe_event(event: Any) -> str:
     parts = [f"#{event.seq:<4}", f"{event.time:%H:%M:%S.%f}"[:-3], f"{event.type:<16}", f"-> {event.state.value:<11}"]
     if event.attempt:
         parts.append(f"attempt {event.attempt}")
-    if event.step_name:
-        parts.append(f"step {event.step_index} {event.step_name}")
-    if event.message:
-        parts.append(event.message)
+    waited = describe_wait_event(event)
+    if waited is not None:
+        parts.append(waited)
+    else:
+        if event.step_name:
+            parts.append(f"step {event.step_index} {event.step_name}")
+        if event.message:
+            parts.append(event.message)
+        if event.actor:
+            parts.append(f"by {event.actor}")
     if event.error is not None:
         parts.append(f"{event.error.code}: {event.error.message}")
     return "  ".join(parts)
+
+
+def event_dict(event: Any) -> dict[str, Any]:
+    return {
+        "intent_id": event.intent_id, "seq": event.seq, "type": event.type,
+        "time": event.time.isoformat() if event.time else None, "state": event.state.value,
+        "attempt": event.attempt,
+        "step_name": event.step_name, "step_index": event.step_index, "message": event.message,
+        "error": None if event.error is None else {"code": event.error.code, "message": event.error.message},
+        "wait_kind": event.wait_kind, "wait_name": event.wait_name, "signal_id": event.signal_id,
+        "task_id": event.task_id, "actor": event.actor,
+    }
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for event in client.watch(args.id, after_seq=args.after_seq):
             if args.json:
-                print(json.dumps({
-                    "intent_id": event.intent_id, "seq": event.seq, "type": event.type,
-                    "time": event.time.isoformat() if event.time else None, "state": event.state.value,
-                    "attempt": event.attempt,
-                    "step_name": event.step_name, "step_index": event.step_index, "message": event.message,
-                    "error": None if event.error is None else {
-                        "code": event.error.code, "message": event.error.message},
-                }), flush=True)
+                print(json.dumps(event_dict(event)), flush=True)
             else:
                 print(_describe_event(event), flush=True)
     return 0
@@ -343,8 +426,115 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"intentd: {flag} is not valid JSON: {exc}") from None
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    payload = _json_arg(args.payload, "--payload")
+    with _client(args) as client:
+        sent = client.signal(args.id, args.name, payload, signal_id=args.signal_id)
+    if args.json:
+        print(json.dumps({
+            "intent": _intent_dict(sent.intent), "created": sent.created,
+            "signal": {"id": sent.signal.id, "name": sent.signal.name, "payload": sent.signal.payload,
+                       "sender": sent.signal.sender,
+                       "create_time": sent.signal.create_time.isoformat() if sent.signal.create_time else None,
+                       "consumed_by_step": sent.signal.consumed_by_step},
+        }, indent=2, default=str))
+        return 0
+    fate = (f"satisfied the wait at step {sent.signal.consumed_by_step}" if sent.signal.consumed_by_step
+            else "kept in the intent's inbox until a wait asks for it")
+    seen = "" if sent.created else " (a repeat of an earlier signal with this id: not delivered again)"
+    print(f"signal {sent.signal.id} {sent.signal.name!r} -> intent {sent.intent.id} ({sent.intent.state.value}): "
+          f"{fate}{seen}")
+    return 0
+
+
+def task_dict(task: HumanTask) -> dict[str, Any]:
+    d = task.decision
+    return {
+        "id": task.id, "intent_id": task.intent_id, "intent_type": task.intent_type, "to_agent": task.to_agent,
+        "step_index": task.step_index, "title": task.title, "description": task.description,
+        "outcomes": task.outcomes, "assignees": task.assignees, "form_schema": task.form_schema,
+        "state": task.state.value,
+        "create_time": task.create_time.isoformat() if task.create_time else None,
+        "due_time": task.due_time.isoformat() if task.due_time else None,
+        "remind_time": task.remind_time.isoformat() if task.remind_time else None,
+        "decision": None if d is None else {
+            "outcome": d.outcome, "decided_by": d.decided_by, "comment": d.comment, "form_data": d.form_data,
+            "decide_time": d.decide_time.isoformat() if d.decide_time else None},
+    }
+
+
+def print_task(task: HumanTask, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(task_dict(task), indent=2, default=str))
+        return
+    print(f"id:          {task.id}")
+    print(f"title:       {task.title}")
+    print(f"state:       {task.state.value}")
+    print(f"intent:      {task.intent_id} ({task.intent_type} -> {task.to_agent}), step {task.step_index}")
+    if task.description:
+        print(f"description: {task.description}")
+    print(f"outcomes:    {', '.join(task.outcomes)}")
+    print(f"assignees:   {', '.join(task.assignees) if task.assignees else '(anyone with the client role)'}")
+    if task.form_schema is not None:
+        print(f"form:        {json.dumps(task.form_schema)}")
+    print(f"created:     {_time_text(task.create_time)}")
+    if task.due_time is not None:
+        print(f"due:         {_time_text(task.due_time)}")
+    if task.remind_time is not None:
+        print(f"remind:      {_time_text(task.remind_time)}")
+    d = task.decision
+    if d is not None:
+        print(f"decision:    {d.outcome} by {d.decided_by or '?'} at {_time_text(d.decide_time)}")
+        if d.comment:
+            print(f"comment:     {d.comment}")
+        if d.form_data is not None:
+            print(f"form data:   {json.dumps(d.form_data)}")
+
+
+def print_task_table(tasks: Sequence[HumanTask]) -> None:
+    rows = [("ID", "STATE", "TITLE", "INTENT", "STEP", "ASSIGNEES", "CREATED", "DUE")]
+    for t in tasks:
+        rows.append((t.id, t.state.value, t.title, t.intent_id, str(t.step_index), ",".join(t.assignees) or "-",
+                     _time_text(t.create_time), _time_text(t.due_time)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            page = client.list_tasks(states=args.state or None, assignee=args.assignee, intent_type=args.intent_type,
+                                     intent_id=args.intent, page_size=args.limit, page_token=args.page_token)
+            if args.json:
+                print(json.dumps({"tasks": [task_dict(t) for t in page.tasks],
+                                  "next_page_token": page.next_page_token}, indent=2, default=str))
+                return 0
+            print_task_table(page.tasks)
+            if page.next_page_token:
+                print(f"(more: --page-token {page.next_page_token})")
+            return 0
+        if args.action == "get":
+            task = client.get_task(args.task)
+        else:
+            outcome = args.outcome if args.action == "decide" else args.action
+            task = client.decide_task(args.task, outcome, comment=args.comment,
+                                      form_data=_json_arg(args.form, "--form"))
+    print_task(task, args.json)
+    return 0
+
+
 _TYPE_FLAGS = ("max_attempts", "heartbeat_timeout_ms", "retry_backoff_ms", "retry_backoff_max_ms",
-               "default_deadline_ms")
+               "default_deadline_ms", "wait_hold_ms")
 
 
 def cmd_types(args: argparse.Namespace) -> int:
@@ -362,7 +552,8 @@ def cmd_types(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(t.proto, preserving_proto_field_name=True)) if args.json else
               f"{t.intent_type}: max_attempts={t.max_attempts} heartbeat_timeout_ms={t.heartbeat_timeout_ms} "
               f"retry_backoff_ms={t.retry_backoff_ms} (max {t.retry_backoff_max_ms}) "
-              f"default_deadline_ms={t.default_deadline_ms or 'none'}")
+              f"default_deadline_ms={t.default_deadline_ms or 'none'} "
+              f"wait_hold_ms={'default' if t.wait_hold_ms is None else t.wait_hold_ms}")
     return 0
 
 
@@ -373,10 +564,10 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import run_demo
+    from .demo.run import dispatch
 
     setup_logging("WARNING")
-    return run_demo(args)
+    return dispatch(args)
 
 
 # ---------------------------------------------------------------- parser
@@ -406,8 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give ROLE exactly the privileges the server needs: USAGE on the schema, DML on intentd's "
                    "tables (SELECT on the read-only ones), USAGE on their sequences; re-run after every upgrade")
 
-    def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        p = add(name, fn, help_text)
+    def client_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", help=f"server HOST:PORT (INTENTD_TARGET, default {DEFAULT_TARGET})")
         p.add_argument("--sender", help="who sends (scopes idempotency keys)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -416,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-ca-file", help="CA that signed the server's certificate (INTENTD_TLS_CA_FILE)")
         p.add_argument("--tls-cert-file", help="client certificate, for mutual TLS (INTENTD_TLS_CERT_FILE)")
         p.add_argument("--tls-key-file", help="client key, for mutual TLS (INTENTD_TLS_KEY_FILE)")
+
+    def client_command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = add(name, fn, help_text)
+        client_flags(p)
         return p
 
     p = client_command("send", cmd_send, "Send an intent; prints its id.")
@@ -454,6 +648,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--extra-attempts", type=int, default=0)
 
+    p = client_command("signal", cmd_signal, "Send a named signal to a live intent (docs/waits.md).")
+    p.add_argument("id")
+    p.add_argument("name", help="1 to 128 characters of A-Z a-z 0-9 _ . : -")
+    p.add_argument("--payload", help="JSON payload (default: null)")
+    p.add_argument("--id", dest="signal_id", metavar="SIGNAL_ID",
+                   help="deduplicates repeats: a signal with an id already sent is matched, not delivered again "
+                   "(default: a new id)")
+
+    p = add("tasks", cmd_tasks, "List, show and decide the human tasks of waiting intents.")
+    actions = p.add_subparsers(dest="action", required=True)
+
+    def task_action(name: str, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text, description=help_text)
+        client_flags(a)
+        return a
+
+    a = task_action("list", "List human tasks, newest first (OPEN ones unless --state says otherwise).")
+    a.add_argument("--state", action="append", help="OPEN, DECIDED, EXPIRED, CANCELED (repeatable)")
+    a.add_argument("--assignee", help="only tasks this key name may decide (tasks without assignees too)")
+    a.add_argument("--type", dest="intent_type", help="intent type")
+    a.add_argument("--intent", help="intent id")
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--page-token")
+    a = task_action("get", "Show a human task.")
+    a.add_argument("task")
+    a = task_action("decide", "Decide a task with one of its outcomes.")
+    a.add_argument("task")
+    a.add_argument("outcome")
+    a.add_argument("--comment", default="")
+    a.add_argument("--form", help="form data (JSON), checked against the task's form schema")
+    for outcome in ("approve", "reject"):
+        a = task_action(outcome, f"Decide a task with the outcome {outcome!r}.")
+        a.add_argument("task")
+        a.add_argument("--comment", default="")
+        a.add_argument("--form", help="form data (JSON), checked against the task's form schema")
+
     p = client_command("types", cmd_types, "Show or set per-intent-type delivery settings.")
     p.add_argument("action", choices=("put", "get", "list"))
     p.add_argument("intent_type", nargs="?", default="")
@@ -462,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-backoff-ms", type=int)
     p.add_argument("--retry-backoff-max-ms", type=int)
     p.add_argument("--default-deadline-ms", type=int)
+    p.add_argument("--wait-hold-ms", type=int,
+                   help="how long an attempt at an unsatisfied wait holds its agent before parking (0: at once)")
 
     p = add("keys", cmd_keys, "Create, list or revoke API keys (straight in the database).")
     p.add_argument("action", choices=("create", "list", "revoke"))
@@ -492,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo.run import add_arguments
 
-    p = add("demo", cmd_demo, "The crash-at-step-47 demo on the embedded PostgreSQL.")
+    p = add("demo", cmd_demo, "The demos on the embedded PostgreSQL: the crash at step 47 (default), and "
+            "`intentd demo approval`, a deploy that waits for a human.")
     add_arguments(p)
     return parser
 

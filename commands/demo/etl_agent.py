@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from intentd.agent import Agent, Context
+
+from .common import write_ledger
 
 ADDRESS = "agent://demo/local/etl"
 INTENT_TYPE = "intent.pipeline.etl.v1"
@@ -26,24 +26,11 @@ STAGES = ("extract", "validate", "transform", "deduplicate", "load")
 agent = Agent(ADDRESS, capacity=1)
 
 
-def _ledger(entry: dict[str, Any]) -> None:
-    path = os.environ.get("INTENTD_DEMO_LEDGER")
-    if not path:
-        return
-    line = json.dumps({**entry, "pid": os.getpid(), "time": time.time()}) + "\n"
-    # One write of one line, flushed before the step goes on: the ledger is the
-    # evidence, so it must not lose the line of a step about to be killed.
-    with Path(path).open("a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _work(index: int, name: str, attempt: int, seconds: float, rows: list[int]) -> dict[str, Any]:
-    _ledger({"event": "begin", "step": index, "name": name, "attempt": attempt})
+    write_ledger({"event": "begin", "step": index, "name": name, "attempt": attempt})
     time.sleep(seconds)
     digest = hashlib.sha256(json.dumps([index, name, rows]).encode()).hexdigest()[:12]
-    _ledger({"event": "done", "step": index, "name": name, "attempt": attempt})
+    write_ledger({"event": "done", "step": index, "name": name, "attempt": attempt})
     return {"rows": len(rows), "digest": digest}
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,53 +29,16 @@ from typing import Any
 from intentd.client import IntentClient, IntentState
 from intentd.core.aio import serving
 
+from .common import Ledger, default_data_dir, free_port, palette
 from .etl_agent import ADDRESS, INTENT_TYPE, STAGES
 
 BATCHES = 10
 TOTAL_STEPS = BATCHES * len(STAGES)
-GREEN, RED, YELLOW, DIM, BOLD, RESET = "\033[32m", "\033[31m", "\033[33m", "\033[2m", "\033[1m", "\033[0m"
-
-
-def _color(enabled: bool) -> dict[str, str]:
-    names = ("green", "red", "yellow", "dim", "bold", "reset")
-    values = (GREEN, RED, YELLOW, DIM, BOLD, RESET) if enabled else ("",) * 6
-    return dict(zip(names, values, strict=True))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Ledger:
-    """Reads the agent's side-effect ledger as it grows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: list[dict[str, Any]] = []
-        self._offset = 0
-
-    def poll(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open() as f:
-            f.seek(self._offset)
-            chunk = f.read()
-        complete, _, _ = chunk.rpartition("\n")
-        if not complete:
-            return []
-        self._offset += len(complete) + 1
-        new = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        self.entries.extend(new)
-        return new
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    c = _color(sys.stdout.isatty() and not args.no_color)
+    c = palette(sys.stdout.isatty() and not args.no_color)
     work = Path(tempfile.mkdtemp(prefix="intentd-demo-"))
     ledger = Ledger(work / "ledger.jsonl")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "INTENTD_LOG_LEVEL": "WARNING"}
     if args.database_url:
@@ -99,14 +61,15 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         say(f"{c['bold']}intentd demo{c['reset']}: a 50-step ETL agent is SIGKILLed during step {args.kill_at}.")
         say(f"{c['dim']}logs and the side-effect ledger: {work}{c['reset']}")
-        server = spawn(["server"], "server.log", {"INTENTD_LISTEN": address})
+        # Loopback only, so no keys: with a database URL, auth "auto" would ask for them.
+        server = spawn(["server"], "server.log", {"INTENTD_LISTEN": address, "INTENTD_AUTH": "off"})
         deadline = time.monotonic() + 120
         while not serving(address):
             if server.poll() is not None or time.monotonic() > deadline:
                 say(f"{c['red']}the control plane did not start:{c['reset']}\n" + (work / "server.log").read_text())
                 return 1
             time.sleep(0.1)
-        where = args.database_url or f"embedded PostgreSQL in {args.data_dir or _default_data_dir()}"
+        where = args.database_url or f"embedded PostgreSQL in {args.data_dir or default_data_dir()}"
         say(f"control plane   {address}  ({where})")
         agent_cmd = f"{shlex.quote(sys.executable)} -m intentd.commands.demo.etl_agent"
         sidecar = spawn(
@@ -136,12 +99,6 @@ def run_demo(args: argparse.Namespace) -> int:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def _default_data_dir() -> str:
-    from intentd.server.settings import default_data_dir
-
-    return str(default_data_dir())
 
 
 def _follow(client: IntentClient, intent_id: str, ledger: Ledger, args: argparse.Namespace,
@@ -229,8 +186,13 @@ def _report(final: Any, recorded: list[Any], ledger: Ledger, killed: dict[str, A
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kill-at", type=int, default=47, help="step during which the agent is killed (2-50)")
+    parser.add_argument("story", nargs="?", choices=("etl", "approval"), default="etl",
+                        help="etl (the default): the agent is SIGKILLed at step 47 of 50 and resumes there; "
+                        "approval: a deploy waits for a human with no agent running, and resumes at step 6")
+    parser.add_argument("--kill-at", type=int, default=47, help="etl: step during which the agent is killed (2-50)")
     parser.add_argument("--step-seconds", type=float, default=0.06, help="how long each step works")
+    parser.add_argument("--hold-ms", type=int, default=0,
+                        help="approval: the deploy type's wait_hold_ms (0: park at once)")
     parser.add_argument("--timeout", type=float, default=120, help="give up after this many seconds")
     parser.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one")
     parser.add_argument("--data-dir", help="embedded PostgreSQL data directory")
@@ -243,4 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 2 <= args.kill_at <= TOTAL_STEPS:
         parser.error(f"--kill-at must be 2..{TOTAL_STEPS}")
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Runs the demo the arguments name."""
+    if getattr(args, "story", "etl") == "approval":
+        from .approval import run_approval_demo
+
+        return run_approval_demo(args)
     return run_demo(args)

@@ -125,3 +125,29 @@ def test_migrate_is_idempotent(databases) -> None:
     assert first.returncode == 0 and f"applied {versions}" in first.stdout
     second = intentd("migrate", "--database-url", url)
     assert second.returncode == 0 and "already current" in second.stdout
+
+
+def test_signal_and_tasks_commands(database_url, agent_address, tmp_path) -> None:
+    """The wait commands against a real server (docs/waits.md): a signal to an
+    intent no wait asks for yet stays in its inbox; a repeat with the same id
+    is matched; a terminal intent refuses signals; tasks are listed and read."""
+    server = ServerProcess(database_url, tmp_path / "s.log").start()
+    with running(server):
+        t = ["--target", server.address]
+        intent_id = intentd("send", "intent.cli.waits.v1", agent_address, *t).stdout.strip()
+        sent = intentd("signal", intent_id, "ci.passed", "--payload", '{"sha": "abc"}', "--id", "hook-1", *t)
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.startswith(f"signal hook-1 'ci.passed' -> intent {intent_id} (PENDING): kept in")
+        again = intentd("signal", intent_id, "ci.passed", "--id", "hook-1", "--json", *t)
+        assert again.returncode == 0, again.stderr
+        repeat = json.loads(again.stdout)
+        assert repeat["created"] is False and repeat["signal"]["payload"] == {"sha": "abc"}  # the first one's
+        bad = intentd("signal", intent_id, "no spaces", *t)
+        assert bad.returncode == 1 and bad.stderr.startswith("intentd: INVALID_ARGUMENT: name: ")
+        listed = intentd("tasks", "list", "--intent", intent_id, "--json", *t)
+        assert listed.returncode == 0 and json.loads(listed.stdout) == {"tasks": [], "next_page_token": ""}
+        missing = intentd("tasks", "get", "01jnosuchtaskaaaaaaaaaaaaa", *t)
+        assert missing.returncode == 1 and missing.stderr.startswith("intentd: NOT_FOUND: "), missing.stderr
+        intentd("cancel", intent_id, *t)
+        late = intentd("signal", intent_id, "ci.passed", *t)
+        assert late.returncode == 1 and late.stderr.startswith("intentd: FAILED_PRECONDITION: "), late.stderr
