@@ -30,7 +30,7 @@ class Figure:
     unit: str
     samples: list[float]
     baseline: str | None = None  # key of the figure this one is divided by
-    target: str | None = None  # e.g. ">=2500"
+    target: str | None = None  # e.g. ">=2500"; "<=1.2x" is on the ratio to the baseline
     note: str = ""
     spread: str = "min-max"  # or "IQR" (for per-event samples such as kills)
 
@@ -46,12 +46,20 @@ class Figure:
             return percentile(self.samples, 25), percentile(self.samples, 75)
         return min(self.samples), max(self.samples)
 
-    def target_met(self) -> bool | None:
+    def target_met(self, ratio: float | None = None) -> bool | None:
+        """Whether the median meets the target; a target ending in "x" is met
+        by ``ratio``, the median over the baseline's."""
         if not self.target or not self.samples:
             return None
+        value: float | None = self.median
+        bound = self.target
+        if bound.endswith("x"):
+            value, bound = ratio, bound[:-1]
+            if value is None:
+                return None
         for sym in (">=", "<=", "<", ">"):
-            if self.target.startswith(sym):
-                return _OPS[sym](self.median, float(self.target[len(sym):]))
+            if bound.startswith(sym):
+                return _OPS[sym](value, float(bound[len(sym):]))
         return None
 
 
@@ -85,7 +93,7 @@ class Report:
             lo, hi = fig.low_high
             ratio = self.ratio(fig)
             base = self.figures.get(fig.baseline or "")
-            met = fig.target_met()
+            met = fig.target_met(self.ratio(fig))
             rows.append([
                 fig.label,
                 fmt(fig.median),
@@ -115,7 +123,8 @@ class Report:
         for fig in self.figures.values():
             entry = asdict(fig)
             lo, hi = fig.low_high
-            entry.update(median=fig.median, low=lo, high=hi, ratio=self.ratio(fig), target_met=fig.target_met())
+            ratio = self.ratio(fig)
+            entry.update(median=fig.median, low=lo, high=hi, ratio=ratio, target_met=fig.target_met(ratio))
             figures.append(entry)
         return {"meta": self.meta, "scenarios": self.scenarios, "figures": figures}
 

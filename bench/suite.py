@@ -104,6 +104,7 @@ SCENARIOS = [
     Scenario("recovery", "bench.recovery", "5. Recovery", ("limits",)),
     Scenario("scale", "bench.scale", "6. Scale", ()),
     Scenario("peers", "bench.peers", "7. Peers", ("limits", "e2e", "steps")),
+    Scenario("waits", "bench.waits", "8. Durable waits", ()),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -88,3 +89,18 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+def postgres_upstream(url: str) -> str:
+    """Where PostgreSQL listens: loopback TCP, or the embedded server's unix socket."""
+    parts = urlsplit(url)
+    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    if socket_dir.startswith("/"):
+        return f"unix:{socket_dir}/.s.PGSQL.{parts.port or 5432}"
+    return f"{parts.hostname}:{parts.port or 5432}"
+
+
+def postgres_through(proxy: TcpProxy, url: str) -> str:
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{proxy.address}" if user else proxy.address, query=""))

@@ -52,9 +52,10 @@ def begins(entries: list[dict[str, Any]]) -> Counter[int]:
 
 
 class Sidecar(Process):
-    def __init__(self, server: str, address: str, ledger_url: str, log_path: Path, **env: str) -> None:
+    def __init__(self, server: str, address: str, ledger_url: str, log_path: Path,
+                 agent_module: str = "tests.agents.ledger_agent", **env: str) -> None:
         socket_path = f"/tmp/intentd-test-{uuid.uuid4().hex[:10]}.sock"
-        agent = f"{sys.executable} -m tests.agents.ledger_agent"
+        agent = f"{sys.executable} -m {agent_module}"
         super().__init__(
             ["sidecar", "--server", server, "--address", address, "--capacity", env.pop("capacity", "4"),
              "--listen", f"unix://{socket_path}", "--exec", agent],
@@ -80,8 +81,9 @@ def cluster(ledger_db: str, tmp_path: Path, agent_address: str) -> Iterator[Call
             started.append(srv)
             return srv
 
-        def sidecar(self, server: str, **env: str) -> Sidecar:
-            sc = Sidecar(server, agent_address, self.db, tmp_path / f"sidecar-{len(started)}.log", **env)
+        def sidecar(self, server: str, agent_module: str = "tests.agents.ledger_agent", **env: str) -> Sidecar:
+            sc = Sidecar(server, agent_address, self.db, tmp_path / f"sidecar-{len(started)}.log", agent_module,
+                         **env)
             sc.start()
             started.append(sc)
             return sc

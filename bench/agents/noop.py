@@ -9,6 +9,10 @@ Handlers:
                     step's wall time in ms (measured around ``ctx.step``)
   bench.latency.v1  returns ``time.time()`` taken when the handler started,
                     after one no-op step
+  bench.wait.held.v1, bench.wait.parked.v1
+                    ``payload["steps"]`` no-op steps, then waits for the
+                    signal "go"; returns ``time.time()`` taken as the wait
+                    returned (the types differ only in their hold window)
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
@@ -55,6 +59,15 @@ async def latency(ctx: Context, payload: Any) -> dict[str, Any]:
     started = time.time()
     await ctx.step("noop", _noop)
     return {"start": started}
+
+
+@agent.handler("bench.wait.held.v1")
+@agent.handler("bench.wait.parked.v1")
+async def wait(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    for index in range(int(payload.get("steps", 0))):
+        await ctx.step(f"s{index}", _noop)
+    await ctx.wait_for_signal("go")
+    return {"returned": time.time()}
 
 
 @agent.handler("bench.hang.v1")

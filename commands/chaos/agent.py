@@ -10,8 +10,11 @@ Environment: ``CHAOS_ADDRESS`` (agent address), ``CHAOS_DB_URL`` (ledger
 database), ``CHAOS_CAPACITY``, ``CHAOS_PID_FILE`` (written at start so the
 harness can find and kill this process).
 
-Payload: ``{"steps": M, "step_ms": T, "fail_at": F or null}``; with ``fail_at``
-the step F raises ``NonRetryableError(FAIL_CODE)`` after its side effect.
+Payload: ``{"steps": M, "step_ms": T, "fail_at": F or null, "wait_at": W or
+null}``; with ``fail_at`` the step F raises ``NonRetryableError(FAIL_CODE)``
+after its side effect; with ``wait_at`` the handler waits for the signal
+``go`` before step W, records every return of that wait in ``chaos_waits``
+and returns the signal's value in its result.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import random
@@ -37,7 +41,9 @@ from .model import (
     FAIL_CODE,
     INSERT_ATTEMPT,
     INSERT_LEDGER,
+    INSERT_WAIT,
     INTENT_TYPE,
+    SIGNAL_NAME,
     step_name,
     step_value,
 )
@@ -100,17 +106,24 @@ def build_agent(address: str, ledger: Ledger, capacity: int) -> Agent:
         return {"i": index, "v": step_value(ctx.intent_id, index)}
 
     @agent.handler(INTENT_TYPE)
-    async def run(ctx: Context, payload: dict[str, Any]) -> dict[str, int]:
+    async def run(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
         await ledger.execute(INSERT_ATTEMPT, uuid.uuid4(), ctx.intent_id, ctx.attempt,
                              uuid.UUID(ctx.lease.token), pid)
         steps = int(payload["steps"])
         step_ms = int(payload.get("step_ms", 100))
         fail_at = payload.get("fail_at")
+        wait_at = payload.get("wait_at")
         total = 0
+        result: dict[str, Any] = {}
         for index in range(1, steps + 1):
+            if index == wait_at:
+                signal = await ctx.wait_for_signal(SIGNAL_NAME)
+                await ledger.execute(INSERT_WAIT, uuid.uuid4(), ctx.intent_id, ctx.attempt,
+                                     uuid.UUID(ctx.lease.token), json.dumps(signal))
+                result["signal"] = signal
             value = await ctx.step(step_name(index), work, ctx, index, step_ms, fail_at)
             total += int(value["v"])
-        return {"steps": steps, "sum": total}
+        return {"steps": steps, "sum": total, **result}
 
     return agent
 

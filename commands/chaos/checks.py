@@ -13,7 +13,7 @@ from typing import Any
 from .config import INTENT_KINDS, SoakConfig
 from .db import SyncDb
 from .faults import Fault
-from .model import FAIL_CODE, expected_result, step_name, step_value
+from .model import FAIL_CODE, expected_result, signal_value, step_name, step_value
 from .report import Invariant, Latency, Report
 from .workload import Outcome
 
@@ -30,6 +30,8 @@ class Snapshot:
     steps: dict[str, list[dict[str, Any]]]
     ledger: dict[str, list[dict[str, Any]]]
     attempts: dict[str, list[dict[str, Any]]]
+    waits: dict[str, list[dict[str, Any]]]
+    signals: dict[str, list[dict[str, Any]]]
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -42,7 +44,8 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def snapshot(db: SyncDb, tenant: str) -> Snapshot:
     """The normal tenant's intents (a hostile tenant's are not the workload's)."""
     intents = {r["id"]: r for r in db.fetch(
-        "SELECT id, state::text AS state, attempt, max_attempts, steps_completed, result::text AS result,"
+        "SELECT id, state::text AS state, attempt, parked_attempts, max_attempts, steps_completed,"
+        " result::text AS result,"
         " error_code, error_message, deadline, finish_time, create_time, last_seq, idempotency_key, sender"
         " FROM intents WHERE tenant = $1", tenant, timeout=120)}
     events = _group(db.fetch(
@@ -59,12 +62,18 @@ def snapshot(db: SyncDb, tenant: str) -> Snapshot:
     attempts = _group(db.fetch(
         "SELECT intent_id, attempt, lease_token::text AS lease_token, pid, at FROM chaos_attempts ORDER BY at",
         timeout=120))
-    return Snapshot(intents, events, steps, ledger, attempts)
+    waits = _group(db.fetch(
+        "SELECT intent_id, attempt, lease_token::text AS lease_token, value::text AS value, at"
+        " FROM chaos_waits ORDER BY at", timeout=120))
+    signals = _group(db.fetch(
+        "SELECT intent_id, signal_id, name, payload::text AS payload, consumed_idx FROM intent_signals"
+        " WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1) ORDER BY seq", tenant, timeout=120))
+    return Snapshot(intents, events, steps, ledger, attempts, waits, signals)
 
 
 def _expected_states(outcome: Outcome) -> set[str]:
     kind = outcome.plan.kind
-    if kind in ("plain", "idem"):
+    if kind in ("plain", "idem", "wait"):
         return {"COMPLETED"}
     if kind == "fail":
         return {"FAILED"}
@@ -93,6 +102,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         "attempts counted right",
         "event log gapless, ends in the intent's state",
         "wait_for returned the right terminal state",
+        "no wait returned twice or lost its value",
         "no process died on its own",
         "harness ran cleanly",
         *(["hostile tenant attacked, answered only with client errors"] if cfg.hostile else []),
@@ -155,6 +165,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     attempts = inv["attempts counted right"]
     log = inv["event log gapless, ends in the intent's state"]
     waited = inv["wait_for returned the right terminal state"]
+    signaled = inv["no wait returned twice or lost its value"]
+    wakes = 0
     released: Counter[str] = Counter()
     extra_deliveries = 0
     step_runs = 0
@@ -168,6 +180,10 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         steps = snap.steps.get(intent_id, [])
         ledger = snap.ledger.get(intent_id, [])
         starts = snap.attempts.get(intent_id, [])
+        # The records of the handler's steps; a wait's record (a name from
+        # "@") takes a position of its own in the sequence.
+        user_steps = [s for s in steps if not s["name"].startswith("@")]
+        wait_records = [s for s in steps if s["name"].startswith("@")]
 
         terminal.checked += 1
         if state not in TERMINAL:
@@ -184,7 +200,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
                               f" {row['error_message']}), expected {'/'.join(sorted(want))}")
             elif state == "COMPLETED":
                 result = json.loads(row["result"]) if row["result"] else None
-                want_result = expected_result(intent_id, m)
+                want_result = expected_result(intent_id, m, signal_value(plan.key) if plan.wait_at else None)
                 if result != want_result:
                     expected.fail(f"#{plan.index} {intent_id}: result {result}, expected {want_result}")
             if state == "FAILED" and plan.kind == "fail":
@@ -218,22 +234,50 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         elif len(steps) != row["steps_completed"]:
             exact.fail(f"{intent_id}: {len(steps)} step records but steps_completed = {row['steps_completed']}")
         else:
-            for s in steps:
+            for number, s in enumerate(user_steps, start=1):
                 value = json.loads(s["result"])
-                if s["name"] != step_name(s["idx"]) or value != {"i": s["idx"], "v": step_value(intent_id, s["idx"])}:
-                    exact.fail(f"{intent_id}: step {s['idx']} recorded as {s['name']} = {value}")
+                if s["name"] != step_name(number) or value != {"i": number, "v": step_value(intent_id, number)}:
+                    exact.fail(f"{intent_id}: step {number} (position {s['idx']}) recorded as {s['name']} = {value}")
                     break
-        if len(steps) > m:
-            exact.fail(f"{intent_id}: {len(steps)} steps recorded, the intent has {m}")
+        if len(user_steps) > m or len(wait_records) > 1:
+            exact.fail(f"{intent_id}: {len(user_steps)} steps and {len(wait_records)} waits recorded,"
+                       f" the intent has {m} steps")
 
         if state == "COMPLETED":
             incomplete.checked += 1
-            if len(steps) != m or row["steps_completed"] != m:
-                incomplete.fail(f"{intent_id}: COMPLETED with {len(steps)} step records"
+            if len(user_steps) != m or row["steps_completed"] != len(steps):
+                incomplete.fail(f"{intent_id}: COMPLETED with {len(user_steps)} step records"
                                 f" (steps_completed {row['steps_completed']}) of {m}")
 
-        # Side effects against step records.
-        record = {s["idx"]: s for s in steps}
+        # The wait for the signal: taken once, its value never lost or changed.
+        plan_of = by_id.get(intent_id)
+        if plan_of is not None and plan_of.plan.wait_at is not None:
+            signaled.checked += 1
+            want_signal = signal_value(plan_of.plan.key)
+            returns = snap.waits.get(intent_id, [])
+            inbox = snap.signals.get(intent_id, [])
+            consumed = [x for x in inbox if x["consumed_idx"] is not None]
+            if len(inbox) > 1:
+                signaled.fail(f"{intent_id}: {len(inbox)} signals kept for one signal id")
+            if any(json.loads(x["value"]) != want_signal for x in returns):
+                signaled.fail(f"{intent_id}: the wait returned {[x['value'] for x in returns]},"
+                              f" expected {want_signal}")
+            per_attempt = Counter(x["attempt"] for x in returns)
+            if any(c > 1 for c in per_attempt.values()):
+                signaled.fail(f"{intent_id}: the wait returned twice in one attempt: {dict(per_attempt)}")
+            for rec in wait_records:
+                value = json.loads(rec["result"])
+                if value.get("signal", {}).get("payload") != want_signal:
+                    signaled.fail(f"{intent_id}: the wait recorded {value}, expected the payload {want_signal}")
+            if state == "COMPLETED" and (len(consumed) != 1 or len(wait_records) != 1):
+                signaled.fail(f"{intent_id}: COMPLETED with {len(consumed)} signals taken and"
+                              f" {len(wait_records)} wait records")
+            if any(x.startswith("error") for x in plan_of.signals) and state == "COMPLETED" and not consumed:
+                signaled.fail(f"{intent_id}: {plan_of.signals}")
+        wakes += row["parked_attempts"]
+
+        # Side effects against step records, by the handler's step number.
+        record = dict(enumerate(user_steps, start=1))
         per_step: Counter[int] = Counter()
         for entry in ledger:
             step_runs += 1
@@ -250,17 +294,21 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             elif entry["at"] > rec["record_time"] and entry["lease_token"] != rec["lease_token"]:
                 late_writes += 1
         reruns += sum(c - 1 for c in per_step.values() if c > 1)
-        for s in steps:
+        for number, s in record.items():
             provenance.checked += 1
-            if not any(e["step"] == s["idx"] and e["lease_token"] == s["lease_token"] for e in ledger):
-                provenance.fail(f"{intent_id} step {s['idx']}: recorded by attempt {s['attempt']}, whose lease"
+            if not any(e["step"] == number and e["lease_token"] == s["lease_token"] for e in ledger):
+                provenance.fail(f"{intent_id} step {number}: recorded by attempt {s['attempt']}, whose lease"
                                 " never ran it")
 
         # Attempts.
         attempts.checked += 1
         delivered = [e for e in events if e["type"] == "DELIVERED"]
-        if row["attempt"] > row["max_attempts"]:
-            attempts.fail(f"{intent_id}: attempt {row['attempt']} > max_attempts {row['max_attempts']}")
+        if row["attempt"] - row["parked_attempts"] > row["max_attempts"]:
+            attempts.fail(f"{intent_id}: attempt {row['attempt']} ({row['parked_attempts']} parked)"
+                          f" > max_attempts {row['max_attempts']}")
+        parks = sum(1 for e in events if e["type"] == "WAITING")
+        if parks != row["parked_attempts"]:
+            attempts.fail(f"{intent_id}: {parks} WAITING events but parked_attempts = {row['parked_attempts']}")
         if [e["attempt"] for e in delivered] != list(range(1, len(delivered) + 1)):
             attempts.fail(f"{intent_id}: DELIVERED events carry attempts {[e['attempt'] for e in delivered]}")
         elif len(delivered) != row["attempt"]:
@@ -268,7 +316,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         too_new = [x["attempt"] for x in [*ledger, *starts, *steps] if x["attempt"] > row["attempt"]]
         if too_new:
             attempts.fail(f"{intent_id}: work of attempt {max(too_new)} but the intent counts {row['attempt']}")
-        extra_deliveries += max(0, len(delivered) - 1)
+        # A wake is a delivery of its own, not a redelivery.
+        extra_deliveries += max(0, len(delivered) - 1 - row["parked_attempts"])
 
         # Event log.
         log.checked += 1
@@ -306,6 +355,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     report.kinds = {k: sum(1 for o in outcomes if o.plan.kind == k) for k in INTENT_KINDS}
     report.redeliveries = sum(released.values())
     report.extra_deliveries = extra_deliveries
+    report.wakes = wakes
     report.released = dict(released)
     report.step_runs = step_runs
     report.step_reruns = reruns

@@ -28,8 +28,10 @@ INTENT_KINDS: tuple[str, ...] = (
     "cancel",    # cancelled after a few steps: CANCELED (COMPLETED only if it finished first)
     "deadline",  # a deadline shorter than its work: TIMED_OUT (COMPLETED only if it finished first)
     "fail",      # the agent fails non-retryably at one step: FAILED with that code
+    "wait",      # waits for a signal before one step (sent early, held or parked): COMPLETED with its value
 )
-DEFAULT_MIX: dict[str, float] = {"plain": 0.5, "idem": 0.14, "cancel": 0.12, "deadline": 0.12, "fail": 0.12}
+DEFAULT_MIX: dict[str, float] = {"plain": 0.4, "idem": 0.12, "cancel": 0.12, "deadline": 0.12, "fail": 0.12,
+                                 "wait": 0.12}
 
 
 @dataclass

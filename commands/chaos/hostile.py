@@ -3,8 +3,10 @@ client keys of a tenant of its own, beside the normal workload
 (``python -m intentd.commands.chaos.hostile --mode poison|silent|flood ...``).
 
 - ``poison``: a capacity-0 sidecar whose writes are malformed or not its
-  own: NUL characters in progress messages, step names, failure messages and
-  lease intent ids, and well-formed writes for leases it does not hold.
+  own: NUL characters in progress messages, step names, failure messages,
+  signal names and lease intent ids, a step passing for a wait's record,
+  a human task far past every limit, and well-formed writes (progress,
+  waits) for leases it does not hold.
 - ``silent``: a sidecar that takes one of its tenant's intents, records one
   big step, then repeats that step write over and over and never reads its
   stream again (each repeat is answered with the full record).
@@ -40,11 +42,13 @@ import grpc
 from intentd.generated.v1 import agent_service_pb2 as apb
 from intentd.generated.v1 import agent_service_pb2_grpc as apb_grpc
 from intentd.generated.v1 import delivery_pb2 as dpb
+from intentd.generated.v1 import intent_pb2 as ipb
 
 MODES = ("poison", "silent", "flood")
 HOSTILE_TYPE = "chaos.hostile.run.v1"
 # The poison variants, cycled through in order.
-POISON_KINDS = ("nul_progress", "nul_step_name", "nul_fail_message", "nul_intent_id", "foreign_lease")
+POISON_KINDS = ("nul_progress", "nul_step_name", "nul_fail_message", "nul_intent_id", "foreign_lease",
+                "nul_signal_name", "reserved_step_name", "foreign_wait", "huge_task")
 _CODE_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
 _ID_CHARS = string.digits + "abcdefghjkmnpqrstvwxyz"
 
@@ -179,6 +183,19 @@ def _poison(args: argparse.Namespace, stats: Stats, rng: random.Random, stop: th
                 write = dpb.IntentWrite(lease=lease, step=dpb.StepWrite(index=1, name="st\x00ep", result=b"{}"))
             elif kind == "nul_fail_message":
                 write = dpb.IntentWrite(lease=lease, fail=dpb.FailWrite(code="X", message="fa\x00il", retryable=True))
+            elif kind == "nul_signal_name":
+                write = dpb.IntentWrite(lease=lease, wait=dpb.WaitWrite(
+                    index=1, step_name="@signal:g\x00o", kind=ipb.WAIT_KIND_SIGNAL, signal_name="g\x00o"))
+            elif kind == "reserved_step_name":
+                # Only waits record names from "@": a step may not pass for one.
+                write = dpb.IntentWrite(lease=lease, step=dpb.StepWrite(index=1, name="@signal:go", result=b"{}"))
+            elif kind == "foreign_wait":
+                write = dpb.IntentWrite(lease=lease, wait=dpb.WaitWrite(
+                    index=1, step_name="@signal:go", kind=ipb.WAIT_KIND_SIGNAL, signal_name="go", timeout_ms=1000))
+            elif kind == "huge_task":
+                write = dpb.IntentWrite(lease=lease, wait=dpb.WaitWrite(
+                    index=1, step_name="@human:t", kind=ipb.WAIT_KIND_HUMAN,
+                    task=dpb.HumanTaskSpec(title="t", outcomes=["o"] * 10_000, form_schema=b"[" * 50_000)))
             elif kind == "nul_intent_id":
                 lease.intent_id = lease.intent_id[:10] + "\x00" + lease.intent_id[11:]
                 write = dpb.IntentWrite(lease=lease, progress=dpb.ProgressWrite(message="ok", fraction=0.1))

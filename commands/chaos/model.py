@@ -4,6 +4,7 @@ ledger schema and the value every step must produce."""
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 INTENT_TYPE = "chaos.soak.run.v1"
 # Non-retryable failures carry this code (the checker expects it back).
@@ -37,6 +38,15 @@ CREATE TABLE IF NOT EXISTS chaos_attempts (
     at          timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS chaos_attempts_pid ON chaos_attempts (pid);
+CREATE TABLE IF NOT EXISTS chaos_waits (
+    exec_id     uuid PRIMARY KEY,
+    intent_id   text NOT NULL,
+    attempt     integer NOT NULL,
+    lease_token uuid NOT NULL,
+    value       jsonb NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS chaos_waits_intent ON chaos_waits (intent_id);
 """
 
 INSERT_LEDGER = (
@@ -48,6 +58,18 @@ INSERT_ATTEMPT = (
     " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (exec_id) DO NOTHING"
 )
 
+# Every return of a wait for the signal, in every attempt that got past it.
+INSERT_WAIT = (
+    "INSERT INTO chaos_waits (exec_id, intent_id, attempt, lease_token, value)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (exec_id) DO NOTHING"
+)
+# The signal a "wait" intent waits for, and the value it carries.
+SIGNAL_NAME = "go"
+
+
+def signal_value(key: str) -> dict[str, str]:
+    return {"token": key}
+
 
 def step_name(index: int) -> str:
     return f"step-{index}"
@@ -58,6 +80,10 @@ def step_value(intent_id: str, index: int) -> int:
     return zlib.crc32(f"{intent_id}:{index}".encode()) % 100_000
 
 
-def expected_result(intent_id: str, steps: int) -> dict[str, int]:
-    """What a completed intent's result must be."""
-    return {"steps": steps, "sum": sum(step_value(intent_id, i) for i in range(1, steps + 1))}
+def expected_result(intent_id: str, steps: int, signal: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a completed intent's result must be (with the signal's value for
+    an intent that waited for one)."""
+    result: dict[str, Any] = {"steps": steps, "sum": sum(step_value(intent_id, i) for i in range(1, steps + 1))}
+    if signal is not None:
+        result["signal"] = signal
+    return result

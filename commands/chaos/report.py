@@ -71,7 +71,8 @@ class Report:
     # RELEASED events (agent died, sidecar stopped, lease expired, retryable
     # failure) plus lease expiries that ended in FAILED.
     redeliveries: int = 0
-    extra_deliveries: int = 0  # deliveries after each intent's first
+    extra_deliveries: int = 0  # deliveries after each intent's first, wakes from waits not counted
+    wakes: int = 0  # deliveries that woke a parked intent
     released: dict[str, int] = field(default_factory=dict)
     step_runs: int = 0
     step_reruns: int = 0
@@ -115,7 +116,7 @@ class Report:
         lines += [
             f"redeliveries: {self.redeliveries} (RELEASED events and lease expiries: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.released.items())) or "none")
-            + f"); {self.extra_deliveries} deliveries after the first",
+            + f"); {self.extra_deliveries} deliveries after the first, besides {self.wakes} wakes from waits",
             f"step runs: {self.step_runs} ({self.step_reruns} re-runs of unrecorded steps;"
             f" {self.late_ledger_writes} side effects written after their step was recorded"
             " by a run that began before)",

@@ -16,7 +16,7 @@ from intentd.client import FailedPrecondition, IntentClient, IntentdError
 from intentd.client.models import Intent
 
 from .config import INTENT_KINDS, SoakConfig
-from .model import INTENT_TYPE
+from .model import INTENT_TYPE, SIGNAL_NAME, signal_value
 
 
 @dataclass
@@ -31,9 +31,16 @@ class Plan:
     fail_at: int | None = None
     deadline_s: float | None = None
     cancel_after: int | None = None  # cancel once this many steps are recorded
+    wait_at: int | None = None  # wait for the signal before this step
+    # When the signal is sent: "early" (right after the send, before the
+    # wait), else this many seconds after the handler reached the wait (held
+    # within the hold window, parked after it); twice with one signal id when
+    # ``signal_twice``.
+    signal_delay_s: float | None = None
+    signal_twice: bool = False
 
     def payload(self) -> dict[str, Any]:
-        return {"steps": self.steps, "step_ms": self.step_ms, "fail_at": self.fail_at}
+        return {"steps": self.steps, "step_ms": self.step_ms, "fail_at": self.fail_at, "wait_at": self.wait_at}
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Outcome:
     cancel_at: float | None = None
     waited: Intent | None = None
     wait_error: str | None = None
+    signals: list[str] = field(default_factory=list)  # "created", "matched" or an error, per send
 
     @property
     def intent_id(self) -> str | None:
@@ -77,6 +85,10 @@ def make_plans(cfg: SoakConfig, addresses: list[str], run_tag: str) -> list[Plan
         elif kind == "cancel":
             plan.step_ms = max(step_ms, 200)
             plan.cancel_after = rng.randint(1, max(1, cfg.steps - 1))
+        elif kind == "wait":
+            plan.wait_at = rng.randint(1, cfg.steps)
+            plan.signal_delay_s = None if rng.random() < 0.25 else rng.uniform(0.0, 4.0)
+            plan.signal_twice = rng.random() < 0.3
         plans.append(plan)
     return plans
 
@@ -181,11 +193,35 @@ class Workload:
             return
         if plan.cancel_after is not None:
             self._cancel_mid_run(client, outcome, intent_id, plan.cancel_after)
+        if plan.wait_at is not None:
+            self._signal(client, outcome, intent_id)
         remaining = self.wait_deadline - time.monotonic()
         try:
             outcome.waited = client.wait_for(intent_id, timeout=max(1.0, remaining))
         except IntentdError as exc:
             outcome.wait_error = f"{type(exc).__name__}: {exc}"
+
+    def _signal(self, client: IntentClient, outcome: Outcome, intent_id: str) -> None:
+        plan = outcome.plan
+        if plan.signal_delay_s is not None:
+            # Until the handler reached its wait, then a while (held or parked).
+            while not self._stop.is_set() and time.monotonic() < self.wait_deadline:
+                try:
+                    current = client.get(intent_id)
+                except IntentdError:
+                    time.sleep(0.1)
+                    continue
+                if current.terminal or current.waiting is not None:
+                    break
+                time.sleep(0.05)
+            if self._stop.wait(plan.signal_delay_s):
+                return
+        for _ in range(2 if plan.signal_twice else 1):
+            try:
+                sent = client.signal(intent_id, SIGNAL_NAME, signal_value(plan.key), signal_id=f"{plan.key}:go")
+                outcome.signals.append("created" if sent.created else "matched")
+            except IntentdError as exc:
+                outcome.signals.append(f"error: {type(exc).__name__}: {exc}")
 
     def _cancel_mid_run(self, client: IntentClient, outcome: Outcome, intent_id: str, after: int) -> None:
         while not self._stop.is_set() and time.monotonic() < self.wait_deadline:

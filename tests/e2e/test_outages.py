@@ -5,31 +5,15 @@ expired for the time the database was away, and everything completes after."""
 from __future__ import annotations
 
 import time
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 
 from intentd.client import IntentClient, IntentState, Unavailable
-from tests.proxy import TcpProxy
+from tests.proxy import TcpProxy, postgres_through, postgres_upstream
 from tests.stack import TYPE, begins, create_ledger, ledger
 from tests.support import wait_until
 
 OUTAGE_SECONDS = 30
-
-
-def _upstream(url: str) -> str:
-    """Where PostgreSQL listens: loopback TCP, or the embedded server's unix socket."""
-    parts = urlsplit(url)
-    socket_dir = parse_qs(parts.query).get("host", [""])[0]
-    if socket_dir.startswith("/"):
-        return f"unix:{socket_dir}/.s.PGSQL.{parts.port or 5432}"
-    return f"{parts.hostname}:{parts.port or 5432}"
-
-
-def _through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    user = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}@{proxy.address}" if user else proxy.address, query=""))
 
 
 @pytest.mark.timeout(180)
@@ -38,8 +22,9 @@ def test_database_outage_under_load_loses_nothing_and_redelivers_nothing(cluster
     # in-process server) would rightly see the partitioned replica's leases lapse.
     # Here the whole control plane loses PostgreSQL, as in a real outage.
     cluster.db = create_ledger(databases.create())
-    with TcpProxy(_upstream(cluster.db)) as proxy:
-        server = cluster.server(INTENTD_DATABASE_URL=_through(proxy, cluster.db), INTENTD_HEARTBEAT_TIMEOUT_MS="2000")
+    with TcpProxy(postgres_upstream(cluster.db)) as proxy:
+        server = cluster.server(INTENTD_DATABASE_URL=postgres_through(proxy, cluster.db),
+                                INTENTD_HEARTBEAT_TIMEOUT_MS="2000")
         cluster.sidecar(server.address)
         with IntentClient(server.address) as client:
             ids = [client.send_intent(intent_type=TYPE, to_agent=cluster.address,
