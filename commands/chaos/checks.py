@@ -265,8 +265,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             per_attempt = Counter(x["attempt"] for x in returns)
             if any(c > 1 for c in per_attempt.values()):
                 signaled.fail(f"{intent_id}: the wait returned twice in one attempt: {dict(per_attempt)}")
-            for rec in wait_records:
-                value = json.loads(rec["result"])
+            for wait_record in wait_records:
+                value = json.loads(wait_record["result"])
                 if value.get("signal", {}).get("payload") != want_signal:
                     signaled.fail(f"{intent_id}: the wait recorded {value}, expected the payload {want_signal}")
             if state == "COMPLETED" and (len(consumed) != 1 or len(wait_records) != 1):
@@ -277,7 +277,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         wakes += row["parked_attempts"]
 
         # Side effects against step records, by the handler's step number.
-        record = dict(enumerate(user_steps, start=1))
+        record: dict[int, dict[str, Any]] = dict(enumerate(user_steps, start=1))
         per_step: Counter[int] = Counter()
         for entry in ledger:
             step_runs += 1

@@ -1,14 +1,10 @@
 """The gRPC surface of durable waits (docs/waits.md): SignalIntent, the
 HumanTaskService and IntentType.wait_hold_ms, on real servers and a real
 PostgreSQL. Every refusal is checked for its status and for nothing having
-been written.
-
-Tests that reach the storage of waits (server.waits, migration 0010) are
-skipped while it is not part of the build; validation is not."""
+been written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import uuid
 from collections.abc import Iterator
@@ -30,8 +26,6 @@ from intentd.server.ids import new_id
 from tests.support import Keys, RawSidecar, bearer
 
 TYPE = "intent.waits.api.v1"
-HAS_WAITS = importlib.util.find_spec("intentd.server.waits") is not None
-needs_waits = pytest.mark.skipif(not HAS_WAITS, reason="server.waits (the storage of durable waits) is not built yet")
 
 
 def code_of(call: Any, request: Any, metadata: list[tuple[str, str]] | None = None) -> tuple[grpc.StatusCode, str]:
@@ -46,14 +40,7 @@ def intent_events(keys: Keys, intent_id: str) -> list[str]:
 
 
 def signals_of(keys: Keys, intent_id: str) -> int:
-    if not keys.sql("SELECT 1 FROM information_schema.tables WHERE table_name = 'intent_signals'"):
-        return 0
     return int(keys.sql("SELECT count(*) AS n FROM intent_signals WHERE intent_id = $1", intent_id)[0]["n"])
-
-
-def has_wait_hold_column(keys: Keys) -> bool:
-    return bool(keys.sql("SELECT 1 FROM information_schema.columns WHERE table_name = 'intent_types' "
-                         "AND column_name = 'wait_hold_ms'"))
 
 
 # ------------------------------------------------------------------ SignalIntent, API keys off
@@ -99,7 +86,6 @@ def test_signal_requests_that_are_not_valid_write_nothing(make_server, agent_add
     assert signals_of(keys, intent_id) == 0
 
 
-@needs_waits
 def test_signal_of_an_unknown_or_ended_intent(server, agent_address, keys) -> None:
     with IntentClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
         signal = pb_grpc.IntentServiceStub(channel).SignalIntent
@@ -112,7 +98,6 @@ def test_signal_of_an_unknown_or_ended_intent(server, agent_address, keys) -> No
     assert signals_of(keys, intent_id) == 0
 
 
-@needs_waits
 def test_a_signal_waits_in_the_inbox_and_a_repeat_is_matched(server, agent_address, keys) -> None:
     with IntentClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.IntentServiceStub(channel)
@@ -153,9 +138,8 @@ def secure(database_url: str) -> Iterator[tuple[Any, Keys, dict[str, str], str]]
         "runner": keys.create(a, "runner", ["agent"], (f"agent://{a}/prod/*",)),
         "other": keys.create(b, "other", ["client", "admin"]),
     }
-    if has_wait_hold_column(keys):
-        # Park at once: the tests make tasks by reaching ask_human waits.
-        put_type(srv.address, bearer(made["ops"]))
+    # Park at once: the tests make tasks by reaching ask_human waits.
+    put_type(srv.address, bearer(made["ops"]))
     yield srv, keys, made, a
     srv.stop()
 
@@ -166,7 +150,6 @@ def put_type(address: str, metadata: list[tuple[str, str]] | None = None) -> Non
             intent_type=admin_pb.IntentType(intent_type=TYPE, wait_hold_ms=0)), metadata=metadata, timeout=10)
 
 
-@needs_waits
 def test_signal_of_another_tenants_intent_is_not_found(secure) -> None:
     srv, keys, made, tenant = secure
     with IntentClient(srv.address, metadata=bearer(made["alice"])) as client:
@@ -199,7 +182,6 @@ def ask_human(srv: Any, made: dict[str, str], tenant: str, *, assignees: tuple[s
     return intent_id, task_id
 
 
-@needs_waits
 def test_a_parked_ask_human_wait_names_its_task(secure) -> None:
     srv, _, made, tenant = secure
     agent_address = f"agent://{tenant}/prod/h{uuid.uuid4().hex[:8]}"
@@ -214,8 +196,6 @@ def test_a_parked_ask_human_wait_names_its_task(secure) -> None:
             task=delivery_pb2.HumanTaskSpec(title="Ship?", assignees=["alice"]))))
     finally:
         raw.close()
-    if result.message == "write.op: is required":
-        pytest.skip("this build's sidecar stream does not take wait writes yet")
     assert (result.code, result.message) == (0, "") and result.wait.parked, result
     with grpc.insecure_channel(srv.address) as channel:
         intent = pb_grpc.IntentServiceStub(channel).GetIntent(pb.GetIntentRequest(id=intent_id),
@@ -236,7 +216,6 @@ def audit_rows(keys: Keys, task_id: str) -> list[tuple[str, str, str]]:
     return [(r["actor"], json.loads(r["detail"])["intent_id"], json.loads(r["detail"])["outcome"]) for r in rows]
 
 
-@needs_waits
 def test_a_task_is_listed_read_and_decided_by_its_assignee_only(secure) -> None:
     srv, keys, made, tenant = secure
     intent_id, task_id = ask_human(srv, made, tenant, assignees=("alice",))
@@ -292,7 +271,6 @@ def test_a_task_is_listed_read_and_decided_by_its_assignee_only(secure) -> None:
     assert [(r["actor"], r["task_id"]) for r in decided_events] == [("alice", task_id)]
 
 
-@needs_waits
 def test_an_admin_may_decide_a_task_of_its_tenant_assigned_to_others(secure) -> None:
     srv, keys, made, tenant = secure
     intent_id, task_id = ask_human(srv, made, tenant, assignees=("alice",), outcomes=("go", "stop"))
@@ -303,7 +281,6 @@ def test_an_admin_may_decide_a_task_of_its_tenant_assigned_to_others(secure) -> 
     assert audit_rows(keys, task_id) == [("ops", intent_id, "stop")]
 
 
-@needs_waits
 def test_form_data_must_satisfy_the_tasks_schema(secure) -> None:
     srv, _, made, tenant = secure
     schema = {"type": "object", "properties": {"amount": {"type": "integer"}}, "required": ["amount"]}
@@ -328,7 +305,6 @@ def test_form_data_must_satisfy_the_tasks_schema(secure) -> None:
     assert decided.decision.decided_by == "bob"  # no assignees: any client key of the tenant
 
 
-@needs_waits
 def test_list_pages_and_refusals(secure) -> None:
     srv, _, made, tenant = secure
     made_ids = [ask_human(srv, made, tenant, title=f"page {i}")[1] for i in range(3)]
@@ -372,7 +348,6 @@ def test_human_task_calls_need_a_key_with_the_client_role(secure) -> None:
                 grpc.StatusCode.INVALID_ARGUMENT)
 
 
-@needs_waits
 def test_with_api_keys_off_the_one_caller_decides_any_task(make_server, database_url) -> None:
     """The anonymous caller of a server without keys holds every role, so a
     task naming assignees is still decided (as "anonymous")."""
@@ -396,9 +371,7 @@ def test_with_api_keys_off_the_one_caller_decides_any_task(make_server, database
 
 
 def test_wait_hold_ms_of_an_intent_type(secure) -> None:
-    srv, keys, made, _ = secure
-    if not has_wait_hold_column(keys):
-        pytest.skip("intent_types.wait_hold_ms comes with migration 0010")
+    srv, _, made, _ = secure
     name = f"intent.waits.hold{uuid.uuid4().hex[:6]}.v1"
     with grpc.insecure_channel(srv.address) as channel:
         admin = admin_grpc.AdminServiceStub(channel)
