@@ -48,7 +48,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 
@@ -78,6 +78,9 @@ TIMED_OUT = "TIMED_OUT"
 LEASE_LOST = "LEASE_LOST"
 SHUTDOWN = "SHUTDOWN"
 PARKED = "PARKED"
+
+# What a handler thread's call answers once the attempt stopped (blocking).
+_STOPPED = object()
 
 # Steps of one handler open at once. One: the numbering must not depend on
 # which of two concurrent steps reaches the engine first.
@@ -478,6 +481,18 @@ class Attempt:
 
     # -- the bridge for handler threads ------------------------------------------
 
+    async def _unless_stopped(self, coro: Coroutine[Any, Any, T]) -> T | object:
+        """``coro``, with the LeaseLost of a stopped attempt answered as
+        ``_STOPPED``: ``stop`` cancels the thread's future, and an exception
+        left in a task behind a cancelled future would never be retrieved
+        (asyncio logs each one)."""
+        try:
+            return await coro
+        except LeaseLost:
+            if self._stop_reason is None:
+                raise
+            return _STOPPED
+
     def blocking(self, coro: Coroutine[Any, Any, T]) -> T:
         """Runs ``coro`` on the agent's loop and waits for it, from a handler
         thread; raises ``LeaseLost`` as soon as the attempt stops."""
@@ -494,16 +509,19 @@ class Attempt:
         if self._stop_reason is not None:
             coro.close()
             self.check_live()
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._unless_stopped(coro), self._loop)
         with self._pending_lock:
             self._pending.add(fut)
         try:
             # The attempt may have stopped between the check and the add.
             if self._stop_reason is not None:
                 fut.cancel()
-            return fut.result()
+            result = fut.result()
         except concurrent.futures.CancelledError:
             raise LeaseLost(self._stop_reason or LEASE_LOST, self._stop_message) from None
         finally:
             with self._pending_lock:
                 self._pending.discard(fut)
+        if result is _STOPPED:
+            raise LeaseLost(self._stop_reason or LEASE_LOST, self._stop_message)
+        return cast(T, result)

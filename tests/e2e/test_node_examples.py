@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from intentd.client import IntentClient, IntentState
+from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 from tests.support import ROOT, Process, ServerProcess, wait_until
 
 NODE_DIR = ROOT / "examples" / "node"
@@ -136,3 +138,31 @@ def test_node_agent_killed_mid_way_resumes_without_rerunning_recorded_steps(stac
         assert [s.attempt for s in steps] == [1, 1, 2, 2, 2]
         released = [e for e in client.watch(final["id"]) if e.type == "RELEASED"]
         assert [e.message for e in released] == ["AGENT_DIED"]
+
+
+@pytest.mark.parametrize("hold_ms", [0, 20_000])
+def test_node_agent_waits_for_a_signal_parked_or_held(stack: Stack, hold_ms: int) -> None:
+    """The wire steps of a wait from a second language: BeginStep at the
+    wait's position, Wait, then either the record (held) or the end of the
+    attempt (parked) and a replay of the record after the signal woke it."""
+    with grpc.insecure_channel(stack.server.address) as channel:
+        admin_service_pb2_grpc.AdminServiceStub(channel).PutIntentType(admin_service_pb2.PutIntentTypeRequest(
+            intent_type=admin_service_pb2.IntentType(intent_type=INTENT_TYPE, wait_hold_ms=hold_ms)))
+    ledger = stack.tmp / f"ledger-wait-{uuid.uuid4().hex[:6]}.jsonl"
+    with IntentClient(stack.server.address) as client:
+        intent_id = client.send_intent(intent_type=INTENT_TYPE, to_agent=stack.address,
+                                       payload={"steps": 2, "wait_for_signal": "go", "ledger": str(ledger)})
+
+        def waiting() -> bool:
+            intent = client.get(intent_id)
+            return intent.waiting is not None and (hold_ms > 0 or intent.state is IntentState.WAITING)
+
+        wait_until(waiting, 30, 0.02, "the Node agent reached its wait")
+        client.signal(intent_id, "go", {"from": "python"})
+        final = client.wait_for(intent_id, timeout=30)
+        assert final.state is IntentState.COMPLETED, (final.error, stack.logs())
+        assert final.result["signal"] == {"from": "python"}
+        assert final.parked_attempts == (1 if hold_ms == 0 else 0)
+        assert final.attempt == (2 if hold_ms == 0 else 1)
+        assert [e["step"] for e in ledger_begins(ledger)] == [1, 2]
+        assert [s.name for s in client.steps(intent_id)] == ["step-1", "step-2", "@signal:go"]

@@ -122,9 +122,10 @@ def test_app_role_runs_a_full_cycle_and_cannot_change_the_schema(app_db: AppData
     sequences = _sql(app_db.owner_url, "SELECT c.relname, has_sequence_privilege($1, c.oid, 'USAGE') AS usage,"
                      " has_sequence_privilege($1, c.oid, 'UPDATE') AS update FROM pg_class c WHERE c.relkind = 'S'",
                      app_db.role)
-    # intentd's sequence is usable (nextval), not settable; the test's own ledger is not the app's.
+    # intentd's sequences are usable (nextval), not settable; the test's own ledger is not the app's.
     assert {s["relname"]: (s["usage"], s["update"]) for s in sequences} == {
-        "audit_log_id_seq": (True, False), "test_ledger_id_seq": (False, False)}
+        "audit_log_id_seq": (True, False), "intent_signals_seq_seq": (True, False),
+        "test_ledger_id_seq": (False, False)}
 
     # And no DDL of any kind.
     for statement in ("CREATE TABLE intentd_evil (x int)", "ALTER TABLE intents ADD COLUMN evil int",
