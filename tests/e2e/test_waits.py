@@ -12,6 +12,7 @@ import random
 import signal
 import uuid
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +398,24 @@ async def _sql(url: str, query: str, *args: Any) -> list[Any]:
     async with connection(url) as conn:
         return list(await conn.fetch(query, *args))
 
+
+
+def test_a_deadline_ends_a_waiting_intent_and_its_task(cluster) -> None:
+    server = cluster.server()
+    intent_type = new_type(server.address, hold_ms=0)
+    sidecar(cluster, server, intent_type)
+    with IntentClient(server.address) as client:
+        intent_id = client.send_intent(intent_type=intent_type, to_agent=cluster.address,
+                                       payload={"script": [{"step": "a"}, {"human": "Approve?"}]},
+                                       deadline=timedelta(seconds=3))
+        parked = until_waiting(client, intent_id, cluster, parked=True)
+        final = client.wait_for(intent_id, timeout=30)
+        assert final.state is IntentState.TIMED_OUT, (final.state, cluster.logs()[-3000:])
+        assert final.waiting is None
+        assert client.get_task(parked.waiting.task_id).state == "CANCELED"
+        with pytest.raises(ClientError) as late:
+            client.signal(intent_id, "go", 1)
+        assert late.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        # Nothing ran after the park, and nothing was redelivered for the deadline.
+        assert begins(ledger(cluster.db, intent_id)) == Counter({1: 1})
+        assert deliveries(client, intent_id) == 1
