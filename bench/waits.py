@@ -10,7 +10,11 @@
     delivery replays the 50 steps and the wait returns (aim: p50 <= 30 ms).
     The baseline for both: send -> handler start of a plain intent
     (``latency.dispatch_p50``), measured here in the same run.
-(c) 10,000 parked intents: send -> handler start and SendIntent latency of
+(c) Timers: 50 intents at once each sleep 1 s durably and park (hold 0):
+    how late each timer fired (its TIMER_FIRED event against its due time,
+    both on the database clock), p50/p99 (the sweep runs every 0.2 s; aim:
+    within 1 s).
+(d) 10,000 parked intents: send -> handler start and SendIntent latency of
     other intents with an empty table, then with 10,000 intents WAITING on
     the same addresses (aim: within 1.2x).
 """
@@ -32,6 +36,12 @@ from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 ADDRESS = "agent://bench/waits/noop"
 HELD = "bench.wait.held.v1"
 PARKED = "bench.wait.parked.v1"
+TIMER = "bench.wait.timer.v1"
+LATENESS = """
+SELECT extract(epoch FROM e.time - w.due_at)::float8 * 1000 AS ms
+FROM intent_waits w JOIN intent_events e ON e.intent_id = w.intent_id AND e.type = 'TIMER_FIRED'
+WHERE w.intent_id = ANY($1::text[]) AND w.kind = 'TIME'
+"""
 WAITING_COUNT = "SELECT count(*) FROM intents WHERE state = 'WAITING' AND intent_type = $1"
 
 
@@ -73,6 +83,16 @@ async def signal_latency(client: AsyncIntentClient, intent_type: str, n: int, st
     return out
 
 
+async def timer_lateness(client: AsyncIntentClient, conn: asyncpg.Connection, n: int) -> list[float]:
+    """Milliseconds each of ``n`` parked one-second timers fired after its due time."""
+    ids = await client.send_intents([{"intent_type": TIMER, "to_agent": ADDRESS, "payload": {"seconds": 1.0}}
+                                     for _ in range(n)])
+    finals = await asyncio.gather(*(client.wait_for(i, timeout=60) for i in ids))
+    if any(f.state is not IntentState.COMPLETED or f.parked_attempts != 1 for f in finals):
+        raise RuntimeError("a timer intent did not park once and complete")
+    return [float(r["ms"]) for r in await conn.fetch(LATENESS, ids)]
+
+
 async def park_many(client: AsyncIntentClient, conn: asyncpg.Connection, count: int) -> None:
     for start in range(0, count, 500):
         await client.send_intents([{"intent_type": PARKED, "to_agent": ADDRESS, "payload": {"steps": 0}}
@@ -89,6 +109,7 @@ async def run(run: Run) -> None:
     n = 20 if cfg.quick else 50
     parked_n = 1000 if cfg.quick else 10_000
     held, parked, base_dispatch = [], [], []
+    late: list[list[float]] = []
     empty: dict[str, list[float]] = {"dispatch": [], "send": []}
     full: dict[str, list[float]] = {"dispatch": [], "send": []}
     async with fresh_database("waits") as url:
@@ -98,6 +119,7 @@ async def run(run: Run) -> None:
         try:
             await put_hold(cluster.server.address, HELD, 10_000)
             await put_hold(cluster.server.address, PARKED, 0)
+            await put_hold(cluster.server.address, TIMER, 0)
             await signal_latency(client, HELD, 5, 0, parked=False)  # warm-up
             await signal_latency(client, PARKED, 5, 50, parked=True)
             await sample(client, 20, ADDRESS)
@@ -106,6 +128,7 @@ async def run(run: Run) -> None:
                 base_dispatch.append(percentile(base["dispatch"], 50))
                 held.append(await signal_latency(client, HELD, n, 0, parked=False))
                 parked.append(await signal_latency(client, PARKED, n, 50, parked=True))
+            late += [await timer_lateness(client, conn, 50) for _ in range(cfg.reps)]
             for _ in range(cfg.reps):
                 rep = await sample(client, cfg.latency_n, ADDRESS)
                 empty["dispatch"].append(percentile(rep["dispatch"], 50))
@@ -130,6 +153,10 @@ async def run(run: Run) -> None:
                [percentile(r, 50) for r in parked], baseline="waits.base_dispatch_p50", target="<=30")
     run.figure("waits.parked_p99", f"Signal -> wait returns, parked, 50 steps replayed p99 (n={n})", "ms",
                [percentile(r, 99) for r in parked], baseline="waits.base_dispatch_p50")
+    run.figure("waits.timer_late_p50", "Parked 1 s timer fired after its due time p50 (50 at once)", "ms",
+               [percentile(r, 50) for r in late], target="<=1000")
+    run.figure("waits.timer_late_p99", "Parked 1 s timer fired after its due time p99 (50 at once)", "ms",
+               [percentile(r, 99) for r in late], target="<=1000")
     run.figure("waits.empty_dispatch_p50", "Send -> handler start p50, no parked intents", "ms", empty["dispatch"])
     run.figure("waits.parked_dispatch_p50", f"Send -> handler start p50, {parked_n} parked intents", "ms",
                full["dispatch"], baseline="waits.empty_dispatch_p50", target="<=1.2x")

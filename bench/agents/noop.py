@@ -13,6 +13,8 @@ Handlers:
                     ``payload["steps"]`` no-op steps, then waits for the
                     signal "go"; returns ``time.time()`` taken as the wait
                     returned (the types differ only in their hold window)
+  bench.wait.timer.v1
+                    a durable ``ctx.sleep(payload["seconds"])``
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
@@ -67,6 +69,12 @@ async def wait(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     for index in range(int(payload.get("steps", 0))):
         await ctx.step(f"s{index}", _noop)
     await ctx.wait_for_signal("go")
+    return {"returned": time.time()}
+
+
+@agent.handler("bench.wait.timer.v1")
+async def timer(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    await ctx.sleep(float(payload.get("seconds", 1.0)))
     return {"returned": time.time()}
 
 
