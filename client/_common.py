@@ -322,9 +322,9 @@ def batch_request(intents: Iterable[IntentInput], sender: str | None) -> pb.Send
     return pb.SendIntentsRequest(intents=specs)
 
 
-def state_values(states: StateFilter) -> list[int]:
-    """Proto values of a state filter given as IntentState members or names
-    ("FAILED", "failed", "INTENT_STATE_FAILED")."""
+def _filter_values(states: Any, enum: Any, prefix: str) -> list[int]:
+    """Proto values of a state filter given as members of ``enum`` or their
+    names in any case, with or without the proto ``prefix``."""
     if states is None:
         return []
     if isinstance(states, str):
@@ -332,16 +332,22 @@ def state_values(states: StateFilter) -> list[int]:
         states = [states]
     values: list[int] = []
     for i, state in enumerate(states):
-        if isinstance(state, IntentState):
+        if isinstance(state, enum):
             values.append(state.to_proto())
             continue
-        name = str(state).strip().upper().removeprefix("INTENT_STATE_")
+        name = str(state).strip().upper().removeprefix(prefix)
         try:
-            values.append(IntentState(name).to_proto())
+            values.append(enum(name).to_proto())
         except ValueError:
-            known = ", ".join(s.value for s in IntentState)
+            known = ", ".join(s.value for s in enum)
             raise InvalidArgument(f"states[{i}]: {state!r} is not one of {known}") from None
     return values
+
+
+def state_values(states: StateFilter) -> list[int]:
+    """Proto values of a state filter given as IntentState members or names
+    ("FAILED", "failed", "INTENT_STATE_FAILED")."""
+    return _filter_values(states, IntentState, "INTENT_STATE_")
 
 
 def list_request(**query: Unpack[ListQuery]) -> pb.ListIntentsRequest:
@@ -375,22 +381,7 @@ def signal_request(intent_id: str, name: str, payload: Any, signal_id: str | Non
 def task_state_values(states: TaskStateFilter) -> list[int]:
     """Proto values of a task state filter given as HumanTaskState members or
     names ("OPEN", "open", "HUMAN_TASK_STATE_OPEN")."""
-    if states is None:
-        return []
-    if isinstance(states, str):
-        states = [states]
-    values: list[int] = []
-    for i, state in enumerate(states):
-        if isinstance(state, HumanTaskState):
-            values.append(state.to_proto())
-            continue
-        name = str(state).strip().upper().removeprefix("HUMAN_TASK_STATE_")
-        try:
-            values.append(HumanTaskState(name).to_proto())
-        except ValueError:
-            known = ", ".join(s.value for s in HumanTaskState)
-            raise InvalidArgument(f"states[{i}]: {state!r} is not one of {known}") from None
-    return values
+    return _filter_values(states, HumanTaskState, "HUMAN_TASK_STATE_")
 
 
 def task_list_request(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from queue import Empty, Queue
@@ -205,15 +206,7 @@ class Workload:
         plan = outcome.plan
         if plan.signal_delay_s is not None:
             # Until the handler reached its wait, then a while (held or parked).
-            while not self._stop.is_set() and time.monotonic() < self.wait_deadline:
-                try:
-                    current = client.get(intent_id)
-                except IntentdError:
-                    time.sleep(0.1)
-                    continue
-                if current.terminal or current.waiting is not None:
-                    break
-                time.sleep(0.05)
+            self._until(client, intent_id, lambda current: current.terminal or current.waiting is not None)
             if self._stop.wait(plan.signal_delay_s):
                 return
         for _ in range(2 if plan.signal_twice else 1):
@@ -223,18 +216,25 @@ class Workload:
             except IntentdError as exc:
                 outcome.signals.append(f"error: {type(exc).__name__}: {exc}")
 
-    def _cancel_mid_run(self, client: IntentClient, outcome: Outcome, intent_id: str, after: int) -> None:
+    def _until(self, client: IntentClient, intent_id: str, reached: Callable[[Intent], bool]) -> Intent | None:
+        """Polls the intent until ``reached`` says so (through outages), the
+        workload stops or its deadline passes; the last intent read."""
+        current: Intent | None = None
         while not self._stop.is_set() and time.monotonic() < self.wait_deadline:
             try:
                 current = client.get(intent_id)
             except IntentdError:
                 time.sleep(0.1)
                 continue
-            if current.terminal:
-                return  # finished before we got to cancel it
-            if current.steps_completed >= after:
+            if reached(current):
                 break
             time.sleep(0.05)
+        return current
+
+    def _cancel_mid_run(self, client: IntentClient, outcome: Outcome, intent_id: str, after: int) -> None:
+        current = self._until(client, intent_id, lambda now: now.terminal or now.steps_completed >= after)
+        if current is not None and current.terminal:
+            return  # finished before we got to cancel it
         outcome.cancel_at = time.time()
         try:
             final = client.cancel(intent_id, reason=f"chaos: cancel after {after} steps")
