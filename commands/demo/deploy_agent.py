@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any
 
-from intentd.agent import Agent, Context
+from intentd.agent import Agent, Context, HumanDecision
 
 from .common import write_ledger
 
@@ -32,28 +31,6 @@ APPROVAL_BEFORE = 6
 agent = Agent(ADDRESS, capacity=1)
 
 
-class _Decision(Protocol):
-    task_id: str
-    outcome: str
-    decided_by: str
-    decide_time: Any
-    comment: str
-
-    @property
-    def approved(self) -> bool: ...
-
-
-class _Asks(Protocol):
-    async def ask_human(self, title: str, *, description: str | None = None,
-                        outcomes: tuple[str, ...] = ("approve", "reject")) -> _Decision: ...
-
-
-def _asks(ctx: Context) -> _Asks:
-    # The demo is typed against the wait API of docs/waits.md rather than the
-    # agent SDK's class, so the two can be checked (and built) apart.
-    return cast(_Asks, ctx)
-
-
 def _work(index: int, name: str, attempt: int, seconds: float, release: str) -> dict[str, Any]:
     write_ledger({"event": "begin", "step": index, "name": name, "attempt": attempt})
     time.sleep(seconds)
@@ -62,14 +39,13 @@ def _work(index: int, name: str, attempt: int, seconds: float, release: str) -> 
     return {"step": index, "digest": digest}
 
 
-def decision_dict(decision: _Decision) -> dict[str, Any]:
-    when = decision.decide_time
+def decision_dict(decision: HumanDecision) -> dict[str, Any]:
     return {
         "task_id": decision.task_id,
         "outcome": decision.outcome,
         "decided_by": decision.decided_by,
         "comment": decision.comment,
-        "decide_time": when.isoformat() if isinstance(when, datetime) else when,
+        "decide_time": decision.decide_time.isoformat(),
     }
 
 
@@ -78,10 +54,10 @@ async def deploy(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     release = str(payload.get("release", "v1.0.0"))
     seconds = float(payload.get("step_seconds", 0.05))
     digests: list[str] = []
-    decision: _Decision | None = None
+    decision: HumanDecision | None = None
     for index, name in enumerate(STAGES, start=1):
         if index == APPROVAL_BEFORE:
-            decision = await _asks(ctx).ask_human(
+            decision = await ctx.ask_human(
                 APPROVAL_TITLE,
                 description=f"{release} passed {len(digests)} steps and runs on staging. Ship it?",
                 outcomes=("approve", "reject"),
