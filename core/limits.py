@@ -40,8 +40,10 @@ MAX_ATTEMPTS_LIMIT = 1000
 # Signal names and signal ids: 1..128 characters of [A-Za-z0-9_.:-].
 MAX_SIGNAL_NAME_LEN = 128
 MAX_SIGNAL_ID_LEN = 128
-# Signals kept in one intent's inbox, not yet taken by a wait.
+# Signals kept in one intent's inbox, not yet taken by a wait, and the bytes
+# of their payloads (each also within the tenant's payload limit).
 MAX_INBOX_SIGNALS = 1000
+MAX_INBOX_BYTES = 4 * 1024 * 1024
 MAX_TASK_TITLE_LEN = 200
 MAX_TASK_DESCRIPTION_LEN = 10_000
 MAX_TASK_OUTCOMES = 20

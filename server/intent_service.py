@@ -303,6 +303,9 @@ class IntentService(pb_grpc.IntentServiceServicer):
             raise ValidationError("signal_id", problem)
         caller = current_caller()
         payload = payload_json(request.payload, "payload", await self.quotas.max_payload_bytes(caller))
+        # A signal is a write like a send: one rate for both, so a key cannot
+        # load the database past its send limit through signals.
+        await self.quotas.admit_sends(caller, 1)
         sent = await self.waits.signal(caller.tenant, intent_id, request.name, payload, request.signal_id or None,
                                        caller.name)
         if sent.created:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from intentd.core.limits import MAX_INBOX_SIGNALS
+from intentd.core.limits import MAX_INBOX_BYTES, MAX_INBOX_SIGNALS
 from intentd.core.states import TERMINAL_STATES
 from intentd.core.waits import DEFAULT_OUTCOMES, HUMAN, SIGNAL, TIME
 
@@ -231,10 +231,15 @@ class WaitStore:
                     raise errors.FailedPrecondition(
                         f"the wait at position {wait['idx']} of intent {intent_id} could not be recorded")
             else:
-                if await conn.fetchval(Q.inbox_size, intent_id) >= MAX_INBOX_SIGNALS:
+                inbox = await conn.fetchrow(Q.inbox_size, intent_id)
+                if inbox["signals"] >= MAX_INBOX_SIGNALS:
                     raise errors.ResourceExhausted(
                         f"intent {intent_id} has {MAX_INBOX_SIGNALS} signals no wait took yet; no more are kept",
                         retry_after_ms=1000)
+                if inbox["bytes"] + len(payload.encode()) > MAX_INBOX_BYTES:
+                    raise errors.ResourceExhausted(
+                        f"intent {intent_id} holds {inbox['bytes']} bytes of signals no wait took yet; this one"
+                        f" would pass the inbox's {MAX_INBOX_BYTES} bytes", retry_after_ms=1000)
                 signal = await conn.fetchrow(Q.insert_signal, intent_id, signal_id, name, payload, sender, now, None)
             after = await conn.fetchrow(Q.get_intent, intent_id, tenant)
         return SignalOutcome(after, signal, True)

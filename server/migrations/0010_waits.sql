@@ -58,6 +58,8 @@ CREATE TABLE intent_signals (
     sender       text NOT NULL,
     create_time  timestamptz NOT NULL,
     consumed_idx integer,
+    -- The payload's size as sent, for the inbox's bound in bytes.
+    size_bytes   integer NOT NULL,
     UNIQUE (intent_id, signal_id)
 );
 -- The oldest unconsumed signal of a name of an intent (and the count of an

@@ -184,8 +184,10 @@ SELECT id, last_seq FROM changed;
 SELECT * FROM intent_signals WHERE intent_id = $1 AND signal_id = $2;
 
 -- name: inbox_size
--- Signals of an intent not taken by a wait yet. $1 intent id
-SELECT count(*) FROM intent_signals WHERE intent_id = $1 AND consumed_idx IS NULL;
+-- Signals of an intent not taken by a wait yet, and their payloads' bytes.
+-- $1 intent id
+SELECT count(*) AS signals, coalesce(sum(size_bytes), 0)::bigint AS bytes
+FROM intent_signals WHERE intent_id = $1 AND consumed_idx IS NULL;
 
 -- name: open_signal_wait
 -- The open wait of an intent for a signal of this name, if any.
@@ -201,8 +203,8 @@ ORDER BY w.idx LIMIT 1;
 -- $1 intent id, $2 signal id, $3 name, $4 payload (JSON text), $5 sender,
 -- $6 now, $7 the consuming wait's index (NULL: the inbox)
 WITH s AS (
-    INSERT INTO intent_signals (intent_id, signal_id, name, payload, sender, create_time, consumed_idx)
-    VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6::timestamptz, now()), $7)
+    INSERT INTO intent_signals (intent_id, signal_id, name, payload, sender, create_time, consumed_idx, size_bytes)
+    VALUES ($1, $2, $3, $4::text::jsonb, $5, coalesce($6::timestamptz, now()), $7, octet_length($4::text))
     ON CONFLICT (intent_id, signal_id) DO NOTHING
     RETURNING *, jsonb_build_object('signal', jsonb_build_object(
         'id', signal_id, 'name', name, 'payload', payload, 'sender', sender,

@@ -131,33 +131,51 @@ async def hold_wait(
     to re-announce, and its resent write is held again wherever it lands).
     ``on_hold`` is called when the write starts waiting, so the stream's
     other writes are not kept from their slots by a held one."""
-    loop = asyncio.get_running_loop()
     subscribed = hub.subscribe_intent(lease.intent_id) if hub is not None else contextlib.nullcontext(None)
     with subscribed as sub:
         # Subscribed before the first try: a signal committing after it wakes us.
         reached = await waits.reach(lease, stream.id, spec)
         if reached.record is not None or reached.parked:
             return reached
-        if on_hold is not None:
+        # One hold per lease gives its write slot back; a repeat of the write
+        # while it is held keeps its slot, so the stream's write budget bounds
+        # how many holds a sidecar can have at once.
+        gives_slot = held is not None and not held.holding and on_hold is not None
+        if gives_slot and held is not None and on_hold is not None:
+            held.holding = True
             on_hold()
-        hold_end = loop.time() + reached.hold_ms / 1000
-        while True:
-            left = hold_end - loop.time()
-            if reached.due_in_s is not None:
-                left = min(left, max(reached.due_in_s, 0.0) + DUE_SLACK_S)
-            if left > 0:
-                await _woken(sub, stream.ended, left)
-            if stream.closed or (hub is not None and hub.closing):
-                return None
-            park = loop.time() >= hold_end
-            if park and held is not None:
-                # Its own WAITING event, and the renewal that no longer finds
-                # the lease, must not revoke what it is parking.
-                held.finishing = True
-            try:
-                reached = await waits.retry(lease, stream.id, spec.index, park=park)
-            finally:
-                if held is not None and not reached.parked:
-                    held.finishing = False
-            if reached.record is not None or reached.parked:
-                return reached
+        try:
+            return await _hold(waits, hub, sub, stream, held, lease, spec, reached)
+        finally:
+            if gives_slot and held is not None:
+                held.holding = False
+
+
+async def _hold(
+    waits: WaitStore, hub: NotificationHub | None, sub: Subscription | None, stream: Stream,
+    held: StreamLease | None, lease: LeaseRef, spec: WaitSpec, reached: Reached,
+) -> Reached | None:
+    """Tries again on every notification of the intent and at its due time,
+    and parks once the hold window ended."""
+    loop = asyncio.get_running_loop()
+    hold_end = loop.time() + reached.hold_ms / 1000
+    while True:
+        left = hold_end - loop.time()
+        if reached.due_in_s is not None:
+            left = min(left, max(reached.due_in_s, 0.0) + DUE_SLACK_S)
+        if left > 0:
+            await _woken(sub, stream.ended, left)
+        if stream.closed or (hub is not None and hub.closing):
+            return None
+        park = loop.time() >= hold_end
+        if park and held is not None:
+            # Its own WAITING event, and the renewal that no longer finds
+            # the lease, must not revoke what it is parking.
+            held.finishing = True
+        try:
+            reached = await waits.retry(lease, stream.id, spec.index, park=park)
+        finally:
+            if held is not None and not reached.parked:
+                held.finishing = False
+        if reached.record is not None or reached.parked:
+            return reached

@@ -36,6 +36,9 @@ class StreamLease:
     # or below it happened before and say nothing about this lease.
     seq: int = 0
     finishing: bool = False  # a complete/fail/release from its holder is in flight
+    # A wait write of this lease is held (holds.hold_wait): only that one
+    # gives its write slot back, so repeats cannot pile up holds unbounded.
+    holding: bool = False
     # Done once the lease's acknowledgement was handled (whatever its answer),
     # or at once for a lease taken on already acknowledged. The sidecar sends
     # the ack and then writes at once, and they run concurrently here: the

@@ -164,6 +164,20 @@ def test_signal_of_another_tenants_intent_is_not_found(secure) -> None:
     assert sent.signal.sender == "bob"  # the key's name, whoever the intent's sender was
 
 
+def test_signals_count_against_the_senders_rate(secure) -> None:
+    srv, keys, made, tenant = secure
+    slow = keys.create(tenant, f"slow{uuid.uuid4().hex[:6]}", ["client"], rate=0.5)
+    with IntentClient(srv.address, metadata=bearer(made["alice"])) as client:
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=f"agent://{tenant}/prod/r", payload={})
+    with grpc.insecure_channel(srv.address) as channel:
+        signal = pb_grpc.IntentServiceStub(channel).SignalIntent
+        signal(pb.SignalIntentRequest(id=intent_id, name="go", signal_id="one"), metadata=bearer(slow), timeout=10)
+        code, details = code_of(signal, pb.SignalIntentRequest(id=intent_id, name="go", signal_id="two"),
+                                bearer(slow))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert signals_of(keys, intent_id) == 1  # the refused one wrote nothing
+
+
 def ask_human(srv: Any, made: dict[str, str], tenant: str, *, assignees: tuple[str, ...] = (),
               outcomes: tuple[str, ...] = waits.DEFAULT_OUTCOMES, form_schema: dict[str, Any] | None = None,
               title: str = "Deploy to prod?") -> tuple[str, str]:

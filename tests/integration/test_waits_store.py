@@ -181,11 +181,28 @@ async def test_the_inbox_is_bounded(stores: Stores, agent_address: str, pg) -> N
     from intentd.core.limits import MAX_INBOX_SIGNALS
 
     intent_id = await stores.send(agent_address)
-    await pg.execute("INSERT INTO intent_signals (intent_id, signal_id, name, payload, sender, create_time)"
-                     " SELECT $1, 'x' || g, 'go', '1', 'ci', now() FROM generate_series(1, $2) g",
+    await pg.execute("INSERT INTO intent_signals (intent_id, signal_id, name, payload, sender, create_time,"
+                     " size_bytes) SELECT $1, 'x' || g, 'go', '1', 'ci', now(), 1 FROM generate_series(1, $2) g",
                      intent_id, MAX_INBOX_SIGNALS)
     with pytest.raises(errors.ResourceExhausted):
         await stores.waits.signal("default", intent_id, "go", "1", None, "ci")
+
+
+async def test_the_inbox_is_bounded_in_bytes(stores: Stores, agent_address: str, pg) -> None:
+    from intentd.core.limits import MAX_INBOX_BYTES
+
+    intent_id = await stores.send(agent_address)
+    big = '"' + "x" * (100 * 1024) + '"'
+    kept = 0
+    with pytest.raises(errors.ResourceExhausted) as full:
+        while True:
+            await stores.waits.signal("default", intent_id, "go", big, None, "ci")
+            kept += 1
+    assert "bytes" in full.value.message
+    assert kept == MAX_INBOX_BYTES // len(big)
+    inbox = await pg.fetchrow("SELECT count(*) AS n, sum(size_bytes) AS bytes FROM intent_signals"
+                              " WHERE intent_id = $1", intent_id)
+    assert inbox["n"] == kept and inbox["bytes"] <= MAX_INBOX_BYTES
 
 
 async def test_waits_are_fenced_ordered_and_deterministic(stores: Stores, agent_address: str) -> None:
@@ -451,6 +468,37 @@ def test_a_held_wait_is_resolved_by_a_signal_during_its_hold(server, database_ur
         assert json.loads(first.wait.step.result)["signal"]["payload"] == {"ok": True}
         (row,) = _sql(database_url, "SELECT state::text, parked_attempts FROM intents WHERE id = $1", intent_id)
         assert tuple(row) == ("IN_PROGRESS", 0)
+    finally:
+        raw.close()
+
+
+def test_repeats_of_a_held_wait_keep_their_slots_and_get_the_one_record(server, database_url,
+                                                                       agent_address) -> None:
+    """A sidecar that resends a held wait (a reconnect, or a hostile one):
+    only the first hold gives its write slot back, so repeats are bounded by
+    the stream's write slots, and every repeat gets the same record."""
+    with IntentClient(server.address) as client:
+        intent_id = client.send_intent(intent_type=TYPE, to_agent=agent_address, payload={})
+    _sql(database_url, "UPDATE intents SET wait_hold_ms = 30000 WHERE id = $1", intent_id)
+    raw = RawSidecar(server.address, agent_address, ping_every=0.2)
+    try:
+        lease = raw.recv("assignment").lease
+        raw.send(ack=delivery_pb2.AckAssignment(lease=lease))
+        for request_id in (1, 2, 3):
+            raw.send(write=raw.apb.WriteRequest(request_id=request_id, write=_wait_write(lease, 1, "go")))
+        progress = delivery_pb2.IntentWrite(lease=lease, progress=delivery_pb2.ProgressWrite(message="m"))
+        assert raw.write(10, progress).code == 0  # the stream still answers its other writes
+        _signal_from_outside(database_url, intent_id, "go", "5")
+        deadline = time.monotonic() + 10
+        while len([r for r in raw.of("write_result") if r.request_id in (1, 2, 3)]) < 3:
+            assert time.monotonic() < deadline, raw.of("write_result")
+            raw.recv("write_result")
+        answers = [r for r in raw.of("write_result") if r.request_id in (1, 2, 3)]
+        assert all(r.code == 0 and not r.wait.parked for r in answers), answers
+        assert {r.wait.step.result for r in answers} == {answers[0].wait.step.result}
+        assert json.loads(answers[0].wait.step.result)["signal"]["payload"] == 5
+        (row,) = _sql(database_url, "SELECT count(*) AS n FROM intent_steps WHERE intent_id = $1", intent_id)
+        assert row["n"] == 1
     finally:
         raw.close()
 
