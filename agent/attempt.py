@@ -48,7 +48,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -327,9 +327,7 @@ class Attempt:
     def _resolve(self, plan: StepPlan, record: intent_pb2.StepRecord | None) -> None:
         if record is not None:
             if record.name != plan.name:
-                self._divergence = StepDivergence(plan.index, record.name, plan.name)
-                log.error("%s: %s", self.log_prefix, self._divergence.message)
-                raise self._divergence
+                self._diverge(plan, record.name)
             plan.replayed = plan.done = True
             plan.value = decode_json(record.result)
             self.records.pop(plan.index, None)
@@ -346,6 +344,13 @@ class Attempt:
             "intentd.step.name": plan.name,
             "intentd.step.replayed": plan.replayed,
         })
+
+    def _diverge(self, plan: StepPlan, recorded: str) -> NoReturn:
+        """The handler called ``plan`` where ``recorded`` is recorded: the
+        intent fails with it, whatever the handler does next."""
+        self._divergence = StepDivergence(plan.index, recorded, plan.name)
+        log.error("%s: %s", self.log_prefix, self._divergence.message)
+        raise self._divergence
 
     def _close(self, plan: StepPlan, error: BaseException | None) -> None:
         if self._open.get(plan.index) is not plan:
@@ -395,9 +400,7 @@ class Attempt:
             self.check_live()
         record = response.wait.step
         if record.name and record.name != plan.name:
-            self._divergence = StepDivergence(plan.index, record.name, plan.name)
-            log.error("%s: %s", self.log_prefix, self._divergence.message)
-            raise self._divergence
+            self._diverge(plan, record.name)
         plan.done = True
         self.steps_completed += 1
         log.debug("%s: %s resolved", self.log_prefix, what)

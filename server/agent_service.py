@@ -36,7 +36,7 @@ MAX_STREAM_ID_LEN = 100
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
         self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
-        quotas: Quotas, waits: WaitStore | None = None,
+        quotas: Quotas, waits: WaitStore,
     ) -> None:
         self.leases = leases
         self.auth = auth

@@ -12,22 +12,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from intentd.core.states import IntentState
 from intentd.generated.v1 import human_task_pb2, intent_pb2, intent_service_pb2
 
-_EVENT_TYPES = {
-    name.removeprefix("EVENT_TYPE_"): value
-    for name, value in intent_pb2.EventType.items()
-    if name != "EVENT_TYPE_UNSPECIFIED"
-}
 
-_WAIT_KINDS = {
-    name.removeprefix("WAIT_KIND_"): value
-    for name, value in intent_pb2.WaitKind.items()
-    if name != "WAIT_KIND_UNSPECIFIED"
-}
-_TASK_STATES = {
-    name.removeprefix("HUMAN_TASK_STATE_"): value
-    for name, value in human_task_pb2.HumanTaskState.items()
-    if name != "HUMAN_TASK_STATE_UNSPECIFIED"
-}
+def _by_name(enum: Any, prefix: str) -> dict[str, Any]:
+    """A proto enum's values by their names without ``prefix`` (the names
+    the database stores), UNSPECIFIED left out."""
+    return {name.removeprefix(prefix): value for name, value in enum.items() if name != f"{prefix}UNSPECIFIED"}
+
+
+_EVENT_TYPES = _by_name(intent_pb2.EventType, "EVENT_TYPE_")
+_WAIT_KINDS = _by_name(intent_pb2.WaitKind, "WAIT_KIND_")
+_TASK_STATES = _by_name(human_task_pb2.HumanTaskState, "HUMAN_TASK_STATE_")
 TASK_STATE_NAMES = {value: name for name, value in _TASK_STATES.items()}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -60,4 +60,3 @@ class Unauthenticated(ServerError):
 
 class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
-

@@ -108,11 +108,10 @@ def wait_spec(msg: delivery_pb2.WaitWrite, now: datetime | None = None) -> WaitS
         form_schema=_form_schema(task.form_schema), remind_after_ms=task.remind_after_ms)
 
 
-async def _woken(sub: Subscription | None, ended: asyncio.Event, timeout: float) -> None:
+async def _woken(sub: Subscription, ended: asyncio.Event, timeout: float) -> None:
     """Until a notification of the intent, the stream's end or ``timeout``."""
-    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(ended.wait())]
-    if sub is not None:
-        waits.append(asyncio.ensure_future(sub.wait(timeout)))
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(ended.wait()),
+                                           asyncio.ensure_future(sub.wait(timeout))]
     try:
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -123,7 +122,7 @@ async def _woken(sub: Subscription | None, ended: asyncio.Event, timeout: float)
 
 
 async def hold_wait(
-    waits: WaitStore, hub: NotificationHub | None, stream: Stream, held: StreamLease | None, lease: LeaseRef,
+    waits: WaitStore, hub: NotificationHub, stream: Stream, held: StreamLease | None, lease: LeaseRef,
     spec: WaitSpec, on_hold: Callable[[], None] | None = None,
 ) -> Reached | None:
     """The answer to a WaitWrite: resolved or parked; None when the stream
@@ -131,8 +130,7 @@ async def hold_wait(
     to re-announce, and its resent write is held again wherever it lands).
     ``on_hold`` is called when the write starts waiting, so the stream's
     other writes are not kept from their slots by a held one."""
-    subscribed = hub.subscribe_intent(lease.intent_id) if hub is not None else contextlib.nullcontext(None)
-    with subscribed as sub:
+    with hub.subscribe_intent(lease.intent_id) as sub:
         # Subscribed before the first try: a signal committing after it wakes us.
         reached = await waits.reach(lease, stream.id, spec)
         if reached.record is not None or reached.parked:
@@ -152,7 +150,7 @@ async def hold_wait(
 
 
 async def _hold(
-    waits: WaitStore, hub: NotificationHub | None, sub: Subscription | None, stream: Stream,
+    waits: WaitStore, hub: NotificationHub, sub: Subscription, stream: Stream,
     held: StreamLease | None, lease: LeaseRef, spec: WaitSpec, reached: Reached,
 ) -> Reached | None:
     """Tries again on every notification of the intent and at its due time,
@@ -165,7 +163,7 @@ async def _hold(
             left = min(left, max(reached.due_in_s, 0.0) + DUE_SLACK_S)
         if left > 0:
             await _woken(sub, stream.ended, left)
-        if stream.closed or (hub is not None and hub.closing):
+        if stream.closed or hub.closing:
             return None
         park = loop.time() >= hold_end
         if park and held is not None:

@@ -51,8 +51,7 @@ def count_attempt_end(row: Row, cause: str) -> None:
 
 
 class WriteRouter:
-    def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore | None = None,
-                 hub: NotificationHub | None = None) -> None:
+    def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore, hub: NotificationHub) -> None:
         self.store = store
         self.settings = settings
         self.waits = waits
@@ -143,8 +142,6 @@ class WriteRouter:
                 ended = await self.store.release(lease, write.release.reason, stream=mine)
                 count_attempt_end(ended, metrics.release_cause(write.release.reason))
             elif op == "wait":
-                if self.waits is None:
-                    raise errors.FailedPrecondition("this control plane does not serve durable waits")
                 spec = wait_spec(write.wait)
                 reached = await hold_wait(self.waits, self.hub, stream, held, lease, spec, on_hold)
                 if reached is None:
