@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from intentd.generated.v1 import intent_pb2 as _intent_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,27 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ChildWaitMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChildWaitModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChildWaitMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHILD_WAIT_MODE_UNSPECIFIED: _ChildWaitMode.ValueType  # 0
+    CHILD_WAIT_MODE_ALL: _ChildWaitMode.ValueType  # 1
+    """Every child terminal (gather)."""
+    CHILD_WAIT_MODE_FIRST: _ChildWaitMode.ValueType  # 2
+    """The first child to end (first)."""
+
+class ChildWaitMode(_ChildWaitMode, metaclass=_ChildWaitModeEnumTypeWrapper): ...
+
+CHILD_WAIT_MODE_UNSPECIFIED: ChildWaitMode.ValueType  # 0
+CHILD_WAIT_MODE_ALL: ChildWaitMode.ValueType  # 1
+"""Every child terminal (gather)."""
+CHILD_WAIT_MODE_FIRST: ChildWaitMode.ValueType  # 2
+"""The first child to end (first)."""
+Global___ChildWaitMode: _TypeAlias = ChildWaitMode  # noqa: Y015
 
 @_typing.final
 class Lease(_message.Message):
@@ -68,8 +90,11 @@ class Assignment(_message.Message):
     heartbeat_timeout_ms: _builtins.int
     """The lease is lost when no heartbeat arrives for this long."""
     recorded_steps: _builtins.int
-    """How many steps earlier attempts recorded (indexes 1..recorded_steps).
-    More than len(steps) when the history did not fit: the sidecar fetches
+    """The highest position earlier attempts recorded (indexes 1..recorded_steps
+    may be recorded; above it none is). Parallel steps record out of order,
+    so a position below it may be a hole: fetching it answers "not
+    recorded", and it runs. More than len(steps) when the history did not
+    fit or has holes: the sidecar fetches
     the rest from the control plane (AgentService.ListRecordedSteps), the
     agent from the sidecar (BeginStep). 0 from a server that sends the
     whole history in steps.
@@ -304,6 +329,7 @@ class WaitWrite(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     step_name: _builtins.str
     """The record's name, as above."""
@@ -322,6 +348,10 @@ class WaitWrite(_message.Message):
     def task(self) -> Global___HumanTaskSpec:
         """HUMAN: the task to create."""
 
+    @_builtins.property
+    def children(self) -> Global___ChildWait:
+        """AGENT: the child intents waited for."""
+
     def __init__(
         self,
         *,
@@ -332,14 +362,155 @@ class WaitWrite(_message.Message):
         timeout_ms: _builtins.int = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
         task: Global___HumanTaskSpec | None = ...,
+        children: Global___ChildWait | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "until", b"until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "task", b"task", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "kind", b"kind", "signal_name", b"signal_name", "step_name", b"step_name", "task", b"task", "timeout_ms", b"timeout_ms", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "index", b"index", "kind", b"kind", "signal_name", b"signal_name", "step_name", b"step_name", "task", b"task", "timeout_ms", b"timeout_ms", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitWrite: _TypeAlias = WaitWrite  # noqa: Y015
+
+@_typing.final
+class ChildWait(_message.Message):
+    """What an AGENT wait waits for: child intents of the waiting intent
+    (docs/children.md). Resolved once, when all of them (ALL) or one of them
+    (FIRST) reached a terminal state; its record holds their outcomes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTENT_IDS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    mode: Global___ChildWaitMode.ValueType
+    @_builtins.property
+    def intent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..1000 ids of children of this intent (StartChildrenWrite records)."""
+
+    def __init__(
+        self,
+        *,
+        intent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        mode: Global___ChildWaitMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent_ids", b"intent_ids", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChildWait: _TypeAlias = ChildWait  # noqa: Y015
+
+@_typing.final
+class ChildSpec(_message.Message):
+    """A child intent a handler starts: an ordinary intent (same table, same
+    lifecycle, same APIs) whose parent is the intent of the write's lease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TO_AGENT_FIELD_NUMBER: _builtins.int
+    INTENT_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
+    to_agent: _builtins.str
+    """agent://<org>/<env>/<name>, within the parent's tenant; the sending key
+    must permit it (its send patterns).
+    """
+    intent_type: _builtins.str
+    payload: _builtins.bytes
+    """UTF-8 JSON."""
+    max_attempts: _builtins.int
+    """0: the type's default."""
+    detached: _builtins.bool
+    """Left running when the parent ends by cancel, failure or timeout
+    (default false: canceled with it).
+    """
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Capped at the parent's deadline; unset: the type's default deadline,
+        capped the same way.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        to_agent: _builtins.str = ...,
+        intent_type: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        max_attempts: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        detached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "detached", b"detached", "intent_type", b"intent_type", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "to_agent", b"to_agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChildSpec: _TypeAlias = ChildSpec  # noqa: Y015
+
+@_typing.final
+class StartChildrenWrite(_message.Message):
+    """Starts child intents at one position of the step sequence, in one
+    statement. Exactly once: the children and the position's record (their
+    ids) commit together, and a repeat of the write, from this attempt or a
+    later one, gets the same record back and starts nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    step_name: _builtins.str
+    """The record's name (@start:<intent_type of the first child>)."""
+    @_builtins.property
+    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChildSpec]:
+        """1..1000 children."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        step_name: _builtins.str = ...,
+        children: _abc.Iterable[Global___ChildSpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "index", b"index", "step_name", b"step_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartChildrenWrite: _TypeAlias = StartChildrenWrite  # noqa: Y015
 
 @_typing.final
 class HumanTaskSpec(_message.Message):
@@ -403,6 +574,7 @@ class IntentWrite(_message.Message):
     FAIL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    START_CHILDREN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
@@ -419,6 +591,12 @@ class IntentWrite(_message.Message):
     def release(self) -> Global___ReleaseWrite: ...
     @_builtins.property
     def wait(self) -> Global___WaitWrite: ...
+    @_builtins.property
+    def start_children(self) -> Global___StartChildrenWrite:
+        """Answered with WriteResult.step: the record, whose result is
+        {"children": [{"id", "to_agent", "intent_type"}, ...]}.
+        """
+
     def __init__(
         self,
         *,
@@ -430,12 +608,13 @@ class IntentWrite(_message.Message):
         fail: Global___FailWrite | None = ...,
         release: Global___ReleaseWrite | None = ...,
         wait: Global___WaitWrite | None = ...,
+        start_children: Global___StartChildrenWrite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release", "wait"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release", "wait", "start_children"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 

@@ -109,6 +109,8 @@ class _WaitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitKind.Val
     """A human decision on a task (HumanTaskService.DecideHumanTask)."""
     WAIT_KIND_TIME: _WaitKind.ValueType  # 3
     """A durable timer (sleep, sleep_until)."""
+    WAIT_KIND_AGENT: _WaitKind.ValueType  # 4
+    """Child intents (gather, first; WaitWrite.children)."""
 
 class WaitKind(_WaitKind, metaclass=_WaitKindEnumTypeWrapper):
     """What a durable wait waits for."""
@@ -120,6 +122,8 @@ WAIT_KIND_HUMAN: WaitKind.ValueType  # 2
 """A human decision on a task (HumanTaskService.DecideHumanTask)."""
 WAIT_KIND_TIME: WaitKind.ValueType  # 3
 """A durable timer (sleep, sleep_until)."""
+WAIT_KIND_AGENT: WaitKind.ValueType  # 4
+"""Child intents (gather, first; WaitWrite.children)."""
 Global___WaitKind: _TypeAlias = WaitKind  # noqa: Y015
 
 class _EventType:
@@ -164,6 +168,12 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_TASK_REMINDED: _EventType.ValueType  # 18
     """An open human task passed its remind_after time (task_id)."""
+    EVENT_TYPE_CHILD_STARTED: _EventType.ValueType  # 19
+    """The handler started a child intent (child_id; step_index is the start's
+    position, message the child's address).
+    """
+    EVENT_TYPE_CHILD_FINISHED: _EventType.ValueType  # 20
+    """A child reached a terminal state (child_id, child_state, error)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -203,6 +213,12 @@ TIMEOUT).
 """
 EVENT_TYPE_TASK_REMINDED: EventType.ValueType  # 18
 """An open human task passed its remind_after time (task_id)."""
+EVENT_TYPE_CHILD_STARTED: EventType.ValueType  # 19
+"""The handler started a child intent (child_id; step_index is the start's
+position, message the child's address).
+"""
+EVENT_TYPE_CHILD_FINISHED: EventType.ValueType  # 20
+"""A child reached a terminal state (child_id, child_state, error)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -248,7 +264,9 @@ class CheckpointSummary(_message.Message):
     PROGRESS_MESSAGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FRACTION_FIELD_NUMBER: _builtins.int
     steps_completed: _builtins.int
-    """Number of steps whose results are recorded."""
+    """Number of steps whose results are recorded (with parallel steps, not
+    necessarily positions 1..n).
+    """
     last_step: _builtins.str
     """Name of the last recorded step."""
     has_checkpoint: _builtins.bool
@@ -322,6 +340,10 @@ class Intent(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
     PARKED_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    PARENT_STEP_INDEX_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
+    CHILD_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-made, URL-safe, roughly time ordered (26 lowercase base32 chars)."""
     intent_type: _builtins.str
@@ -351,6 +373,15 @@ class Intent(_message.Message):
     """Deliveries that ended by parking on a wait. They are not failures and do
     not count against max_attempts: attempts used = attempt - parked_attempts.
     """
+    parent_id: _builtins.str
+    """Set for a child intent: the intent whose handler started it, and the
+    position of that start in the parent's step sequence.
+    """
+    parent_step_index: _builtins.int
+    detached: _builtins.bool
+    """Whether it keeps running when its parent ends by cancel or failure."""
+    child_count: _builtins.int
+    """How many children it started (ListIntents with parent_id lists them)."""
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -398,10 +429,14 @@ class Intent(_message.Message):
         tenant: _builtins.str = ...,
         waiting: Global___WaitInfo | None = ...,
         parked_attempts: _builtins.int = ...,
+        parent_id: _builtins.str = ...,
+        parent_step_index: _builtins.int = ...,
+        detached: _builtins.bool = ...,
+        child_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "update_time", b"update_time", "waiting", b"waiting"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "checkpoint", b"checkpoint", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "intent_type", b"intent_type", "labels", b"labels", "last_event_seq", b"last_event_seq", "max_attempts", b"max_attempts", "parked_attempts", b"parked_attempts", "payload", b"payload", "result", b"result", "sender", b"sender", "state", b"state", "tenant", b"tenant", "to_agent", b"to_agent", "update_time", b"update_time", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "checkpoint", b"checkpoint", "child_count", b"child_count", "create_time", b"create_time", "deadline", b"deadline", "detached", b"detached", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "intent_type", b"intent_type", "labels", b"labels", "last_event_seq", b"last_event_seq", "max_attempts", b"max_attempts", "parent_id", b"parent_id", "parent_step_index", b"parent_step_index", "parked_attempts", b"parked_attempts", "payload", b"payload", "result", b"result", "sender", b"sender", "state", b"state", "tenant", b"tenant", "to_agent", b"to_agent", "update_time", b"update_time", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +507,8 @@ class IntentEvent(_message.Message):
     SIGNAL_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CHILD_ID_FIELD_NUMBER: _builtins.int
+    CHILD_STATE_FIELD_NUMBER: _builtins.int
     intent_id: _builtins.str
     seq: _builtins.int
     """Strictly increasing from 1 per intent, with no gaps."""
@@ -492,6 +529,9 @@ class IntentEvent(_message.Message):
     """Who caused it (the API key's name), for cancels, retries, signals and
     decisions.
     """
+    child_id: _builtins.str
+    """CHILD_STARTED, CHILD_FINISHED: the child, and its state then."""
+    child_state: Global___IntentState.ValueType
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -515,10 +555,12 @@ class IntentEvent(_message.Message):
         signal_id: _builtins.str = ...,
         task_id: _builtins.str = ...,
         actor: _builtins.str = ...,
+        child_id: _builtins.str = ...,
+        child_state: Global___IntentState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "error", b"error", "intent_id", b"intent_id", "message", b"message", "progress_fraction", b"progress_fraction", "seq", b"seq", "signal_id", b"signal_id", "state", b"state", "step_index", b"step_index", "step_name", b"step_name", "task_id", b"task_id", "time", b"time", "type", b"type", "wait_kind", b"wait_kind", "wait_name", b"wait_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "child_id", b"child_id", "child_state", b"child_state", "error", b"error", "intent_id", b"intent_id", "message", b"message", "progress_fraction", b"progress_fraction", "seq", b"seq", "signal_id", b"signal_id", "state", b"state", "step_index", b"step_index", "step_name", b"step_name", "task_id", b"task_id", "time", b"time", "type", b"type", "wait_kind", b"wait_kind", "wait_name", b"wait_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

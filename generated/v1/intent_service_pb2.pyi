@@ -475,12 +475,17 @@ class ListIntentsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     intent_type: _builtins.str
     to_agent: _builtins.str
     page_size: _builtins.int
     """1..1000, default 100."""
     page_token: _builtins.str
     """From a previous response; empty starts at the newest."""
+    parent_id: _builtins.str
+    """Only the children of this intent, in the order they were started
+    (parent position, then order within it) instead of newest first.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_intent_pb2.IntentState.ValueType]:
         """Any of these states; empty means all."""
@@ -498,10 +503,11 @@ class ListIntentsRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent_type", b"intent_type", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "to_agent", b"to_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent_type", b"intent_type", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "states", b"states", "to_agent", b"to_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
