@@ -51,6 +51,10 @@ MAX_TASK_OUTCOME_LEN = 64
 MAX_TASK_ASSIGNEES = 100
 MAX_TASK_FORM_SCHEMA_BYTES = 64 * 1024
 MAX_TASK_COMMENT_LEN = 4096
+# Child intents (docs/children.md): children started at one position (one
+# statement), and children one gather or first waits for.
+MAX_CHILDREN_PER_START = 1000
+MAX_CHILDREN_PER_WAIT = 1000
 # The hold window of an attempt that reached an unsatisfied wait.
 DEFAULT_WAIT_HOLD_MS = 2000
 MAX_WAIT_HOLD_MS = 30_000

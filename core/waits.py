@@ -12,7 +12,12 @@ from .limits import MAX_SIGNAL_ID_LEN, MAX_SIGNAL_NAME_LEN, MAX_STEP_NAME_LEN
 SIGNAL = "SIGNAL"
 HUMAN = "HUMAN"
 TIME = "TIME"
-KINDS = (SIGNAL, HUMAN, TIME)
+# Child intents (docs/children.md): gather (ALL) or first (FIRST).
+AGENT = "AGENT"
+KINDS = (SIGNAL, HUMAN, TIME, AGENT)
+ALL = "ALL"
+FIRST = "FIRST"
+CHILD_MODES = (ALL, FIRST)
 
 # Step names starting with this are the records of waits; user steps may not.
 RESERVED_PREFIX = "@"
@@ -25,16 +30,25 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 def record_name(kind: str, name: str = "") -> str:
     """The step name of a wait's record: ``@signal:<name>``, ``@sleep``,
-    ``@human:<title>``, cut to the step name limit."""
+    ``@human:<title>``, ``@gather`` (AGENT, name ALL), ``@first`` (AGENT,
+    name FIRST), cut to the step name limit."""
     if kind == SIGNAL:
         full = f"{RESERVED_PREFIX}signal:{name}"
     elif kind == TIME:
         full = f"{RESERVED_PREFIX}sleep"
     elif kind == HUMAN:
         full = f"{RESERVED_PREFIX}human:{name}"
+    elif kind == AGENT and name in CHILD_MODES:
+        full = f"{RESERVED_PREFIX}gather" if name == ALL else f"{RESERVED_PREFIX}first"
     else:
         raise ValueError(f"unknown wait kind {kind!r}")
     return full[:MAX_STEP_NAME_LEN]
+
+
+def start_record_name(intent_type: str) -> str:
+    """The step name of a start's record (the ids of the children started at
+    that position): ``@start:<intent type of the first child>``."""
+    return f"{RESERVED_PREFIX}start:{intent_type}"[:MAX_STEP_NAME_LEN]
 
 
 def signal_name_problem(name: str) -> str | None:
