@@ -24,6 +24,7 @@ from .admin_service import AdminService
 from .agent_service import AgentService
 from .auth import Authenticator
 from .batcher import WriteBatcher
+from .children import ChildStore
 from .db import Database
 from .embedded import EmbeddedPostgres
 from .history import page_bytes
@@ -35,7 +36,7 @@ from .quotas import Quotas
 from .rpc import add_service
 from .settings import ServerSettings
 from .store import IntentStore
-from .sweepers import DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper, WaitSweeper
+from .sweepers import ChildSweeper, DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper, WaitSweeper
 from .waits import WaitStore
 
 log = logging.getLogger("intentd.server")
@@ -102,7 +103,11 @@ class ControlPlane:
                             max_history_steps=self.settings.max_history_steps,
                             page_bytes=page_bytes(self.settings.max_message_bytes))
 
-        self.waits = waits = WaitStore(self.db)
+        self.waits = waits = WaitStore(self.db, max_record_bytes=self.settings.max_payload_bytes)
+        self.children = ChildStore(
+            self.db, waits, quotas, auth_enabled=self.auth.enabled,
+            default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms,
+            max_history_bytes=self.settings.max_history_bytes, max_history_steps=self.settings.max_history_steps)
 
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
@@ -117,7 +122,8 @@ class ControlPlane:
         self.server = grpc.aio.server(options=options)
         add_service(IntentService(store, self.hub, self.settings, self.auth, quotas, waits), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
-        self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas, waits=self.waits)
+        self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas, waits=self.waits,
+                                   children=self.children)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
         add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
@@ -168,6 +174,7 @@ class ControlPlane:
             LeaseSweeper(leases, self.settings.sweep_interval_s,
                          hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
             WaitSweeper(self.waits, self.settings.wait_sweep_interval_s),
+            ChildSweeper(self.children, self.hub, self.settings.child_sweep_interval_s),
         ]
         if self.settings.retention_days > 0:
             self.services.append(RetentionSweeper(store, self.settings.retention_days * 86400))

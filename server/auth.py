@@ -101,6 +101,14 @@ def _matcher(pattern: str) -> re.Pattern[str] | None:
         return None
 
 
+def _matches(patterns: Sequence[str], address: str) -> bool:
+    for pattern in patterns:
+        matcher = _matcher(pattern)
+        if matcher is not None and matcher.fullmatch(address):
+            return True
+    return False
+
+
 def invalid_patterns(patterns: Sequence[str]) -> list[str]:
     return [p for p in patterns if _matcher(p) is None]
 
@@ -114,13 +122,15 @@ class Caller:
     key_id: str | None = None
     max_sends_per_second: float | None = None
     expire_time: datetime | None = None
+    # Addresses the key's agents may start child intents at (docs/children.md).
+    send_patterns: tuple[str, ...] = ()
 
     def may_serve(self, address: str) -> bool:
-        for pattern in self.address_patterns:
-            matcher = _matcher(pattern)
-            if matcher is not None and matcher.fullmatch(address):
-                return True
-        return False
+        return _matches(self.address_patterns, address)
+
+    def may_send(self, address: str) -> bool:
+        """Whether a handler served under this key may start a child at ``address``."""
+        return _matches(self.send_patterns, address)
 
     @property
     def identity(self) -> str:
@@ -187,7 +197,8 @@ class Authenticator:
         self.enabled = enabled
         self.default_tenant = default_tenant
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._anonymous = Caller(default_tenant, "anonymous", frozenset(ROLES), ("agent://**",))
+        self._anonymous = Caller(default_tenant, "anonymous", frozenset(ROLES), ("agent://**",),
+                                 send_patterns=("agent://**",))
         self._listeners: list[Callable[[str], None]] = []
         self._reading: dict[str, asyncio.Future[_Cached]] = {}
         self._generation = 0
@@ -258,6 +269,7 @@ class Authenticator:
             tenant=row["tenant"], name=row["name"], roles=roles,
             address_patterns=tuple(row["address_patterns"]), key_id=key_id,
             max_sends_per_second=row["max_sends_per_second"], expire_time=row["expire_time"],
+            send_patterns=tuple(row["send_patterns"] or ()),
         )
 
     async def still_valid(self, caller: Caller) -> bool:

@@ -57,6 +57,9 @@ def task_state_value(name: str) -> human_task_pb2.HumanTaskState.ValueType:
     return _TASK_STATES[name]
 
 
+_STATE_NAMES = frozenset(s.value for s in IntentState)
+
+
 def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
     msg = intent_pb2.Intent(
         id=row["id"],
@@ -88,6 +91,10 @@ def intent_to_proto(row: Mapping[str, Any]) -> intent_pb2.Intent:
         # own columns only; the open wait is joined in by get_intent and
         # list_intents.
         parked_attempts=row.get("parked_attempts") or 0,
+        parent_id=row.get("parent_id") or "",
+        parent_step_index=row.get("parent_idx") or 0,
+        detached=bool(row.get("detached")),
+        child_count=row.get("child_count") or 0,
     )
     wait_kind = row.get("wait_kind")
     if wait_kind is not None:
@@ -125,6 +132,9 @@ def event_to_proto(row: Mapping[str, Any]) -> intent_pb2.IntentEvent:
         signal_id=row.get("signal_id") or "",
         task_id=row.get("task_id") or "",
         actor=row.get("actor") or "",
+        child_id=row.get("child_id") or "",
+        child_state=IntentState(row["child_state"]).to_proto()
+        if row.get("child_state") in _STATE_NAMES else intent_pb2.INTENT_STATE_UNSPECIFIED,
     )
     if row["error_code"] is not None:
         msg.error.CopyFrom(

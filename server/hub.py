@@ -31,6 +31,8 @@ log = logging.getLogger("intentd.hub")
 EVENTS_CHANNEL = "intentd_events"
 PENDING_CHANNEL = "intentd_pending"
 KEYS_CHANNEL = "intentd_keys"
+# A statement wrote child notices (migration 0011): the child sweeper runs.
+CHILDREN_CHANNEL = "intentd_children"
 CATCHUP_SECONDS = 10.0
 _CATCHUP_CHUNK = 5000
 
@@ -89,6 +91,7 @@ class NotificationHub:
         self._catchup: asyncio.Task[None] | None = None
         self._conn_lock = asyncio.Lock()
         self._pending_listeners: list[Callable[[str], None]] = []
+        self._children_listeners: list[Callable[[], None]] = []
         self._event_listeners: list[Callable[[str, int, str], None]] = []
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -152,6 +155,13 @@ class NotificationHub:
         self._pending_listeners.append(callback)
         return lambda: self._pending_listeners.remove(callback)
 
+    def on_children(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``callback()`` when child notices were written (and after a
+        reconnect, when some may have been missed); returns a function that
+        unsubscribes."""
+        self._children_listeners.append(callback)
+        return lambda: self._children_listeners.remove(callback)
+
     def on_event(self, callback: Callable[[str, int, str], None]) -> Callable[[], None]:
         """Calls ``callback(intent_id, seq, state_after)`` for every committed
         event. Notifications are not ordered against anything else: listeners
@@ -167,6 +177,14 @@ class NotificationHub:
                 sub.notify()
         for callback in list(self._pending_listeners):
             callback("")
+        for wake in list(self._children_listeners):
+            wake()
+
+    def _on_children(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
+        self.notifications += 1
+        metrics.NOTIFICATIONS.labels(channel="children").inc()
+        for wake in list(self._children_listeners):
+            wake()
 
     def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
@@ -229,6 +247,7 @@ class NotificationHub:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(PENDING_CHANNEL, self._on_pending)
                 await conn.add_listener(KEYS_CHANNEL, self._on_key)
+                await conn.add_listener(CHILDREN_CHANNEL, self._on_children)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self.connected.set()

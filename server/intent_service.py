@@ -277,6 +277,11 @@ class IntentService(pb_grpc.IntentServiceServicer):
         if request.to_agent:
             check_agent_address(request.to_agent)
         labels = check_labels(dict(request.labels)) if request.labels else None
+        parent_id = None
+        if request.parent_id:
+            if not looks_like_id(request.parent_id):
+                raise ValidationError("parent_id", "is not an intent id")
+            parent_id = request.parent_id
         rows, more = await self.store.list_intents(
             self._tenant(context),
             states=states or None,
@@ -286,6 +291,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
             before_id=parse_page_token(request.page_token),
             limit=limit,
             max_bytes=history.page_bytes(self.settings.max_message_bytes),
+            parent_id=parent_id,
         )
         return pb.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in rows],

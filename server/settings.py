@@ -69,6 +69,10 @@ class ServerSettings:
     # How often the timer sweep fires the due waits of parked intents (a
     # sleep's end, a wait's timeout) and sends task reminders.
     wait_sweep_interval_s: float = 0.2
+    # The child sweeper (server/children.py) runs when a family member's end
+    # is notified; this is its round when no notification comes (one lost
+    # while the listener reconnected).
+    child_sweep_interval_s: float = 1.0
     # Terminal intents (with their events and steps) are deleted this long
     # after they finished; 0 keeps them forever. Also the idempotency window.
     retention_days: float = 30.0
@@ -199,6 +203,7 @@ class ServerSettings:
         require(self.retention_days >= 0, "retention_days", "must not be negative (0 keeps intents forever)")
         require(0.01 <= self.sweep_interval_s <= 3600, "sweep_interval_s", "must be 0.01..3600")
         require(0.01 <= self.wait_sweep_interval_s <= 3600, "wait_sweep_interval_s", "must be 0.01..3600")
+        require(0.01 <= self.child_sweep_interval_s <= 3600, "child_sweep_interval_s", "must be 0.01..3600")
         require(0.05 <= self.dispatch_catchup_s <= 3600, "dispatch_catchup_s", "must be 0.05..3600")
         require(0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", "must be 0..3600")
         require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",

@@ -28,7 +28,7 @@ from .queries import Q
 # of the batch touches, so their rank among the kinds does not matter.
 INSERT = WriteKind("insert", Q.insert_intents, -1, (
     "id", "tenant", "intent_type", "to_agent", "sender", "payload", "idempotency_key", "labels", "max_attempts",
-    "deadline", "heartbeat_timeout_ms", "at"))
+    "deadline", "heartbeat_timeout_ms", "at", "parent_id", "parent_idx", "parent_ord", "detached", "deadline_cap"))
 
 
 # Rows a listing reads from PostgreSQL at a time.
@@ -77,6 +77,12 @@ class Insert:
     deadline: datetime | None
     heartbeat_timeout_ms: int
     at: datetime | None
+    # A child's place in its family (docs/children.md); None for a client's send.
+    parent_id: str | None = None
+    parent_idx: int | None = None
+    parent_ord: int | None = None
+    detached: bool | None = None
+    deadline_cap: datetime | None = None
 
     @property
     def key(self) -> str:
@@ -191,17 +197,25 @@ class IntentStore:
         before_id: str | None,
         limit: int,
         max_bytes: int | None = None,
+        parent_id: str | None = None,
     ) -> tuple[list[Row], bool]:
-        """Up to ``limit`` intents, newest first, cut before the one that
-        would take the page past ``max_bytes`` (``size_of`` each; the first
-        is always in); and whether more follow. Rows are read through a
-        cursor, so a cut page reads little past its end."""
+        """Up to ``limit`` intents, newest first (``parent_id``: that
+        intent's children in start order, ``before_id`` then the last one
+        seen), cut before the one that would take the page past ``max_bytes``
+        (``size_of`` each; the first is always in); and whether more follow.
+        Rows are read through a cursor, so a cut page reads little past its
+        end."""
         rows: list[Row] = []
         size = 0
+        state_names = [s.value for s in states] if states else None
+        label_json = json.dumps(labels) if labels else None
         async with self.db.transaction() as conn:
-            cursor = conn.cursor(
-                Q.list_intents, tenant, [s.value for s in states] if states else None, intent_type, to_agent,
-                json.dumps(labels) if labels else None, before_id, limit + 1, prefetch=LIST_PREFETCH)
+            if parent_id is not None:
+                cursor = conn.cursor(Q.list_children, tenant, parent_id, state_names, intent_type, to_agent,
+                                     label_json, before_id, limit + 1, prefetch=LIST_PREFETCH)
+            else:
+                cursor = conn.cursor(Q.list_intents, tenant, state_names, intent_type, to_agent, label_json,
+                                     before_id, limit + 1, prefetch=LIST_PREFETCH)
             async for row in cursor:
                 if len(rows) == limit:
                     return rows, True

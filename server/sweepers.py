@@ -3,6 +3,7 @@ replica is sweeping are skipped with SKIP LOCKED, not waited for)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime
@@ -10,13 +11,18 @@ from datetime import datetime
 from intentd.core.background import BackgroundService
 from intentd.core.observability import metrics
 
+from .children import ChildStore
 from .db import Database
+from .hub import NotificationHub
 from .leases import LeaseStore
 from .queries import Q
 from .store import IntentStore
 from .waits import WaitStore
 
 log = logging.getLogger("intentd.sweeper")
+
+# How soon the child sweeper tries again the notices of parents it found locked.
+SKIPPED_RETRY_S = 0.005
 
 
 class DeadlineSweeper(BackgroundService):
@@ -150,3 +156,38 @@ class WaitSweeper(BackgroundService):
         if fired:
             log.info("fired %d durable timers", len(fired))
         return len(fired) == self.batch or len(reminded) == self.batch
+
+
+class ChildSweeper(BackgroundService):
+    """Applies child notices (server/children.py): CHILD_FINISHED events,
+    AGENT waits their children satisfied (the parent woken once), the
+    cascade of a parent's end to its live children. Woken by the database's
+    notification of a new notice, in every replica (rows another replica
+    holds are skipped); its interval is only the fallback."""
+
+    name = "child-sweeper"
+
+    def __init__(self, children: ChildStore, hub: NotificationHub, interval: float, batch: int = 500) -> None:
+        super().__init__(interval)
+        self.children = children
+        self.batch = batch
+        self.woken = 0
+        self.canceled = 0
+        self._unsubscribe = hub.on_children(self.wake)
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        done = await self.children.sweep(self.batch, now)
+        metrics.sweeper_succeeded(self.name)
+        self.woken += done.woken
+        self.canceled += done.canceled
+        if done.canceled:
+            log.info("canceled %d children of ended parents", done.canceled)
+        if done.skipped and not done.more:
+            # Their parents were locked for a moment (a write of theirs): soon
+            # again, not at the fallback interval, since a parent may be waiting.
+            await asyncio.sleep(SKIPPED_RETRY_S)
+            return True
+        return done.more
+
+    async def on_stop(self) -> None:
+        self._unsubscribe()

@@ -17,7 +17,7 @@ import asyncpg
 
 from intentd.core.limits import MAX_INBOX_BYTES, MAX_INBOX_SIGNALS
 from intentd.core.states import TERMINAL_STATES
-from intentd.core.waits import DEFAULT_OUTCOMES, HUMAN, SIGNAL, TIME
+from intentd.core.waits import AGENT, DEFAULT_OUTCOMES, HUMAN, SIGNAL, TIME
 
 from . import errors
 from .db import Database, Row
@@ -25,7 +25,7 @@ from .ids import new_id
 from .leases import LeaseRef
 from .queries import Q
 
-__all__ = ["Reached", "SignalOutcome", "WaitSpec", "WaitStore", "rfc3339"]
+__all__ = ["Reached", "SignalOutcome", "WaitSpec", "WaitStore", "rfc3339", "stale_lease"]
 
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
@@ -51,8 +51,9 @@ class WaitSpec:
 
     index: int
     step_name: str
-    kind: str  # core.waits.SIGNAL, HUMAN or TIME
-    # SIGNAL: the signal's name; HUMAN: the task's title; TIME: "".
+    kind: str  # core.waits.SIGNAL, HUMAN, TIME or AGENT
+    # SIGNAL: the signal's name; HUMAN: the task's title; TIME: "";
+    # AGENT: the child mode (ALL or FIRST).
     name: str
     timeout_ms: int = 0
     until: datetime | None = None
@@ -61,6 +62,8 @@ class WaitSpec:
     assignees: tuple[str, ...] = field(default_factory=tuple)
     form_schema: str | None = None  # JSON text
     remind_after_ms: int = 0
+    # AGENT: the children waited for, in the handler's order.
+    children: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Reached:
     due_in_s: float | None = None
 
 
-def _stale(lease: LeaseRef, row: Row) -> errors.StaleLease:
+def stale_lease(lease: LeaseRef, row: Row) -> errors.StaleLease:
     if row["past_deadline"] and row["state"] in ("DELIVERED", "IN_PROGRESS"):
         return errors.StaleLease(
             f"lease of attempt {lease.attempt} on intent {lease.intent_id} ended: the intent's deadline passed; "
@@ -86,8 +89,11 @@ def _stale(lease: LeaseRef, row: Row) -> errors.StaleLease:
 
 
 class WaitStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, max_record_bytes: int = 128 * 1024) -> None:
         self.db = db
+        # An AGENT wait's record holds its children's results while they fit
+        # in this (the payload limit: every record must fit in a message).
+        self.max_record_bytes = max_record_bytes
 
     # ------------------------------------------------------------ an attempt's wait
 
@@ -123,7 +129,7 @@ class WaitStore:
                 return Reached(None, True, hold_ms)  # a repeat of a wait whose park committed
             if (not same or row["state"] != "IN_PROGRESS" or row["lease_session"] != stream
                     or row["past_deadline"]):
-                raise _stale(lease, row)
+                raise stale_lease(lease, row)
             step_name = spec.step_name if spec is not None else wait["step_name"] if wait is not None else None
             step = await conn.fetchrow(Q.step_at, intent_id, index)
             if step is not None:
@@ -132,10 +138,6 @@ class WaitStore:
                 raise errors.FailedPrecondition(
                     f"step divergence: position {index} of intent {intent_id} was recorded as {step['name']!r}, "
                     f"now reached as {step_name!r}; steps and waits must be deterministic in name and order")
-            if row["steps_completed"] != index - 1:
-                raise errors.FailedPrecondition(
-                    f"wait at position {index} reported out of order: intent {intent_id} has "
-                    f"{row['steps_completed']} recorded steps, so the next is {row['steps_completed'] + 1}")
             if wait is None:
                 if spec is None:
                     raise errors.FailedPrecondition(f"intent {intent_id} has no wait at position {index}")
@@ -155,7 +157,7 @@ class WaitStore:
             if park or (park is None and hold_ms == 0):
                 parked = await conn.fetchrow(Q.park_intent, intent_id, lease.token, lease.attempt, stream, index, now)
                 if parked is None:
-                    raise _stale(lease, row)
+                    raise stale_lease(lease, row)
                 return Reached(None, True, hold_ms)
             due = wait["due_in_s"]
             return Reached(None, False, hold_ms, None if due is None else float(due))
@@ -163,13 +165,29 @@ class WaitStore:
     @staticmethod
     async def _register(conn: asyncpg.Connection, intent: Row, spec: WaitSpec, now: datetime | None) -> None:
         task_id = new_id() if spec.kind == HUMAN else None
+        children: list[str] | None = None
+        if spec.kind == AGENT:
+            children = list(spec.children)
+            foreign = [r["id"] for r in await conn.fetch(Q.foreign_children, intent["id"], children)]
+            if foreign:
+                raise errors.InvalidArgument(
+                    f"wait.children: {len(foreign)} of the ids are not children of intent {intent['id']} "
+                    f"(first: {foreign[0][:64]!r}); a handler waits only for children it started")
         await conn.fetchrow(
             Q.register_wait, intent["id"], spec.index, spec.kind, spec.name, spec.step_name, spec.until,
             intent["attempt"], now, task_id, spec.name, spec.description, list(spec.outcomes or DEFAULT_OUTCOMES),
-            list(spec.assignees), spec.form_schema, spec.remind_after_ms, spec.timeout_ms)
+            list(spec.assignees), spec.form_schema, spec.remind_after_ms, spec.timeout_ms, children,
+            spec.name if spec.kind == AGENT else None)
 
-    @staticmethod
-    async def _satisfy(conn: asyncpg.Connection, wait: Row, now: datetime | None) -> Row | None:
+    async def child_wait_value(self, conn: asyncpg.Connection, intent_id: str, index: int) -> str | None:
+        """What the AGENT wait at ``index`` records now (None: unsatisfied):
+        with its children's results while they fit in a record."""
+        value: str | None = await conn.fetchval(Q.child_wait_value, intent_id, index, True)
+        if value is not None and len(value.encode()) > self.max_record_bytes:
+            value = await conn.fetchval(Q.child_wait_value, intent_id, index, False)
+        return value
+
+    async def _satisfy(self, conn: asyncpg.Connection, wait: Row, now: datetime | None) -> Row | None:
         """Records the wait's value if something satisfies it now: the
         oldest inbox signal of its name, its task's decision, or its due
         time. Runs under the intent's row lock."""
@@ -194,6 +212,10 @@ class WaitStore:
                 event, message = "TIMER_FIRED", "TIMEOUT"
         elif kind == TIME and due:
             value, event = json.dumps({"fired": rfc3339(wait["due_at"])}), "TIMER_FIRED"
+        elif kind == AGENT:
+            value = await self.child_wait_value(conn, intent_id, index)
+            if value is None and due:
+                value, event, message = json.dumps({"timed_out": True}), "TIMER_FIRED", "TIMEOUT"
         if value is None:
             return None
         record = await conn.fetchrow(Q.record_wait, intent_id, index, value, now, event, message, signal_id, None,
@@ -222,7 +244,7 @@ class WaitStore:
             if intent["state"] in _TERMINAL:
                 raise errors.FailedPrecondition(f"intent {intent_id} is {intent['state']}; it takes no more signals")
             wait = await conn.fetchrow(Q.open_signal_wait, intent_id, name, now)
-            if wait is not None and wait["idx"] == intent["steps_completed"] + 1:
+            if wait is not None:
                 signal = await conn.fetchrow(Q.insert_signal, intent_id, signal_id, name, payload, sender, now,
                                              wait["idx"])
                 record = await conn.fetchrow(Q.record_wait, intent_id, wait["idx"], signal["value"], now, "SIGNALED",

@@ -14,15 +14,21 @@
 -- its 1-based position in the arrays as ord.
 -- $1 ids, $2 tenants, $3 intent_types, $4 to_agents, $5 senders, $6 payloads,
 -- $7 idempotency_keys, $8 labels, $9 max_attempts (NULL: type default),
--- $10 deadlines, $11 default heartbeat timeouts ms, $12 nows
+-- $10 deadlines, $11 default heartbeat timeouts ms, $12 nows, and for
+-- children (docs/children.md; NULL for an intent a client sends): $13
+-- parent ids, $14 parent positions, $15 orders within the position, $16
+-- detached, $17 deadline caps (the parent's deadline: a child's deadline,
+-- given or the type's default, never exceeds it)
 WITH input AS (
     -- The first array through a subquery: see the header of leases.sql (one
     -- plan for every batch size instead of one planned per execution).
     SELECT * FROM unnest((SELECT $1::text[]), $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::integer[], $10::timestamptz[], $11::integer[],
-                         $12::timestamptz[])
+                         $12::timestamptz[], $13::text[], $14::integer[], $15::integer[], $16::boolean[],
+                         $17::timestamptz[])
         WITH ORDINALITY AS u (id, tenant, intent_type, to_agent, sender, payload, idempotency_key, labels,
-                              max_attempts, deadline, heartbeat_timeout_ms, at, ord)
+                              max_attempts, deadline, heartbeat_timeout_ms, at, parent_id, parent_idx, parent_ord,
+                              detached, deadline_cap, ord)
 ), room AS MATERIALIZED (
     -- Only tenants with a quota call intentd_live_room (the others take no
     -- lock), in name order (a volatile function in the select list runs
@@ -48,13 +54,16 @@ WITH input AS (
     INSERT INTO intents (id, tenant, intent_type, to_agent, sender, payload, idempotency_key,
                          labels, max_attempts, heartbeat_timeout_ms, retry_backoff_ms,
                          retry_backoff_max_ms, wait_hold_ms, deadline, available_at, create_time,
-                         update_time, last_seq)
+                         update_time, last_seq, parent_id, parent_idx, parent_ord, detached)
     SELECT u.id, u.tenant, u.intent_type, u.to_agent, u.sender, u.payload::jsonb, u.idempotency_key,
            u.labels::jsonb, coalesce(u.max_attempts, t.max_attempts, 3),
            coalesce(t.heartbeat_timeout_ms, u.heartbeat_timeout_ms), coalesce(t.retry_backoff_ms, 100),
            coalesce(t.retry_backoff_max_ms, 60000), coalesce(t.wait_hold_ms, 2000),
-           coalesce(u.deadline, coalesce(u.at, now()) + t.default_deadline_ms * interval '1 millisecond'),
-           coalesce(u.at, now()), coalesce(u.at, now()), coalesce(u.at, now()), 1
+           -- least() ignores NULLs: no cap, or no deadline, leaves the other.
+           least(coalesce(u.deadline, coalesce(u.at, now()) + t.default_deadline_ms * interval '1 millisecond'),
+                 u.deadline_cap),
+           coalesce(u.at, now()), coalesce(u.at, now()), coalesce(u.at, now()), 1,
+           u.parent_id, u.parent_idx, u.parent_ord, coalesce(u.detached, false)
     FROM input u
     LEFT JOIN intent_types t ON t.tenant = u.tenant AND t.intent_type = u.intent_type
     WHERE NOT EXISTS (SELECT 1 FROM refused f WHERE f.ord = u.ord)

@@ -35,14 +35,16 @@ SELECT intent_id, idx, name, result, attempt, record_time FROM intent_steps WHER
 -- $1 intent id, $2 index, $3 kind, $4 name, $5 step name, $6 until,
 -- $7 attempt, $8 now, $9 task id (HUMAN), $10 title, $11 description,
 -- $12 outcomes, $13 assignees, $14 form schema (JSON text or NULL),
--- $15 remind after ms (0: never), $16 timeout ms
+-- $15 remind after ms (0: never), $16 timeout ms, $17 children (AGENT),
+-- $18 child mode (AGENT: ALL or FIRST)
 WITH wait AS (
-    INSERT INTO intent_waits (intent_id, idx, kind, name, step_name, due_at, attempt, create_time, task_id)
+    INSERT INTO intent_waits (intent_id, idx, kind, name, step_name, due_at, attempt, create_time, task_id,
+                              children, child_mode)
     VALUES ($1, $2, $3, $4, $5,
             CASE WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
                  WHEN $3 = 'TIME' OR $16::bigint > 0
                  THEN coalesce($8::timestamptz, now()) + $16::bigint * interval '1 millisecond' END,
-            $7, coalesce($8::timestamptz, now()), $9)
+            $7, coalesce($8::timestamptz, now()), $9, $17::text[], $18)
     ON CONFLICT (intent_id, idx) DO NOTHING
     RETURNING *
 ), task AS (
@@ -118,15 +120,16 @@ UPDATE human_tasks SET state = 'EXPIRED' WHERE id = $1 AND state = 'OPEN' RETURN
 -- name: record_wait
 -- A wait's value recorded at its position (a step row with its event), the
 -- wait resolved, and a WAITING intent back to PENDING, claimable at once.
--- Only while the wait is open, its position is the intent's next and the
--- intent is live under its latest attempt: nothing otherwise.
+-- Only while the wait is open and the intent is live under its latest
+-- attempt: nothing otherwise. (Any open wait: with parallel steps a wait
+-- need not be at the intent's next position.)
 -- $1 intent id, $2 index, $3 value (JSON text), $4 now, $5 event type,
 -- $6 event message, $7 signal id, $8 actor, $9 task id
 WITH w AS (
     UPDATE intent_waits w SET resolved_time = coalesce($4::timestamptz, now())
     FROM intents i
     WHERE w.intent_id = $1 AND w.idx = $2 AND w.resolved_time IS NULL
-      AND i.id = w.intent_id AND i.steps_completed = w.idx - 1 AND i.lease_token IS NOT NULL
+      AND i.id = w.intent_id AND i.lease_token IS NOT NULL
       AND i.state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS', 'WAITING')
     RETURNING w.*, i.attempt AS intent_attempt, i.lease_token
 ), step AS (
@@ -138,7 +141,8 @@ WITH w AS (
     RETURNING *
 ), changed AS (
     UPDATE intents i
-    SET steps_completed = s.idx, last_step = s.name, history_bytes = i.history_bytes + s.size_bytes,
+    SET steps_completed = i.steps_completed + 1, last_step_index = greatest(i.last_step_index, s.idx),
+        last_step = s.name, history_bytes = i.history_bytes + s.size_bytes,
         state = CASE WHEN i.state = 'WAITING' THEN 'PENDING'::intent_state ELSE i.state END,
         available_at = CASE WHEN i.state = 'WAITING' THEN s.record_time ELSE i.available_at END,
         update_time = s.record_time, last_seq = i.last_seq + 1
@@ -170,7 +174,6 @@ WITH wait AS (
         update_time = coalesce($6::timestamptz, now()), last_seq = i.last_seq + 1
     FROM wait
     WHERE i.id = $1 AND i.lease_token = $2 AND i.attempt = $3 AND i.state = 'IN_PROGRESS' AND i.lease_session = $4
-      AND i.steps_completed = wait.idx - 1
       AND (i.deadline IS NULL OR i.deadline > coalesce($6::timestamptz, now()))
     RETURNING i.id, i.last_seq, i.state, i.attempt, i.update_time, wait.kind, wait.name, wait.idx
 ), event AS (
@@ -295,7 +298,7 @@ WITH picked AS (
     FROM picked p, intents i
     WHERE w.intent_id = p.intent_id AND w.idx = p.idx AND w.resolved_time IS NULL
       AND w.due_at <= coalesce($3::timestamptz, now())
-      AND i.id = w.intent_id AND i.state = 'WAITING' AND i.steps_completed = w.idx - 1
+      AND i.id = w.intent_id AND i.state = 'WAITING'
     RETURNING w.*, i.attempt AS intent_attempt, i.lease_token
 ), expired AS (
     UPDATE human_tasks t SET state = 'EXPIRED'
@@ -313,7 +316,8 @@ WITH picked AS (
     RETURNING *
 ), changed AS (
     UPDATE intents i
-    SET steps_completed = s.idx, last_step = s.name, history_bytes = i.history_bytes + s.size_bytes,
+    SET steps_completed = i.steps_completed + 1, last_step_index = greatest(i.last_step_index, s.idx),
+        last_step = s.name, history_bytes = i.history_bytes + s.size_bytes,
         state = 'PENDING', available_at = s.record_time, update_time = s.record_time, last_seq = i.last_seq + 1
     FROM step s
     WHERE i.id = s.intent_id

@@ -17,10 +17,21 @@ from jsonschema.validators import validator_for
 from intentd.core import limits
 from intentd.core.errors import ValidationError
 from intentd.core.validation import check_horizon_ms, check_text, parse_json
-from intentd.core.waits import DEFAULT_OUTCOMES, HUMAN, KINDS, SIGNAL, TIME, record_name, signal_name_problem
+from intentd.core.waits import (
+    AGENT,
+    CHILD_MODES,
+    DEFAULT_OUTCOMES,
+    HUMAN,
+    KINDS,
+    SIGNAL,
+    TIME,
+    record_name,
+    signal_name_problem,
+)
 from intentd.generated.v1 import delivery_pb2, intent_pb2
 
 from ..hub import NotificationHub, Subscription
+from ..ids import looks_like_id
 from ..leases import LeaseRef
 from ..waits import Reached, WaitSpec, WaitStore
 from .leases import StreamLease
@@ -38,8 +49,26 @@ def _kind(value: intent_pb2.WaitKind.ValueType) -> str:
         kind = ""
 
     if kind not in KINDS:
-        raise ValidationError("wait.kind", "must be SIGNAL, HUMAN or TIME")
+        raise ValidationError("wait.kind", "must be SIGNAL, HUMAN, TIME or AGENT")
     return kind
+
+
+def _children(msg: delivery_pb2.ChildWait) -> tuple[str, tuple[str, ...]]:
+    """The mode and ids of an AGENT wait, checked."""
+    mode = delivery_pb2.ChildWaitMode.Name(msg.mode).removeprefix("CHILD_WAIT_MODE_") \
+        if msg.mode in delivery_pb2.ChildWaitMode.values() else ""
+    if mode not in CHILD_MODES:
+        raise ValidationError("wait.children.mode", "must be ALL or FIRST")
+    ids = tuple(msg.intent_ids)
+    if not 1 <= len(ids) <= limits.MAX_CHILDREN_PER_WAIT:
+        raise ValidationError("wait.children.intent_ids",
+                              f"has {len(ids)}; a wait waits for 1 to {limits.MAX_CHILDREN_PER_WAIT} children")
+    for child in ids:
+        if not looks_like_id(child):
+            raise ValidationError("wait.children.intent_ids", f"{child[:64]!r} is not an intent id")
+    if len(set(ids)) != len(ids):
+        raise ValidationError("wait.children.intent_ids", "must not name a child twice")
+    return mode, ids
 
 
 def _form_schema(raw: bytes) -> str | None:
@@ -70,6 +99,17 @@ def wait_spec(msg: delivery_pb2.WaitWrite, now: datetime | None = None) -> WaitS
         if until - (now or datetime.now(UTC)) > timedelta(milliseconds=limits.MAX_HORIZON_MS):
             raise ValidationError("wait.until", "is more than 100 years ahead")
     name, task = "", msg.task
+    if kind == AGENT:
+        name, children = _children(msg.children)
+        if msg.HasField("task") or msg.signal_name or until is not None:
+            raise ValidationError("wait", "an AGENT wait takes children and timeout_ms only")
+        expected = record_name(AGENT, name)
+        if msg.step_name != expected:
+            raise ValidationError("wait.step_name", f"must be {expected!r} for this wait")
+        return WaitSpec(index=msg.index, step_name=msg.step_name, kind=kind, name=name, timeout_ms=msg.timeout_ms,
+                        children=children)
+    if msg.HasField("children"):
+        raise ValidationError("wait.children", "is only for AGENT waits")
     if kind == SIGNAL:
         problem = signal_name_problem(msg.signal_name)
         if problem is not None:

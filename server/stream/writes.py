@@ -17,6 +17,7 @@ from intentd.generated.v1 import agent_service_pb2 as pb
 from intentd.generated.v1 import delivery_pb2
 
 from .. import errors
+from ..children import ChildStore, start_spec
 from ..convert import step_to_proto
 from ..db import Row
 from ..hub import NotificationHub
@@ -35,7 +36,7 @@ ACK_RETRY = Backoff(0.05, 1.0)
 FINAL_OPS = ("complete", "fail", "release")
 # Writes that need their lease acknowledged (IN_PROGRESS); a release also
 # gives back a delivery that was never acknowledged.
-AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail", "wait")
+AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail", "wait", "start_children")
 
 
 def count_attempt_end(row: Row, cause: str) -> None:
@@ -51,11 +52,13 @@ def count_attempt_end(row: Row, cause: str) -> None:
 
 
 class WriteRouter:
-    def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore, hub: NotificationHub) -> None:
+    def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore, hub: NotificationHub,
+                 children: ChildStore) -> None:
         self.store = store
         self.settings = settings
         self.waits = waits
         self.hub = hub
+        self.children = children
 
     @property
     def ack_wait_s(self) -> float:
@@ -141,9 +144,12 @@ class WriteRouter:
             elif op == "release":
                 ended = await self.store.release(lease, write.release.reason, stream=mine)
                 count_attempt_end(ended, metrics.release_cause(write.release.reason))
+            elif op == "start_children":
+                spec = start_spec(write.start_children, await self.children.quotas.max_payload_bytes(stream.caller))
+                row = await self.children.start(lease, mine, stream.caller, spec)
+                result.step.CopyFrom(step_to_proto(row))
             elif op == "wait":
-                spec = wait_spec(write.wait)
-                reached = await hold_wait(self.waits, self.hub, stream, held, lease, spec, on_hold)
+                reached = await hold_wait(self.waits, self.hub, stream, held, lease, wait_spec(write.wait), on_hold)
                 if reached is None:
                     return  # the stream ended while the wait was held: nobody to answer
                 if reached.parked:

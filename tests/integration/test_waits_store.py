@@ -205,13 +205,15 @@ async def test_the_inbox_is_bounded_in_bytes(stores: Stores, agent_address: str,
     assert inbox["n"] == kept and inbox["bytes"] <= MAX_INBOX_BYTES
 
 
-async def test_waits_are_fenced_ordered_and_deterministic(stores: Stores, agent_address: str) -> None:
+async def test_waits_are_fenced_and_deterministic(stores: Stores, agent_address: str) -> None:
     await stores.send(agent_address)
     lease, _ = await stores.deliver(agent_address)
     with pytest.raises(errors.StaleLease):
         await stores.waits.reach(lease, "another-stream", signal_wait(1))
-    with pytest.raises(errors.FailedPrecondition, match="out of order"):
-        await stores.waits.reach(lease, "s1", signal_wait(2))
+    # A wait beside a step still running (parallel steps, docs/children.md)
+    # need not be at the next position.
+    beside = await stores.waits.reach(lease, "s1", signal_wait(2))
+    assert beside.record is None and not beside.parked
     await stores.leases.record_step(lease, 1, "build", b"{}", stream="s1")
     with pytest.raises(errors.FailedPrecondition, match="divergence"):
         await stores.waits.reach(lease, "s1", signal_wait(1))
