@@ -15,6 +15,14 @@ Handlers:
                     returned (the types differ only in their hold window)
   bench.wait.timer.v1
                     a durable ``ctx.sleep(payload["seconds"])``
+  bench.family.leaf.v1
+                    returns at once (no step): the children of the two below
+  bench.family.fanout.v1
+                    starts ``payload["children"]`` leaf children in one
+                    start_many and gathers them
+  bench.family.call.v1
+                    ``ctx.call`` of one leaf child; returns the call's wall
+                    time in ms as the parent's handler saw it
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
@@ -30,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from intentd.agent import Agent, Context
+from intentd.agent import Agent, ChildCall, Context
 
 agent = Agent(os.environ["BENCH_AGENT_ADDRESS"], capacity=int(os.environ.get("BENCH_AGENT_CAPACITY", "50")))
 
@@ -97,3 +105,23 @@ async def hang(ctx: Context, payload: Any) -> dict[str, Any]:
 
 if __name__ == "__main__":
     agent.run()
+
+
+@agent.handler("bench.family.leaf.v1")
+async def leaf(ctx: Context, payload: Any) -> dict[str, Any]:
+    return {"ok": True}
+
+
+@agent.handler("bench.family.fanout.v1")
+async def fanout(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    calls = [ChildCall(agent.name, "bench.family.leaf.v1", {"n": n}) for n in range(int(payload["children"]))]
+    handles = await ctx.start_many(calls)
+    results = await ctx.gather(*handles)
+    return {"n": len(results)}
+
+
+@agent.handler("bench.family.call.v1")
+async def call(ctx: Context, payload: Any) -> dict[str, Any]:
+    began = time.time()
+    await ctx.call(agent.name, "bench.family.leaf.v1", {})
+    return {"ms": (time.time() - began) * 1000}
