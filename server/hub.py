@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import asyncpg
 
@@ -124,19 +124,21 @@ class NotificationHub:
                 await asyncio.wait_for(self._conn.close(), 2)
 
     @contextlib.contextmanager
-    def subscribe_intent(self, intent_id: str, key_id: str | None = None) -> Iterator[Subscription]:
-        """Wake-ups for changes of the intent and, with ``key_id``, of that
-        API key (so a revocation ends the call at once)."""
+    def subscribe_intent(self, intent_id: str, key_id: str | None = None,
+                         also: Sequence[str] = ()) -> Iterator[Subscription]:
+        """Wake-ups for changes of the intent (and of the intents ``also``
+        names: the children a held AGENT wait waits for) and, with
+        ``key_id``, of that API key (so a revocation ends the call at once)."""
         sub = Subscription(key_id)
-        self._intents[intent_id].add(sub)
+        names = [(self._intents, i) for i in dict.fromkeys((intent_id, *also))]
         if key_id:
-            self._by_key[key_id].add(sub)
+            names.append((self._by_key, key_id))
+        for index, name in names:
+            index[name].add(sub)
         try:
             yield sub
         finally:
-            for index, name in ((self._intents, intent_id), (self._by_key, key_id)):
-                if not name:
-                    continue
+            for index, name in names:
                 subs = index.get(name)
                 if subs is not None:
                     subs.discard(sub)

@@ -40,6 +40,8 @@ from .state import Stream
 # A due time is checked this long after the holder's clock says it passed,
 # so the database's clock (which judges it) agrees.
 DUE_SLACK_S = 0.005
+# AGENT waits of at most this many children are woken by their children's events.
+HOLD_WATCHES_CHILDREN = 16
 
 
 def _kind(value: intent_pb2.WaitKind.ValueType) -> str:
@@ -170,7 +172,12 @@ async def hold_wait(
     to re-announce, and its resent write is held again wherever it lands).
     ``on_hold`` is called when the write starts waiting, so the stream's
     other writes are not kept from their slots by a held one."""
-    with hub.subscribe_intent(lease.intent_id) as sub:
+    # A small AGENT wait also wakes on its children's own events: the holder
+    # judges them at once instead of waiting for the child sweeper's round
+    # (a call's latency). A large one would be tried again on every event of
+    # every child; it waits for the sweeper, which judges it once per round.
+    watched = spec.children if len(spec.children) <= HOLD_WATCHES_CHILDREN else ()
+    with hub.subscribe_intent(lease.intent_id, also=watched) as sub:
         # Subscribed before the first try: a signal committing after it wakes us.
         reached = await waits.reach(lease, stream.id, spec)
         if reached.record is not None or reached.parked:
