@@ -95,7 +95,7 @@ class ChildHandle:
     def result(self) -> Coroutine[Any, Any, Any]:
         """The child's result, once it completed; ``ChildFailed`` when it
         ended otherwise. The position is taken now, at the call."""
-        return _first_value(awaiting(Gathering(self._attempt, [self])))
+        return _first_value(Gathering(self._attempt, [self]))
 
 
 class SyncChildHandle(ChildHandle):
@@ -105,8 +105,8 @@ class SyncChildHandle(ChildHandle):
         return blocking(Gathering(self._attempt, [self]))[0]
 
 
-async def _first_value(values: Coroutine[Any, Any, list[Any]]) -> Any:
-    return (await values)[0]
+async def _first_value(op: _Operation[list[T]]) -> T:
+    return (await awaiting(op))[0]
 
 
 # -- positions ----------------------------------------------------------------------

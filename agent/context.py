@@ -282,8 +282,8 @@ class Context(_ContextBase):
         ``ctx.gather``/``ctx.first``). ``deadline``: an aware datetime or a
         timedelta, capped at this intent's; ``detached``: the child is left
         running when this intent ends by cancel, failure or timeout."""
-        return _only(children.awaiting(children.Starting(self._attempt, [ChildCall(
-            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle)))
+        return _only(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle))
 
     def start_many(self, calls: Sequence[ChildCall]) -> Coroutine[Any, Any, list[ChildHandle]]:
         """Starts 1 to 1000 children at one position, in one statement; their
@@ -530,6 +530,6 @@ async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-async def _only(handles: Awaitable[list[ChildHandle]]) -> ChildHandle:
-    (handle,) = await handles
+async def _only(starting: children.Starting[ChildHandle]) -> ChildHandle:
+    (handle,) = await children.awaiting(starting)
     return handle
