@@ -68,6 +68,14 @@ delivery replays to the wait, which returns at once. A timeout raises
 ``WaitTimedOut`` at the wait in every attempt that reaches it. Step names
 starting with ``@`` are reserved for waits.
 
+Child intents (docs/children.md): ``await ctx.call(to_agent, intent_type,
+payload)`` sends an intent to another agent and returns its result;
+``ctx.start`` / ``ctx.start_many([ChildCall(...), ...])`` return handles,
+``ctx.gather(*handles)`` / ``ctx.first(*handles)`` wait for them, durably (the
+intent parks meanwhile). A child is started once whatever the attempts (it is
+keyed by this intent and its position); one that does not complete raises
+``ChildFailed`` at the wait.
+
 ``def`` handlers run in a thread of their own and get a ``SyncContext`` whose
 methods block; a revoked ``def`` handler cannot be interrupted, but its next
 ``ctx`` call raises ``LeaseLost``. Plain-function steps of ``async def``
@@ -79,8 +87,18 @@ Logs go to the ``intentd.agent`` logger, each line naming intent and attempt.
 from intentd.core.backoff import Backoff
 
 from .attempt import CANCELED, LEASE_LOST, PARKED, SHUTDOWN, TIMED_OUT
+from .children import ChildCall, ChildHandle, SyncChildHandle
 from .context import Context, StepScope, SyncContext, SyncStepScope
-from .errors import AgentError, LeaseLost, NonRetryableError, StepDivergence, WaitTimedOut, WriteError
+from .errors import (
+    AgentError,
+    ChildFailed,
+    ChildResultsTooLarge,
+    LeaseLost,
+    NonRetryableError,
+    StepDivergence,
+    WaitTimedOut,
+    WriteError,
+)
 from .runtime import ADDRESS_ENV, Agent
 from .waits import HumanDecision
 
@@ -94,12 +112,17 @@ __all__ = [
     "Agent",
     "AgentError",
     "Backoff",
+    "ChildCall",
+    "ChildFailed",
+    "ChildHandle",
+    "ChildResultsTooLarge",
     "Context",
     "HumanDecision",
     "LeaseLost",
     "NonRetryableError",
     "StepDivergence",
     "StepScope",
+    "SyncChildHandle",
     "SyncContext",
     "SyncStepScope",
     "WaitTimedOut",

@@ -30,8 +30,10 @@ The next capabilities plug into that path rather than beside it:
   kind of ``IntentWrite`` through ``write``; answered resolved, the record is
   its value; answered parked, the attempt is over: ``park`` stops it (reason
   ``PARKED``) and cancels its task, and nothing more is written for it.
-- child intents: a call takes a position, its record carries the child's
-  outcome, and the send is a write.
+- child intents (``start_children``, with ``children.py``): a start takes a
+  position, is one ``StartChildrenWrite`` whose record names the children
+  (the same ones in every attempt), and a gather or first is an AGENT wait
+  (``wait_at``) whose record carries the children's outcomes.
 
 Threads: the engine lives on the agent's event loop. A ``def`` handler's
 thread calls the synchronous methods (``open_step``, ``check_live``) directly
@@ -46,7 +48,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
@@ -151,7 +153,9 @@ class Attempt:
     - ``open_step(name)`` / ``fetch(plan)`` / ``commit(plan, value)``: a step's
       position, its replay, its record (see the module docstring).
     - ``wait(call)``: a durable wait at the next position (replayed, resolved
-      or parked); ``park(message)``: the attempt parked.
+      or parked); ``wait_at(plan, call)``: the same at a position taken;
+      ``park(message)``: the attempt parked.
+    - ``start_children(plan, specs)``: starts child intents at a position taken.
     - ``write(write, what)``: one fenced write, retried through outages.
     - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
       ``complete(result)``, ``fail(code, message, retryable)``: the other writes.
@@ -383,10 +387,15 @@ class Attempt:
         earlier attempt (or the control plane, at once) resolved it; raises
         ``LeaseLost(PARKED)`` when the intent parked on it."""
         with self.open_step(call.record_name, wait=True) as plan:
-            if not plan.known:
-                await self.fetch(plan)
-            record = plan.value if plan.replayed else await self._reach(plan, call)
-            return call.value(record, plan.index)
+            return await self.wait_at(plan, call)
+
+    async def wait_at(self, plan: StepPlan, call: WaitCall) -> Any:
+        """``wait`` at a position already taken (``plan``, named
+        ``call.record_name``; the caller closes it)."""
+        if not plan.known:
+            await self.fetch(plan)
+        record = plan.value if plan.replayed else await self._reach(plan, call)
+        return call.value(record, plan.index)
 
     async def _reach(self, plan: StepPlan, call: WaitCall) -> Any:
         write = delivery_pb2.IntentWrite(lease=self.lease, wait=call.write)
@@ -404,6 +413,25 @@ class Attempt:
         plan.done = True
         self.steps_completed += 1
         log.debug("%s: %s resolved", self.log_prefix, what)
+        return decode_json(record.result)
+
+    # -- child intents (children.py) ----------------------------------------------
+
+    async def start_children(self, plan: StepPlan, children: Sequence[delivery_pb2.ChildSpec]) -> Any:
+        """Starts ``children`` at ``plan``'s position (taken, known, not
+        replayed): one write, the children and the record committed together.
+        Returns the decoded record, the first one for a repeat (nothing is
+        started twice)."""
+        write = delivery_pb2.IntentWrite(lease=self.lease, start_children=delivery_pb2.StartChildrenWrite(
+            index=plan.index, step_name=plan.name, children=children))
+        what = f"start {plan.index} {plan.name!r}"
+        response = await self.write(write, what)
+        record = response.step
+        if record.name and record.name != plan.name:
+            self._diverge(plan, record.name)
+        plan.done = True
+        self.steps_completed += 1
+        log.debug("%s: %s recorded (%d children)", self.log_prefix, what, len(children))
         return decode_json(record.result)
 
     # -- writes ----------------------------------------------------------------

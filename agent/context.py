@@ -13,6 +13,11 @@ has nothing for the wait within the intent type's hold window the intent
 parks: the attempt is over (``cancel_reason`` ``PARKED``), the handler is
 stopped as on a revocation and nothing more is reported; the next delivery,
 once the signal, decision or timer came, replays to the wait and it returns.
+
+Child intents (``start``, ``start_many``, ``gather``, ``first``, ``call``;
+docs/children.md, agent/children.py) take their positions when they are
+called, not when they are awaited: a start is a write whose record names the
+children, a gather or first is a durable wait on them.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, Never, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from intentd.core.waits import DEFAULT_OUTCOMES
 
-from . import waits
+from . import children, waits
 from .attempt import Attempt, StepPlan
+from .children import ChildCall, ChildHandle, SyncChildHandle
 from .waits import HumanDecision, WaitCall
 
 P = ParamSpec("P")
@@ -256,6 +262,65 @@ class Context(_ContextBase):
         return _decision(await self._attempt.wait(_human(
             title, description, outcomes, assignees, form, timeout, remind_after)))
 
+    # -- child intents (docs/children.md) -------------------------------------------
+    # Each takes its position when called, before the returned awaitable runs.
+
+    def start(
+        self,
+        to_agent: str,
+        intent_type: str,
+        payload: Any = None,
+        *,
+        deadline: datetime | timedelta | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        detached: bool = False,
+    ) -> Coroutine[Any, Any, ChildHandle]:
+        """Starts a child intent -- an ordinary intent for ``to_agent``, whose
+        parent is this intent -- once, whatever the attempts: a replay gets the
+        same child back. Returns its handle (``await handle.result()``, or
+        ``ctx.gather``/``ctx.first``). ``deadline``: an aware datetime or a
+        timedelta, capped at this intent's; ``detached``: the child is left
+        running when this intent ends by cancel, failure or timeout."""
+        return _only(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle))
+
+    def start_many(self, calls: Sequence[ChildCall]) -> Coroutine[Any, Any, list[ChildHandle]]:
+        """Starts 1 to 1000 children at one position, in one statement; their
+        handles in order."""
+        return children.awaiting(children.Starting(self._attempt, calls, ChildHandle))
+
+    def gather(self, *handles: ChildHandle, timeout: float | None = None,
+               return_exceptions: bool = False) -> Coroutine[Any, Any, list[Any]]:
+        """Waits, durably, until every child given has ended (the intent parks
+        meanwhile: no lease, no slot); their results in argument order. A child
+        that did not complete raises ``ChildFailed`` (the first such in
+        argument order), or stands in its place with ``return_exceptions``.
+        ``timeout`` (seconds) raises ``WaitTimedOut``."""
+        return children.awaiting(children.Gathering(self._attempt, handles, timeout, return_exceptions))
+
+    def first(self, *handles: ChildHandle,
+              timeout: float | None = None) -> Coroutine[Any, Any, tuple[ChildHandle, Any]]:
+        """Waits, durably, for the first of the children to end; returns its
+        handle and result (``ChildFailed`` when it did not complete). The
+        others go on running."""
+        return children.awaiting(children.Firsting(self._attempt, handles, timeout))
+
+    def call(
+        self,
+        to_agent: str,
+        intent_type: str,
+        payload: Any = None,
+        *,
+        deadline: datetime | timedelta | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        detached: bool = False,
+    ) -> Coroutine[Any, Any, Any]:
+        """``start`` and the child's result: two positions (the start, then its wait)."""
+        return children.calling(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle))
+
 
 class SyncContext(_ContextBase):
     """The handle a plain ``def`` handler gets; it runs in its own thread and
@@ -337,6 +402,47 @@ class SyncContext(_ContextBase):
 
     def _wait(self, call: WaitCall) -> Any:
         return self._attempt.blocking(self._attempt.wait(call))
+
+    # -- child intents: as on Context, blocking (handles: SyncChildHandle) -------------
+
+    def start(
+        self,
+        to_agent: str,
+        intent_type: str,
+        payload: Any = None,
+        *,
+        deadline: datetime | timedelta | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        detached: bool = False,
+    ) -> SyncChildHandle:
+        (handle,) = self.start_many([ChildCall(to_agent, intent_type, payload, deadline, max_attempts, labels,
+                                               detached)])
+        return handle
+
+    def start_many(self, calls: Sequence[ChildCall]) -> list[SyncChildHandle]:
+        return children.blocking(children.Starting(self._attempt, calls, SyncChildHandle))
+
+    def gather(self, *handles: ChildHandle, timeout: float | None = None,
+               return_exceptions: bool = False) -> list[Any]:
+        return children.blocking(children.Gathering(self._attempt, handles, timeout, return_exceptions))
+
+    def first(self, *handles: ChildHandle, timeout: float | None = None) -> tuple[ChildHandle, Any]:
+        return children.blocking(children.Firsting(self._attempt, handles, timeout))
+
+    def call(
+        self,
+        to_agent: str,
+        intent_type: str,
+        payload: Any = None,
+        *,
+        deadline: datetime | timedelta | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        detached: bool = False,
+    ) -> Any:
+        return children.calling_blocking(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], SyncChildHandle))
 
 
 def _human(title: str, description: str | None, outcomes: Sequence[str], assignees: Sequence[str] | None,
@@ -422,3 +528,8 @@ class SyncStepScope(_Scope):
 
 async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+async def _only(starting: children.Starting[ChildHandle]) -> ChildHandle:
+    (handle,) = await children.awaiting(starting)
+    return handle

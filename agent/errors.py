@@ -59,15 +59,21 @@ class WaitTimedOut(AgentError):
 
     The timeout is recorded at the wait's position, so every attempt that
     reaches the wait raises it again there without waiting (a replay is as
-    deterministic as a step's result). ``kind`` is ``SIGNAL`` or ``HUMAN``
-    (a sleep never times out), ``name`` the signal's name or the task's title,
+    deterministic as a step's result). ``kind`` is ``SIGNAL``, ``HUMAN`` or
+    ``AGENT`` (a sleep never times out), ``name`` the signal's name, the
+    task's title, or ``gather`` / ``first`` (``ctx.gather(..., timeout=)``),
     ``index`` the wait's position, ``task_id`` the human task (HUMAN only).
     Left uncaught, it fails the intent non-retryably with code
     ``WAIT_TIMED_OUT``: every later attempt would time out at the same wait.
     """
 
     def __init__(self, kind: str, name: str, index: int, task_id: str = "") -> None:
-        what = f"the signal {name!r}" if kind == "SIGNAL" else f"a decision on {name!r}"
+        if kind == "SIGNAL":
+            what = f"the signal {name!r}"
+        elif kind == "AGENT":
+            what = f"child intents ({name})"
+        else:
+            what = f"a decision on {name!r}"
         if task_id:
             what += f" (task {task_id})"
         super().__init__(f"wait {index} for {what} timed out")
@@ -75,6 +81,49 @@ class WaitTimedOut(AgentError):
         self.name = name
         self.index = index
         self.task_id = task_id
+
+
+class ChildFailed(AgentError):
+    """A child intent this intent waited for (``ctx.gather``, ``ctx.first``,
+    ``ctx.call``, ``handle.result()``) ended other than COMPLETED.
+
+    ``child_id``; ``state``: ``FAILED``, ``CANCELED`` or ``TIMED_OUT``;
+    ``code`` and ``message``: the child's error (e.g. ``ATTEMPTS_EXHAUSTED``
+    for a dead-lettered child); ``to_agent`` and ``intent_type``: the child's.
+    The outcome is recorded at the wait's position, so every later attempt
+    raises it again there: left uncaught, it fails this intent non-retryably
+    with code ``CHILD_FAILED``.
+    """
+
+    def __init__(self, child_id: str, state: str, code: str = "", message: str = "", *,
+                 to_agent: str = "", intent_type: str = "") -> None:
+        about = f" ({intent_type} at {to_agent})" if intent_type else ""
+        error = f": {code}: {message}" if message else (f": {code}" if code else "")
+        super().__init__(f"child intent {child_id}{about} ended {state}{error}")
+        self.child_id = child_id
+        self.state = state
+        self.code = code
+        self.message = message
+        self.to_agent = to_agent
+        self.intent_type = intent_type
+
+
+class ChildResultsTooLarge(NonRetryableError):
+    """The results of the children one wait waited for exceed, together, the
+    intent's payload size limit, so the control plane recorded the wait
+    without them. Gather fewer children at once (several gathers of smaller
+    groups), or have the children return less (e.g. a reference to where the
+    data is). Recorded like any wait: left uncaught it fails the intent
+    (code ``CHILD_RESULTS_TOO_LARGE``)."""
+
+    def __init__(self, index: int, children: int) -> None:
+        super().__init__(
+            "CHILD_RESULTS_TOO_LARGE",
+            f"the results of the {children} children waited for at position {index} exceed the intent's "
+            "payload size limit together, so they were not recorded; gather fewer children at once",
+        )
+        self.index = index
+        self.children = children
 
 
 class LeaseLost(BaseException):

@@ -28,7 +28,7 @@ from intentd.generated.v1 import delivery_pb2, runtime_pb2
 
 from .attempt import LEASE_LOST, PARKED, SHUTDOWN, Attempt, decode_json, encode_json
 from .context import Context, SyncContext
-from .errors import LeaseLost, NonRetryableError, WaitTimedOut, WriteError, WriteRefused
+from .errors import ChildFailed, LeaseLost, NonRetryableError, WaitTimedOut, WriteError, WriteRefused
 from .session import SidecarSession
 
 log = logging.getLogger("intentd.agent")
@@ -38,6 +38,8 @@ ADDRESS_ENV = "INTENTD_SIDECAR_ADDRESS"
 HISTORY_LIMIT_EXCEEDED = "HISTORY_LIMIT_EXCEEDED"
 # The failure code of an intent whose handler let a wait's timeout go uncaught.
 WAIT_TIMED_OUT = "WAIT_TIMED_OUT"
+# The failure code of an intent whose handler let a child's failure go uncaught.
+CHILD_FAILED = "CHILD_FAILED"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 WRITE_BACKOFF = Backoff(0.05, 2.0)
 _TRANSIENT = frozenset({
@@ -574,6 +576,10 @@ class Agent:
                 # Recorded: every later attempt would replay to this wait and time out again.
                 log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
                 return _Outcome(code=WAIT_TIMED_OUT, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
+            if isinstance(exc, ChildFailed):
+                # Recorded too: the wait replays to the same outcome in every attempt.
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
+                return _Outcome(code=CHILD_FAILED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
             if (isinstance(exc, WriteError) and exc.method in ("RecordStep", "Wait")
                     and exc.code == "RESOURCE_EXHAUSTED"):
                 # The intent's history limit: a history only grows, so every

@@ -41,9 +41,14 @@ _UNARY: dict[str, tuple[str, Callable[[delivery_pb2.IntentWrite], Any]]] = {
 }
 
 
+# Writes with no unary call: only a sidecar that takes writes on the stream takes them.
+_STREAM_ONLY = {"start_children": "StartChildren"}
+
+
 def method_of(write: delivery_pb2.IntentWrite) -> str:
     """The name the write has in the runtime API (``RecordStep``...), for messages."""
-    return _UNARY[write.WhichOneof("op") or "step"][0]
+    op = write.WhichOneof("op") or "step"
+    return _STREAM_ONLY.get(op) or _UNARY[op][0]
 
 
 class Running(Protocol):
@@ -129,7 +134,12 @@ class SidecarSession(Generic[A]):
         return result
 
     async def _unary(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
-        method, request = _UNARY[write.WhichOneof("op") or ""]
+        op = write.WhichOneof("op") or ""
+        if op in _STREAM_ONLY:
+            raise WriteRefused(grpc.StatusCode.UNIMPLEMENTED, (
+                f"{_STREAM_ONLY[op]}: this sidecar does not take writes on the Attach stream, and child "
+                "intents have no unary call; upgrade the sidecar"))
+        method, request = _UNARY[op]
         try:
             response = await getattr(self.stub, method)(request(write), timeout=timeout)
         except grpc.aio.AioRpcError as exc:

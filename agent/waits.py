@@ -118,7 +118,7 @@ def _decision(fields: dict[str, Any]) -> HumanDecision | None:
     )
 
 
-def _millis(seconds: float, what: str) -> int:
+def millis(seconds: float, what: str) -> int:
     """``seconds`` as the wire's milliseconds. Never 0: on the wire 0 means
     "no timeout", so a timeout of 0 is the shortest one (it still takes a
     signal or decision that is already there)."""
@@ -152,13 +152,13 @@ def signal_wait(name: str, timeout: float | None) -> WaitCall:
         raise ValueError(f"signal name {name!r:.80}: {problem}")
     write = delivery_pb2.WaitWrite(kind=_KINDS[waits.SIGNAL], signal_name=name)
     if timeout is not None:
-        write.timeout_ms = _millis(timeout, "timeout")
+        write.timeout_ms = millis(timeout, "timeout")
     return WaitCall(waits.SIGNAL, name, write)
 
 
 def sleep_wait(seconds: float) -> WaitCall:
     return WaitCall(waits.TIME, "", delivery_pb2.WaitWrite(kind=_KINDS[waits.TIME],
-                                                            timeout_ms=_millis(seconds, "seconds")))
+                                                            timeout_ms=millis(seconds, "seconds")))
 
 
 def sleep_until_wait(when: datetime) -> WaitCall:
@@ -198,8 +198,8 @@ def human_wait(
             raise ValueError(f"the form's JSON Schema is {len(schema)} bytes; at most {MAX_TASK_FORM_SCHEMA_BYTES}")
         task.form_schema = schema
     if remind_after is not None:
-        task.remind_after_ms = _millis(remind_after, "remind_after")
+        task.remind_after_ms = millis(remind_after, "remind_after")
     write = delivery_pb2.WaitWrite(kind=_KINDS[waits.HUMAN], task=task)
     if timeout is not None:
-        write.timeout_ms = _millis(timeout, "timeout")
+        write.timeout_ms = millis(timeout, "timeout")
     return WaitCall(waits.HUMAN, title, write)

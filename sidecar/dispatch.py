@@ -284,6 +284,9 @@ class Dispatcher:
         if result.code == OK and op == "step":
             held.history.add(result.step if result.HasField("step") else intent_pb2.StepRecord(
                 index=write.step.index, name=write.step.name, result=write.step.result))
+        if result.code == OK and op == "start_children" and result.HasField("step"):
+            # The start's record (the children's ids) answers BeginStep like a step's.
+            held.history.add(result.step)
         parked = result.code == OK and op == "wait" and result.wait.parked
         if result.code == OK and op == "wait" and not parked and result.wait.HasField("step"):
             # Resolved: its record answers BeginStep like a step's.

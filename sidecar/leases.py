@@ -34,8 +34,8 @@ The life of a lease in the sidecar, and the event behind each move:
    complete/fail is answered OK, when a wait is answered parked (the intent
    is WAITING: nothing is released, the agent ends the handler), when the
    control plane revokes it, or when the recorded steps an old agent needs
-   cannot be fetched. A wait answered resolved adds its record to the
-   history, as a recorded step does.
+   cannot be fetched. A wait answered resolved, and a start of child
+   intents, add their records to the history, as a recorded step does.
 6. Unbound when the control plane revokes it, when re-registration does not
    list it as kept (lost: its pending writes are refused, except a complete
    that may have committed, and the agent is told), when a

@@ -4,9 +4,11 @@ loopback port.
 Every write is forwarded upstream and answered only after the control plane
 committed it; a refusal comes back as the same gRPC status. ``Attach`` is the
 agent's stream: when it ends, whatever the agent held is released at once.
-A durable wait (``Wait``, or op ``wait`` on the stream) is a write like the
-others, answered resolved or parked; the dispatcher frees the agent's slot on
-parked (sidecar/dispatch.py).
+A durable wait (``Wait``, or op ``wait`` on the stream; an AGENT wait on
+child intents too) is a write like the others, answered resolved or parked;
+the dispatcher frees the agent's slot on parked (sidecar/dispatch.py). A start
+of child intents (op ``start_children``) goes only on the stream: it has no
+unary call.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ from .settings import unix_socket_path
 log = logging.getLogger("intentd.sidecar.runtime")
 
 # The writes an agent may make (release is the sidecar's own).
-AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait"})
+AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait", "start_children"})
+# A start's record name (docs/children.md); the control plane checks the rest.
+START_PREFIX = f"{RESERVED_PREFIX}start:"
+MAX_CHILDREN = 1000
 
 
 class _UnaryWrite(Protocol):
@@ -137,6 +142,11 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         elif op == "wait" and (write.wait.index < 1 or not write.wait.step_name.startswith(RESERVED_PREFIX)
                                or not write.wait.kind):
             problem = f"wait needs a 1-based index, a kind and its record name (starting with {RESERVED_PREFIX!r})"
+        elif op == "start_children" and (write.start_children.index < 1
+                                         or not write.start_children.step_name.startswith(START_PREFIX)):
+            problem = f"start_children needs a 1-based index and its record name (starting with {START_PREFIX!r})"
+        elif op == "start_children" and not 1 <= len(write.start_children.children) <= MAX_CHILDREN:
+            problem = f"start_children takes 1 to {MAX_CHILDREN} children"
         elif not write.lease.intent_id or not write.lease.token:
             problem = "lease (intent_id and token) is required"
         else:
