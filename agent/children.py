@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from intentd.core import waits
 from intentd.core.errors import ValidationError
 from intentd.core.framing import MAX_MESSAGE_BYTES
-from intentd.core.limits import MAX_ATTEMPTS_LIMIT, MAX_HORIZON_MS, MAX_STEP_NAME_LEN
+from intentd.core.limits import MAX_ATTEMPTS_LIMIT, MAX_CHILDREN_PER_START, MAX_HORIZON_MS
 from intentd.core.validation import check_agent_address, check_intent_type, check_labels
+from intentd.core.waits import AGENT
 from intentd.generated.v1 import delivery_pb2, intent_pb2
 
 from .attempt import Attempt, StepPlan, encode_json
@@ -42,14 +44,11 @@ from .waits import WaitCall, millis
 T = TypeVar("T")
 H = TypeVar("H", bound="ChildHandle")
 
-# The wait kind of ``WaitTimedOut`` for a gather or first.
-AGENT = "AGENT"
-# Record names (reserved: they start with "@", as waits' do).
-START_PREFIX = "@start:"
-GATHER = "@gather"
-FIRST = "@first"
+# Record names (reserved: they start with "@", as waits' do), one copy in core.waits.
+GATHER = waits.record_name(AGENT, waits.ALL)
+FIRST = waits.record_name(AGENT, waits.FIRST)
 # Children per start, handles per gather or first (the control plane's bound too).
-MAX_CHILDREN = 1000
+MAX_CHILDREN = MAX_CHILDREN_PER_START
 # A start is one write: its children must fit in one message to the sidecar,
 # with room for the envelope.
 MAX_START_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
@@ -208,7 +207,7 @@ def _labels(labels: Any, what: str) -> dict[str, str]:
 
 def start_name(intent_type: str) -> str:
     """The record name of a start: ``@start:<intent type of the first child>``."""
-    return f"{START_PREFIX}{intent_type}"[:MAX_STEP_NAME_LEN]
+    return waits.start_record_name(intent_type)
 
 
 class Starting(_Operation[list[H]]):

@@ -29,9 +29,9 @@ import grpc
 from intentd.core.codes import INVALID_ARGUMENT, status_of
 from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
-from intentd.core.limits import MAX_INTENT_TYPES
+from intentd.core.limits import MAX_CHILDREN_PER_START, MAX_INTENT_TYPES
 from intentd.core.validation import check_intent_type
-from intentd.core.waits import RESERVED_PREFIX
+from intentd.core.waits import RESERVED_PREFIX, start_record_name
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
 
 from .dispatch import AttachedAgent, Dispatcher
@@ -43,8 +43,8 @@ log = logging.getLogger("intentd.sidecar.runtime")
 # The writes an agent may make (release is the sidecar's own).
 AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait", "start_children"})
 # A start's record name (docs/children.md); the control plane checks the rest.
-START_PREFIX = f"{RESERVED_PREFIX}start:"
-MAX_CHILDREN = 1000
+START_PREFIX = start_record_name("")
+MAX_CHILDREN = MAX_CHILDREN_PER_START
 
 
 class _UnaryWrite(Protocol):

@@ -150,7 +150,7 @@ RPC_CODE_NAMES = {
     10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
     15: "DATA_LOSS", 16: "UNAUTHENTICATED",
 }
-WRITE_OPS = ("step", "checkpoint", "progress", "complete", "fail", "release", "wait")
+WRITE_OPS = ("step", "checkpoint", "progress", "complete", "fail", "release", "wait", "start_children")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELED", "TIMED_OUT")
 
 # Causes of intentd_redeliveries_total.

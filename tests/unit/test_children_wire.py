@@ -48,5 +48,5 @@ def test_bad_agent_waits_name_their_field(msg: delivery_pb2.WaitWrite, field: st
 def test_children_belong_to_agent_waits_only() -> None:
     msg = delivery_pb2.WaitWrite(index=1, step_name="@sleep", kind=intent_pb2.WAIT_KIND_TIME, timeout_ms=10,
                                  children=delivery_pb2.ChildWait(intent_ids=[new_id()]))
-    with pytest.raises(ValidationError, match="wait.children"):
+    with pytest.raises(ValidationError, match=r"wait\.children"):
         wait_spec(msg)
