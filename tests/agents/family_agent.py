@@ -66,10 +66,14 @@ def intent_type(role: str) -> str:
     return f"{PREFIX}.{role}.v1"
 
 
+_pool_lock = asyncio.Lock()
+
+
 async def ledger(ctx: Context, step: int, phase: str) -> None:
     global _pool
-    if _pool is None:
-        _pool = await asyncpg.create_pool(LEDGER_URL, min_size=1, max_size=4)
+    async with _pool_lock:  # one pool: many handlers run at once here
+        if _pool is None:
+            _pool = await asyncpg.create_pool(LEDGER_URL, min_size=1, max_size=4)
     await _pool.execute(
         "INSERT INTO test_ledger (intent_id, step, attempt, phase, pid) VALUES ($1, $2, $3, $4, $5)",
         ctx.intent_id, step, ctx.attempt, phase, os.getpid(),
