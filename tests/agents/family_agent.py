@@ -23,6 +23,8 @@ Intent types, ``<TEST_FAMILY_PREFIX>.<role>.v1`` (prefix default
                  "block_until": PATH   works until that file exists;
                  "kill_if": PATH       SIGKILLs this process while that file exists
                                        (delete it to let the retry pass);
+                 "kill_once": DIR      SIGKILLs this process the first time this
+                                       worker runs (marker DIR/<intent id>);
                  "hang": true          works until cancelled, then logs
                                        "stopped:<cancel reason>";
                  "fail": "retryable" | "nonretryable";
@@ -205,6 +207,11 @@ async def work(ctx: Context, payload: dict[str, Any]) -> Any:
         await ledger(ctx, PREPARE, "begin")
         if payload.get("kill_if") and Path(payload["kill_if"]).exists():  # noqa: ASYNC240 -- the test's signal
             os.kill(os.getpid(), signal.SIGKILL)
+        if payload.get("kill_once"):
+            marker = Path(payload["kill_once"]) / ctx.intent_id
+            if not marker.exists():
+                marker.write_text(str(ctx.attempt))
+                os.kill(os.getpid(), signal.SIGKILL)
         if payload.get("block_until"):
             flag = Path(payload["block_until"])
             while not flag.exists():  # noqa: ASYNC110, ASYNC240 -- the test's signal is a file
