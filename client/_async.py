@@ -93,6 +93,10 @@ class AsyncIntentHandle(HandleBase["AsyncIntentClient"]):
         """The intent's human tasks (OPEN ones unless ``states`` says otherwise)."""
         return [t async for t in self.client.iter_tasks(states=states, intent_id=self.id)]
 
+    async def children(self) -> builtins.list[Intent]:
+        """The child intents its handler started, in start order."""
+        return await self.client.children(self.id)
+
 
 class AsyncIntentClient(ClientBase):
     """An asyncio client of the IntentService (and the AdminService's intent
@@ -304,13 +308,15 @@ class AsyncIntentClient(ClientBase):
         return intent_from_proto(resp.intent)
 
     async def list(self, **query: Unpack[ListQuery]) -> Page:
-        """One page of intents, newest first."""
+        """One page of intents, newest first (with ``parent_id``: that
+        intent's children, in the order they were started)."""
         request = list_request(**query)
         resp: pb.ListIntentsResponse = await self._call(self._stub.ListIntents, request)
         return page_from_proto(resp)
 
     async def iter_intents(self, **query: Unpack[ListQuery]) -> AsyncIterator[Intent]:
-        """Every matching intent, newest first, following the pages."""
+        """Every matching intent, newest first (with ``parent_id``: in start
+        order), following the pages."""
         request = list_request(**query)
         while True:
             resp: pb.ListIntentsResponse = await self._call(self._stub.ListIntents, request)
@@ -320,6 +326,11 @@ class AsyncIntentClient(ClientBase):
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token
+
+    async def children(self, intent_id: str) -> builtins.list[Intent]:
+        """Every child intent of ``intent_id`` (docs/children.md), in the order
+        its handler started them, following the pages."""
+        return [i async for i in self.iter_intents(parent_id=intent_id)]
 
     async def retry(self, intent_id: str, extra_attempts: int = 0) -> Intent:
         """Puts a FAILED intent back to PENDING, keeping its recorded steps."""

@@ -77,6 +77,9 @@ class ListQuery(TypedDict, total=False):
     to_agent: str | None
     # Every label given must match.
     labels: Mapping[str, str] | None
+    # Only the children of this intent (docs/children.md), in the order they
+    # were started instead of newest first.
+    parent_id: str | None
     # 0: the server's default.
     page_size: int
     page_token: str
@@ -358,6 +361,7 @@ def list_request(**query: Unpack[ListQuery]) -> pb.ListIntentsRequest:
         labels=dict(query.get("labels") or {}),
         page_size=query.get("page_size", 0),
         page_token=query.get("page_token", ""),
+        parent_id=query.get("parent_id") or "",
     )
 
 

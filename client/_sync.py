@@ -61,6 +61,10 @@ class IntentHandle(HandleBase["IntentClient"]):
         """The intent's human tasks (OPEN ones unless ``states`` says otherwise)."""
         return builtins.list(self.client.iter_tasks(states=states, intent_id=self.id))
 
+    def children(self) -> builtins.list[Intent]:
+        """The child intents its handler started, in start order."""
+        return self.client.children(self.id)
+
 
 class IntentClient(ClientBase):
     """A blocking client of the IntentService (and the AdminService's intent
@@ -147,12 +151,19 @@ class IntentClient(ClientBase):
         return self._loop.run(self._aio.cancel(intent_id, reason))
 
     def list(self, **query: Unpack[ListQuery]) -> Page:
-        """One page of intents, newest first."""
+        """One page of intents, newest first (with ``parent_id``: that
+        intent's children, in the order they were started)."""
         return self._loop.run(self._aio.list(**query))
 
     def iter_intents(self, **query: Unpack[ListQuery]) -> Iterator[Intent]:
-        """Every matching intent, newest first, following the pages."""
+        """Every matching intent, newest first (with ``parent_id``: in start
+        order), following the pages."""
         return self._iterate(self._aio.iter_intents(**query))
+
+    def children(self, intent_id: str) -> builtins.list[Intent]:
+        """Every child intent of ``intent_id`` (docs/children.md), in the order
+        its handler started them, following the pages."""
+        return self._loop.run(self._aio.children(intent_id))
 
     def retry(self, intent_id: str, extra_attempts: int = 0) -> Intent:
         """Puts a FAILED intent back to PENDING, keeping its recorded steps."""

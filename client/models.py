@@ -63,9 +63,11 @@ class WaitInfo:
     """What an intent waits for (docs/waits.md): set while it is WAITING, and
     while a live attempt holds an open wait."""
 
-    # "SIGNAL", "HUMAN" or "TIME" (intentd.core.waits.KINDS).
+    # "SIGNAL", "HUMAN", "TIME" or "AGENT" (WAIT_KINDS; child intents:
+    # docs/children.md).
     kind: str
-    # SIGNAL: the signal's name; HUMAN: the task's title; TIME: empty.
+    # SIGNAL: the signal's name; HUMAN: the task's title; TIME: empty;
+    # AGENT: "ALL" (gather) or "FIRST" (first).
     name: str
     # The wait's position in the step sequence (1-based).
     step_index: int
@@ -106,6 +108,15 @@ class Intent:
     # Deliveries that ended by parking on a wait: not failures, and not
     # counted against max_attempts (attempts used = attempt - parked_attempts).
     parked_attempts: int = 0
+    # A child intent (docs/children.md): the intent whose handler started it
+    # and the position of that start in its step sequence; "" and 0 for an
+    # intent a client sent.
+    parent_id: str = ""
+    parent_step_index: int = 0
+    # Left running when its parent ends (else canceled with it).
+    detached: bool = False
+    # Children it started; list them with list(parent_id=...).
+    child_count: int = 0
     proto: intent_pb2.Intent = field(
         default_factory=intent_pb2.Intent, compare=False, repr=False
     )
@@ -118,6 +129,10 @@ class Intent:
     def attempts_used(self) -> int:
         """The deliveries counted against ``max_attempts``."""
         return self.attempt - self.parked_attempts
+
+    @property
+    def is_child(self) -> bool:
+        return bool(self.parent_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +157,10 @@ class Event:
     task_id: str = ""
     # Who caused it (the API key's name): cancels, retries, signals, decisions.
     actor: str = ""
+    # CHILD_STARTED, CHILD_FINISHED: the child, and (CHILD_FINISHED) the
+    # state it ended in; None for other events.
+    child_id: str = ""
+    child_state: IntentState | None = None
 
     @property
     def terminal(self) -> bool:
@@ -152,6 +171,12 @@ class Event:
 WAIT_EVENT_TYPES = frozenset(
     {"WAITING", "SIGNALED", "TASK_CREATED", "TASK_DECIDED", "TIMER_FIRED", "TASK_REMINDED"}
 )
+# The event types of child intents, on the parent (docs/children.md).
+CHILD_EVENT_TYPES = frozenset({"CHILD_STARTED", "CHILD_FINISHED"})
+# What WaitInfo.kind and Event.wait_kind may be (proto WaitKind, the SQL
+# check of intent_waits.kind and intentd.core.waits.KINDS: a test keeps them
+# equal).
+WAIT_KINDS = ("SIGNAL", "HUMAN", "TIME", "AGENT")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,6 +415,10 @@ def intent_from_proto(msg: intent_pb2.Intent) -> Intent:
         progress_fraction=checkpoint.progress_fraction,
         waiting=wait_info_from_proto(msg.waiting) if msg.HasField("waiting") else None,
         parked_attempts=msg.parked_attempts,
+        parent_id=msg.parent_id,
+        parent_step_index=msg.parent_step_index,
+        detached=msg.detached,
+        child_count=msg.child_count,
         proto=msg,
     )
 
@@ -421,7 +450,18 @@ def event_from_proto(msg: intent_pb2.IntentEvent) -> Event:
         signal_id=msg.signal_id,
         task_id=msg.task_id,
         actor=msg.actor,
+        child_id=msg.child_id,
+        child_state=_child_state(msg.child_state),
     )
+
+
+def _child_state(value: int) -> IntentState | None:
+    """UNSPECIFIED (every event but CHILD_FINISHED) and numbers a newer
+    server sends that this client does not know are None."""
+    try:
+        return IntentState.from_proto(value)
+    except ValueError:
+        return None
 
 
 def signal_from_proto(msg: pb.Signal) -> Signal:
@@ -591,7 +631,9 @@ def _build_spec(intent: IntentInput | None, overrides: Mapping[str, Any]) -> pb.
 
 
 __all__ = [
+    "CHILD_EVENT_TYPES",
     "WAIT_EVENT_TYPES",
+    "WAIT_KINDS",
     "Event",
     "HumanDecision",
     "HumanTask",

@@ -8,10 +8,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from intentd.client import ClientError, HumanTask, IntentClient, IntentType, WaitInfo, WaitTimeout
+from intentd.client import ClientError, HumanTask, Intent, IntentClient, IntentType, WaitInfo, WaitTimeout
 from intentd.client.config import DEFAULT_TARGET
 from intentd.core.aio import run
 from intentd.core.config import SettingsError, env_name, load_settings
@@ -108,16 +109,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from intentd.server.auth import KeyStore
+    from intentd.server.errors import ServerError
 
     async def work(db: Any) -> int:
         keys = KeyStore(db)
         if args.action == "create":
             expire = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
             row, key = await keys.create(args.tenant, args.name, args.role or ["client"], args.address or [],
-                                         expire, args.max_sends_per_second)
+                                         expire, args.max_sends_per_second, send_patterns=args.send or [])
             print(key)
-            print(f"intentd: created key {row['name']!r} ({', '.join(row['roles'])}) for tenant {row['tenant']!r}; "
-                  "it is shown only this once", file=sys.stderr)
+            sends = f"; may start children at {' '.join(row['send_patterns'])}" if row["send_patterns"] else ""
+            print(f"intentd: created key {row['name']!r} ({', '.join(row['roles'])}) for tenant {row['tenant']!r}"
+                  f"{sends}; it is shown only this once", file=sys.stderr)
         elif args.action == "revoke":
             row = await keys.revoke(args.tenant, args.name)
             print(f"revoked {row['name']!r}")
@@ -125,11 +128,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
             for row in await keys.list(args.tenant if args.tenant != "*" else None):
                 state = "revoked" if row["revoke_time"] else (
                     "expired" if row["expire_time"] and row["expire_time"] < datetime.now(UTC) else "active")
+                sends = f"  send: {' '.join(row['send_patterns'])}" if row["send_patterns"] else ""
                 print(f"{row['tenant']:<12} {row['name']:<20} {row['id']:<14} {','.join(row['roles']):<20} "
-                      f"{state:<8} {' '.join(row['address_patterns'])}")
+                      f"{state:<8} {' '.join(row['address_patterns'])}{sends}")
         return 0
 
-    return int(_with_database(args, work))
+    try:
+        return int(_with_database(args, work))
+    except ServerError as exc:
+        # A refused pattern or role, a key not found: the reason, not a traceback.
+        print(f"intentd: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def cmd_tenants(args: argparse.Namespace) -> int:
@@ -205,6 +214,11 @@ def _print_intent(intent: Any, as_json: bool) -> None:
         print(f"error:       {intent.error.code}: {intent.error.message}")
     if intent.cancel_reason:
         print(f"canceled:    {intent.cancel_reason}")
+    if intent.parent_id:
+        detached = ", detached: keeps running when its parent ends" if intent.detached else ""
+        print(f"parent:      {intent.parent_id} (started at its step {intent.parent_step_index}{detached})")
+    if intent.child_count:
+        print(f"children:    {intent.child_count} (intentd get {intent.id} --tree)")
     if intent.waiting is not None:
         for line in _describe_wait(intent.waiting, intent.state.value):
             print(line)
@@ -221,7 +235,8 @@ def _describe_wait(wait: WaitInfo, state: str) -> list[str]:
     """What ``get`` says about an open wait: what it waits for, since when,
     until when, and for a human decision how to give it."""
     what = {"HUMAN": f"a human decision: {wait.name!r}", "SIGNAL": f"the signal {wait.name!r}",
-            "TIME": "a timer"}.get(wait.kind, f"{wait.kind} {wait.name!r}".strip())
+            "TIME": "a timer", "AGENT": _children_waited(wait.name)}.get(
+                wait.kind, f"{wait.kind} {wait.name!r}".strip())
     holder = "parked, holds no agent" if state == "WAITING" else "held by its attempt"
     lines = [f"waits for:   {what} at step {wait.step_index} ({holder})",
              f"  since:     {_time_text(wait.since)}"]
@@ -234,6 +249,12 @@ def _describe_wait(wait: WaitInfo, state: str) -> list[str]:
         lines.append(f"  task:      {wait.task_id}  (intentd tasks approve {wait.task_id} | "
                      f"intentd tasks reject {wait.task_id})")
     return lines
+
+
+def _children_waited(mode: str) -> str:
+    """An AGENT wait's name is its mode (docs/children.md)."""
+    return {"ALL": "its child intents (all of them: gather)",
+            "FIRST": "its child intents (the first to end: first)"}.get(mode, "its child intents")
 
 
 def _wait_dict(wait: WaitInfo | None) -> dict[str, Any] | None:
@@ -268,6 +289,10 @@ def _intent_dict(intent: Any) -> dict[str, Any]:
         "cancel_reason": intent.cancel_reason,
         "waiting": _wait_dict(intent.waiting),
         "parked_attempts": intent.parked_attempts,
+        "parent_id": intent.parent_id or None,
+        "parent_step_index": intent.parent_step_index,
+        "detached": intent.detached,
+        "child_count": intent.child_count,
     }
 
 
@@ -302,8 +327,114 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.tree:
+            if args.depth < 1 or args.max < 1:
+                raise SystemExit("intentd: --depth and --max must be at least 1")
+            tree = fetch_tree(client, args.id, max_depth=args.depth, max_nodes=args.max)
+            if args.json:
+                print(json.dumps(tree_dict(tree), indent=2, default=str))
+            else:
+                for line in render_tree(tree, max_depth=args.depth):
+                    print(line)
+            return 0
         _print_intent(client.get(args.id), args.json)
     return 0
+
+
+@dataclass
+class TreeNode:
+    """An intent of ``get --tree`` and the children fetched for it."""
+
+    intent: Intent
+    depth: int
+    children: list[TreeNode] = field(default_factory=list)
+    # Children not fetched: past --max, or below --depth.
+    more: int = 0
+
+
+# How deep and how many intents `get --tree` fetches by default: a fan-out
+# of thousands is summed up ("... N more"), never listed in full.
+TREE_DEPTH = 5
+TREE_MAX = 200
+
+
+def fetch_tree(client: IntentClient, root_id: str, *, max_depth: int = TREE_DEPTH,
+               max_nodes: int = TREE_MAX) -> TreeNode:
+    """The intent and its descendants, level by level (so a wide level spends
+    the budget before a deeper one does), at most ``max_nodes`` intents in all
+    and ``max_depth`` levels below the root; what is cut is counted in
+    ``TreeNode.more``, from the intents' ``child_count``."""
+    root = TreeNode(client.get(root_id), 0)
+    budget = max_nodes - 1
+    level = [root]
+    while level:
+        below: list[TreeNode] = []
+        for node in level:
+            wanted = node.intent.child_count
+            if not wanted:
+                continue
+            if node.depth >= max_depth or budget <= 0:
+                node.more = wanted
+                continue
+            token = ""
+            while budget > 0:
+                page = client.list(parent_id=node.intent.id, page_size=min(budget, 1000), page_token=token)
+                for child in page.intents[:budget]:
+                    node.children.append(TreeNode(child, node.depth + 1))
+                budget -= min(len(page.intents), budget)
+                token = page.next_page_token
+                if not token:
+                    break
+            # child_count is read before the listing; children started since
+            # may have been listed too.
+            node.more = max(wanted - len(node.children), 0)
+            below.extend(node.children)
+        level = below
+    return root
+
+
+def _tree_label(intent: Intent) -> str:
+    parts = [intent.id, intent.intent_type, intent.to_agent, intent.state.value,
+             f"attempt {intent.attempts_used}/{intent.max_attempts}"]
+    if intent.parent_id:
+        parts.append(f"step {intent.parent_step_index}")
+    if intent.detached:
+        parts.append("detached")
+    if intent.state.value == "WAITING" and intent.waiting is not None and intent.waiting.kind == "AGENT":
+        parts.append("waits for its children")
+    return "  ".join(parts)
+
+
+def render_tree(root: TreeNode, *, max_depth: int = TREE_DEPTH) -> list[str]:
+    """The lines of ``get --tree``: one per intent (id, type, address, state,
+    attempts used of the maximum; a child's position in its parent's step
+    sequence), drawn with box characters, and "... N more" where children
+    were cut."""
+    lines = [_tree_label(root.intent)]
+
+    def walk(node: TreeNode, prefix: str) -> None:
+        rows: list[TreeNode | int] = [*node.children]
+        if node.more:
+            rows.append(node.more)
+        for i, row in enumerate(rows):
+            last = i == len(rows) - 1
+            branch, extend = ("└── ", "    ") if last else ("├── ", "│   ")
+            if isinstance(row, TreeNode):
+                lines.append(prefix + branch + _tree_label(row.intent))
+                walk(row, prefix + extend)
+            elif node.children:
+                lines.append(f"{prefix}{branch}... {row} more")
+            else:
+                why = f" (below --depth {max_depth})" if node.depth >= max_depth else " (past --max)"
+                lines.append(f"{prefix}{branch}... {row} {'child' if row == 1 else 'children'}{why}")
+
+    walk(root, "")
+    return lines
+
+
+def tree_dict(node: TreeNode) -> dict[str, Any]:
+    return {**_intent_dict(node.intent), "children": [tree_dict(c) for c in node.children],
+            "more_children": node.more}
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -324,6 +455,9 @@ def describe_wait_event(event: Any) -> str | None:
     alice", "TASK_DECIDED approve by alice"; None for other events."""
     kind = event.wait_kind.lower()
     at = f" at step {event.step_index}" if event.step_index else ""
+    if event.type == "WAITING" and event.wait_kind == "AGENT":
+        mode = {"ALL": " (all)", "FIRST": " (the first)"}.get(event.wait_name, "")
+        return f"WAITING children{mode}{at}"
     by = f" by {event.actor}" if event.actor else ""
     task = f" (task {event.task_id})" if event.task_id else ""
     if event.type == "WAITING":
@@ -347,13 +481,27 @@ def describe_wait_event(event: Any) -> str | None:
     return None
 
 
+def describe_child_event(event: Any) -> str | None:
+    """The readable line of a child intent's event on its parent
+    (docs/children.md), e.g. "CHILD_STARTED 01J... at step 2 -> agent://acme/prod/research",
+    "CHILD_FINISHED 01J... FAILED"; None for other events."""
+    if event.type == "CHILD_STARTED":
+        at = f" at step {event.step_index}" if event.step_index else ""
+        to = f" -> {event.message}" if event.message else ""
+        return f"CHILD_STARTED {event.child_id}{at}{to}"
+    if event.type == "CHILD_FINISHED":
+        state = event.child_state.value if event.child_state is not None else "?"
+        return f"CHILD_FINISHED {event.child_id} {state}"
+    return None
+
+
 def _describe_event(event: Any) -> str:
     parts = [f"#{event.seq:<4}", f"{event.time:%H:%M:%S.%f}"[:-3], f"{event.type:<16}", f"-> {event.state.value:<11}"]
     if event.attempt:
         parts.append(f"attempt {event.attempt}")
-    waited = describe_wait_event(event)
-    if waited is not None:
-        parts.append(waited)
+    described = describe_wait_event(event) or describe_child_event(event)
+    if described is not None:
+        parts.append(described)
     else:
         if event.step_name:
             parts.append(f"step {event.step_index} {event.step_name}")
@@ -375,6 +523,8 @@ def event_dict(event: Any) -> dict[str, Any]:
         "error": None if event.error is None else {"code": event.error.code, "message": event.error.message},
         "wait_kind": event.wait_kind, "wait_name": event.wait_name, "signal_id": event.signal_id,
         "task_id": event.task_id, "actor": event.actor,
+        "child_id": event.child_id or None,
+        "child_state": event.child_state.value if event.child_state is not None else None,
     }
 
 
@@ -395,6 +545,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             intent_type=args.intent_type,
             to_agent=args.to_agent,
             labels=_labels(args.label) or None,
+            parent_id=args.parent,
             page_size=args.limit,
             page_token=args.page_token or "",
         )
@@ -402,10 +553,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({"intents": [_intent_dict(i) for i in page.intents],
                           "next_page_token": page.next_page_token}, indent=2, default=str))
         return 0
-    rows = [("ID", "STATE", "TYPE", "TO_AGENT", "ATTEMPT", "STEPS", "CREATED")]
+    rows: list[tuple[str, ...]] = [("ID", "STATE", "TYPE", "TO_AGENT", "ATTEMPT", "STEPS", "CREATED")]
+    if args.parent:
+        # In start order: where in the parent's steps each was started.
+        rows[0] += ("AT_STEP", "CHILDREN")
     for i in page.intents:
-        rows.append((i.id, i.state.value, i.intent_type, i.to_agent, f"{i.attempt}/{i.max_attempts}",
-                     str(i.steps_completed), f"{i.create_time:%Y-%m-%d %H:%M:%S}"))
+        row: tuple[str, ...] = (i.id, i.state.value, i.intent_type, i.to_agent, f"{i.attempt}/{i.max_attempts}",
+               str(i.steps_completed), f"{i.create_time:%Y-%m-%d %H:%M:%S}")
+        if args.parent:
+            row += (str(i.parent_step_index) + (" detached" if i.detached else ""), str(i.child_count))
+        rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -623,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_command("get", cmd_get, "Show an intent.")
     p.add_argument("id")
+    p.add_argument("--tree", action="store_true",
+                   help="draw the intent and its child intents, recursively (docs/children.md)")
+    p.add_argument("--depth", type=int, default=TREE_DEPTH,
+                   help=f"--tree: levels of children to show (default {TREE_DEPTH})")
+    p.add_argument("--max", type=int, default=TREE_MAX,
+                   help=f"--tree: intents to show in all (default {TREE_MAX}); the rest are counted")
 
     p = client_command("wait", cmd_wait, "Wait until an intent is terminal (exit 0 if COMPLETED).")
     p.add_argument("id")
@@ -632,11 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--after-seq", type=int, default=0)
 
-    p = client_command("list", cmd_list, "List intents, newest first.")
+    p = client_command("list", cmd_list, "List intents, newest first (--parent: children in start order).")
     p.add_argument("--state", action="append", help="PENDING, IN_PROGRESS, ... (repeatable)")
     p.add_argument("--intent-type")
     p.add_argument("--to-agent")
     p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--parent", metavar="ID", help="only the child intents of ID, in the order they were started")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--page-token")
 
@@ -702,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", action="append", choices=("client", "agent", "admin"), help="repeatable")
     p.add_argument("--address", action="append", help="agent role: address pattern it may serve, e.g. "
                    "agent://acme/prod/* (repeatable)")
+    p.add_argument("--send", action="append", metavar="PATTERN",
+                   help="agent role: address pattern its agents may start child intents at, in the same tenant, "
+                   "e.g. agent://acme/prod/* (repeatable; docs/children.md)")
     p.add_argument("--expires-days", type=float)
     p.add_argument("--max-sends-per-second", type=float)
     p.add_argument("--database-url")

@@ -101,16 +101,16 @@ def _matcher(pattern: str) -> re.Pattern[str] | None:
         return None
 
 
+def invalid_patterns(patterns: Sequence[str]) -> list[str]:
+    return [p for p in patterns if _matcher(p) is None]
+
+
 def _matches(patterns: Sequence[str], address: str) -> bool:
     for pattern in patterns:
         matcher = _matcher(pattern)
         if matcher is not None and matcher.fullmatch(address):
             return True
     return False
-
-
-def invalid_patterns(patterns: Sequence[str]) -> list[str]:
-    return [p for p in patterns if _matcher(p) is None]
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,17 @@ class Caller:
     key_id: str | None = None
     max_sends_per_second: float | None = None
     expire_time: datetime | None = None
-    # Addresses the key's agents may start child intents at (docs/children.md).
+    # Agent keys: the addresses the agents behind it may start child intents
+    # at (docs/children.md), in the grammar of address_patterns. Empty: none.
     send_patterns: tuple[str, ...] = ()
 
     def may_serve(self, address: str) -> bool:
         return _matches(self.address_patterns, address)
 
     def may_send(self, address: str) -> bool:
-        """Whether a handler served under this key may start a child at ``address``."""
+        """May the agents behind this key start a child intent at ``address``?
+        Same tenant only: the caller's tenant is the child's, so a pattern
+        never reaches another tenant's intents whatever it names."""
         return _matches(self.send_patterns, address)
 
     @property
@@ -165,13 +168,13 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-def check_patterns(patterns: Sequence[str]) -> None:
+def check_patterns(patterns: Sequence[str], what: str = "address pattern") -> None:
     for pattern in patterns:
         try:
             compile_pattern(pattern)
         except ValueError as exc:
             raise errors.InvalidArgument(
-                f"address pattern {pattern!r} {exc}. Patterns are agent://org/env/name where * matches "
+                f"{what} {pattern!r} {exc}. Patterns are agent://org/env/name where * matches "
                 "within one segment and a last segment of * or ** matches the rest "
                 "(agent://acme/prod/*, agent://acme/*/billing, agent://acme/**)") from None
 
@@ -197,6 +200,7 @@ class Authenticator:
         self.enabled = enabled
         self.default_tenant = default_tenant
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        # Authentication off: any address may be served and sent to.
         self._anonymous = Caller(default_tenant, "anonymous", frozenset(ROLES), ("agent://**",),
                                  send_patterns=("agent://**",))
         self._listeners: list[Callable[[str], None]] = []
@@ -269,7 +273,7 @@ class Authenticator:
             tenant=row["tenant"], name=row["name"], roles=roles,
             address_patterns=tuple(row["address_patterns"]), key_id=key_id,
             max_sends_per_second=row["max_sends_per_second"], expire_time=row["expire_time"],
-            send_patterns=tuple(row["send_patterns"] or ()),
+            send_patterns=tuple(row["send_patterns"]),
         )
 
     async def still_valid(self, caller: Caller) -> bool:
@@ -324,20 +328,32 @@ class KeyStore:
     async def create(
         self, tenant: str, name: str, roles: Sequence[str], patterns: Sequence[str] = (),
         expire_time: datetime | None = None, max_sends_per_second: float | None = None,
+        *, send_patterns: Sequence[str] = (),
     ) -> tuple[Row, str]:
+        """``patterns``: the addresses an agent key may serve;
+        ``send_patterns``: those its agents may start child intents at (agent
+        keys only, same grammar)."""
         if not roles or not set(roles) <= set(ROLES):
             raise errors.InvalidArgument(f"roles must be some of {', '.join(ROLES)}")
         if "agent" in roles and not patterns:
             raise errors.InvalidArgument("an agent key needs --address patterns it may serve")
+        if send_patterns and "agent" not in roles:
+            # Only a sidecar's stream starts children; on another key the
+            # patterns would read as a permission that grants nothing.
+            raise errors.InvalidArgument(
+                "--send patterns are for agent keys (the addresses its agents may start child intents at); "
+                "add --role agent or leave --send out")
         check_patterns(patterns)
+        check_patterns(send_patterns, "send pattern")
         key_id, key, digest = new_key()
         async with self.db.transaction() as conn:
             if await conn.fetchrow(Q.get_tenant, tenant) is None:
                 await conn.fetchrow(Q.put_tenant, tenant, None, None, None, None)
             row = await conn.fetchrow(Q.create_api_key, key_id, tenant, name, digest, list(roles), list(patterns),
-                                      expire_time, max_sends_per_second)
+                                      expire_time, max_sends_per_second, list(send_patterns))
             await conn.execute(Q.audit, tenant, "intentd keys", "key.create", name,
-                               json.dumps({"roles": list(roles), "address_patterns": list(patterns)}))
+                               json.dumps({"roles": list(roles), "address_patterns": list(patterns),
+                                           "send_patterns": list(send_patterns)}))
         return row, key
 
     async def list(self, tenant: str | None) -> list[Row]:

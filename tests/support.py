@@ -170,8 +170,9 @@ class Keys:
         self.url = database_url
 
     def create(self, tenant: str, name: str, roles: list[str], patterns: tuple[str, ...] = (),
-               expire: datetime | None = None, rate: float | None = None) -> str:
-        _, key = self._on_store(lambda store: store.create(tenant, name, roles, patterns, expire, rate))
+               expire: datetime | None = None, rate: float | None = None, send: tuple[str, ...] = ()) -> str:
+        _, key = self._on_store(lambda store: store.create(tenant, name, roles, patterns, expire, rate,
+                                                           send_patterns=send))
         return key
 
     def revoke(self, tenant: str, name: str) -> None:

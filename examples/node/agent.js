@@ -33,11 +33,10 @@
 //   wait_timeout_ms ... giving up after this long (WAIT_TIMED_OUT, for good)
 
 const fs = require('node:fs');
+const path = require('node:path');
 const { grpc, load, CHANNEL_OPTIONS, toJsonBytes, fromJsonBytes } = require('./protos');
 
 const SIDECAR = process.env.INTENTD_SIDECAR_ADDRESS || 'unix:///var/run/intentd/agent.sock';
-const INTENT_TYPES = (process.env.AGENT_INTENT_TYPES || 'example.node.steps.v1')
-  .split(',').map((s) => s.trim()).filter(Boolean);
 const CAPACITY = Number(process.env.AGENT_CAPACITY || 4);
 
 const pb = load();
@@ -184,6 +183,17 @@ async function handleSteps(ctx, payload) {
 }
 
 const HANDLERS = { 'example.node.steps.v1': handleSteps };
+
+// More handlers, so other examples reuse this agent (examples/orchestrator/reviewer.js):
+// AGENT_HANDLERS lists modules (paths, comma-separated), each exporting
+// (lib) => ({ '<intent type>': async (ctx, payload) => result }), where lib
+// holds what a handler builds on. Their types are offered with ours.
+const LIB = { step, waitForSignal, ledger, log, sleep, NonRetryableError };
+for (const file of (process.env.AGENT_HANDLERS || '').split(',').map((s) => s.trim()).filter(Boolean)) {
+  Object.assign(HANDLERS, require(path.resolve(file))(LIB));
+}
+const INTENT_TYPES = (process.env.AGENT_INTENT_TYPES || Object.keys(HANDLERS).join(','))
+  .split(',').map((s) => s.trim()).filter(Boolean);
 
 // ------------------------------------------------------------------ session
 

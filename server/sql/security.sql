@@ -24,11 +24,12 @@ SELECT (SELECT count(*) FROM intents WHERE tenant = $1 AND state IN ('PENDING', 
 
 -- name: create_api_key
 -- $1 id, $2 tenant, $3 name, $4 secret sha256, $5 roles, $6 address patterns,
--- $7 expire time, $8 max sends/s
-INSERT INTO api_keys (id, tenant, name, secret_sha256, roles, address_patterns, expire_time, max_sends_per_second)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+-- $7 expire time, $8 max sends/s, $9 send patterns (child intents' addresses)
+INSERT INTO api_keys (id, tenant, name, secret_sha256, roles, address_patterns, expire_time, max_sends_per_second,
+                      send_patterns)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 RETURNING id, tenant, name, roles, address_patterns, expire_time, revoke_time, last_used_time, create_time,
-          max_sends_per_second;
+          max_sends_per_second, send_patterns;
 
 -- name: find_api_key
 SELECT k.*, coalesce($2::timestamptz, now()) AS checked_at FROM api_keys k WHERE k.id = $1;
@@ -36,7 +37,7 @@ SELECT k.*, coalesce($2::timestamptz, now()) AS checked_at FROM api_keys k WHERE
 -- name: list_api_keys
 -- $1 tenant (NULL: all)
 SELECT id, tenant, name, roles, address_patterns, expire_time, revoke_time, last_used_time, create_time,
-       max_sends_per_second
+       max_sends_per_second, send_patterns
 FROM api_keys WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, name;
 
 -- name: revoke_api_key

@@ -4,6 +4,7 @@ state machine stated once and enforced by the database."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import asyncpg
 import pytest
@@ -67,6 +68,32 @@ def test_proto_sql_and_python_states_agree(database_url: str) -> None:
     exits = {a for a, _ in TRANSITIONS}
     assert exits & TERMINAL_STATES == {IntentState.FAILED}
     assert LIVE_STATES <= exits
+
+
+async def _check_values(pg: asyncpg.Connection, table: str, constraint_column: str) -> list[str]:
+    """The quoted values of the CHECK constraint on ``table`` naming the column."""
+    defs = [r[0] for r in await pg.fetch(
+        "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid"
+        " WHERE t.relname = $1 AND c.contype = 'c'", table)]
+    [found] = [d for d in defs if f"({constraint_column} = ANY" in d or f"({constraint_column} IN" in d]
+    return re.findall(r"'([A-Z_]+)'", found)
+
+
+async def test_proto_sql_and_python_wait_kinds_agree(pg) -> None:
+    """WaitKind and ChildWaitMode are stated in the proto, checked by the
+    database (intent_waits.kind, child_mode) and mirrored in
+    intentd.core.waits and the client's WAIT_KINDS: the same everywhere."""
+    from intentd.client.models import WAIT_KINDS
+    from intentd.core import waits
+    from intentd.generated.v1 import delivery_pb2
+
+    proto = [n.removeprefix("WAIT_KIND_") for n in intent_pb2.WaitKind.keys() if n != "WAIT_KIND_UNSPECIFIED"]
+    assert await _check_values(pg, "intent_waits", "kind") == proto
+    assert list(waits.KINDS) == proto and list(WAIT_KINDS) == proto
+    modes = [n.removeprefix("CHILD_WAIT_MODE_") for n in delivery_pb2.ChildWaitMode.keys()
+             if n != "CHILD_WAIT_MODE_UNSPECIFIED"]
+    assert await _check_values(pg, "intent_waits", "child_mode") == modes
+    assert list(waits.CHILD_MODES) == modes
 
 
 async def test_trigger_refuses_transitions_outside_the_table(pg, database_url) -> None:
