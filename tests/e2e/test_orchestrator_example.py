@@ -4,10 +4,7 @@ real control-plane, sidecar and agent processes, the reviewer in Node.js.
 - The Node reviewer alone (a client sends it the review intent directly)
   runs today: it is a plain agent.
 - The whole example (examples/orchestrator/run.py: the orchestrator starts
-  research and coding at once, gathers them, calls the reviewer) needs the
-  agent SDK's child API and the control plane's side of issue 14; those
-  tests are marked CHILDREN and skip until `Context.start` exists, so they
-  run by themselves once everything is merged."""
+  research and coding at once, gathers them, calls the reviewer)."""
 
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from intentd.agent import Context
 from intentd.client import IntentClient, IntentState
 from tests.e2e.test_node_examples import AGENT_JS, node  # noqa: F401  (node is a fixture)
 from tests.support import ROOT, Process, ServerProcess, wait_until
@@ -33,12 +29,6 @@ EXAMPLE = ROOT / "examples" / "orchestrator"
 REVIEW_TYPE = "intent.example.review.v1"
 
 pytestmark = pytest.mark.timeout(240)
-
-CHILDREN = pytest.mark.skipif(
-    not hasattr(Context, "start"),
-    reason="needs the agent SDK's child API (ctx.start / ctx.gather / ctx.call) and the server side of "
-    "issue 14: runs once they are merged")
-
 
 def _ledger(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -101,7 +91,6 @@ def _children(tree: dict[str, Any]) -> list[tuple[str, str]]:
     return [(c["to_agent"].rsplit("/", 1)[-1], c["state"]) for c in tree["children"]]
 
 
-@CHILDREN
 def test_the_example_runs_end_to_end(node: str, database_url: str) -> None:  # noqa: F811
     shown = _run_example(database_url)
     assert shown["state"] == "COMPLETED", shown
@@ -116,7 +105,6 @@ def test_the_example_runs_end_to_end(node: str, database_url: str) -> None:  # n
     assert [c["id"] for c in tree["children"][:2]] == result["children"]
 
 
-@CHILDREN
 def test_an_orchestrator_killed_after_its_starts_sends_no_child_twice(node: str, database_url: str,  # noqa: F811
                                                                       tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.jsonl"

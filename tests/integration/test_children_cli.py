@@ -2,11 +2,7 @@
 real PostgreSQL: a family of intents written straight to the table (as the
 control plane's start_children write leaves them: parent_id, parent_idx,
 parent_ord, child_count), read back through GetIntent and
-ListIntents(parent_id) by the CLI in a process of its own.
-
-Needs the control plane's side of issue 14 (GetIntent's family fields,
-ListIntents by parent): marked xfail(strict) until it is merged, so the
-first run after the merge fails loudly as XPASS and the mark comes off."""
+ListIntents(parent_id) by the CLI in a process of its own."""
 
 from __future__ import annotations
 
@@ -16,18 +12,12 @@ import subprocess
 import sys
 
 import asyncpg
-import pytest
 
 from intentd.server.ids import new_id
 from tests.support import ROOT
 
 INTENTD = [sys.executable, "-m", "intentd.commands"]
 TYPE = "intent.tree.work.v1"
-
-pytestmark = pytest.mark.xfail(
-    strict=True, reason="needs the server side of issue 14 (GetIntent family fields, ListIntents parent_id); "
-    "remove this mark once it is merged")
-
 
 async def _insert(pg: asyncpg.Connection, to_agent: str, *, parent: str | None = None, idx: int | None = None,
                   ord_: int | None = None, children: int = 0, detached: bool = False) -> str:
@@ -58,8 +48,8 @@ async def test_tree_and_list_parent_from_a_real_server(pg: asyncpg.Connection, s
     shown = _cli("get", root, "--tree", target=server.address)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert [line.split("  ")[0].lstrip("├└│─ ") for line in lines] == [
-        root, research, coder, *tools, reviewer]
+    # Each line's first word after the tree's drawing is the intent's id.
+    assert [line.lstrip("├└│─ ").split()[0] for line in lines] == [root, research, coder, *tools, reviewer]
     assert lines[0].startswith(f"{root}  {TYPE}  agent://{org}/prod/orchestrator  PENDING  attempt 0/3")
     assert lines[-1].startswith("└── ") and lines[-1].endswith("step 3  detached")
 

@@ -125,6 +125,7 @@ def test_app_role_runs_a_full_cycle_and_cannot_change_the_schema(app_db: AppData
     # intentd's sequences are usable (nextval), not settable; the test's own ledger is not the app's.
     assert {s["relname"]: (s["usage"], s["update"]) for s in sequences} == {
         "audit_log_id_seq": (True, False), "intent_signals_seq_seq": (True, False),
+        "child_notices_seq_seq": (True, False),
         "test_ledger_id_seq": (False, False)}
 
     # And no DDL of any kind.
