@@ -40,6 +40,7 @@ HISTORY_LIMIT_EXCEEDED = "HISTORY_LIMIT_EXCEEDED"
 WAIT_TIMED_OUT = "WAIT_TIMED_OUT"
 # The failure code of an intent whose handler let a child's failure go uncaught.
 CHILD_FAILED = "CHILD_FAILED"
+CHILD_NOT_PERMITTED = "CHILD_NOT_PERMITTED"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 WRITE_BACKOFF = Backoff(0.05, 2.0)
 _TRANSIENT = frozenset({
@@ -586,6 +587,11 @@ class Agent:
                 # later attempt would replay to this step and be refused again.
                 log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
                 return _Outcome(code=HISTORY_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
+            if isinstance(exc, WriteError) and exc.method == "StartChildren" and exc.code == "PERMISSION_DENIED":
+                # The sidecar's key may not send there: every attempt would be
+                # refused the same way until an operator widens its send patterns.
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
+                return _Outcome(code=CHILD_NOT_PERMITTED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
             log.warning("%s: handler raised; failing the attempt (retryable)", attempt.log_prefix,
                         exc_info=exc)
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

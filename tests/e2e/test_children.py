@@ -19,6 +19,8 @@ import grpc
 
 from intentd.client import IntentClient, IntentState
 from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
+from intentd.server.auth import KeyStore
+from intentd.server.db import Database
 from intentd.testing.database import connection
 from tests.stack import ledger
 from tests.support import run_sync, wait_until
@@ -294,3 +296,44 @@ def test_a_sigkilled_sidecar_of_a_parent_waiting_on_a_call_loses_nothing(cluster
         assert final.result["value"] == 3
         assert len(children_of(cluster, parent)) == 1
         assert step_begins(ledger(cluster.db, parent)) == Counter({1: 1, 4: 1})  # prepare ran before the kill
+
+
+def test_an_agent_key_without_a_send_pattern_for_the_address_starts_no_child(cluster) -> None:
+    server = cluster.server(INTENTD_AUTH="on")
+    tenant = f"fam{uuid.uuid4().hex[:6]}"
+    elsewhere = cluster.address.rsplit("/", 1)[0] + "/elsewhere"
+
+    async def keys() -> tuple[str, str, str]:
+        db = Database(cluster.db, min_size=1, max_size=1)
+        await db.open(run_migrations=False)
+        try:
+            store = KeyStore(db)
+            _, narrow = await store.create(tenant, "narrow", ["agent"], (cluster.address,),
+                                           send_patterns=(elsewhere,))
+            _, wide = await store.create(tenant, "wide", ["agent"], (cluster.address,),
+                                         send_patterns=(cluster.address,))
+            _, client_key = await store.create(tenant, "client", ["client"])
+            return narrow, wide, client_key
+        finally:
+            await db.close()
+
+    narrow, wide, client_key = run_sync(keys())
+    prefix = f"test.family.f{uuid.uuid4().hex[:8]}"
+    first = cluster.sidecar(server.address, AGENT, TEST_FAMILY_PREFIX=prefix, INTENTD_API_KEY=narrow)
+    with IntentClient(server.address, metadata=[("authorization", f"Bearer {client_key}")]) as client:
+        parent = client.send_intent(intent_type=f"{prefix}.call.v1", to_agent=cluster.address,
+                                    payload={"work": {"value": 1}})
+        final = client.wait_for(parent, timeout=60)
+        assert final.state is IntentState.FAILED, (final, cluster.logs()[-6000:])
+        assert final.error.code == "CHILD_NOT_PERMITTED" and "PERMISSION_DENIED" in final.error.message
+        assert final.attempt == 1  # not retried: every attempt would be refused the same way
+        assert children_of(cluster, parent) == []  # nothing sent
+        first.kill_group()
+        # The same handler under a key that may send there: the child runs, in the parent's tenant.
+        cluster.sidecar(server.address, AGENT, TEST_FAMILY_PREFIX=prefix, INTENTD_API_KEY=wide)
+        allowed = client.send_intent(intent_type=f"{prefix}.call.v1", to_agent=cluster.address,
+                                     payload={"work": {"value": 2}})
+        done = client.wait_for(allowed, timeout=60)
+        assert done.state is IntentState.COMPLETED, (done, cluster.logs()[-6000:])
+        (child,) = children_of(cluster, allowed)
+        assert sql(cluster.db, "SELECT tenant FROM intents WHERE id = $1", child["id"])[0]["tenant"] == tenant
