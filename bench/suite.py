@@ -105,6 +105,7 @@ SCENARIOS = [
     Scenario("scale", "bench.scale", "6. Scale", ()),
     Scenario("peers", "bench.peers", "7. Peers", ("limits", "e2e", "steps")),
     Scenario("waits", "bench.waits", "8. Durable waits", ()),
+    Scenario("parallel", "bench.parallel", "9. Parallel steps", ()),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
