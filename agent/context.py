@@ -215,9 +215,10 @@ class Context(_ContextBase):
         def decorate(fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
             step_name = _step_name(name, fn)
 
+            # Not a coroutine function: the step's position is taken at the call, as ctx.step's.
             @functools.wraps(fn)
-            async def run(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.step(step_name, fn, *args, **kwargs)
+            def run(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Any]:
+                return self.step(step_name, fn, *args, **kwargs)
 
             return run
 
