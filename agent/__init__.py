@@ -36,14 +36,18 @@ Guarantees (see docs/protocol.md, "Guarantees"):
   ``(ctx.intent_id, step index)``, if running twice matters. Code between steps
   runs again on every attempt.
 - **Steps must be deterministic in name and order.** Steps are numbered 1, 2,
-  3... in call order, one at a time. When an attempt calls step *n* under a
+  3... in call order, when ``ctx.step`` is called (so ``asyncio.gather`` of
+  ``ctx.step`` calls numbers them in argument order and runs them at once, up
+  to ``Agent(max_steps_in_flight=)``; ``SyncContext.parallel`` is the same
+  for ``def`` handlers). When an attempt calls step *n* under a
   different name than an earlier attempt recorded, the handler gets
   ``StepDivergence`` and the intent fails non-retryably with code
   ``STEP_DIVERGENCE`` rather than hand a step another step's result. So decide
   which steps to call from the payload and from earlier step results only --
   not from the clock, randomness or outside state read between steps (read
   those inside a step). A step that raises is not recorded and does not use up
-  its index; if the handler catches that and calls a different step instead,
+  its index (when it ran alone; among concurrent steps it leaves a hole that
+  the next attempt runs); if the handler catches that and calls a different step instead,
   the sequence depends on the failure -- return an error value from inside the
   step instead if you need to branch on it.
 

@@ -9,41 +9,64 @@ revokes it when the stream closes.
 
 Every durable operation of a handler goes down one path:
 
-1. ``open_step(name)`` takes the next *position* (1, 2, 3... in call order) and
-   looks it up in the replay plan: recorded under that name, it is replayed;
-   under another name, ``StepDivergence``; not recorded, it runs. When an
-   earlier attempt recorded the position but the assignment did not carry the
-   record, ``plan.known`` is False and ``fetch(plan)`` asks the sidecar first.
-2. ``commit(plan, value)`` records what ran, through ``write``: the one fenced
-   write, retried through passing outages, stopping the attempt when the lease
-   is stale.
-3. Leaving the plan's ``with`` block closes it; a position that was neither
-   replayed nor recorded is handed back, so the next call takes it again.
+1. ``open_step(name)`` takes the next *position* (1, 2, 3... in call order)
+   synchronously, when the handler calls ``ctx.step(...)``, not when the step
+   first runs: ``asyncio.gather(ctx.step("a", fa), ctx.step("b", fb))`` numbers
+   a=1 and b=2 in every attempt, whichever finishes first. It looks the
+   position up in the replay plan: recorded under that name, it is replayed;
+   under another name, ``StepDivergence``; not recorded, it runs. When the
+   position may have been recorded by an earlier attempt but the assignment
+   did not carry the record, ``plan.known`` is False and ``fetch(plan)`` asks
+   the sidecar first; "not recorded" is an answer too (a hole, below).
+2. ``run_step(plan, call)`` runs the step function under the attempt's bound
+   (at most ``max_steps_in_flight`` step functions at once; the others wait,
+   their positions taken) and ``commit(plan, value)`` records what ran,
+   through ``write``: the one fenced write, retried through passing outages,
+   stopping the attempt when the lease is stale. Concurrent steps commit in
+   whatever order they finish; the control plane takes any position not yet
+   recorded.
+3. Closing the plan ends it. A position neither replayed nor recorded (its
+   step raised) is handed back, so the next call takes it again, only when
+   the step ran alone: nothing else was open when it was taken and no
+   position was taken after it. Otherwise it stays a *hole*: unrecorded, below
+   positions that are, answered "not recorded" on replay (so it runs). Alone
+   is what keeps today's retry loop (``try: await ctx.step(...)`` again and
+   again at one position) and is decided by call order only: a rule that
+   looked at which concurrent step ended last would number the steps after a
+   failed ``gather`` by timing.
 
-The next capabilities plug into that path rather than beside it:
+The other durable operations take their position from the same path:
 
-- parallel steps: positions are taken by ``open_step`` in call order, before
-  anything runs, so they are the same in every attempt; ``MAX_IN_FLIGHT`` (1
-  today) bounds how many plans may be open at once.
 - durable waits (``wait``, with ``waits.py``): a wait takes a position from
-  ``open_step`` like a step, is replayed from its record or written as its own
-  kind of ``IntentWrite`` through ``write``; answered resolved, the record is
-  its value; answered parked, the attempt is over: ``park`` stops it (reason
-  ``PARKED``) and cancels its task, and nothing more is written for it.
+  ``open_step`` like a step (at call time too), is replayed from its record or
+  written as its own kind of ``IntentWrite`` through ``write``; answered
+  resolved, the record is its value; answered parked, the attempt is over:
+  ``park`` stops it (reason ``PARKED``) and cancels its task, and nothing more
+  is written for it (steps still running then are refused as stale).
 - child intents (``start_children``, with ``children.py``): a start takes a
   position, is one ``StartChildrenWrite`` whose record names the children
   (the same ones in every attempt), and a gather or first is an AGENT wait
   (``wait_at``) whose record carries the children's outcomes.
 
+Nested steps are refused: a step (or wait) called while a step function of
+this attempt runs, from inside it (``current_step``, a context variable, is
+set while a step function or a ``step_scope`` body runs). On replay a recorded
+step's function does not run, so the steps inside it would not be called and
+every position after them would shift: the replay would diverge exactly when
+it worked. Concurrency goes beside a step, not inside it.
+
 Threads: the engine lives on the agent's event loop. A ``def`` handler's
 thread calls the synchronous methods (``open_step``, ``check_live``) directly
-and runs the coroutines through ``blocking``, the one bridge onto the loop.
+and runs the coroutines through ``blocking``, the one bridge onto the loop;
+the positions are kept under a lock, since plans opened in that thread close
+on the loop (``SyncContext.parallel``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import json
 import logging
 import math
@@ -84,9 +107,17 @@ PARKED = "PARKED"
 # What a handler thread's call answers once the attempt stopped (blocking).
 _STOPPED = object()
 
-# Steps of one handler open at once. One: the numbering must not depend on
-# which of two concurrent steps reaches the engine first.
-MAX_IN_FLIGHT = 1
+# Step functions of one attempt running at once by default, and the most an
+# agent may allow (Agent(max_steps_in_flight=...)); the others wait with their
+# positions taken. Each is a write in flight to the sidecar once it returns,
+# and the bound keeps one handler's gather from taking every thread and write
+# slot of the agent.
+MAX_STEPS_IN_FLIGHT = 16
+MAX_STEPS_IN_FLIGHT_LIMIT = 256
+
+# The plan whose step function (or step_scope body) runs in this context:
+# a step called there would nest (refused, see the module docstring).
+current_step: contextvars.ContextVar[StepPlan | None] = contextvars.ContextVar("intentd_current_step", default=None)
 
 
 def encode_json(value: Any, what: str) -> bytes:
@@ -109,19 +140,22 @@ def decode_json(data: bytes) -> Any:
 
 
 class StepPlan:
-    """One position of the attempt, from ``open_step`` until its ``with`` block ends.
+    """One position of the attempt, from ``open_step`` until it is closed.
 
     ``replayed``: an earlier attempt recorded it and ``value`` is that result;
     ``known`` is False until the replay plan says whether it was recorded
-    (``Attempt.fetch``).
+    (``Attempt.fetch``). ``alone``: nothing else was open when it was taken
+    (and it loses that as soon as another position is taken while it is open):
+    only such a plan's unrecorded position is handed back.
     """
 
-    __slots__ = ("_attempt", "done", "index", "known", "name", "replayed", "span", "value")
+    __slots__ = ("_attempt", "alone", "done", "index", "known", "name", "replayed", "span", "value")
 
-    def __init__(self, attempt: Attempt, index: int, name: str) -> None:
+    def __init__(self, attempt: Attempt, index: int, name: str, alone: bool) -> None:
         self._attempt = attempt
         self.index = index
         self.name = name
+        self.alone = alone
         self.known = False
         self.replayed = False
         self.done = False  # replayed or recorded: the position is used up
@@ -133,6 +167,27 @@ class StepPlan:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.close(exc)
+
+    @property
+    def attempt(self) -> Attempt:
+        return self._attempt
+
+    def begin(self) -> None:
+        """Starts the plan's span, in the context the step runs in (its
+        task, or the handler's thread) and which also closes it: a child of
+        the handler's span, current while the step runs, so the step
+        function's own spans nest under it. Concurrent steps each get theirs
+        in their own task; again, does nothing."""
+        if self.span is not None:
+            return
+        attempt = self._attempt
+        self.span = tracing.start_span("intentd.step", attributes={
+            "intentd.intent_id": attempt.intent_id,
+            "intentd.attempt": attempt.number,
+            "intentd.step.index": self.index,
+            "intentd.step.name": self.name,
+            "intentd.step.replayed": self.replayed if self.known else None,
+        })
 
     def close(self, error: BaseException | None = None) -> None:
         """Ends the plan (``error``: what ended it, for its span); again, does nothing."""
@@ -151,10 +206,12 @@ class Attempt:
     - ``finish()``: the agent is done with the attempt; its context is unusable.
     - ``check_live()``: raises ``LeaseLost`` once stopped.
     - ``open_step(name)`` / ``fetch(plan)`` / ``commit(plan, value)``: a step's
-      position, its replay, its record (see the module docstring).
+      position, its replay, its record (see the module docstring);
+      ``run_step(plan, call)`` all of a step after its position: replay or
+      run under the bound, record, close.
     - ``wait(call)``: a durable wait at the next position (replayed, resolved
-      or parked); ``wait_at(plan, call)``: the same at a position taken;
-      ``park(message)``: the attempt parked.
+      or parked); ``open_wait(call)`` + ``wait_at(plan, call)`` the same with
+      the position taken at call time; ``park(message)``: the attempt parked.
     - ``start_children(plan, specs)``: starts child intents at a position taken.
     - ``write(write, what)``: one fenced write, retried through outages.
     - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
@@ -170,6 +227,7 @@ class Attempt:
         loop: asyncio.AbstractEventLoop,
         write_backoff: Backoff,
         write_timeout: float | None,
+        max_steps_in_flight: int = MAX_STEPS_IN_FLIGHT,
     ) -> None:
         intent = assignment.intent
         self.assignment = assignment
@@ -195,13 +253,25 @@ class Attempt:
         # them (fetch), and each is dropped once replayed, so a large history
         # never sits in memory whole.
         self.records: dict[int, intent_pb2.StepRecord] = {s.index: s for s in assignment.steps}
-        self.recorded_steps: int = max(assignment.recorded_steps, len(self.records))
+        # The highest position earlier attempts recorded: above it nothing
+        # is; at or below it a position may be a hole (concurrent steps that
+        # did not finish), answered "not recorded" when fetched.
+        self.recorded_steps: int = max([assignment.recorded_steps, *self.records])
+        # The first page of the history is every record from position 1 up
+        # to its last one (pages are cut after a step, never between): a
+        # position up to there that the page lacks is a hole, known without
+        # asking the sidecar.
+        self._paged_to = max(self.records, default=0)
         self.replayed_steps = 0
         self.steps_completed = 0
         self.last_checkpoint: Any = decode_json(assignment.checkpoint)
         self._progress_fraction = intent.checkpoint.progress_fraction
         self._next_position = 1
         self._open: dict[int, StepPlan] = {}
+        # Opens happen in a def handler's thread, closes on the loop.
+        self._positions = threading.Lock()
+        self.max_steps_in_flight = max_steps_in_flight
+        self._slots = asyncio.Semaphore(max_steps_in_flight)
         self._divergence: StepDivergence | None = None
         self._stop_reason: str | None = None
         self._stop_message = ""
@@ -286,8 +356,9 @@ class Attempt:
     def open_step(self, name: str, *, wait: bool = False) -> StepPlan:
         """Takes the next position for a step called ``name`` (``wait``: the
         record name of a wait) and resolves it from the replay plan when the
-        record is at hand (else ``plan.known`` is False: ``fetch`` it). Use the
-        plan as a context manager."""
+        record is at hand (else ``plan.known`` is False: ``fetch`` it). Close
+        the plan when done (``run_step`` does; or use it as a context
+        manager). Synchronous: the position is the call's, whenever it runs."""
         self.check_live()
         if self._divergence is not None:
             raise self._divergence
@@ -296,33 +367,34 @@ class Attempt:
         if name.startswith(RESERVED_PREFIX) != wait:
             # The control plane refuses them too: they are the records of waits.
             raise ValueError(f"step names starting with {RESERVED_PREFIX!r} are reserved for waits, got {name!r}")
-        if len(self._open) >= MAX_IN_FLIGHT:
-            other = next(iter(self._open.values()))
+        outer = current_step.get()
+        if outer is not None and outer.attempt is self:
             raise RuntimeError(
-                f"step {name!r} was started while step {other.index} "
-                f"{other.name!r} is still running; steps of one handler must run "
-                "one at a time (not concurrently, not nested), so that their numbering is "
-                "the same in every attempt"
+                f"step {name!r} was called inside step {outer.index} {outer.name!r}; steps cannot nest: "
+                "a replay returns the outer step's recorded result without running its function, so the "
+                "steps inside it would not be called and every later position would shift. Run steps "
+                "beside each other instead (asyncio.gather of ctx.step calls, or ctx.parallel)"
             )
-        plan = StepPlan(self, self._next_position, name)
-        if plan.index > self.recorded_steps or plan.index in self.records:
-            self._resolve(plan, self.records.get(plan.index))
-        self._next_position += 1
-        self._open[plan.index] = plan
+        with self._positions:
+            plan = StepPlan(self, self._next_position, name, alone=not self._open)
+            if plan.index > self.recorded_steps or plan.index in self.records or plan.index <= self._paged_to:
+                self._resolve(plan, self.records.get(plan.index))
+            self._next_position += 1
+            for other in self._open.values():
+                other.alone = False
+            self._open[plan.index] = plan
         return plan
 
     async def fetch(self, plan: StepPlan) -> None:
-        """Resolves a plan whose record an earlier attempt wrote but the
-        assignment did not carry: the sidecar fetches it. A plan it could not
+        """Resolves a plan whose record an earlier attempt may have written
+        but the assignment did not carry: the sidecar fetches it. "Not
+        recorded" is an answer: a hole, which runs. A plan it could not
         resolve is closed."""
         try:
             record = await self._retrying(
                 lambda: self._session.recorded_step(self.lease, plan.index, "", self._write_timeout),
                 "BeginStep", f"the record of step {plan.index}",
             )
-            if record is None:
-                # The sidecar knows better than the count we were given (none recorded there).
-                self.recorded_steps = plan.index - 1
             self._resolve(plan, record)
         except BaseException as exc:
             plan.close(exc)
@@ -339,15 +411,8 @@ class Attempt:
             self.steps_completed += 1
             log.debug("%s: step %d %r replayed", self.log_prefix, plan.index, plan.name)
         plan.known = True
-        # A child of the handler's span; current while the step runs, so the
-        # step function's own spans nest under it.
-        plan.span = tracing.start_span("intentd.step", attributes={
-            "intentd.intent_id": self.intent_id,
-            "intentd.attempt": self.number,
-            "intentd.step.index": plan.index,
-            "intentd.step.name": plan.name,
-            "intentd.step.replayed": plan.replayed,
-        })
+        if plan.span is not None:
+            plan.span.set_attribute("intentd.step.replayed", plan.replayed)
 
     def _diverge(self, plan: StepPlan, recorded: str) -> NoReturn:
         """The handler called ``plan`` where ``recorded`` is recorded: the
@@ -357,14 +422,46 @@ class Attempt:
         raise self._divergence
 
     def _close(self, plan: StepPlan, error: BaseException | None) -> None:
-        if self._open.get(plan.index) is not plan:
-            return  # closed already
-        del self._open[plan.index]
-        if not plan.done:
-            # Not recorded: the next step takes this position again.
-            self._next_position = plan.index
+        with self._positions:
+            if self._open.get(plan.index) is not plan:
+                return  # closed already
+            del self._open[plan.index]
+            if not plan.done and plan.alone and self._next_position == plan.index + 1:
+                # Not recorded and it ran alone: the next call takes this position again.
+                self._next_position = plan.index
         if plan.span is not None:
             plan.span.end(error)
+
+    async def run_step(self, plan: StepPlan, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Everything of a step after ``open_step``: its replay, or ``call()``
+        (the step function) under the attempt's bound and its record; closes
+        the plan. Run it in the context the step belongs to (``ctx.step``'s
+        coroutine, a task of a ``gather``)."""
+        try:
+            plan.begin()
+            if not plan.known:
+                await self.fetch(plan)
+            if plan.replayed:
+                value = plan.value
+            else:
+                async with self._slots:
+                    self.check_live()
+                    token = current_step.set(plan)
+                    try:
+                        result = await call()
+                    finally:
+                        current_step.reset(token)
+                value = await self.commit(plan, result)
+        except BaseException as exc:
+            plan.close(exc)
+            raise
+        plan.close()
+        return value
+
+    def step(self, name: str, call: Callable[[], Awaitable[Any]]) -> Coroutine[Any, Any, Any]:
+        """A step at the next position, taken now; the coroutine replays or
+        runs it (``run_step``)."""
+        return self.run_step(self.open_step(name), call)
 
     async def commit(self, plan: StepPlan, value: Any) -> Any:
         """Records what a step returned; returns it as replays will see it."""
@@ -385,17 +482,22 @@ class Attempt:
     async def wait(self, call: WaitCall) -> Any:
         """A durable wait at the next position: its recorded value when an
         earlier attempt (or the control plane, at once) resolved it; raises
-        ``LeaseLost(PARKED)`` when the intent parked on it."""
-        with self.open_step(call.record_name, wait=True) as plan:
-            return await self.wait_at(plan, call)
+        ``LeaseLost(PARKED)`` when the intent parked on it. The position is
+        taken when this coroutine starts; ``open_wait`` takes it at once."""
+        return await self.wait_at(self.open_wait(call), call)
+
+    def open_wait(self, call: WaitCall) -> StepPlan:
+        """The position of a wait, taken now (``wait_at`` reaches it)."""
+        return self.open_step(call.record_name, wait=True)
 
     async def wait_at(self, plan: StepPlan, call: WaitCall) -> Any:
-        """``wait`` at a position already taken (``plan``, named
-        ``call.record_name``; the caller closes it)."""
-        if not plan.known:
-            await self.fetch(plan)
-        record = plan.value if plan.replayed else await self._reach(plan, call)
-        return call.value(record, plan.index)
+        """The wait of ``open_wait``: replayed, resolved or parked; closes the plan."""
+        with plan:
+            plan.begin()
+            if not plan.known:
+                await self.fetch(plan)
+            record = plan.value if plan.replayed else await self._reach(plan, call)
+            return call.value(record, plan.index)
 
     async def _reach(self, plan: StepPlan, call: WaitCall) -> Any:
         write = delivery_pb2.IntentWrite(lease=self.lease, wait=call.write)

@@ -131,12 +131,14 @@ class _Operation(Generic[T]):
 async def awaiting(op: _Operation[T]) -> T:
     """Runs ``op`` at its position (async handlers), closing it after."""
     with op.plan:
+        op.plan.begin()
         return await op.run()
 
 
 def blocking(op: _Operation[T]) -> T:
     """Runs ``op`` at its position from a ``def`` handler's thread."""
     with op.plan:
+        op.plan.begin()
         return op.attempt.blocking(op.run())
 
 
@@ -431,24 +433,28 @@ class Firsting(_Waiting[tuple[ChildHandle, Any]]):
 # -- ctx.call: a start, then a gather of its one child ------------------------------------
 
 
-def call_wait(starting: Starting[Any]) -> Gathering:
-    """The wait of a ``ctx.call``, its position taken now. Called once the
-    start has run: one plan is open at a time (``MAX_IN_FLIGHT``), and in
-    sequential code the wait then takes the position right after the start,
-    as if it were taken at the call. With concurrent positions, take it in the
-    context's method, right after the ``Starting``, and pass it in."""
-    return Gathering(starting.attempt, None)
+def call_positions(starting: Starting[Any]) -> tuple[Starting[Any], Gathering]:
+    """The two positions of a ``ctx.call``, both taken now, at the call: the
+    start's (taken by ``starting``) and its wait's, right after it, so that
+    concurrent calls number the same in every attempt."""
+    return starting, Gathering(starting.attempt, None)
 
 
-async def calling(starting: Starting[Any]) -> Any:
-    (handle,) = await awaiting(starting)
-    waiting = call_wait(starting)
-    waiting.bind([handle])
-    return (await awaiting(waiting))[0]
+async def calling(positions: tuple[Starting[Any], Gathering]) -> Any:
+    starting, waiting = positions
+    try:
+        (handle,) = await awaiting(starting)
+        waiting.bind([handle])
+        return (await awaiting(waiting))[0]
+    finally:
+        waiting.plan.close()  # when the start failed, the wait never ran
 
 
-def calling_blocking(starting: Starting[Any]) -> Any:
-    (handle,) = blocking(starting)
-    waiting = call_wait(starting)
-    waiting.bind([handle])
-    return blocking(waiting)[0]
+def calling_blocking(positions: tuple[Starting[Any], Gathering]) -> Any:
+    starting, waiting = positions
+    try:
+        (handle,) = blocking(starting)
+        waiting.bind([handle])
+        return blocking(waiting)[0]
+    finally:
+        waiting.plan.close()

@@ -23,7 +23,9 @@ children, a gather or first is a durable wait on them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -33,7 +35,7 @@ from typing import Any, Generic, Never, NoReturn, ParamSpec, Protocol, TypeVar, 
 from intentd.core.waits import DEFAULT_OUTCOMES
 
 from . import children, waits
-from .attempt import Attempt, StepPlan
+from .attempt import Attempt, StepPlan, current_step
 from .children import ChildCall, ChildHandle, SyncChildHandle
 from .waits import HumanDecision, WaitCall
 
@@ -88,7 +90,11 @@ class _ContextBase:
     payload = _Read(lambda a: a.payload, "The decoded payload (also the handler's second argument).")
     payload_json = _Read(lambda a: a.intent.payload, "The payload as sent (UTF-8 JSON).")
     last_checkpoint = _Read(lambda a: a.last_checkpoint, "The last saved checkpoint (decoded JSON), or None.")
-    recorded_steps = _Read(lambda a: a.recorded_steps, "How many steps earlier attempts recorded.")
+    recorded_steps = _Read(
+        lambda a: a.recorded_steps,
+        "The highest position earlier attempts recorded (how many steps they recorded, unless "
+        "concurrent steps left holes).",
+    )
     replayed_steps = _Read(lambda a: a.replayed_steps, "How many of them this attempt replayed so far.")
     steps_completed = _Read(lambda a: a.steps_completed, "Steps done so far in this attempt, replayed or run.")
     cancelled = _Read(
@@ -156,31 +162,39 @@ class Context(_ContextBase):
     """
 
     @overload
-    async def step(
+    def step(
         self, name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T: ...
+    ) -> Coroutine[Any, Any, T]: ...
 
     @overload
-    async def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    def step(
+        self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]: ...
 
-    async def step(self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def step(
+        self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, Any]:
         """Runs ``fn(*args, **kwargs)`` as the next step, or returns the result
-        an earlier attempt recorded for it without running it.
+        an earlier attempt recorded for it without running it: ``await
+        ctx.step(...)``.
+
+        The step takes its position *now*, when ``step`` is called, not when
+        the returned coroutine first runs: ``await asyncio.gather(ctx.step("a",
+        fa), ctx.step("b", fb))`` numbers a=1 and b=2 in every attempt and runs
+        them concurrently (at most ``Agent(max_steps_in_flight=)`` step
+        functions of the attempt at once; the others wait). Steps must not be
+        called from inside a running step's function (``RuntimeError``).
 
         ``fn`` may be a coroutine function or a plain function (run in a worker
         thread). Its result must be JSON-serialisable; what is returned is the
         JSON round trip of it (tuples come back as lists, dict keys as strings),
         the same on the first run and on replays. Returns only after the result
-        is recorded. A step that raises is not recorded and does not use up its
-        index: the next ``step`` call takes the same index.
+        is recorded. A step that raises is not recorded; when it ran alone
+        (no other step open meanwhile) it does not use up its position: the
+        next ``step`` call takes the same one.
         """
         attempt = self._attempt
-        with attempt.open_step(name) as plan:
-            if not plan.known:
-                await attempt.fetch(plan)
-            if plan.replayed:
-                return plan.value
-            return await attempt.commit(plan, await _call(fn, args, kwargs))
+        return attempt.step(name, functools.partial(_call, fn, args, kwargs))
 
     def step_scope(self, name: str) -> StepScope:
         """The context-manager form of a step::
@@ -207,9 +221,10 @@ class Context(_ContextBase):
         def decorate(fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
             step_name = _step_name(name, fn)
 
+            # Not a coroutine function: the step's position is taken at the call, as ctx.step's.
             @functools.wraps(fn)
-            async def run(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.step(step_name, fn, *args, **kwargs)
+            def run(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Any]:
+                return self.step(step_name, fn, *args, **kwargs)
 
             return run
 
@@ -226,24 +241,25 @@ class Context(_ContextBase):
 
     # -- durable waits (docs/waits.md) ---------------------------------------------
 
-    async def wait_for_signal(self, name: str, *, timeout: float | None = None) -> Any:
+    def wait_for_signal(self, name: str, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
         """Waits, durably, for the next signal called ``name`` sent to this
         intent (``SignalIntent``); returns its payload. Signals that came
         before are kept in order; each wait takes one. ``timeout`` (seconds,
         counted from the first attempt that reached the wait) raises
-        ``WaitTimedOut`` when it passes first."""
-        return await self._attempt.wait(waits.signal_wait(name, timeout))
+        ``WaitTimedOut`` when it passes first. Like every wait, it takes its
+        position when called."""
+        return self._wait(waits.signal_wait(name, timeout))
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Coroutine[Any, Any, None]:
         """Sleeps durably: counted from the first attempt that reached this
         sleep, on the control plane's clock; the intent parks meanwhile."""
-        await self._attempt.wait(waits.sleep_wait(seconds))
+        return self._wait(waits.sleep_wait(seconds))
 
-    async def sleep_until(self, when: datetime) -> None:
+    def sleep_until(self, when: datetime) -> Coroutine[Any, Any, None]:
         """Sleeps durably until ``when`` (an aware datetime; naive is refused)."""
-        await self._attempt.wait(waits.sleep_until_wait(when))
+        return self._wait(waits.sleep_until_wait(when))
 
-    async def ask_human(
+    def ask_human(
         self,
         title: str,
         *,
@@ -253,14 +269,18 @@ class Context(_ContextBase):
         form: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         remind_after: float | None = None,
-    ) -> HumanDecision:
+    ) -> Coroutine[Any, Any, HumanDecision]:
         """Makes a task for a human (once per wait, whatever the attempts) and
         waits, durably, for its decision. ``assignees``: the API key names
         that may decide (default: any client key of the tenant); ``form``: a
         JSON Schema the decision's form data must satisfy; ``timeout`` raises
         ``WaitTimedOut``; ``remind_after`` sends a ``TASK_REMINDED`` event."""
-        return _decision(await self._attempt.wait(_human(
-            title, description, outcomes, assignees, form, timeout, remind_after)))
+        return _as_decision(self._wait(_human(title, description, outcomes, assignees, form, timeout, remind_after)))
+
+    def _wait(self, call: WaitCall) -> Coroutine[Any, Any, Any]:
+        """The wait's position is taken now; the coroutine reaches it."""
+        attempt = self._attempt
+        return attempt.wait_at(attempt.open_wait(call), call)
 
     # -- child intents (docs/children.md) -------------------------------------------
     # Each takes its position when called, before the returned awaitable runs.
@@ -317,9 +337,10 @@ class Context(_ContextBase):
         labels: Mapping[str, str] | None = None,
         detached: bool = False,
     ) -> Coroutine[Any, Any, Any]:
-        """``start`` and the child's result: two positions (the start, then its wait)."""
-        return children.calling(children.Starting(self._attempt, [ChildCall(
-            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle))
+        """``start`` and the child's result: two positions (the start, then its
+        wait), both taken now."""
+        return children.calling(children.call_positions(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], ChildHandle)))
 
 
 class SyncContext(_ContextBase):
@@ -340,17 +361,52 @@ class SyncContext(_ContextBase):
 
     def step(self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
         """As ``Context.step``, blocking; ``fn`` runs in the handler's thread
-        (a coroutine function is run on the agent's event loop)."""
+        (a coroutine function is run on the agent's event loop). For steps
+        that run concurrently, see ``parallel``."""
         attempt = self._attempt
         with attempt.open_step(name) as plan:
+            plan.begin()
             if not plan.known:
                 attempt.blocking(attempt.fetch(plan))
             if plan.replayed:
                 return plan.value
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = attempt.blocking(_await(result))
+            token = current_step.set(plan)
+            try:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = attempt.blocking(_await(result))
+            finally:
+                current_step.reset(token)
             return attempt.blocking(attempt.commit(plan, result))
+
+    def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
+        """Runs steps concurrently: each call is ``(name, fn, *args)``, as
+        the arguments of ``step``. Their positions are taken in list order
+        before any runs; the functions run on threads of their own (a
+        coroutine function on the agent's event loop), at most
+        ``Agent(max_steps_in_flight=)`` at once; returns their results in list
+        order once all have finished (recorded steps are replayed, not run).
+        If some raise, the first of them in list order is raised after all
+        have finished; the others' records stand::
+
+            rows, users = ctx.parallel(("rows", fetch_rows, day), ("users", fetch_users))
+        """
+        attempt = self._attempt
+        parsed = [_parallel_call(call, number) for number, call in enumerate(calls, 1)]
+        plans: list[StepPlan] = []
+        try:
+            for name, _, _ in parsed:
+                plans.append(attempt.open_step(name))
+        except BaseException:
+            for plan in plans:
+                plan.close()
+            raise
+        outcomes = attempt.blocking(_parallel(attempt, plans, parsed))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                attempt.check_live()  # a stopped attempt says so first
+                raise outcome
+        return outcomes
 
     def step_scope(self, name: str) -> SyncStepScope:
         """``with ctx.step_scope(name) as s:`` -- see ``Context.step_scope``."""
@@ -401,7 +457,45 @@ class SyncContext(_ContextBase):
         return _decision(self._wait(_human(title, description, outcomes, assignees, form, timeout, remind_after)))
 
     def _wait(self, call: WaitCall) -> Any:
-        return self._attempt.blocking(self._attempt.wait(call))
+        attempt = self._attempt
+        plan = attempt.open_wait(call)
+        return attempt.blocking(attempt.wait_at(plan, call))
+
+
+def _parallel_call(call: Any, number: int) -> tuple[str, Callable[..., Any], tuple[Any, ...]]:
+    if not isinstance(call, tuple) or len(call) < 2 or not isinstance(call[0], str) or not callable(call[1]):
+        raise TypeError(f"parallel: call {number} must be a tuple (name, fn, *args), got {call!r:.80}")
+    return call[0], call[1], call[2:]
+
+
+async def _parallel(attempt: Attempt, plans: Sequence[StepPlan],
+                    calls: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+    """The steps of ``SyncContext.parallel`` on the loop, each function on a
+    thread of a pool as large as the bound allows (not the loop's default
+    executor, whose few threads would be a second, smaller bound)."""
+    loop = asyncio.get_running_loop()
+    workers = max(1, min(len(plans), attempt.max_steps_in_flight))
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"intentd-step-{attempt.intent_id}")
+    try:
+
+        def runner(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
+            async def run() -> Any:
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*args)
+                # The context goes along: a step called in there is refused as nested.
+                result = await loop.run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            return run
+
+        return list(await asyncio.gather(
+            *(attempt.run_step(plan, runner(fn, args)) for plan, (_, fn, args) in zip(plans, calls, strict=True)),
+            return_exceptions=True))
+    finally:
+        # Not waiting: a revoked attempt's functions cannot be stopped, and
+        # the loop must not block on them; their threads end when they return.
+        pool.shutdown(wait=False)
 
     # -- child intents: as on Context, blocking (handles: SyncChildHandle) -------------
 
@@ -441,8 +535,8 @@ class SyncContext(_ContextBase):
         labels: Mapping[str, str] | None = None,
         detached: bool = False,
     ) -> Any:
-        return children.calling_blocking(children.Starting(self._attempt, [ChildCall(
-            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], SyncChildHandle))
+        return children.calling_blocking(children.call_positions(children.Starting(self._attempt, [ChildCall(
+            to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], SyncChildHandle)))
 
 
 def _human(title: str, description: str | None, outcomes: Sequence[str], assignees: Sequence[str] | None,
@@ -456,8 +550,14 @@ def _decision(value: Any) -> HumanDecision:
     return value
 
 
+async def _as_decision(wait: Awaitable[Any]) -> HumanDecision:
+    return _decision(await wait)
+
+
 class _Scope:
-    """The state of a ``step_scope`` block, for both forms of it."""
+    """The state of a ``step_scope`` block, for both forms of it. The body
+    counts as the step's function: a step called in it is refused as nested
+    (it would not be called on a replay that skips the work)."""
 
     def __init__(self, attempt: Attempt, name: str) -> None:
         self._attempt = attempt
@@ -466,9 +566,11 @@ class _Scope:
         self.replayed = False
         self.result: Any = None
         self._plan: StepPlan | None = None
+        self._token: contextvars.Token[StepPlan | None] | None = None
 
     def _opened(self) -> StepPlan:
         plan = self._plan = self._attempt.open_step(self.name)
+        plan.begin()
         return plan
 
     def _resolved(self) -> None:
@@ -477,6 +579,7 @@ class _Scope:
         self.index = plan.index
         self.replayed = plan.replayed
         self.result = plan.value
+        self._token = current_step.set(plan)
 
     @contextlib.contextmanager
     def _closing(self, exc: BaseException | None) -> Iterator[StepPlan | None]:
@@ -484,6 +587,9 @@ class _Scope:
         closes the plan with what ended the block."""
         plan = self._plan
         assert plan is not None
+        if self._token is not None:
+            current_step.reset(self._token)
+            self._token = None
         if plan.replayed:
             self.result = plan.value
         try:

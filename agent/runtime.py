@@ -26,7 +26,16 @@ from intentd.core.observability import bind_log_context, tracing
 from intentd.core.validation import check_agent_address, check_intent_type
 from intentd.generated.v1 import delivery_pb2, runtime_pb2
 
-from .attempt import LEASE_LOST, PARKED, SHUTDOWN, Attempt, decode_json, encode_json
+from .attempt import (
+    LEASE_LOST,
+    MAX_STEPS_IN_FLIGHT,
+    MAX_STEPS_IN_FLIGHT_LIMIT,
+    PARKED,
+    SHUTDOWN,
+    Attempt,
+    decode_json,
+    encode_json,
+)
 from .context import Context, SyncContext
 from .errors import ChildFailed, LeaseLost, NonRetryableError, WaitTimedOut, WriteError, WriteRefused
 from .session import SidecarSession
@@ -93,7 +102,10 @@ class Agent:
     ``sidecar`` is the sidecar's address, ``unix:///path.sock`` or
     ``127.0.0.1:PORT``; by default the ``INTENTD_SIDECAR_ADDRESS`` environment
     variable the sidecar sets for the agents it supervises. ``capacity`` is how
-    many handlers run at once.
+    many handlers run at once; ``max_steps_in_flight`` (1 to 256, default 16)
+    how many step functions of one attempt run at once (concurrent
+    ``ctx.step`` calls, ``ctx.parallel``): the others wait, their positions
+    already taken.
 
     Handler exceptions: ``NonRetryableError(code, message)`` fails the intent at
     once; any other exception fails the attempt retryably (``AGENT_ERROR``).
@@ -109,6 +121,7 @@ class Agent:
         write_backoff: Backoff = WRITE_BACKOFF,
         write_timeout: float | None = 60.0,
         shutdown_grace: float = 10.0,
+        max_steps_in_flight: int = MAX_STEPS_IN_FLIGHT,
     ) -> None:
         try:
             check_agent_address(name, "name")
@@ -116,6 +129,12 @@ class Agent:
             raise ValueError(str(exc)) from None
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        if (isinstance(max_steps_in_flight, bool) or not isinstance(max_steps_in_flight, int)
+                or not 1 <= max_steps_in_flight <= MAX_STEPS_IN_FLIGHT_LIMIT):
+            raise ValueError(
+                f"max_steps_in_flight must be an integer from 1 to {MAX_STEPS_IN_FLIGHT_LIMIT}, "
+                f"got {max_steps_in_flight!r}")
+        self.max_steps_in_flight = max_steps_in_flight
         self.name = name
         self.capacity = capacity
         self._address = sidecar
@@ -408,6 +427,7 @@ class Agent:
             loop=asyncio.get_running_loop(),
             write_backoff=self._write_backoff,
             write_timeout=self._write_timeout,
+            max_steps_in_flight=self.max_steps_in_flight,
         )
         # Parked attempts still unwinding hold no slot of the sidecar's any more.
         if sum(not other.stopped for other in session.running.values()) >= self.capacity:
@@ -546,11 +566,14 @@ class Agent:
                 result = await result
             if attempt.divergence is not None:
                 raise attempt.divergence
-            if attempt.recorded_steps > attempt.replayed_steps:
+            # How many earlier attempts recorded (the highest position,
+            # recorded_steps, also counts the holes concurrent steps left).
+            recorded = attempt.intent.checkpoint.steps_completed or attempt.recorded_steps
+            if recorded > attempt.replayed_steps:
                 log.warning(
                     "%s: finished after replaying %d of %d recorded steps; "
                     "steps should be deterministic in name and order",
-                    attempt.log_prefix, attempt.replayed_steps, attempt.recorded_steps,
+                    attempt.log_prefix, attempt.replayed_steps, recorded,
                 )
             data = encode_json(result, f"the result of the {attempt.intent.intent_type} handler")
             log.info("%s: completed", attempt.log_prefix)

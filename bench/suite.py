@@ -106,6 +106,7 @@ SCENARIOS = [
     Scenario("peers", "bench.peers", "7. Peers", ("limits", "e2e", "steps")),
     Scenario("waits", "bench.waits", "8. Durable waits", ()),
     Scenario("children", "bench.children", "9. Child intents", ()),
+    Scenario("parallel", "bench.parallel", "10. Parallel steps", ()),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -35,17 +35,27 @@ def page_bytes(max_message_bytes: int) -> int:
     return max(1, min(PAGE_BYTES, max_message_bytes // 4))
 
 
+def recorded_to(row: Mapping[str, Any]) -> int:
+    """The highest recorded position of an intent (``last_step_index``).
+    Never below the count: a writer that keeps only the count (a wait
+    recorded in order) still makes a bound that is right; one too high
+    costs only a fetch answered "not recorded"."""
+    return max(int(row["last_step_index"]), int(row["steps_completed"]))
+
+
 def assignment(row: Mapping[str, Any], lease: delivery_pb2.Lease, steps: Sequence[Mapping[str, Any]],
                ) -> delivery_pb2.Assignment:
     """The assignment of a claimed intent, with the first page of its
-    recorded steps; ``recorded_steps`` tells the sidecar how many there are."""
+    recorded steps; ``recorded_steps`` is the highest recorded position
+    (nothing above it is recorded; below it, concurrent steps may have left
+    holes, which a fetch answers "not recorded")."""
     return delivery_pb2.Assignment(
         intent=intent_to_proto(row),
         lease=lease,
         steps=[step_to_proto(s) for s in steps],
         checkpoint=row["checkpoint"].encode() if row["checkpoint"] is not None else b"",
         heartbeat_timeout_ms=row["heartbeat_timeout_ms"],
-        recorded_steps=row["steps_completed"],
+        recorded_steps=recorded_to(row),
         recorded_bytes=row["history_bytes"],
     )
 

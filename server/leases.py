@@ -99,7 +99,7 @@ class LeaseStore:
                 limit, now, ack_timeout_ms, tenant, fits,
             )
             steps: dict[str, list[Row]] = defaultdict(list)
-            resumed = [r["id"] for r in rows if r["steps_completed"] > 0]
+            resumed = [r["id"] for r in rows if history.recorded_to(r) > 0]
             if resumed:
                 if whole_history:
                     budget, total, count = UNBOUNDED, UNBOUNDED, self.max_history_steps
@@ -113,9 +113,10 @@ class LeaseStore:
         self, lease: LeaseRef, stream: str, from_index: int, max_bytes: int, tenant: str = "default",
     ) -> tuple[int, list[Row]]:
         """A page of the steps recorded for the intent of a live lease held
-        by ``stream``: the intent's step count and the steps from
-        ``from_index`` on. FAILED_PRECONDITION when the stream does not hold
-        the lease (stale, or never its own)."""
+        by ``stream``: the intent's highest recorded position and the steps
+        from ``from_index`` on (every one recorded up to the page's last).
+        FAILED_PRECONDITION when the stream does not hold the lease (stale,
+        or never its own)."""
         if from_index < 1:
             raise ValidationError("from_index", "must be at least 1")
         if max_bytes < 0:
@@ -186,35 +187,32 @@ class LeaseStore:
             raise errors.NotFound(f"intent {lease.intent_id} not found")
         if not why["same_lease"] or not why["holds"] or why["state"] != "IN_PROGRESS" or why["past_deadline"]:
             raise _stale(lease, why["state"], why["past_deadline"])
-        if why["idx"] is None and why["steps_completed"] == index - 1:
-            # In order, live, not recorded yet: only the history limit refuses that.
-            raise self._history_full(lease, index, name, text, int(why["history_bytes"]))
-        if why["idx"] is not None:
-            if why["name"] == name:
-                # A repeat of a write that committed (its answer was lost): the
-                # stored record is the answer.
-                return {"intent_id": lease.intent_id, "idx": why["idx"], "name": why["name"],
-                        "result": why["result"], "attempt": why["step_attempt"], "record_time": why["record_time"]}
-            raise errors.FailedPrecondition(
-                f"step divergence: step {index} of intent {lease.intent_id} was recorded as "
-                f"{why['name']!r}, now reported as {name!r}; steps must be deterministic in name and order"
-            )
+        if why["idx"] is None:
+            # Live and not recorded yet: any such position is taken (concurrent
+            # steps record out of order), so only the history limit refuses it.
+            raise self._history_full(lease, index, name, text, int(why["history_bytes"]), int(why["steps_completed"]))
+        if why["name"] == name:
+            # A repeat of a write that committed (its answer was lost), or of a
+            # position recorded already: the stored record is the answer.
+            return {"intent_id": lease.intent_id, "idx": why["idx"], "name": why["name"],
+                    "result": why["result"], "attempt": why["step_attempt"], "record_time": why["record_time"]}
         raise errors.FailedPrecondition(
-            f"step {index} reported out of order: intent {lease.intent_id} has "
-            f"{why['steps_completed']} recorded steps, so the next is {why['steps_completed'] + 1}"
+            f"step divergence: step {index} of intent {lease.intent_id} was recorded as "
+            f"{why['name']!r}, now reported as {name!r}; steps must be deterministic in name and order"
         )
 
-    def _history_full(self, lease: LeaseRef, index: int, name: str, text: str, recorded: int) -> errors.ServerError:
+    def _history_full(self, lease: LeaseRef, index: int, name: str, text: str, recorded: int,
+                      steps: int) -> errors.ServerError:
         if index > self.max_history_steps:
             return errors.ResourceExhausted(
                 f"step {index} of intent {lease.intent_id}: an intent may record at most "
-                f"{self.max_history_steps} steps (INTENTD_MAX_HISTORY_STEPS); the {index - 1} recorded are kept")
+                f"{self.max_history_steps} steps (INTENTD_MAX_HISTORY_STEPS); the {steps} recorded are kept")
         # Near enough for the message: the database measured the result as jsonb prints it.
         size = len(text.encode()) + len(name.encode())
         return errors.ResourceExhausted(
             f"step {index} of intent {lease.intent_id}: its {size} bytes would take the recorded history "
             f"from {recorded} past the limit of {self.max_history_bytes} bytes (INTENTD_MAX_HISTORY_BYTES); "
-            f"the {index - 1} steps recorded are kept")
+            f"the {steps} steps recorded are kept")
 
     async def save_checkpoint(
         self, lease: LeaseRef, state: bytes, now: datetime | None = None, stream: str | None = None

@@ -18,7 +18,7 @@ import asyncpg
 from intentd.core.limits import DEFAULT_WAIT_HOLD_MS
 from intentd.core.states import IntentState
 
-from . import errors
+from . import errors, history
 from .batcher import WriteBatcher, WriteKind, apply_group
 from .db import Database, Row
 from .ids import new_id
@@ -234,8 +234,9 @@ class IntentStore:
     ) -> tuple[list[Row], int]:
         """A page of an intent's steps from ``from_index`` on (at most
         ``limit`` steps, cut before the one that would pass ``max_bytes``),
-        and how many steps the intent had recorded just before."""
-        recorded = int((await self.get(tenant, intent_id))["steps_completed"])
+        and the highest position the intent had recorded just before (more
+        follow while a page ends below it)."""
+        recorded = history.recorded_to(await self.get(tenant, intent_id))
         async with self.db.connection() as conn:
             rows = await conn.fetch(Q.steps_of, [intent_id], tenant, from_index, max_bytes, max_bytes, limit)
         return list(rows), recorded

@@ -240,10 +240,12 @@ class Dispatcher:
             raise LeaseNotHeld(f"{describe(lease)} is not held by this sidecar")
         history = held.history
         record = history.window.get(index)
-        if record is None and index <= history.recorded:
+        if record is None and not history.answers(index):
+            # Concurrent steps of the agent ask together: the first fetch
+            # usually answers the others too (the lock makes them wait for it).
             async with history.fetching:
                 record = history.window.get(index)
-                if record is None:
+                if record is None and not history.answers(index):
                     record = await self._fetch(held, index)
         if record is None:
             return None
@@ -259,7 +261,7 @@ class Dispatcher:
                 raise LeaseNotHeld(f"{describe(held.lease)}: {exc.message}") from None
             raise
         held.history.recorded = max(held.history.recorded, page.recorded_steps)
-        held.history.keep(page.steps)
+        held.history.keep(page.steps, index)
         log.debug("fetched steps %d.. of %s: %d steps", index, describe(held.lease), len(page.steps))
         return held.history.window.get(index)
 
@@ -393,11 +395,14 @@ class Dispatcher:
             assignment = delivery_pb2.Assignment()
             assignment.CopyFrom(held.assignment)
             try:
-                while len(assignment.steps) < held.history.recorded and held.local:
-                    page = await self._link.list_recorded_steps(lease, len(assignment.steps) + 1)
+                # Up to the highest recorded position; holes are no steps.
+                last = max((step.index for step in assignment.steps), default=0)
+                while last < held.history.recorded and held.local:
+                    page = await self._link.list_recorded_steps(lease, last + 1)
                     if not page.steps:
                         break
                     assignment.steps.extend(page.steps)
+                    last = page.steps[-1].index
             except StepsUnavailable as exc:
                 log.warning("%s: recorded steps could not be fetched for the agent (%s)", describe(lease),
                             exc.message)

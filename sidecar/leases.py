@@ -73,27 +73,54 @@ class Place(enum.Enum):
 
 @dataclass(eq=False)
 class History:
-    """What the sidecar keeps of an attempt's recorded steps: how many there
-    are and a window of them (the page the agent replays from), never the
-    whole history. Replays go forward, so a fetched page replaces the steps
-    before it."""
+    """What the sidecar keeps of an attempt's recorded steps: the highest
+    recorded position and a window of them (the page the agent replays
+    from), never the whole history. Replays go forward, so a fetched page
+    replaces the steps before it.
+
+    Positions may be holes (concurrent steps of an earlier attempt that did
+    not finish, below others that did), and steps are recorded out of order.
+    A page holds every step recorded from its first index up to its last one
+    (pages are cut after a step, never between), so positions ``low`` to
+    ``high`` that the window lacks are known holes: BeginStep answers them
+    "not recorded" without fetching again.
+    """
 
     recorded: int
     window: dict[int, intent_pb2.StepRecord] = field(default_factory=dict)
     size: int = 0  # bytes in the window
     fetching: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The positions the window answers for, recorded or hole (none: low > high).
+    low: int = 1
+    high: int = 0
 
     @classmethod
     def of(cls, assignment: delivery_pb2.Assignment) -> History:
-        # A server that pages says how many there are; an older one sends them all.
-        history = cls(max(assignment.recorded_steps, len(assignment.steps)))
-        history.keep(assignment.steps)
+        # A server that pages says up to where; an older one sends them all.
+        history = cls(max([assignment.recorded_steps, *(step.index for step in assignment.steps)]))
+        if assignment.steps:
+            # The first page, from position 1 (a claim may carry none of it:
+            # then nothing is known yet).
+            history.keep(assignment.steps, 1)
         return history
 
-    def keep(self, steps: Iterable[intent_pb2.StepRecord]) -> None:
-        """A fetched page replaces the window."""
-        self.window = {step.index: step for step in steps}
-        self.size = sum(step.ByteSize() for step in self.window.values())
+    def keep(self, steps: Iterable[intent_pb2.StepRecord], first: int) -> None:
+        """A page fetched from position ``first`` on replaces the window;
+        records this attempt added meanwhile inside the page's span stay (the
+        page may have been read before they committed). An empty page says
+        nothing is recorded from ``first`` on: that position is a hole."""
+        page = {step.index: step for step in steps}
+        low, high = first, max(page, default=first)
+        for index, step in self.window.items():
+            if low <= index <= high and index not in page:
+                page[index] = step
+        self.window = page
+        self.size = sum(step.ByteSize() for step in page.values())
+        self.low, self.high = low, high
+
+    def answers(self, index: int) -> bool:
+        """Whether the window says for sure if ``index`` is recorded."""
+        return index in self.window or self.low <= index <= self.high or index > self.recorded
 
     def add(self, record: intent_pb2.StepRecord) -> None:
         """A step this attempt recorded; the oldest ones leave the window
@@ -105,7 +132,10 @@ class History:
         self.window[record.index] = record
         self.size += record.ByteSize()
         while self.size > WINDOW_BYTES and len(self.window) > 1:
-            self.size -= self.window.pop(min(self.window)).ByteSize()
+            gone = min(self.window)
+            self.size -= self.window.pop(gone).ByteSize()
+            # The window no longer answers for it, nor below it.
+            self.low = max(self.low, gone + 1)
 
 
 @dataclass(eq=False)

@@ -185,8 +185,13 @@ WAITS = ("wait_for_signal", "sleep", "sleep_until", "ask_human")
 
 
 class AsyncTrackedContext(TrackedContext):
-    async def step(self, name: str, fn: Handler, /, *args: Any, **kwargs: Any) -> Any:
-        value = await self._ctx.step(name, self._tracker.tracked(name, fn), *args, **kwargs)
+    # Plain methods returning coroutines, as the SDK's: the position is taken
+    # when the handler calls them, so concurrent steps number as without the runner.
+    def step(self, name: str, fn: Handler, /, *args: Any, **kwargs: Any) -> Any:
+        return self._counted(self._ctx.step(name, self._tracker.tracked(name, fn), *args, **kwargs))
+
+    async def _counted(self, call: Awaitable[Any]) -> Any:
+        value = await call
         self._tracker.done += 1
         return value
 
@@ -195,16 +200,19 @@ class AsyncTrackedContext(TrackedContext):
         if name not in WAITS:
             return attribute
 
-        async def wait(*args: Any, **kwargs: Any) -> Any:
-            try:
-                value = await attribute(*args, **kwargs)
-            except WaitTimedOut:
-                self._tracker.done += 1
-                raise
-            self._tracker.done += 1
-            return value
+        def wait(*args: Any, **kwargs: Any) -> Any:
+            return self._waited(attribute(*args, **kwargs))
 
         return wait
+
+    async def _waited(self, call: Awaitable[Any]) -> Any:
+        try:
+            value = await call
+        except WaitTimedOut:
+            self._tracker.done += 1
+            raise
+        self._tracker.done += 1
+        return value
 
 
 class SyncTrackedContext(TrackedContext):

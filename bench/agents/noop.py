@@ -23,6 +23,10 @@ Handlers:
   bench.family.call.v1
                     ``ctx.call`` of one leaf child; returns the call's wall
                     time in ms as the parent's handler saw it
+  bench.parallel.v1 ``payload["steps"]`` no-op steps in one attempt, all at
+                    once (``asyncio.gather`` of ``ctx.step`` calls) when
+                    ``payload["concurrent"]``, else one after another;
+                    returns their wall time in ms (measured around them)
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
@@ -62,6 +66,18 @@ async def steps(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
         await ctx.step(f"s{index}", _noop)
         timings.append(round((clock() - began) * 1000, 4))
     return {"ms": timings if payload.get("timings") else [], "n": len(timings)}
+
+
+@agent.handler("bench.parallel.v1")
+async def parallel(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    n = int(payload.get("steps", 10))
+    began = time.perf_counter()
+    if payload.get("concurrent"):
+        await asyncio.gather(*(ctx.step(f"s{index}", _noop) for index in range(n)))
+    else:
+        for index in range(n):
+            await ctx.step(f"s{index}", _noop)
+    return {"ms": round((time.perf_counter() - began) * 1000, 4)}
 
 
 @agent.handler("bench.latency.v1")

@@ -63,11 +63,13 @@ WHERE state = 'PENDING'
 
 -- name: steps_of
 -- Pages of the steps recorded for intents of one tenant, from index $3 on:
--- each intent's page ends before the step that would take it past $4 bytes
--- (the first step is always in it), all pages together before $5 bytes (the
--- very first step is always in), and at most $6 steps each. A step counts
--- its size_bytes plus 32 for the rest of its message. Only sizes are read
--- to cut the pages, never the results of steps left out.
+-- each intent's page is its first $6 recorded steps from there (by index;
+-- positions may be holes, so not "positions $3 .. $3 + $6"), ending before
+-- the step that would take it past $4 bytes (the first step is always in
+-- it), all pages together before $5 bytes (the very first step is always
+-- in). A page is therefore every step recorded from $3 up to its last one.
+-- A step counts its size_bytes plus 32 for the rest of its message. Only
+-- sizes are read to cut the pages, never the results of steps left out.
 -- $1 intent ids, $2 tenant, $3 first index, $4 bytes per intent,
 -- $5 bytes in all, $6 steps per intent
 SELECT intent_id, idx, name, result, attempt, record_time, size_bytes
@@ -78,9 +80,13 @@ FROM (
     FROM (
         SELECT s.intent_id, s.idx, s.name, s.result, s.attempt, s.record_time, s.size_bytes,
                row_number() OVER w AS n, sum(s.size_bytes + 32) OVER w AS upto
-        FROM intent_steps s
-        JOIN intents i ON i.id = s.intent_id AND i.tenant = $2
-        WHERE s.intent_id = ANY ($1::text[]) AND s.idx >= $3 AND s.idx < $3 + $6
+        FROM intents i
+        CROSS JOIN LATERAL (
+            SELECT * FROM intent_steps st
+            WHERE st.intent_id = i.id AND st.idx >= $3
+            ORDER BY st.idx LIMIT $6
+        ) s
+        WHERE i.id = ANY ($1::text[]) AND i.tenant = $2
         WINDOW w AS (PARTITION BY s.intent_id ORDER BY s.idx)
     ) mine
     WHERE n = 1 OR upto <= $4
@@ -90,9 +96,10 @@ ORDER BY intent_id, idx;
 
 -- name: lease_holder
 -- Whether a stream holds a live lease of an intent of the tenant; the
--- intent's recorded step count when it does.
+-- intent's highest recorded position when it does (Assignment.recorded_steps;
+-- never below the count, as history.recorded_to).
 -- $1 id, $2 token, $3 attempt, $4 session, $5 tenant
-SELECT steps_completed FROM intents
+SELECT greatest(last_step_index, steps_completed) FROM intents
 WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND lease_session = $4 AND tenant = $5
   AND state IN ('DELIVERED', 'IN_PROGRESS');
 
@@ -147,9 +154,15 @@ RETURNING id, last_seq, state::text AS state;
 
 -- name: record_steps
 -- A step row and its event commit together: a step is skipped on replay only
--- if this statement committed. Writes after the intent's deadline are refused
--- here (not only by the sweeper), so nothing completes late. So is a step
--- that would take the intent's history past its limits (steps, bytes): the
+-- if this statement committed. Any position not recorded yet is taken, in
+-- any order: concurrent steps of an attempt finish in any order, and a
+-- position below the highest may be a hole an earlier attempt left (its
+-- step did not finish). steps_completed counts the recorded steps,
+-- last_step_index is the highest recorded position. A position recorded
+-- already inserts nothing (write_diagnoses answers with that record). Writes
+-- after the intent's deadline are refused here (not only by the sweeper),
+-- so nothing completes late. So is a step that would take the intent's
+-- history past its limits (a position past the step limit, or bytes): the
 -- history stays resumable, since the limit is met at the write, never at a
 -- resume.
 -- $1 ids, $2 tokens, $3 attempts, $4 indexes, $5 names, $6 results, $7 nows,
@@ -162,7 +175,7 @@ WITH w AS (
 ), lease AS (
     SELECT w.id, w.token, w.attempt, w.idx, w.name, w.at, w.max_bytes, w.max_steps, d.doc,
            octet_length(d.doc::text) + octet_length(w.name) AS size_bytes,
-           i.steps_completed, i.history_bytes
+           i.history_bytes
     FROM w JOIN intents i ON i.id = w.id
     CROSS JOIN LATERAL (SELECT w.result::jsonb AS doc) d
     WHERE i.lease_token = w.token AND i.attempt = w.attempt AND i.state = 'IN_PROGRESS'
@@ -173,12 +186,13 @@ WITH w AS (
     INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time, size_bytes)
     SELECT id, idx, name, doc, attempt, token, coalesce(at, now()), size_bytes
     FROM lease
-    WHERE steps_completed = idx - 1 AND idx <= max_steps AND history_bytes + size_bytes <= max_bytes
+    WHERE idx <= max_steps AND history_bytes + size_bytes <= max_bytes
     ON CONFLICT (intent_id, idx) DO NOTHING
     RETURNING *
 ), changed AS (
     UPDATE intents i
-    SET steps_completed = s.idx, last_step = s.name, update_time = s.record_time,
+    SET steps_completed = i.steps_completed + 1, last_step_index = greatest(i.last_step_index, s.idx),
+        last_step = s.name, update_time = s.record_time,
         last_seq = i.last_seq + 1, history_bytes = i.history_bytes + s.size_bytes
     FROM inserted s
     WHERE i.id = s.intent_id
@@ -198,7 +212,8 @@ SELECT w.ord, s.* FROM inserted s JOIN w ON w.id = s.intent_id;
 SELECT w.ord, i.state::text AS state, i.lease_token = w.token AND i.attempt = w.attempt AS same_lease,
        i.deadline IS NOT NULL AND i.deadline <= coalesce(w.at, now()) AS past_deadline,
        (w.session IS NULL OR i.lease_session = w.session) AS holds,
-       i.steps_completed, i.history_bytes, s.idx, s.name, s.result, s.attempt AS step_attempt, s.record_time,
+       i.steps_completed, i.last_step_index, i.history_bytes, s.idx, s.name, s.result, s.attempt AS step_attempt,
+       s.record_time,
        CASE WHEN e.type IS NOT NULL THEN coalesce(e.message, 'fail') END AS ended_by,
        e.state::text AS ended_state, e.error_code AS ended_code,
        extract(epoch FROM i.finish_time - i.create_time)::float8 AS ended_age_s

@@ -6,6 +6,7 @@ failure when that cannot fit."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -131,5 +132,79 @@ async def test_a_history_too_large_for_an_agent_that_does_not_fetch_fails_the_at
         assert fail.lease == assignment.lease and fail.fail.code == "HISTORY_TOO_LARGE" and fail.fail.retryable
         assert "fetches_steps" in fail.fail.message
         assert plane.fetches == []
+    finally:
+        await agent.close()
+
+
+# -- holes: concurrent steps of an earlier attempt left positions unrecorded ------------
+
+HOLED = (1, 2, 4, 5, 7)  # 3 and 6 are holes
+
+
+class HolesPlane(FakeControlPlane):
+    """A history recorded at positions 1, 2, 4, 5, 7; pages of two recorded
+    steps (as steps_of cuts them: recorded steps, not positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetches: list[int] = []
+
+    async def ListRecordedSteps(self, request: apb.ListRecordedStepsRequest,
+                                context: Any) -> apb.ListRecordedStepsResponse:
+        self.fetches.append(request.from_index)
+        page = [record(i) for i in HOLED if i >= request.from_index][:2]
+        return apb.ListRecordedStepsResponse(steps=page, recorded_steps=max(HOLED))
+
+
+@pytest.mark.parametrize("plane_type", [HolesPlane])
+async def test_holes_answer_not_recorded_and_are_fetched_once(plane: HolesPlane, sidecar: Sidecar) -> None:
+    stream, agent = await attach(plane, sidecar, fetches=True)  # type: ignore[arg-type]
+    try:
+        assignment = make_assignment(1)
+        assignment.steps.extend([record(1), record(2)])
+        assignment.recorded_steps = max(HOLED)
+        stream.assign(assignment)
+        await agent.receive()
+
+        async def begin(index: int) -> bool:
+            response: runtime_pb2.BeginStepResponse = await agent.stub.BeginStep(runtime_pb2.BeginStepRequest(
+                lease=assignment.lease, index=index, any_name=True), timeout=WAIT)
+            assert not response.recorded or response.step == record(index)
+            return response.recorded
+
+        # An agent replaying concurrent steps asks for 3, 4 and 5 at once:
+        # one fetch from 3 answers all three (3 is a hole: it runs).
+        assert await asyncio.gather(begin(3), begin(4), begin(5)) == [False, True, True]
+        assert plane.fetches == [3]
+        assert not await begin(3)  # known now: no second fetch
+        assert plane.fetches == [3]
+        assert [await begin(6), await begin(7), await begin(8)] == [False, True, False]
+        assert plane.fetches == [3, 6]
+
+        # This attempt fills hole 6 (out of order): BeginStep answers it from the window.
+        await agent.ack(assignment.lease)
+        await stream.expect("ack")
+        await agent.write(1, delivery_pb2.IntentWrite(lease=assignment.lease, step=delivery_pb2.StepWrite(
+            index=6, name="s6", result=b'"r6"')))
+        stream.answer(await stream.expect("write"))
+        assert (await agent.receive()).write_result.code == 0
+        assert await begin(6) and plane.fetches == [3, 6]
+    finally:
+        await agent.close()
+
+
+@pytest.mark.parametrize("plane_type", [HolesPlane])
+async def test_an_agent_that_does_not_fetch_gets_a_holed_history_whole(plane: HolesPlane, sidecar: Sidecar) -> None:
+    """Filled up to the highest position by the pages' last indexes, not
+    by counting steps (holes would ask for the same page twice)."""
+    stream, agent = await attach(plane, sidecar, fetches=False)  # type: ignore[arg-type]
+    try:
+        assignment = make_assignment(2)
+        assignment.steps.extend([record(1), record(2)])
+        assignment.recorded_steps = max(HOLED)
+        stream.assign(assignment)
+        got = (await agent.receive()).assignment
+        assert [s.index for s in got.steps] == list(HOLED)
+        assert plane.fetches == [3, 6]
     finally:
         await agent.close()
