@@ -461,42 +461,6 @@ class SyncContext(_ContextBase):
         plan = attempt.open_wait(call)
         return attempt.blocking(attempt.wait_at(plan, call))
 
-
-def _parallel_call(call: Any, number: int) -> tuple[str, Callable[..., Any], tuple[Any, ...]]:
-    if not isinstance(call, tuple) or len(call) < 2 or not isinstance(call[0], str) or not callable(call[1]):
-        raise TypeError(f"parallel: call {number} must be a tuple (name, fn, *args), got {call!r:.80}")
-    return call[0], call[1], call[2:]
-
-
-async def _parallel(attempt: Attempt, plans: Sequence[StepPlan],
-                    calls: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
-    """The steps of ``SyncContext.parallel`` on the loop, each function on a
-    thread of a pool as large as the bound allows (not the loop's default
-    executor, whose few threads would be a second, smaller bound)."""
-    loop = asyncio.get_running_loop()
-    workers = max(1, min(len(plans), attempt.max_steps_in_flight))
-    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"intentd-step-{attempt.intent_id}")
-    try:
-
-        def runner(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
-            async def run() -> Any:
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(*args)
-                # The context goes along: a step called in there is refused as nested.
-                result = await loop.run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            return run
-
-        return list(await asyncio.gather(
-            *(attempt.run_step(plan, runner(fn, args)) for plan, (_, fn, args) in zip(plans, calls, strict=True)),
-            return_exceptions=True))
-    finally:
-        # Not waiting: a revoked attempt's functions cannot be stopped, and
-        # the loop must not block on them; their threads end when they return.
-        pool.shutdown(wait=False)
-
     # -- child intents: as on Context, blocking (handles: SyncChildHandle) -------------
 
     def start(
@@ -537,6 +501,42 @@ async def _parallel(attempt: Attempt, plans: Sequence[StepPlan],
     ) -> Any:
         return children.calling_blocking(children.call_positions(children.Starting(self._attempt, [ChildCall(
             to_agent, intent_type, payload, deadline, max_attempts, labels, detached)], SyncChildHandle)))
+
+
+def _parallel_call(call: Any, number: int) -> tuple[str, Callable[..., Any], tuple[Any, ...]]:
+    if not isinstance(call, tuple) or len(call) < 2 or not isinstance(call[0], str) or not callable(call[1]):
+        raise TypeError(f"parallel: call {number} must be a tuple (name, fn, *args), got {call!r:.80}")
+    return call[0], call[1], call[2:]
+
+
+async def _parallel(attempt: Attempt, plans: Sequence[StepPlan],
+                    calls: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+    """The steps of ``SyncContext.parallel`` on the loop, each function on a
+    thread of a pool as large as the bound allows (not the loop's default
+    executor, whose few threads would be a second, smaller bound)."""
+    loop = asyncio.get_running_loop()
+    workers = max(1, min(len(plans), attempt.max_steps_in_flight))
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"intentd-step-{attempt.intent_id}")
+    try:
+
+        def runner(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
+            async def run() -> Any:
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*args)
+                # The context goes along: a step called in there is refused as nested.
+                result = await loop.run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            return run
+
+        return list(await asyncio.gather(
+            *(attempt.run_step(plan, runner(fn, args)) for plan, (_, fn, args) in zip(plans, calls, strict=True)),
+            return_exceptions=True))
+    finally:
+        # Not waiting: a revoked attempt's functions cannot be stopped, and
+        # the loop must not block on them; their threads end when they return.
+        pool.shutdown(wait=False)
 
 
 def _human(title: str, description: str | None, outcomes: Sequence[str], assignees: Sequence[str] | None,
