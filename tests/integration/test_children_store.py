@@ -6,6 +6,7 @@ detached children, listing by parent, and the lock rules of the sweeper."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,6 +69,31 @@ class Family:
 def agent_wait(index: int, children: list[str], mode: str = ALL, timeout_ms: int = 0) -> WaitSpec:
     return WaitSpec(index=index, step_name=record_name(AGENT, mode), kind=AGENT, name=mode, timeout_ms=timeout_ms,
                     children=tuple(children))
+
+
+# A database of this module's own: the servers other tests start on the
+# shared one run child sweepers, which would take these tests' notices from
+# under them (the module drives the sweeper itself, round by round).
+@pytest.fixture(scope="module")
+def family_url(databases: Any) -> str:
+    return str(databases.create())
+
+
+@pytest.fixture
+async def db(family_url: str) -> AsyncIterator[Database]:
+    database = Database(family_url, min_size=1, max_size=6)
+    await database.open(run_migrations=False)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def pg(family_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(family_url)
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=str, decoder=str, schema="pg_catalog", format="text")
+    yield conn
+    await conn.close()
 
 
 @pytest.fixture
