@@ -199,6 +199,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     step_runs = 0
     reruns = 0
     late_writes = 0
+    family_redeliveries = 0  # of family parents and their children: the faults hit them too
 
     kids_of = snap.children_of()
     for intent_id, row in snap.intents.items():
@@ -367,6 +368,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             attempts.fail(f"{intent_id}: work of attempt {max(too_new)} but the intent counts {row['attempt']}")
         # A wake is a delivery of its own, not a redelivery.
         extra_deliveries += max(0, len(delivered) - 1 - row["parked_attempts"])
+        if parent is not None or (found is not None and found.plan.children is not None):
+            family_redeliveries += max(0, len(delivered) - 1 - row["parked_attempts"])
 
         # Event log.
         log.checked += 1
@@ -413,7 +416,7 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     report.step_runs = step_runs
     report.step_reruns = reruns
     report.late_ledger_writes = late_writes
-    report.family = family
+    report.family = {**family, "redeliveries": family_redeliveries} if family else {}
     report.latencies = latencies(snap, faults) + step_write_latencies(snap, by_id, report.hostile_started_at)
 
 

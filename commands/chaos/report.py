@@ -79,7 +79,8 @@ class Report:
     late_ledger_writes: int = 0
     # Family parents and their children (checks._check_families): "parents",
     # "parents completed", "parents ended otherwise", "children", "children
-    # <STATE>", "children canceled by the cascade", "gather returns".
+    # <STATE>", "children canceled by the cascade", "gather returns",
+    # "redeliveries" (of parents and children, wakes not counted).
     family: dict[str, int] = field(default_factory=dict)
     latencies: list[Latency] = field(default_factory=list)
     invariants: list[Invariant] = field(default_factory=list)
@@ -134,7 +135,8 @@ class Report:
                 + (", ".join(f"{k.removeprefix('children ')} {v}" for k, v in sorted(f.items())
                              if k.startswith("children ") and k != "children canceled by the cascade") or "none")
                 + f"; {f.get('children canceled by the cascade', 0)} canceled by the cascade),"
-                f" {f.get('gather returns', 0)} gather returns recorded")
+                f" {f.get('gather returns', 0)} gather returns recorded; {f.get('redeliveries', 0)} deliveries"
+                " after the first among them")
         for latency in self.latencies:
             lines.append(f"{latency.name}: {latency.summary()}")
         for actor in self.hostile:
