@@ -14,7 +14,12 @@ Payload: ``{"steps": M, "step_ms": T, "fail_at": F or null, "wait_at": W or
 null}``; with ``fail_at`` the step F raises ``NonRetryableError(FAIL_CODE)``
 after its side effect; with ``wait_at`` the handler waits for the signal
 ``go`` before step W, records every return of that wait in ``chaos_waits``
-and returns the signal's value in its result.
+and returns the signal's value in its result. A "family" parent's payload
+adds ``"children": K, "child_at": C``: before step C the handler starts K
+children (``ctx.start_many``: the same intent type at its own address, 2
+steps each, its own ``max_attempts``), gathers them, records every return
+of that gather in ``chaos_children`` and returns their results in its
+result (``"children"``).
 """
 
 from __future__ import annotations
@@ -35,15 +40,17 @@ from typing import Any
 
 import asyncpg
 
-from intentd.agent import Agent, Context, NonRetryableError
+from intentd.agent import Agent, ChildCall, Context, NonRetryableError
 
 from .model import (
     FAIL_CODE,
     INSERT_ATTEMPT,
+    INSERT_CHILDREN,
     INSERT_LEDGER,
     INSERT_WAIT,
     INTENT_TYPE,
     SIGNAL_NAME,
+    child_payload,
     step_name,
     step_value,
 )
@@ -113,6 +120,7 @@ def build_agent(address: str, ledger: Ledger, capacity: int) -> Agent:
         step_ms = int(payload.get("step_ms", 100))
         fail_at = payload.get("fail_at")
         wait_at = payload.get("wait_at")
+        child_at = payload.get("child_at")
         total = 0
         result: dict[str, Any] = {}
         for index in range(1, steps + 1):
@@ -121,6 +129,15 @@ def build_agent(address: str, ledger: Ledger, capacity: int) -> Agent:
                 await ledger.execute(INSERT_WAIT, uuid.uuid4(), ctx.intent_id, ctx.attempt,
                                      uuid.UUID(ctx.lease.token), json.dumps(signal))
                 result["signal"] = signal
+            if index == child_at:
+                calls = [ChildCall(ctx.to_agent, INTENT_TYPE, child_payload(step_ms), max_attempts=ctx.max_attempts,
+                                   labels={"chaos_kind": "child"}) for _ in range(int(payload["children"]))]
+                handles = await ctx.start_many(calls)
+                results = await ctx.gather(*handles)
+                await ledger.execute(INSERT_CHILDREN, uuid.uuid4(), ctx.intent_id, ctx.attempt,
+                                     uuid.UUID(ctx.lease.token), json.dumps([h.id for h in handles]),
+                                     json.dumps(results))
+                result["children"] = results
             value = await ctx.step(step_name(index), work, ctx, index, step_ms, fail_at)
             total += int(value["v"])
         return {"steps": steps, "sum": total, **result}

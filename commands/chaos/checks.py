@@ -13,7 +13,16 @@ from typing import Any
 from .config import INTENT_KINDS, SoakConfig
 from .db import SyncDb
 from .faults import Fault
-from .model import FAIL_CODE, expected_result, signal_value, step_name, step_value
+from .model import (
+    CHILD_STEPS,
+    FAIL_CODE,
+    GATHER_RECORD,
+    START_RECORD,
+    expected_result,
+    signal_value,
+    step_name,
+    step_value,
+)
 from .report import Invariant, Latency, Report
 from .workload import Outcome
 
@@ -32,6 +41,16 @@ class Snapshot:
     attempts: dict[str, list[dict[str, Any]]]
     waits: dict[str, list[dict[str, Any]]]
     signals: dict[str, list[dict[str, Any]]]
+    # A family parent's gather returns (chaos_children), by parent.
+    children: dict[str, list[dict[str, Any]]]
+
+    def children_of(self) -> dict[str, list[dict[str, Any]]]:
+        """The intents that have a parent, by parent, in start order."""
+        out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in sorted((r for r in self.intents.values() if r["parent_id"] is not None),
+                          key=lambda r: (r["parent_idx"], r["parent_ord"])):
+            out[row["parent_id"]].append(row)
+        return out
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -46,7 +65,8 @@ def snapshot(db: SyncDb, tenant: str) -> Snapshot:
     intents = {r["id"]: r for r in db.fetch(
         "SELECT id, state::text AS state, attempt, parked_attempts, max_attempts, steps_completed,"
         " result::text AS result,"
-        " error_code, error_message, deadline, finish_time, create_time, last_seq, idempotency_key, sender"
+        " error_code, error_message, deadline, finish_time, create_time, last_seq, idempotency_key, sender,"
+        " parent_id, parent_idx, parent_ord, cancel_reason"
         " FROM intents WHERE tenant = $1", tenant, timeout=120)}
     events = _group(db.fetch(
         "SELECT intent_id, seq, type, time, state::text AS state, attempt, message, step_index"
@@ -68,18 +88,21 @@ def snapshot(db: SyncDb, tenant: str) -> Snapshot:
     signals = _group(db.fetch(
         "SELECT intent_id, signal_id, name, payload::text AS payload, consumed_idx FROM intent_signals"
         " WHERE intent_id IN (SELECT id FROM intents WHERE tenant = $1) ORDER BY seq", tenant, timeout=120))
-    return Snapshot(intents, events, steps, ledger, attempts, waits, signals)
+    children = _group(db.fetch(
+        "SELECT intent_id, attempt, lease_token::text AS lease_token, child_ids::text AS child_ids,"
+        " results::text AS results, at FROM chaos_children ORDER BY at", timeout=120))
+    return Snapshot(intents, events, steps, ledger, attempts, waits, signals, children)
 
 
 def _expected_states(outcome: Outcome) -> set[str]:
     kind = outcome.plan.kind
-    if kind in ("plain", "idem", "wait"):
+    if kind in ("plain", "idem", "wait") or (kind == "family" and outcome.plan.cancel_after is None):
         return {"COMPLETED"}
     if kind == "fail":
         return {"FAILED"}
     if kind == "deadline":
         return {"TIMED_OUT", "COMPLETED"}
-    # cancel
+    # cancel, or a family parent cancelled while its children run
     if outcome.cancel == "canceled":
         return {"CANCELED"}
     if outcome.cancel is None or outcome.cancel == "too_late":
@@ -103,6 +126,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
         "event log gapless, ends in the intent's state",
         "wait_for returned the right terminal state",
         "no wait returned twice or lost its value",
+        "no child created twice, recorded children = awaited",
+        "children of a parent that did not complete canceled",
         "no process died on its own",
         "harness ran cleanly",
         *(["hostile tenant attacked, answered only with client errors"] if cfg.hostile else []),
@@ -134,8 +159,10 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             if intent_id not in snap.intents:
                 lost.fail(f"#{plan.index}: send answered {intent_id}, which is not in the database")
         by_id[outcome.ids[0]] = outcome
-    for intent_id in snap.intents:
-        if intent_id not in by_id:
+    for intent_id, row in snap.intents.items():
+        # A child was sent by its parent, not the workload: its own invariant
+        # checks it belongs to a family parent.
+        if intent_id not in by_id and row["parent_id"] is None:
             lost.fail(f"{intent_id} is in the database but no send answered it")
     report.sends_refused = refused_late
     if refused_late:
@@ -172,18 +199,25 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     step_runs = 0
     reruns = 0
     late_writes = 0
+    family_redeliveries = 0  # of family parents and their children: the faults hit them too
 
+    kids_of = snap.children_of()
     for intent_id, row in snap.intents.items():
         state = row["state"]
         found = by_id.get(intent_id)
+        parent = snap.intents.get(row["parent_id"]) if row["parent_id"] is not None else None
+        # A family parent's child has steps of its own number.
+        m = CHILD_STEPS if row["parent_id"] is not None else cfg.steps
         events = snap.events.get(intent_id, [])
         steps = snap.steps.get(intent_id, [])
         ledger = snap.ledger.get(intent_id, [])
         starts = snap.attempts.get(intent_id, [])
         # The records of the handler's steps; a wait's record (a name from
-        # "@") takes a position of its own in the sequence.
+        # "@") takes a position of its own in the sequence, as do a family
+        # parent's start and gather.
         user_steps = [s for s in steps if not s["name"].startswith("@")]
-        wait_records = [s for s in steps if s["name"].startswith("@")]
+        family_records = [s for s in steps if s["name"] in (START_RECORD, GATHER_RECORD)]
+        wait_records = [s for s in steps if s["name"].startswith("@") and s not in family_records]
 
         terminal.checked += 1
         if state not in TERMINAL:
@@ -200,7 +234,9 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
                               f" {row['error_message']}), expected {'/'.join(sorted(want))}")
             elif state == "COMPLETED":
                 result = json.loads(row["result"]) if row["result"] else None
-                want_result = expected_result(intent_id, m, signal_value(plan.key) if plan.wait_at else None)
+                want_result = expected_result(
+                    intent_id, m, signal_value(plan.key) if plan.wait_at else None,
+                    [k["id"] for k in kids_of.get(intent_id, [])] if plan.children is not None else None)
                 if result != want_result:
                     expected.fail(f"#{plan.index} {intent_id}: result {result}, expected {want_result}")
             if state == "FAILED" and plan.kind == "fail":
@@ -226,6 +262,20 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
                 waited.fail(f"#{plan.index} {intent_id}: wait_for returned {outcome.waited.state.value},"
                             f" the intent is {state}")
 
+        elif parent is not None:
+            # A child: its own result, unless its parent ended otherwise first
+            # (then the cascade may have canceled it: checked below).
+            expected.checked += 1
+            want = {"COMPLETED"} if parent["state"] == "COMPLETED" else {"COMPLETED", "CANCELED"}
+            if state not in want:
+                expected.fail(f"child {intent_id} of {row['parent_id']} ({parent['state']}) is {state}"
+                              f" ({row['error_code']}: {row['error_message']}), expected {'/'.join(sorted(want))}")
+            elif state == "COMPLETED":
+                result = json.loads(row["result"]) if row["result"] else None
+                if result != expected_result(intent_id, CHILD_STEPS):
+                    expected.fail(f"child {intent_id}: result {result}, expected"
+                                  f" {expected_result(intent_id, CHILD_STEPS)}")
+
         # Recorded steps: 1..k, once each, with the names and values the agent makes.
         exact.checked += 1
         indexes = [s["idx"] for s in steps]
@@ -239,9 +289,9 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
                 if s["name"] != step_name(number) or value != {"i": number, "v": step_value(intent_id, number)}:
                     exact.fail(f"{intent_id}: step {number} (position {s['idx']}) recorded as {s['name']} = {value}")
                     break
-        if len(user_steps) > m or len(wait_records) > 1:
-            exact.fail(f"{intent_id}: {len(user_steps)} steps and {len(wait_records)} waits recorded,"
-                       f" the intent has {m} steps")
+        if len(user_steps) > m or len(wait_records) > 1 or len(family_records) > 2:
+            exact.fail(f"{intent_id}: {len(user_steps)} steps, {len(wait_records)} waits and"
+                       f" {len(family_records)} starts and gathers recorded, the intent has {m} steps")
 
         if state == "COMPLETED":
             incomplete.checked += 1
@@ -318,6 +368,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             attempts.fail(f"{intent_id}: work of attempt {max(too_new)} but the intent counts {row['attempt']}")
         # A wake is a delivery of its own, not a redelivery.
         extra_deliveries += max(0, len(delivered) - 1 - row["parked_attempts"])
+        if parent is not None or (found is not None and found.plan.children is not None):
+            family_redeliveries += max(0, len(delivered) - 1 - row["parked_attempts"])
 
         # Event log.
         log.checked += 1
@@ -337,6 +389,9 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
             elif e["type"] == "FAILED" and e["message"] == "LEASE_EXPIRED":
                 released["LEASE_EXPIRED (attempts spent: FAILED)"] += 1
 
+    family = _check_families(snap, by_id, kids_of, inv["no child created twice, recorded children = awaited"],
+                             inv["children of a parent that did not complete canceled"])
+
     # ---------------------------------------------------------------- processes and harness
     procs = inv["no process died on its own"]
     procs.checked = 1
@@ -350,7 +405,8 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     if cfg.hostile:
         _check_hostile(report, inv["hostile tenant attacked, answered only with client errors"])
     report.invariants = list(inv.values())
-    report.intents_in_db = len(snap.intents)
+    # The workload's own intents; the children its family parents started are in ``family``.
+    report.intents_in_db = sum(1 for r in snap.intents.values() if r["parent_id"] is None)
     report.states = dict(Counter(r["state"] for r in snap.intents.values()))
     report.kinds = {k: sum(1 for o in outcomes if o.plan.kind == k) for k in INTENT_KINDS}
     report.redeliveries = sum(released.values())
@@ -360,7 +416,98 @@ def check(cfg: SoakConfig, snap: Snapshot, outcomes: list[Outcome], faults: list
     report.step_runs = step_runs
     report.step_reruns = reruns
     report.late_ledger_writes = late_writes
+    report.family = {**family, "redeliveries": family_redeliveries} if family else {}
     report.latencies = latencies(snap, faults) + step_write_latencies(snap, by_id, report.hostile_started_at)
+
+
+def _check_families(snap: Snapshot, by_id: dict[str, Outcome], kids_of: dict[str, list[dict[str, Any]]],
+                    once: Invariant, cascade: Invariant) -> dict[str, int]:
+    """Each family parent made its K children once, at one position, and
+    every record of them (its start, its gather, each gather return its
+    handler saw, its result) names those children with their own results;
+    when it did not complete, the cascade canceled those still live."""
+    counts: Counter[str] = Counter()
+    for parent_id, kids in kids_of.items():
+        outcome = by_id.get(parent_id)
+        if outcome is None or outcome.plan.children is None:
+            once.checked += 1
+            once.fail(f"{len(kids)} children of {parent_id}, which is no family parent of the workload")
+    for parent_id, outcome in by_id.items():
+        plan = outcome.plan
+        row = snap.intents.get(parent_id)
+        if plan.children is None or row is None:
+            continue
+        once.checked += 1
+        counts["parents"] += 1
+        state = row["state"]
+        counts["parents completed" if state == "COMPLETED" else "parents ended otherwise"] += 1
+        kids = kids_of.get(parent_id, [])
+        ids = [k["id"] for k in kids]
+        counts["children"] += len(kids)
+        who = f"#{plan.index} {parent_id} ({state})"
+        # One start inserts all K in one statement: all of them or none.
+        if len(kids) != plan.children and (state == "COMPLETED" or kids):
+            once.fail(f"{who}: {len(kids)} children, it starts {plan.children}: {ids}")
+        positions = {k["parent_idx"] for k in kids}
+        if positions and positions != {plan.child_at}:
+            once.fail(f"{who}: children at positions {sorted(positions)}, it starts them at {plan.child_at}")
+        steps = {s["idx"]: s for s in snap.steps.get(parent_id, [])}
+        want_results = [expected_result(k, CHILD_STEPS) for k in ids]
+        if kids:
+            start = steps.get(kids[0]["parent_idx"])
+            started = [c.get("id") for c in json.loads(start["result"]).get("children", [])] if start else None
+            if start is None or start["name"] != START_RECORD or started != ids:
+                once.fail(f"{who}: its start record {start and start['name']} lists {started},"
+                          f" its children (in start order) are {ids}")
+            gather = steps.get(kids[0]["parent_idx"] + 1)
+            if gather is not None:
+                value = json.loads(gather["result"])
+                got = [(c.get("id"), c.get("state"), c.get("result")) for c in value.get("children", [])]
+                if gather["name"] != GATHER_RECORD or got != [(k, "COMPLETED", r) for k, r in zip(ids, want_results,
+                                                                                                  strict=True)]:
+                    once.fail(f"{who}: its gather record {gather['name']} is {got}, its children {ids}")
+            elif state == "COMPLETED":
+                once.fail(f"{who}: COMPLETED without a gather record after its start")
+        returns = snap.children.get(parent_id, [])
+        counts["gather returns"] += len(returns)
+        for ret in returns:
+            if json.loads(ret["child_ids"]) != ids or json.loads(ret["results"]) != want_results:
+                once.fail(f"{who}: attempt {ret['attempt']}'s gather returned {ret['child_ids']} ="
+                          f" {ret['results']}, its children are {ids}")
+        per_attempt = Counter(ret["attempt"] for ret in returns)
+        if any(c > 1 for c in per_attempt.values()):
+            once.fail(f"{who}: a gather returned twice in one attempt: {dict(per_attempt)}")
+        # An attempt that recorded a step after the gather got past it, and
+        # wrote what it returned before that step ran.
+        unseen = _leases_past_gather(snap, parent_id) - {ret["lease_token"] for ret in returns}
+        if unseen:
+            once.fail(f"{who}: steps after its gather recorded under leases {sorted(unseen)},"
+                      " whose gather returns are missing")
+        if state == "COMPLETED" and not returns:
+            once.fail(f"{who}: COMPLETED, but no attempt's gather returned")
+        for kid in kids:
+            counts[f"children {kid['state']}"] += 1
+            if state == "COMPLETED":
+                continue
+            cascade.checked += 1
+            reason = f"parent {parent_id} ended {state}"
+            if kid["state"] == "CANCELED":
+                counts["children canceled by the cascade"] += 1
+                if kid["cancel_reason"] != reason:
+                    cascade.fail(f"child {kid['id']} of {who}: CANCELED with reason {kid['cancel_reason']!r},"
+                                 f" expected {reason!r}")
+            elif kid["state"] != "COMPLETED":
+                cascade.fail(f"child {kid['id']} of {who} is {kid['state']}, expected CANCELED ({reason})"
+                             " or COMPLETED before it")
+    return dict(counts)
+
+
+def _leases_past_gather(snap: Snapshot, intent_id: str) -> set[str]:
+    """The lease tokens that recorded an intent's steps after its children's
+    gather."""
+    steps = snap.steps.get(intent_id, [])
+    gather = [s["idx"] for s in steps if s["name"] == GATHER_RECORD]
+    return {s["lease_token"] for s in steps if gather and s["idx"] > gather[0]}
 
 
 def latencies(snap: Snapshot, faults: list[Fault]) -> list[Latency]:

@@ -29,9 +29,10 @@ INTENT_KINDS: tuple[str, ...] = (
     "deadline",  # a deadline shorter than its work: TIMED_OUT (COMPLETED only if it finished first)
     "fail",      # the agent fails non-retryably at one step: FAILED with that code
     "wait",      # waits for a signal before one step (sent early, held or parked): COMPLETED with its value
+    "family",    # starts 2-4 children before one step and gathers them (some cancelled meanwhile): their results
 )
-DEFAULT_MIX: dict[str, float] = {"plain": 0.4, "idem": 0.12, "cancel": 0.12, "deadline": 0.12, "fail": 0.12,
-                                 "wait": 0.12}
+DEFAULT_MIX: dict[str, float] = {"plain": 0.3, "idem": 0.12, "cancel": 0.12, "deadline": 0.12, "fail": 0.12,
+                                 "wait": 0.12, "family": 0.1}
 
 
 @dataclass

@@ -45,7 +45,8 @@ HOSTILE_TENANT = "hostile"
 
 def make_keys(url: str, run_tag: str) -> dict[str, str]:
     """The keys of the two tenants: the normal one's client and agents (its
-    soak addresses only), the hostile one's client and agents (its own).
+    soak addresses only, where they may also start children), the hostile
+    one's client and agents (its own).
     Made as ``intentd keys create`` does, straight in the database (which
     this also migrates), before any replica or gRPC thread exists."""
     import asyncio
@@ -64,7 +65,9 @@ def make_keys(url: str, run_tag: str) -> dict[str, str]:
                     ("normal-agent", NORMAL_TENANT, "agent", f"agent://chaos/soak{run_tag}/*"),
                     ("hostile-client", HOSTILE_TENANT, "client", None),
                     ("hostile-agent", HOSTILE_TENANT, "agent", f"agent://hostile/h{run_tag}/*")):
-                _, keys[name] = await store.create(tenant, name, [role], [pattern] if pattern else [])
+                # An agent starts its children on the addresses it serves ("family" intents).
+                _, keys[name] = await store.create(tenant, name, [role], [pattern] if pattern else [],
+                                                   send_patterns=[pattern] if pattern else [])
             return keys
         finally:
             await db.close()
@@ -251,6 +254,11 @@ def run_soak(cfg: SoakConfig) -> Report:
         while not workload.done() and time.monotonic() < wait_deadline and not watchdog.fired.is_set():
             injector.tend()
             time.sleep(0.2)
+        # A parent that ended leaves its live children to the sweeper's
+        # cascade: give it time before everything stops (bounded).
+        if not _children_settled(db, min(wait_deadline, time.monotonic() + CASCADE_TIMEOUT_S),
+                                 watchdog.fired.is_set):
+            say("! live children of ended parents were not canceled in time")
         report.drain_s = time.monotonic() - drain_began
         workload.stop()
         if not workload.join(30):
@@ -311,6 +319,28 @@ def run_soak(cfg: SoakConfig) -> Report:
         else:
             report.work_dir = str(work_dir)
     return report
+
+
+CASCADE_TIMEOUT_S = 30.0
+LIVE_ORPHANS = (
+    "SELECT count(*) FROM intents k JOIN intents p ON p.id = k.parent_id"
+    " WHERE k.tenant = $1 AND k.finish_time IS NULL AND p.finish_time IS NOT NULL AND NOT k.detached"
+)
+
+
+def _children_settled(db: SyncDb, deadline: float, stop: Callable[[], bool]) -> bool:
+    """Waits until no child of an ended parent is live (the checker then
+    sees what the cascade did; one still live fails "every intent terminal")."""
+    while not stop():
+        try:
+            if db.fetchval(LIVE_ORPHANS, NORMAL_TENANT, timeout=10) == 0:
+                return True
+        except Exception:  # an outage's tail: keep asking until the deadline
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return False
 
 
 def _last_lines(text: str, n: int = 3) -> str:

@@ -60,7 +60,7 @@ class Report:
     fault_window_s: float = 0.0
     drain_s: float = 0.0
     intents_planned: int = 0
-    intents_in_db: int = 0
+    intents_in_db: int = 0  # sent by the workload (children not counted: see ``family``)
     # Sends refused because their deadline passed while the client retried (nothing was created).
     sends_refused: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
@@ -77,6 +77,11 @@ class Report:
     step_runs: int = 0
     step_reruns: int = 0
     late_ledger_writes: int = 0
+    # Family parents and their children (checks._check_families): "parents",
+    # "parents completed", "parents ended otherwise", "children", "children
+    # <STATE>", "children canceled by the cascade", "gather returns",
+    # "redeliveries" (of parents and children, wakes not counted).
+    family: dict[str, int] = field(default_factory=dict)
     latencies: list[Latency] = field(default_factory=list)
     invariants: list[Invariant] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -104,6 +109,7 @@ class Report:
             f" logs: {self.work_dir or '(removed)'}",
             "",
             f"intents: {self.intents_planned} planned, {self.intents_in_db} in the database"
+            + (f" (and {self.family['children']} children of theirs)" if self.family.get("children") else "")
             + (f", {self.sends_refused} sends refused (deadline passed while retrying)" if self.sends_refused else ""),
             "  by kind:  " + ", ".join(f"{k} {v}" for k, v in self.kinds.items()),
             "  by state: " + ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())),
@@ -121,6 +127,16 @@ class Report:
             f" {self.late_ledger_writes} side effects written after their step was recorded"
             " by a run that began before)",
         ]
+        if self.family:
+            f = self.family
+            lines.append(
+                f"families: {f.get('parents', 0)} parents ({f.get('parents completed', 0)} completed,"
+                f" {f.get('parents ended otherwise', 0)} ended otherwise), {f.get('children', 0)} children ("
+                + (", ".join(f"{k.removeprefix('children ')} {v}" for k, v in sorted(f.items())
+                             if k.startswith("children ") and k != "children canceled by the cascade") or "none")
+                + f"; {f.get('children canceled by the cascade', 0)} canceled by the cascade),"
+                f" {f.get('gather returns', 0)} gather returns recorded; {f.get('redeliveries', 0)} deliveries"
+                " after the first among them")
         for latency in self.latencies:
             lines.append(f"{latency.name}: {latency.summary()}")
         for actor in self.hostile:

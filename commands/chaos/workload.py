@@ -39,9 +39,16 @@ class Plan:
     # ``signal_twice``.
     signal_delay_s: float | None = None
     signal_twice: bool = False
+    # A "family" parent starts this many children before step ``child_at``.
+    children: int | None = None
+    child_at: int | None = None
 
     def payload(self) -> dict[str, Any]:
-        return {"steps": self.steps, "step_ms": self.step_ms, "fail_at": self.fail_at, "wait_at": self.wait_at}
+        payload: dict[str, Any] = {"steps": self.steps, "step_ms": self.step_ms, "fail_at": self.fail_at,
+                                   "wait_at": self.wait_at}
+        if self.children is not None:
+            payload.update(children=self.children, child_at=self.child_at)
+        return payload
 
 
 @dataclass
@@ -90,6 +97,14 @@ def make_plans(cfg: SoakConfig, addresses: list[str], run_tag: str) -> list[Plan
             plan.wait_at = rng.randint(1, cfg.steps)
             plan.signal_delay_s = None if rng.random() < 0.25 else rng.uniform(0.0, 4.0)
             plan.signal_twice = rng.random() < 0.3
+        elif kind == "family":
+            plan.children = rng.randint(2, 4)
+            plan.child_at = rng.randint(1, cfg.steps)
+            if rng.random() < 0.3:
+                # Cancelled once its start is recorded (position child_at,
+                # after child_at - 1 steps): while its children run, so the
+                # cascade has live children to cancel.
+                plan.cancel_after = plan.child_at
         plans.append(plan)
     return plans
 
