@@ -66,6 +66,10 @@ class Subscription:
     def notify(self) -> None:
         self._event.set()
 
+    def notify_event(self, state: str) -> None:
+        """An event of the intent, ``state`` the intent's state after it."""
+        self.notify()
+
     async def wait(self, timeout: float | None) -> bool:
         """True when woken, False on timeout. Clears the wake-up."""
         try:
@@ -78,6 +82,24 @@ class Subscription:
             return False
         finally:
             self._event.clear()
+
+
+class _Relay(Subscription):
+    """Stands for a subscription under other intents' ids, and wakes it only
+    for their events that end in ``states`` (and whenever everybody must
+    re-read: a reconnect, the catch-up)."""
+
+    def __init__(self, target: Subscription, states: frozenset[str]) -> None:
+        super().__init__()
+        self.target = target
+        self.states = states
+
+    def notify(self) -> None:
+        self.target.notify()
+
+    def notify_event(self, state: str) -> None:
+        if state in self.states:
+            self.target.notify()
 
 
 class NotificationHub:
@@ -124,24 +146,27 @@ class NotificationHub:
                 await asyncio.wait_for(self._conn.close(), 2)
 
     @contextlib.contextmanager
-    def subscribe_intent(self, intent_id: str, key_id: str | None = None,
-                         also: Sequence[str] = ()) -> Iterator[Subscription]:
-        """Wake-ups for changes of the intent (and of the intents ``also``
-        names: the children a held AGENT wait waits for) and, with
-        ``key_id``, of that API key (so a revocation ends the call at once)."""
+    def subscribe_intent(self, intent_id: str, key_id: str | None = None, also: Sequence[str] = (),
+                         also_states: frozenset[str] = frozenset()) -> Iterator[Subscription]:
+        """Wake-ups for changes of the intent (and for the events of the
+        intents ``also`` names that leave them in ``also_states``: the ends of
+        the children a held AGENT wait waits for) and, with ``key_id``, of
+        that API key (so a revocation ends the call at once)."""
         sub = Subscription(key_id)
-        names = [(self._intents, i) for i in dict.fromkeys((intent_id, *also))]
+        relay = _Relay(sub, also_states)
+        names: list[tuple[dict[str, set[Subscription]], str, Subscription]] = [(self._intents, intent_id, sub)]
+        names += [(self._intents, i, relay) for i in dict.fromkeys(also) if i != intent_id]
         if key_id:
-            names.append((self._by_key, key_id))
-        for index, name in names:
-            index[name].add(sub)
+            names.append((self._by_key, key_id, sub))
+        for index, name, member in names:
+            index[name].add(member)
         try:
             yield sub
         finally:
-            for index, name in names:
+            for index, name, member in names:
                 subs = index.get(name)
                 if subs is not None:
-                    subs.discard(sub)
+                    subs.discard(member)
                     if not subs:
                         del index[name]
 
@@ -196,7 +221,7 @@ class NotificationHub:
             subs = self._intents.get(intent_id)
             if subs:
                 for sub in list(subs):
-                    sub.notify()
+                    sub.notify_event(state)
             if seq is not None:
                 for listener in listeners:
                     listener(intent_id, seq, state)

@@ -119,10 +119,6 @@ async def hang(ctx: Context, payload: Any) -> dict[str, Any]:
     return {}
 
 
-if __name__ == "__main__":
-    agent.run()
-
-
 @agent.handler("bench.family.leaf.v1")
 async def leaf(ctx: Context, payload: Any) -> dict[str, Any]:
     return {"ok": True}
@@ -141,3 +137,7 @@ async def call(ctx: Context, payload: Any) -> dict[str, Any]:
     began = time.time()
     await ctx.call(agent.name, "bench.family.leaf.v1", {})
     return {"ms": (time.time() - began) * 1000}
+
+
+if __name__ == "__main__":
+    agent.run()

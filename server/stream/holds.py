@@ -16,6 +16,7 @@ from jsonschema.validators import validator_for
 
 from intentd.core import limits
 from intentd.core.errors import ValidationError
+from intentd.core.states import TERMINAL_STATES
 from intentd.core.validation import check_horizon_ms, check_text, parse_json
 from intentd.core.waits import (
     AGENT,
@@ -40,8 +41,9 @@ from .state import Stream
 # A due time is checked this long after the holder's clock says it passed,
 # so the database's clock (which judges it) agrees.
 DUE_SLACK_S = 0.005
-# AGENT waits of at most this many children are woken by their children's events.
+# AGENT waits of at most this many children are woken by their children's ends.
 HOLD_WATCHES_CHILDREN = 16
+_TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
 def _kind(value: intent_pb2.WaitKind.ValueType) -> str:
@@ -177,7 +179,7 @@ async def hold_wait(
     # (a call's latency). A large one would be tried again on every event of
     # every child; it waits for the sweeper, which judges it once per round.
     watched = spec.children if len(spec.children) <= HOLD_WATCHES_CHILDREN else ()
-    with hub.subscribe_intent(lease.intent_id, also=watched) as sub:
+    with hub.subscribe_intent(lease.intent_id, also=watched, also_states=_TERMINAL) as sub:
         # Subscribed before the first try: a signal committing after it wakes us.
         reached = await waits.reach(lease, stream.id, spec)
         if reached.record is not None or reached.parked:
