@@ -228,9 +228,9 @@ def file_mode(path: Path) -> int | None:
     return stat.S_IMODE(path.stat().st_mode) if path.exists() else None
 
 
-async def expect_capacity(stream: FakeStream, capacity: int) -> None:
+async def expect_capacity(stream: FakeStream, capacity: int, timeout: float = WAIT) -> None:
     while True:
-        message = await stream.expect("set_capacity")
+        message = await stream.expect("set_capacity", timeout)
         if message.set_capacity.capacity == capacity:
             return
 

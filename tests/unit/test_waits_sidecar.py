@@ -213,7 +213,9 @@ async def test_the_node_agent_parks_replays_and_takes_resolved_waits(plane: Fake
                                                                      tmp_path: Path) -> None:
     async with node_agent(plane, tmp_path):
         stream = await plane.next_stream()
-        await expect_capacity(stream, 1)
+        # A Node process loading grpc-js on a loaded 2-core machine takes a
+        # few seconds to attach (CI once took more than the usual 5).
+        await expect_capacity(stream, 1, timeout=30)
         step = intent_pb2.StepRecord(index=1, name="step-1", result=b"10", attempt=1)
         signal = intent_pb2.StepRecord(index=2, name="@signal:go", result=SIGNAL_RECORD, attempt=1)
 
