@@ -239,7 +239,8 @@ async def test_holes_are_fetched_and_run_the_rest_replayed(sidecar: tuple[Record
     method, request = final(fake, "r1")
     assert method == "CompleteIntent" and json.loads(request.complete.result) == list("ABCDEFG")
     assert ran == ["b", "f"]
-    assert fake.begun == [4, 5, 6, 7]
+    # d and e are fetched concurrently (either may ask first), f and g one after another.
+    assert sorted(fake.begun[:2]) == [4, 5] and fake.begun[2:] == [6, 7]
     assert steps_of(fake, "r1") == [(2, "b", "B"), (6, "f", "F")]
 
 
