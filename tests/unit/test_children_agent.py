@@ -237,7 +237,9 @@ async def test_a_parked_gather_ends_the_attempt(family: Any) -> None:
         child = await ctx.start(WORKER, WORK)
         try:
             return await child.result()
-        except LeaseLost as exc:
+        except (LeaseLost, asyncio.CancelledError) as exc:
+            # LeaseLost when the handler reads the parked answer itself, a
+            # cancel when the session got it first and ended the task.
             stopped.append(exc)
             raise
 
@@ -245,7 +247,8 @@ async def test_a_parked_gather_ends_the_attempt(family: Any) -> None:
         fake.push(assignment("k1", {}))
         await fake.wait_for(lambda: waits_of(fake, "k1"))
         await finished(contexts[0])
-    assert isinstance(stopped[0], LeaseLost) and stopped[0].reason == PARKED
+    assert len(stopped) == 1 and contexts[0].cancel_reason == PARKED
+    assert not isinstance(stopped[0], LeaseLost) or stopped[0].reason == PARKED
     assert fake.final("k1") is None  # nothing reported after parking
 
 
