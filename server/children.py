@@ -131,6 +131,10 @@ class ChildStore:
 
     # ------------------------------------------------------------ starting children
 
+    async def max_payload_bytes(self, caller: Caller) -> int:
+        """The payload bound a child of this caller's tenant is held to."""
+        return await self.quotas.max_payload_bytes(caller)
+
     async def start(self, lease: LeaseRef, stream: str, caller: Caller, spec: StartSpec,
                     now: datetime | None = None) -> Row:
         """Starts the children of a StartChildrenWrite (or finds its record):

@@ -153,9 +153,10 @@ class NotificationHub:
         the children a held AGENT wait waits for) and, with ``key_id``, of
         that API key (so a revocation ends the call at once)."""
         sub = Subscription(key_id)
-        relay = _Relay(sub, also_states)
         names: list[tuple[dict[str, set[Subscription]], str, Subscription]] = [(self._intents, intent_id, sub)]
-        names += [(self._intents, i, relay) for i in dict.fromkeys(also) if i != intent_id]
+        if also:
+            relay = _Relay(sub, also_states)
+            names += [(self._intents, i, relay) for i in dict.fromkeys(also) if i != intent_id]
         if key_id:
             names.append((self._by_key, key_id, sub))
         for index, name, member in names:

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 
 from intentd.core.aio import serving
@@ -293,3 +294,15 @@ class RawSidecar:
         self._requests.put(None)
         self._call.cancel()
         self._channel.close()
+
+
+def sql(database_url: str, query: str, *args: Any) -> list[Any]:
+    """One query on its own connection, from a synchronous test: its rows."""
+    async def go() -> list[Any]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return list(run_sync(go()))

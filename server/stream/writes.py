@@ -145,7 +145,7 @@ class WriteRouter:
                 ended = await self.store.release(lease, write.release.reason, stream=mine)
                 count_attempt_end(ended, metrics.release_cause(write.release.reason))
             elif op == "start_children":
-                spec = start_spec(write.start_children, await self.children.quotas.max_payload_bytes(stream.caller))
+                spec = start_spec(write.start_children, await self.children.max_payload_bytes(stream.caller))
                 row = await self.children.start(lease, mine, stream.caller, spec)
                 result.step.CopyFrom(step_to_proto(row))
             elif op == "wait":

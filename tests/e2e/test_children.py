@@ -21,9 +21,8 @@ from intentd.client import IntentClient, IntentState
 from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 from intentd.server.auth import KeyStore
 from intentd.server.db import Database
-from intentd.testing.database import connection
 from tests.stack import ledger
-from tests.support import run_sync, wait_until
+from tests.support import run_sync, sql, wait_until
 
 AGENT = "tests.agents.family_agent"
 ROLES = ("orchestrate", "call", "tree", "plan", "race", "work")
@@ -60,14 +59,6 @@ class Family:
         final = client.wait_for(intent_id, timeout=timeout)
         assert final.state is state, (final.state, final.error, self.cluster.logs()[-8000:])
         return final
-
-
-def sql(database_url: str, query: str, *args: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        async with connection(database_url) as conn:
-            return list(await conn.fetch(query, *args))
-
-    return list(run_sync(go()))
 
 
 def children_of(cluster: Any, parent_id: str) -> list[Any]:

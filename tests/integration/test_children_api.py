@@ -9,29 +9,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 
 from intentd.client import IntentClient
 from intentd.core.waits import AGENT, ALL, record_name, start_record_name
 from intentd.generated.v1 import delivery_pb2, intent_pb2, intent_service_pb2, intent_service_pb2_grpc
-from tests.support import RawSidecar, run_sync
+from tests.support import RawSidecar, sql
 
 PARENT = "intent.family.parent.v1"
 CHILD = "intent.family.child.v1"
-
-
-def _sql(database_url: str, query: str, *args: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        conn = await asyncpg.connect(database_url)
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    result: list[Any] = run_sync(go())
-    return result
 
 
 def _start(lease: Any, index: int, address: str, count: int, **kw: Any) -> delivery_pb2.IntentWrite:
@@ -65,7 +52,7 @@ def test_a_held_gather_is_answered_when_fast_children_finish(server, database_ur
     workers = f"{agent_address}-w"
     with IntentClient(server.address) as client:
         parent_id = client.send_intent(intent_type=PARENT, to_agent=agent_address, payload={})
-    _sql(database_url, "UPDATE intents SET wait_hold_ms = 30000 WHERE id = $1", parent_id)
+    sql(database_url, "UPDATE intents SET wait_hold_ms = 30000 WHERE id = $1", parent_id)
     parent = RawSidecar(server.address, agent_address, ping_every=0.2)
     worker = RawSidecar(server.address, workers, capacity=2, sidecar_id="workers", ping_every=0.2)
     try:
@@ -84,7 +71,7 @@ def test_a_held_gather_is_answered_when_fast_children_finish(server, database_ur
         value = json.loads(answer.wait.step.result)
         assert [c["id"] for c in value["children"]] == ids
         assert [c["result"] for c in value["children"]] == [{"child": {"n": 0}}, {"child": {"n": 1}}]
-        (row,) = _sql(database_url, "SELECT state::text, parked_attempts, attempt FROM intents WHERE id = $1",
+        (row,) = sql(database_url, "SELECT state::text, parked_attempts, attempt FROM intents WHERE id = $1",
                       parent_id)
         assert tuple(row) == ("IN_PROGRESS", 0, 1)  # the hold window: no park, no redelivery
     finally:
@@ -102,7 +89,7 @@ def test_a_held_gather_is_answered_when_fast_children_finish(server, database_ur
     with pytest.raises(grpc.RpcError) as bad:
         stub.ListIntents(intent_service_pb2.ListIntentsRequest(parent_id="nope"))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    rows = _sql(database_url, "SELECT type, child_id, child_state FROM intent_events WHERE intent_id = $1 "
+    rows = sql(database_url, "SELECT type, child_id, child_state FROM intent_events WHERE intent_id = $1 "
                 "AND type LIKE 'CHILD_%' ORDER BY seq", parent_id)
     assert [(r["type"], r["child_id"], r["child_state"]) for r in rows[:2]] == [
         ("CHILD_STARTED", ids[0], "PENDING"), ("CHILD_STARTED", ids[1], "PENDING")]
@@ -133,7 +120,7 @@ def test_canceling_a_parent_revokes_its_running_childs_lease(server, database_ur
         finally:
             parent.close()
             worker.close()
-    states = _sql(database_url, "SELECT state::text, cancel_reason FROM intents WHERE parent_id = $1", parent_id)
+    states = sql(database_url, "SELECT state::text, cancel_reason FROM intents WHERE parent_id = $1", parent_id)
     assert {(r["state"], r["cancel_reason"]) for r in states} == {("CANCELED", f"parent {parent_id} ended CANCELED")}
 
 
@@ -159,4 +146,4 @@ def test_hostile_family_writes_get_clear_codes(server, database_url, agent_addre
         assert parent.write(7, _start(stale, 1, f"{agent_address}-w", 1)).code == 9  # FAILED_PRECONDITION
     finally:
         parent.close()
-    assert not _sql(database_url, "SELECT 1 FROM intents WHERE parent_id = $1", lease.intent_id)
+    assert not sql(database_url, "SELECT 1 FROM intents WHERE parent_id = $1", lease.intent_id)
