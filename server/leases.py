@@ -156,6 +156,14 @@ class LeaseStore:
             rows = await conn.fetch(Q.renew_leases, stream, now)
         return {(r["id"], r["lease_token"]) for r in rows}
 
+    async def endings(self, leases: Sequence[LeaseRef]) -> dict[str, str]:
+        """The leases among ``leases`` whose attempt ended CANCELED or
+        TIMED_OUT: intent id to that state."""
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(Q.lease_endings, [lease.intent_id for lease in leases],
+                                    [lease.attempt for lease in leases])
+        return {r["id"]: r["state"] for r in rows}
+
     async def rebind(
         self, lease: LeaseRef, stream: str, addresses: Sequence[str], now: datetime | None = None,
         tenant: str = "default",

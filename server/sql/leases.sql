@@ -137,6 +137,16 @@ SET lease_expires_at = CASE
 WHERE lease_session = $1 AND state IN ('DELIVERED', 'IN_PROGRESS')
 RETURNING id, lease_token, attempt;
 
+-- name: lease_endings
+-- Why leases a renewal no longer found were lost: the attempts among them
+-- that ended CANCELED or TIMED_OUT (their holders are told that, not that
+-- the lease lapsed, when the renewal runs ahead of the end's notification).
+-- $1 ids, $2 attempts (one per id)
+SELECT i.id, i.state
+FROM intents i
+JOIN unnest($1::text[], $2::int[]) AS l(id, attempt) ON l.id = i.id AND l.attempt = i.attempt
+WHERE i.state IN ('CANCELED', 'TIMED_OUT');
+
 -- name: rebind_lease
 -- A reconnecting sidecar keeps a lease only if nobody took it over, and only
 -- for an address the new stream serves (its addresses were checked against

@@ -141,9 +141,10 @@ class StreamLeases:
             # The database is unreachable: nothing can be judged lost now.
             log.warning("lease renewal for stream %s failed: %s", self.stream_id, exc)
             return
-        for held in list(self._held.values()):
-            if held.since < started and not held.finishing and (held.lease.intent_id, held.lease.token) not in live:
-                self.revoke(held, "LEASE_LOST", "the lease is no longer held by this stream")
+        lost = [held for held in self._held.values()
+                if held.since < started and not held.finishing and (held.lease.intent_id, held.lease.token) not in live]
+        if lost:
+            await self._revoke_lost(store, lost)
         # A lease this stream gave up on but the database still binds to it
         # would be renewed forever with nobody working on it: give it back.
         for intent_id, lease in list(self._dropped.items()):
@@ -157,6 +158,23 @@ class StreamLeases:
                                 self.stream_id)
                 except Exception as exc:
                     log.warning("releasing orphaned lease of %s failed: %s", intent_id, exc)
+
+    async def _revoke_lost(self, store: LeaseStore, lost: list[StreamLease]) -> None:
+        # A cancel or a deadline can reach the database before its event
+        # reaches this stream: its holder is told that end, not a lapse.
+        try:
+            endings = await store.endings([held.lease for held in lost])
+        except Exception as exc:
+            log.warning("reading why leases of stream %s were lost failed: %s", self.stream_id, exc)
+            endings = {}
+        for held in lost:
+            if self.get(held.lease.intent_id, held.lease.token) is not held:
+                continue  # judged while the ends were read (an event, a finish)
+            state = endings.get(held.lease.intent_id)
+            if state is not None:
+                self.revoke(held, state, f"the intent was {state.lower().replace('_', ' ')}")
+            else:
+                self.revoke(held, "LEASE_LOST", "the lease is no longer held by this stream")
 
     def close(self) -> None:
         """The stream ended. The leases it held are not released: they lapse

@@ -39,7 +39,8 @@ worker's step is 1):
 ``payload["child_max_attempts"]`` sets the children's max_attempts.
 Parents' ``payload["kill_after"]``: "prepare" | "started" | "gathered":
 SIGKILL this process right after that point, on the attempts in
-``payload["kill_attempts"]`` (default [1]); "waiting" is for the test to kill
+``payload["kill_attempts"]`` (default [1]), or, with ``payload["kill_marks"]``
+(a DIR), the first time the intent gets there (marker DIR/<id>.<point>); "waiting" is for the test to kill
 the sidecar while the parent is parked.
 """
 
@@ -83,7 +84,16 @@ async def ledger(ctx: Context, step: int, phase: str) -> None:
 
 
 def kill_point(ctx: Context, payload: dict[str, Any], point: str) -> None:
-    if payload.get("kill_after") == point and ctx.attempt in payload.get("kill_attempts", [1]):
+    if payload.get("kill_after") != point:
+        return
+    if payload.get("kill_marks"):
+        # Killed the first time this intent gets here, whichever attempt that is:
+        # another intent's kill may end attempt 1 before it reaches the point.
+        marker = Path(payload["kill_marks"]) / f"{ctx.intent_id}.{point}"
+        if not marker.exists():
+            marker.write_text(str(ctx.attempt))
+            os.kill(os.getpid(), signal.SIGKILL)
+    elif ctx.attempt in payload.get("kill_attempts", [1]):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -166,6 +176,7 @@ async def tree(ctx: Context, payload: dict[str, Any]) -> Any:
     # The planners' kill point is the tree's "planner_kill_after".
     plan = {"workers": payload["workers"], "work": payload.get("work", {}),
             "kill_after": payload.get("planner_kill_after"), "kill_attempts": payload.get("kill_attempts", [1]),
+            "kill_marks": payload.get("kill_marks"),
             "child_max_attempts": payload.get("child_max_attempts")}
     values = await fan_out(ctx, payload, [work_call(payload, ctx, {**plan, "planner": p}, "plan")
                                           for p in range(int(payload["planners"]))])

@@ -183,8 +183,12 @@ def test_three_levels_with_kills_at_every_level(cluster, tmp_path: Path) -> None
     markers = tmp_path / "killed"
     markers.mkdir()
     with IntentClient(family.server.address) as client:
-        # The root and each planner are killed after their start, each worker in its step.
-        root = family.send(client, "tree", planners=2, workers=2, kill_after="started",
+        # The root and each planner are killed after their start (the first time
+        # they get there: a worker's kill may end an earlier attempt before it),
+        # each worker in its step.
+        levels = tmp_path / "levels"
+        levels.mkdir()
+        root = family.send(client, "tree", planners=2, workers=2, kill_after="started", kill_marks=str(levels),
                            planner_kill_after="started", work={"value": "w", "kill_once": str(markers)})
         final = family.finish(client, root, timeout=120)
         workers = [r["id"] for r in sql(cluster.db, "SELECT w.id FROM intents p JOIN intents w ON w.parent_id = p.id"
@@ -201,6 +205,7 @@ def test_three_levels_with_kills_at_every_level(cluster, tmp_path: Path) -> None
             kids = [k["id"] for k in children_of(cluster, level)]
             assert len(kids) == 2
             starts = started_ids(entries)
+            assert (levels / f"{level}.started").exists()
             assert len(starts) >= 2 and all(s == kids for s in starts)  # killed after the start, same children
         assert sql(cluster.db, "SELECT count(*) AS n FROM intents p JOIN intents w ON w.parent_id = p.id "
                    "WHERE p.parent_id = $1", root)[0]["n"] == 4

@@ -3,6 +3,7 @@ instead of waited for."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -242,3 +243,26 @@ def test_a_lease_acknowledged_on_an_earlier_stream_is_written_at_once(server, ag
         assert time.monotonic() - began < server.settings.ack_timeout_ms / 1000 / 2
     finally:
         second.close()
+
+
+async def test_a_renewal_that_finds_a_lease_canceled_tells_its_holder_canceled_not_lost(stores, agent_address) -> None:
+    # The cancel's event may reach the stream after its next renewal: the
+    # renewal then judges the lease, and must name the end, not a lapse.
+    from intentd.server.stream.leases import StreamLeases
+
+    store, leases = stores
+    canceled_id, lapsed_id = await send(store, agent_address), await send(store, agent_address)
+    session = f"renew-{uuid.uuid4()}"
+    canceled = await deliver(leases, agent_address, session)
+    lapsed = await deliver(leases, agent_address, session)
+    assert {canceled.intent_id, lapsed.intent_id} == {canceled_id, lapsed_id}
+    sent: list[apb.ConnectResponse] = []
+    stream = StreamLeases(session, "sidecar-1", {}, sent.append, asyncio.Event())
+    stream.hold(canceled, seq=0, acked=True)
+    stream.hold(lapsed, seq=0, acked=True)
+    await store.cancel("default", canceled.intent_id, "the test cancels it")
+    await leases.release(lapsed, "AGENT_DIED", stream=session)  # back to PENDING behind this stream's back
+    await stream.renew(leases)
+    reasons = {m.revocation.lease.intent_id: m.revocation.reason for m in sent}
+    assert reasons == {canceled.intent_id: "CANCELED", lapsed.intent_id: "LEASE_LOST"}
+    assert len(stream) == 0
