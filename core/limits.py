@@ -58,3 +58,18 @@ MAX_CHILDREN_PER_WAIT = 1000
 # The hold window of an attempt that reached an unsatisfied wait.
 DEFAULT_WAIT_HOLD_MS = 2000
 MAX_WAIT_HOLD_MS = 30_000
+# Streams (docs/streams.md). Stream names: 1..64 characters of [A-Za-z0-9_.:-].
+DEFAULT_STREAM = "default"
+MAX_STREAM_NAME_LEN = 64
+MAX_STREAMS_PER_INTENT = 16  # also a CHECK on intents.stream_names (migration 0012)
+MAX_CHUNK_BYTES = 64 * 1024
+# One EmitWrite: its chunks and their bytes (an agent SDK flushes before either).
+MAX_EMIT_CHUNKS = 4096
+MAX_EMIT_BYTES = 1024 * 1024
+# One StreamIntentResponse: its entries and (about) their bytes.
+MAX_STREAM_PAGE_ENTRIES = 4096
+MAX_STREAM_PAGE_BYTES = 1024 * 1024
+# The server's defaults per intent (ServerSettings.stream_max_bytes,
+# stream_max_chunks_per_s).
+DEFAULT_STREAM_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_STREAM_MAX_CHUNKS_PER_S = 50_000

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eintentd/v1/admin_service.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\nIntentType\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\x05\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\x05\x12\x18\n\x10retry_backoff_ms\x18\x04 \x01(\x05\x12\x1c\n\x14retry_backoff_max_ms\x18\x05 \x01(\x05\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_ms\x18\x06 \x01(\x03\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x0cwait_hold_ms\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_wait_hold_ms\"C\n\x14PutIntentTypeRequest\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"D\n\x15PutIntentTypeResponse\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"+\n\x14GetIntentTypeRequest\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\"D\n\x15GetIntentTypeResponse\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"\x18\n\x16ListIntentTypesRequest\"G\n\x17ListIntentTypesResponse\x12,\n\x0cintent_types\x18\x01 \x03(\x0b\x32\x16.intentd.v1.IntentType2\x96\x02\n\x0c\x41\x64minService\x12T\n\rPutIntentType\x12 .intentd.v1.PutIntentTypeRequest\x1a!.intentd.v1.PutIntentTypeResponse\x12T\n\rGetIntentType\x12 .intentd.v1.GetIntentTypeRequest\x1a!.intentd.v1.GetIntentTypeResponse\x12Z\n\x0fListIntentTypes\x12\".intentd.v1.ListIntentTypesRequest\x1a#.intentd.v1.ListIntentTypesResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eintentd/v1/admin_service.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x02\n\nIntentType\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\x05\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\x05\x12\x18\n\x10retry_backoff_ms\x18\x04 \x01(\x05\x12\x1c\n\x14retry_backoff_max_ms\x18\x05 \x01(\x05\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_ms\x18\x06 \x01(\x03\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x0cwait_hold_ms\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0estream_keep_ms\x18\t \x01(\x03H\x01\x88\x01\x01\x42\x0f\n\r_wait_hold_msB\x11\n\x0f_stream_keep_ms\"C\n\x14PutIntentTypeRequest\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"D\n\x15PutIntentTypeResponse\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"+\n\x14GetIntentTypeRequest\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\"D\n\x15GetIntentTypeResponse\x12+\n\x0bintent_type\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentType\"\x18\n\x16ListIntentTypesRequest\"G\n\x17ListIntentTypesResponse\x12,\n\x0cintent_types\x18\x01 \x03(\x0b\x32\x16.intentd.v1.IntentType2\x96\x02\n\x0c\x41\x64minService\x12T\n\rPutIntentType\x12 .intentd.v1.PutIntentTypeRequest\x1a!.intentd.v1.PutIntentTypeResponse\x12T\n\rGetIntentType\x12 .intentd.v1.GetIntentTypeRequest\x1a!.intentd.v1.GetIntentTypeResponse\x12Z\n\x0fListIntentTypes\x12\".intentd.v1.ListIntentTypesRequest\x1a#.intentd.v1.ListIntentTypesResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1'
   _globals['_INTENTTYPE']._serialized_start=80
-  _globals['_INTENTTYPE']._serialized_end=343
-  _globals['_PUTINTENTTYPEREQUEST']._serialized_start=345
-  _globals['_PUTINTENTTYPEREQUEST']._serialized_end=412
-  _globals['_PUTINTENTTYPERESPONSE']._serialized_start=414
-  _globals['_PUTINTENTTYPERESPONSE']._serialized_end=482
-  _globals['_GETINTENTTYPEREQUEST']._serialized_start=484
-  _globals['_GETINTENTTYPEREQUEST']._serialized_end=527
-  _globals['_GETINTENTTYPERESPONSE']._serialized_start=529
-  _globals['_GETINTENTTYPERESPONSE']._serialized_end=597
-  _globals['_LISTINTENTTYPESREQUEST']._serialized_start=599
-  _globals['_LISTINTENTTYPESREQUEST']._serialized_end=623
-  _globals['_LISTINTENTTYPESRESPONSE']._serialized_start=625
-  _globals['_LISTINTENTTYPESRESPONSE']._serialized_end=696
-  _globals['_ADMINSERVICE']._serialized_start=699
-  _globals['_ADMINSERVICE']._serialized_end=977
+  _globals['_INTENTTYPE']._serialized_end=391
+  _globals['_PUTINTENTTYPEREQUEST']._serialized_start=393
+  _globals['_PUTINTENTTYPEREQUEST']._serialized_end=460
+  _globals['_PUTINTENTTYPERESPONSE']._serialized_start=462
+  _globals['_PUTINTENTTYPERESPONSE']._serialized_end=530
+  _globals['_GETINTENTTYPEREQUEST']._serialized_start=532
+  _globals['_GETINTENTTYPEREQUEST']._serialized_end=575
+  _globals['_GETINTENTTYPERESPONSE']._serialized_start=577
+  _globals['_GETINTENTTYPERESPONSE']._serialized_end=645
+  _globals['_LISTINTENTTYPESREQUEST']._serialized_start=647
+  _globals['_LISTINTENTTYPESREQUEST']._serialized_end=671
+  _globals['_LISTINTENTTYPESRESPONSE']._serialized_start=673
+  _globals['_LISTINTENTTYPESRESPONSE']._serialized_end=744
+  _globals['_ADMINSERVICE']._serialized_start=747
+  _globals['_ADMINSERVICE']._serialized_end=1025
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,7 @@ class IntentType(_message.Message):
     DEFAULT_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     WAIT_HOLD_MS_FIELD_NUMBER: _builtins.int
+    STREAM_KEEP_MS_FIELD_NUMBER: _builtins.int
     intent_type: _builtins.str
     max_attempts: _builtins.int
     """Deliveries before the intent is FAILED / ATTEMPTS_EXHAUSTED; default 3."""
@@ -53,6 +54,12 @@ class IntentType(_message.Message):
     handed to it without a redelivery; then it parks (WAITING). Unset: 2000;
     0: park at once; at most 30000.
     """
+    stream_keep_ms: _builtins.int
+    """How long the streams of an intent are kept after it ends (then their
+    entries are deleted; StreamIntent answers FAILED_PRECONDITION). Unset:
+    as long as the intent itself (the server's retention). 0: deleted at
+    the next prune after the end, so only readers following live get them.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -66,13 +73,19 @@ class IntentType(_message.Message):
         default_deadline_ms: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         wait_hold_ms: _builtins.int | None = ...,
+        stream_keep_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_keep_ms", b"_stream_keep_ms", "_wait_hold_ms", b"_wait_hold_ms", "stream_keep_ms", b"stream_keep_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms", "default_deadline_ms", b"default_deadline_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent_type", b"intent_type", "max_attempts", b"max_attempts", "retry_backoff_max_ms", b"retry_backoff_max_ms", "retry_backoff_ms", b"retry_backoff_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_keep_ms", b"_stream_keep_ms", "_wait_hold_ms", b"_wait_hold_ms", "default_deadline_ms", b"default_deadline_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "intent_type", b"intent_type", "max_attempts", b"max_attempts", "retry_backoff_max_ms", b"retry_backoff_max_ms", "retry_backoff_ms", b"retry_backoff_ms", "stream_keep_ms", b"stream_keep_ms", "update_time", b"update_time", "wait_hold_ms", b"wait_hold_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__stream_keep_ms: _TypeAlias = _typing.Literal["stream_keep_ms"]  # noqa: Y015
+    _WhichOneofArgType__stream_keep_ms: _TypeAlias = _typing.Literal["_stream_keep_ms", b"_stream_keep_ms"]  # noqa: Y015
     _WhichOneofReturnType__wait_hold_ms: _TypeAlias = _typing.Literal["wait_hold_ms"]  # noqa: Y015
     _WhichOneofArgType__wait_hold_ms: _TypeAlias = _typing.Literal["_wait_hold_ms", b"_wait_hold_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_keep_ms) -> _WhichOneofReturnType__stream_keep_ms | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_hold_ms) -> _WhichOneofReturnType__wait_hold_ms | None: ...
 
 Global___IntentType: _TypeAlias = IntentType  # noqa: Y015

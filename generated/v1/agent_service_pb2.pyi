@@ -443,6 +443,7 @@ class WriteResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    EMIT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value; 0 (OK) means committed."""
@@ -455,6 +456,10 @@ class WriteResult(_message.Message):
     def wait(self) -> _delivery_pb2.WaitOutcome:
         """For a wait write: resolved (with its record) or parked."""
 
+    @_builtins.property
+    def emit(self) -> _delivery_pb2.EmitOutcome:
+        """For an emit write."""
+
     def __init__(
         self,
         *,
@@ -463,10 +468,11 @@ class WriteResult(_message.Message):
         message: _builtins.str = ...,
         step: _intent_pb2.StepRecord | None = ...,
         wait: _delivery_pb2.WaitOutcome | None = ...,
+        emit: _delivery_pb2.EmitOutcome | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["emit", b"emit", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "emit", b"emit", "message", b"message", "request_id", b"request_id", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

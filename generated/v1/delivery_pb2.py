@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from intentd.generated.v1 import intent_pb2 as intentd_dot_v1_dot_intent__pb2
+from intentd.generated.v1 import stream_pb2 as intentd_dot_v1_dot_stream__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19intentd/v1/delivery.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17intentd/v1/intent.proto\":\n\x05Lease\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\xdb\x01\n\nAssignment\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x03\x12\x16\n\x0erecorded_steps\x18\x06 \x01(\x05\x12\x16\n\x0erecorded_bytes\x18\x07 \x01(\x03\"1\n\rAckAssignment\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\"8\n\tStepWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\" \n\x0f\x43heckpointWrite\x12\r\n\x05state\x18\x01 \x01(\x0c\"2\n\rProgressWrite\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x1f\n\rCompleteWrite\x12\x0e\n\x06result\x18\x01 \x01(\x0c\"=\n\tFailWrite\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x1e\n\x0cReleaseWrite\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf7\x01\n\tWaitWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.intentd.v1.WaitKind\x12\x13\n\x0bsignal_name\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04task\x18\x07 \x01(\x0b\x32\x19.intentd.v1.HumanTaskSpec\x12\'\n\x08\x63hildren\x18\x08 \x01(\x0b\x32\x15.intentd.v1.ChildWait\"H\n\tChildWait\x12\x12\n\nintent_ids\x18\x01 \x03(\t\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.intentd.v1.ChildWaitMode\"\xfb\x01\n\tChildSpec\x12\x10\n\x08to_agent\x18\x01 \x01(\t\x12\x13\n\x0bintent_type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.intentd.v1.ChildSpec.LabelsEntry\x12\x10\n\x08\x64\x65tached\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x12StartChildrenWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\'\n\x08\x63hildren\x18\x03 \x03(\x0b\x32\x15.intentd.v1.ChildSpec\"\x86\x01\n\rHumanTaskSpec\x12\r\n\x05title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08outcomes\x18\x03 \x03(\t\x12\x11\n\tassignees\x18\x04 \x03(\t\x12\x13\n\x0b\x66orm_schema\x18\x05 \x01(\x0c\x12\x17\n\x0fremind_after_ms\x18\x06 \x01(\x03\"\xa2\x03\n\x0bIntentWrite\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWriteH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWriteH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.intentd.v1.ProgressWriteH\x00\x12-\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x19.intentd.v1.CompleteWriteH\x00\x12%\n\x04\x66\x61il\x18\x06 \x01(\x0b\x32\x15.intentd.v1.FailWriteH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.intentd.v1.ReleaseWriteH\x00\x12%\n\x04wait\x18\x08 \x01(\x0b\x32\x15.intentd.v1.WaitWriteH\x00\x12\x38\n\x0estart_children\x18\t \x01(\x0b\x32\x1e.intentd.v1.StartChildrenWriteH\x00\x42\x04\n\x02op\"C\n\x0bWaitOutcome\x12\x0e\n\x06parked\x18\x01 \x01(\x08\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"O\n\nRevocation\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*d\n\rChildWaitMode\x12\x1f\n\x1b\x43HILD_WAIT_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HILD_WAIT_MODE_ALL\x10\x01\x12\x19\n\x15\x43HILD_WAIT_MODE_FIRST\x10\x02\x42\x38Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19intentd/v1/delivery.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17intentd/v1/intent.proto\x1a\x17intentd/v1/stream.proto\":\n\x05Lease\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\xdb\x01\n\nAssignment\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x03\x12\x16\n\x0erecorded_steps\x18\x06 \x01(\x05\x12\x16\n\x0erecorded_bytes\x18\x07 \x01(\x03\"1\n\rAckAssignment\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\"8\n\tStepWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\" \n\x0f\x43heckpointWrite\x12\r\n\x05state\x18\x01 \x01(\x0c\"2\n\rProgressWrite\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x1f\n\rCompleteWrite\x12\x0e\n\x06result\x18\x01 \x01(\x0c\"=\n\tFailWrite\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x1e\n\x0cReleaseWrite\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf7\x01\n\tWaitWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.intentd.v1.WaitKind\x12\x13\n\x0bsignal_name\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04task\x18\x07 \x01(\x0b\x32\x19.intentd.v1.HumanTaskSpec\x12\'\n\x08\x63hildren\x18\x08 \x01(\x0b\x32\x15.intentd.v1.ChildWait\"H\n\tChildWait\x12\x12\n\nintent_ids\x18\x01 \x03(\t\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.intentd.v1.ChildWaitMode\"\xfb\x01\n\tChildSpec\x12\x10\n\x08to_agent\x18\x01 \x01(\t\x12\x13\n\x0bintent_type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.intentd.v1.ChildSpec.LabelsEntry\x12\x10\n\x08\x64\x65tached\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x12StartChildrenWrite\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\'\n\x08\x63hildren\x18\x03 \x03(\x0b\x32\x15.intentd.v1.ChildSpec\"\x86\x01\n\rHumanTaskSpec\x12\r\n\x05title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08outcomes\x18\x03 \x03(\t\x12\x11\n\tassignees\x18\x04 \x03(\t\x12\x13\n\x0b\x66orm_schema\x18\x05 \x01(\x0c\x12\x17\n\x0fremind_after_ms\x18\x06 \x01(\x03\"\xc9\x03\n\x0bIntentWrite\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.intentd.v1.StepWriteH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.intentd.v1.CheckpointWriteH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.intentd.v1.ProgressWriteH\x00\x12-\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x19.intentd.v1.CompleteWriteH\x00\x12%\n\x04\x66\x61il\x18\x06 \x01(\x0b\x32\x15.intentd.v1.FailWriteH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.intentd.v1.ReleaseWriteH\x00\x12%\n\x04wait\x18\x08 \x01(\x0b\x32\x15.intentd.v1.WaitWriteH\x00\x12\x38\n\x0estart_children\x18\t \x01(\x0b\x32\x1e.intentd.v1.StartChildrenWriteH\x00\x12%\n\x04\x65mit\x18\n \x01(\x0b\x32\x15.intentd.v1.EmitWriteH\x00\x42\x04\n\x02op\"_\n\tEmitWrite\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12%\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x15.intentd.v1.EmitChunk\x12\x1b\n\x13supersede_positions\x18\x03 \x03(\x05\"5\n\x0b\x45mitOutcome\x12\x14\n\x0c\x66irst_offset\x18\x01 \x01(\x03\x12\x10\n\x08\x61ppended\x18\x02 \x01(\x05\"C\n\x0bWaitOutcome\x12\x0e\n\x06parked\x18\x01 \x01(\x08\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x16.intentd.v1.StepRecord\"O\n\nRevocation\x12 \n\x05lease\x18\x01 \x01(\x0b\x32\x11.intentd.v1.Lease\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*d\n\rChildWaitMode\x12\x1f\n\x1b\x43HILD_WAIT_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HILD_WAIT_MODE_ALL\x10\x01\x12\x19\n\x15\x43HILD_WAIT_MODE_FIRST\x10\x02\x42\x38Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,42 +37,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1'
   _globals['_CHILDSPEC_LABELSENTRY']._loaded_options = None
   _globals['_CHILDSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CHILDWAITMODE']._serialized_start=2087
-  _globals['_CHILDWAITMODE']._serialized_end=2187
-  _globals['_LEASE']._serialized_start=99
-  _globals['_LEASE']._serialized_end=157
-  _globals['_ASSIGNMENT']._serialized_start=160
-  _globals['_ASSIGNMENT']._serialized_end=379
-  _globals['_ACKASSIGNMENT']._serialized_start=381
-  _globals['_ACKASSIGNMENT']._serialized_end=430
-  _globals['_STEPWRITE']._serialized_start=432
-  _globals['_STEPWRITE']._serialized_end=488
-  _globals['_CHECKPOINTWRITE']._serialized_start=490
-  _globals['_CHECKPOINTWRITE']._serialized_end=522
-  _globals['_PROGRESSWRITE']._serialized_start=524
-  _globals['_PROGRESSWRITE']._serialized_end=574
-  _globals['_COMPLETEWRITE']._serialized_start=576
-  _globals['_COMPLETEWRITE']._serialized_end=607
-  _globals['_FAILWRITE']._serialized_start=609
-  _globals['_FAILWRITE']._serialized_end=670
-  _globals['_RELEASEWRITE']._serialized_start=672
-  _globals['_RELEASEWRITE']._serialized_end=702
-  _globals['_WAITWRITE']._serialized_start=705
-  _globals['_WAITWRITE']._serialized_end=952
-  _globals['_CHILDWAIT']._serialized_start=954
-  _globals['_CHILDWAIT']._serialized_end=1026
-  _globals['_CHILDSPEC']._serialized_start=1029
-  _globals['_CHILDSPEC']._serialized_end=1280
-  _globals['_CHILDSPEC_LABELSENTRY']._serialized_start=1235
-  _globals['_CHILDSPEC_LABELSENTRY']._serialized_end=1280
-  _globals['_STARTCHILDRENWRITE']._serialized_start=1282
-  _globals['_STARTCHILDRENWRITE']._serialized_end=1377
-  _globals['_HUMANTASKSPEC']._serialized_start=1380
-  _globals['_HUMANTASKSPEC']._serialized_end=1514
-  _globals['_INTENTWRITE']._serialized_start=1517
-  _globals['_INTENTWRITE']._serialized_end=1935
-  _globals['_WAITOUTCOME']._serialized_start=1937
-  _globals['_WAITOUTCOME']._serialized_end=2004
-  _globals['_REVOCATION']._serialized_start=2006
-  _globals['_REVOCATION']._serialized_end=2085
+  _globals['_CHILDWAITMODE']._serialized_start=2303
+  _globals['_CHILDWAITMODE']._serialized_end=2403
+  _globals['_LEASE']._serialized_start=124
+  _globals['_LEASE']._serialized_end=182
+  _globals['_ASSIGNMENT']._serialized_start=185
+  _globals['_ASSIGNMENT']._serialized_end=404
+  _globals['_ACKASSIGNMENT']._serialized_start=406
+  _globals['_ACKASSIGNMENT']._serialized_end=455
+  _globals['_STEPWRITE']._serialized_start=457
+  _globals['_STEPWRITE']._serialized_end=513
+  _globals['_CHECKPOINTWRITE']._serialized_start=515
+  _globals['_CHECKPOINTWRITE']._serialized_end=547
+  _globals['_PROGRESSWRITE']._serialized_start=549
+  _globals['_PROGRESSWRITE']._serialized_end=599
+  _globals['_COMPLETEWRITE']._serialized_start=601
+  _globals['_COMPLETEWRITE']._serialized_end=632
+  _globals['_FAILWRITE']._serialized_start=634
+  _globals['_FAILWRITE']._serialized_end=695
+  _globals['_RELEASEWRITE']._serialized_start=697
+  _globals['_RELEASEWRITE']._serialized_end=727
+  _globals['_WAITWRITE']._serialized_start=730
+  _globals['_WAITWRITE']._serialized_end=977
+  _globals['_CHILDWAIT']._serialized_start=979
+  _globals['_CHILDWAIT']._serialized_end=1051
+  _globals['_CHILDSPEC']._serialized_start=1054
+  _globals['_CHILDSPEC']._serialized_end=1305
+  _globals['_CHILDSPEC_LABELSENTRY']._serialized_start=1260
+  _globals['_CHILDSPEC_LABELSENTRY']._serialized_end=1305
+  _globals['_STARTCHILDRENWRITE']._serialized_start=1307
+  _globals['_STARTCHILDRENWRITE']._serialized_end=1402
+  _globals['_HUMANTASKSPEC']._serialized_start=1405
+  _globals['_HUMANTASKSPEC']._serialized_end=1539
+  _globals['_INTENTWRITE']._serialized_start=1542
+  _globals['_INTENTWRITE']._serialized_end=1999
+  _globals['_EMITWRITE']._serialized_start=2001
+  _globals['_EMITWRITE']._serialized_end=2096
+  _globals['_EMITOUTCOME']._serialized_start=2098
+  _globals['_EMITOUTCOME']._serialized_end=2151
+  _globals['_WAITOUTCOME']._serialized_start=2153
+  _globals['_WAITOUTCOME']._serialized_end=2220
+  _globals['_REVOCATION']._serialized_start=2222
+  _globals['_REVOCATION']._serialized_end=2301
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from intentd.generated.v1 import intent_pb2 as _intent_pb2
+from intentd.generated.v1 import stream_pb2 as _stream_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -575,6 +576,7 @@ class IntentWrite(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     START_CHILDREN_FIELD_NUMBER: _builtins.int
+    EMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
@@ -597,6 +599,10 @@ class IntentWrite(_message.Message):
         {"children": [{"id", "to_agent", "intent_type"}, ...]}.
         """
 
+    @_builtins.property
+    def emit(self) -> Global___EmitWrite:
+        """Answered with WriteResult.emit."""
+
     def __init__(
         self,
         *,
@@ -609,16 +615,91 @@ class IntentWrite(_message.Message):
         release: Global___ReleaseWrite | None = ...,
         wait: Global___WaitWrite | None = ...,
         start_children: Global___StartChildrenWrite | None = ...,
+        emit: Global___EmitWrite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "emit", b"emit", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "complete", b"complete", "emit", b"emit", "fail", b"fail", "lease", b"lease", "op", b"op", "progress", b"progress", "release", b"release", "start_children", b"start_children", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release", "wait", "start_children"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["step", "checkpoint", "progress", "complete", "fail", "release", "wait", "start_children", "emit"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
 Global___IntentWrite: _TypeAlias = IntentWrite  # noqa: Y015
+
+@_typing.final
+class EmitWrite(_message.Message):
+    """Appends chunks to one of the intent's streams (docs/streams.md), in one
+    statement with the lease's fence: a stale attempt's chunks are refused
+    like its other writes. Not idempotent: a repeat appends again, so agents
+    send an emit once and do not retry it after an unknown outcome (they may
+    lose it: a reader never sees a chunk that was not committed).
+    RESOURCE_EXHAUSTED (nothing of the write appended) when it would take the
+    intent past the server's stream_max_bytes or stream_max_chunks_per_s, or
+    open a 17th stream; INVALID_ARGUMENT for a bad name, an empty write, a
+    chunk over 64 KiB, more than 4096 chunks or 1 MiB in one write.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SUPERSEDE_POSITIONS_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """1..64 characters of [A-Za-z0-9_.:-]; empty means "default"."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_stream_pb2.EmitChunk]: ...
+    @_builtins.property
+    def supersede_positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions whose chunks so far, in every stream of the intent, are
+        superseded (SUPERSEDE_REASON_STEP_RETRIED): sent by an SDK that runs a
+        failed step's position again in the same attempt, before the chunks of
+        the new run. Applied before the chunks of this write; with no chunks,
+        stream may be empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        chunks: _abc.Iterable[_stream_pb2.EmitChunk] | None = ...,
+        supersede_positions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "stream", b"stream", "supersede_positions", b"supersede_positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmitWrite: _TypeAlias = EmitWrite  # noqa: Y015
+
+@_typing.final
+class EmitOutcome(_message.Message):
+    """The answer to an EmitWrite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_OFFSET_FIELD_NUMBER: _builtins.int
+    APPENDED_FIELD_NUMBER: _builtins.int
+    first_offset: _builtins.int
+    """The offset of the first chunk appended (when appended is not 0)."""
+    appended: _builtins.int
+    """Chunks appended: fewer than sent when some were at positions an earlier
+    attempt recorded (dropped, see EmitChunk.position).
+    """
+    def __init__(
+        self,
+        *,
+        first_offset: _builtins.int = ...,
+        appended: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appended", b"appended", "first_offset", b"first_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmitOutcome: _TypeAlias = EmitOutcome  # noqa: Y015
 
 @_typing.final
 class WaitOutcome(_message.Message):

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from intentd.generated.v1 import intent_pb2 as intentd_dot_v1_dot_intent__pb2
+from intentd.generated.v1 import stream_pb2 as intentd_dot_v1_dot_stream__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fintentd/v1/intent_service.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17intentd/v1/intent.proto\"S\n\x13SignalIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignal_id\x18\x04 \x01(\t\"\x8e\x01\n\x06Signal\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63onsumed_by_step\x18\x06 \x01(\x05\"o\n\x14SignalIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\"\n\x06signal\x18\x02 \x01(\x0b\x32\x12.intentd.v1.Signal\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x94\x02\n\nIntentSpec\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".intentd.v1.IntentSpec.LabelsEntry\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0e\n\x06sender\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x11SendIntentRequest\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentSpec\"I\n\x12SendIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x12SendIntentsRequest\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.intentd.v1.IntentSpec\"F\n\x13SendIntentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.intentd.v1.SendIntentResponse\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x11GetIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"3\n\x12WatchIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"=\n\x13WatchIntentResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.intentd.v1.IntentEvent\"3\n\x11WaitIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"J\n\x12WaitIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\x10\n\x08terminal\x18\x02 \x01(\x08\"1\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x14\x43\x61ncelIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"\x89\x02\n\x12ListIntentsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.intentd.v1.IntentState\x12\x13\n\x0bintent_type\x18\x02 \x01(\t\x12\x10\n\x08to_agent\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.intentd.v1.ListIntentsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x13ListIntentsResponse\x12#\n\x07intents\x18\x01 \x03(\x0b\x32\x12.intentd.v1.Intent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12RetryIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x65xtra_attempts\x18\x02 \x01(\x05\"9\n\x13RetryIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"K\n\x16ListIntentStepsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x17ListIntentStepsResponse\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb7\x06\n\rIntentService\x12K\n\nSendIntent\x12\x1d.intentd.v1.SendIntentRequest\x1a\x1e.intentd.v1.SendIntentResponse\x12N\n\x0bSendIntents\x12\x1e.intentd.v1.SendIntentsRequest\x1a\x1f.intentd.v1.SendIntentsResponse\x12H\n\tGetIntent\x12\x1c.intentd.v1.GetIntentRequest\x1a\x1d.intentd.v1.GetIntentResponse\x12P\n\x0bWatchIntent\x12\x1e.intentd.v1.WatchIntentRequest\x1a\x1f.intentd.v1.WatchIntentResponse0\x01\x12K\n\nWaitIntent\x12\x1d.intentd.v1.WaitIntentRequest\x1a\x1e.intentd.v1.WaitIntentResponse\x12Q\n\x0c\x43\x61ncelIntent\x12\x1f.intentd.v1.CancelIntentRequest\x1a .intentd.v1.CancelIntentResponse\x12N\n\x0bListIntents\x12\x1e.intentd.v1.ListIntentsRequest\x1a\x1f.intentd.v1.ListIntentsResponse\x12N\n\x0bRetryIntent\x12\x1e.intentd.v1.RetryIntentRequest\x1a\x1f.intentd.v1.RetryIntentResponse\x12Z\n\x0fListIntentSteps\x12\".intentd.v1.ListIntentStepsRequest\x1a#.intentd.v1.ListIntentStepsResponse\x12Q\n\x0cSignalIntent\x12\x1f.intentd.v1.SignalIntentRequest\x1a .intentd.v1.SignalIntentResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fintentd/v1/intent_service.proto\x12\nintentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17intentd/v1/intent.proto\x1a\x17intentd/v1/stream.proto\"_\n\x13StreamIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x03\x12\x17\n\x0fskip_superseded\x18\x04 \x01(\x08\"d\n\x14StreamIntentResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.intentd.v1.StreamEntry\x12\"\n\x06intent\x18\x02 \x01(\x0b\x32\x12.intentd.v1.Intent\"&\n\x18ListIntentStreamsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x19ListIntentStreamsResponse\x12\'\n\x07streams\x18\x01 \x03(\x0b\x32\x16.intentd.v1.StreamInfo\"S\n\x13SignalIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignal_id\x18\x04 \x01(\t\"\x8e\x01\n\x06Signal\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63onsumed_by_step\x18\x06 \x01(\x05\"o\n\x14SignalIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\"\n\x06signal\x18\x02 \x01(\x0b\x32\x12.intentd.v1.Signal\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x94\x02\n\nIntentSpec\x12\x13\n\x0bintent_type\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".intentd.v1.IntentSpec.LabelsEntry\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0e\n\x06sender\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x11SendIntentRequest\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.intentd.v1.IntentSpec\"I\n\x12SendIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x12SendIntentsRequest\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.intentd.v1.IntentSpec\"F\n\x13SendIntentsResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.intentd.v1.SendIntentResponse\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x11GetIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"3\n\x12WatchIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"=\n\x13WatchIntentResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.intentd.v1.IntentEvent\"3\n\x11WaitIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"J\n\x12WaitIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\x12\x10\n\x08terminal\x18\x02 \x01(\x08\"1\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x14\x43\x61ncelIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"\x89\x02\n\x12ListIntentsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.intentd.v1.IntentState\x12\x13\n\x0bintent_type\x18\x02 \x01(\t\x12\x10\n\x08to_agent\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.intentd.v1.ListIntentsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x11\n\tparent_id\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x13ListIntentsResponse\x12#\n\x07intents\x18\x01 \x03(\x0b\x32\x12.intentd.v1.Intent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12RetryIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x65xtra_attempts\x18\x02 \x01(\x05\"9\n\x13RetryIntentResponse\x12\"\n\x06intent\x18\x01 \x01(\x0b\x32\x12.intentd.v1.Intent\"K\n\x16ListIntentStepsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x17ListIntentStepsResponse\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.intentd.v1.StepRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xee\x07\n\rIntentService\x12K\n\nSendIntent\x12\x1d.intentd.v1.SendIntentRequest\x1a\x1e.intentd.v1.SendIntentResponse\x12N\n\x0bSendIntents\x12\x1e.intentd.v1.SendIntentsRequest\x1a\x1f.intentd.v1.SendIntentsResponse\x12H\n\tGetIntent\x12\x1c.intentd.v1.GetIntentRequest\x1a\x1d.intentd.v1.GetIntentResponse\x12P\n\x0bWatchIntent\x12\x1e.intentd.v1.WatchIntentRequest\x1a\x1f.intentd.v1.WatchIntentResponse0\x01\x12K\n\nWaitIntent\x12\x1d.intentd.v1.WaitIntentRequest\x1a\x1e.intentd.v1.WaitIntentResponse\x12Q\n\x0c\x43\x61ncelIntent\x12\x1f.intentd.v1.CancelIntentRequest\x1a .intentd.v1.CancelIntentResponse\x12N\n\x0bListIntents\x12\x1e.intentd.v1.ListIntentsRequest\x1a\x1f.intentd.v1.ListIntentsResponse\x12N\n\x0bRetryIntent\x12\x1e.intentd.v1.RetryIntentRequest\x1a\x1f.intentd.v1.RetryIntentResponse\x12Z\n\x0fListIntentSteps\x12\".intentd.v1.ListIntentStepsRequest\x1a#.intentd.v1.ListIntentStepsResponse\x12Q\n\x0cSignalIntent\x12\x1f.intentd.v1.SignalIntentRequest\x1a .intentd.v1.SignalIntentResponse\x12S\n\x0cStreamIntent\x12\x1f.intentd.v1.StreamIntentRequest\x1a .intentd.v1.StreamIntentResponse0\x01\x12`\n\x11ListIntentStreams\x12$.intentd.v1.ListIntentStreamsRequest\x1a%.intentd.v1.ListIntentStreamsResponseB8Z6github.com/intentd/intentd/gen/go/intentd/v1;intentdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,54 +39,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTENTSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTINTENTSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTINTENTSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SIGNALINTENTREQUEST']._serialized_start=105
-  _globals['_SIGNALINTENTREQUEST']._serialized_end=188
-  _globals['_SIGNAL']._serialized_start=191
-  _globals['_SIGNAL']._serialized_end=333
-  _globals['_SIGNALINTENTRESPONSE']._serialized_start=335
-  _globals['_SIGNALINTENTRESPONSE']._serialized_end=446
-  _globals['_INTENTSPEC']._serialized_start=449
-  _globals['_INTENTSPEC']._serialized_end=725
-  _globals['_INTENTSPEC_LABELSENTRY']._serialized_start=680
-  _globals['_INTENTSPEC_LABELSENTRY']._serialized_end=725
-  _globals['_SENDINTENTREQUEST']._serialized_start=727
-  _globals['_SENDINTENTREQUEST']._serialized_end=786
-  _globals['_SENDINTENTRESPONSE']._serialized_start=788
-  _globals['_SENDINTENTRESPONSE']._serialized_end=861
-  _globals['_SENDINTENTSREQUEST']._serialized_start=863
-  _globals['_SENDINTENTSREQUEST']._serialized_end=924
-  _globals['_SENDINTENTSRESPONSE']._serialized_start=926
-  _globals['_SENDINTENTSRESPONSE']._serialized_end=996
-  _globals['_GETINTENTREQUEST']._serialized_start=998
-  _globals['_GETINTENTREQUEST']._serialized_end=1028
-  _globals['_GETINTENTRESPONSE']._serialized_start=1030
-  _globals['_GETINTENTRESPONSE']._serialized_end=1085
-  _globals['_WATCHINTENTREQUEST']._serialized_start=1087
-  _globals['_WATCHINTENTREQUEST']._serialized_end=1138
-  _globals['_WATCHINTENTRESPONSE']._serialized_start=1140
-  _globals['_WATCHINTENTRESPONSE']._serialized_end=1201
-  _globals['_WAITINTENTREQUEST']._serialized_start=1203
-  _globals['_WAITINTENTREQUEST']._serialized_end=1254
-  _globals['_WAITINTENTRESPONSE']._serialized_start=1256
-  _globals['_WAITINTENTRESPONSE']._serialized_end=1330
-  _globals['_CANCELINTENTREQUEST']._serialized_start=1332
-  _globals['_CANCELINTENTREQUEST']._serialized_end=1381
-  _globals['_CANCELINTENTRESPONSE']._serialized_start=1383
-  _globals['_CANCELINTENTRESPONSE']._serialized_end=1441
-  _globals['_LISTINTENTSREQUEST']._serialized_start=1444
-  _globals['_LISTINTENTSREQUEST']._serialized_end=1709
-  _globals['_LISTINTENTSREQUEST_LABELSENTRY']._serialized_start=680
-  _globals['_LISTINTENTSREQUEST_LABELSENTRY']._serialized_end=725
-  _globals['_LISTINTENTSRESPONSE']._serialized_start=1711
-  _globals['_LISTINTENTSRESPONSE']._serialized_end=1794
-  _globals['_RETRYINTENTREQUEST']._serialized_start=1796
-  _globals['_RETRYINTENTREQUEST']._serialized_end=1852
-  _globals['_RETRYINTENTRESPONSE']._serialized_start=1854
-  _globals['_RETRYINTENTRESPONSE']._serialized_end=1911
-  _globals['_LISTINTENTSTEPSREQUEST']._serialized_start=1913
-  _globals['_LISTINTENTSTEPSREQUEST']._serialized_end=1988
-  _globals['_LISTINTENTSTEPSRESPONSE']._serialized_start=1990
-  _globals['_LISTINTENTSTEPSRESPONSE']._serialized_end=2079
-  _globals['_INTENTSERVICE']._serialized_start=2082
-  _globals['_INTENTSERVICE']._serialized_end=2905
+  _globals['_STREAMINTENTREQUEST']._serialized_start=130
+  _globals['_STREAMINTENTREQUEST']._serialized_end=225
+  _globals['_STREAMINTENTRESPONSE']._serialized_start=227
+  _globals['_STREAMINTENTRESPONSE']._serialized_end=327
+  _globals['_LISTINTENTSTREAMSREQUEST']._serialized_start=329
+  _globals['_LISTINTENTSTREAMSREQUEST']._serialized_end=367
+  _globals['_LISTINTENTSTREAMSRESPONSE']._serialized_start=369
+  _globals['_LISTINTENTSTREAMSRESPONSE']._serialized_end=437
+  _globals['_SIGNALINTENTREQUEST']._serialized_start=439
+  _globals['_SIGNALINTENTREQUEST']._serialized_end=522
+  _globals['_SIGNAL']._serialized_start=525
+  _globals['_SIGNAL']._serialized_end=667
+  _globals['_SIGNALINTENTRESPONSE']._serialized_start=669
+  _globals['_SIGNALINTENTRESPONSE']._serialized_end=780
+  _globals['_INTENTSPEC']._serialized_start=783
+  _globals['_INTENTSPEC']._serialized_end=1059
+  _globals['_INTENTSPEC_LABELSENTRY']._serialized_start=1014
+  _globals['_INTENTSPEC_LABELSENTRY']._serialized_end=1059
+  _globals['_SENDINTENTREQUEST']._serialized_start=1061
+  _globals['_SENDINTENTREQUEST']._serialized_end=1120
+  _globals['_SENDINTENTRESPONSE']._serialized_start=1122
+  _globals['_SENDINTENTRESPONSE']._serialized_end=1195
+  _globals['_SENDINTENTSREQUEST']._serialized_start=1197
+  _globals['_SENDINTENTSREQUEST']._serialized_end=1258
+  _globals['_SENDINTENTSRESPONSE']._serialized_start=1260
+  _globals['_SENDINTENTSRESPONSE']._serialized_end=1330
+  _globals['_GETINTENTREQUEST']._serialized_start=1332
+  _globals['_GETINTENTREQUEST']._serialized_end=1362
+  _globals['_GETINTENTRESPONSE']._serialized_start=1364
+  _globals['_GETINTENTRESPONSE']._serialized_end=1419
+  _globals['_WATCHINTENTREQUEST']._serialized_start=1421
+  _globals['_WATCHINTENTREQUEST']._serialized_end=1472
+  _globals['_WATCHINTENTRESPONSE']._serialized_start=1474
+  _globals['_WATCHINTENTRESPONSE']._serialized_end=1535
+  _globals['_WAITINTENTREQUEST']._serialized_start=1537
+  _globals['_WAITINTENTREQUEST']._serialized_end=1588
+  _globals['_WAITINTENTRESPONSE']._serialized_start=1590
+  _globals['_WAITINTENTRESPONSE']._serialized_end=1664
+  _globals['_CANCELINTENTREQUEST']._serialized_start=1666
+  _globals['_CANCELINTENTREQUEST']._serialized_end=1715
+  _globals['_CANCELINTENTRESPONSE']._serialized_start=1717
+  _globals['_CANCELINTENTRESPONSE']._serialized_end=1775
+  _globals['_LISTINTENTSREQUEST']._serialized_start=1778
+  _globals['_LISTINTENTSREQUEST']._serialized_end=2043
+  _globals['_LISTINTENTSREQUEST_LABELSENTRY']._serialized_start=1014
+  _globals['_LISTINTENTSREQUEST_LABELSENTRY']._serialized_end=1059
+  _globals['_LISTINTENTSRESPONSE']._serialized_start=2045
+  _globals['_LISTINTENTSRESPONSE']._serialized_end=2128
+  _globals['_RETRYINTENTREQUEST']._serialized_start=2130
+  _globals['_RETRYINTENTREQUEST']._serialized_end=2186
+  _globals['_RETRYINTENTRESPONSE']._serialized_start=2188
+  _globals['_RETRYINTENTRESPONSE']._serialized_end=2245
+  _globals['_LISTINTENTSTEPSREQUEST']._serialized_start=2247
+  _globals['_LISTINTENTSTEPSREQUEST']._serialized_end=2322
+  _globals['_LISTINTENTSTEPSRESPONSE']._serialized_start=2324
+  _globals['_LISTINTENTSTEPSRESPONSE']._serialized_end=2413
+  _globals['_INTENTSERVICE']._serialized_start=2416
+  _globals['_INTENTSERVICE']._serialized_end=3422
 # @@protoc_insertion_point(module_scope)

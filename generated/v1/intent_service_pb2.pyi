@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from intentd.generated.v1 import intent_pb2 as _intent_pb2
+from intentd.generated.v1 import stream_pb2 as _stream_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,110 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class StreamIntentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    SKIP_SUPERSEDED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    stream: _builtins.str
+    """Empty means "default"."""
+    from_offset: _builtins.int
+    """The first offset wanted (0: from the start). Resume with the offset
+    after the last entry seen.
+    """
+    skip_superseded: _builtins.bool
+    """Leave out chunk entries that a marker already sent (at an offset from
+    from_offset on) supersedes; markers are always sent.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        stream: _builtins.str = ...,
+        from_offset: _builtins.int = ...,
+        skip_superseded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_offset", b"from_offset", "id", b"id", "skip_superseded", b"skip_superseded", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamIntentRequest: _TypeAlias = StreamIntentRequest  # noqa: Y015
+
+@_typing.final
+class StreamIntentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_stream_pb2.StreamEntry]:
+        """In offset order; at most 4096 entries and about 1 MiB per message."""
+
+    @_builtins.property
+    def intent(self) -> _intent_pb2.Intent:
+        """Only on the last message: the intent, terminal; nothing follows."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_stream_pb2.StreamEntry] | None = ...,
+        intent: _intent_pb2.Intent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "intent", b"intent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamIntentResponse: _TypeAlias = StreamIntentResponse  # noqa: Y015
+
+@_typing.final
+class ListIntentStreamsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIntentStreamsRequest: _TypeAlias = ListIntentStreamsRequest  # noqa: Y015
+
+@_typing.final
+class ListIntentStreamsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[_stream_pb2.StreamInfo]:
+        """At most 16, by name."""
+
+    def __init__(
+        self,
+        *,
+        streams: _abc.Iterable[_stream_pb2.StreamInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIntentStreamsResponse: _TypeAlias = ListIntentStreamsResponse  # noqa: Y015
 
 @_typing.final
 class SignalIntentRequest(_message.Message):

@@ -85,6 +85,16 @@ class IntentServiceStub:
                 request_serializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.SerializeToString,
                 response_deserializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.FromString,
                 _registered_method=True)
+        self.StreamIntent = channel.unary_stream(
+                '/intentd.v1.IntentService/StreamIntent',
+                request_serializer=intentd_dot_v1_dot_intent__service__pb2.StreamIntentRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_intent__service__pb2.StreamIntentResponse.FromString,
+                _registered_method=True)
+        self.ListIntentStreams = channel.unary_unary(
+                '/intentd.v1.IntentService/ListIntentStreams',
+                request_serializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsResponse.FromString,
+                _registered_method=True)
 
 
 class IntentServiceServicer:
@@ -171,6 +181,26 @@ class IntentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamIntent(self, request, context):
+        """Reads one of the intent's streams from from_offset: the stored entries,
+        then live ones as they are committed, in offset order with no gap or
+        duplicate; the call ends, after a last message carrying the intent, once
+        the intent is terminal and every entry was sent. A stream nobody emitted
+        to yet is empty, not NOT_FOUND (it may still come). NOT_FOUND: no such
+        intent in the caller's tenant; FAILED_PRECONDITION: the stream was
+        pruned (stream_keep_ms); INVALID_ARGUMENT: a bad name or offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIntentStreams(self, request, context):
+        """The streams of an intent, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +253,16 @@ def add_IntentServiceServicer_to_server(servicer, server):
                     servicer.SignalIntent,
                     request_deserializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.FromString,
                     response_serializer=intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.SerializeToString,
+            ),
+            'StreamIntent': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamIntent,
+                    request_deserializer=intentd_dot_v1_dot_intent__service__pb2.StreamIntentRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_intent__service__pb2.StreamIntentResponse.SerializeToString,
+            ),
+            'ListIntentStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIntentStreams,
+                    request_deserializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +536,60 @@ class IntentService:
             '/intentd.v1.IntentService/SignalIntent',
             intentd_dot_v1_dot_intent__service__pb2.SignalIntentRequest.SerializeToString,
             intentd_dot_v1_dot_intent__service__pb2.SignalIntentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamIntent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/intentd.v1.IntentService/StreamIntent',
+            intentd_dot_v1_dot_intent__service__pb2.StreamIntentRequest.SerializeToString,
+            intentd_dot_v1_dot_intent__service__pb2.StreamIntentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIntentStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intentd.v1.IntentService/ListIntentStreams',
+            intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsRequest.SerializeToString,
+            intentd_dot_v1_dot_intent__service__pb2.ListIntentStreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

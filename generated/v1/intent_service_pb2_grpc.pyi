@@ -69,6 +69,17 @@ class IntentServiceStub:
     the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
     RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
     """
+    StreamIntent: _grpc.UnaryStreamMultiCallable[_intent_service_pb2.StreamIntentRequest, _intent_service_pb2.StreamIntentResponse]
+    """Reads one of the intent's streams from from_offset: the stored entries,
+    then live ones as they are committed, in offset order with no gap or
+    duplicate; the call ends, after a last message carrying the intent, once
+    the intent is terminal and every entry was sent. A stream nobody emitted
+    to yet is empty, not NOT_FOUND (it may still come). NOT_FOUND: no such
+    intent in the caller's tenant; FAILED_PRECONDITION: the stream was
+    pruned (stream_keep_ms); INVALID_ARGUMENT: a bad name or offset.
+    """
+    ListIntentStreams: _grpc.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentStreamsRequest, _intent_service_pb2.ListIntentStreamsResponse]
+    """The streams of an intent, by name."""
 
 @_typing.type_check_only
 class IntentServiceAsyncStub(IntentServiceStub):
@@ -111,6 +122,17 @@ class IntentServiceAsyncStub(IntentServiceStub):
     the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
     RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
     """
+    StreamIntent: _aio.UnaryStreamMultiCallable[_intent_service_pb2.StreamIntentRequest, _intent_service_pb2.StreamIntentResponse]  # type: ignore[assignment]
+    """Reads one of the intent's streams from from_offset: the stored entries,
+    then live ones as they are committed, in offset order with no gap or
+    duplicate; the call ends, after a last message carrying the intent, once
+    the intent is terminal and every entry was sent. A stream nobody emitted
+    to yet is empty, not NOT_FOUND (it may still come). NOT_FOUND: no such
+    intent in the caller's tenant; FAILED_PRECONDITION: the stream was
+    pruned (stream_keep_ms); INVALID_ARGUMENT: a bad name or offset.
+    """
+    ListIntentStreams: _aio.UnaryUnaryMultiCallable[_intent_service_pb2.ListIntentStreamsRequest, _intent_service_pb2.ListIntentStreamsResponse]  # type: ignore[assignment]
+    """The streams of an intent, by name."""
 
 class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing API: send intents, follow them, cancel them."""
@@ -210,5 +232,28 @@ class IntentServiceServicer(metaclass=_abc_1.ABCMeta):
         the intent is terminal; INVALID_ARGUMENT: a bad name, id or payload;
         RESOURCE_EXHAUSTED: the payload is too large or the inbox full.
         """
+
+    @_abc_1.abstractmethod
+    def StreamIntent(
+        self,
+        request: _intent_service_pb2.StreamIntentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_intent_service_pb2.StreamIntentResponse], _abc.AsyncIterator[_intent_service_pb2.StreamIntentResponse]]:
+        """Reads one of the intent's streams from from_offset: the stored entries,
+        then live ones as they are committed, in offset order with no gap or
+        duplicate; the call ends, after a last message carrying the intent, once
+        the intent is terminal and every entry was sent. A stream nobody emitted
+        to yet is empty, not NOT_FOUND (it may still come). NOT_FOUND: no such
+        intent in the caller's tenant; FAILED_PRECONDITION: the stream was
+        pruned (stream_keep_ms); INVALID_ARGUMENT: a bad name or offset.
+        """
+
+    @_abc_1.abstractmethod
+    def ListIntentStreams(
+        self,
+        request: _intent_service_pb2.ListIntentStreamsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_intent_service_pb2.ListIntentStreamsResponse, _abc.Awaitable[_intent_service_pb2.ListIntentStreamsResponse]]:
+        """The streams of an intent, by name."""
 
 def add_IntentServiceServicer_to_server(servicer: IntentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -77,6 +77,11 @@ class AgentRuntimeServiceStub:
                 request_serializer=intentd_dot_v1_dot_runtime__pb2.WaitRequest.SerializeToString,
                 response_deserializer=intentd_dot_v1_dot_runtime__pb2.WaitResponse.FromString,
                 _registered_method=True)
+        self.Emit = channel.unary_unary(
+                '/intentd.v1.AgentRuntimeService/Emit',
+                request_serializer=intentd_dot_v1_dot_runtime__pb2.EmitRequest.SerializeToString,
+                response_deserializer=intentd_dot_v1_dot_runtime__pb2.EmitResponse.FromString,
+                _registered_method=True)
 
 
 class AgentRuntimeServiceServicer:
@@ -142,6 +147,14 @@ class AgentRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Emit(self, request, context):
+        """Appends chunks to a stream of the intent (see EmitWrite). Agents on
+        Attach with stream_writes send AttachRequest.write with an emit instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentRuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +197,11 @@ def add_AgentRuntimeServiceServicer_to_server(servicer, server):
                     servicer.Wait,
                     request_deserializer=intentd_dot_v1_dot_runtime__pb2.WaitRequest.FromString,
                     response_serializer=intentd_dot_v1_dot_runtime__pb2.WaitResponse.SerializeToString,
+            ),
+            'Emit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Emit,
+                    request_deserializer=intentd_dot_v1_dot_runtime__pb2.EmitRequest.FromString,
+                    response_serializer=intentd_dot_v1_dot_runtime__pb2.EmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +423,33 @@ class AgentRuntimeService:
             '/intentd.v1.AgentRuntimeService/Wait',
             intentd_dot_v1_dot_runtime__pb2.WaitRequest.SerializeToString,
             intentd_dot_v1_dot_runtime__pb2.WaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Emit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intentd.v1.AgentRuntimeService/Emit',
+            intentd_dot_v1_dot_runtime__pb2.EmitRequest.SerializeToString,
+            intentd_dot_v1_dot_runtime__pb2.EmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class AgentRuntimeServiceStub:
     record, or parked, after which the agent ends the handler without
     writing anything more. May take up to the intent type's hold window.
     """
+    Emit: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.EmitRequest, _runtime_pb2.EmitResponse]
+    """Appends chunks to a stream of the intent (see EmitWrite). Agents on
+    Attach with stream_writes send AttachRequest.write with an emit instead.
+    """
 
 @_typing.type_check_only
 class AgentRuntimeServiceAsyncStub(AgentRuntimeServiceStub):
@@ -84,6 +88,10 @@ class AgentRuntimeServiceAsyncStub(AgentRuntimeServiceStub):
     """A durable wait (see WaitWrite): answered resolved, with the wait's
     record, or parked, after which the agent ends the handler without
     writing anything more. May take up to the intent type's hold window.
+    """
+    Emit: _aio.UnaryUnaryMultiCallable[_runtime_pb2.EmitRequest, _runtime_pb2.EmitResponse]  # type: ignore[assignment]
+    """Appends chunks to a stream of the intent (see EmitWrite). Agents on
+    Attach with stream_writes send AttachRequest.write with an emit instead.
     """
 
 class AgentRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +166,16 @@ class AgentRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         """A durable wait (see WaitWrite): answered resolved, with the wait's
         record, or parked, after which the agent ends the handler without
         writing anything more. May take up to the intent type's hold window.
+        """
+
+    @_abc_1.abstractmethod
+    def Emit(
+        self,
+        request: _runtime_pb2.EmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.EmitResponse, _abc.Awaitable[_runtime_pb2.EmitResponse]]:
+        """Appends chunks to a stream of the intent (see EmitWrite). Agents on
+        Attach with stream_writes send AttachRequest.write with an emit instead.
         """
 
 def add_AgentRuntimeServiceServicer_to_server(servicer: AgentRuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
