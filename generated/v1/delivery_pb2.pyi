@@ -631,9 +631,8 @@ Global___IntentWrite: _TypeAlias = IntentWrite  # noqa: Y015
 class EmitWrite(_message.Message):
     """Appends chunks to one of the intent's streams (docs/streams.md), in one
     statement with the lease's fence: a stale attempt's chunks are refused
-    like its other writes. Not idempotent: a repeat appends again, so agents
-    send an emit once and do not retry it after an unknown outcome (they may
-    lose it: a reader never sees a chunk that was not committed).
+    like its other writes. Idempotent by seq: a repeat (a retry after an
+    unknown outcome, a sidecar resending after a reconnect) appends nothing.
     RESOURCE_EXHAUSTED (nothing of the write appended) when it would take the
     intent past the server's stream_max_bytes or stream_max_chunks_per_s, or
     open a 17th stream; INVALID_ARGUMENT for a bad name, an empty write, a
@@ -645,8 +644,14 @@ class EmitWrite(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     SUPERSEDE_POSITIONS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     stream: _builtins.str
     """1..64 characters of [A-Za-z0-9_.:-]; empty means "default"."""
+    seq: _builtins.int
+    """1, 2, 3... in the order the attempt sends its emits (gaps allowed). A
+    write whose seq is not above the highest applied for its attempt is a
+    repeat: answered OK with EmitOutcome.repeated, nothing appended.
+    """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_stream_pb2.EmitChunk]: ...
     @_builtins.property
@@ -664,10 +669,11 @@ class EmitWrite(_message.Message):
         stream: _builtins.str = ...,
         chunks: _abc.Iterable[_stream_pb2.EmitChunk] | None = ...,
         supersede_positions: _abc.Iterable[_builtins.int] | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "stream", b"stream", "supersede_positions", b"supersede_positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "seq", b"seq", "stream", b"stream", "supersede_positions", b"supersede_positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -681,21 +687,25 @@ class EmitOutcome(_message.Message):
 
     FIRST_OFFSET_FIELD_NUMBER: _builtins.int
     APPENDED_FIELD_NUMBER: _builtins.int
+    REPEATED_FIELD_NUMBER: _builtins.int
     first_offset: _builtins.int
     """The offset of the first chunk appended (when appended is not 0)."""
     appended: _builtins.int
     """Chunks appended: fewer than sent when some were at positions an earlier
     attempt recorded (dropped, see EmitChunk.position).
     """
+    repeated: _builtins.bool
+    """The write repeated one already applied (EmitWrite.seq): nothing appended."""
     def __init__(
         self,
         *,
         first_offset: _builtins.int = ...,
         appended: _builtins.int = ...,
+        repeated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appended", b"appended", "first_offset", b"first_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appended", b"appended", "first_offset", b"first_offset", "repeated", b"repeated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,8 +8,11 @@ ALTER TABLE intent_types ADD COLUMN stream_keep_ms bigint CHECK (stream_keep_ms 
 -- What the emit statement checks under the intent's row lock, so that its
 -- limits hold exactly however many emits race: the bytes emitted so far,
 -- the chunks of the current one-second window (stream_window_at its start)
--- and the names of the intent's streams (at most 16).
+-- and the names of the intent's streams (at most 16); stream_emit_key: the
+-- last applied EmitWrite as attempt * 2^32 + seq, so a repeat (seq not above
+-- it within the attempt) appends nothing, and a new attempt starts above it.
 ALTER TABLE intents
+    ADD COLUMN stream_emit_key bigint NOT NULL DEFAULT 0,
     ADD COLUMN stream_bytes bigint NOT NULL DEFAULT 0 CHECK (stream_bytes >= 0),
     ADD COLUMN stream_window_at timestamptz,
     ADD COLUMN stream_window_chunks integer NOT NULL DEFAULT 0 CHECK (stream_window_chunks >= 0),
