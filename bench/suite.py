@@ -107,6 +107,7 @@ SCENARIOS = [
     Scenario("waits", "bench.waits", "8. Durable waits", ()),
     Scenario("children", "bench.children", "9. Child intents", ()),
     Scenario("parallel", "bench.parallel", "10. Parallel steps", ()),
+    Scenario("streams", "bench.streams", "11. Streams", ()),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 

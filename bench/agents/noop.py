@@ -27,6 +27,16 @@ Handlers:
                     once (``asyncio.gather`` of ``ctx.step`` calls) when
                     ``payload["concurrent"]``, else one after another;
                     returns their wall time in ms (measured around them)
+  bench.stream.emit.v1
+                    one step emitting ``payload["count"]`` text chunks of
+                    ``payload["size"]`` bytes as fast as ``ctx.emit`` takes them
+  bench.stream.progress.v1
+                    the same chunks as ``ctx.progress`` reports (one awaited
+                    write and one event each): the baseline of streams
+  bench.stream.ping.v1
+                    ``payload["count"]`` chunks, each the ``time.time()`` of
+                    its emit, ``payload["gap_ms"]`` apart (``progress``: as
+                    progress reports instead)
   bench.hang.v1     writes ``<pid> <attempt> <time>`` to
                     ``$BENCH_STATE_DIR/<intent id>.<attempt>`` and then runs a
                     step that sleeps until the process is killed or the
@@ -78,6 +88,47 @@ async def parallel(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
         for index in range(n):
             await ctx.step(f"s{index}", _noop)
     return {"ms": round((time.perf_counter() - began) * 1000, 4)}
+
+
+def _chunk(i: int, size: int) -> str:
+    head = f"{i:08d}"
+    return head + "." * max(0, size - len(head))
+
+
+@agent.handler("bench.stream.emit.v1")
+async def stream_emit(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    count, size = int(payload["count"]), int(payload["size"])
+
+    async def emit() -> int:
+        for i in range(count):
+            await ctx.emit(_chunk(i, size))
+        return count
+
+    return {"count": await ctx.step("emit", emit)}
+
+
+@agent.handler("bench.stream.progress.v1")
+async def stream_progress(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    count, size = int(payload["count"]), int(payload["size"])
+
+    async def report() -> int:
+        for i in range(count):
+            await ctx.progress(_chunk(i, size))
+        return count
+
+    return {"count": await ctx.step("report", report)}
+
+
+@agent.handler("bench.stream.ping.v1")
+async def stream_ping(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    gap = float(payload["gap_ms"]) / 1000
+    for _ in range(int(payload["count"])):
+        if payload.get("progress"):
+            await ctx.progress(repr(time.time()))
+        else:
+            await ctx.emit(repr(time.time()))
+        await asyncio.sleep(gap)
+    return {"ok": True}
 
 
 @agent.handler("bench.latency.v1")
