@@ -40,7 +40,7 @@ async def stream_rate(client: AsyncIntentClient, count: int) -> float:
                                          payload={"count": count, "size": SIZE})
     first = last = 0.0
     received = 0
-    async for entry in client.stream(intent_id):
+    async for _entry in client.stream(intent_id):
         last = time.perf_counter()
         if received == 0:
             first = last

@@ -66,7 +66,7 @@ async def tokens(ctx: Context, payload: dict[str, Any]) -> Any:
                 if s == 1 and i == 0 and payload.get("block_until"):
                     await ctx.flush_streams()
                     flag = Path(payload["block_until"])
-                    while not flag.exists():  # noqa: ASYNC110 -- the test's signal is a file
+                    while not flag.exists():  # noqa: ASYNC110, ASYNC240 -- the test's signal is a file
                         await asyncio.sleep(0.02)
                 if s == payload.get("kill_in_step") and i + 1 == payload.get("kill_after"):
                     marker = Path(payload["kill_marks"]) / ctx.intent_id
