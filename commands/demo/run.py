@@ -186,9 +186,10 @@ def _report(final: Any, recorded: list[Any], ledger: Ledger, killed: dict[str, A
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("story", nargs="?", choices=("etl", "approval"), default="etl",
+    parser.add_argument("story", nargs="?", choices=("etl", "approval", "stream"), default="etl",
                         help="etl (the default): the agent is SIGKILLed at step 47 of 50 and resumes there; "
-                        "approval: a deploy waits for a human with no agent running, and resumes at step 6")
+                        "approval: a deploy waits for a human with no agent running, and resumes at step 6; "
+                        "stream: an agent's answer streams live through a SIGKILL mid-sentence")
     parser.add_argument("--kill-at", type=int, default=47, help="etl: step during which the agent is killed (2-50)")
     parser.add_argument("--step-seconds", type=float, default=0.06, help="how long each step works")
     parser.add_argument("--hold-ms", type=int, default=0,
@@ -214,4 +215,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from .approval import run_approval_demo
 
         return run_approval_demo(args)
+    if getattr(args, "story", "etl") == "stream":
+        from .stream import run_stream_demo
+
+        return run_stream_demo(args)
     return run_demo(args)
