@@ -19,9 +19,9 @@ them and decide their human tasks (docs/waits.md).
 
 from intentd.core.states import IntentState
 
-from ._async import AsyncIntentClient, AsyncIntentHandle
+from ._async import AsyncIntentClient, AsyncIntentHandle, AsyncStreamReader
 from ._common import ListQuery
-from ._sync import IntentClient, IntentHandle
+from ._sync import IntentClient, IntentHandle, StreamReader
 from .config import ClientSettings
 from .errors import (
     AlreadyExists,
@@ -58,6 +58,9 @@ from .models import (
     Signal,
     SignalResult,
     Step,
+    StreamEntry,
+    StreamInfo,
+    Superseded,
     WaitInfo,
     build_spec,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "AlreadyExists",
     "AsyncIntentClient",
     "AsyncIntentHandle",
+    "AsyncStreamReader",
     "Cancelled",
     "ClientError",
     "ClientSettings",
@@ -98,6 +102,10 @@ __all__ = [
     "Signal",
     "SignalResult",
     "Step",
+    "StreamEntry",
+    "StreamInfo",
+    "StreamReader",
+    "Superseded",
     "Unauthenticated",
     "Unavailable",
     "WaitInfo",
