@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
@@ -157,7 +157,7 @@ class IntentClient(ClientBase):
         # without close(); the callback holds the loop and the channel, not self.
         self._finalizer = weakref.finalize(self, self._loop.close, self._aio.close)
 
-    def _iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+    def _iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
         # A generator of the client's, so the client outlives the iteration.
         yield from self._loop.iterate(items)
 
