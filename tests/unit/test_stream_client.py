@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -396,3 +400,50 @@ async def test_async_reader_closed_early_ends_its_call(fake: FakeServer) -> None
         fake.state.refusals = [grpc.StatusCode.NOT_FOUND]
         with pytest.raises(NotFound):
             await client.streams(ID)
+
+
+# ---------------------------------------------------------------- the Node client
+
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
+
+
+def node_client(fake: FakeServer, *args: str) -> subprocess.CompletedProcess[str]:
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip("node and examples/node/node_modules (npm ci) are needed for the Node client")
+    return subprocess.run([node, str(NODE_DIR / "client.js"), "stream", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "INTENTD_SERVER": fake.address})
+
+
+def test_node_client_streams_resumes_and_ends(fake: FakeServer) -> None:
+    fake.state.append(text(0, "héllo "), jchunk(1, {"n": 1}, position=2), marker(2, [2]), *texts(4, start=3))
+    fake.state.breaks = [1, 4]
+    fake.state.overlap = 1
+    fake.state.finish(final_intent(state=intent_pb2.INTENT_STATE_FAILED))
+    done = node_client(fake, ID, "tokens", "0")
+    assert done.returncode == 1, done.stderr + done.stdout  # ended, not COMPLETED
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines[:3] == [
+        {"offset": 0, "attempt": 1, "position": 1, "format": "text", "data": "héllo "},
+        {"offset": 1, "attempt": 1, "position": 2, "format": "json", "data": {"n": 1}},
+        {"offset": 2, "attempt": 2, "position": 0, "superseded": {"positions": [2], "reason": "REDELIVERED"}},
+    ]
+    assert [line.get("offset") for line in lines[3:-1]] == [3, 4, 5, 6]
+    assert lines[-1] == {"end": "FAILED"}
+    assert fake.state.calls() == [0, 2, 5]
+    assert {r.stream for r in fake.state.requests} == {"tokens"}
+
+
+def test_node_client_stream_from_an_offset_and_errors(fake: FakeServer) -> None:
+    fake.state.append(*texts(3))
+    fake.state.finish(final_intent())
+    done = node_client(fake, ID, "", "2")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        {"offset": 2, "attempt": 1, "position": 1, "format": "text", "data": "t2 "}, {"end": "COMPLETED"}]
+    assert fake.state.requests[0].stream == "default" and fake.state.requests[0].from_offset == 2
+    fake.state.refusals = [grpc.StatusCode.NOT_FOUND]
+    missing = node_client(fake, ID)
+    assert missing.returncode == 1 and "NOT_FOUND: refused by the fake" in missing.stderr
+    assert missing.stdout == ""
