@@ -11,6 +11,11 @@ them and decide their human tasks (docs/waits.md).
         )
         print(handle.result(timeout=60))
 
+``client.stream(intent_id, "default")`` iterates what the intent's agent emits
+to a stream (``StreamEntry``: text, JSON or a superseded marker), stored then
+live, until the intent ends; it resumes after an outage without gap or
+duplicate (docs/streams.md).
+
 ``AsyncIntentClient`` has the same methods as coroutines (``watch`` and
 ``iter_intents`` as async iterators), and ``start`` gives an
 ``AsyncIntentHandle``. Every error the client raises is a ``ClientError``
