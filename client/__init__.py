@@ -11,6 +11,11 @@ them and decide their human tasks (docs/waits.md).
         )
         print(handle.result(timeout=60))
 
+``client.stream(intent_id, "default")`` iterates what the intent's agent emits
+to a stream (``StreamEntry``: text, JSON or a superseded marker), stored then
+live, until the intent ends; it resumes after an outage without gap or
+duplicate (docs/streams.md).
+
 ``AsyncIntentClient`` has the same methods as coroutines (``watch`` and
 ``iter_intents`` as async iterators), and ``start`` gives an
 ``AsyncIntentHandle``. Every error the client raises is a ``ClientError``
@@ -19,9 +24,9 @@ them and decide their human tasks (docs/waits.md).
 
 from intentd.core.states import IntentState
 
-from ._async import AsyncIntentClient, AsyncIntentHandle
+from ._async import AsyncIntentClient, AsyncIntentHandle, AsyncStreamReader
 from ._common import ListQuery
-from ._sync import IntentClient, IntentHandle
+from ._sync import IntentClient, IntentHandle, StreamReader
 from .config import ClientSettings
 from .errors import (
     AlreadyExists,
@@ -58,6 +63,9 @@ from .models import (
     Signal,
     SignalResult,
     Step,
+    StreamEntry,
+    StreamInfo,
+    Superseded,
     WaitInfo,
     build_spec,
 )
@@ -66,6 +74,7 @@ __all__ = [
     "AlreadyExists",
     "AsyncIntentClient",
     "AsyncIntentHandle",
+    "AsyncStreamReader",
     "Cancelled",
     "ClientError",
     "ClientSettings",
@@ -98,6 +107,10 @@ __all__ = [
     "Signal",
     "SignalResult",
     "Step",
+    "StreamEntry",
+    "StreamInfo",
+    "StreamReader",
+    "Superseded",
     "Unauthenticated",
     "Unavailable",
     "WaitInfo",

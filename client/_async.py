@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, Unpack
 
 import grpc
 import grpc.aio
 
+from intentd.core.limits import DEFAULT_STREAM
 from intentd.generated.v1 import admin_service_pb2 as admin_pb
 from intentd.generated.v1 import admin_service_pb2_grpc as admin_grpc
 from intentd.generated.v1 import human_task_pb2 as task_pb
@@ -26,6 +27,7 @@ from ._common import (
     HandleBase,
     ListQuery,
     Settings,
+    StreamCursor,
     TaskStateFilter,
     WaitLoop,
     WatchCursor,
@@ -49,11 +51,14 @@ from .models import (
     Page,
     SignalResult,
     Step,
+    StreamEntry,
+    StreamInfo,
     intent_from_proto,
     intent_type_from_proto,
     page_from_proto,
     signal_result_from_proto,
     step_from_proto,
+    stream_info_from_proto,
     task_from_proto,
     task_page_from_proto,
 )
@@ -96,6 +101,108 @@ class AsyncIntentHandle(HandleBase["AsyncIntentClient"]):
     async def children(self) -> builtins.list[Intent]:
         """The child intents its handler started, in start order."""
         return await self.client.children(self.id)
+
+    def stream(
+        self, stream: str = DEFAULT_STREAM, from_offset: int = 0, *, skip_superseded: bool = False
+    ) -> AsyncStreamReader:
+        return self.client.stream(self.id, stream, from_offset, skip_superseded=skip_superseded)
+
+    async def streams(self) -> builtins.list[StreamInfo]:
+        return await self.client.streams(self.id)
+
+
+class AsyncStreamReader:
+    """One stream of an intent, read from an offset: an async iterator of its
+    entries (``StreamEntry``), stored ones then live ones, until the intent is
+    terminal and every entry was handed out. Then ``intent`` is the final
+    intent; ``next_offset`` is always the offset after the last entry handed
+    out, the one to resume from.
+
+    On UNAVAILABLE it reconnects (with the client's backoff, the budget
+    restored by every entry) and resumes at ``next_offset``: no entry is
+    skipped or handed out twice. Other failures raise the matching
+    ``ClientError`` (NotFound, PermissionDenied, FailedPrecondition for a
+    pruned stream...). Leaving early: ``await reader.aclose()`` or
+    ``async with``.
+    """
+
+    def __init__(self, client: AsyncIntentClient, cursor: StreamCursor) -> None:
+        self._client = client
+        self._cursor = cursor
+        self._entries: AsyncGenerator[StreamEntry, None] | None = None
+
+    @property
+    def intent_id(self) -> str:
+        return self._cursor.intent_id
+
+    @property
+    def stream(self) -> str:
+        return self._cursor.stream
+
+    @property
+    def next_offset(self) -> int:
+        return self._cursor.next_offset
+
+    @property
+    def intent(self) -> Intent | None:
+        """The final intent, once the end was reached; None before."""
+        return self._cursor.intent
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.intent_id!r}, {self.stream!r}, next_offset={self.next_offset})"
+
+    def __aiter__(self) -> AsyncStreamReader:
+        return self
+
+    async def __anext__(self) -> StreamEntry:
+        if self._entries is None:
+            self._entries = self._read()
+        return await anext(self._entries)
+
+    async def aclose(self) -> None:
+        """Ends the call (if one is open); iterating afterwards ends at once."""
+        entries, self._entries = self._entries, _ended()
+        if entries is not None:
+            await entries.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _read(self) -> AsyncGenerator[StreamEntry, None]:
+        cursor = self._cursor
+        if cursor.done:
+            return
+        settings = self._client._settings
+        while True:
+            call = self._client._stub.StreamIntent(cursor.request(), metadata=settings.call_metadata)
+            try:
+                async for resp in call:
+                    for msg in resp.entries:
+                        entry = cursor.accept(msg)
+                        if entry is not None:
+                            yield entry
+                    if cursor.finish(resp):
+                        return
+                delay = cursor.after_cut()
+            except grpc.RpcError as err:
+                delay = cursor.after_failure(err)
+            finally:
+                # Also reached when the caller stops iterating early.
+                call.cancel()
+            await asyncio.sleep(delay)
+
+
+async def _ended() -> AsyncGenerator[StreamEntry, None]:
+    return
+    yield  # an async generator that yields nothing
 
 
 class AsyncIntentClient(ClientBase):
@@ -300,6 +407,30 @@ class AsyncIntentClient(ClientBase):
                 # Also reached when the caller stops iterating early.
                 call.cancel()
             await asyncio.sleep(delay)
+
+    def stream(
+        self,
+        intent_id: str,
+        stream: str = DEFAULT_STREAM,
+        from_offset: int = 0,
+        *,
+        skip_superseded: bool = False,
+    ) -> AsyncStreamReader:
+        """The entries of the intent's stream ``stream`` from ``from_offset``
+        (docs/streams.md): an async iterator of ``StreamEntry``, stored then
+        live, ending once the intent is terminal (then the reader's ``intent``
+        is set). ``skip_superseded`` leaves out chunks that a marker already
+        sent supersedes (markers are always handed out). No call is made until
+        the first entry is asked for."""
+        cursor = StreamCursor(intent_id, stream, from_offset, skip_superseded, self._settings.retry)
+        return AsyncStreamReader(self, cursor)
+
+    async def streams(self, intent_id: str) -> builtins.list[StreamInfo]:
+        """The intent's streams, by name (at most 16)."""
+        resp: pb.ListIntentStreamsResponse = await self._call(
+            self._stub.ListIntentStreams, pb.ListIntentStreamsRequest(id=intent_id)
+        )
+        return [stream_info_from_proto(s) for s in resp.streams]
 
     async def cancel(self, intent_id: str, reason: str = "") -> Intent:
         resp: pb.CancelIntentResponse = await self._call(

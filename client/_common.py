@@ -23,6 +23,7 @@ from intentd.core.states import IntentState
 from intentd.core.waits import signal_id_problem, signal_name_problem
 from intentd.generated.v1 import human_task_pb2 as task_pb
 from intentd.generated.v1 import intent_service_pb2 as pb
+from intentd.generated.v1 import stream_pb2
 
 from .config import DEFAULT_TARGET, ClientSettings, StrPath, bearer_metadata, tls_credentials
 from .errors import (
@@ -31,6 +32,7 @@ from .errors import (
     IntentNotCompleted,
     IntentTimedOut,
     InvalidArgument,
+    Unavailable,
     WaitTimeout,
     from_rpc_error,
     rpc_code,
@@ -41,10 +43,12 @@ from .models import (
     Intent,
     IntentFields,
     IntentInput,
+    StreamEntry,
     build_spec,
     encode_json,
     event_from_proto,
     intent_from_proto,
+    stream_entry_from_proto,
 )
 
 # Each WaitIntent call is kept short enough that proxies and load balancers
@@ -525,5 +529,71 @@ class WatchCursor:
 
     def after_failure(self, err: grpc.RpcError) -> float:
         delay = self._retry.after_failure(err, self._failures)
+        self._failures += 1
+        return delay
+
+
+class StreamCursor:
+    """The bookkeeping of ``stream``: the offset to resume from after a
+    reconnect (the one after the last entry handed out), the final intent once
+    the server sent it, and how many reconnects in a row have failed."""
+
+    def __init__(
+        self, intent_id: str, stream: str, from_offset: int, skip_superseded: bool, retry: RetryPolicy
+    ) -> None:
+        if from_offset < 0:
+            raise InvalidArgument("from_offset: must not be negative")
+        self.intent_id = intent_id
+        self.stream = stream
+        self.skip_superseded = skip_superseded
+        self.next_offset = from_offset
+        self.intent: Intent | None = None
+        self._retry = retry
+        self._failures = 0
+
+    @property
+    def done(self) -> bool:
+        return self.intent is not None
+
+    def request(self) -> pb.StreamIntentRequest:
+        return pb.StreamIntentRequest(
+            id=self.intent_id, stream=self.stream, from_offset=self.next_offset,
+            skip_superseded=self.skip_superseded,
+        )
+
+    def accept(self, msg: stream_pb2.StreamEntry) -> StreamEntry | None:
+        """The entry to hand out, or None for one already handed out. Called
+        as each entry is handed out, so ``next_offset`` never runs ahead of
+        what the caller got (a caller that stops mid-page resumes there)."""
+        # The server resumes at from_offset; this guards against a replay
+        # overlapping what was handed out before a reconnect anyway. Offsets
+        # may skip forward (skip_superseded), never back.
+        if msg.offset < self.next_offset:
+            return None
+        self.next_offset = msg.offset + 1
+        # Progress proves the connection works; the next outage gets the full
+        # retry budget again.
+        self._failures = 0
+        return stream_entry_from_proto(msg)
+
+    def finish(self, response: pb.StreamIntentResponse) -> bool:
+        """After a message's entries: True when it was the last one (it
+        carries the terminal intent)."""
+        if response.HasField("intent"):
+            self.intent = intent_from_proto(response.intent)
+        return self.done
+
+    def after_failure(self, err: grpc.RpcError) -> float:
+        delay = self._retry.after_failure(err, self._failures)
+        self._failures += 1
+        return delay
+
+    def after_cut(self) -> float:
+        """The call ended cleanly without the last message (a server going
+        away may end calls so): not the end, so it reconnects like after
+        UNAVAILABLE, from the same retry budget."""
+        if self._failures >= self._retry.max_retries:
+            raise Unavailable(f"the server ended the stream of intent {self.intent_id} before its end")
+        delay = self._retry.delay(self._failures)
         self._failures += 1
         return delay

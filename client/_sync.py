@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import builtins
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
-from ._async import AsyncIntentClient
+from intentd.core.limits import DEFAULT_STREAM
+
+from ._async import AsyncIntentClient, AsyncStreamReader
 from ._common import ClientBase, HandleBase, ListQuery, TaskStateFilter
 from ._loop import LoopThread
 from .models import (
@@ -22,6 +24,8 @@ from .models import (
     Page,
     SignalResult,
     Step,
+    StreamEntry,
+    StreamInfo,
 )
 
 T = TypeVar("T")
@@ -65,6 +69,74 @@ class IntentHandle(HandleBase["IntentClient"]):
         """The child intents its handler started, in start order."""
         return self.client.children(self.id)
 
+    def stream(
+        self, stream: str = DEFAULT_STREAM, from_offset: int = 0, *, skip_superseded: bool = False
+    ) -> StreamReader:
+        return self.client.stream(self.id, stream, from_offset, skip_superseded=skip_superseded)
+
+    def streams(self) -> builtins.list[StreamInfo]:
+        return self.client.streams(self.id)
+
+
+class StreamReader:
+    """One stream of an intent, read from an offset: an iterator of its
+    entries (``StreamEntry``), stored ones then live ones, until the intent is
+    terminal and every entry was handed out. Then ``intent`` is the final
+    intent; ``next_offset`` is always the offset after the last entry handed
+    out, the one to resume from.
+
+    On UNAVAILABLE it reconnects (with the client's backoff, the budget
+    restored by every entry) and resumes at ``next_offset``: no entry is
+    skipped or handed out twice. Other failures raise the matching
+    ``ClientError`` (NotFound, PermissionDenied, FailedPrecondition for a
+    pruned stream...). Leaving early: ``reader.close()`` or ``with``.
+    """
+
+    def __init__(self, client: IntentClient, reader: AsyncStreamReader) -> None:
+        self._reader = reader
+        self._entries = client._iterate(reader)
+
+    @property
+    def intent_id(self) -> str:
+        return self._reader.intent_id
+
+    @property
+    def stream(self) -> str:
+        return self._reader.stream
+
+    @property
+    def next_offset(self) -> int:
+        return self._reader.next_offset
+
+    @property
+    def intent(self) -> Intent | None:
+        """The final intent, once the end was reached; None before."""
+        return self._reader.intent
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.intent_id!r}, {self.stream!r}, next_offset={self.next_offset})"
+
+    def __iter__(self) -> StreamReader:
+        return self
+
+    def __next__(self) -> StreamEntry:
+        return next(self._entries)
+
+    def close(self) -> None:
+        """Ends the call (if one is open); iterating afterwards ends at once."""
+        self._entries.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
 
 class IntentClient(ClientBase):
     """A blocking client of the IntentService (and the AdminService's intent
@@ -85,7 +157,7 @@ class IntentClient(ClientBase):
         # without close(); the callback holds the loop and the channel, not self.
         self._finalizer = weakref.finalize(self, self._loop.close, self._aio.close)
 
-    def _iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+    def _iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
         # A generator of the client's, so the client outlives the iteration.
         yield from self._loop.iterate(items)
 
@@ -146,6 +218,26 @@ class IntentClient(ClientBase):
         the server ends the stream after the terminal event. Reconnects on
         UNAVAILABLE and resumes after the last event yielded."""
         return self._iterate(self._aio.watch(intent_id, after_seq))
+
+    def stream(
+        self,
+        intent_id: str,
+        stream: str = DEFAULT_STREAM,
+        from_offset: int = 0,
+        *,
+        skip_superseded: bool = False,
+    ) -> StreamReader:
+        """The entries of the intent's stream ``stream`` from ``from_offset``
+        (docs/streams.md): an iterator of ``StreamEntry``, stored then live,
+        ending once the intent is terminal (then the reader's ``intent`` is
+        set). ``skip_superseded`` leaves out chunks that a marker already sent
+        supersedes (markers are always handed out). No call is made until the
+        first entry is asked for."""
+        return StreamReader(self, self._aio.stream(intent_id, stream, from_offset, skip_superseded=skip_superseded))
+
+    def streams(self, intent_id: str) -> builtins.list[StreamInfo]:
+        """The intent's streams, by name (at most 16)."""
+        return self._loop.run(self._aio.streams(intent_id))
 
     def cancel(self, intent_id: str, reason: str = "") -> Intent:
         return self._loop.run(self._aio.cancel(intent_id, reason))

@@ -12,14 +12,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypedDict, Unpack
+from typing import Any, Literal, TypedDict, Unpack
 
 from google.protobuf.message import Message
 
 from intentd.core.errors import ValidationError
 from intentd.core.states import IntentState
 from intentd.core.validation import check_agent_address, check_idempotency_key, check_intent_type, check_labels
-from intentd.generated.v1 import admin_service_pb2, human_task_pb2, intent_pb2
+from intentd.generated.v1 import admin_service_pb2, human_task_pb2, intent_pb2, stream_pb2
 from intentd.generated.v1 import intent_service_pb2 as pb
 
 from .errors import InvalidArgument
@@ -288,6 +288,62 @@ class Step:
     record_time: datetime | None
 
 
+# StreamEntry.format: the chunk's ChunkFormat; None for a marker.
+ChunkFormatName = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """What a marker entry says: every chunk entry of its stream at a lower
+    offset whose position is in ``positions`` is superseded."""
+
+    positions: tuple[int, ...]
+    # "REDELIVERED" (a new attempt began) or "STEP_RETRIED" (a failed step's
+    # position runs again in the same attempt); UNKNOWN_<n> for a reason a
+    # newer server sends that this client does not know.
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamEntry:
+    """One entry of an intent's stream (``client.stream``): a chunk an agent
+    emitted, or a marker (``superseded`` set) taking earlier chunks back."""
+
+    offset: int
+    # The attempt that emitted it (a marker: the attempt that began, or whose
+    # step is retried).
+    attempt: int
+    # The step position the chunk belongs to (0 for a marker).
+    position: int
+    # When it was committed.
+    time: datetime | None
+    format: ChunkFormatName | None
+    # A text chunk: the str; a JSON chunk: the decoded value; a marker: None.
+    data: Any
+    raw: bytes
+    superseded: Superseded | None = None
+
+    @property
+    def is_marker(self) -> bool:
+        return self.superseded is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamInfo:
+    """One stream of an intent, as ``client.streams`` lists it."""
+
+    name: str
+    # The offset the next entry gets: the number of entries so far.
+    next_offset: int
+    # The bytes of chunk data in it.
+    bytes: int
+    create_time: datetime | None
+    update_time: datetime | None
+    # Its entries were deleted (the intent type's stream_keep_ms passed after
+    # the intent ended); the counts remain.
+    pruned: bool
+
+
 @dataclass(frozen=True, kw_only=True)
 class IntentType:
     """Delivery settings of one intent type (AdminService). A 0 means the
@@ -306,6 +362,9 @@ class IntentType:
     # How long an attempt at an unsatisfied wait keeps its lease before it
     # parks: None is the server's default (2000), 0 parks at once.
     wait_hold_ms: int | None = None
+    # How long a finished intent's streams keep their entries (docs/streams.md):
+    # None as long as the intent itself, 0 until the next prune after its end.
+    stream_keep_ms: int | None = None
     # Set by the server.
     update_time: datetime | None = None
     proto: admin_service_pb2.IntentType = field(
@@ -322,6 +381,7 @@ class IntentType:
             default_deadline_ms=self.default_deadline_ms,
             # An optional field: unset (None) and 0 mean different things.
             wait_hold_ms=self.wait_hold_ms,
+            stream_keep_ms=self.stream_keep_ms,
         )
 
 
@@ -536,8 +596,47 @@ def intent_type_from_proto(msg: admin_service_pb2.IntentType) -> IntentType:
         retry_backoff_max_ms=msg.retry_backoff_max_ms,
         default_deadline_ms=msg.default_deadline_ms,
         wait_hold_ms=msg.wait_hold_ms if msg.HasField("wait_hold_ms") else None,
+        stream_keep_ms=msg.stream_keep_ms if msg.HasField("stream_keep_ms") else None,
         update_time=_time(msg, "update_time"),
         proto=msg,
+    )
+
+
+def supersede_reason_name(value: int) -> str:
+    try:
+        name = stream_pb2.SupersedeReason.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"UNKNOWN_{value}"
+    return "" if name == "SUPERSEDE_REASON_UNSPECIFIED" else name.removeprefix("SUPERSEDE_REASON_")
+
+
+def stream_entry_from_proto(msg: stream_pb2.StreamEntry) -> StreamEntry:
+    raw = bytes(msg.data)
+    common: dict[str, Any] = {
+        "offset": msg.offset, "attempt": msg.attempt, "position": msg.position, "time": _time(msg, "time"),
+        "raw": raw,
+    }
+    if msg.HasField("superseded"):
+        marker = Superseded(tuple(msg.superseded.positions), supersede_reason_name(msg.superseded.reason))
+        return StreamEntry(**common, format=None, data=None, superseded=marker)
+    if msg.format == stream_pb2.CHUNK_FORMAT_JSON:
+        return StreamEntry(**common, format="json", data=json.loads(raw))
+    if msg.format in (stream_pb2.CHUNK_FORMAT_TEXT, stream_pb2.CHUNK_FORMAT_UNSPECIFIED):
+        # The server refuses text that is not UTF-8; "replace" keeps a reader
+        # going rather than end it on one bad chunk.
+        return StreamEntry(**common, format="text", data=raw.decode("utf-8", errors="replace"))
+    # A format a newer server sends that this client does not know: only raw.
+    return StreamEntry(**common, format=None, data=None)
+
+
+def stream_info_from_proto(msg: stream_pb2.StreamInfo) -> StreamInfo:
+    return StreamInfo(
+        name=msg.name,
+        next_offset=msg.next_offset,
+        bytes=msg.bytes,
+        create_time=_time(msg, "create_time"),
+        update_time=_time(msg, "update_time"),
+        pruned=msg.pruned,
     )
 
 
@@ -634,6 +733,7 @@ __all__ = [
     "CHILD_EVENT_TYPES",
     "WAIT_EVENT_TYPES",
     "WAIT_KINDS",
+    "ChunkFormatName",
     "Event",
     "HumanDecision",
     "HumanTask",
@@ -647,6 +747,9 @@ __all__ = [
     "Signal",
     "SignalResult",
     "Step",
+    "StreamEntry",
+    "StreamInfo",
+    "Superseded",
     "WaitInfo",
     "build_spec",
     "deadline_datetime",
@@ -660,6 +763,9 @@ __all__ = [
     "signal_from_proto",
     "signal_result_from_proto",
     "step_from_proto",
+    "stream_entry_from_proto",
+    "stream_info_from_proto",
+    "supersede_reason_name",
     "task_from_proto",
     "task_page_from_proto",
     "wait_info_from_proto",

@@ -12,10 +12,21 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from intentd.client import ClientError, HumanTask, Intent, IntentClient, IntentType, WaitInfo, WaitTimeout
+from intentd.client import (
+    ClientError,
+    HumanTask,
+    Intent,
+    IntentClient,
+    IntentType,
+    StreamEntry,
+    StreamInfo,
+    WaitInfo,
+    WaitTimeout,
+)
 from intentd.client.config import DEFAULT_TARGET
 from intentd.core.aio import run
 from intentd.core.config import SettingsError, env_name, load_settings
+from intentd.core.limits import DEFAULT_STREAM
 from intentd.core.logs import setup_logging
 
 # What runs or reaches the control plane (the server, its database, the demo
@@ -529,12 +540,140 @@ def event_dict(event: Any) -> dict[str, Any]:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    if args.stream is not None:
+        return watch_stream(args)
+    if args.from_offset is not None or args.skip_superseded:
+        raise SystemExit("intentd: --from and --skip-superseded read a stream: give --stream [NAME] too")
     with _client(args) as client:
         for event in client.watch(args.id, after_seq=args.after_seq):
             if args.json:
                 print(json.dumps(event_dict(event)), flush=True)
             else:
                 print(_describe_event(event), flush=True)
+    return 0
+
+
+def describe_marker(entry: StreamEntry) -> str:
+    """The stderr line of a marker, e.g. "[superseded by attempt 2
+    (redelivered): positions 3, 4]"."""
+    assert entry.superseded is not None
+    reason = entry.superseded.reason.lower().replace("_", " ") or "unspecified"
+    positions = ", ".join(str(p) for p in entry.superseded.positions)
+    plural = "s" if len(entry.superseded.positions) != 1 else ""
+    return f"[superseded by attempt {entry.attempt} ({reason}): position{plural} {positions}]"
+
+
+def stream_entry_dict(entry: StreamEntry) -> dict[str, Any]:
+    """An entry as `watch --stream --json` prints it (the Node client's
+    lines too): a chunk with its data decoded, a marker with what it supersedes."""
+    d: dict[str, Any] = {"offset": entry.offset, "attempt": entry.attempt, "position": entry.position}
+    if entry.superseded is not None:
+        d["superseded"] = {"positions": list(entry.superseded.positions), "reason": entry.superseded.reason}
+    else:
+        d["format"] = entry.format
+        d["data"] = entry.data
+    return d
+
+
+class StreamPrinter:
+    """What `watch --stream` writes: text chunks to stdout as they come (no
+    newline added, flushed, so tokens show as they arrive), JSON chunks one
+    per line, markers as lines on stderr; at the end a newline on stdout if
+    the text did not end with one."""
+
+    def __init__(self, out: Any, err: Any, *, as_json: bool) -> None:
+        self._out = out
+        self._err = err
+        self._json = as_json
+        self._mid_line = False
+
+    def entry(self, entry: StreamEntry) -> None:
+        if self._json:
+            self._line(json.dumps(stream_entry_dict(entry)))
+        elif entry.superseded is not None:
+            print(describe_marker(entry), file=self._err, flush=True)
+        elif entry.format == "text":
+            text = str(entry.data)
+            if text:
+                self._out.write(text)
+                self._out.flush()
+                self._mid_line = not text.endswith("\n")
+        elif entry.format == "json":
+            self._line(json.dumps(entry.data))
+        else:
+            print(f"[offset {entry.offset}: a chunk format this client does not know, {len(entry.raw)} bytes]",
+                  file=self._err, flush=True)
+
+    def _line(self, text: str) -> None:
+        self.close_line()
+        self._out.write(text + "\n")
+        self._out.flush()
+
+    def close_line(self) -> None:
+        if self._mid_line:
+            self._out.write("\n")
+            self._out.flush()
+            self._mid_line = False
+
+    def end(self, intent: Intent | None, next_offset: int) -> None:
+        self.close_line()
+        if intent is None:
+            return
+        if self._json:
+            self._line(json.dumps({"end": intent.state.value, "next_offset": next_offset}))
+            return
+        line = f"[intent {intent.id} {intent.state.value}"
+        if intent.error is not None:
+            line += f": {intent.error.code}: {intent.error.message}"
+        elif intent.cancel_reason:
+            line += f": {intent.cancel_reason}"
+        print(line + f"; next offset {next_offset}]", file=self._err, flush=True)
+
+
+def watch_stream(args: argparse.Namespace) -> int:
+    if args.after_seq:
+        raise SystemExit("intentd: --after-seq is for events; a stream resumes with --from OFFSET")
+    from_offset = args.from_offset or 0
+    if from_offset < 0:
+        raise SystemExit("intentd: --from must not be negative")
+    printer = StreamPrinter(sys.stdout, sys.stderr, as_json=args.json)
+    with _client(args) as client, client.stream(args.id, args.stream, from_offset,
+                                                skip_superseded=args.skip_superseded) as reader:
+        try:
+            for entry in reader:
+                printer.entry(entry)
+        finally:
+            # An error (or Ctrl-C) after text without its newline: the
+            # message that follows starts on a line of its own.
+            printer.close_line()
+        printer.end(reader.intent, reader.next_offset)
+    return 0
+
+
+def stream_info_dict(info: StreamInfo) -> dict[str, Any]:
+    return {
+        "name": info.name, "next_offset": info.next_offset, "bytes": info.bytes, "pruned": info.pruned,
+        "create_time": info.create_time.isoformat() if info.create_time else None,
+        "update_time": info.update_time.isoformat() if info.update_time else None,
+    }
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        streams = client.streams(args.id)
+    if args.json:
+        print(json.dumps({"streams": [stream_info_dict(s) for s in streams]}, indent=2))
+        return 0
+    if not streams:
+        print(f"intent {args.id} has no streams yet")
+        return 0
+    rows = [("NAME", "ENTRIES", "BYTES", "CREATED", "UPDATED", "")]
+    for s in streams:
+        rows.append((s.name, str(s.next_offset), str(s.bytes), _time_text(s.create_time), _time_text(s.update_time),
+                     "pruned" if s.pruned else ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -691,7 +830,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 _TYPE_FLAGS = ("max_attempts", "heartbeat_timeout_ms", "retry_backoff_ms", "retry_backoff_max_ms",
-               "default_deadline_ms", "wait_hold_ms")
+               "default_deadline_ms", "wait_hold_ms", "stream_keep_ms")
 
 
 def cmd_types(args: argparse.Namespace) -> int:
@@ -710,7 +849,8 @@ def cmd_types(args: argparse.Namespace) -> int:
               f"{t.intent_type}: max_attempts={t.max_attempts} heartbeat_timeout_ms={t.heartbeat_timeout_ms} "
               f"retry_backoff_ms={t.retry_backoff_ms} (max {t.retry_backoff_max_ms}) "
               f"default_deadline_ms={t.default_deadline_ms or 'none'} "
-              f"wait_hold_ms={'default' if t.wait_hold_ms is None else t.wait_hold_ms}")
+              f"wait_hold_ms={'default' if t.wait_hold_ms is None else t.wait_hold_ms} "
+              f"stream_keep_ms={'as the intent' if t.stream_keep_ms is None else t.stream_keep_ms}")
     return 0
 
 
@@ -791,9 +931,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--timeout", type=float, help="seconds; without it, wait as long as it takes")
 
-    p = client_command("watch", cmd_watch, "Follow an intent's events live until it is terminal.")
+    p = client_command("watch", cmd_watch, "Follow an intent's events (or, with --stream, one of its streams) "
+                       "live until it is terminal.")
     p.add_argument("id")
     p.add_argument("--after-seq", type=int, default=0)
+    p.add_argument("--stream", nargs="?", const=DEFAULT_STREAM, metavar="NAME",
+                   help=f"print the entries of the stream NAME (default {DEFAULT_STREAM!r}) instead of events: text "
+                   "chunks as they come, JSON chunks one per line, superseded markers on stderr (docs/streams.md)")
+    p.add_argument("--from", dest="from_offset", type=int, metavar="OFFSET",
+                   help="--stream: the first offset (default 0); resume with the next offset the end line shows")
+    p.add_argument("--skip-superseded", action="store_true",
+                   help="--stream: leave out chunks a marker already supersedes (markers are still shown)")
+
+    p = client_command("streams", cmd_streams, "List an intent's streams (docs/streams.md).")
+    p.add_argument("id")
 
     p = client_command("list", cmd_list, "List intents, newest first (--parent: children in start order).")
     p.add_argument("--state", action="append", help="PENDING, IN_PROGRESS, ... (repeatable)")
@@ -858,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-deadline-ms", type=int)
     p.add_argument("--wait-hold-ms", type=int,
                    help="how long an attempt at an unsatisfied wait holds its agent before parking (0: at once)")
+    p.add_argument("--stream-keep-ms", type=int,
+                   help="how long a finished intent's streams keep their entries (0: until the next prune after "
+                   "the end; default: as long as the intent)")
 
     p = add("keys", cmd_keys, "Create, list or revoke API keys (straight in the database).")
     p.add_argument("action", choices=("create", "list", "revoke"))
