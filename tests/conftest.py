@@ -9,6 +9,8 @@ Every run gets its own fresh database, dropped at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +25,7 @@ from intentd.server.embedded import EmbeddedPostgres
 from intentd.server.migrate import migrate
 from intentd.testing.database import connection, with_database
 from tests.stack import cluster, ledger_db  # noqa: F401 - fixtures shared by the stack tests
-from tests.support import ServerThread, run_sync, server_settings
+from tests.support import ROOT, ServerThread, run_sync, server_settings
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +134,20 @@ def make_server(database_url: str) -> Iterator[Callable[..., ServerThread]]:
     yield make
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """node, with the Node examples' packages installed (from the committed lock)."""
+    node = shutil.which("node")
+    npm = shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the Node.js examples")
+    examples = ROOT / "examples" / "node"
+    if not (examples / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        # From the committed lock: the same versions everywhere.
+        result = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=examples, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
+    return node

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import uuid
 from collections import Counter
@@ -31,21 +30,6 @@ AGENT_JS = NODE_DIR / "agent.js"
 INTENT_TYPE = "example.node.steps.v1"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    node = shutil.which("node")
-    npm = shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the Node.js examples")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        # From the committed lock: the same versions everywhere.
-        result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
-    return node
 
 
 @dataclass

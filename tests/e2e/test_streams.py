@@ -9,6 +9,9 @@ superseded by a marker, never silently repeated), whatever other readers do."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 from intentd.client import IntentClient, IntentState
 from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 from tests.agents.stream_agent import flood_chunk, token
+from tests.e2e.test_node_examples import CLIENT_JS
 from tests.support import sql
 
 AGENT = "tests.agents.stream_agent"
@@ -237,3 +241,23 @@ def test_two_live_readers_of_one_stream_get_the_same_entries(cluster) -> None:
         for t in threads:
             t.join(60)
         assert results[0] == results[1] and len(results[0]) == 402
+
+
+def test_the_node_client_reads_a_stream_live(cluster, node: str) -> None:
+    streams = Streams(cluster)
+    streams.sidecar()
+    with IntentClient(streams.server.address) as client:
+        intent_id = streams.send(client, "tokens", steps=2, count=30, pace_ms=2)
+        reader = subprocess.Popen([node, str(CLIENT_JS), "stream", intent_id], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "INTENTD_SERVER": streams.server.address})
+        out, err = reader.communicate(timeout=90)
+        assert reader.returncode == 0, err
+        streams.finish(client, intent_id)
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert lines[-1] == {"end": "COMPLETED"}
+    entries = lines[:-1]
+    assert [e["offset"] for e in entries] == list(range(len(entries)))
+    assert [e["data"] for e in entries] == ([{"phase": "start"}] + [token(1, i) for i in range(30)]
+                                            + [token(2, i) for i in range(30)] + [{"phase": "done"}])
+    assert {e["format"] for e in entries} == {"text", "json"} and all(e["attempt"] == 1 for e in entries)
