@@ -557,3 +557,21 @@ async def test_the_byte_budget_cuts_a_read_after_the_frame_that_reaches_it(pg: a
     # Each frame stores about 1 kB: the third reaches 2500, and nothing after it comes.
     assert [r["end_offset"] for r in rows] == [1, 2, 3] and rows[-1]["upto"] >= 2500
     assert [r["end_offset"] for r in await pg.fetch(Q.stream_frames_from, intent_id, "default", 0, 100, 1)] == [1]
+
+
+def test_open_streams_count_against_the_keys_watch_cap(make_server, database_url) -> None:
+    srv = make_server(auth="on", max_watches_per_key=2)
+    keys = Keys(database_url)
+    tenant = f"sc{uuid.uuid4().hex[:6]}"
+    key = bearer(keys.create(tenant, "reader", ["client"]))
+    intent_id = new_intent(srv.address, f"agent://{tenant}/prod/nobody", metadata=key)
+    with following(srv.address, intent_id, metadata=key), following(srv.address, intent_id, metadata=key):
+        wait_until(subscribed(srv, intent_id, readers=2), what="two readers")
+        third = read(srv.address, intent_id, metadata=key)
+        assert third.error is not None and third.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "StreamIntent calls count too" in (third.error.details() or "")
+    # Canceled calls leave nothing behind: their subscriptions and slots are freed.
+    wait_until(lambda: not subscribed(srv, intent_id)(), what="the canceled readers gone")
+    wait_until(lambda: not srv.plane.hub._intents.get(intent_id), what="their intent subscriptions gone")
+    cancel(srv.address, intent_id, metadata=key)
+    assert read(srv.address, intent_id, metadata=key).error is None
