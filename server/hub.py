@@ -2,7 +2,8 @@
 
 One dedicated connection listens on the intentd channels. Watchers and
 waiters subscribe to an intent id (and the API key they call with);
-dispatchers subscribe to addresses. A notification is only a wake-up:
+stream readers to an intent's stream as well; dispatchers subscribe to
+addresses. A notification is only a wake-up:
 subscribers always read the truth from the database. An idle subscriber
 costs the database nothing: it sleeps until woken, by a notification about
 its intent or key, by a reconnect of the listener (after which everybody
