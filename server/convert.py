@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from intentd.core.states import IntentState
-from intentd.generated.v1 import human_task_pb2, intent_pb2, intent_service_pb2
+from intentd.generated.v1 import human_task_pb2, intent_pb2, intent_service_pb2, stream_pb2
+
+if TYPE_CHECKING:  # chunk_reader reads through the store, which converts rows with this module
+    from .chunk_reader import Entry
 
 
 def _by_name(enum: Any, prefix: str) -> dict[str, Any]:
@@ -190,3 +193,31 @@ def human_task_to_proto(row: Mapping[str, Any]) -> human_task_pb2.HumanTask:
             form_data=row["form_data"].encode() if row["form_data"] is not None else b"",
         ))
     return msg
+
+
+def stream_entry_to_proto(entry: Entry) -> stream_pb2.StreamEntry:
+    msg = stream_pb2.StreamEntry(
+        offset=entry.offset,
+        attempt=entry.attempt,
+        position=entry.position,
+        time=timestamp(entry.time),
+        format=entry.format,  # type: ignore[arg-type]  # ChunkFormat numbers, as the frames store them
+        data=entry.data,
+    )
+    if entry.superseded is not None:
+        msg.superseded.CopyFrom(stream_pb2.Superseded(
+            positions=entry.superseded,
+            reason=entry.reason,  # type: ignore[arg-type]  # SupersedeReason numbers
+        ))
+    return msg
+
+
+def stream_info_to_proto(row: Mapping[str, Any]) -> stream_pb2.StreamInfo:
+    return stream_pb2.StreamInfo(
+        name=row["name"],
+        next_offset=row["next_offset"],
+        bytes=row["bytes"],
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+        pruned=row["pruned"],
+    )

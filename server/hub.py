@@ -2,7 +2,8 @@
 
 One dedicated connection listens on the intentd channels. Watchers and
 waiters subscribe to an intent id (and the API key they call with);
-dispatchers subscribe to addresses. A notification is only a wake-up:
+stream readers to an intent's stream as well; dispatchers subscribe to
+addresses. A notification is only a wake-up:
 subscribers always read the truth from the database. An idle subscriber
 costs the database nothing: it sleeps until woken, by a notification about
 its intent or key, by a reconnect of the listener (after which everybody
@@ -33,6 +34,8 @@ PENDING_CHANNEL = "intentd_pending"
 KEYS_CHANNEL = "intentd_keys"
 # A statement wrote child notices (migration 0011): the child sweeper runs.
 CHILDREN_CHANNEL = "intentd_children"
+# A statement appended stream frames (migration 0012): their readers read.
+STREAMS_CHANNEL = "intentd_streams"
 CATCHUP_SECONDS = 10.0
 _CATCHUP_CHUNK = 5000
 
@@ -53,6 +56,24 @@ def parse_events(payload: str) -> Iterator[tuple[str, int | None, str]]:
         except ValueError:
             seq = None
         yield intent_id, seq, state
+
+
+def parse_streams(payload: str) -> Iterator[tuple[str, str, int | None]]:
+    """The streams of an ``intentd_streams`` notification: one
+    ``intent_id:stream:end_offset`` line per stream a statement appended to.
+    A stream name may hold ':' (an intent id never does), so the id ends at
+    the first ':' and the offset starts after the last one. A line whose
+    offset does not parse still wakes the stream's readers, with None."""
+    for line in payload.split("\n"):
+        intent_id, _, rest = line.partition(":")
+        stream, _, offset_text = rest.rpartition(":")
+        if not intent_id or not stream:
+            continue
+        try:
+            offset: int | None = int(offset_text)
+        except ValueError:
+            offset = None
+        yield intent_id, stream, offset
 
 
 class Subscription:
@@ -102,6 +123,24 @@ class _Relay(Subscription):
             self.target.notify()
 
 
+class StreamSubscription(Subscription):
+    """A stream reader's wake-ups: for new frames of its stream and for
+    whatever may have changed its intent (an event, the catch-up, a
+    reconnect, its key). ``intent_moved`` tells the reader whether it must
+    read the intent again or only the frames."""
+
+    def __init__(self, key_id: str | None = None) -> None:
+        super().__init__(key_id)
+        self.intent_moved = False
+
+    def notify(self) -> None:
+        self.intent_moved = True
+        super().notify()
+
+    def notify_frames(self) -> None:
+        self._event.set()
+
+
 class NotificationHub:
     def __init__(self, url: str, *, reconnect_delay: float = 0.5, application_name: str = "intentd") -> None:
         self._url = url
@@ -109,6 +148,7 @@ class NotificationHub:
         self._reconnect_delay = reconnect_delay
         self._intents: dict[str, set[Subscription]] = defaultdict(set)
         self._by_key: dict[str, set[Subscription]] = defaultdict(set)
+        self._streams: dict[tuple[str, str], set[StreamSubscription]] = defaultdict(set)
         self._key_listeners: list[Callable[[str], None]] = []
         self._catchup: asyncio.Task[None] | None = None
         self._conn_lock = asyncio.Lock()
@@ -153,6 +193,12 @@ class NotificationHub:
         the children a held AGENT wait waits for) and, with ``key_id``, of
         that API key (so a revocation ends the call at once)."""
         sub = Subscription(key_id)
+        with self._subscribed(sub, intent_id, key_id, also, also_states):
+            yield sub
+
+    @contextlib.contextmanager
+    def _subscribed(self, sub: Subscription, intent_id: str, key_id: str | None, also: Sequence[str] = (),
+                    also_states: frozenset[str] = frozenset()) -> Iterator[None]:
         names: list[tuple[dict[str, set[Subscription]], str, Subscription]] = [(self._intents, intent_id, sub)]
         if also:
             relay = _Relay(sub, also_states)
@@ -162,7 +208,7 @@ class NotificationHub:
         for index, name, member in names:
             index[name].add(member)
         try:
-            yield sub
+            yield
         finally:
             for index, name, member in names:
                 subs = index.get(name)
@@ -170,6 +216,24 @@ class NotificationHub:
                     subs.discard(member)
                     if not subs:
                         del index[name]
+
+    @contextlib.contextmanager
+    def subscribe_stream(self, intent_id: str, stream: str, key_id: str | None = None
+                         ) -> Iterator[StreamSubscription]:
+        """Wake-ups for frames appended to the intent's stream, and, as
+        ``subscribe_intent`` gives them, for the intent's changes (so the
+        reader sees its end) and the API key's. Frames wake only their
+        stream's readers, never the intent's watchers."""
+        sub = StreamSubscription(key_id)
+        readers = self._streams[(intent_id, stream)]
+        readers.add(sub)
+        try:
+            with self._subscribed(sub, intent_id, key_id):
+                yield sub
+        finally:
+            readers.discard(sub)
+            if not readers and self._streams.get((intent_id, stream)) is readers:
+                del self._streams[(intent_id, stream)]
 
     def on_key(self, callback: Callable[[str], None]) -> None:
         """Calls ``callback(key_id)`` when an API key changed, and
@@ -213,6 +277,13 @@ class NotificationHub:
         metrics.NOTIFICATIONS.labels(channel="children").inc()
         for wake in list(self._children_listeners):
             wake()
+
+    def _on_streams(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        metrics.NOTIFICATIONS.labels(channel="streams").inc()
+        for intent_id, stream, _offset in parse_streams(payload):
+            for sub in list(self._streams.get((intent_id, stream), ())):
+                sub.notify_frames()
 
     def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
@@ -276,6 +347,7 @@ class NotificationHub:
                 await conn.add_listener(PENDING_CHANNEL, self._on_pending)
                 await conn.add_listener(KEYS_CHANNEL, self._on_key)
                 await conn.add_listener(CHILDREN_CHANNEL, self._on_children)
+                await conn.add_listener(STREAMS_CHANNEL, self._on_streams)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self.connected.set()

@@ -14,6 +14,7 @@ from intentd.core.limits import MAX_ATTEMPTS_LIMIT, MAX_HORIZON_MS, MAX_REASON_L
 from intentd.core.observability import metrics
 from intentd.core.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
 from intentd.core.states import IntentState
+from intentd.core.streams import stream_name, stream_name_problem
 from intentd.core.validation import (
     check_agent_address,
     check_idempotency_key,
@@ -27,7 +28,15 @@ from intentd.generated.v1 import intent_service_pb2_grpc as pb_grpc
 
 from . import errors, history
 from .auth import Authenticator, Caller, current_caller
-from .convert import event_to_proto, intent_to_proto, signal_to_proto, step_to_proto
+from .chunk_reader import ChunkReader, Follow, StreamQuery
+from .convert import (
+    event_to_proto,
+    intent_to_proto,
+    signal_to_proto,
+    step_to_proto,
+    stream_entry_to_proto,
+    stream_info_to_proto,
+)
 from .hub import NotificationHub
 from .ids import looks_like_id, page_token, parse_page_token
 from .quotas import Quotas, payload_json
@@ -63,9 +72,10 @@ def _require_id(value: str, field: str = "id") -> str:
 class IntentService(pb_grpc.IntentServiceServicer):
     def __init__(
         self, store: IntentStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
-        quotas: Quotas, waits: WaitStore,
+        quotas: Quotas, waits: WaitStore, chunks: ChunkReader | None = None,
     ) -> None:
         self.store = store
+        self.chunks = chunks if chunks is not None else ChunkReader(store.db, hub, store)
         self.waits = waits
         self.hub = hub
         self.settings = settings
@@ -83,7 +93,8 @@ class IntentService(pb_grpc.IntentServiceServicer):
         open_now = self._watches.get(caller.identity, 0)
         if self.auth.enabled and open_now >= self.settings.max_watches_per_key:
             raise errors.ResourceExhausted(
-                f"API key {caller.name!r} has {open_now} WatchIntent/WaitIntent calls open on this replica; "
+                f"API key {caller.name!r} has {open_now} WatchIntent/WaitIntent calls open (StreamIntent calls "
+                f"count too) on this replica; "
                 f"the limit is {self.settings.max_watches_per_key}", retry_after_ms=1000)
         self._watches[caller.identity] = open_now + 1
         try:
@@ -222,6 +233,35 @@ class IntentService(pb_grpc.IntentServiceServicer):
                 sub.seen = after
                 await sub.wait(self._idle(caller))
                 await self._check_key(caller)
+
+    @server_stream("client")
+    async def StreamIntent(
+        self, request: pb.StreamIntentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamIntentResponse]:
+        intent_id = _require_id(request.id)
+        name = stream_name(request.stream)
+        problem = stream_name_problem(name)
+        if problem is not None:
+            raise ValidationError("stream", problem)
+        if request.from_offset < 0:
+            raise ValidationError("from_offset", "must not be negative")
+        caller = current_caller()
+        query = StreamQuery(caller.tenant, intent_id, name, request.from_offset, request.skip_superseded)
+        # Like WatchIntent: woken by the key's changes, and the key checked
+        # around every sleep (and before every page), so a revoked key ends it.
+        follow = Follow(caller.key_id, check=lambda: self._check_key(caller), idle=lambda: self._idle(caller))
+        with self._watch_slot(caller):
+            async for page in self.chunks.read(query, follow):
+                yield pb.StreamIntentResponse(
+                    entries=[stream_entry_to_proto(entry) for entry in page.entries],
+                    intent=intent_to_proto(page.intent) if page.intent is not None else None)
+
+    @unary("client")
+    async def ListIntentStreams(
+        self, request: pb.ListIntentStreamsRequest, context: Ctx
+    ) -> pb.ListIntentStreamsResponse:
+        rows = await self.chunks.streams(self._tenant(context), _require_id(request.id))
+        return pb.ListIntentStreamsResponse(streams=[stream_info_to_proto(row) for row in rows])
 
     @unary("client")
     async def WaitIntent(self, request: pb.WaitIntentRequest, context: Ctx) -> pb.WaitIntentResponse:

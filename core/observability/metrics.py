@@ -81,8 +81,8 @@ its ``intentd_writes_total`` code).
     returns (``self.rounds += 1`` in ``BackgroundService._loop``). Only the
     control plane's sweepers should call these (the sidecar's pinger is a
     BackgroundService too): pass the server's sweepers' names.
-``NOTIFICATIONS`` -- ``intentd_notifications_total{channel="events"|"pending"|"keys"|"children"}``
-    ``NotificationHub._on_event`` / ``_on_pending`` / ``_on_key`` / ``_on_children`` (next to
+``NOTIFICATIONS`` -- ``intentd_notifications_total{channel="events"|"pending"|"keys"|"children"|"streams"}``
+    ``NotificationHub._on_event`` / ``_on_pending`` / ``_on_key`` / ``_on_children`` / ``_on_streams`` (next to
     ``self.notifications += 1``).
 
 Sidecar (``SIDECAR_REGISTRY``), wired in ``intentd.sidecar``
