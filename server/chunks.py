@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+
 from intentd.core.errors import ValidationError
 from intentd.core.limits import (
     DEFAULT_STREAM,

@@ -7,11 +7,9 @@ lock, and the plans of the statements."""
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -25,7 +23,6 @@ from intentd.server.batcher import WriteBatcher
 from intentd.server.chunks import ChunkStore, EmitResult, emit_spec
 from intentd.server.db import Database
 from intentd.server.leases import LeaseRef, LeaseStore
-from intentd.server.queries import Q
 from intentd.server.store import IntentStore, NewIntent
 
 TYPE = "intent.stream.writes.v1"
@@ -111,8 +108,259 @@ async def test_emit_appends_with_dense_offsets_and_counts(env: Env, pg: asyncpg.
     second = await env.chunks.emit(lease, write(2, ('{"a": 1}', 2)), session="s1")
     assert second == EmitResult(2, 1, False)
     rows = await entries(pg, intent_id)
-    assert [(e["offset"], e["position"], e["data"]) for e in rows] == [(0, 1, b"hel"), (1, 1, b"lo"), (2, 2, b'{"a": 1}')]
+    assert [(e["offset"], e["position"], e["data"]) for e in rows] == [
+        (0, 1, b"hel"), (1, 1, b"lo"), (2, 2, b'{"a": 1}')]
     h = await head(pg, intent_id)
     assert h is not None and (h["next_offset"], h["bytes"], h["open_positions"]) == (3, 13, [1, 2])
     t = await totals(pg, intent_id)
     assert (t["stream_bytes"], t["stream_names"], t["stream_emit_key"]) == (13, ["default"], (1 << 32) + 2)
+
+
+async def test_concurrent_emits_of_many_intents_share_groups_with_dense_offsets(
+        env: Env, pg: asyncpg.Connection) -> None:
+    ids = await env.send(12)
+    leases = await env.deliver(n=12)
+    assert sorted(lease.intent_id for lease in leases) == sorted(ids)
+    batches = env.batcher.batches
+
+    async def run(lease: LeaseRef) -> list[EmitResult]:
+        # An attempt sends its emits one at a time (seq order); the intents run side by side.
+        return [await env.chunks.emit(lease, write(seq, *[(f"{seq}.{k}", 1) for k in range(seq)]), session="s1")
+                for seq in range(1, 6)]
+
+    results = await asyncio.gather(*(run(lease) for lease in leases))
+    # Writes of different intents went together: fewer groups than writes.
+    assert env.batcher.batches - batches < 12 * 5
+    for lease, outcomes in zip(leases, results, strict=True):
+        assert [(o.first_offset, o.appended) for o in outcomes] == [(0, 1), (1, 2), (3, 3), (6, 4), (10, 5)]
+        rows = await entries(pg, lease.intent_id)
+        assert [e["offset"] for e in rows] == list(range(15))
+        assert [e["data"] for e in rows] == [f"{s}.{k}".encode() for s in range(1, 6) for k in range(s)]
+
+
+async def test_a_stale_or_foreign_lease_is_refused_and_appends_nothing(env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (old,) = await env.deliver("s1")
+    await env.chunks.emit(old, write(1, ("a", 1)), session="s1")
+    # Another stream that learnt the token does not hold the lease.
+    with pytest.raises(errors.StaleLease):
+        await env.chunks.emit(old, write(2, ("b", 1)), session="other")
+    await env.leases.release(old, "AGENT_DIED", stream="s1")
+    (new,) = await env.deliver("s2")
+    assert new.attempt == 2
+    with pytest.raises(errors.FailedPrecondition, match="not live"):
+        await env.chunks.emit(old, write(3, ("c", 1)), session="s1")
+    with pytest.raises(errors.FailedPrecondition, match="not live"):
+        await env.chunks.emit(old, write(4, supersede=(1,)), session="s1")
+    assert [e["data"] for e in await entries(pg, intent_id) if e["superseded"] is None] == [b"a"]
+    # Through the WriteRouter's error mapping that is FAILED_PRECONDITION; an
+    # unknown intent is NOT_FOUND.
+    with pytest.raises(errors.NotFound):
+        await env.chunks.emit(LeaseRef("0" * 26, 1, new.token), write(1, ("x", 1)))
+
+
+async def test_a_repeated_seq_appends_nothing_and_a_new_attempt_starts_above(env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (first,) = await env.deliver("s1")
+    assert await env.chunks.emit(first, write(1, ("a", 1)), session="s1") == EmitResult(0, 1, False)
+    assert await env.chunks.emit(first, write(1, ("a", 1)), session="s1") == EmitResult(0, 0, True)
+    assert await env.chunks.emit(first, write(3, ("b", 1)), session="s1") == EmitResult(1, 1, False)
+    # Gaps are allowed, but going back is a repeat.
+    assert await env.chunks.emit(first, write(2, ("late", 1)), session="s1") == EmitResult(0, 0, True)
+    await env.leases.release(first, "AGENT_DIED", stream="s1")
+    (second,) = await env.deliver("s2")
+    # seq starts again at 1 in a new attempt.
+    assert (await env.chunks.emit(second, write(1, ("c", 1)), session="s2")).appended == 1
+    chunks = [e for e in await entries(pg, intent_id) if e["superseded"] is None]
+    assert [(e["data"], e["attempt"]) for e in chunks] == [(b"a", 1), (b"b", 1), (b"c", 2)]
+    assert (await totals(pg, intent_id))["stream_emit_key"] == (2 << 32) + 1
+
+
+async def test_a_redone_batch_answers_the_emit_as_a_repeat(env: Env, pg: asyncpg.Connection) -> None:
+    """The group commit's in-doubt redo applies a committed emit again: seq
+    recognises it, so nothing is appended twice."""
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    lost = [True]
+
+    async def lose_the_answer(conn: asyncpg.Connection, batch: list[Any]) -> None:
+        if lost[0]:
+            lost[0] = False
+            raise ConnectionResetError("the answer was lost")
+
+    env.batcher.after_statements = lose_the_answer
+    try:
+        outcome = await env.chunks.emit(lease, write(1, ("once", 1)), session="s1")
+    finally:
+        env.batcher.after_statements = None
+    assert outcome == EmitResult(0, 0, True)
+    assert [e["data"] for e in await entries(pg, intent_id)] == [b"once"]
+
+
+async def test_chunks_at_recorded_positions_are_dropped(env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    await step(env, lease, 1)
+    await step(env, lease, 2)
+    outcome = await env.chunks.emit(lease, write(1, ("p1", 1), ("p3", 3), ("p2", 2), ("p3b", 3)), session="s1")
+    assert outcome == EmitResult(0, 2, False)
+    assert [(e["position"], e["data"]) for e in await entries(pg, intent_id)] == [(3, b"p3"), (3, b"p3b")]
+    h = await head(pg, intent_id)
+    assert h is not None and (h["bytes"], h["open_positions"]) == (5, [3])
+    # All dropped: applied (the key moves on), nothing appended, no head for a new stream.
+    assert await env.chunks.emit(lease, write(2, ("x", 1), stream="other"), session="s1") == EmitResult(0, 0, False)
+    assert await head(pg, intent_id, "other") is None
+    t = await totals(pg, intent_id)
+    assert (t["stream_emit_key"], t["stream_names"], t["stream_bytes"]) == ((1 << 32) + 2, ["default"], 5)
+
+
+# ------------------------------------------------------------------ markers
+
+
+async def test_the_ack_of_a_later_attempt_supersedes_the_unrecorded_positions(
+        env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (first,) = await env.deliver("s1")
+    # The first attempt's ack wrote no marker (there was nothing to supersede).
+    assert await entries(pg, intent_id) == []
+    await env.chunks.emit(first, write(1, ("a1", 1), ("a2", 2)), session="s1")
+    await env.chunks.emit(first, write(2, ("b1", 1), ("b3", 3), stream="b"), session="s1")
+    await env.chunks.emit(first, write(3, ("c1", 1), stream="c"), session="s1")
+    await step(env, first, 1)
+    await env.leases.release(first, "AGENT_DIED", stream="s1")
+
+    (second,) = await env.deliver("s2")
+    a, b = await entries(pg, intent_id), await entries(pg, intent_id, "b")
+    # Position 1 was recorded: never superseded; stream c has nothing else, so no marker.
+    assert (a[-1]["offset"], a[-1]["superseded"], a[-1]["reason"], a[-1]["attempt"]) == (2, [2], 1, 2)
+    assert (a[-1]["position"], a[-1]["format"], a[-1]["data"]) == (0, 0, b"")
+    assert (b[-1]["offset"], b[-1]["superseded"], b[-1]["reason"]) == (2, [3], 1)
+    assert [e["superseded"] for e in await entries(pg, intent_id, "c")] == [None]
+    for name, next_offset in (("default", 3), ("b", 3), ("c", 1)):
+        h = await head(pg, intent_id, name)
+        assert h is not None and (h["open_positions"], h["next_offset"]) == ([], next_offset)
+
+    # The re-run of position 2 emits again; when every open position is
+    # recorded by then, the next attempt's ack writes no marker.
+    await env.chunks.emit(second, write(1, ("a2'", 2)), session="s2")
+    await step(env, second, 2, "s2")
+    await env.leases.release(second, "AGENT_DIED", stream="s2")
+    await env.deliver("s3")
+    assert len(await entries(pg, intent_id)) == 4
+    h = await head(pg, intent_id)
+    assert h is not None and h["open_positions"] == []
+
+
+async def test_supersede_positions_mark_every_stream_once_before_the_chunks(env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    await env.chunks.emit(lease, write(1, ("a2", 2), ("a3", 3), stream="a"), session="s1")
+    await env.chunks.emit(lease, write(2, ("b2", 2), stream="b"), session="s1")
+    await env.chunks.emit(lease, write(3, ("c3", 3), stream="c"), session="s1")
+    # Position 2 failed and runs again: its chunks so far are superseded, in
+    # every stream, before the re-run's.
+    retry = write(4, ("a2'", 2), stream="a", supersede=(2,))
+    assert await env.chunks.emit(lease, retry, session="s1") == EmitResult(3, 1, False)
+    a, b, c = [await entries(pg, intent_id, name) for name in ("a", "b", "c")]
+    assert [(e["offset"], e["superseded"], e["reason"], e["data"]) for e in a[2:]] == [
+        (2, [2], 2, b""), (3, None, None, b"a2'")]
+    assert [(e["offset"], e["superseded"], e["reason"]) for e in b] == [(0, None, None), (1, [2], 2)]
+    assert len(c) == 1
+    heads = {name: await head(pg, intent_id, name) for name in ("a", "b", "c")}
+    assert {n: h["open_positions"] for n, h in heads.items() if h is not None} == {"a": [2, 3], "b": [], "c": [3]}
+    # A repeat of that write (a lost answer) supersedes nothing again: the
+    # re-run's chunk stays.
+    assert await env.chunks.emit(lease, retry, session="s1") == EmitResult(0, 0, True)
+    assert len(await entries(pg, intent_id, "a")) == 4
+    # A write of positions only (no chunks, no stream) applies its key itself.
+    assert await env.chunks.emit(lease, write(5, supersede=(3, 2)), session="s1") == EmitResult(0, 0, False)
+    assert [e["superseded"] for e in (await entries(pg, intent_id, "a"))[4:]] == [[2, 3]]
+    assert [e["superseded"] for e in (await entries(pg, intent_id, "c"))[1:]] == [[3]]
+    assert (await totals(pg, intent_id))["stream_emit_key"] == (1 << 32) + 5
+    assert await env.chunks.emit(lease, write(5, supersede=(3,)), session="s1") == EmitResult(0, 0, True)
+
+
+# ------------------------------------------------------------------ limits
+
+
+async def test_the_byte_limit_refuses_the_whole_write_and_changes_nothing(env: Env, pg: asyncpg.Connection) -> None:
+    small = ChunkStore(env.chunks.db, env.batcher, max_bytes=1024, max_chunks_per_s=1000)
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    await small.emit(lease, write(1, ("x" * 1000, 1)), session="s1")
+    before = (await totals(pg, intent_id), await head(pg, intent_id))
+    with pytest.raises(errors.ResourceExhausted, match=r"past the limit of 1024 .*INTENTD_STREAM_MAX_BYTES"):
+        await small.emit(lease, write(2, ("y" * 20, 1), ("z" * 20, 1)), session="s1")
+    assert (await totals(pg, intent_id), await head(pg, intent_id)) == before
+    # The refused seq was not applied: the next write (or a retry) goes through.
+    assert (await small.emit(lease, write(2, ("y" * 24, 1)), session="s1")).appended == 1
+
+
+async def test_the_rate_limit_counts_chunks_per_second_of_the_database_clock(
+        env: Env, pg: asyncpg.Connection) -> None:
+    slow = ChunkStore(env.chunks.db, env.batcher, max_bytes=1024 * 1024, max_chunks_per_s=5)
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    t0 = await pg.fetchval("SELECT now()")
+    await slow.emit(lease, write(1, *[("a", 1)] * 3), session="s1", now=t0)
+    before = await totals(pg, intent_id)
+    with pytest.raises(errors.ResourceExhausted, match="5 chunks per second") as refused:
+        await slow.emit(lease, write(2, *[("b", 1)] * 3), session="s1", now=t0 + timedelta(milliseconds=500))
+    assert refused.value.retry_after_ms == 500
+    assert await totals(pg, intent_id) == before
+    assert (await slow.emit(lease, write(2, *[("b", 1)] * 2), session="s1",
+                            now=t0 + timedelta(milliseconds=500))).appended == 2
+    # A new window starts a second after the last one began.
+    assert (await slow.emit(lease, write(3, *[("c", 1)] * 5), session="s1",
+                            now=t0 + timedelta(milliseconds=1000))).appended == 5
+    t = await totals(pg, intent_id)
+    assert (t["stream_window_at"], t["stream_window_chunks"]) == (t0 + timedelta(seconds=1), 5)
+    assert [e["data"] for e in await entries(pg, intent_id)] == [b"a"] * 3 + [b"b"] * 2 + [b"c"] * 5
+
+
+async def test_a_seventeenth_stream_is_refused(env: Env, pg: asyncpg.Connection) -> None:
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    for k in range(MAX_STREAMS_PER_INTENT):
+        await env.chunks.emit(lease, write(k + 1, ("x", 1), stream=f"s{k}"), session="s1")
+    before = await totals(pg, intent_id)
+    with pytest.raises(errors.ResourceExhausted, match="at most 16 streams"):
+        await env.chunks.emit(lease, write(100, ("x", 1), stream="one-too-many"), session="s1")
+    assert await totals(pg, intent_id) == before
+    assert await head(pg, intent_id, "one-too-many") is None
+    assert (await env.chunks.emit(lease, write(100, ("y", 1), stream="s3"), session="s1")).appended == 1
+
+
+def chunk(data: bytes = b"x", fmt: int = TEXT, position: int = 1) -> stream_pb2.EmitChunk:
+    return stream_pb2.EmitChunk(data=data, format=fmt, position=position)
+
+
+@pytest.mark.parametrize(("msg", "field"), [
+    (delivery_pb2.EmitWrite(seq=1, stream="bad name", chunks=[chunk()]), "emit.stream"),
+    (delivery_pb2.EmitWrite(seq=1, stream="x" * 65, chunks=[chunk()]), "emit.stream"),
+    (delivery_pb2.EmitWrite(seq=1), "emit.chunks"),
+    (delivery_pb2.EmitWrite(seq=0, chunks=[chunk()]), "emit.seq"),
+    (delivery_pb2.EmitWrite(seq=2**32, chunks=[chunk()]), "emit.seq"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(), chunk(b"x" * (MAX_CHUNK_BYTES + 1))]), "emit.chunks[1].data"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk()] * (MAX_EMIT_CHUNKS + 1)), "emit.chunks"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(b"x" * MAX_CHUNK_BYTES)] * (MAX_EMIT_BYTES // MAX_CHUNK_BYTES + 1)),
+     "emit.chunks"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(position=0)]), "emit.chunks[0].position"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(b"{nope", JSON)]), "emit.chunks[0].data"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(b"", JSON)]), "emit.chunks[0].data"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(b"\xff\xfe")]), "emit.chunks[0].data"),
+    (delivery_pb2.EmitWrite(seq=1, chunks=[chunk(fmt=7)]), "emit.chunks[0].format"),
+    (delivery_pb2.EmitWrite(seq=1, supersede_positions=[2, 0]), "emit.supersede_positions[1]"),
+])
+def test_malformed_emits_are_invalid_before_any_batch(msg: delivery_pb2.EmitWrite, field: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        emit_spec(msg)
+    assert refused.value.field == field
+
+
+def test_a_well_formed_emit_spec() -> None:
+    spec = emit_spec(delivery_pb2.EmitWrite(seq=3, chunks=[chunk(b"hi", 0, 2), chunk(b'{"a": [1]}', JSON, 1)],
+                                            supersede_positions=[4, 2, 4]))
+    assert spec.stream == "default" and spec.seq == 3 and spec.supersede_positions == (2, 4)
+    assert [(c.data, c.format, c.position) for c in spec.chunks] == [(b"hi", TEXT, 2), (b'{"a": [1]}', JSON, 1)]
+    assert emit_spec(delivery_pb2.EmitWrite(seq=1, stream="a:b.c-d_9", chunks=[chunk()])).stream == "a:b.c-d_9"
