@@ -147,13 +147,17 @@ SELECT l.repeat, (SELECT count(*) FROM heads)::integer AS markers FROM lease l;
 -- name: prune_streams
 -- Deletes the entries of streams whose keep time after their intent's end
 -- passed, a batch at a time (heads another replica is pruning are skipped),
--- and marks the heads pruned (their counts stay). Returns the streams pruned.
+-- and marks the heads pruned (their counts stay). The candidates come from
+-- the partial index of heads with a keep time not pruned yet, each intent's
+-- end read by its key; the heads are found again by ctid (locked by this
+-- statement, they cannot move before it ends). Returns the streams pruned.
 -- $1 now, $2 batch size
 WITH due AS (
-    SELECT h.intent_id, h.name
-    FROM intent_streams h JOIN intents i ON i.id = h.intent_id
+    SELECT h.ctid AS head, h.intent_id, h.name
+    FROM intent_streams h
     WHERE h.keep_ms IS NOT NULL AND NOT h.pruned
-      AND i.finish_time + h.keep_ms * interval '1 millisecond' <= coalesce($1::timestamptz, now())
+      AND (SELECT i.finish_time FROM intents i WHERE i.id = h.intent_id) + h.keep_ms * interval '1 millisecond'
+          <= coalesce($1::timestamptz, now())
     LIMIT $2
     FOR UPDATE OF h SKIP LOCKED
 ), gone AS (
@@ -162,8 +166,7 @@ WITH due AS (
 ), pruned AS (
     UPDATE intent_streams h
     SET pruned = true, open_positions = '{}', update_time = coalesce($1::timestamptz, now())
-    FROM due
-    WHERE h.intent_id = due.intent_id AND h.name = due.name
+    WHERE h.ctid = ANY (ARRAY(SELECT head FROM due))
     RETURNING h.intent_id
 )
 SELECT count(*)::integer FROM pruned;

@@ -7,12 +7,15 @@ lock, and the plans of the statements."""
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 
 from intentd.core.errors import ValidationError
@@ -23,7 +26,9 @@ from intentd.server.batcher import WriteBatcher
 from intentd.server.chunks import ChunkStore, EmitResult, emit_spec
 from intentd.server.db import Database
 from intentd.server.leases import LeaseRef, LeaseStore
+from intentd.server.queries import Q
 from intentd.server.store import IntentStore, NewIntent
+from intentd.testing import bulk
 
 TYPE = "intent.stream.writes.v1"
 TEXT = stream_pb2.CHUNK_FORMAT_TEXT
@@ -364,3 +369,134 @@ def test_a_well_formed_emit_spec() -> None:
     assert spec.stream == "default" and spec.seq == 3 and spec.supersede_positions == (2, 4)
     assert [(c.data, c.format, c.position) for c in spec.chunks] == [(b"hi", TEXT, 2), (b'{"a": [1]}', JSON, 1)]
     assert emit_spec(delivery_pb2.EmitWrite(seq=1, stream="a:b.c-d_9", chunks=[chunk()])).stream == "a:b.c-d_9"
+
+
+# ------------------------------------------------------------------ the Connect stream
+
+
+def test_emits_on_the_connect_stream_are_answered_with_their_outcome(server: Any, agent_address: str) -> None:
+    from intentd.core.observability import metrics
+    from intentd.generated.v1 import intent_service_pb2 as ipb
+    from intentd.generated.v1 import intent_service_pb2_grpc as ipb_grpc
+    from tests.support import RawSidecar
+
+    with grpc.insecure_channel(server.address) as channel:
+        ipb_grpc.IntentServiceStub(channel).SendIntent(ipb.SendIntentRequest(intent=ipb.IntentSpec(
+            intent_type=TYPE, to_agent=agent_address, payload=b"{}")), timeout=10)
+    raw = RawSidecar(server.address, agent_address)
+    try:
+        assignment = raw.recv("assignment")
+        lease = assignment.lease
+        # Sent right after the ack: the write waits for it (the ack-before-writes rule).
+        raw.send(ack=delivery_pb2.AckAssignment(lease=lease))
+        appended = metrics.CHUNKS_APPENDED._value.get()
+        W = delivery_pb2.IntentWrite
+        first = raw.write(1, W(lease=lease, emit=write(1, ("a", 1), ("b", 1))))
+        assert (first.code, first.emit.first_offset, first.emit.appended, first.emit.repeated) == (0, 0, 2, False)
+        again = raw.write(2, W(lease=lease, emit=write(1, ("a", 1), ("b", 1))))
+        assert (again.code, again.emit.repeated) == (0, True)
+        assert metrics.CHUNKS_APPENDED._value.get() == appended + 2
+        bad = raw.write(3, W(lease=lease, emit=write(2, ("a", 1), stream="no spaces")))
+        assert bad.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and bad.message.startswith("emit.stream")
+        stale = delivery_pb2.Lease(intent_id=lease.intent_id, attempt=lease.attempt, token=str(uuid.uuid4()))
+        refused = raw.write(4, W(lease=stale, emit=write(2, ("a", 1))))
+        assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        # The lease is untouched: the holder goes on.
+        assert raw.write(5, W(lease=lease, emit=write(2, ("c", 1)))).emit.first_offset == 2
+    finally:
+        raw.close()
+
+
+# ------------------------------------------------------------------ plans
+
+STREAM_TABLES = ("intents", "intent_steps", "intent_streams", "stream_frames", "intent_types")
+BIG = 20_000
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found.extend(_nodes(child))
+    return found
+
+
+async def _scans(conn: asyncpg.Connection, query: str, *args: Any, analyze: bool = False) -> list[dict[str, Any]]:
+    """The plan's nodes that read the tables of streams (and intents)."""
+    raw = await conn.fetchval(f"EXPLAIN ({'ANALYZE, ' if analyze else ''}FORMAT JSON) " + query, *args)
+    (top,) = json.loads(raw)
+    return [n for n in _nodes(top["Plan"])
+            if n.get("Relation Name") in STREAM_TABLES and n["Node Type"] != "ModifyTable"]
+
+
+@pytest.fixture(scope="module")
+async def big(databases: Any) -> AsyncIterator[asyncpg.Connection]:
+    """A database with many ended intents, each with a step, a stream (one
+    in 20 kept a while, so prunable) and frames, and many intent types."""
+    conn = await asyncpg.connect(databases.create())
+    try:
+        await conn.execute(bulk.TERMINAL, BIG)
+        await conn.execute("""
+            INSERT INTO intent_types (tenant, intent_type)
+            SELECT 'default', 'type.' || g FROM generate_series(1, 2000) g;
+            INSERT INTO intent_steps (intent_id, idx, name, result, attempt, lease_token, record_time)
+            SELECT id, 1, 'noop', '1', 1, lease_token, finish_time FROM intents;
+            INSERT INTO intent_streams (intent_id, name, next_offset, bytes, keep_ms, pruned)
+            SELECT id, 'default', 50, 500, CASE WHEN right(id, 2)::int % 20 = 0 THEN 1000 END,
+                   right(id, 2)::int % 20 = 0 AND right(id, 4)::int % 100 <> 0 FROM intents;
+            INSERT INTO stream_frames (intent_id, stream, end_offset, first_offset, attempt, positions, formats, data)
+            SELECT intent_id, name, g * 10, g * 10 - 10, 1, array_fill(1, ARRAY[10]),
+                   array_fill(1::smallint, ARRAY[10]), array_fill('\\x61'::bytea, ARRAY[10])
+            FROM intent_streams, generate_series(1, 5) g;
+        """)
+        await conn.execute("VACUUM ANALYZE intents, intent_steps, intent_streams, stream_frames, intent_types")
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _emit_args() -> tuple[Any, ...]:
+    some = "00000" + "0" * 20 + "7"
+    return (Q.emit_chunks, [some], [uuid.uuid4()], [1], ["default"], [(1 << 32) + 1], [None], [None], [1 << 20],
+            [1000], [MAX_STREAMS_PER_INTENT], [b"x", b"y"], [1, 1], [1, 2], [1, 1])
+
+
+PLANNED = [
+    ("emit_chunks", _emit_args),
+    ("supersede_positions", lambda: (Q.supersede_positions, "00000" + "0" * 20 + "7", uuid.uuid4(), 1, None, None,
+                                     [2], False, (1 << 32) + 2)),
+    ("prune_streams", lambda: (Q.prune_streams, None, 500)),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), PLANNED, ids=[name for name, _ in PLANNED])
+async def test_the_stream_statements_reach_their_rows_through_indexes(
+        big: asyncpg.Connection, name: str, make: Any) -> None:
+    query, *args = make()
+    scans = await _scans(big, query, *args)
+    assert scans, name
+    assert not [n for n in scans if n["Node Type"] == "Seq Scan"], (
+        name, [(n["Node Type"], n["Relation Name"]) for n in scans])
+    if name == "prune_streams":
+        heads = [n.get("Index Name") or n["Node Type"] for n in scans if n["Relation Name"] == "intent_streams"]
+        assert heads == ["intent_streams_prunable", "Tid Scan"], heads
+
+
+class Undo(Exception):
+    """Rolls a test's transaction back."""
+
+
+async def test_the_ack_of_a_first_attempt_reads_no_stream_table(env: Env, pg: asyncpg.Connection) -> None:
+    """Its REDELIVERED part is behind a one-time filter: never executed."""
+    await env.send()
+    rows, _ = await env.leases.claim("s1", [env.address], None, 1, 5000)
+    (row,) = rows
+    scans: list[dict[str, Any]] = []
+    with pytest.raises(Undo):
+        async with pg.transaction():
+            scans = await _scans(pg, Q.ack_assignments, [row["id"]], [row["lease_token"]], [1], [None], ["s1"],
+                                 analyze=True)
+            assert await pg.fetchval("SELECT state::text FROM intents WHERE id = $1", row["id"]) == "IN_PROGRESS"
+            raise Undo
+    streams = [n for n in scans if n["Relation Name"] in ("intent_streams", "intent_steps", "stream_frames")]
+    assert streams and all(n["Actual Loops"] == 0 for n in streams), [
+        (n["Node Type"], n["Relation Name"], n["Actual Loops"]) for n in streams]
