@@ -40,7 +40,8 @@ repeat matches no row and ``write_diagnoses`` recognises it (the step
 recorded, the ack, completion, failure or release of that attempt); a new
 intent's insert does nothing when its id is already there, and the caller
 reads the row back by id. Checkpoints and progress reports write the same
-values again.
+values again. An emit applied again is a repeat by its seq (the intent's
+stream_emit_key): nothing is appended twice.
 """
 
 from __future__ import annotations
