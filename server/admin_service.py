@@ -38,6 +38,8 @@ def _type_to_proto(row: Mapping[str, Any]) -> pb.IntentType:
     )
     if row.get("wait_hold_ms") is not None:
         msg.wait_hold_ms = row["wait_hold_ms"]
+    if row.get("stream_keep_ms") is not None:
+        msg.stream_keep_ms = row["stream_keep_ms"]
     return msg
 
 
@@ -81,6 +83,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             raise ValidationError(
                 "intent_type.wait_hold_ms",
                 f"must be 0 (park at once) to {MAX_WAIT_HOLD_MS} (unset: keep, default {DEFAULT_WAIT_HOLD_MS})")
+        # Optional too, but a put replaces it: unset means streams live as long as their intents.
+        stream_keep_ms = (check_horizon_ms(spec.stream_keep_ms, "intent_type.stream_keep_ms")
+                          if spec.HasField("stream_keep_ms") else None)
         row = await self.store.put_intent_type(
             self._tenant(context),
             spec.intent_type,
@@ -90,10 +95,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
             retry_backoff_max_ms=backoff_max,
             default_deadline_ms=spec.default_deadline_ms or None,
             wait_hold_ms=wait_hold_ms,
+            stream_keep_ms=stream_keep_ms,
         )
         await self.store.audit(self._tenant(context), current_caller().name, "intent_type.put", spec.intent_type,
                                {"max_attempts": max_attempts, "heartbeat_timeout_ms": heartbeat,
-                                "wait_hold_ms": row["wait_hold_ms"]})
+                                "wait_hold_ms": row["wait_hold_ms"], "stream_keep_ms": row["stream_keep_ms"]})
         return pb.PutIntentTypeResponse(intent_type=_type_to_proto(row))
 
     @unary("admin")

@@ -15,6 +15,7 @@ from intentd.generated.v1 import agent_service_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, Caller, current_caller
 from .children import ChildStore
+from .chunks import ChunkStore
 from .convert import step_to_proto
 from .hub import NotificationHub
 from .leases import LeaseStore
@@ -37,7 +38,7 @@ MAX_STREAM_ID_LEN = 100
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(
         self, leases: LeaseStore, hub: NotificationHub, settings: ServerSettings, auth: Authenticator,
-        quotas: Quotas, waits: WaitStore, children: ChildStore,
+        quotas: Quotas, waits: WaitStore, children: ChildStore, chunks: ChunkStore,
     ) -> None:
         self.leases = leases
         self.auth = auth
@@ -49,7 +50,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self.admission = Admission(settings, quotas, enforced=auth.enabled)
         self.liveness = Liveness(auth, settings)
         self.registration = Registration(leases, settings, self.admission, self._holders)
-        self.router = WriteRouter(leases, settings, waits, hub, children)
+        self.router = WriteRouter(leases, settings, waits, hub, children, chunks)
         self.claims = ClaimLoop(leases, settings, self.liveness, lambda: self._closing)
         hub.on_pending(self._on_pending)
         hub.on_event(self._on_event)

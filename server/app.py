@@ -25,6 +25,7 @@ from .agent_service import AgentService
 from .auth import Authenticator
 from .batcher import WriteBatcher
 from .children import ChildStore
+from .chunks import ChunkStore
 from .db import Database
 from .embedded import EmbeddedPostgres
 from .history import page_bytes
@@ -36,7 +37,15 @@ from .quotas import Quotas
 from .rpc import add_service
 from .settings import ServerSettings
 from .store import IntentStore
-from .sweepers import ChildSweeper, DeadlineSweeper, IntentCounter, LeaseSweeper, RetentionSweeper, WaitSweeper
+from .sweepers import (
+    ChildSweeper,
+    DeadlineSweeper,
+    IntentCounter,
+    LeaseSweeper,
+    RetentionSweeper,
+    StreamPruner,
+    WaitSweeper,
+)
 from .waits import WaitStore
 
 log = logging.getLogger("intentd.server")
@@ -109,6 +118,9 @@ class ControlPlane:
             default_heartbeat_timeout_ms=self.settings.heartbeat_timeout_ms,
             max_history_bytes=self.settings.max_history_bytes, max_history_steps=self.settings.max_history_steps)
 
+        self.chunks = ChunkStore(self.db, self.batcher, max_bytes=self.settings.stream_max_bytes,
+                                 max_chunks_per_s=self.settings.stream_max_chunks_per_s)
+
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
@@ -123,7 +135,7 @@ class ControlPlane:
         add_service(IntentService(store, self.hub, self.settings, self.auth, quotas, waits), self.server,
                     intent_service_pb2.DESCRIPTOR.services_by_name["IntentService"])
         self.agents = AgentService(leases, self.hub, self.settings, self.auth, quotas, waits=self.waits,
-                                   children=self.children)
+                                   children=self.children, chunks=self.chunks)
         add_service(self.agents, self.server, agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"])
         add_service(AdminService(store, self.settings, self.auth), self.server,
                     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"])
@@ -175,6 +187,7 @@ class ControlPlane:
                          hold_after_outage=self.settings.heartbeat_timeout_ms / 1000),
             WaitSweeper(self.waits, self.settings.wait_sweep_interval_s),
             ChildSweeper(self.children, self.hub, self.settings.child_sweep_interval_s),
+            StreamPruner(self.chunks, self.settings.stream_prune_interval_s),
         ]
         if self.settings.retention_days > 0:
             self.services.append(RetentionSweeper(store, self.settings.retention_days * 86400))

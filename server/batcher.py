@@ -40,7 +40,8 @@ repeat matches no row and ``write_diagnoses`` recognises it (the step
 recorded, the ack, completion, failure or release of that attempt); a new
 intent's insert does nothing when its id is already there, and the caller
 reads the row back by id. Checkpoints and progress reports write the same
-values again.
+values again. An emit applied again is a repeat by its seq (the intent's
+stream_emit_key): nothing is appended twice.
 """
 
 from __future__ import annotations
@@ -80,12 +81,19 @@ class WriteKind:
     # nothing, from the attributes ``explain_columns``.
     explain: str | None = None
     explain_columns: tuple[str, ...] = ()
+    # Attributes whose values are sequences of equal length per write (the
+    # chunks of an emit): after the regular arrays the statement gets one
+    # array per flat column, every write's values concatenated, then an
+    # ``int[]`` naming each element's write by its ord (1-based).
+    flat: tuple[str, ...] = ()
     getters: tuple[Callable[[Any], Any], ...] = field(init=False)
     explain_getters: tuple[Callable[[Any], Any], ...] = field(init=False)
+    flat_getters: tuple[Callable[[Any], Any], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "getters", tuple(map(attrgetter, self.columns)))
         object.__setattr__(self, "explain_getters", tuple(map(attrgetter, self.explain_columns)))
+        object.__setattr__(self, "flat_getters", tuple(map(attrgetter, self.flat)))
 
 
 class Params(Protocol):
@@ -104,12 +112,30 @@ class Params(Protocol):
 Outcome: TypeAlias = tuple[Row | None, Row | None]
 
 
+def _flat_arrays(getters: Sequence[Callable[[Any], Any]], writes: Sequence[Params]) -> list[list[Any]]:
+    """The flat columns' arrays, then the owners array (each element's write ord)."""
+    if not getters:
+        return []
+    arrays: list[list[Any]] = [[] for _ in getters]
+    owners: list[int] = []
+    for ord_, write in enumerate(writes, start=1):
+        values = [getter(write) for getter in getters]
+        if len({len(v) for v in values}) != 1:
+            raise ValueError(f"the flat columns of a {write.kind.name} write differ in length")
+        for array, value in zip(arrays, values, strict=True):
+            array.extend(value)
+        owners.extend([ord_] * len(values[0]))
+    return [*arrays, owners]
+
+
 async def _set_based(
-    conn: asyncpg.Connection, query: str, getters: Sequence[Callable[[Any], Any]], writes: Sequence[Params]
+    conn: asyncpg.Connection, query: str, getters: Sequence[Callable[[Any], Any]], writes: Sequence[Params],
+    flat_getters: Sequence[Callable[[Any], Any]] = (),
 ) -> list[Row | None]:
     if not writes:
         return []  # no arrays to send, and nothing to do
     arrays = [list(map(getter, writes)) for getter in getters]
+    arrays.extend(_flat_arrays(flat_getters, writes))
     results: list[Row | None] = [None] * len(writes)
     for row in await conn.fetch(query, *arrays):
         results[row["ord"] - 1] = row
@@ -119,7 +145,7 @@ async def _set_based(
 async def apply_group(conn: asyncpg.Connection, kind: WriteKind, writes: Sequence[Params]) -> list[Outcome]:
     """Runs a group of writes of one kind (at most one per intent) as one
     statement, then explains the writes that matched nothing."""
-    rows = await _set_based(conn, kind.query, kind.getters, writes)
+    rows = await _set_based(conn, kind.query, kind.getters, writes, kind.flat_getters)
     whys: list[Row | None] = [None] * len(writes)
     if kind.explain is not None:
         missed = [i for i, row in enumerate(rows) if row is None]

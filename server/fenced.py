@@ -28,8 +28,8 @@ _LEASE = ("lease.intent_id", "lease.token", "lease.attempt")
 _DIAGNOSIS = (*_LEASE, "step_index", "stream", "at")
 
 
-def _kind(name: str, query: str, rank: int, *columns: str) -> WriteKind:
-    return WriteKind(name, query, rank, (*_LEASE, *columns), Q.write_diagnoses, _DIAGNOSIS)
+def _kind(name: str, query: str, rank: int, *columns: str, flat: tuple[str, ...] = ()) -> WriteKind:
+    return WriteKind(name, query, rank, (*_LEASE, *columns), Q.write_diagnoses, _DIAGNOSIS, flat)
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,30 @@ class Progress(FencedWrite):
 
 
 @dataclass(frozen=True)
+class Emit(FencedWrite):
+    """Chunks appended to one stream of the intent (emit_chunks decides,
+    under the intent's row lock: appended, a repeat by key, or a limit it
+    would pass). One value per chunk in ``data``, ``formats`` and
+    ``positions`` (the batcher's flat columns)."""
+
+    kind = _kind("emit", Q.emit_chunks, 4, "stream_name", "emit_key", "at", "stream", "max_bytes",
+                 "max_chunks_per_s", "max_streams", flat=("data", "formats", "positions"))
+
+    stream_name: str
+    emit_key: int  # attempt * 2^32 + seq
+    max_bytes: int
+    max_chunks_per_s: int
+    max_streams: int
+    data: tuple[bytes, ...]
+    formats: tuple[int, ...]  # ChunkFormat numbers (TEXT or JSON)
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Complete(FencedWrite):
     """The attempt's result: the intent is COMPLETED."""
 
-    kind = _kind("complete", Q.complete_intents, 4, "result", "at", "stream")
+    kind = _kind("complete", Q.complete_intents, 5, "result", "at", "stream")
 
     result: str  # JSON text
 
@@ -138,7 +158,7 @@ class Fail(FencedWrite):
     ``retryable`` and attempts are left (intentd_attempt_end decides),
     else the intent is FAILED."""
 
-    kind = _kind("fail", Q.fail_intents, 5, "code", "message", "retryable", "at", "stream")
+    kind = _kind("fail", Q.fail_intents, 6, "code", "message", "retryable", "at", "stream")
 
     code: str
     message: str
@@ -151,11 +171,11 @@ class Release(FencedWrite):
     (``reason``: one of leases.RELEASE_REASONS; intentd_attempt_end decides
     whether an attempt is left)."""
 
-    kind = _kind("release", Q.release_intents, 6, "reason", "at", "stream")
+    kind = _kind("release", Q.release_intents, 7, "reason", "at", "stream")
 
     reason: str
 
 
 # The kinds ranked in the order an attempt makes them (WriteKind.rank).
-ACK, STEP, CHECKPOINT, PROGRESS, COMPLETE, FAIL, RELEASE = (
-    Ack.kind, Step.kind, Checkpoint.kind, Progress.kind, Complete.kind, Fail.kind, Release.kind)
+ACK, STEP, CHECKPOINT, PROGRESS, EMIT, COMPLETE, FAIL, RELEASE = (
+    Ack.kind, Step.kind, Checkpoint.kind, Progress.kind, Emit.kind, Complete.kind, Fail.kind, Release.kind)

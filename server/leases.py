@@ -21,7 +21,7 @@ from .db import Database, Row
 from .fenced import Ack, Checkpoint, Complete, Fail, FencedWrite, LeaseRef, Progress, Release, Step
 from .queries import Q
 
-__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore", "Rebound"]
+__all__ = ["RELEASE_REASONS", "LeaseRef", "LeaseStore", "Rebound", "refuse_write"]
 
 RELEASE_REASONS = ("AGENT_DIED", "DRAINED", "SIDECAR_STOPPED")
 # No byte bound (PostgreSQL bigint).
@@ -45,6 +45,14 @@ def _stale(lease: LeaseRef, state: str, past_deadline: bool = False) -> errors.S
         f"lease of attempt {lease.attempt} on intent {lease.intent_id} is not live "
         f"(the intent is {state} under another or no lease); stop working on it"
     )
+
+
+def refuse_write(lease: LeaseRef, why: Row | None) -> NoReturn:
+    """The error of a fenced write its lease did not let through, from its
+    diagnosis (write_diagnoses; None: no such intent)."""
+    if why is None:
+        raise errors.NotFound(f"intent {lease.intent_id} not found")
+    raise _stale(lease, why["state"], why["past_deadline"])
 
 
 def _repeat(lease: LeaseRef, why: Row) -> Row:
@@ -291,6 +299,4 @@ class LeaseStore:
 
     @staticmethod
     def _refuse(lease: LeaseRef, why: Row | None) -> NoReturn:
-        if why is None:
-            raise errors.NotFound(f"intent {lease.intent_id} not found")
-        raise _stale(lease, why["state"], why["past_deadline"])
+        refuse_write(lease, why)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from intentd.core.config import parse_host_port, require
+from intentd.core.limits import DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_CHUNKS_PER_S
 
 # A stream silent for this many ping intervals is closed by the server. A
 # heartbeat timeout must be at least as long: a lease that lapses sooner goes
@@ -118,6 +119,14 @@ class ServerSettings:
     # (the stream is read more slowly), none is refused. 0: unlimited.
     stream_writes_per_second: float = 2000.0
     tenant_writes_per_second: float = 10000.0
+    # Per intent, its streams together (docs/streams.md): the chunk bytes it
+    # may emit in all, and the chunks per one-second window; an emit that
+    # would pass either is refused with RESOURCE_EXHAUSTED.
+    stream_max_bytes: int = DEFAULT_STREAM_MAX_BYTES
+    stream_max_chunks_per_s: int = DEFAULT_STREAM_MAX_CHUNKS_PER_S
+    # How often the entries of streams kept past their intent's end
+    # (intent type stream_keep_ms) are looked for and deleted.
+    stream_prune_interval_s: float = 5.0
 
     @property
     def loopback_only(self) -> bool:
@@ -168,6 +177,9 @@ class ServerSettings:
         require(self.max_streams_per_key <= self.max_streams_per_tenant <= 1_000_000, "max_streams_per_tenant",
                 "must be at least INTENTD_MAX_STREAMS_PER_KEY and at most 1000000")
         require(1 <= self.max_watches_per_key <= 1_000_000, "max_watches_per_key", "must be 1..1000000")
+        require(1024 <= self.stream_max_bytes <= 1024 ** 4, "stream_max_bytes", "must be between 1 KiB and 1 TiB")
+        require(1 <= self.stream_max_chunks_per_s <= 10_000_000, "stream_max_chunks_per_s", "must be 1..10000000")
+        require(0.01 <= self.stream_prune_interval_s <= 3600, "stream_prune_interval_s", "must be 0.01..3600")
         for name in ("stream_writes_per_second", "tenant_writes_per_second"):
             require(0 <= getattr(self, name) <= 10_000_000, name, "must be 0 (unlimited) to 10000000")
         if self.database_url is not None:

@@ -297,6 +297,7 @@ class IntentStore:
                 settings["default_deadline_ms"],
                 settings.get("wait_hold_ms"),
                 DEFAULT_WAIT_HOLD_MS,
+                settings.get("stream_keep_ms"),
             )
         assert row is not None
         return row

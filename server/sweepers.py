@@ -12,6 +12,7 @@ from intentd.core.background import BackgroundService
 from intentd.core.observability import metrics
 
 from .children import ChildStore
+from .chunks import ChunkStore
 from .db import Database
 from .hub import NotificationHub
 from .leases import LeaseStore
@@ -191,3 +192,25 @@ class ChildSweeper(BackgroundService):
 
     async def on_stop(self) -> None:
         self._unsubscribe()
+
+
+class StreamPruner(BackgroundService):
+    """Deletes the entries of streams their intent type keeps only a while
+    after the intent's end (stream_keep_ms); the heads stay, marked pruned.
+    Streams without a keep time leave with their intent (retention)."""
+
+    name = "stream-pruner"
+
+    def __init__(self, chunks: ChunkStore, interval: float, batch: int = 500) -> None:
+        super().__init__(interval)
+        self.chunks = chunks
+        self.batch = batch
+        self.pruned = 0
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        pruned = await self.chunks.prune(now, self.batch)
+        metrics.sweeper_succeeded(self.name)
+        self.pruned += pruned
+        if pruned:
+            log.info("pruned the entries of %d streams", pruned)
+        return pruned == self.batch

@@ -48,6 +48,9 @@ its ``intentd_writes_total`` code).
     ``WriteRouter.write``, op ``step``, after ``leases.record_step`` returned
     (a repeated write of a committed step returns the stored record and also
     counts; that is rare: a lost answer).
+``CHUNKS_APPENDED`` -- ``intentd_stream_chunks_appended_total``
+    ``WriteRouter.write``, op ``emit``, by ``EmitOutcome.appended`` once the
+    emit committed (a repeat adds 0).
 ``WRITES`` -- ``intentd_writes_total{op, code}``
     ``WriteRouter.write`` (``intentd.server.stream.writes``), once per write, after ``result.code`` is final:
     ``record_write(op, result.code)``; op is step, checkpoint, progress,
@@ -251,6 +254,9 @@ ATTEMPTS_EXHAUSTED = Counter(
     registry=SERVER_REGISTRY)
 STEPS_RECORDED = Counter(
     "intentd_steps_recorded", "Step results recorded (RecordStep writes committed).", registry=SERVER_REGISTRY)
+CHUNKS_APPENDED = Counter(
+    "intentd_stream_chunks_appended", "Stream chunks appended by emits (not counting dropped or repeated ones).",
+    registry=SERVER_REGISTRY)
 WRITES = Counter(
     "intentd_writes", "Fenced writes from sidecars, by op and google.rpc code of the answer.", ["op", "code"],
     registry=SERVER_REGISTRY)

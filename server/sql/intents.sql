@@ -216,15 +216,17 @@ FROM changed;
 -- name: upsert_intent_type
 -- $1 tenant, $2 type, $3 max_attempts, $4 heartbeat_timeout_ms, $5 backoff ms,
 -- $6 backoff max ms, $7 default deadline ms, $8 wait hold ms (NULL: keep the
--- type's, or $9, the default, for a new type), $9 default wait hold ms
+-- type's, or $9, the default, for a new type), $9 default wait hold ms,
+-- $10 stream keep ms (NULL: streams live as long as their intents)
 INSERT INTO intent_types (tenant, intent_type, max_attempts, heartbeat_timeout_ms,
-                          retry_backoff_ms, retry_backoff_max_ms, default_deadline_ms, wait_hold_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8::int, $9::int))
+                          retry_backoff_ms, retry_backoff_max_ms, default_deadline_ms, wait_hold_ms, stream_keep_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8::int, $9::int), $10::bigint)
 ON CONFLICT (tenant, intent_type) DO UPDATE
 SET max_attempts = EXCLUDED.max_attempts, heartbeat_timeout_ms = EXCLUDED.heartbeat_timeout_ms,
     retry_backoff_ms = EXCLUDED.retry_backoff_ms, retry_backoff_max_ms = EXCLUDED.retry_backoff_max_ms,
     default_deadline_ms = EXCLUDED.default_deadline_ms,
-    wait_hold_ms = COALESCE($8::int, intent_types.wait_hold_ms), update_time = now()
+    wait_hold_ms = COALESCE($8::int, intent_types.wait_hold_ms), stream_keep_ms = EXCLUDED.stream_keep_ms,
+    update_time = now()
 RETURNING *;
 
 -- name: get_intent_type

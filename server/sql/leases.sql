@@ -104,6 +104,13 @@ WHERE id = $1 AND lease_token = $2 AND attempt = $3 AND lease_session = $4 AND t
   AND state IN ('DELIVERED', 'IN_PROGRESS');
 
 -- name: ack_assignments
+-- The ack of an attempt after the first also supersedes (REDELIVERED) the
+-- chunks earlier attempts emitted at positions they did not record: per
+-- stream of the intent with such open positions, a marker at the head's
+-- next offset; then no position of the intent's streams is open (the rest
+-- are recorded, never superseded). Acks of first attempts skip all of it:
+-- the gate below is a one-time filter over the acked rows, so they touch
+-- no stream table.
 -- $1 ids, $2 tokens, $3 attempts, $4 nows,
 -- $5 the streams that must hold the leases (NULL: any)
 WITH w AS (
@@ -122,6 +129,27 @@ WITH w AS (
 ), event AS (
     INSERT INTO intent_events (intent_id, seq, type, time, state, attempt)
     SELECT id, last_seq, 'ACKNOWLEDGED', update_time, state, attempt FROM changed
+), lost AS (
+    SELECT h.intent_id, h.name, c.attempt, c.update_time,
+           ARRAY(SELECT p FROM unnest(h.open_positions) p
+                 WHERE NOT EXISTS (SELECT 1 FROM intent_steps s WHERE s.intent_id = h.intent_id AND s.idx = p)
+                 ORDER BY p) AS positions
+    FROM changed c JOIN intent_streams h ON h.intent_id = c.id
+    WHERE EXISTS (SELECT 1 FROM changed WHERE attempt > 1)
+      AND c.attempt > 1 AND h.open_positions <> '{}'
+), redelivered AS (
+    UPDATE intent_streams h
+    SET open_positions = '{}', next_offset = h.next_offset + (cardinality(l.positions) > 0)::integer,
+        update_time = l.update_time
+    FROM lost l
+    WHERE h.intent_id = l.intent_id AND h.name = l.name
+    RETURNING h.intent_id, h.name, h.next_offset, l.positions, l.attempt, l.update_time
+), markers AS (
+    INSERT INTO stream_frames (intent_id, stream, end_offset, first_offset, attempt, time, positions, formats, data,
+                               superseded, reason)
+    SELECT intent_id, name, next_offset, next_offset - 1, attempt, update_time, '{0}', '{0}', '{""}', positions, 1
+    FROM redelivered
+    WHERE cardinality(positions) > 0
 )
 SELECT ord, id FROM changed;
 

@@ -18,6 +18,7 @@ from intentd.generated.v1 import delivery_pb2
 
 from .. import errors
 from ..children import ChildStore, start_spec
+from ..chunks import ChunkStore, emit_spec
 from ..convert import step_to_proto
 from ..db import Row
 from ..hub import NotificationHub
@@ -36,7 +37,7 @@ ACK_RETRY = Backoff(0.05, 1.0)
 FINAL_OPS = ("complete", "fail", "release")
 # Writes that need their lease acknowledged (IN_PROGRESS); a release also
 # gives back a delivery that was never acknowledged.
-AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail", "wait", "start_children")
+AFTER_ACK_OPS = ("step", "checkpoint", "progress", "complete", "fail", "wait", "start_children", "emit")
 
 
 def count_attempt_end(row: Row, cause: str) -> None:
@@ -53,8 +54,9 @@ def count_attempt_end(row: Row, cause: str) -> None:
 
 class WriteRouter:
     def __init__(self, store: LeaseStore, settings: ServerSettings, waits: WaitStore, hub: NotificationHub,
-                 children: ChildStore) -> None:
+                 children: ChildStore, chunks: ChunkStore) -> None:
         self.store = store
+        self.chunks = chunks
         self.settings = settings
         self.waits = waits
         self.hub = hub
@@ -148,6 +150,10 @@ class WriteRouter:
                 spec = start_spec(write.start_children, await self.children.max_payload_bytes(stream.caller))
                 row = await self.children.start(lease, mine, stream.caller, spec)
                 result.step.CopyFrom(step_to_proto(row))
+            elif op == "emit":
+                emitted = await self.chunks.emit(lease, emit_spec(write.emit), session=mine)
+                result.emit.CopyFrom(emitted.to_proto())
+                metrics.CHUNKS_APPENDED.inc(emitted.appended)
             elif op == "wait":
                 reached = await hold_wait(self.waits, self.hub, stream, held, lease, wait_spec(write.wait), on_hold)
                 if reached is None:
