@@ -310,7 +310,13 @@ class Emitter:
                     continue
                 await self._send(*taken)
         except LeaseLost:
-            pass  # stopped: drop() cleared the buffer and released the waiters
+            # Stopped: drop() cleared the buffer and released the waiters. The
+            # handler does not await its emits, so when ours was the write
+            # refused as stale, stop it as a revocation would (the sidecar
+            # may not send one: it only learns of the refusal as we do).
+            task = self._attempt.task
+            if task is not None and not task.done():
+                task.cancel()
 
     async def _send(self, write: delivery_pb2.EmitWrite, items: int, chunks: int, size: int) -> None:
         attempt = self._attempt
