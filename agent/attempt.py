@@ -48,6 +48,14 @@ The other durable operations take their position from the same path:
   (the same ones in every attempt), and a gather or first is an AGENT wait
   (``wait_at``) whose record carries the children's outcomes.
 
+Streams (``emit``, with ``emitter.py``): a chunk takes the position of the
+step whose function emits it (``current_step``), else the next position
+(``_next_position``); none is taken for it. The attempt's ``Emitter`` buffers
+the chunks and sends them through ``write`` (one ``EmitWrite`` in flight,
+``seq`` 1, 2, 3...); every record and end (``FLUSHING_OPS``) first waits for
+the chunks emitted before it, and a position handed back is superseded when
+chunks were emitted at it. Stopping drops the buffer.
+
 Nested steps are refused: a step (or wait) called while a step function of
 this attempt runs, from inside it (``current_step``, a context variable, is
 set while a step function or a ``step_scope`` body runs). On replay a recorded
@@ -219,6 +227,7 @@ class Attempt:
       the position taken at call time; ``park(message)``: the attempt parked.
     - ``start_children(plan, specs)``: starts child intents at a position taken.
     - ``write(write, what)``: one fenced write, retried through outages.
+    - ``streams``: the ``Emitter`` of ``ctx.emit``; ``emit_position()`` a chunk's position.
     - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
       ``complete(result)``, ``fail(code, message, retryable)``: the other writes.
     - ``blocking(coro)``: runs one of these from a handler thread.

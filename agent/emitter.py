@@ -183,8 +183,9 @@ class Emitter:
             else:
                 future = self._loop.create_future()
                 self._flush_waiters.append((self._appended, future))
-        if future is not None and not await future:
-            self._attempt.check_live()
+        if future is not None:
+            await future
+        # Released by drop(): the attempt stopped.
         self._attempt.check_live()
         if surface:
             with self._lock:
@@ -309,6 +310,14 @@ class Emitter:
                         self._waker = None
                     continue
                 await self._send(*taken)
+        except Exception as exc:
+            # A bug, not a refusal (those are WriteError): say so once, and
+            # let nothing wait for a sender that is gone.
+            log.exception("%s: the stream sender failed; later chunks are dropped", self._attempt.log_prefix)
+            with self._lock:
+                if self._error is None:
+                    self._error = AgentError(f"the stream sender failed: {exc!r}")
+            self.drop()
         except LeaseLost:
             # Stopped: drop() cleared the buffer and released the waiters. The
             # handler does not await its emits, so when ours was the write

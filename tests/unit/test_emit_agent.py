@@ -21,13 +21,12 @@ from intentd.agent import Context, LeaseLost, StreamLimitExceeded, SyncContext, 
 from intentd.agent import emitter as agent_emitter
 from intentd.core.limits import MAX_CHUNK_BYTES, MAX_EMIT_BYTES, MAX_EMIT_CHUNKS
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, stream_pb2
-from tests.unit.test_agent_unit import TYPE, WAIT, assignment, make_agent, revocation, running, serving, steps_of
+from tests.unit.test_agent_unit import TYPE, assignment, make_agent, revocation, running, serving, steps_of
 from tests.unit.test_sidecar_unit import wait_until
 from tests.unit.test_waits_agent import WaitingSidecar
 
 TEXT = stream_pb2.CHUNK_FORMAT_TEXT
 JSON = stream_pb2.CHUNK_FORMAT_JSON
-OK = grpc.StatusCode.OK
 
 
 class EmitSidecar(WaitingSidecar):
