@@ -13,17 +13,23 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from intentd.agent import Agent, Context
+from intentd.core.backoff import Backoff
 from intentd.core.limits import MAX_CHUNK_BYTES, MAX_EMIT_BYTES, MAX_EMIT_CHUNKS
 from intentd.generated.v1 import agent_service_pb2 as apb
 from intentd.generated.v1 import delivery_pb2, runtime_pb2, stream_pb2
 from intentd.sidecar import Sidecar
 from tests.unit.test_sidecar_unit import (  # noqa: F401 - the fixtures: plane, sidecar
+    ADDRESS,
+    TYPE,
     WAIT,
     FakeAgent,
     FakeControlPlane,
     FakeStream,
     assign_and_ack,
     attached,
+    expect_capacity,
+    make_assignment,
     plane_fixture,
     plane_type,
     refusal,
@@ -171,3 +177,41 @@ async def test_a_limit_refusal_comes_back_as_its_status_and_keeps_the_lease(
     held = sidecar.leases.get(assignment.lease.token)
     assert held is not None and held.local
     assert assignment.lease in sidecar.upstream.held_leases()
+
+
+async def test_the_agent_sdk_emits_through_the_sidecar_before_its_record(
+        plane: FakeControlPlane, sidecar: Sidecar) -> None:
+    stream = await plane.next_stream()
+    agent = Agent(ADDRESS, sidecar=sidecar.address, capacity=1, reconnect_backoff=Backoff(0.005, 0.02),
+                  write_backoff=Backoff(0.005, 0.02), write_timeout=WAIT)
+
+    @agent.handler(TYPE)
+    async def handle(ctx: Context, payload: object) -> str:
+        async def talk() -> str:
+            for word in ("one", "two", "three"):
+                await ctx.emit(word)
+            return "said"
+
+        await ctx.step("talk", talk)
+        await ctx.emit({"done": True}, stream="meta")
+        return "ok"
+
+    plane.auto_commit = True
+    task = asyncio.create_task(agent.run_async())
+    try:
+        await expect_capacity(stream, 1)
+        assignment = make_assignment()
+        stream.assign(assignment)
+        ops: list[delivery_pb2.IntentWrite] = []
+        while not ops or ops[-1].WhichOneof("op") != "complete":
+            ops.append((await stream.expect("write")).write.write)
+    finally:
+        await asyncio.wait_for(agent.stop(), WAIT)
+        await asyncio.wait_for(task, WAIT)
+    assert [w.WhichOneof("op") for w in ops] == ["emit", "step", "emit", "complete"]
+    first, last = ops[0].emit, ops[2].emit
+    assert (first.stream, first.seq, [c.data for c in first.chunks], [c.position for c in first.chunks]) == (
+        "default", 1, [b"one", b"two", b"three"], [1, 1, 1])
+    assert (last.stream, last.seq, [c.data for c in last.chunks], [c.position for c in last.chunks]) == (
+        "meta", 2, [b'{"done":true}'], [2])
+    assert all(w.lease == assignment.lease for w in ops)
