@@ -80,6 +80,14 @@ intent parks meanwhile). A child is started once whatever the attempts (it is
 keyed by this intent and its position); one that does not complete raises
 ``ChildFailed`` at the wait.
 
+Streams (docs/streams.md): ``await ctx.emit(chunk, stream="default")`` appends
+a text (``str``) or JSON chunk to a stream of the intent that clients read
+live (``IntentClient.stream``); it is buffered and sent behind the handler, so
+it can be called per token. Each chunk carries the position it belongs to and
+commits before that position's record: a replay does not emit a recorded
+step's chunks again, and chunks of a step that runs again are marked
+superseded. ``await ctx.flush_streams()`` waits until they are committed.
+
 ``def`` handlers run in a thread of their own and get a ``SyncContext`` whose
 methods block; a revoked ``def`` handler cannot be interrupted, but its next
 ``ctx`` call raises ``LeaseLost``. Plain-function steps of ``async def``
@@ -100,6 +108,7 @@ from .errors import (
     LeaseLost,
     NonRetryableError,
     StepDivergence,
+    StreamLimitExceeded,
     WaitTimedOut,
     WriteError,
 )
@@ -126,6 +135,7 @@ __all__ = [
     "NonRetryableError",
     "StepDivergence",
     "StepScope",
+    "StreamLimitExceeded",
     "SyncChildHandle",
     "SyncContext",
     "SyncStepScope",

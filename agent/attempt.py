@@ -48,6 +48,14 @@ The other durable operations take their position from the same path:
   (the same ones in every attempt), and a gather or first is an AGENT wait
   (``wait_at``) whose record carries the children's outcomes.
 
+Streams (``emit``, with ``emitter.py``): a chunk takes the position of the
+step whose function emits it (``current_step``), else the next position
+(``_next_position``); none is taken for it. The attempt's ``Emitter`` buffers
+the chunks and sends them through ``write`` (one ``EmitWrite`` in flight,
+``seq`` 1, 2, 3...); every record and end (``FLUSHING_OPS``) first waits for
+the chunks emitted before it, and a position handed back is superseded when
+chunks were emitted at it. Stopping drops the buffer.
+
 Nested steps are refused: a step (or wait) called while a step function of
 this attempt runs, from inside it (``current_step``, a context variable, is
 set while a step function or a ``step_scope`` body runs). On replay a recorded
@@ -84,6 +92,7 @@ from intentd.core.observability import tracing
 from intentd.core.waits import RESERVED_PREFIX
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2
 
+from .emitter import Emitter
 from .errors import LeaseLost, StepDivergence, WriteError, WriteRefused
 from .session import SidecarSession, method_of
 
@@ -114,6 +123,10 @@ _STOPPED = object()
 # slot of the agent.
 MAX_STEPS_IN_FLIGHT = 16
 MAX_STEPS_IN_FLIGHT_LIMIT = 256
+
+# The writes that first flush the attempt's streams (emitter.py): a
+# position's chunks commit before its record, and all of them before the end.
+FLUSHING_OPS = frozenset({"step", "wait", "start_children", "complete", "fail"})
 
 # The plan whose step function (or step_scope body) runs in this context:
 # a step called there would nest (refused, see the module docstring).
@@ -214,6 +227,7 @@ class Attempt:
       the position taken at call time; ``park(message)``: the attempt parked.
     - ``start_children(plan, specs)``: starts child intents at a position taken.
     - ``write(write, what)``: one fenced write, retried through outages.
+    - ``streams``: the ``Emitter`` of ``ctx.emit``; ``emit_position()`` a chunk's position.
     - ``save_checkpoint(state)``, ``report_progress(message, fraction)``,
       ``complete(result)``, ``fail(code, message, retryable)``: the other writes.
     - ``blocking(coro)``: runs one of these from a handler thread.
@@ -287,6 +301,8 @@ class Attempt:
         # stopping cancels them so that the thread gets LeaseLost at once.
         self._pending_lock = threading.Lock()
         self._pending: set[concurrent.futures.Future[Any]] = set()
+        # ctx.emit's buffer and sender.
+        self.streams = Emitter(self, encode_json)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -300,6 +316,11 @@ class Attempt:
         """Why the attempt stopped (``CANCELED``, ``TIMED_OUT``, ``LEASE_LOST``, ``SHUTDOWN``,
         ``PARKED``); None while live."""
         return self._stop_reason
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The agent's event loop, where the attempt's tasks and futures live."""
+        return self._loop
 
     @property
     def divergence(self) -> StepDivergence | None:
@@ -318,6 +339,7 @@ class Attempt:
             return False
         self._stop_reason = reason
         self._stop_message = message
+        self.streams.drop()
         with self._pending_lock:
             pending = list(self._pending)
         for fut in pending:
@@ -344,6 +366,7 @@ class Attempt:
 
     def finish(self) -> None:
         self._finished = True
+        self.streams.drop()
 
     def check_live(self) -> None:
         if self._stop_reason is not None:
@@ -429,8 +452,21 @@ class Attempt:
             if not plan.done and plan.alone and self._next_position == plan.index + 1:
                 # Not recorded and it ran alone: the next call takes this position again.
                 self._next_position = plan.index
+                # Its chunks so far are superseded by the ones the next run emits
+                # (queued before any of those: the next run starts after this).
+                self.streams.supersede(plan.index)
         if plan.span is not None:
             plan.span.end(error)
+
+    def emit_position(self) -> int | None:
+        """The position of a chunk emitted now: the step whose function (or
+        step_scope body) runs in this context, else the next position the
+        handler will take; None inside a replayed step (its chunks were
+        emitted when it ran)."""
+        plan = current_step.get()
+        if plan is not None and plan.attempt is self:
+            return None if plan.replayed else plan.index
+        return self._next_position
 
     async def run_step(self, plan: StepPlan, call: Callable[[], Awaitable[Any]]) -> Any:
         """Everything of a step after ``open_step``: its replay, or ``call()``
@@ -542,7 +578,10 @@ class Attempt:
                     timeout: float | None = None) -> agent_service_pb2.WriteResult:
         """One write through the sidecar, answered after the control plane
         committed it (``timeout``: other than the agent's write timeout).
-        Retries passing outages; a stale lease stops the attempt."""
+        Retries passing outages; a stale lease stops the attempt. A record or
+        an end first waits for the chunks emitted before it (FLUSHING_OPS)."""
+        if write.WhichOneof("op") in FLUSHING_OPS:
+            await self.streams.flush()
         limit = self._write_timeout if timeout is None else timeout
         return await self._retrying(lambda: self._session.write(write, limit), method_of(write), what)
 

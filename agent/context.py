@@ -18,6 +18,12 @@ Child intents (``start``, ``start_many``, ``gather``, ``first``, ``call``;
 docs/children.md, agent/children.py) take their positions when they are
 called, not when they are awaited: a start is a write whose record names the
 children, a gather or first is a durable wait on them.
+
+Streams (``emit``, ``flush_streams``; docs/streams.md, agent/emitter.py):
+chunks a handler emits while it works (LLM tokens, progress, partial
+results), buffered and sent in order behind the handler, each tagged with the
+position it belongs to; every chunk emitted before a step's record commits
+before it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, S
 from datetime import datetime, timedelta
 from typing import Any, Generic, Never, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
+from intentd.core.limits import DEFAULT_STREAM
 from intentd.core.waits import DEFAULT_OUTCOMES
 
 from . import children, waits
@@ -239,6 +246,33 @@ class Context(_ContextBase):
         """Reports progress (``fraction`` in 0..1; None keeps the last one)."""
         await self._attempt.report_progress(message, fraction)
 
+    # -- streams (docs/streams.md) -------------------------------------------------
+
+    async def emit(self, data: Any, *, stream: str = DEFAULT_STREAM) -> None:
+        """Appends a chunk to one of the intent's streams (up to 16 per
+        intent; names are 1 to 64 characters of ``[A-Za-z0-9_.:-]``), for
+        clients reading it live or later. A ``str`` is a text chunk, anything
+        else a JSON chunk; at most 64 KiB encoded (``ValueError``; a value
+        that is not JSON: ``TypeError``).
+
+        Cheap enough to call per token: the chunk is buffered and sent behind
+        the handler, in order, and this returns at once unless the attempt's
+        buffer is full (then it waits for room). The chunk belongs to the step
+        whose function calls this, else to the next position the handler will
+        take; the chunks of a step commit before its record, so a replay does
+        not emit them again (a replayed step's are dropped). Raises
+        ``StreamLimitExceeded`` once when earlier chunks were refused by a
+        limit of the intent's streams (this chunk is then not emitted)."""
+        streams = self._attempt.streams
+        item = streams.chunk(data, stream)
+        if item is not None and not streams.offer(item):
+            await streams.wait_room(item)
+
+    async def flush_streams(self) -> None:
+        """Returns once every chunk emitted so far is committed (or was
+        refused: then raises ``StreamLimitExceeded``, once)."""
+        await self._attempt.streams.flush(surface=True)
+
     # -- durable waits (docs/waits.md) ---------------------------------------------
 
     def wait_for_signal(self, name: str, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
@@ -431,6 +465,19 @@ class SyncContext(_ContextBase):
 
     def progress(self, message: str, fraction: float | None = None) -> None:
         self._attempt.blocking(self._attempt.report_progress(message, fraction))
+
+    # -- streams: as on Context; emit blocks only while the buffer is full ----------
+
+    def emit(self, data: Any, *, stream: str = DEFAULT_STREAM) -> None:
+        """As ``Context.emit``, from the handler's thread (or a step's)."""
+        attempt = self._attempt
+        item = attempt.streams.chunk(data, stream)
+        if item is not None and not attempt.streams.offer(item):
+            attempt.blocking(attempt.streams.wait_room(item))
+
+    def flush_streams(self) -> None:
+        """As ``Context.flush_streams``, blocking."""
+        self._attempt.blocking(self._attempt.streams.flush(surface=True))
 
     # -- durable waits: as on Context, blocking -------------------------------------
 

@@ -166,3 +166,16 @@ class WriteRefused(AgentError):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class StreamLimitExceeded(WriteError):
+    """The control plane refused chunks this attempt emitted (``ctx.emit``)
+    because they would pass a limit of the intent's streams: its bytes, its
+    chunks per second or its number of streams (``message`` names which).
+    Those chunks were dropped; raised once, by the next ``ctx.emit`` or
+    ``ctx.flush_streams`` of the attempt (the chunk given to that ``emit`` is
+    not emitted); later emits go on. ``code`` is ``RESOURCE_EXHAUSTED``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Emit", "RESOURCE_EXHAUSTED", message)
+        self.message = message

@@ -38,6 +38,7 @@ _UNARY: dict[str, tuple[str, Callable[[delivery_pb2.IntentWrite], Any]]] = {
     "complete": ("CompleteIntent", lambda w: runtime_pb2.CompleteIntentRequest(lease=w.lease, complete=w.complete)),
     "fail": ("FailIntent", lambda w: runtime_pb2.FailIntentRequest(lease=w.lease, fail=w.fail)),
     "wait": ("Wait", lambda w: runtime_pb2.WaitRequest(lease=w.lease, wait=w.wait)),
+    "emit": ("Emit", lambda w: runtime_pb2.EmitRequest(lease=w.lease, emit=w.emit)),
 }
 
 
@@ -148,6 +149,8 @@ class SidecarSession(Generic[A]):
             return agent_service_pb2.WriteResult(step=response.step)
         if isinstance(response, runtime_pb2.WaitResponse):
             return agent_service_pb2.WriteResult(wait=response.outcome)
+        if isinstance(response, runtime_pb2.EmitResponse):
+            return agent_service_pb2.WriteResult(emit=response.outcome)
         return agent_service_pb2.WriteResult()
 
     async def recorded_step(self, lease: delivery_pb2.Lease, index: int, name: str,

@@ -12,7 +12,6 @@ its own fenced statement.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,9 +23,10 @@ from intentd.core.limits import (
     MAX_CHUNK_BYTES,
     MAX_EMIT_BYTES,
     MAX_EMIT_CHUNKS,
-    MAX_STREAM_NAME_LEN,
     MAX_STREAMS_PER_INTENT,
 )
+from intentd.core.streams import stream_name as default_name
+from intentd.core.streams import stream_name_problem
 from intentd.core.validation import parse_json
 from intentd.generated.v1 import delivery_pb2, stream_pb2
 
@@ -39,7 +39,6 @@ from .queries import Q
 
 __all__ = ["ChunkSpec", "ChunkStore", "EmitResult", "EmitSpec", "emit_key", "emit_spec", "stream_name"]
 
-_NAME_RE = re.compile(rf"^[A-Za-z0-9_.:-]{{1,{MAX_STREAM_NAME_LEN}}}$")
 TEXT = stream_pb2.CHUNK_FORMAT_TEXT
 JSON = stream_pb2.CHUNK_FORMAT_JSON
 # EmitWrite.seq lives in the low 32 bits of the key (attempt * 2^32 + seq).
@@ -49,10 +48,10 @@ MAX_SEQ = 2**SEQ_BITS - 1
 
 def stream_name(name: str, field: str = "emit.stream") -> str:
     """A stream's name ("" is the default stream), checked."""
-    name = name or DEFAULT_STREAM
-    if not _NAME_RE.match(name):
-        raise ValidationError(field, f"must be 1 to {MAX_STREAM_NAME_LEN} characters of [A-Za-z0-9_.:-]")
-    return name
+    problem = stream_name_problem(name)
+    if problem is not None:
+        raise ValidationError(field, problem)
+    return default_name(name)
 
 
 def emit_key(attempt: int, seq: int) -> int:

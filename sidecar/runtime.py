@@ -8,7 +8,9 @@ A durable wait (``Wait``, or op ``wait`` on the stream; an AGENT wait on
 child intents too) is a write like the others, answered resolved or parked;
 the dispatcher frees the agent's slot on parked (sidecar/dispatch.py). A start
 of child intents (op ``start_children``) goes only on the stream: it has no
-unary call.
+unary call. An emit (``Emit``, or op ``emit`` on the stream) is a write like
+the others, checked here for its shape (the limits of one write) and
+forwarded; the control plane checks the rest (docs/streams.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ import grpc
 from intentd.core.codes import INVALID_ARGUMENT, status_of
 from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
-from intentd.core.limits import MAX_CHILDREN_PER_START, MAX_INTENT_TYPES
+from intentd.core.limits import (
+    MAX_CHILDREN_PER_START,
+    MAX_CHUNK_BYTES,
+    MAX_EMIT_BYTES,
+    MAX_EMIT_CHUNKS,
+    MAX_INTENT_TYPES,
+)
+from intentd.core.streams import stream_name_problem
 from intentd.core.validation import check_intent_type
 from intentd.core.waits import RESERVED_PREFIX, start_record_name
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, runtime_pb2, runtime_pb2_grpc
@@ -41,7 +50,8 @@ from .settings import unix_socket_path
 log = logging.getLogger("intentd.sidecar.runtime")
 
 # The writes an agent may make (release is the sidecar's own).
-AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait", "start_children"})
+AGENT_WRITE_OPS = frozenset({"step", "checkpoint", "progress", "complete", "fail", "wait", "start_children",
+                             "emit"})
 # A start's record name (docs/children.md); the control plane checks the rest.
 START_PREFIX = start_record_name("")
 MAX_CHILDREN = MAX_CHILDREN_PER_START
@@ -147,6 +157,8 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
             problem = f"start_children needs a 1-based index and its record name (starting with {START_PREFIX!r})"
         elif op == "start_children" and not 1 <= len(write.start_children.children) <= MAX_CHILDREN:
             problem = f"start_children takes 1 to {MAX_CHILDREN} children"
+        elif op == "emit" and (malformed := emit_problem(write.emit)) is not None:
+            problem = malformed
         elif not write.lease.intent_id or not write.lease.token:
             problem = "lease (intent_id and token) is required"
         else:
@@ -197,6 +209,10 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         result = await self._write(context, request, "wait")
         return runtime_pb2.WaitResponse(outcome=result.wait)
 
+    async def Emit(self, request: runtime_pb2.EmitRequest, context: Any) -> runtime_pb2.EmitResponse:
+        result = await self._write(context, request, "emit")
+        return runtime_pb2.EmitResponse(outcome=result.emit)
+
     async def _write(self, context: Any, request: _UnaryWrite, op: str) -> agent_service_pb2.WriteResult:
         """The unary calls: each is the stream's write of one op (a field of
         the same name on request and IntentWrite), a refusal as the call's status."""
@@ -204,6 +220,30 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         if result.code != 0:
             await context.abort(status_of(result.code), result.message or "refused by the control plane")
         return result
+
+
+def emit_problem(emit: delivery_pb2.EmitWrite) -> str | None:
+    """Why an emit is malformed as one write, or None (what a chunk's data
+    must be, and the intent's limits, the control plane checks)."""
+    name = stream_name_problem(emit.stream)
+    if name is not None:
+        return f"emit.stream {name}"
+    if not emit.chunks and not emit.supersede_positions:
+        return "emit needs chunks or supersede_positions"
+    if len(emit.chunks) > MAX_EMIT_CHUNKS:
+        return f"emit.chunks: at most {MAX_EMIT_CHUNKS} chunks in one write"
+    size = 0
+    for number, chunk in enumerate(emit.chunks):
+        if len(chunk.data) > MAX_CHUNK_BYTES:
+            return f"emit.chunks[{number}].data: at most {MAX_CHUNK_BYTES} bytes"
+        if chunk.position < 1:
+            return f"emit.chunks[{number}].position is 1-based"
+        size += len(chunk.data)
+    if size > MAX_EMIT_BYTES:
+        return f"emit.chunks: at most {MAX_EMIT_BYTES} bytes of data in one write"
+    if any(position < 1 for position in emit.supersede_positions):
+        return "emit.supersede_positions are 1-based"
+    return None
 
 
 def _response_batch(messages: list[runtime_pb2.AttachResponse]) -> runtime_pb2.AttachResponse:

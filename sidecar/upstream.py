@@ -8,7 +8,8 @@ sure nothing the agent asked for is lost across a reconnect:
 
 - writes stay pending until their ``WriteResult`` arrives and are re-sent on
   the next stream (step, checkpoint, complete and wait are idempotent per
-  lease; a wait and a start of child intents also per position);
+  lease; a wait and a start of child intents also per position; an emit
+  by its seq);
 - held leases are re-announced in ``Register.held``; the ``lost`` ones are
   revoked locally and their pending writes refused with FAILED_PRECONDITION;
 - acknowledgements made while no stream was up are sent once one is (never
