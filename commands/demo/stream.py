@@ -78,7 +78,7 @@ def _follow(client: IntentClient, intent_id: str, ledger: Ledger, c: dict[str, s
     at_kill_step = 0
     for entry in client.stream(intent_id):
         seen.append(entry)
-        if entry.is_marker:
+        if entry.superseded is not None:
             say(f"\n  {c['yellow']}↻ attempt {entry.attempt} took over: the tokens of step(s) "
                 f"{', '.join(map(str, entry.superseded.positions))} from the attempt before are superseded "
                 f"(marker at offset {entry.offset}); recorded steps are not re-run{c['reset']}")
@@ -117,7 +117,8 @@ def _report(final: Any, seen: list[Any], again: list[Any], standing: list[Any], 
          [e.offset for e in seen] == list(range(len(seen)))),
         (f"it saw {KILL_AFTER_TOKENS}+ tokens of step {KILL_STEP} from attempt 1, then one marker superseding "
          f"position {KILL_STEP}",
-         len(first_run) >= KILL_AFTER_TOKENS and len(markers) == 1 and markers[0].superseded.positions == (KILL_STEP,)
+         len(first_run) >= KILL_AFTER_TOKENS and len(markers) == 1 and markers[0].superseded is not None
+         and markers[0].superseded.positions == (KILL_STEP,)
          and markers[0].attempt == 2),
         ("nothing it saw was lost: the stream read again is the same",
          [(e.offset, e.raw) for e in again] == [(e.offset, e.raw) for e in seen]),
