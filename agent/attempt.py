@@ -602,7 +602,7 @@ class Attempt:
                     self.stop(LEASE_LOST, exc.details)
                     self.check_live()
                 if code not in RETRY_WRITE_CODES:
-                    raise WriteError(method, code.name, exc.details) from None
+                    raise WriteError(method, code.name, exc.details, exc.retry_after_ms) from None
                 delay = self._write_backoff.delay(retry)
                 retry += 1
                 log.warning(

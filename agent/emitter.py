@@ -20,9 +20,14 @@ start of children, its result or its failure, it flushes (every chunk emitted
 before that moment answered), so a position's chunks commit before its
 record; the control plane drops chunks at positions already recorded.
 
-A write refused RESOURCE_EXHAUSTED drops its chunks, and the next ``emit`` or
-``flush_streams`` raises ``StreamLimitExceeded`` once. When the attempt stops
-the buffer is dropped.
+A write refused RESOURCE_EXHAUSTED for the intent's chunks per second (the
+refusal carries a retry-after) is sent again after it, its chunks keeping
+their room in the buffer: a handler that emits faster than the limit is slowed
+to it, not robbed. Refused for a limit that time does not lift (the intent's
+bytes, its number of streams), a write's chunks are dropped and the next
+``emit`` or ``flush_streams`` raises ``StreamLimitExceeded`` once; so does an
+emit of a chunk over ``MAX_CHUNK_BYTES``, at once. When the attempt stops the
+buffer is dropped.
 
 Threads: the sender and every future live on the agent's loop; a ``def``
 handler's thread appends under the buffer's lock and wakes the sender with
@@ -49,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("intentd.agent")
 
+# The longest pause a rate refusal's retry-after buys (the window is 1 s).
+MAX_PACE_MS = 2000
 # The buffer of one attempt: chunks emitted and not yet answered.
 MAX_BUFFER_BYTES = 4 * 1024 * 1024
 MAX_BUFFER_CHUNKS = 100_000
@@ -128,7 +135,8 @@ class Emitter:
             raw = self._encode(data, "the chunk")
             fmt = JSON
         if len(raw) > MAX_CHUNK_BYTES:
-            raise ValueError(f"a chunk is at most {MAX_CHUNK_BYTES} bytes encoded, got {len(raw)}")
+            raise StreamLimitExceeded(f"a chunk is at most {MAX_CHUNK_BYTES} bytes encoded, got {len(raw)}; "
+                                      "nothing was emitted")
         position = attempt.emit_position()
         if position is None:
             return None
@@ -329,8 +337,23 @@ class Emitter:
 
     async def _send(self, write: delivery_pb2.EmitWrite, items: int, chunks: int, size: int) -> None:
         attempt = self._attempt
+        message = delivery_pb2.IntentWrite(lease=attempt.lease, emit=write)
         try:
-            await attempt.write(delivery_pb2.IntentWrite(lease=attempt.lease, emit=write), f"emit {write.seq}")
+            while True:
+                try:
+                    await attempt.write(message, f"emit {write.seq}")
+                    break
+                except WriteError as exc:
+                    if exc.code != "RESOURCE_EXHAUSTED" or exc.retry_after_ms <= 0:
+                        raise
+                    # Faster than the intent's chunks per second: the write was
+                    # not applied and passes once the window does. Sent again,
+                    # its chunks keeping their room, so the handler's emits
+                    # wait (backpressure) instead of losing chunks.
+                    log.debug("%s: emit %d paced by the control plane for %d ms: %s",
+                              attempt.log_prefix, write.seq, exc.retry_after_ms, exc.details)
+                    await asyncio.sleep(min(exc.retry_after_ms, MAX_PACE_MS) / 1000)
+                    attempt.check_live()
         except WriteError as exc:
             error: AgentError = StreamLimitExceeded(exc.details) if exc.code == "RESOURCE_EXHAUSTED" else exc
             log.warning("%s: emit %d to stream %r refused; its %d chunk(s) are dropped: %s",

@@ -151,30 +151,35 @@ class WriteError(AgentError):
     passing outage (for example ``INVALID_ARGUMENT``: a result over the size
     limit). Raised into the handler from the ``ctx`` call that made the write."""
 
-    def __init__(self, method: str, code: str, details: str) -> None:
+    def __init__(self, method: str, code: str, details: str, retry_after_ms: int = 0) -> None:
         super().__init__(f"{method} refused: {code}: {details}")
         self.method = method
         self.code = code
         self.details = details
+        # RESOURCE_EXHAUSTED that passes with time: the same write may go again after this long.
+        self.retry_after_ms = retry_after_ms
 
 
 class WriteRefused(AgentError):
     """A write the sidecar answered with a status other than OK (inside the
     SDK: the attempt engine retries it, stops, or turns it into ``WriteError``)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_ms: int = 0) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after_ms = retry_after_ms
 
 
 class StreamLimitExceeded(WriteError):
-    """The control plane refused chunks this attempt emitted (``ctx.emit``)
-    because they would pass a limit of the intent's streams: its bytes, its
-    chunks per second or its number of streams (``message`` names which).
-    Those chunks were dropped; raised once, by the next ``ctx.emit`` or
-    ``ctx.flush_streams`` of the attempt (the chunk given to that ``emit`` is
-    not emitted); later emits go on. ``code`` is ``RESOURCE_EXHAUSTED``."""
+    """A limit of the intent's streams refused chunks this attempt emitted
+    (``ctx.emit``): a chunk over the chunk size (raised by that ``emit``,
+    nothing emitted), or, from the control plane, the intent's bytes or its
+    number of streams (``message`` names which): those chunks were dropped,
+    and this is raised once, by the next ``ctx.emit`` or ``ctx.flush_streams``
+    of the attempt (the chunk given to that ``emit`` is not emitted); later
+    emits go on. The chunks-per-second limit is not raised: the SDK paces
+    its writes to it. ``code`` is ``RESOURCE_EXHAUSTED``."""
 
     def __init__(self, message: str) -> None:
         super().__init__("Emit", "RESOURCE_EXHAUSTED", message)

@@ -18,7 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from intentd.core.codes import OK, status_of
+from intentd.core.codes import OK, RETRY_AFTER_KEY, status_of
 from intentd.core.framing import MAX_BATCH_MESSAGES, Framer, frame
 from intentd.generated.v1 import agent_service_pb2, delivery_pb2, intent_pb2, runtime_pb2, runtime_pb2_grpc
 
@@ -69,6 +69,17 @@ class Running(Protocol):
 
 
 A = TypeVar("A", bound=Running)
+
+
+def retry_after_ms(exc: grpc.aio.AioRpcError) -> int:
+    """The retry-after a refusal's trailing metadata carries (0: none)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 class SidecarSession(Generic[A]):
@@ -131,7 +142,8 @@ class SidecarSession(Generic[A]):
             self._pending.pop(request_id, None)
             self._waits.pop(request_id, None)
         if result.code != OK:
-            raise WriteRefused(status_of(result.code), result.message or "refused by the control plane")
+            raise WriteRefused(status_of(result.code), result.message or "refused by the control plane",
+                               result.retry_after_ms)
         return result
 
     async def _unary(self, write: delivery_pb2.IntentWrite, timeout: float | None) -> agent_service_pb2.WriteResult:
@@ -144,7 +156,7 @@ class SidecarSession(Generic[A]):
         try:
             response = await getattr(self.stub, method)(request(write), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise WriteRefused(exc.code(), exc.details() or "") from None
+            raise WriteRefused(exc.code(), exc.details() or "", retry_after_ms(exc)) from None
         if isinstance(response, runtime_pb2.RecordStepResponse):
             return agent_service_pb2.WriteResult(step=response.step)
         if isinstance(response, runtime_pb2.WaitResponse):

@@ -35,3 +35,7 @@ def number_of(status: grpc.StatusCode) -> int:
     """The wire number of a status."""
     number: int = status.value[0]
     return number
+
+# The trailing metadata key of a refusal that passes with time (RESOURCE_EXHAUSTED
+# with a retry-after, in milliseconds); WriteResult.retry_after_ms on streams.
+RETRY_AFTER_KEY = "retry-after-ms"

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from intentd.core.codes import RETRY_AFTER_KEY
 from intentd.core.errors import ValidationError
 
 from . import errors
@@ -41,7 +42,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     else:
         retry_after = getattr(mapped, "retry_after_ms", None)
         if retry_after is not None:
-            context.set_trailing_metadata((("retry-after-ms", str(retry_after)),))
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_after)),))
         await context.abort(mapped.code, mapped.message)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from intentd.core.codes import INVALID_ARGUMENT, status_of
+from intentd.core.codes import INVALID_ARGUMENT, RETRY_AFTER_KEY, status_of
 from intentd.core.errors import ValidationError
 from intentd.core.framing import CHANNEL_OPTIONS, MAX_BATCH_MESSAGES, Framer, frame
 from intentd.core.limits import (
@@ -218,6 +218,9 @@ class AgentRuntime(runtime_pb2_grpc.AgentRuntimeServiceServicer):
         the same name on request and IntentWrite), a refusal as the call's status."""
         result = await self._forward(delivery_pb2.IntentWrite(lease=request.lease, **{op: getattr(request, op)}))
         if result.code != 0:
+            if result.retry_after_ms:
+                # The unary form of WriteResult.retry_after_ms, as the control plane's own calls send it.
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(result.retry_after_ms)),))
             await context.abort(status_of(result.code), result.message or "refused by the control plane")
         return result
 

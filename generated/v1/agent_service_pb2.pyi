@@ -444,10 +444,16 @@ class WriteResult(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     EMIT_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value; 0 (OK) means committed."""
     message: _builtins.str
+    retry_after_ms: _builtins.int
+    """With RESOURCE_EXHAUSTED that passes with time (an intent's chunks per
+    second): the same write may be sent again after this many milliseconds
+    (it was not applied). 0: it would be refused again.
+    """
     @_builtins.property
     def step(self) -> _intent_pb2.StepRecord:
         """For a step write: the stored record (the earlier one for a repeat)."""
@@ -469,10 +475,11 @@ class WriteResult(_message.Message):
         step: _intent_pb2.StepRecord | None = ...,
         wait: _delivery_pb2.WaitOutcome | None = ...,
         emit: _delivery_pb2.EmitOutcome | None = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["emit", b"emit", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "emit", b"emit", "message", b"message", "request_id", b"request_id", "step", b"step", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "emit", b"emit", "message", b"message", "request_id", b"request_id", "retry_after_ms", b"retry_after_ms", "step", b"step", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

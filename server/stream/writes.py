@@ -176,6 +176,7 @@ class WriteRouter:
                 mapped = errors.ServerError(f"internal error in {op}")
             result.code = number_of(mapped.code)
             result.message = mapped.message
+            result.retry_after_ms = getattr(mapped, "retry_after_ms", None) or 0
             if held is not None and (isinstance(mapped, errors.StaleLease) or (
                 final and isinstance(mapped, errors.FailedPrecondition))):
                 stream.leases.forget(write.lease.intent_id, write.lease.token)

@@ -17,8 +17,9 @@ Intent types ``<TEST_STREAM_PREFIX>.<role>.v1`` (prefix default ``test.stream``)
           Returns {"steps": S, "attempt": attempt}.
   flood   {"count": N, "size": bytes?}: one step emitting N text chunks of
           about ``size`` bytes (default 20), numbered; returns {"count": N}.
-  limits  {"chunks": N, "size": bytes, "oversize": bool?}: one step emitting
-          N chunks of ``size`` bytes to stream "a", then one chunk to stream
+  limits  {"chunks": N, "size": bytes, "oversize": bool?, "flush_every": K?}:
+          one step emitting N chunks of ``size`` bytes to stream "a" (a flush
+          every K, default 10: one write each), then one chunk to stream
           "b"; a StreamLimitExceeded (at an emit or at the flush) is caught
           and recorded; with "oversize", first tries one chunk over the chunk
           limit. Returns what was refused: {"refused": [...], "b": ok}.
@@ -35,7 +36,8 @@ from typing import Any
 from intentd.agent import Agent, Context, StreamLimitExceeded
 from intentd.core.limits import MAX_CHUNK_BYTES
 
-ADDRESS = os.environ["TEST_AGENT_ADDRESS"]
+# A default so tests can import the chunk helpers below.
+ADDRESS = os.environ.get("TEST_AGENT_ADDRESS", "agent://test/local/streams")
 PREFIX = os.environ.get("TEST_STREAM_PREFIX", "test.stream")
 
 agent = Agent(ADDRESS, capacity=int(os.environ.get("TEST_AGENT_CAPACITY", "4")))
@@ -108,6 +110,8 @@ async def limits(ctx: Context, payload: dict[str, Any]) -> Any:
         for i in range(int(payload["chunks"])):
             try:
                 await ctx.emit(flood_chunk(i, int(payload["size"])), stream="a")
+                if (i + 1) % int(payload.get("flush_every", 10)) == 0:
+                    await ctx.flush_streams()
             except StreamLimitExceeded as exc:
                 refused.append(f"emit:{exc.code}")
         try:

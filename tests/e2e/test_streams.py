@@ -175,7 +175,7 @@ def test_a_reader_on_another_replica_follows_the_stream_live(cluster, tmp_path: 
         reader = remote.stream(intent_id)
         entries = iter(reader)
         seen = [next(entries), next(entries)]  # the start and step 1's first chunk, while the agent waits
-        assert client.get_intent(intent_id).state is IntentState.IN_PROGRESS
+        assert client.get(intent_id).state is IntentState.IN_PROGRESS
         gate.write_text("go")
         seen += list(entries)
         streams.finish(client, intent_id)
@@ -196,10 +196,9 @@ def test_stream_limits_refuse_the_write_that_passes_them_and_nothing_else(cluste
         assert refused[1:] and all(r.endswith(":RESOURCE_EXHAUSTED") for r in refused[1:])
         a, _ = read_all(client, intent_id, stream="a")
         b, _ = read_all(client, intent_id, stream="b")
-        kept = [e.data for e in a]
-        # What was appended is a prefix of what was emitted, within the limit.
-        assert kept == [flood_chunk(i, 100) for i in range(len(kept))]
-        assert 0 < sum(len(e.raw) for e in a) <= 4096
+        # Writes of 10 chunks (1,000 bytes): four fit in 4,096 bytes, each later one is refused whole.
+        assert [e.data for e in a] == [flood_chunk(i, 100) for i in range(40)]
+        assert len(refused) == 1 + 2  # the oversize chunk, then the two refused writes (raised once each)
         # The refusal cost nothing else: the step was recorded, the other stream and the result stand.
         assert [e.data for e in b] == ["after"]
         assert final.steps_completed == 1

@@ -38,6 +38,7 @@ class EmitSidecar(WaitingSidecar):
         super().__init__(stream)
         self.emits: list[delivery_pb2.EmitWrite] = []
         self.emit_errors: list[tuple[grpc.StatusCode, str]] = []
+        self.retry_after_ms = 0  # sent with the emit_errors (a rate refusal)
         self.hold = False
         self._released = asyncio.Event()
         self.in_flight = 0
@@ -62,7 +63,8 @@ class EmitSidecar(WaitingSidecar):
         await self._note()
         if self.emit_errors:
             code, message = self.emit_errors.pop(0)
-            return agent_service_pb2.WriteResult(code=code.value[0], message=message)
+            return agent_service_pb2.WriteResult(code=code.value[0], message=message,
+                                                 retry_after_ms=self.retry_after_ms)
         first = self._offsets.get(emit.stream, 0)
         self._offsets[emit.stream] = first + len(emit.chunks)
         return agent_service_pb2.WriteResult(emit=delivery_pb2.EmitOutcome(
@@ -71,6 +73,8 @@ class EmitSidecar(WaitingSidecar):
     async def Emit(self, request: Any, context: Any) -> Any:
         result = await self._answer(request.emit, request.lease)
         if result.code:
+            if result.retry_after_ms:
+                context.set_trailing_metadata((("retry-after-ms", str(result.retry_after_ms)),))
             await context.abort(_status(result.code), result.message)
         return runtime_pb2.EmitResponse(outcome=result.emit)
 
@@ -316,6 +320,29 @@ async def test_a_limit_refusal_is_raised_once_and_later_emits_go_on(sidecar: tup
     assert steps_of(fake, "l1") == [(1, "s", 1)]
 
 
+async def test_a_rate_refusal_paces_the_write_and_loses_nothing(sidecar: tuple[EmitSidecar, str]) -> None:
+    # Refused with a retry-after (the intent's chunks per second), a write is
+    # sent again, the same seq, after it: the handler is slowed, never robbed.
+    fake, address = sidecar
+    agent = make_agent(address)
+    fake.emit_errors = [(grpc.StatusCode.RESOURCE_EXHAUSTED, "stream_max_chunks_per_s (5) exceeded")] * 2
+    fake.retry_after_ms = 20
+
+    @agent.handler(TYPE)
+    async def handle(ctx: Context, payload: Any) -> Any:
+        await ctx.emit("first")
+        await ctx.flush_streams()  # nothing raised: paced, then appended
+        await ctx.emit("second")
+        return "ok"
+
+    async with running(agent, fake):
+        fake.push(assignment("r1", {}))
+        await fake.wait_for(lambda: fake.final("r1"))
+    assert completed(fake, "r1") == "ok"
+    assert [(e.seq, [c.data for c in e.chunks]) for e in fake.emits] == [
+        (1, [b"first"]), (1, [b"first"]), (1, [b"first"]), (2, [b"second"])]
+
+
 async def test_a_stale_emit_stops_the_attempt(sidecar: tuple[EmitSidecar, str]) -> None:
     fake, address = sidecar
     agent = make_agent(address)
@@ -378,7 +405,7 @@ async def test_bad_chunks_and_stream_names_raise_at_once(sidecar: tuple[EmitSide
     @agent.handler(TYPE)
     async def handle(ctx: Context, payload: Any) -> Any:
         for bad, error in [(dict(stream="no spaces"), ValueError), (dict(stream="x" * 65), ValueError),
-                           (dict(data="y" * (MAX_CHUNK_BYTES + 1)), ValueError), (dict(data={1, 2}), TypeError),
+                           (dict(data="y" * (MAX_CHUNK_BYTES + 1)), StreamLimitExceeded), (dict(data={1, 2}), TypeError),
                            (dict(data=float("nan")), TypeError), (dict(data="\udc80"), ValueError)]:
             with pytest.raises(error) as info:
                 await ctx.emit(bad.get("data", "d"), stream=bad.get("stream", "default"))
