@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from intentd.client import IntentClient, IntentState
-from tests.e2e.test_node_examples import AGENT_JS, node  # noqa: F401  (node is a fixture)
+from tests.e2e.test_node_examples import AGENT_JS
 from tests.support import ROOT, Process, ServerProcess, wait_until
 
 EXAMPLE = ROOT / "examples" / "orchestrator"
@@ -35,7 +35,7 @@ def _ledger(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def reviewer(node: str, database_url: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+def reviewer(node: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[ServerProcess, str]]:
     tmp = tmp_path_factory.mktemp("reviewer")
     address = f"agent://test/rev{uuid.uuid4().hex[:8]}/reviewer"
@@ -91,7 +91,7 @@ def _children(tree: dict[str, Any]) -> list[tuple[str, str]]:
     return [(c["to_agent"].rsplit("/", 1)[-1], c["state"]) for c in tree["children"]]
 
 
-def test_the_example_runs_end_to_end(node: str, database_url: str) -> None:  # noqa: F811
+def test_the_example_runs_end_to_end(node: str, database_url: str) -> None:
     shown = _run_example(database_url)
     assert shown["state"] == "COMPLETED", shown
     result = shown["result"]
@@ -105,7 +105,7 @@ def test_the_example_runs_end_to_end(node: str, database_url: str) -> None:  # n
     assert [c["id"] for c in tree["children"][:2]] == result["children"]
 
 
-def test_an_orchestrator_killed_after_its_starts_sends_no_child_twice(node: str, database_url: str,  # noqa: F811
+def test_an_orchestrator_killed_after_its_starts_sends_no_child_twice(node: str, database_url: str,
                                                                       tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.jsonl"
     payload = {"crash_after_start": True, "ledger": str(ledger), "coder": {"crash_at": "draft"}}

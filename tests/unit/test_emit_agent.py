@@ -405,7 +405,8 @@ async def test_bad_chunks_and_stream_names_raise_at_once(sidecar: tuple[EmitSide
     @agent.handler(TYPE)
     async def handle(ctx: Context, payload: Any) -> Any:
         for bad, error in [(dict(stream="no spaces"), ValueError), (dict(stream="x" * 65), ValueError),
-                           (dict(data="y" * (MAX_CHUNK_BYTES + 1)), StreamLimitExceeded), (dict(data={1, 2}), TypeError),
+                           (dict(data="y" * (MAX_CHUNK_BYTES + 1)), StreamLimitExceeded),
+                           (dict(data={1, 2}), TypeError),
                            (dict(data=float("nan")), TypeError), (dict(data="\udc80"), ValueError)]:
             with pytest.raises(error) as info:
                 await ctx.emit(bad.get("data", "d"), stream=bad.get("stream", "default"))
