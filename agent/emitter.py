@@ -24,8 +24,10 @@ A write refused RESOURCE_EXHAUSTED for the intent's chunks per second (the
 refusal carries a retry-after) is sent again after it, its chunks keeping
 their room in the buffer: a handler that emits faster than the limit is slowed
 to it, not robbed. Refused for a limit that time does not lift (the intent's
-bytes, its number of streams), a write's chunks are dropped and the next
-``emit`` or ``flush_streams`` raises ``StreamLimitExceeded`` once; so does an
+bytes, its number of streams; a write with more chunks than one second
+takes), a write is split in halves until what fits is appended (``_send``);
+the chunks that do not fit are dropped and the next ``emit`` or
+``flush_streams`` raises ``StreamLimitExceeded`` once; so does an
 emit of a chunk over ``MAX_CHUNK_BYTES``, at once. When the attempt stops the
 buffer is dropped.
 
@@ -336,32 +338,62 @@ class Emitter:
                 task.cancel()
 
     async def _send(self, write: delivery_pb2.EmitWrite, items: int, chunks: int, size: int) -> None:
+        """Sends one write taken from the queue, and then answers its items.
+        Refused whole by a limit that part of it may still fit (the intent's
+        bytes; more chunks than one second takes), it is split in halves,
+        each sent with the next seq: so what is appended is the longest prefix that fits,
+        found in about log2(n) writes, and only the chunks from the first one
+        that does not fit on are dropped."""
+        parts = [write]
+        while parts:
+            part = parts.pop(0)
+            if not part.seq:
+                with self._lock:
+                    self._seq += 1
+                    part.seq = self._seq
+            try:
+                await self._deliver(part)
+            except WriteError as exc:
+                if exc.code == "RESOURCE_EXHAUSTED" and len(part.chunks) > 1:
+                    half = len(part.chunks) // 2
+                    # Seqs are given as the halves are sent: applied keys must
+                    # rise in the order of the writes, or a later half would
+                    # pass for a repeat.
+                    parts[:0] = [
+                        delivery_pb2.EmitWrite(stream=part.stream, chunks=part.chunks[:half],
+                                               supersede_positions=part.supersede_positions),
+                        delivery_pb2.EmitWrite(stream=part.stream, chunks=part.chunks[half:])]
+                    continue
+                dropped = len(part.chunks) + sum(len(p.chunks) for p in parts)
+                error: AgentError = StreamLimitExceeded(exc.details) if exc.code == "RESOURCE_EXHAUSTED" else exc
+                log.warning("%s: emit %d to stream %r refused; %d chunk(s) are dropped: %s",
+                            self._attempt.log_prefix, part.seq, part.stream, dropped, exc)
+                with self._lock:
+                    if self._error is None:
+                        self._error = error
+                break
+        self._answer(items, chunks, size)
+
+    async def _deliver(self, write: delivery_pb2.EmitWrite) -> None:
+        """One write through the attempt's write path; refused for the
+        intent's chunks per second with a retry-after, sent again after it."""
         attempt = self._attempt
         message = delivery_pb2.IntentWrite(lease=attempt.lease, emit=write)
-        try:
-            while True:
-                try:
-                    await attempt.write(message, f"emit {write.seq}")
-                    break
-                except WriteError as exc:
-                    if exc.code != "RESOURCE_EXHAUSTED" or exc.retry_after_ms <= 0:
-                        raise
-                    # Faster than the intent's chunks per second: the write was
-                    # not applied and passes once the window does. Sent again,
-                    # its chunks keeping their room, so the handler's emits
-                    # wait (backpressure) instead of losing chunks.
-                    log.debug("%s: emit %d paced by the control plane for %d ms: %s",
-                              attempt.log_prefix, write.seq, exc.retry_after_ms, exc.details)
-                    await asyncio.sleep(min(exc.retry_after_ms, MAX_PACE_MS) / 1000)
-                    attempt.check_live()
-        except WriteError as exc:
-            error: AgentError = StreamLimitExceeded(exc.details) if exc.code == "RESOURCE_EXHAUSTED" else exc
-            log.warning("%s: emit %d to stream %r refused; its %d chunk(s) are dropped: %s",
-                        attempt.log_prefix, write.seq, write.stream, chunks, exc)
-            with self._lock:
-                if self._error is None:
-                    self._error = error
-        self._answer(items, chunks, size)
+        while True:
+            try:
+                await attempt.write(message, f"emit {write.seq}")
+                return
+            except WriteError as exc:
+                if exc.code != "RESOURCE_EXHAUSTED" or exc.retry_after_ms <= 0:
+                    raise
+                # Faster than the intent's chunks per second: the write was
+                # not applied and passes once the window does. Sent again,
+                # its chunks keeping their room, so the handler's emits wait
+                # (backpressure) instead of losing chunks.
+                log.debug("%s: emit %d paced by the control plane for %d ms: %s",
+                          attempt.log_prefix, write.seq, exc.retry_after_ms, exc.details)
+                await asyncio.sleep(min(exc.retry_after_ms, MAX_PACE_MS) / 1000)
+                attempt.check_live()
 
     def _answer(self, items: int, chunks: int, size: int) -> None:
         """A write was answered (or dropped): its room goes to the emits

@@ -97,8 +97,11 @@ WITH w AS (
 )
 SELECT j.ord, j.verdict, coalesce(h.next_offset - j.n, 0) AS first_offset, j.n AS appended, j.bytes,
        j.stream_bytes, j.window_before, cardinality(j.stream_names) AS streams,
-       greatest(0, ceil(extract(epoch FROM j.stream_window_at + interval '1 second' - j.t) * 1000))::bigint
-           AS retry_after_ms
+       -- A rate refusal passes when the window does, unless the write alone
+       -- holds more chunks than a window takes (0: it never passes).
+       CASE WHEN j.verdict = 'rate' AND j.n <= j.max_rate
+            THEN greatest(1, ceil(extract(epoch FROM j.stream_window_at + interval '1 second' - j.t) * 1000))
+            ELSE 0 END::bigint AS retry_after_ms
 FROM judged j LEFT JOIN heads h ON h.intent_id = j.id;
 
 -- name: supersede_positions

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -25,7 +26,8 @@ from intentd.client import IntentClient, IntentState
 from intentd.generated.v1 import admin_service_pb2, admin_service_pb2_grpc
 from tests.agents.stream_agent import flood_chunk, token
 from tests.e2e.test_node_examples import CLIENT_JS
-from tests.support import sql
+from tests.integration.test_metrics_live import scrape
+from tests.support import free_port, sql
 
 AGENT = "tests.agents.stream_agent"
 ROLES = ("tokens", "flood", "limits")
@@ -260,3 +262,37 @@ def test_the_node_client_reads_a_stream_live(cluster, node: str) -> None:
     assert [e["data"] for e in entries] == ([{"phase": "start"}] + [token(1, i) for i in range(30)]
                                             + [token(2, i) for i in range(30)] + [{"phase": "done"}])
     assert {e["format"] for e in entries} == {"text", "json"} and all(e["attempt"] == 1 for e in entries)
+
+
+def test_an_agent_faster_than_the_rate_limit_is_paced_and_loses_nothing(cluster) -> None:
+    port = free_port()
+    server = cluster.server(INTENTD_STREAM_MAX_CHUNKS_PER_S="1000", INTENTD_METRICS_LISTEN=f"127.0.0.1:{port}")
+    streams = Streams(cluster, server)
+    streams.sidecar()
+    count = 2500
+    with IntentClient(server.address) as client:
+        intent_id = streams.send(client, "flood", count=count)
+        got, reader = read_all(client, intent_id)
+        final = streams.finish(client, intent_id)
+    assert final.result == {"count": count} and reader.intent.state is IntentState.COMPLETED
+    assert [e.data for e in got] == [flood_chunk(i, 20) for i in range(count)]
+    # The control plane did refuse writes (RESOURCE_EXHAUSTED): the SDK sent them again after the window.
+    refused = scrape(f"http://127.0.0.1:{port}/metrics").get('intentd_writes_total{code="RESOURCE_EXHAUSTED",op="emit"}')
+    assert refused is not None and refused >= 1
+
+
+def test_intentd_watch_stream_prints_the_tokens(cluster) -> None:
+    streams = Streams(cluster)
+    streams.sidecar()
+    with IntentClient(streams.server.address) as client:
+        intent_id = streams.send(client, "tokens", steps=2, count=25, pace_ms=1)
+        done = subprocess.run([sys.executable, "-m", "intentd.commands", "watch", intent_id, "--stream",
+                               "--target", streams.server.address], capture_output=True, text=True, timeout=90)
+        streams.finish(client, intent_id)
+    assert done.returncode == 0, done.stderr
+    # Text chunks as they are, JSON chunks on lines of their own; the end on stderr.
+    lines = done.stdout.splitlines()
+    assert json.loads(lines[0]) == {"phase": "start"}
+    assert lines[1] == "".join(token(1, i) for i in range(25)) + "".join(token(2, i) for i in range(25))
+    assert json.loads(lines[2]) == {"phase": "done"}
+    assert "COMPLETED" in done.stderr

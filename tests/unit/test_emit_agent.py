@@ -343,6 +343,33 @@ async def test_a_rate_refusal_paces_the_write_and_loses_nothing(sidecar: tuple[E
         (1, [b"first"]), (1, [b"first"]), (1, [b"first"]), (2, [b"second"])]
 
 
+async def test_a_write_refused_whole_is_halved_until_what_fits_is_appended(
+        sidecar: tuple[EmitSidecar, str]) -> None:
+    # Refused without a retry-after (the intent's bytes; more chunks than a
+    # second takes), a write is split in halves, each with a higher seq than
+    # the one before, so that none of them passes for a repeat.
+    fake, address = sidecar
+    agent = make_agent(address)
+    fake.emit_errors = [(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big for the window")] * 2
+
+    @agent.handler(TYPE)
+    async def handle(ctx: Context, payload: Any) -> Any:
+        for i in range(9):  # no await yields meanwhile: one write of nine
+            await ctx.emit(f"c{i}")
+        await ctx.flush_streams()  # nothing raised: everything fitted in the end
+        return "ok"
+
+    async with running(agent, fake):
+        fake.push(assignment("h1", {}))
+        await fake.wait_for(lambda: fake.final("h1"))
+    assert completed(fake, "h1") == "ok"
+    sent = [(e.seq, [c.data.decode() for c in e.chunks]) for e in fake.emits]
+    # The nine refused (error 1), their first half refused (error 2), then its halves and the second half.
+    assert sent == [(1, [f"c{i}" for i in range(9)]), (2, ["c0", "c1", "c2", "c3"]), (3, ["c0", "c1"]),
+                    (4, ["c2", "c3"]), (5, ["c4", "c5", "c6", "c7", "c8"])]
+    assert fake._offsets == {"default": 9}  # appended: each chunk once
+
+
 async def test_a_stale_emit_stops_the_attempt(sidecar: tuple[EmitSidecar, str]) -> None:
     fake, address = sidecar
     agent = make_agent(address)
