@@ -278,6 +278,14 @@ class NotificationHub:
         for wake in list(self._children_listeners):
             wake()
 
+    def appended(self, intent_id: str, stream: str) -> None:
+        """This replica committed frames of the stream: its readers here are
+        woken now, not a notification round trip later (the notification
+        still comes, and wakes the other replicas' readers). Only a wake-up:
+        they read what was committed, as always."""
+        for sub in list(self._streams.get((intent_id, stream), ())):
+            sub.notify_frames()
+
     def _on_streams(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.labels(channel="streams").inc()

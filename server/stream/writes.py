@@ -151,9 +151,12 @@ class WriteRouter:
                 row = await self.children.start(lease, mine, stream.caller, spec)
                 result.step.CopyFrom(step_to_proto(row))
             elif op == "emit":
-                emitted = await self.chunks.emit(lease, emit_spec(write.emit), session=mine)
+                emits = emit_spec(write.emit)
+                emitted = await self.chunks.emit(lease, emits, session=mine)
                 result.emit.CopyFrom(emitted.to_proto())
                 metrics.CHUNKS_APPENDED.inc(emitted.appended)
+                if emitted.appended:
+                    self.hub.appended(lease.intent_id, emits.stream)
             elif op == "wait":
                 reached = await hold_wait(self.waits, self.hub, stream, held, lease, wait_spec(write.wait), on_hold)
                 if reached is None:
