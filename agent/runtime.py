@@ -37,7 +37,15 @@ from .attempt import (
     encode_json,
 )
 from .context import Context, SyncContext
-from .errors import ChildFailed, LeaseLost, NonRetryableError, WaitTimedOut, WriteError, WriteRefused
+from .errors import (
+    ChildFailed,
+    LeaseLost,
+    NonRetryableError,
+    StreamLimitExceeded,
+    WaitTimedOut,
+    WriteError,
+    WriteRefused,
+)
 from .session import SidecarSession
 
 log = logging.getLogger("intentd.agent")
@@ -50,6 +58,10 @@ WAIT_TIMED_OUT = "WAIT_TIMED_OUT"
 # The failure code of an intent whose handler let a child's failure go uncaught.
 CHILD_FAILED = "CHILD_FAILED"
 CHILD_NOT_PERMITTED = "CHILD_NOT_PERMITTED"
+# An uncaught StreamLimitExceeded: the intent's stream bytes only grow, and a
+# chunk over the size limit is the handler's own, so another attempt would be
+# refused the same way.
+STREAM_LIMIT_EXCEEDED = "STREAM_LIMIT_EXCEEDED"
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 WRITE_BACKOFF = Backoff(0.05, 2.0)
 _TRANSIENT = frozenset({
@@ -610,6 +622,9 @@ class Agent:
                 # later attempt would replay to this step and be refused again.
                 log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
                 return _Outcome(code=HISTORY_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
+            if isinstance(exc, StreamLimitExceeded):
+                log.warning("%s: failed (non-retryable): %s", attempt.log_prefix, exc)
+                return _Outcome(code=STREAM_LIMIT_EXCEEDED, message=str(exc)[:MAX_FAIL_MESSAGE_LEN], retryable=False)
             if isinstance(exc, WriteError) and exc.method == "StartChildren" and exc.code == "PERMISSION_DENIED":
                 # The sidecar's key may not send there: every attempt would be
                 # refused the same way until an operator widens its send patterns.

@@ -112,7 +112,7 @@ class ServerSettings:
     # Sidecar streams open at once on this replica, per API key and per tenant.
     max_streams_per_key: int = 100
     max_streams_per_tenant: int = 500
-    # WatchIntent and WaitIntent calls open at once on this replica, per API key.
+    # WatchIntent, WaitIntent and StreamIntent calls open at once on this replica, per API key.
     max_watches_per_key: int = 1000
     # Database writes (acks and fenced writes) per second a sidecar stream,
     # and all streams of one tenant together, get on this replica; more wait

@@ -580,3 +580,23 @@ async def test_a_full_buffer_holds_the_emit_until_there_is_room(
     assert completed(fake, "w1") == "ok"
     assert [d for _, _, d, _ in fake.chunks()] == [f"{i:04d}" for i in range(25)]
     assert fake.max_in_flight == 1
+
+
+async def test_an_uncaught_stream_limit_fails_the_intent_for_good(sidecar: tuple[EmitSidecar, str]) -> None:
+    # Another attempt would be refused the same way (a stream's bytes only
+    # grow; an oversized chunk is the handler's own): not retryable.
+    fake, address = sidecar
+    agent = make_agent(address)
+
+    @agent.handler(TYPE)
+    async def handle(ctx: Context, payload: Any) -> Any:
+        await ctx.emit("z" * (MAX_CHUNK_BYTES + 1))
+        return "never"
+
+    async with running(agent, fake):
+        fake.push(assignment("x1", {}))
+        await fake.wait_for(lambda: fake.final("x1"))
+    outcome = fake.final("x1")
+    assert outcome is not None
+    method, request = outcome
+    assert (method, request.fail.code, request.fail.retryable) == ("FailIntent", "STREAM_LIMIT_EXCEEDED", False)
