@@ -119,7 +119,8 @@ class ControlPlane:
             max_history_bytes=self.settings.max_history_bytes, max_history_steps=self.settings.max_history_steps)
 
         self.chunks = ChunkStore(self.db, self.batcher, max_bytes=self.settings.stream_max_bytes,
-                                 max_chunks_per_s=self.settings.stream_max_chunks_per_s)
+                                 max_chunks_per_s=self.settings.stream_max_chunks_per_s,
+                                 max_history_steps=self.settings.max_history_steps)
 
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),

@@ -138,11 +138,25 @@ def emit_spec(msg: delivery_pb2.EmitWrite) -> EmitSpec:
 class ChunkStore:
     def __init__(self, db: Database, batcher: WriteBatcher | None = None, *,
                  max_bytes: int = DEFAULT_STREAM_MAX_BYTES,
-                 max_chunks_per_s: int = DEFAULT_STREAM_MAX_CHUNKS_PER_S) -> None:
+                 max_chunks_per_s: int = DEFAULT_STREAM_MAX_CHUNKS_PER_S,
+                 max_history_steps: int = 10_000) -> None:
         self.db = db
         self.batcher = batcher
         self.max_bytes = max_bytes
         self.max_chunks_per_s = max_chunks_per_s
+        # No step is recorded past the history limit, so no chunk has a later
+        # position than the body's after the last step: one past the limit.
+        # Bounds what a head's open_positions can hold.
+        self.max_position = max_history_steps + 1
+
+    def _check_positions(self, spec: EmitSpec) -> None:
+        for i, chunk in enumerate(spec.chunks):
+            if chunk.position > self.max_position:
+                raise ValidationError(f"emit.chunks[{i}].position", f"is {chunk.position}; positions go up to "
+                                      f"{self.max_position} (INTENTD_MAX_HISTORY_STEPS + 1)")
+        if spec.supersede_positions and spec.supersede_positions[-1] > self.max_position:
+            raise ValidationError("emit.supersede_positions", f"go up to {self.max_position} "
+                                  "(INTENTD_MAX_HISTORY_STEPS + 1)")
 
     async def emit(self, lease: LeaseRef, spec: EmitSpec | delivery_pb2.EmitWrite, *, session: str | None = None,
                    now: datetime | None = None) -> EmitResult:
@@ -152,6 +166,7 @@ class ChunkStore:
         for a limit (nothing of its chunks appended)."""
         if isinstance(spec, delivery_pb2.EmitWrite):
             spec = emit_spec(spec)
+        self._check_positions(spec)
         key = emit_key(lease.attempt, spec.seq)
         if spec.supersede_positions:
             repeated = await self.supersede(lease, spec.supersede_positions, key, final=not spec.chunks,

@@ -340,6 +340,21 @@ async def test_a_seventeenth_stream_is_refused(env: Env, pg: asyncpg.Connection)
     assert (await env.chunks.emit(lease, write(100, ("y", 1), stream="s3"), session="s1")).appended == 1
 
 
+async def test_positions_past_the_history_limit_are_invalid(env: Env, pg: asyncpg.Connection) -> None:
+    # No step is recorded past INTENTD_MAX_HISTORY_STEPS, so no chunk belongs
+    # further: refused, and a head's open positions stay bounded.
+    store = ChunkStore(env.chunks.db, env.batcher, max_history_steps=100)
+    (intent_id,) = await env.send()
+    (lease,) = await env.deliver()
+    assert (await store.emit(lease, write(1, ("ok", 101)), session="s1")).appended == 1
+    for bad, field in ((write(2, ("x", 102)), "emit.chunks[0].position"),
+                       (write(2, supersede=(5, 500)), "emit.supersede_positions")):
+        with pytest.raises(ValidationError) as refused:
+            await store.emit(lease, bad, session="s1")
+        assert refused.value.field == field
+    assert (await head(pg, intent_id))["open_positions"] == [101]
+
+
 def chunk(data: bytes = b"x", fmt: int = TEXT, position: int = 1) -> stream_pb2.EmitChunk:
     return stream_pb2.EmitChunk(data=data, format=fmt, position=position)
 
