@@ -6,7 +6,10 @@ pages; it holds about one page beside what gRPC flow control holds, and a
 reader that is not read only stops reading (the writers never wait for it).
 It sleeps until the hub wakes it: frames of its stream, the intent's events
 (to see its end), its key, a reconnect of the listener; and it reads again
-every REREAD_SECONDS in case a notification was lost.
+every REREAD_SECONDS in case a notification was lost. Frames committed by
+this replica are handed to its readers as they commit (``hub.appended``):
+a reader sends those that continue at its cursor without reading them back,
+and reads the database whenever it may hold more (``_drain``).
 
 The end: frames are only written while the intent is IN_PROGRESS, under its
 row lock, so once a read of the intent finds it terminal, one more read of
@@ -187,7 +190,9 @@ class ChunkReader:
             while True:
                 # The state before the frames: see the module's docstring.
                 terminal = IntentState(intent["state"]).terminal
-                async for page in self._drain(reading, follow):
+                if terminal:
+                    sub.must_read = True  # the frames after the end's read: all of them, from the database
+                async for page in self._drain(reading, follow, sub):
                     yield page
                 if terminal:
                     # Pruning deletes the frames after the end: frames read
@@ -199,23 +204,40 @@ class ChunkReader:
                     raise errors.Unavailable(
                         "server is shutting down; reconnect with from_offset after the last entry")
                 woken = await self._sleep(sub, intent, follow)
+                if not woken:
+                    sub.must_read = True  # the re-read that covers a lost notification
                 if not woken or sub.intent_moved:
                     sub.intent_moved = False
                     intent = await self.store.get(query.tenant, query.intent_id)
 
-    async def _drain(self, reading: _Reading, follow: Follow) -> AsyncIterator[Page]:
+    async def _drain(self, reading: _Reading, follow: Follow, sub: StreamSubscription) -> AsyncIterator[Page]:
         """Every committed entry past the cursor, in pages (the last one
-        possibly short)."""
+        possibly short): first the frames this replica handed over that
+        continue at the cursor, then, when the database may hold more (a
+        notification past the cursor, a wake-up that was not a frame's, a
+        hand-over with a gap), the frames read from it."""
         query, bounds = reading.query, reading.bounds
         while True:
-            async with self.db.connection() as conn:
-                frames = await conn.fetch(Q.stream_frames_from, query.intent_id, query.stream, reading.cursor,
-                                          bounds.frames, bounds.bytes)
-            more = bool(frames) and (len(frames) >= bounds.frames or frames[-1]["upto"] >= bounds.bytes)
-            for page in reading.add(frames):
-                await _check(follow)
-                yield page
-            if not more:
+            progressed = False
+            handed = sub.frames_at(reading.cursor)
+            if handed:
+                progressed = True
+                for page in reading.add(handed):
+                    await _check(follow)
+                    yield page
+            if sub.must_read or sub.notified_end > reading.cursor:
+                sub.must_read = False
+                async with self.db.connection() as conn:
+                    frames = await conn.fetch(Q.stream_frames_from, query.intent_id, query.stream, reading.cursor,
+                                              bounds.frames, bounds.bytes)
+                more = bool(frames) and (len(frames) >= bounds.frames or frames[-1]["upto"] >= bounds.bytes)
+                for page in reading.add(frames):
+                    await _check(follow)
+                    yield page
+                if more:
+                    sub.must_read = True
+                progressed = progressed or bool(frames)
+            if not progressed:
                 break
         if reading.entries:
             await _check(follow)

@@ -12,7 +12,7 @@ its own fenced statement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from intentd.core.errors import ValidationError
@@ -86,6 +86,9 @@ class EmitResult:
     first_offset: int
     appended: int
     repeated: bool
+    # When the appended frame was committed (its entries' time); None when
+    # nothing was. Not part of the outcome's value (EmitOutcome has no time).
+    time: datetime | None = field(default=None, compare=False)
 
     def to_proto(self) -> delivery_pb2.EmitOutcome:
         return delivery_pb2.EmitOutcome(first_offset=self.first_offset, appended=self.appended,
@@ -182,7 +185,8 @@ class ChunkStore:
             refuse_write(lease, why)
         verdict = row["verdict"]
         if verdict == "ok":
-            return EmitResult(int(row["first_offset"]), int(row["appended"]), False)
+            return EmitResult(int(row["first_offset"]), int(row["appended"]), False,
+                              row["time"] if row["appended"] else None)
         if verdict == "repeat":
             return EmitResult(0, 0, True)
         raise self._limit(lease, spec, row)

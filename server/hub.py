@@ -16,6 +16,7 @@ while connected, which PostgreSQL does not do short of its queue filling).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections import defaultdict
@@ -25,6 +26,7 @@ import asyncpg
 
 from intentd.core.observability import metrics
 
+from .db import Row
 from .queries import Q
 
 log = logging.getLogger("intentd.hub")
@@ -37,6 +39,10 @@ CHILDREN_CHANNEL = "intentd_children"
 # A statement appended stream frames (migration 0012): their readers read.
 STREAMS_CHANNEL = "intentd_streams"
 CATCHUP_SECONDS = 10.0
+# Frames handed to one stream reader of this replica and not sent yet; past
+# either bound it reads them from the database instead.
+MAX_PENDING_FRAMES = 64
+MAX_PENDING_BYTES = 4 * 1024 * 1024
 _CATCHUP_CHUNK = 5000
 
 
@@ -132,13 +138,66 @@ class StreamSubscription(Subscription):
     def __init__(self, key_id: str | None = None) -> None:
         super().__init__(key_id)
         self.intent_moved = False
+        # Frames this replica committed, handed over as they committed (see
+        # ``frames_at``), bounded; and what says the database may hold more:
+        # the highest end offset notified, and ``must_read`` (set by every
+        # wake-up that is not a frame's: a reconnect, the catch-up, an event).
+        self.pending: collections.deque[Row] = collections.deque()
+        self._pending_bytes = 0
+        self.notified_end = -1
+        self.must_read = True
 
     def notify(self) -> None:
         self.intent_moved = True
+        self.must_read = True
         super().notify()
 
-    def notify_frames(self) -> None:
+    def notify_frames(self, end_offset: int | None = None) -> None:
+        if end_offset is None:
+            self.must_read = True
+        else:
+            self.notified_end = max(self.notified_end, end_offset)
         self._event.set()
+
+    def hand_over(self, frame: Row) -> None:
+        """A frame this replica just committed (the columns of
+        ``stream_frames``), for the reader to send without reading it back."""
+        size = sum(len(d) for d in frame["data"])
+        if len(self.pending) >= MAX_PENDING_FRAMES or self._pending_bytes + size > MAX_PENDING_BYTES:
+            # A reader that is behind reads from the database anyway.
+            self.pending.clear()
+            self._pending_bytes = 0
+            self.must_read = True
+        else:
+            self.pending.append(frame)
+            self._pending_bytes += size
+        self.notify_frames(int(frame["end_offset"]))
+
+    def frames_at(self, cursor: int) -> list[Row]:
+        """The handed-over frames that continue the stream exactly at
+        ``cursor``, in order (those the reader read past are dropped). When
+        the first one left does not start there, a frame is missing from the
+        hand-over (another replica's, a marker, one that overflowed): they
+        are dropped and the reader reads the database."""
+        out: list[Row] = []
+        while self.pending:
+            frame = self.pending[0]
+            if frame["end_offset"] <= cursor:
+                self._drop_first()
+            elif frame["first_offset"] == cursor:
+                out.append(frame)
+                cursor = int(frame["end_offset"])
+                self._drop_first()
+            else:
+                self.pending.clear()
+                self._pending_bytes = 0
+                self.must_read = True
+                break
+        return out
+
+    def _drop_first(self) -> None:
+        frame = self.pending.popleft()
+        self._pending_bytes -= sum(len(d) for d in frame["data"])
 
 
 class NotificationHub:
@@ -278,20 +337,24 @@ class NotificationHub:
         for wake in list(self._children_listeners):
             wake()
 
-    def appended(self, intent_id: str, stream: str) -> None:
-        """This replica committed frames of the stream: its readers here are
-        woken now, not a notification round trip later (the notification
-        still comes, and wakes the other replicas' readers). Only a wake-up:
-        they read what was committed, as always."""
+    def appended(self, intent_id: str, stream: str, frame: Row | None) -> None:
+        """This replica committed a frame of the stream (the columns of
+        ``stream_frames``): its readers here get it now, not a notification
+        round trip and a read later (the notification still comes, and wakes
+        the other replicas' readers). None: a frame was committed but is not
+        at hand; they read it."""
         for sub in list(self._streams.get((intent_id, stream), ())):
-            sub.notify_frames()
+            if frame is None:
+                sub.notify_frames(None)
+            else:
+                sub.hand_over(frame)
 
     def _on_streams(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.labels(channel="streams").inc()
-        for intent_id, stream, _offset in parse_streams(payload):
+        for intent_id, stream, offset in parse_streams(payload):
             for sub in list(self._streams.get((intent_id, stream), ())):
-                sub.notify_frames()
+                sub.notify_frames(offset)
 
     def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1

@@ -95,7 +95,7 @@ WITH w AS (
     SELECT j.id, j.name, h.next_offset, h.next_offset - j.n, j.attempt, j.t, j.positions, j.formats, j.data
     FROM judged j JOIN heads h ON h.intent_id = j.id
 )
-SELECT j.ord, j.verdict, coalesce(h.next_offset - j.n, 0) AS first_offset, j.n AS appended, j.bytes,
+SELECT j.ord, j.verdict, coalesce(h.next_offset - j.n, 0) AS first_offset, j.n AS appended, j.t AS time, j.bytes,
        j.stream_bytes, j.window_before, cardinality(j.stream_names) AS streams,
        -- A rate refusal passes when the window does, unless the write alone
        -- holds more chunks than a window takes (0: it never passes).

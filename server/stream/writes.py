@@ -18,11 +18,11 @@ from intentd.generated.v1 import delivery_pb2
 
 from .. import errors
 from ..children import ChildStore, start_spec
-from ..chunks import ChunkStore, emit_spec
+from ..chunks import ChunkStore, EmitResult, EmitSpec, emit_spec
 from ..convert import step_to_proto
 from ..db import Row
 from ..hub import NotificationHub
-from ..leases import LeaseStore
+from ..leases import LeaseRef, LeaseStore
 from ..rpc import to_server_error
 from ..settings import ServerSettings
 from ..waits import WaitStore
@@ -50,6 +50,19 @@ def count_attempt_end(row: Row, cause: str) -> None:
             metrics.ATTEMPTS_EXHAUSTED.inc()
         if row["age_s"] is not None:
             metrics.observe_end_to_end("FAILED", float(row["age_s"]))
+
+
+def committed_frame(lease: LeaseRef, spec: EmitSpec, emitted: EmitResult) -> Row | None:
+    """The frame an emit appended, as ``stream_frames`` holds it, for the
+    local readers (``hub.appended``); None when the position rule dropped
+    some of its chunks (which ones is not known here: the readers read it)."""
+    if emitted.appended != len(spec.chunks) or emitted.time is None:
+        return None
+    chunks = spec.chunks
+    return {"first_offset": emitted.first_offset, "end_offset": emitted.first_offset + emitted.appended,
+            "attempt": lease.attempt, "time": emitted.time,
+            "positions": [c.position for c in chunks], "formats": [c.format for c in chunks],
+            "data": [c.data for c in chunks], "superseded": None, "reason": None}
 
 
 class WriteRouter:
@@ -156,7 +169,7 @@ class WriteRouter:
                 result.emit.CopyFrom(emitted.to_proto())
                 metrics.CHUNKS_APPENDED.inc(emitted.appended)
                 if emitted.appended:
-                    self.hub.appended(lease.intent_id, emits.stream)
+                    self.hub.appended(lease.intent_id, emits.stream, committed_frame(lease, emits, emitted))
             elif op == "wait":
                 reached = await hold_wait(self.waits, self.hub, stream, held, lease, wait_spec(write.wait), on_hold)
                 if reached is None:
