@@ -71,6 +71,9 @@ async def test_a_statement_with_many_events_reaches_subscribers_in_chunks(db, he
         leases = LeaseStore(db, max_payload_bytes=1024, batcher=batcher)
         await store.send("default", [NewIntent(TYPE, agent_address, "{}", "test") for _ in range(N)])
         await eventually(lambda: len([e for e in seen if e[1] == 1]) >= N, what="CREATED events")
+        # The plain listener may lag behind the hub's: the CREATED lines must
+        # all be in before the payloads are cleared, or they mix with the next.
+        await eventually(lambda: sum(p.count(":1:") for p in payloads) >= N, what="the raw CREATED notifications")
 
         # One claim statement delivers all: its DELIVERED events go together.
         payloads.clear()
