@@ -469,11 +469,16 @@ def test_unknown_ids_and_wrong_secrets_take_one_path_and_are_cached(secure, data
     wrong = real[: real.rindex("_") + 1] + "w" * 52
     for key in (unknown, wrong):
         del reads[:]
+        heard = len(announced)
         for _ in range(5):
             with pytest.raises(Unauthenticated, match=r"^invalid API key$"):
                 secure.call(authenticator.verify(key, "client"))
-        # One database look-up, then the cache answers, found or not.
-        assert reads == ["db"], f"{len(reads)} look-ups for 5 tries of {key[:20]}"
+        # One database look-up, then the cache answers, found or not. A key
+        # change announced meanwhile (another test's, on the shared
+        # database) rightly empties the cache: one more look-up each.
+        changes = announced[heard:]
+        assert 1 <= len(reads) <= 1 + len(changes), (
+            f"{len(reads)} look-ups for 5 tries of {key[:20]}, key changes announced meanwhile: {changes}")
     assert len(compared) == 10
 
 
