@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+from .errors import ValidationError
 from .limits import DEFAULT_STREAM, MAX_STREAM_NAME_LEN
 
 _NAME_RE = re.compile(rf"^[A-Za-z0-9_.:-]{{1,{MAX_STREAM_NAME_LEN}}}$")
@@ -26,3 +27,12 @@ def stream_name_problem(name: str) -> str | None:
     if len(name) > MAX_STREAM_NAME_LEN:
         return f"must be at most {MAX_STREAM_NAME_LEN} characters"
     return "may only contain letters, digits and _ . : -"
+
+
+def checked_stream_name(name: str, field: str) -> str:
+    """The stream a request names ("" is the default stream); a bad name is a
+    ValidationError naming ``field``."""
+    problem = stream_name_problem(name)
+    if problem is not None:
+        raise ValidationError(field, problem)
+    return stream_name(name)

@@ -25,8 +25,7 @@ from intentd.core.limits import (
     MAX_EMIT_CHUNKS,
     MAX_STREAMS_PER_INTENT,
 )
-from intentd.core.streams import stream_name as default_name
-from intentd.core.streams import stream_name_problem
+from intentd.core.streams import checked_stream_name
 from intentd.core.validation import parse_json
 from intentd.generated.v1 import delivery_pb2, stream_pb2
 
@@ -37,21 +36,13 @@ from .fenced import Emit, LeaseRef
 from .leases import refuse_write
 from .queries import Q
 
-__all__ = ["ChunkSpec", "ChunkStore", "EmitResult", "EmitSpec", "emit_key", "emit_spec", "stream_name"]
+__all__ = ["ChunkSpec", "ChunkStore", "EmitResult", "EmitSpec", "emit_key", "emit_spec"]
 
 TEXT = stream_pb2.CHUNK_FORMAT_TEXT
 JSON = stream_pb2.CHUNK_FORMAT_JSON
 # EmitWrite.seq lives in the low 32 bits of the key (attempt * 2^32 + seq).
 SEQ_BITS = 32
 MAX_SEQ = 2**SEQ_BITS - 1
-
-
-def stream_name(name: str, field: str = "emit.stream") -> str:
-    """A stream's name ("" is the default stream), checked."""
-    problem = stream_name_problem(name)
-    if problem is not None:
-        raise ValidationError(field, problem)
-    return default_name(name)
 
 
 def emit_key(attempt: int, seq: int) -> int:
@@ -130,7 +121,7 @@ def emit_spec(msg: delivery_pb2.EmitWrite) -> EmitSpec:
         if position < 1:
             raise ValidationError(f"emit.supersede_positions[{i}]", "must be at least 1")
     # With no chunks the stream does not matter (supersede_positions spans all).
-    name = stream_name(msg.stream) if msg.chunks or msg.stream else DEFAULT_STREAM
+    name = checked_stream_name(msg.stream, "emit.stream") if msg.chunks or msg.stream else DEFAULT_STREAM
     chunks = tuple(_chunk(c, f"emit.chunks[{i}]") for i, c in enumerate(msg.chunks))
     size = sum(len(c.data) for c in chunks)
     if size > MAX_EMIT_BYTES:

@@ -14,7 +14,7 @@ from intentd.core.limits import MAX_ATTEMPTS_LIMIT, MAX_HORIZON_MS, MAX_REASON_L
 from intentd.core.observability import metrics
 from intentd.core.observability.tracing import TRACEPARENT_LABEL, traceparent_from_metadata
 from intentd.core.states import IntentState
-from intentd.core.streams import stream_name, stream_name_problem
+from intentd.core.streams import checked_stream_name
 from intentd.core.validation import (
     check_agent_address,
     check_idempotency_key,
@@ -239,10 +239,7 @@ class IntentService(pb_grpc.IntentServiceServicer):
         self, request: pb.StreamIntentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamIntentResponse]:
         intent_id = _require_id(request.id)
-        name = stream_name(request.stream)
-        problem = stream_name_problem(name)
-        if problem is not None:
-            raise ValidationError("stream", problem)
+        name = checked_stream_name(request.stream, "stream")
         if request.from_offset < 0:
             raise ValidationError("from_offset", "must not be negative")
         caller = current_caller()
