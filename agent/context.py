@@ -252,8 +252,8 @@ class Context(_ContextBase):
         """Appends a chunk to one of the intent's streams (up to 16 per
         intent; names are 1 to 64 characters of ``[A-Za-z0-9_.:-]``), for
         clients reading it live or later. A ``str`` is a text chunk, anything
-        else a JSON chunk; at most 64 KiB encoded (``ValueError``; a value
-        that is not JSON: ``TypeError``).
+        else a JSON chunk; at most 64 KiB encoded (``StreamLimitExceeded``; a
+        bad stream name: ``ValueError``; a value that is not JSON: ``TypeError``).
 
         Cheap enough to call per token: the chunk is buffered and sent behind
         the handler, in order, and this returns at once unless the attempt's
